@@ -1,0 +1,3 @@
+"""dispo: disposable sessions inside microVMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""`dispo` entry point: parse, load config, run a command, map errors to one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from dispo import __version__, config
+from dispo.cli import demo, images, sessions
+from dispo.errors import DispoError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+COMMAND_MODULES = (images, sessions, demo)
+
+
+class _Terminated(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated(signum)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dispo", description="Disposable sessions inside microVMs.")
+    p.add_argument("--version", action="version", version=f"dispo {__version__}")
+    p.add_argument("--config", type=Path, help="config file (default: $DISPO_CONFIG or /etc/dispo/dispo.toml)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: every command run)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="dispo: %(levelname)s: %(message)s", stream=sys.stderr)
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so a killed `dispo` still tears its session down.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        cfg = config.load(args.config)
+        rc: int = args.func(args, cfg)
+        return rc
+    except DispoError as e:
+        print(f"dispo: error: {e.one_line()}", file=sys.stderr)
+        if args.verbose >= 2:
+            raise
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("dispo: interrupted", file=sys.stderr)
+        return 130
+    except _Terminated as e:
+        print(f"dispo: stopped by {e}", file=sys.stderr)
+        return 128 + e.signum
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,113 @@
+"""Typed configuration from one TOML file, with environment overrides for the two paths.
+
+Lookup order for the file: --config FILE, then $DISPO_CONFIG, then /etc/dispo/dispo.toml (optional).
+$DISPO_WORKSPACE and $DISPO_STATE_DIR override the paths from any file, so tests can use a scratch btrfs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dispo.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/dispo/dispo.toml")
+
+
+class StorageBackend(StrEnum):
+    AUTO = "auto"
+    BTRFS = "btrfs"
+    REFLINK = "reflink"
+    COPY = "copy"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    # auto probes the workspace: btrfs subvolume snapshots, else reflinks, else plain copies.
+    backend: StorageBackend = StorageBackend.AUTO
+
+
+@dataclass(frozen=True)
+class Config:
+    workspace: Path = Path("/var/lib/dispo")
+    state_dir: Path = Path("/run/dispo")
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    source: str = "built-in defaults"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.workspace / "images"
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.workspace / "sessions"
+
+
+def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: [{key}] must be a table, not {type(value).__name__}")
+        return _build(typ, value, f"{key}.", where)
+    if typ is Path:
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{where}: key '{key}' must be an absolute path, got {value!r}")
+        return Path(value)
+    if isinstance(typ, type) and issubclass(typ, StrEnum):
+        try:
+            return typ(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in typ)
+            raise ConfigError(f"{where}: key '{key}' is {value!r}, expected one of: {choices}") from None
+    if typ is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{where}: key '{key}' must be an integer, got {value!r}")
+    if typ is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str, where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            known = ", ".join(prefix + k for k in fields)
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' (known keys: {known})")
+        kwargs[key] = _convert(value, _resolve_type(cls, fields[key]), prefix + key, where)
+    return cls(**kwargs)
+
+
+def _resolve_type(cls: Any, f: dataclasses.Field[Any]) -> Any:
+    import typing
+
+    return typing.get_type_hints(cls)[f.name]
+
+
+def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the config file (if any) and apply environment overrides."""
+    env = os.environ if env is None else env
+    explicit = path is not None or bool(env.get("DISPO_CONFIG"))
+    file = path or Path(env.get("DISPO_CONFIG") or DEFAULT_CONFIG_FILE)
+    data: dict[str, Any] = {}
+    source = "built-in defaults"
+    if file.exists() or explicit:
+        try:
+            data = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file} does not exist", hint="create it or drop --config/DISPO_CONFIG") from None
+        except PermissionError:
+            raise ConfigError(f"config file {file} is not readable", hint="check its permissions") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{file}: not valid TOML: {e}") from None
+        source = str(file)
+    cfg: Config = _build(Config, data, "", str(file))
+    overrides: dict[str, Any] = {}
+    for key, var in (("workspace", "DISPO_WORKSPACE"), ("state_dir", "DISPO_STATE_DIR")):
+        if env.get(var):
+            overrides[key] = _convert(env[var], Path, key, f"${var}")
+    return dataclasses.replace(cfg, source=source, **overrides)

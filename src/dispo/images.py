@@ -1,0 +1,134 @@
+"""Known-good images: import, list, remove, verify. An image never changes after import.
+
+images/<name>/ holds rootfs.ext4 and image.json, sealed read-only by the storage backend. An import
+builds in images/.import-<session-id>-<name>/, recorded in a journal before it exists, and is renamed
+into place only when complete, so a failed or killed import leaves nothing that looks like an image.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dispo import workspace
+from dispo.config import Config, StorageBackend
+from dispo.errors import CommandError, InvalidInput, NotFound, StorageError
+from dispo.names import check_name, format_size
+from dispo.proc import run
+from dispo.progress import Progress
+from dispo.session import transaction
+from dispo.storage import backends, files
+
+log = logging.getLogger(__name__)
+
+ROOTFS = "rootfs.ext4"
+META = "image.json"
+E2FS_HINT = "install e2fsprogs"
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    storage: StorageBackend
+    created: float
+    source: str
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / ROOTFS
+
+    @classmethod
+    def load(cls, path: Path) -> Image:
+        try:
+            meta: dict[str, Any] = json.loads((path / META).read_text())
+            return cls(name=meta["name"], path=path, size=int(meta["size"]), sha256=meta["sha256"],
+                       storage=StorageBackend(meta["storage"]), created=float(meta["created"]),
+                       source=meta.get("source", ""))
+        except (OSError, ValueError, KeyError) as e:
+            raise StorageError(f"image at {path} has no valid {META}: {e}",
+                               hint=f"remove it with 'dispo image rm {path.name}' and import it again") from None
+
+
+class ImageStore:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def list(self) -> list[Image]:
+        if not self.cfg.images_dir.is_dir():
+            return []
+        return [Image.load(p) for p in sorted(self.cfg.images_dir.iterdir())
+                if not p.name.startswith(".") and (p / META).exists()]
+
+    def get(self, name: str) -> Image:
+        check_name(name, what="image name")
+        path = self.cfg.images_dir / name
+        if not (path / META).exists():
+            raise NotFound(f"image {name!r} not found in {self.cfg.images_dir}",
+                           hint="list images with 'dispo image ls' or import one with 'dispo image import'")
+        return Image.load(path)
+
+    def remove(self, name: str) -> None:
+        image = self.get(name)
+        backends.remove_tree(image.path)
+
+    def verify(self, name: str, progress: Progress | None = None) -> bool:
+        image = self.get(name)
+        return files.sha256_file(image.rootfs, progress) == image.sha256
+
+    def import_(self, src: Path, name: str, size: int | None = None, *, quiet: bool = False) -> Image:
+        """Import a raw ext4 filesystem as image `name`, optionally grown to `size` bytes."""
+        check_name(name, what="image name")
+        src = Path(src)
+        if not src.exists():
+            raise NotFound(f"image file {src} does not exist", hint="check the path")
+        if not src.is_file() and not src.is_dir():
+            raise InvalidInput(f"{src} is not a regular file", hint="give the path of a raw ext4 image file")
+        files.check_ext4(src)
+        src_size = src.stat().st_size
+        if size is not None and size < src_size:
+            raise InvalidInput(f"--size {format_size(size)} is smaller than the image ({format_size(src_size)})",
+                               hint="images can only grow; give a size at least as large as the file")
+        workspace.ensure(self.cfg)
+        dest = self.cfg.images_dir / name
+        if dest.exists():
+            raise InvalidInput(f"image {name!r} already exists", hint=f"remove it first with 'dispo image rm {name}'")
+        kind = workspace.storage_backend(self.cfg)
+        be = backends.backend(kind)
+        with transaction(self.cfg, purpose=f"import image {name}") as tx:
+            tmp = self.cfg.images_dir / f".import-{tx.session_id}-{name}"
+            entry = tx.journal.record(be.undo_kind, path=str(tmp))
+            be.make_holder(tmp)
+            be.put_file(src, tmp / ROOTFS, Progress(f"copying {src.name}", quiet=quiet))
+            if size is not None and size > src_size:
+                grow_ext4(tmp / ROOTFS, size)
+            digest = files.sha256_file(tmp / ROOTFS, Progress(f"hashing {name}", quiet=quiet))
+            meta = {"name": name, "size": (tmp / ROOTFS).stat().st_size, "sha256": digest, "storage": kind.value,
+                    "created": time.time(), "source": str(src.resolve()), "format": 1}
+            (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            be.seal(tmp)
+            try:
+                os.rename(tmp, dest)
+            except OSError as e:
+                raise StorageError(f"image {name!r} could not be put in place: {e.strerror}") from None
+            tx.journal.forget(entry)
+        log.info("imported %s as image %s (%s, %s)", src, name, kind.value, format_size(meta["size"]))
+        return Image.load(dest)
+
+
+def grow_ext4(path: Path, size: int) -> None:
+    """Grow an ext4 image offline: sparse extend, check, resize (no mount, no dd)."""
+    os.truncate(path, size)
+    # -p fixes what is safe; exit code 1 means "fixed", which is fine before a resize.
+    proc = run(["e2fsck", "-f", "-p", path], check=False, hint=E2FS_HINT)
+    if proc.returncode not in (0, 1):
+        raise CommandError(["e2fsck", "-f", "-p", str(path)], proc.returncode, proc.stderr or proc.stdout,
+                           hint="the image's filesystem is damaged; repair it before importing")
+    run(["resize2fs", path], hint=E2FS_HINT)

@@ -1,0 +1,254 @@
+"""The session journal: a state directory per session recording every host object before it exists.
+
+Layout: <state_dir>/sessions/<id>/state.json plus a `lock` file. The owner holds an exclusive flock on
+`lock` for the session's whole life; the kernel drops it when the owner dies, however it dies, so
+"can I take the lock?" is the liveness test for `dispo ls` and `dispo gc` (no pid reuse races). The pid in
+state.json is for people.
+
+Unwinding runs the undo actions in reverse order of recording, keeps going past a failing step, and removes
+the state directory only when every step succeeded; otherwise the journal stays for `dispo gc`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dispo import undo
+from dispo.errors import JournalError, PermissionProblem, TeardownError
+from dispo.names import check_session_id
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+# A directory being born (".new-<id>") is only swept by gc when older than this.
+_NASCENT_GRACE_S = 60.0
+
+
+@dataclass
+class Entry:
+    seq: int
+    kind: str
+    args: dict[str, str]
+
+    def describe(self) -> str:
+        return f"{self.kind} {' '.join(f'{k}={v}' for k, v in sorted(self.args.items()))}"
+
+
+@dataclass
+class Journal:
+    session_id: str
+    path: Path
+    meta: dict[str, Any]
+    entries: list[Entry] = field(default_factory=list)
+    _lock_fd: int | None = None
+    _next_seq: int = 1
+
+    # -- creation and discovery -------------------------------------------------------------------
+    @classmethod
+    def create(cls, state_dir: Path, session_id: str, meta: Mapping[str, Any]) -> Journal:
+        """Create and lock a new journal. The directory appears under its final name already locked."""
+        check_session_id(session_id)
+        root = sessions_root(state_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            nascent = root / f".new-{session_id}"
+            nascent.mkdir(mode=0o700)
+        except FileExistsError:
+            raise JournalError(f"session {session_id} already exists in {root}") from None
+        except PermissionError as e:
+            raise PermissionProblem(f"cannot create session state under {root}: {e.strerror}") from None
+        except OSError as e:
+            raise JournalError(f"cannot create session state under {root}: {e.strerror}",
+                               hint="set state_dir in the config or DISPO_STATE_DIR to a writable place") from None
+        fd = os.open(nascent / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        final = root / session_id
+        journal = cls(session_id, final, dict(meta), _lock_fd=fd)
+        journal.meta.setdefault("created", time.time())
+        journal.meta["owner_pid"] = os.getpid()
+        journal._write(nascent)
+        os.rename(nascent, final)
+        log.debug("journal %s created at %s", session_id, final)
+        return journal
+
+    @classmethod
+    def load(cls, path: Path) -> Journal:
+        try:
+            data = json.loads((path / STATE_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise JournalError(f"unreadable session state {path / STATE_FILE}: {e}") from None
+        entries = [Entry(int(e["seq"]), str(e["kind"]), {str(k): str(v) for k, v in e["args"].items()})
+                   for e in data.get("resources", [])]
+        j = cls(str(data["id"]), path, dict(data.get("meta", {})), entries)
+        j._next_seq = max((e.seq for e in entries), default=0) + 1
+        return j
+
+    def try_lock(self) -> bool:
+        """Take the lock if the owner is gone. True if this process now owns the journal."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        self._lock_fd = fd
+        return True
+
+    # -- recording --------------------------------------------------------------------------------
+    def record(self, kind: str, **args: str) -> Entry:
+        """Write down (kind, args) *before* the caller creates the object. Raises if the kind has no undo."""
+        self._require_lock()
+        undo.lookup(kind)
+        entry = Entry(self._next_seq, kind, {k: str(v) for k, v in args.items()})
+        self._next_seq += 1
+        self.entries.append(entry)
+        self._write()
+        return entry
+
+    def forget(self, entry: Entry) -> None:
+        """The object now belongs to someone else (a committed image): stop tracking it."""
+        self._require_lock()
+        self.entries = [e for e in self.entries if e.seq != entry.seq]
+        self._write()
+
+    def undo_entry(self, entry: Entry) -> None:
+        """Undo one object now (before the session ends) and drop it from the journal."""
+        undo.lookup(entry.kind)(entry.args)
+        self.forget(entry)
+
+    # -- teardown ---------------------------------------------------------------------------------
+    def unwind(self) -> None:
+        """Undo everything in reverse order, collecting errors; remove the journal if all went well."""
+        self._require_lock()
+        errors: list[tuple[str, BaseException]] = []
+        for entry in reversed(list(self.entries)):
+            try:
+                undo.lookup(entry.kind)(entry.args)
+            except Exception as e:  # noqa: BLE001 - keep going, report all
+                log.warning("undo %s failed: %s", entry.describe(), e)
+                errors.append((entry.describe(), e))
+            else:
+                self.entries.remove(entry)
+                self._write()
+        if errors:
+            self.release()
+            raise TeardownError(self.session_id, errors)
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -- internals --------------------------------------------------------------------------------
+    def _require_lock(self) -> None:
+        if self._lock_fd is None:
+            raise JournalError(f"session {self.session_id}: journal is not locked by this process")
+
+    def _write(self, directory: Path | None = None) -> None:
+        directory = directory or self.path
+        data = {
+            "id": self.session_id,
+            "meta": self.meta,
+            "resources": [{"seq": e.seq, "kind": e.kind, "args": e.args} for e in self.entries],
+        }
+        tmp = directory / f".{STATE_FILE}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / STATE_FILE)
+
+
+def sessions_root(state_dir: Path) -> Path:
+    return state_dir / "sessions"
+
+
+@dataclass(frozen=True)
+class JournalInfo:
+    session_id: str
+    path: Path
+    alive: bool
+    meta: Mapping[str, Any]
+    resources: tuple[Entry, ...]
+
+
+def scan(state_dir: Path) -> Iterator[JournalInfo]:
+    """Every journal under state_dir, with whether its owner still holds it."""
+    root = sessions_root(state_dir)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        try:
+            j = Journal.load(path)
+        except JournalError as e:
+            log.warning("%s", e)
+            continue
+        alive = not j.try_lock()
+        j.release()
+        yield JournalInfo(j.session_id, path, alive, j.meta, tuple(j.entries))
+
+
+@dataclass
+class GcReport:
+    reclaimed: list[str] = field(default_factory=list)
+    undone: list[str] = field(default_factory=list)
+    failed: list[TeardownError] = field(default_factory=list)
+
+
+def gc(state_dir: Path) -> GcReport:
+    """Unwind the journals whose owner is dead. Safe to run at any time, and twice."""
+    report = GcReport()
+    root = sessions_root(state_dir)
+    if not root.is_dir():
+        return report
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".new-"):
+            _sweep_nascent(path)
+            continue
+        if path.name.startswith(".") or not (path / STATE_FILE).exists():
+            continue
+        j = Journal.load(path)
+        if not j.try_lock():
+            continue
+        described = [e.describe() for e in j.entries]
+        try:
+            j.unwind()
+        except TeardownError as e:
+            report.failed.append(e)
+        else:
+            report.reclaimed.append(j.session_id)
+            report.undone.extend(described)
+    return report
+
+
+def _sweep_nascent(path: Path) -> None:
+    # A crash between mkdir and rename: it never recorded a resource, so it only needs deleting.
+    with contextlib.suppress(FileNotFoundError):
+        if time.time() - path.stat().st_mtime > _NASCENT_GRACE_S:
+            j = Journal(path.name.removeprefix(".new-"), path, {})
+            if j.try_lock():
+                shutil.rmtree(path, ignore_errors=True)
+                j.release()

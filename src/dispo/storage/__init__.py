@@ -1,0 +1,1 @@
+"""Images and per-session disks: btrfs snapshots, reflink copies or plain copies, chosen by probing."""

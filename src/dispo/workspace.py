@@ -1,0 +1,40 @@
+"""The workspace directory: images/ and sessions/ (per-session disks), and its storage backend."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from dispo.config import Config, StorageBackend
+from dispo.errors import PermissionProblem
+from dispo.storage import backends
+
+WORKSPACE_HINT = "set DISPO_WORKSPACE (or workspace = in the config) to a writable directory"
+
+
+def ensure(cfg: Config) -> None:
+    """Create the workspace layout, or say why it cannot be used."""
+    for d in (cfg.images_dir, cfg.disks_dir):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _unusable(cfg.workspace, e) from None
+    if os.statvfs(cfg.workspace).f_flag & os.ST_RDONLY:
+        raise PermissionProblem(f"workspace {cfg.workspace} is on a read-only filesystem", hint=WORKSPACE_HINT)
+    if not os.access(cfg.images_dir, os.W_OK) or not os.access(cfg.disks_dir, os.W_OK):
+        raise PermissionProblem(f"workspace {cfg.workspace} is not writable by this user", hint=WORKSPACE_HINT)
+
+
+def _unusable(workspace: Path, e: OSError) -> PermissionProblem:
+    why = {errno.EROFS: "is on a read-only filesystem", errno.EACCES: "is not writable by this user",
+           errno.EPERM: "is not writable by this user"}.get(e.errno or 0, f"cannot be created ({e.strerror})")
+    return PermissionProblem(f"workspace {workspace} {why}", hint=WORKSPACE_HINT)
+
+
+def storage_backend(cfg: Config) -> StorageBackend:
+    """The configured backend, checked against the filesystem; or the probed best one for 'auto'."""
+    if cfg.storage.backend is StorageBackend.AUTO:
+        return backends.probe(cfg.workspace)
+    backends.check_forced(cfg.storage.backend, cfg.workspace)
+    return cfg.storage.backend

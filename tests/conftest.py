@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispo.config import Config, StorageBackend
+from tests.worlds import loop_fs, make_config, make_ext4
+
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_root = pytest.mark.skip(reason="needs root (loop devices, btrfs, namespaces): run the suite with sudo")
+    for item in items:
+        if "root" in item.keywords and not IS_ROOT:
+            item.add_marker(skip_root)
+
+
+@pytest.fixture
+def btrfs_mnt(tmp_path: Path) -> Iterator[Path]:
+    with loop_fs(tmp_path / "btrfs", "btrfs", "2G") as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def xfs_mnt(tmp_path: Path) -> Iterator[Path]:
+    with loop_fs(tmp_path / "xfs", "xfs", "1G") as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def ext4_mnt(tmp_path: Path) -> Iterator[Path]:
+    with loop_fs(tmp_path / "ext4", "ext4", "512M") as mnt:
+        yield mnt
+
+
+@pytest.fixture
+def src_image(tmp_path: Path) -> Path:
+    return make_ext4(tmp_path / "src.ext4", "32M", {"etc/hostname": "known-good\n", "data/a.txt": "a" * 5000})
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture(params=["btrfs", "reflink", "copy"])
+def cfg(request: pytest.FixtureRequest, tmp_path: Path, state_dir: Path) -> Iterator[Config]:
+    """A dispo config for each storage backend on a real filesystem: btrfs snapshots and reflinks on a
+    loop-mounted btrfs, plain copies on a loop-mounted ext4."""
+    if not IS_ROOT:
+        pytest.skip("needs root to loop-mount a filesystem: run the suite with sudo")
+    kind = StorageBackend(request.param)
+    fstype = "ext4" if kind is StorageBackend.COPY else "btrfs"
+    with loop_fs(tmp_path / fstype, fstype, "2G" if fstype == "btrfs" else "512M") as mnt:
+        yield make_config(mnt / "dispo", state_dir, kind)
