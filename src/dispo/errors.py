@@ -8,7 +8,9 @@ DispoError                      every error dispo means to report (one line + a 
 ├── CommandError                a subprocess failed (carries argv, rc, stderr)
 ├── StorageError                disks and images (a backend could not do its work)
 ├── JournalError                the session state directory is unusable
-└── TeardownError               one or more undo steps failed (carries every error)
+├── TeardownError               one or more undo steps failed (carries every error)
+├── VmmError                    a VMM could not start, boot or stop a guest
+└── NetworkError                taps, addresses, nftables
 """
 
 from __future__ import annotations
@@ -83,3 +85,11 @@ class TeardownError(DispoError):
         self.errors = list(errors)
         parts = "; ".join(f"{what}: {err}" for what, err in self.errors)
         super().__init__(f"teardown of session {session_id} left {len(self.errors)} step(s) undone: {parts}")
+
+
+class VmmError(DispoError):
+    """A VMM could not start, boot or stop a guest. The message carries the console tail when known."""
+
+
+class NetworkError(DispoError):
+    pass

@@ -1,0 +1,1 @@
+"""VMM backends behind one interface (base.Vmm): QEMU (microvm) and Firecracker."""
