@@ -49,9 +49,8 @@ def loop_fs(where: Path, fstype: str = "btrfs", size: str = "1G") -> Iterator[Pa
         sh("mount", "-o", "loop", backing, mnt)
         yield mnt
     finally:
-        if is_mounted(mnt):
-            if sh("umount", mnt, check=False).returncode != 0:
-                sh("umount", "-l", mnt, check=False)
+        if is_mounted(mnt) and sh("umount", mnt, check=False).returncode != 0:
+            sh("umount", "-l", mnt, check=False)
         for dev in loop_devices_for(backing):
             sh("losetup", "-d", dev, check=False)
         backing.unlink(missing_ok=True)

@@ -33,11 +33,32 @@ class StorageConfig:
     backend: StorageBackend = StorageBackend.AUTO
 
 
+class JailMode(StrEnum):
+    AUTO = "auto"  # jail when a jailer of the same version as the firecracker binary is found
+    ON = "on"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class FirecrackerConfig:
+    # Empty strings mean: $DISPO_FIRECRACKER / $DISPO_JAILER / $DISPO_JAILER_FIRECRACKER, then PATH.
+    binary: str = ""
+    jailer: str = ""
+    jailer_firecracker: str = ""  # the firecracker the jailer runs; must be the jailer's version
+    jail: JailMode = JailMode.AUTO
+    jail_uid: int = 65534
+    jail_gid: int = 65534
+    release_url: str = ("https://github.com/firecracker-microvm/firecracker/releases/download/"
+                        "v{version}/firecracker-v{version}-{arch}.tgz")
+    artifacts_url: str = "https://s3.amazonaws.com/spec.ccfc.min"
+
+
 @dataclass(frozen=True)
 class Config:
     workspace: Path = Path("/var/lib/dispo")
     state_dir: Path = Path("/run/dispo")
     storage: StorageConfig = field(default_factory=StorageConfig)
+    firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
     source: str = "built-in defaults"
 
     @property
@@ -99,7 +120,8 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Conf
         try:
             data = tomllib.loads(file.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {file} does not exist", hint="create it or drop --config/DISPO_CONFIG") from None
+            raise ConfigError(f"config file {file} does not exist",
+                              hint="create it or drop --config/DISPO_CONFIG") from None
         except PermissionError:
             raise ConfigError(f"config file {file} is not readable", hint="check its permissions") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -110,8 +110,10 @@ class ImageStore:
             if size is not None and size > src_size:
                 grow_ext4(tmp / ROOTFS, size)
             digest = files.sha256_file(tmp / ROOTFS, Progress(f"hashing {name}", quiet=quiet))
-            meta = {"name": name, "size": (tmp / ROOTFS).stat().st_size, "sha256": digest, "storage": kind.value,
-                    "created": time.time(), "source": str(src.resolve()), "format": 1}
+            meta: dict[str, Any] = {
+                "name": name, "size": (tmp / ROOTFS).stat().st_size, "sha256": digest, "storage": kind.value,
+                "created": time.time(), "source": str(src.resolve()), "format": 1,
+            }
             (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             be.seal(tmp)
             try:

@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 # A directory being born (".new-<id>") is only swept by gc when older than this.
 _NASCENT_GRACE_S = 60.0
+_TEARDOWN_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 @dataclass
@@ -139,11 +142,22 @@ class Journal:
     def unwind(self) -> None:
         """Undo everything in reverse order, collecting errors; remove the journal if all went well."""
         self._require_lock()
+        # A second Ctrl-C or SIGTERM must not cut teardown short: hold them until it is done.
+        blocked = threading.current_thread() is threading.main_thread()
+        if blocked:
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _TEARDOWN_SIGNALS)
+        try:
+            self._unwind()
+        finally:
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _unwind(self) -> None:
         errors: list[tuple[str, BaseException]] = []
         for entry in reversed(list(self.entries)):
             try:
                 undo.lookup(entry.kind)(entry.args)
-            except Exception as e:  # noqa: BLE001 - keep going, report all
+            except Exception as e:  # keep going, report all
                 log.warning("undo %s failed: %s", entry.describe(), e)
                 errors.append((entry.describe(), e))
             else:
@@ -249,6 +263,6 @@ def _sweep_nascent(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if time.time() - path.stat().st_mtime > _NASCENT_GRACE_S:
             j = Journal(path.name.removeprefix(".new-"), path, {})
-            if j.try_lock():
+            if not (path / LOCK_FILE).exists() or j.try_lock():
                 shutil.rmtree(path, ignore_errors=True)
                 j.release()

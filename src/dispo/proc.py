@@ -39,7 +39,7 @@ def run(
     argv: Sequence[str | Path],
     *,
     check: bool = True,
-    input: bytes | None = None,  # noqa: A002 - same name as subprocess.run
+    input: bytes | None = None,  # same name as subprocess.run
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     timeout: float | None = None,
@@ -61,7 +61,8 @@ def run(
             check=False,
         )
     except FileNotFoundError as e:
-        raise NotFound(f"'{args[0]}' is not installed", hint=hint or f"install the package that provides {args[0]}") from e
+        raise NotFound(f"'{args[0]}' is not installed",
+                       hint=hint or f"install the package that provides {args[0]}") from e
     except subprocess.TimeoutExpired as e:
         raise CommandError(args, -1, f"timed out after {timeout} s", hint=hint) from e
     if check and proc.returncode != 0:

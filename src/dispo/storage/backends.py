@@ -6,11 +6,12 @@ that holder (sessions/<id>/). Adding a backend means one class here and one Stor
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
 from dispo.config import StorageBackend
 from dispo.errors import CommandError, StorageError
@@ -22,15 +23,26 @@ log = logging.getLogger(__name__)
 BTRFS_HINT = "install btrfs-progs"
 
 
-class DiskBackend(Protocol):
+class DiskBackend(abc.ABC):
     kind: ClassVar[StorageBackend]
     #: journal kind that undoes a holder made by make_holder/clone
     undo_kind: ClassVar[str]
 
-    def make_holder(self, path: Path) -> None: ...
-    def put_file(self, src: Path, dst: Path, progress: files.Progress | None = None) -> None: ...
-    def seal(self, path: Path) -> None: ...
-    def clone(self, image_dir: Path, dest: Path) -> None: ...
+    @abc.abstractmethod
+    def make_holder(self, path: Path) -> None:
+        """Create the empty directory (or subvolume) an image is assembled in."""
+
+    @abc.abstractmethod
+    def put_file(self, src: Path, dst: Path, progress: files.Progress | None = None) -> None:
+        """Bring an outside file into a holder, as cheaply as the filesystem allows."""
+
+    @abc.abstractmethod
+    def seal(self, path: Path) -> None:
+        """Make a finished image read-only."""
+
+    @abc.abstractmethod
+    def clone(self, image_dir: Path, dest: Path) -> None:
+        """Make dest a private, writable copy of the image holder."""
 
 
 def fs_type(path: Path) -> str:
@@ -46,7 +58,7 @@ def is_subvolume(path: Path) -> bool:
         return False
 
 
-class BtrfsBackend:
+class BtrfsBackend(DiskBackend):
     """Image = read-only subvolume; session disk = writable snapshot of it. O(1) in the image size."""
 
     kind = StorageBackend.BTRFS
@@ -69,7 +81,7 @@ class BtrfsBackend:
         run(["btrfs", "subvolume", "snapshot", image_dir, dest], hint=BTRFS_HINT)
 
 
-class _FileCloneBackend:
+class _FileCloneBackend(DiskBackend):
     """Image = plain directory with read-only files; session disk = a directory of per-file clones."""
 
     undo_kind = "path"
@@ -92,8 +104,9 @@ class _FileCloneBackend:
         files.require_free(dst.parent, files.allocated_bytes(src), f"a copy of {src.name}")
         files.sparse_copy(src, dst, progress)
 
+    @abc.abstractmethod
     def clone_file(self, src: Path, dst: Path) -> None:
-        raise NotImplementedError
+        """Make dst a private copy of src."""
 
 
 class ReflinkBackend(_FileCloneBackend):
@@ -110,8 +123,10 @@ class ReflinkBackend(_FileCloneBackend):
         try:
             files.reflink(src, dst)
         except OSError as e:
-            raise StorageError(f"reflink copy of {src} failed: {e.strerror}",
-                               hint="the workspace filesystem lost reflink support; set storage.backend = 'copy'") from None
+            raise StorageError(
+                f"reflink copy of {src} failed: {e.strerror}",
+                hint="the workspace filesystem lost reflink support; set storage.backend = 'copy'",
+            ) from None
 
 
 class CopyBackend(_FileCloneBackend):
@@ -131,7 +146,7 @@ class CopyBackend(_FileCloneBackend):
         files.sparse_copy(src, dst)
 
 
-BACKENDS: dict[StorageBackend, type[BtrfsBackend] | type[ReflinkBackend] | type[CopyBackend]] = {
+BACKENDS: dict[StorageBackend, type[DiskBackend]] = {
     StorageBackend.BTRFS: BtrfsBackend,
     StorageBackend.REFLINK: ReflinkBackend,
     StorageBackend.COPY: CopyBackend,

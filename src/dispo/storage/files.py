@@ -62,8 +62,8 @@ def sparse_copy(src: Path, dst: Path, progress: Progress | None = None) -> None:
         segments = _data_segments(sfd, size)
         total = sum(n for _, n in segments)
         done = 0
-        for off, length in segments:
-            end = off + length
+        for start, length in segments:
+            off, end = start, start + length
             while off < end:
                 n = min(_CHUNK, end - off)
                 # pread/pwrite, not copy_file_range: on btrfs/XFS the latter may share extents,

@@ -1,0 +1,248 @@
+"""Images and per-session disks on real filesystems: btrfs snapshots, reflinks, plain copies."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dispo import images as images_mod
+from dispo.config import Config, StorageBackend
+from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
+from dispo.images import ImageStore
+from dispo.session import open_session
+from dispo.storage import backends
+from tests.worlds import (
+    debugfs_has,
+    debugfs_write,
+    host_objects,
+    is_mounted,
+    loop_devices_for,
+    loop_fs,
+    make_config,
+    make_ext4,
+    sh,
+    sha256,
+)
+
+pytestmark = pytest.mark.root
+
+
+def _shared_extents(path: Path) -> bool:
+    """Whether any extent of the file is shared with another file (FIEMAP 'shared' flag)."""
+    out = sh("filefrag", "-v", path).stdout
+    return "shared" in out
+
+
+def test_session_disk_is_private_and_discarded(cfg: Config, src_image: Path, tmp_path: Path) -> None:
+    store = ImageStore(cfg)
+    image = store.import_(src_image, "base", quiet=True)
+    assert image.storage is cfg.storage.backend
+    digest = sha256(image.rootfs)
+    assert digest == image.sha256 == sha256(src_image)
+    before = host_objects(cfg.workspace, cfg.state_dir)
+
+    note = tmp_path / "note.txt"
+    note.write_text("written in the session\n")
+    with open_session(cfg, image="base", name="t1") as s:
+        assert s.disk.parent.name == s.session_id  # named with the session id
+        assert s.disk.stat().st_size == image.size
+        if cfg.storage.backend is StorageBackend.BTRFS:
+            def field(path: Path, name: str) -> str:
+                out = sh("btrfs", "subvolume", "show", path).stdout
+                return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.strip().startswith(name))
+
+            assert field(s.disk.parent, "Parent UUID:") == field(image.path, "UUID:")  # a real snapshot
+        elif cfg.storage.backend is StorageBackend.REFLINK:
+            assert _shared_extents(s.disk)  # a real reflink, not a copy
+        else:
+            assert not _shared_extents(s.disk)
+        debugfs_write(s.disk, note, "/session-note.txt")
+        assert debugfs_has(s.disk, "/session-note.txt")
+        assert not debugfs_has(image.rootfs, "/session-note.txt")
+        during = host_objects(cfg.workspace, cfg.state_dir)
+        assert during["session_disks"] == {s.session_id}
+        assert during["journals"] == {s.session_id}
+    after = host_objects(cfg.workspace, cfg.state_dir)
+    assert after == before
+    assert sha256(image.rootfs) == digest
+    assert store.verify("base")
+    with open_session(cfg, image="base") as s2:
+        assert not debugfs_has(s2.disk, "/session-note.txt")  # the next session starts clean
+
+
+def test_image_is_sealed(cfg: Config, src_image: Path) -> None:
+    image = ImageStore(cfg).import_(src_image, "base", quiet=True)
+    if cfg.storage.backend is StorageBackend.BTRFS:
+        assert sh("btrfs", "property", "get", "-ts", image.path, "ro").stdout.strip() == "ro=true"
+        with pytest.raises(OSError):
+            (image.path / "new-file").write_text("x")  # even root cannot write a read-only subvolume
+    else:
+        assert oct(image.rootfs.stat().st_mode & 0o777) == "0o444"
+
+
+def test_import_grows_offline(cfg: Config, src_image: Path) -> None:
+    image = ImageStore(cfg).import_(src_image, "big", 96 << 20, quiet=True)
+    assert image.size == 96 << 20
+    assert image.rootfs.stat().st_blocks * 512 < 96 << 20  # grown sparsely
+    blocks = sh("dumpe2fs", "-h", image.rootfs).stdout
+    count = int(next(ln for ln in blocks.splitlines() if ln.startswith("Block count:")).split()[-1])
+    bsize = int(next(ln for ln in blocks.splitlines() if ln.startswith("Block size:")).split()[-1])
+    assert count * bsize == 96 << 20
+    assert sh("e2fsck", "-fn", image.rootfs, check=False).returncode == 0
+    assert debugfs_has(image.rootfs, "/etc/hostname")
+
+
+def test_image_ls_rm(cfg: Config, src_image: Path) -> None:
+    store = ImageStore(cfg)
+    store.import_(src_image, "one", quiet=True)
+    store.import_(src_image, "two", quiet=True)
+    assert [i.name for i in store.list()] == ["one", "two"]
+    store.remove("one")
+    assert [i.name for i in store.list()] == ["two"]
+    assert host_objects(cfg.workspace, cfg.state_dir)["image_entries"] == {"two"}
+    with pytest.raises(NotFound) as e:
+        store.remove("one")
+    assert "hint: list images with 'dispo image ls'" in e.value.one_line()
+
+
+@pytest.mark.parametrize("bad", ["a/b", "../x", "..", "a b", "x;reboot", "$(id)", "a|b"])
+def test_bad_image_names_leave_nothing(cfg: Config, src_image: Path, bad: str) -> None:
+    before = host_objects(cfg.workspace, cfg.state_dir)
+    with pytest.raises(InvalidInput, match="invalid image name"):
+        ImageStore(cfg).import_(src_image, bad, quiet=True)
+    assert host_objects(cfg.workspace, cfg.state_dir) == before
+    assert not (cfg.workspace.parent / "x").exists()
+
+
+def test_bad_inputs_leave_nothing(cfg: Config, src_image: Path, tmp_path: Path) -> None:
+    store = ImageStore(cfg)
+    store.import_(src_image, "base", quiet=True)
+    before = host_objects(cfg.workspace, cfg.state_dir)
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    with pytest.raises(NotFound, match="does not exist"):
+        store.import_(tmp_path / "missing.ext4", "m", quiet=True)
+    with pytest.raises(InvalidInput, match="not an ext4 filesystem"):
+        store.import_(junk, "junk", quiet=True)
+    with pytest.raises(InvalidInput, match="is a directory"):
+        store.import_(tmp_path, "dir", quiet=True)
+    with pytest.raises(InvalidInput, match="smaller than the image"):
+        store.import_(src_image, "small", 16 << 20, quiet=True)
+    with pytest.raises(InvalidInput, match="already exists"):
+        store.import_(src_image, "base", quiet=True)
+    with pytest.raises(NotFound, match="image 'nope' not found"), open_session(cfg, image="nope"):
+        pass
+    with pytest.raises(InvalidInput, match="invalid session name"), open_session(cfg, image="base", name="../evil"):
+        pass
+    assert host_objects(cfg.workspace, cfg.state_dir) == before
+
+
+def test_failed_import_leaves_nothing(cfg: Config, src_image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the holder exists (here: the grow step) is unwound by the journal."""
+    before = host_objects(cfg.workspace, cfg.state_dir)
+
+    def broken_grow(path: Path, size: int) -> None:
+        assert path.exists()  # the half-made image exists at this point
+        raise StorageError("simulated failure while growing")
+
+    monkeypatch.setattr(images_mod, "grow_ext4", broken_grow)
+    with pytest.raises(StorageError, match="simulated"):
+        ImageStore(cfg).import_(src_image, "half", 64 << 20, quiet=True)
+    after = host_objects(cfg.workspace, cfg.state_dir)
+    # The layout dirs may now exist (they did not before the first import); nothing else does.
+    assert after["image_entries"] == before["image_entries"] == set()
+    assert after["journals"] == set() and after["subvolumes"] == set()
+
+
+def test_damaged_filesystem_is_refused_on_grow(cfg: Config, src_image: Path) -> None:
+    with open(src_image, "r+b") as f:  # wreck the block group descriptors, keep the magic
+        f.seek(4096)
+        f.write(b"\xff" * 4096)
+    with pytest.raises(Exception, match="e2fsck"):
+        ImageStore(cfg).import_(src_image, "broken", 64 << 20, quiet=True)
+    assert host_objects(cfg.workspace, cfg.state_dir)["image_entries"] == set()
+
+
+def test_read_only_workspace(tmp_path: Path, src_image: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "ro,size=16m", "tmpfs", ro)
+    try:
+        cfg = make_config(ro / "dispo", tmp_path / "state")
+        with pytest.raises(PermissionProblem, match="read-only filesystem"):
+            ImageStore(cfg).import_(src_image, "base", quiet=True)
+        assert list(ro.iterdir()) == []
+        assert not (tmp_path / "state" / "sessions").exists() or not any((tmp_path / "state" / "sessions").iterdir())
+    finally:
+        sh("umount", ro)
+
+
+def test_forced_backend_checked(tmp_path: Path, src_image: Path, ext4_mnt: Path) -> None:
+    cfg = make_config(ext4_mnt / "dispo", tmp_path / "state", StorageBackend.BTRFS)
+    with pytest.raises(StorageError, match="not on btrfs"):
+        ImageStore(cfg).import_(src_image, "base", quiet=True)
+    cfg = make_config(ext4_mnt / "dispo", tmp_path / "state", StorageBackend.REFLINK)
+    with pytest.raises(StorageError, match="does not support reflinks"):
+        ImageStore(cfg).import_(src_image, "base", quiet=True)
+
+
+def test_probe_picks_the_best_backend(btrfs_mnt: Path, xfs_mnt: Path, ext4_mnt: Path, tmp_path: Path) -> None:
+    assert backends.probe(btrfs_mnt) is StorageBackend.BTRFS
+    assert backends.probe(xfs_mnt) is StorageBackend.REFLINK
+    assert backends.probe(ext4_mnt) is StorageBackend.COPY
+
+
+def test_reflink_on_xfs(xfs_mnt: Path, src_image: Path, tmp_path: Path) -> None:
+    cfg = make_config(xfs_mnt / "dispo", tmp_path / "state")
+    image = ImageStore(cfg).import_(src_image, "base", quiet=True)
+    assert image.storage is StorageBackend.REFLINK
+    with open_session(cfg, image="base") as s:
+        assert _shared_extents(s.disk)
+        debugfs_write(s.disk, src_image.with_suffix(".root") / "etc" / "hostname", "/x")
+    assert sha256(image.rootfs) == image.sha256
+    assert host_objects(cfg.workspace, cfg.state_dir)["session_disks"] == set()
+
+
+def test_copy_backend_on_tmpfs(tmp_path: Path, src_image: Path) -> None:
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", mnt)
+    try:
+        cfg = make_config(mnt / "dispo", tmp_path / "state")
+        image = ImageStore(cfg).import_(src_image, "base", quiet=True)
+        assert image.storage is StorageBackend.COPY
+        with open_session(cfg, image="base") as s:
+            debugfs_write(s.disk, src_image.with_suffix(".root") / "etc" / "hostname", "/x")
+            assert debugfs_has(s.disk, "/x")
+        assert sha256(image.rootfs) == image.sha256
+        assert not debugfs_has(image.rootfs, "/x")
+        assert list((mnt / "dispo" / "sessions").iterdir()) == []
+    finally:
+        sh("umount", mnt)
+
+
+def test_loop_fs_cleans_up_even_when_the_test_fails(tmp_path: Path) -> None:
+    backing = tmp_path / "w" / "btrfs.img"
+    mnt = tmp_path / "w" / "mnt"
+    with pytest.raises(RuntimeError, match="boom"), loop_fs(tmp_path / "w", "btrfs", "256M") as m:
+        assert is_mounted(m) and loop_devices_for(backing)
+        (m / "f").write_text("x")
+        raise RuntimeError("boom")
+    assert not is_mounted(mnt)
+    assert loop_devices_for(backing) == []
+    assert not backing.exists()
+
+
+def test_image_metadata(cfg: Config, src_image: Path) -> None:
+    image = ImageStore(cfg).import_(src_image, "meta", quiet=True)
+    meta = json.loads((image.path / images_mod.META).read_text())
+    assert meta["name"] == "meta" and meta["sha256"] == image.sha256 and meta["storage"] == cfg.storage.backend.value
+    assert meta["source"] == str(src_image)
+
+
+def test_make_ext4_helper(tmp_path: Path) -> None:
+    img = make_ext4(tmp_path / "x.ext4", "8M", {"a/b.txt": "hello"})
+    assert debugfs_has(img, "/a/b.txt")
