@@ -32,7 +32,7 @@ def make_filled_image(path: Path, size: int) -> None:
     with open(root / "blob", "wb") as f:
         for _ in range(int(size * 0.9) // len(chunk)):
             f.write(chunk)
-    sh("mkfs.ext4", "-q", "-F", "-d", root, path, str(size))
+    sh("mkfs.ext4", "-q", "-F", "-d", root, path, f"{size >> 20}M")  # a bare number would mean KiB
     (root / "blob").unlink()
     root.rmdir()
 
