@@ -166,3 +166,42 @@ def test_demo(world: tuple[dict[str, str], Path, Path]) -> None:
     assert objs["session_disks"] == set() and objs["journals"] == set()
     assert objs["image_entries"] == {"dispo-demo"}
     sh("true")
+
+
+@pytest.mark.root
+def test_gc_after_reboot_sweeps_disks_without_journal(world: tuple[dict[str, str], Path, Path], tmp_path: Path) -> None:
+    """/run is tmpfs: after a reboot the journals are gone but session disks in the workspace remain."""
+    env, ws, state = world
+    dispo(env, "image", "import", str(make_ext4(tmp_path / "i.ext4")), "--name", "base", "--quiet")
+    before = host_objects(ws, state)
+    child, sid, disk = _start_disk_session(env, "base")
+    try:
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        sh("rm", "-rf", state)  # what a reboot does to /run
+        (ws / "images" / ".import-0badc0de-half").mkdir()  # an import cut short by the same reboot
+        assert disk.exists()
+        out = dispo(env, "gc").stdout
+        assert f"orphan {ws / 'sessions' / sid}" in out and ".import-0badc0de-half" in out
+        after = host_objects(ws, state)
+        assert after["session_disks"] == set() and after["subvolumes"] == before["subvolumes"]
+        assert after["image_entries"] == {"base"}
+        assert "nothing to clean" in dispo(env, "gc").stdout
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.root
+def test_cli_read_only_workspace(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "ro,size=8m", "tmpfs", ro)
+    try:
+        env = dispo_env(ro / "dispo", tmp_path / "state")
+        line = one_line_error(dispo(env, "image", "import", str(make_ext4(tmp_path / "i.ext4")), "--name", "x",
+                                    check=False))
+        assert "read-only filesystem" in line and "DISPO_WORKSPACE" in line
+        assert list(ro.iterdir()) == []
+    finally:
+        sh("umount", ro)

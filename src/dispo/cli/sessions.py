@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from dispo import journal
+from dispo import gc, journal
 from dispo.cli.images import print_table
 from dispo.config import Config
 from dispo.errors import InvalidInput
@@ -50,14 +50,16 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_gc(args: argparse.Namespace, cfg: Config) -> int:
-    report = journal.gc(cfg.state_dir)
+    report = gc.collect(cfg)
     for sid in report.reclaimed:
         print(f"reclaimed session {sid}")
     for what in report.undone:
         print(f"  undone: {what}")
+    for what in report.orphans:
+        print(f"removed {what}")
     for err in report.failed:
         print(f"dispo: error: {err.one_line()}", file=sys.stderr)
-    if not report.reclaimed and not report.failed:
+    if not report.reclaimed and not report.failed and not report.orphans:
         print("nothing to clean")
     return 1 if report.failed else 0
 

@@ -1,0 +1,81 @@
+"""`dispo gc`: undo what dead sessions recorded, then sweep what no journal accounts for.
+
+The journal pass (journal.gc) handles every crash the owner survived long enough to record. The sweep
+handles the rest: the state dir lives on tmpfs (/run), so after a reboot the journals are gone while
+session disks in the persistent workspace remain. A disk or a half-made import whose session id has no
+journal cannot belong to a live session (the journal is always created first), so it is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dispo import journal
+from dispo.config import Config
+from dispo.errors import DispoError
+from dispo.storage.backends import remove_tree
+
+log = logging.getLogger(__name__)
+
+_IMPORT_RE = re.compile(r"^\.import-([0-9a-f]{8})-")
+_DISK_RE = re.compile(r"^[0-9a-f]{8}$")
+
+#: Other layers add functions that remove their own orphans (objects named with a session id that has no
+#: journal); each gets the config and the set of session ids that still have a journal.
+OrphanSweeper = Callable[[Config, set[str]], list[str]]
+ORPHAN_SWEEPERS: list[OrphanSweeper] = []
+
+
+@dataclass
+class Report:
+    reclaimed: list[str] = field(default_factory=list)
+    undone: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    failed: list[DispoError] = field(default_factory=list)
+
+
+def known_session_ids(cfg: Config) -> set[str]:
+    root = journal.sessions_root(cfg.state_dir)
+    if not root.is_dir():
+        return set()
+    return {p.name.removeprefix(".new-") for p in root.iterdir()}
+
+
+def sweep_workspace(cfg: Config, known: set[str]) -> list[str]:
+    # List first, then ask for the journals: a disk listed now had its journal created before it, so a
+    # session that starts while we run is always in the fresh set and never mistaken for an orphan.
+    candidates: list[tuple[str, Path]] = []
+    if cfg.disks_dir.is_dir():
+        candidates += [(p.name, p) for p in cfg.disks_dir.iterdir() if _DISK_RE.match(p.name)]
+    if cfg.images_dir.is_dir():
+        candidates += [(m.group(1), p) for p in cfg.images_dir.iterdir() if (m := _IMPORT_RE.match(p.name))]
+    known = known | known_session_ids(cfg)
+    removed: list[str] = []
+    for sid, p in candidates:
+        if sid not in known:
+            remove_tree(p)
+            removed.append(f"orphan {p}")
+    return removed
+
+
+def collect(cfg: Config) -> Report:
+    report = Report()
+    jr = journal.gc(cfg.state_dir)
+    report.reclaimed, report.undone = jr.reclaimed, jr.undone
+    report.failed.extend(jr.failed)
+    known = known_session_ids(cfg)
+    for sweeper in (sweep_workspace, *ORPHAN_SWEEPERS):
+        try:
+            report.orphans += sweeper(cfg, known)
+        except DispoError as e:
+            report.failed.append(e)
+        except OSError as e:
+            report.failed.append(DispoError(f"sweeping orphans failed: {e}"))
+    return report
+
+
+
