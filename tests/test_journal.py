@@ -106,7 +106,6 @@ def test_live_session_is_not_collected(tmp_path: Path) -> None:
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-from typing import Any
     from dispo.journal import Journal
     state, work, sid = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     j = Journal.create(state, sid, {"purpose": "crash-test"})
