@@ -1,0 +1,126 @@
+"""The web viewer against a real VNC server (TigerVNC's Xvnc) and a real browser (Playwright + chromium)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispo.display.viewer import Target, WebViewer
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("Xvnc") and shutil.which("xsetroot") and Path("/usr/share/novnc/vnc.html").exists()),
+    reason="needs Debian packages tigervnc-standalone-server, x11-xserver-utils and novnc",
+)
+
+MAGENTA = (255, 0, 255)
+
+
+def _free_display() -> int:
+    for n in range(50, 99):
+        if not Path(f"/tmp/.X11-unix/X{n}").exists() and not Path(f"/tmp/.X{n}-lock").exists():
+            return n
+    raise RuntimeError("no free X display")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def vnc_server() -> Iterator[Target]:
+    """A real VNC server on loopback whose screen is solid magenta."""
+    display, port = _free_display(), _free_port()
+    xvnc = subprocess.Popen(["Xvnc", f":{display}", "-rfbport", str(port), "-localhost", "-SecurityTypes", "None",
+                             "-geometry", "640x480", "-depth", "24"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        subprocess.run(["xsetroot", "-display", f":{display}", "-solid", "#ff00ff"], check=True, timeout=10)
+        yield Target("127.0.0.1", port)
+    finally:
+        xvnc.terminate()
+        xvnc.wait(10)
+
+
+def _get(url: str, method: str = "GET") -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_token_is_required(vnc_server: Target) -> None:
+    stopped = threading.Event()
+    with WebViewer(vnc_server, session_id="0123abcd", on_stop=stopped.set) as v:
+        base = f"http://127.0.0.1:{v.port}"
+        assert v.url.startswith(base) and len(v.token) >= 32
+        assert _get(v.url) == 200
+        assert _get(v.url + "vnc.html") == 200
+        assert _get(base + "/") == 403
+        assert _get(base + "/vnc.html") == 403
+        assert _get(base + "/wrong-token/vnc.html") == 403
+        assert _get(base + "/" + v.token[:-1] + "/vnc.html") == 403
+        assert _get(v.url + "..%2f..%2f..%2fetc%2fpasswd") in (403, 404)
+        assert _get(v.url + "../../../etc/passwd") in (403, 404)
+        assert v.refused >= 4
+        assert not stopped.is_set()
+        assert _get(v.url + "stop", "POST") == 200
+        assert stopped.wait(5)
+    with socket.socket() as s:  # nothing listens after stop
+        assert s.connect_ex(("127.0.0.1", v.port)) != 0
+
+
+def test_browser_sees_the_guest_screen(vnc_server: Target, tmp_path: Path) -> None:
+    if not shutil.which("chromium"):
+        pytest.skip("needs Debian package chromium")
+    from playwright.sync_api import sync_playwright
+
+    with WebViewer(vnc_server, session_id="0123abcd") as v, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 800, "height": 600})
+            page.goto(v.url)
+            frame = page.frame_locator("#vnc")
+            canvas = frame.locator("canvas")
+            canvas.wait_for(state="visible", timeout=20000)
+            shot = tmp_path / "viewer.png"
+            deadline = time.monotonic() + 20
+            rgb: tuple[int, ...] = ()
+            while time.monotonic() < deadline:
+                page.screenshot(path=str(shot))
+                rgb = _pixel(shot, 400, 300)
+                if rgb == MAGENTA:
+                    break
+                time.sleep(0.5)
+            assert rgb == MAGENTA, f"centre pixel {rgb}, expected the guest's magenta screen"
+            assert page.locator("#end").is_visible()
+        finally:
+            browser.close()
+    artifacts = Path(__file__).resolve().parent.parent / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(shot, artifacts / "viewer-loopback.png")
+
+
+def _pixel(png: Path, x: int, y: int) -> tuple[int, ...]:
+    fmt = ",".join(f"%[fx:int(255*p{{{x},{y}}}.{c})]" for c in "rgb")
+    out = subprocess.run(["convert", str(png), "-format", fmt, "info:"], capture_output=True, text=True, check=True)
+    return tuple(int(c) for c in out.stdout.strip().split(","))
