@@ -56,6 +56,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--large", default="8", help="size of the large image in GiB")
+    ap.add_argument("--only", choices=[b.value for b in StorageBackend if b is not StorageBackend.AUTO],
+                    action="append", help="only these backends (repeatable)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench.disk: run as root (loop-mounted filesystems)", file=sys.stderr)
@@ -76,6 +78,8 @@ def main() -> int:
             setups = [(StorageBackend.BTRFS, bt / "ws-btrfs"), (StorageBackend.REFLINK, bt / "ws-reflink"),
                       (StorageBackend.COPY, e4 / "ws-copy")]
             for kind, ws in setups:
+                if args.only and kind.value not in args.only:
+                    continue
                 cfg = make_config(ws, tmp / f"state-{kind}", kind)
                 store = ImageStore(cfg)
                 results[kind.value] = {}
