@@ -58,6 +58,45 @@ def vnc_server() -> Iterator[Target]:
         xvnc.wait(10)
 
 
+def test_unix_socket_target(vnc_server: Target, tmp_path: Path) -> None:
+    """The viewer reaches VNC through a unix socket (as through an SSH forward): a real RFB greeting."""
+    import asyncio
+
+    sock = tmp_path / "vnc.sock"
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(vnc_server.host, vnc_server.port)
+
+        async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
+            while data := await a.read(65536):
+                b.write(data)
+                await b.drain()
+            b.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer), return_exceptions=True)
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_unix_server(relay, path=str(sock)))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        from aiohttp import ClientSession, WSMsgType
+
+        async def greet(url: str) -> bytes:
+            async with ClientSession() as http, http.ws_connect(url, protocols=("binary",)) as ws:
+                msg = await ws.receive(timeout=10)
+                assert msg.type is WSMsgType.BINARY
+                return bytes(msg.data)
+
+        with WebViewer(Target(unix=str(sock))) as v:
+            hello = asyncio.run(greet(f"ws://127.0.0.1:{v.port}/{v.token}/websockify"))
+        assert hello.startswith(b"RFB 003.")
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
 def _get(url: str, method: str = "GET") -> int:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as r:

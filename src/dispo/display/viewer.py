@@ -40,8 +40,15 @@ def find_novnc() -> Path:
 
 @dataclass(frozen=True)
 class Target:
-    host: str
-    port: int
+    """Where the guest's VNC server is reached from the host: a TCP address, or a unix socket (an SSH
+    forward of the guest's loopback-only VNC into the session state dir, reachable by root alone)."""
+
+    host: str = ""
+    port: int = 0
+    unix: str = ""
+
+    def __str__(self) -> str:
+        return self.unix or f"{self.host}:{self.port}"
 
 
 class WebViewer:
@@ -149,11 +156,12 @@ class WebViewer:
         """WebSocket (binary frames) <-> TCP to the guest's VNC server."""
         ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=0)
         await ws.prepare(request)
+        t = self.target
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.target.host, self.target.port), timeout=10)
+            opening = asyncio.open_unix_connection(t.unix) if t.unix else asyncio.open_connection(t.host, t.port)
+            reader, writer = await asyncio.wait_for(opening, timeout=10)
         except (OSError, TimeoutError) as e:
-            log.warning("viewer: cannot reach VNC at %s:%s: %s", self.target.host, self.target.port, e)
+            log.warning("viewer: cannot reach VNC at %s: %s", t, e)
             await ws.close(code=1011, message=b"guest VNC unreachable")
             return ws
 
