@@ -53,12 +53,29 @@ class FirecrackerConfig:
     artifacts_url: str = "https://s3.amazonaws.com/spec.ccfc.min"
 
 
+class NetLink(StrEnum):
+    TAP = "tap"  # the real thing: a tap device a VMM attaches to
+    # Test/bench only: a veth pair named like the tap whose far end sits in a "dispo-vmstandin-<id>" netns,
+    # standing in for a VM (a tap with no reader cannot pass traffic). Same addresses, rules and journal.
+    VETH_STANDIN = "veth-standin"
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    pool: str = "172.20.0.0/16"  # cut into one subnet per session
+    prefix: int = 30  # size of a session's subnet: /30 (gateway + guest) up to /24
+    upstream: str = ""  # interface to masquerade out of; empty: the interface of the default route
+    dns: str = "auto"  # "auto" (non-loopback resolvers of /etc/resolv.conf), "none", or "1.1.1.1,9.9.9.9"
+    link: NetLink = NetLink.TAP
+
+
 @dataclass(frozen=True)
 class Config:
     workspace: Path = Path("/var/lib/dispo")
     state_dir: Path = Path("/run/dispo")
     storage: StorageConfig = field(default_factory=StorageConfig)
     firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
+    net: NetConfig = field(default_factory=NetConfig)
     source: str = "built-in defaults"
 
     @property

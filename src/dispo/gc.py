@@ -27,7 +27,16 @@ _DISK_RE = re.compile(r"^[0-9a-f]{8}$")
 #: Other layers add functions that remove their own orphans (objects named with a session id that has no
 #: journal); each gets the config and the set of session ids that still have a journal.
 OrphanSweeper = Callable[[Config, set[str]], list[str]]
-ORPHAN_SWEEPERS: list[OrphanSweeper] = []
+
+
+def _sweep_network(cfg: Config, known: set[str]) -> list[str]:
+    # Leases, dsp-* links, stand-in namespaces and nftables chains of this state dir with no journal.
+    from dispo.net import orphans
+
+    return orphans.sweep(cfg.state_dir).removed
+
+
+ORPHAN_SWEEPERS: list[OrphanSweeper] = [_sweep_network]
 
 
 @dataclass
@@ -58,7 +67,7 @@ def sweep_workspace(cfg: Config, known: set[str]) -> list[str]:
     for sid, p in candidates:
         if sid not in known:
             remove_tree(p)
-            removed.append(f"orphan {p}")
+            removed.append(str(p))
     return removed
 
 
@@ -68,7 +77,7 @@ def collect(cfg: Config) -> Report:
     report.reclaimed, report.undone = jr.reclaimed, jr.undone
     report.failed.extend(jr.failed)
     known = known_session_ids(cfg)
-    for sweeper in (sweep_workspace, *ORPHAN_SWEEPERS):
+    for sweeper in (sweep_workspace, *ORPHAN_SWEEPERS):  # the network last: rules outlive the links
         try:
             report.orphans += sweeper(cfg, known)
         except DispoError as e:

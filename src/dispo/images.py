@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +41,25 @@ class Image:
     storage: StorageBackend
     created: float
     source: str
+    # A bootable image also carries its kernel (and initrd), as file names inside the image directory,
+    # the kernel arguments it needs, its architecture and the VMMs it is known to boot under.
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: tuple[str, ...] = ()
+    arch: str = "x86_64"
+    vmms: tuple[str, ...] = ()
 
     @property
     def rootfs(self) -> Path:
         return self.path / ROOTFS
+
+    @property
+    def kernel_path(self) -> Path | None:
+        return self.path / self.kernel if self.kernel else None
+
+    @property
+    def initrd_path(self) -> Path | None:
+        return self.path / self.initrd if self.initrd else None
 
     @classmethod
     def load(cls, path: Path) -> Image:
@@ -51,7 +67,9 @@ class Image:
             meta: dict[str, Any] = json.loads((path / META).read_text())
             return cls(name=meta["name"], path=path, size=int(meta["size"]), sha256=meta["sha256"],
                        storage=StorageBackend(meta["storage"]), created=float(meta["created"]),
-                       source=meta.get("source", ""))
+                       source=meta.get("source", ""), kernel=str(meta.get("kernel", "")),
+                       initrd=str(meta.get("initrd", "")), cmdline=tuple(map(str, meta.get("cmdline", ()))),
+                       arch=str(meta.get("arch", "x86_64")), vmms=tuple(map(str, meta.get("vmms", ()))))
         except (OSError, ValueError, KeyError) as e:
             raise StorageError(f"image at {path} has no valid {META}: {e}",
                                hint=f"remove it with 'dispo image rm {path.name}' and import it again") from None
@@ -83,8 +101,13 @@ class ImageStore:
         image = self.get(name)
         return files.sha256_file(image.rootfs, progress) == image.sha256
 
-    def import_(self, src: Path, name: str, size: int | None = None, *, quiet: bool = False) -> Image:
-        """Import a raw ext4 filesystem as image `name`, optionally grown to `size` bytes."""
+    def import_(self, src: Path, name: str, size: int | None = None, *, quiet: bool = False,
+                extra_files: Mapping[str, Path] | None = None, extra_meta: Mapping[str, Any] | None = None
+                ) -> Image:
+        """Import a raw ext4 filesystem as image `name`, optionally grown to `size` bytes.
+
+        `extra_files` (file name in the image -> source) carries a kernel and initrd; `extra_meta` adds
+        keys such as kernel, initrd, cmdline, arch and vmms to image.json (never the core keys)."""
         check_name(name, what="image name")
         src = Path(src)
         if not src.exists():
@@ -109,8 +132,13 @@ class ImageStore:
             be.put_file(src, tmp / ROOTFS, Progress(f"copying {src.name}", quiet=quiet))
             if size is not None and size > src_size:
                 grow_ext4(tmp / ROOTFS, size)
+            for fname, fsrc in (extra_files or {}).items():
+                if fname in (ROOTFS, META) or "/" in fname or fname.startswith("."):
+                    raise InvalidInput(f"invalid extra image file name {fname!r}")
+                be.put_file(Path(fsrc), tmp / fname)
             digest = files.sha256_file(tmp / ROOTFS, Progress(f"hashing {name}", quiet=quiet))
             meta: dict[str, Any] = {
+                **(extra_meta or {}),
                 "name": name, "size": (tmp / ROOTFS).stat().st_size, "sha256": digest, "storage": kind.value,
                 "created": time.time(), "source": str(src.resolve()), "format": 1,
             }

@@ -36,6 +36,14 @@ def register(sub: Any) -> None:
     verify.add_argument("name")
     verify.set_defaults(func=cmd_verify)
 
+    from dispo.cli import build  # `dispo image build RECIPE` lives with the image builder
+
+    build.register_image_action(isub)
+
+    from dispo.cli import firecracker  # `dispo image fetch` lives with the Firecracker backend
+
+    firecracker.register_image_action(isub)
+
 
 def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
     size = parse_size(args.size) if args.size else None

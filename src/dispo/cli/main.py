@@ -11,13 +11,13 @@ from pathlib import Path
 from types import FrameType
 
 from dispo import __version__, config
-from dispo.cli import demo, images, sessions
+from dispo.cli import demo, firecracker, images, net, run, sessions
 from dispo.errors import DispoError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
-COMMAND_MODULES = (images, sessions, demo)
+COMMAND_MODULES = (images, sessions, net, run, firecracker, demo)
 
 
 class _Terminated(Exception):

@@ -56,7 +56,7 @@ def cmd_gc(args: argparse.Namespace, cfg: Config) -> int:
     for what in report.undone:
         print(f"  undone: {what}")
     for what in report.orphans:
-        print(f"removed {what}")
+        print(f"removed orphan {what}")
     for err in report.failed:
         print(f"dispo: error: {err.one_line()}", file=sys.stderr)
     if not report.reclaimed and not report.failed and not report.orphans:

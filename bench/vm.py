@@ -1,0 +1,81 @@
+"""QEMU guests end to end: image build time and size, then `dispo run --image minimal -- true` five times:
+time to guest ready (SSH answers), to CMD done, and teardown (CMD done to dispo's exit), with medians.
+
+Runs as root inside namespaces it creates (tests/netns.py: a host netns with a NAT uplink into an
+"internet" netns), never on the machine's own network. Accelerator: whatever dispo probes (TCG here).
+
+    .venv/bin/python -m bench.vm [--runs 5] [--cached]   (--cached: skip the fresh image build)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.netns import DISPO, net_world
+
+from bench.common import median, report
+from dispo.imagebuild import cache_dir
+
+READY = re.compile(r"ready in ([0-9.]+) s \(guest [0-9.]+, qemu/(\w+)\)")
+DONE = re.compile(r"command exited with status \d+ after ([0-9.]+) s")
+
+
+def _build(env: dict[str, str], dispo: list[str], rebuild: bool) -> dict[str, float | str]:
+    t0 = time.perf_counter()
+    argv = [*dispo, "image", "build", "minimal", "--quiet", *(["--rebuild"] if rebuild else [])]
+    subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    product = next(p for p in (cache_dir() / "images").glob("minimal-*") if not p.name.startswith("."))
+    meta = json.loads((product / "build.json").read_text())
+    rootfs = product / "rootfs.ext4"
+    alloc = int(subprocess.run(["du", "-B1", "-s", rootfs], capture_output=True, text=True, check=True)
+                .stdout.split()[0])
+    return {"build_s": round(wall if rebuild else float(meta["seconds"]), 1), "fresh_build": str(rebuild),
+            "rootfs_apparent_mib": round(rootfs.stat().st_size / 2**20, 1),
+            "rootfs_allocated_mib": round(alloc / 2**20, 1),
+            "kernel_mib": round((product / "vmlinuz").stat().st_size / 2**20, 1),
+            "initrd_mib": round((product / "initrd.img").stat().st_size / 2**20, 1),
+            "kernel_version": str(meta["kernel_version"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--cached", action="store_true", help="do not rebuild the image: report the cached build")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dispo-bench-vm-") as tmp, net_world(Path(tmp) / "w") as w:
+        w.write_config(link="tap", dns="none")
+        # In the machine's own namespace: apt must reach the mirror (the world's host namespace cannot).
+        build = _build(w.env(), [str(DISPO)], not args.cached)
+        rows: list[tuple[int | str, ...]] = []
+        accel = "?"
+        for i in range(args.runs):
+            t0 = time.perf_counter()
+            p = w.dispo("run", "--image", "minimal", "--", "true", timeout=600)
+            wall = time.perf_counter() - t0
+            ready, done = READY.search(p.stderr), DONE.search(p.stderr)
+            if p.returncode != 0 or not ready or not done:
+                raise SystemExit(f"run {i + 1} failed ({p.returncode}): {p.stderr}")
+            accel = ready.group(2)
+            r, d = float(ready.group(1)), float(done.group(1))
+            rows.append((i + 1, f"{r:.2f}", f"{d:.2f}", f"{wall - d:.2f}", f"{wall:.2f}"))
+        med = {k: round(median([float(row[j]) for row in rows]), 2)
+               for j, k in ((1, "ready_s"), (2, "cmd_done_s"), (3, "teardown_s"), (4, "total_s"))}
+        rows.append(("median", f"{med['ready_s']:.2f}", f"{med['cmd_done_s']:.2f}", f"{med['teardown_s']:.2f}",
+                     f"{med['total_s']:.2f}"))
+        print(f"image build: {build['build_s']} s ({'fresh' if not args.cached else 'cached figure'}); "
+              f"rootfs {build['rootfs_apparent_mib']} MiB ({build['rootfs_allocated_mib']} MiB allocated), "
+              f"kernel {build['kernel_mib']} MiB, initrd {build['initrd_mib']} MiB; accelerator {accel}")
+        report("vm", ("run", "ready_s", "cmd_done_s", "teardown_s", "total_s"), rows,
+               {"build": build, "accel": accel, "median": med, "runs": args.runs,
+                "what": "dispo run --image minimal -- true under QEMU microvm; ready = SSH answers"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""`dispo image build RECIPE`"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from dispo.config import Config
+from dispo.imagebuild import build_image
+from dispo.imagebuild.recipes import RECIPES
+from dispo.names import format_size
+
+
+def register_image_action(isub: Any) -> None:
+    p = isub.add_parser("build", help="build a bootable image from Debian packages (mmdebstrap)",
+                        description="Build a small bootable Debian image (root filesystem, kernel, initrd) from "
+                                    "the host's apt sources with mmdebstrap, cache the build under "
+                                    "$DISPO_CACHE_DIR (default /var/cache/dispo) and import it.")
+    p.add_argument("recipe", choices=sorted(RECIPES))
+    p.add_argument("--name", help="image name (default: the recipe's name)")
+    p.add_argument("--rebuild", action="store_true", help="ignore the cached build")
+    p.add_argument("--force", action="store_true", help="replace an existing image of that name")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
+    t0 = time.monotonic()
+    image = build_image(cfg, args.recipe, name=args.name, rebuild=args.rebuild, force=args.force, quiet=args.quiet)
+    print(f"image {image.name}: {format_size(image.size)}, kernel {image.kernel}, {image.storage.value}, "
+          f"{time.monotonic() - t0:.1f} s")
+    return 0

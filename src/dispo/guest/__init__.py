@@ -1,0 +1,29 @@
+"""Files dispo installs into guest images (the early-boot init, sshd settings), read from this package."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+INIT_PATH = "/usr/lib/dispo/init"          # where the image carries the init; kernel arg init=...
+USER = "user"                               # the unprivileged account sessions run as
+USER_UID = 1000
+USER_HOME = f"/home/{USER}"
+HOST_KEY = "/etc/ssh/ssh_host_ed25519_key"  # written per session by dispo.ssh before boot
+
+# Only the per-session host key, only key authentication, never root.
+SSHD_CONFIG = f"""\
+# Written by dispo: sessions log in with a per-session key as '{USER}'.
+HostKey {HOST_KEY}
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+AuthenticationMethods publickey
+# No PAM stack to run in an init-less guest; the account has password '*' (not locked) for this reason.
+UsePAM no
+UseDNS no
+PrintMotd no
+"""
+
+
+def init_script() -> bytes:
+    return resources.files(__package__).joinpath("init.sh").read_bytes()

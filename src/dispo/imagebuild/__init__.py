@@ -1,0 +1,210 @@
+"""`dispo image build RECIPE`: a small bootable Debian image from Debian's packages, with mmdebstrap.
+
+Build products (rootfs.ext4, vmlinuz, initrd.img, build.json) are cached outside the repository in
+$DISPO_CACHE_DIR (default /var/cache/dispo) under images/<recipe>-<key>/, where the key covers the recipe,
+the guest files and the apt sources, so CI builds once and every later build is an import. A build runs in
+images/.build-<session id>-<recipe>/, journaled before it exists and renamed into place only when complete
+(build.json written last), so a failed or killed build leaves nothing that looks like a product.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dispo import guest
+from dispo.config import Config
+from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
+from dispo.imagebuild import recipes, sources
+from dispo.imagebuild.recipes import Recipe
+from dispo.images import Image, ImageStore
+from dispo.names import check_name, format_size
+from dispo.proc import run, which
+from dispo.session import transaction
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("/var/cache/dispo")
+MMDEBSTRAP_HINT = "install mmdebstrap (apt-get install mmdebstrap)"
+BUILD_TIMEOUT_S = 1800.0
+KERNEL, INITRD, BUILD_META = "vmlinuz", "initrd.img", "build.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISPO_CACHE_DIR") or DEFAULT_CACHE_DIR)
+
+
+@dataclass(frozen=True)
+class Product:
+    """A finished build in the cache."""
+
+    path: Path
+    recipe: str
+    key: str
+    kernel_version: str
+    seconds: float
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs.ext4"
+
+    @classmethod
+    def load(cls, path: Path) -> Product | None:
+        try:
+            m = json.loads((path / BUILD_META).read_text())
+            return cls(path, str(m["recipe"]), str(m["key"]), str(m["kernel_version"]), float(m["seconds"]))
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"dispo: {msg}", file=sys.stderr, flush=True)
+
+
+def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: bool = False) -> Product:
+    """The cached build of `recipe` for the host's current apt sources, building it if needed."""
+    apt_sources = sources.deb822_text(sources.for_suite(recipe.suite))
+    key = recipe.key(apt_sources)
+    root = cache_dir() / "images"
+    final = root / f"{recipe.name}-{key}"
+    if not rebuild and (done := Product.load(final)) is not None:
+        _say(f"using cached build {final}", quiet)
+        return done
+    if os.geteuid() != 0:
+        raise PermissionProblem("building an image needs root (mmdebstrap --mode=root, chroot, device nodes)")
+    which("mmdebstrap", hint=MMDEBSTRAP_HINT)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionProblem(f"cannot create the build cache {root}: {e.strerror}",
+                                hint="set DISPO_CACHE_DIR to a writable directory") from None
+    t0 = time.monotonic()
+    with transaction(cfg, purpose=f"build image {recipe.name}", image=recipe.name) as tx:
+        work = root / f".build-{tx.session_id}-{recipe.name}"
+        tx.journal.record("build-dir", path=str(work))
+        work.mkdir(mode=0o700)
+        (work / "apt.sources").write_text(apt_sources)
+        _write_overlay(work / "overlay", recipe)
+        tree = work / "root"
+        _say(f"mmdebstrap {recipe.suite} ({', '.join(recipe.packages)})", quiet)
+        run(["mmdebstrap", "--mode=root", "--format=directory", "--variant=minbase",
+             f"--architectures={recipe.arch}", f"--include={','.join(recipe.packages)}",
+             # Documentation and translations are dead weight in a disposable guest.
+             "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+             "--dpkgopt=path-exclude=/usr/share/man/*", "--dpkgopt=path-exclude=/usr/share/locale/*",
+             "--dpkgopt=path-exclude=/usr/share/info/*",
+             # Before the kernel package runs update-initramfs, so the one initrd it makes is the right one.
+             f"--essential-hook=sync-in {work / 'overlay'} /",
+             "--quiet" if quiet else "--verbose",
+             recipe.suite, tree, work / "apt.sources"],
+            timeout=BUILD_TIMEOUT_S, hint=MMDEBSTRAP_HINT)
+        out = work / "out"
+        out.mkdir()
+        kernel_version = _customize(tree, out)
+        size_mib = _fs_size_mib(tree, recipe.headroom_mib)
+        _say(f"mkfs.ext4 -d: {size_mib} MiB root filesystem", quiet)
+        run(["mkfs.ext4", "-q", "-F", "-L", f"dispo-{recipe.name}", "-d", tree, out / "rootfs.ext4", f"{size_mib}M"],
+            hint="install e2fsprogs")
+        seconds = time.monotonic() - t0
+        (out / BUILD_META).write_text(json.dumps({"recipe": recipe.name, "key": key, "kernel_version": kernel_version,
+                                                 "seconds": round(seconds, 1), "built": time.time()}) + "\n")
+        if os.path.lexists(final):  # a stale product under the same key: delete before create
+            shutil.rmtree(final)
+        os.rename(out, final)
+    for old in root.glob(f"{recipe.name}-*"):
+        if old != final and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    product = Product.load(final)
+    if product is None:
+        raise StorageError(f"build product {final} is incomplete")
+    _say(f"built {recipe.name} in {seconds:.1f} s (kernel {kernel_version})", quiet)
+    return product
+
+
+def _write_overlay(overlay: Path, recipe: Recipe) -> None:
+    """Files that must be in the tree before the packages are installed."""
+    files = {
+        "etc/initramfs-tools/modules": ("".join(f"{m}\n" for m in recipe.initrd_modules), 0o644),
+        # Only the listed modules: the build host's hardware says nothing about the guest's.
+        "etc/initramfs-tools/conf.d/dispo.conf": ("MODULES=list\n", 0o644),
+        "etc/ssh/sshd_config.d/dispo.conf": (guest.SSHD_CONFIG, 0o644),
+    }
+    for rel, (text, mode) in files.items():
+        p = overlay / rel
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        p.write_text(text)
+        p.chmod(mode)
+    init = overlay / guest.INIT_PATH.lstrip("/")
+    init.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    init.write_bytes(guest.init_script())
+    init.chmod(0o755)
+    for d in [overlay, *(p for p in overlay.rglob("*") if p.is_dir())]:
+        d.chmod(0o755)
+
+
+def _customize(tree: Path, out: Path) -> str:
+    """The unprivileged user, no baked-in host keys, kernel and initrd moved out of the tree."""
+    run(["useradd", "--root", tree, "--create-home", "--shell", "/bin/bash", "--uid", str(guest.USER_UID),
+         "--user-group", guest.USER])
+    # '*' rather than the locked '!': sshd without PAM refuses key logins to locked accounts.
+    run(["usermod", "--root", tree, "--password", "*", guest.USER])
+    ssh_dir = tree / guest.USER_HOME.lstrip("/") / ".ssh"
+    ssh_dir.mkdir(mode=0o700)
+    os.chown(ssh_dir, guest.USER_UID, guest.USER_UID)
+    # Every session gets its own host key (dispo.ssh); one baked into the image would be shared by all.
+    for key in (tree / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise StorageError(f"expected one kernel in the built tree, found {len(kernels)}")
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    initrd = tree / "boot" / f"initrd.img-{version}"
+    if not initrd.is_file():
+        raise StorageError(f"the built tree has no initrd for kernel {version}")
+    shutil.copyfile(kernels[0], out / KERNEL)
+    shutil.copyfile(initrd, out / INITRD)
+    for f in (tree / "boot").iterdir():  # the VMM loads the kernel from the image, not from the disk
+        f.unlink()
+    for link in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
+        (tree / link).unlink(missing_ok=True)
+    return version
+
+
+def _fs_size_mib(tree: Path, headroom_mib: int) -> int:
+    used = int(run(["du", "-s", "--block-size=1M", "-x", tree]).stdout.split()[0])
+    # ext4 metadata and the journal need ~15 %; round to 64 MiB so sizes stay readable.
+    size = int(used * 1.15) + headroom_mib
+    return (size + 63) // 64 * 64
+
+
+def build_image(cfg: Config, recipe_name: str, *, name: str | None = None, rebuild: bool = False,
+                force: bool = False, quiet: bool = False) -> Image:
+    """Build (or take from the cache) recipe `recipe_name` and import it as image `name`."""
+    recipe = recipes.get(recipe_name)
+    name = check_name(name or recipe.name, what="image name")
+    store = ImageStore(cfg)
+    exists = (cfg.images_dir / name / "image.json").exists()
+    if exists and not force:
+        raise InvalidInput(f"image {name!r} already exists",
+                           hint=f"remove it with 'dispo image rm {name}' or add --force to replace it")
+    product = build_product(cfg, recipe, rebuild=rebuild, quiet=quiet)
+    for f in (product.rootfs, product.path / KERNEL, product.path / INITRD):
+        if not f.is_file():
+            raise NotFound(f"build product file {f} is missing", hint="rebuild with --rebuild")
+    if exists:
+        store.remove(name)
+    image = store.import_(
+        product.rootfs, name, quiet=quiet,
+        extra_files={KERNEL: product.path / KERNEL, INITRD: product.path / INITRD},
+        extra_meta={"kernel": KERNEL, "initrd": INITRD, "cmdline": list(recipe.cmdline), "arch": "x86_64",
+                    "vmms": list(recipe.vmms), "recipe": recipe.name, "build_key": product.key,
+                    "kernel_version": product.kernel_version})
+    _say(f"image {image.name}: {format_size(image.size)} root filesystem, kernel {product.kernel_version}", quiet)
+    return image

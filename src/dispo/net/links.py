@@ -1,0 +1,236 @@
+"""Network devices through netlink (pyroute2): the session's tap (or its veth stand-in), and host facts.
+
+Everything here acts on the network namespace the calling process is in. Links carry the session id in
+their name ("dsp-<id>", 12 characters, within IFNAMSIZ) and an alias naming dispo, the session and the
+state directory, so an orphan sweep can tell its own leftovers from another dispo's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute  # type: ignore[import-untyped]
+from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+from dispo.errors import NetworkError, PermissionProblem
+from dispo.proc import run
+
+LINK_PREFIX = "dsp-"
+STANDIN_NETNS_PREFIX = "dispo-vmstandin-"
+STANDIN_GUEST_IFNAME = "eth0"
+AF_INET = 2
+NETNS_DIR = Path("/run/netns")
+
+
+def link_name(session_id: str) -> str:
+    return f"{LINK_PREFIX}{session_id}"
+
+
+def standin_netns_name(session_id: str) -> str:
+    return f"{STANDIN_NETNS_PREFIX}{session_id}"
+
+
+def alias_for(session_id: str, state_dir: Path) -> str:
+    return f"dispo session {session_id} state {state_dir}"
+
+
+def current_netns() -> int:
+    """Inode of this process's network namespace: recorded so an undo never acts in the wrong one."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def netns_path(inode: int) -> Path | None:
+    """A path to the network namespace with this inode (a name under /run/netns, or a process holding it),
+    or None when it no longer exists."""
+    candidates: list[Path] = []
+    with contextlib.suppress(OSError):
+        candidates += sorted(NETNS_DIR.iterdir())
+    with contextlib.suppress(OSError):
+        candidates += (p / "ns" / "net" for p in Path("/proc").iterdir() if p.name.isdigit())
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == inode:
+                return path
+    return None
+
+
+@contextlib.contextmanager
+def _ipr() -> Iterator[IPRoute]:
+    try:
+        ipr = IPRoute()
+    except PermissionError:
+        raise PermissionProblem("cannot open a netlink socket") from None
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _netlink_error(what: str, e: NetlinkError) -> NetworkError | PermissionProblem:
+    if e.code == errno.EPERM:
+        return PermissionProblem(f"{what}: operation not permitted")
+    return NetworkError(f"{what}: {e.args[-1] if e.args else e}")
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    index: int
+    kind: str
+    alias: str
+    addresses: tuple[ipaddress.IPv4Interface, ...]
+
+
+def list_links() -> list[LinkInfo]:
+    with _ipr() as ipr:
+        addrs: dict[int, list[ipaddress.IPv4Interface]] = {}
+        for a in ipr.get_addr(family=AF_INET):
+            addrs.setdefault(a["index"], []).append(
+                ipaddress.IPv4Interface(f"{a.get_attr('IFA_LOCAL') or a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"))
+        out = []
+        for link in ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else ""
+            out.append(LinkInfo(link.get_attr("IFLA_IFNAME"), link["index"], kind or "",
+                                link.get_attr("IFLA_IFALIAS") or "", tuple(addrs.get(link["index"], ()))))
+        return out
+
+
+def dispo_links() -> list[LinkInfo]:
+    return [link for link in list_links() if link.name.startswith(LINK_PREFIX)]
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What attach_network checks, from one netlink dump each of links, addresses and routes."""
+
+    names: tuple[str, ...]  # every link but dispo's
+    default_interface: str | None  # where the IPv4 default route goes
+    networks: tuple[tuple[str, ipaddress.IPv4Network], ...]  # (interface, network): addresses and routes
+
+
+def _main_routes() -> list[tuple[str, ipaddress.IPv4Network]]:
+    # /proc/net/route (the main table of this netns) is read in microseconds; a netlink route dump parsed by
+    # pyroute2 costs milliseconds per hundred routes, and every session adds one.
+    out = []
+    with open("/proc/net/route") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            dst, mask = (socket.inet_ntoa(struct.pack("<I", int(x, 16))) for x in (fields[1], fields[7]))
+            out.append((fields[0], ipaddress.IPv4Network(f"{dst}/{mask}", strict=False)))
+    return out
+
+
+def host_view() -> HostView:
+    with _ipr() as ipr:
+        # Addresses and routes first, names after: a link another dispo creates meanwhile is then still named
+        # (and excluded as dispo's); one deleted meanwhile has no name and is skipped.
+        addrs = [(a["index"], ipaddress.IPv4Interface(f"{a.get_attr('IFA_LOCAL') or a.get_attr('IFA_ADDRESS')}"
+                                                       f"/{a['prefixlen']}").network)
+                 for a in ipr.get_addr(family=AF_INET)]
+    routes = _main_routes()
+    names = dict(socket.if_nameindex())
+    found = [(names.get(i, ""), net) for i, net in addrs] + routes
+    default = next((n for n, net in routes if net.prefixlen == 0 and not n.startswith(LINK_PREFIX)), None)
+    return HostView(
+        names=tuple(n for n in names.values() if not n.startswith(LINK_PREFIX)),
+        default_interface=default,
+        networks=tuple((n, net) for n, net in found
+                       if n and net.prefixlen > 0 and not n.startswith(LINK_PREFIX)),
+    )
+
+
+def link_exists(name: str) -> bool:
+    with _ipr() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def delete_link(name: str) -> None:
+    """Remove a link by name if it exists (idempotent). Deleting one end of a veth removes both."""
+    with _ipr() as ipr:
+        for index in ipr.link_lookup(ifname=name):
+            try:
+                ipr.link("del", index=index)
+            except NetlinkError as e:
+                if e.code != errno.ENODEV:
+                    raise _netlink_error(f"cannot delete {name}", e) from None
+
+
+def _disable_ipv6(name: str) -> None:
+    # The guest only gets IPv4; an IPv6 link-local address on the tap would be an unfiltered way to the host.
+    with contextlib.suppress(FileNotFoundError):
+        Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
+
+
+def create_tap(name: str, gateway: ipaddress.IPv4Interface, alias: str) -> None:
+    """A persistent tap owned by root, single queue, no packet info header, with the gateway address."""
+    delete_link(name)  # a leftover from a crash under the same session id
+    with _ipr() as ipr:
+        try:
+            ipr.link("add", ifname=name, kind="tuntap", mode="tap", uid=0,
+                     ifr={"no_pi": True, "multi_queue": False, "one_queue": False, "vnet_hdr": False})
+            _configure_host_side(ipr, name, gateway, alias)
+        except NetlinkError as e:
+            raise _netlink_error(f"cannot create tap {name}", e) from None
+
+
+def create_standin(name: str, gateway: ipaddress.IPv4Interface, alias: str, *, guest_ns: str,
+                   guest: ipaddress.IPv4Interface, mac: str) -> None:
+    """Test stand-in for a VM: veth `name` whose far end, in netns `guest_ns`, is configured like the guest's
+    early boot would configure its NIC from the kernel arguments (address, MAC, default route)."""
+    delete_link(name)
+    with _ipr() as ipr:
+        try:
+            ipr.link("add", ifname=name, kind="veth",
+                     peer={"ifname": STANDIN_GUEST_IFNAME, "net_ns_fd": guest_ns, "address": mac})
+            _configure_host_side(ipr, name, gateway, alias)
+        except NetlinkError as e:
+            raise _netlink_error(f"cannot create stand-in veth {name}", e) from None
+    # The far side is configured with `ip -n` (a process of its own): pyroute2's netns helpers fork this
+    # process, and a forked copy of dispo must never exist (it would carry the open session along).
+    ip = ["ip", "-n", guest_ns]
+    for argv in (["link", "set", "lo", "up"],
+                 ["addr", "add", guest.with_prefixlen, "dev", STANDIN_GUEST_IFNAME],
+                 ["link", "set", STANDIN_GUEST_IFNAME, "up"],
+                 ["route", "add", "default", "via", str(gateway.ip)]):
+        run([*ip, *argv], hint="install iproute2")
+
+
+def _configure_host_side(ipr: IPRoute, name: str, gateway: ipaddress.IPv4Interface, alias: str) -> None:
+    index = ipr.link_lookup(ifname=name)[0]
+    ipr.link("set", index=index, ifalias=alias)
+    _disable_ipv6(name)
+    ipr.addr("add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
+    ipr.link("set", index=index, state="up")
+
+
+def create_netns(name: str) -> None:
+    remove_netns(name)
+    run(["ip", "netns", "add", name], hint="install iproute2")
+
+
+def remove_netns(name: str) -> None:
+    if (NETNS_DIR / name).exists():
+        run(["ip", "netns", "del", name], hint="install iproute2")
+
+
+def list_standin_netns() -> list[str]:
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(STANDIN_NETNS_PREFIX))
+
+
+def ip_forward_enabled() -> bool:
+    try:
+        return Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
+    except OSError:
+        return False

@@ -1,0 +1,186 @@
+"""Running firecracker under its jailer: a chroot per session, uid/gid drop, cgroup limits.
+
+Layout (the jailer's own): <chroot_base>/<exec file name>/<jail id>/root is the chroot; the jailer
+copies the firecracker binary there, makes /dev/kvm, /dev/net/tun, /dev/urandom and /dev/userfaultfd
+nodes owned by the jail uid, and puts the API socket at /run/firecracker.socket inside it. dispo links
+(or reflinks, or copies) the kernel and the session disk in before starting it.
+
+cgroups: --parent-cgroup dispo, so each jail's cgroup is <controller>/dispo/<jail id> (v1) or
+dispo/<jail id> (v2). The shared "dispo" parent stays; the per-jail directories are journaled
+(kind "jail-cgroup") and removed after the process is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from dispo.errors import VmmError
+from dispo.journal import Entry, Journal
+from dispo.storage import backends, files
+from dispo.undo import undoer
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PARENT_CGROUP = "dispo"
+SOCKET_INSIDE = Path("/run/firecracker.socket")
+
+
+@dataclass(frozen=True)
+class JailSpec:
+    jailer: Path
+    firecracker: Path      # must be the jailer's version: the jailer execs it inside the chroot
+    chroot_base: Path      # must allow device nodes (not mounted nodev)
+    uid: int = 65534
+    gid: int = 65534
+    memory_limit_mib: int | None = None   # hard limit for the whole VMM process (guest RAM + overhead)
+    cpu_quota: float | None = None        # in CPUs, e.g. 1.5
+    netns: Path | None = None             # a network namespace file (/run/netns/NAME) to join
+
+
+def cgroup_version() -> int:
+    return 2 if (CGROUP_ROOT / "cgroup.controllers").exists() else 1
+
+
+def cgroup_args(spec: JailSpec, version: int) -> list[str]:
+    args: list[str] = []
+    period = 100_000
+    if spec.memory_limit_mib is not None:
+        limit = spec.memory_limit_mib << 20
+        args.append(f"memory.max={limit}" if version == 2 else f"memory.limit_in_bytes={limit}")
+    if spec.cpu_quota is not None:
+        quota = int(spec.cpu_quota * period)
+        if version == 2:
+            args.append(f"cpu.max={quota} {period}")
+        else:
+            args += [f"cpu.cfs_period_us={period}", f"cpu.cfs_quota_us={quota}"]
+    return [a for arg in args for a in ("--cgroup", arg)]
+
+
+def cgroup_dirs(jail_id: str, version: int, controllers: Sequence[str]) -> list[Path]:
+    if version == 2:
+        return [CGROUP_ROOT / PARENT_CGROUP / jail_id]
+    return [CGROUP_ROOT / c / PARENT_CGROUP / jail_id for c in controllers]
+
+
+class Jail:
+    def __init__(self, spec: JailSpec, session_id: str) -> None:
+        self.spec = spec
+        self.id = f"dispo-{session_id}"
+        self.base_dir = spec.chroot_base / spec.firecracker.name / self.id
+        self.root = self.base_dir / "root"
+        self.version = cgroup_version()
+        self.cgroup_args = cgroup_args(spec, self.version)
+
+    @property
+    def socket(self) -> Path:
+        return self.host(SOCKET_INSIDE)
+
+    def host(self, inside: Path) -> Path:
+        """The host path of a path as firecracker sees it inside the chroot."""
+        return self.root / inside.relative_to("/")
+
+    def prepare(self, journal: Journal) -> list[Entry]:
+        """Record the jail directory and cgroups, then make the (empty) chroot; delete leftovers first."""
+        if "firecracker" not in self.spec.firecracker.name:
+            raise VmmError(f"the jailer only runs a file named like 'firecracker*', not {self.spec.firecracker.name}",
+                           hint="rename or link the binary, e.g. firecracker-v1.7.0")
+        entries = [journal.record("path", path=str(self.base_dir))]
+        controllers = sorted({a.split(".", 1)[0] for a in self.cgroup_args[1::2]})
+        dirs = cgroup_dirs(self.id, self.version, controllers)
+        if dirs and controllers:
+            entries.append(journal.record("jail-cgroup", dirs=":".join(str(d) for d in dirs)))
+            remove_cgroups(dirs)
+        backends.remove_tree(self.base_dir)
+        self.root.mkdir(parents=True)
+        os.chown(self.root, self.spec.uid, self.spec.gid)
+        return entries
+
+    def place(self, src: Path, name: str, *, writable: bool) -> Path:
+        """Put `src` into the chroot as /name, readable (or writable) by the jail user; return /name.
+
+        A writable file (the session disk) is hard-linked so the guest writes the session's own disk;
+        a read-only one (the kernel, possibly shared by an image) is reflinked or copied, because
+        chown on a hard link would change the shared original.
+        """
+        dest = self.root / name
+        dest.unlink(missing_ok=True)
+        linked = False
+        if writable:
+            try:
+                os.link(src, dest)
+                linked = True
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+        if not linked:
+            try:
+                files.reflink(src, dest)
+            except OSError:
+                dest.unlink(missing_ok=True)
+                shutil.copyfile(src, dest)
+        os.chown(dest, self.spec.uid, self.spec.gid)
+        os.chmod(dest, 0o600 if writable else 0o400)
+        return Path("/") / name
+
+    def argv(self, firecracker_args: Sequence[str]) -> list[str]:
+        argv = [str(self.spec.jailer), "--id", self.id, "--exec-file", str(self.spec.firecracker),
+                "--uid", str(self.spec.uid), "--gid", str(self.spec.gid),
+                "--chroot-base-dir", str(self.spec.chroot_base),
+                "--cgroup-version", str(self.version), "--parent-cgroup", PARENT_CGROUP, *self.cgroup_args]
+        if self.spec.netns is not None:
+            argv += ["--netns", str(self.spec.netns)]
+        return [*argv, "--", "--api-sock", str(SOCKET_INSIDE), *firecracker_args]
+
+
+_TUNSETIFF, _TUNSETOWNER, _TUNSETGROUP = 0x400454CA, 0x400454CC, 0x400454CE
+_IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
+
+
+def set_tap_owner(tap: str, uid: int, gid: int) -> None:
+    """Let `uid`/`gid` open the existing persistent tap (TUNSETOWNER/TUNSETGROUP, as `ip tuntap add user`)."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise VmmError(f"cannot open /dev/net/tun to hand tap {tap} to the jail: {e.strerror}") from None
+    try:
+        ifr = struct.pack("16sH22x", tap.encode(), _IFF_TAP | _IFF_NO_PI)
+        fcntl.ioctl(fd, _TUNSETIFF, ifr)
+        fcntl.ioctl(fd, _TUNSETOWNER, uid)
+        fcntl.ioctl(fd, _TUNSETGROUP, gid)
+    except OSError as e:
+        raise VmmError(f"cannot hand tap {tap} to the jail user {uid}: {e.strerror}",
+                       hint="the tap must exist, be a tap (not tun) and not be in use") from None
+    finally:
+        os.close(fd)
+
+
+def remove_cgroups(dirs: Sequence[Path], timeout: float = 3.0) -> None:
+    """rmdir each cgroup directory (only possible once its processes are gone); missing ones are fine.
+
+    Right after the last task exits, the kernel may still report the cgroup busy for a moment: retry.
+    """
+    deadline = time.monotonic() + timeout
+    for d in dirs:
+        while True:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                raise
+            break
+
+
+@undoer("jail-cgroup")
+def undo_jail_cgroup(args: Mapping[str, str]) -> None:
+    remove_cgroups([Path(p) for p in args["dirs"].split(":") if p])

@@ -1,0 +1,393 @@
+"""The Firecracker backend: one firecracker process per guest, driven over its API socket.
+
+Start: journal the socket/files, spawn the process behind a gate (so its pid and starttime are
+journaled *before* firecracker runs), wait for the socket, configure, InstanceStart.
+Stop: SendCtrlAltDel (x86_64), then SIGTERM, then SIGKILL, each with a deadline; verify the pid is gone;
+remove the socket (SIGTERM leaves it behind) and the jail. Logs, metrics and console live in the
+session directory and go with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dispo import kernels, processes
+from dispo.errors import NotFound, PermissionProblem, VmmError
+from dispo.journal import Entry, Journal
+from dispo.proc import minimal_env
+from dispo.vmm.base import MachineSpec, VmmKind
+from dispo.vmm.firecracker.api import ApiError, FirecrackerApi, LogLevel, NetworkOverride, Request, SnapshotType
+from dispo.vmm.firecracker.jailer import Jail, JailSpec, set_tap_owner
+
+log = logging.getLogger(__name__)
+
+# The gate: the child blocks on stdin (a pipe) until the parent has journaled its pid, then becomes
+# firecracker (exec keeps pid and starttime) with stdin from /dev/null. If the parent dies first, the
+# read sees EOF and the child just exits.
+_GATE = 'read -r _ || exit 1; exec "$0" "$@" </dev/null'
+_SUN_PATH_MAX = 107
+ROOT_DRIVE = "rootfs"
+
+
+@dataclass(frozen=True)
+class FirecrackerOptions:
+    binary: Path
+    jail: JailSpec | None = None
+    socket_timeout: float = 5.0
+    log_level: LogLevel = LogLevel.INFO
+    vsock_cid: int | None = None
+    entropy: bool = False
+    track_dirty_pages: bool = False      # needed for diff snapshots
+    shutdown_grace: float = 5.0          # how long stop() waits for the guest after SendCtrlAltDel
+    on_request: Callable[[Request], None] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    state: Path          # host paths
+    mem: Path
+    kind: SnapshotType
+    taps: tuple[str, ...]
+    vsock: Path | None
+
+
+def check_kvm() -> None:
+    if not os.path.exists("/dev/kvm"):
+        raise PermissionProblem("/dev/kvm does not exist: KVM is not available on this host",
+                                hint="enable VT-x/AMD-V (or nested virtualization) or use the QEMU backend")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise PermissionProblem("no read/write access to /dev/kvm",
+                                hint="run dispo as root or add the user to the kvm group")
+
+
+def _short(path: Path, session_id: str) -> Path:
+    """`path`, or a short stand-in under /tmp when it is too long for a unix socket address."""
+    if len(str(path)) <= _SUN_PATH_MAX:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"dispo-{session_id}-{digest}-{path.name}"
+
+
+def _arch() -> str:
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+
+
+class FirecrackerVmm:
+    kind = VmmKind.FIRECRACKER
+
+    def __init__(self, spec: MachineSpec, options: FirecrackerOptions) -> None:
+        self.spec = spec
+        self.options = options
+        self.jail = Jail(options.jail, spec.session_id) if options.jail else None
+        w = spec.workdir
+        self.log_path = w / "firecracker.log"
+        self.metrics_path = w / "firecracker.metrics"
+        self.vsock_path = self.jail.root / "vsock.sock" if self.jail else _short(w / "vsock.sock", spec.session_id)
+        self.socket = self.jail.socket if self.jail else _short(w / "firecracker.sock", spec.session_id)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._starttime = ""
+        self._entries: list[Entry] = []
+        self._journal: Journal | None = None
+        self._started = False
+        self.api: FirecrackerApi | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- Vmm interface ----------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def check(self) -> None:
+        """Binary, /dev/kvm, kernel and disk usable: one clear error before anything is created."""
+        binary = self.options.jail.jailer if self.options.jail else self.options.binary
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise NotFound(f"firecracker binary {binary} is missing or not executable",
+                           hint="install one with 'dispo firecracker install' or set $DISPO_FIRECRACKER")
+        check_kvm()
+        if _arch() == "x86_64":  # aarch64 boots a PE Image, which this check does not know
+            kernels.check_vmlinux(self.spec.kernel, _arch())
+        for what, path in (("disk", self.spec.rootfs), ("initrd", self.spec.initrd)):
+            if path is not None and not path.is_file():
+                raise NotFound(f"{what} file {path} does not exist", hint="check the image")
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, journal: Journal) -> None:
+        """Start the process, configure the machine from the spec and boot it (InstanceStart)."""
+        self.check()
+        self._launch(journal)
+        try:
+            self._configure()
+            self._api().instance_start()
+            self._started = True
+        except BaseException:
+            self.kill()
+            raise
+
+    def restore(self, journal: Journal, snapshot: Snapshot, *, resume: bool = True) -> None:
+        """Start a fresh process and load `snapshot` into it, pointing it at this spec's taps and vsock."""
+        self._launch(journal)
+        try:
+            api = self._api()
+            self._setup_logging()
+            state, mem = snapshot.state, snapshot.mem
+            if self.jail:  # the snapshot files must be inside this process's chroot
+                state = self.jail.place(snapshot.state, "snapshot.state", writable=False)
+                mem = self.jail.place(snapshot.mem, "snapshot.mem", writable=False)
+                self.jail.place(self.spec.rootfs, "rootfs.ext4", writable=True)
+            taps = tuple(n.tap for n in self.spec.nets)
+            overrides = [NetworkOverride(f"eth{i}", tap) for i, tap in enumerate(taps)] if taps != snapshot.taps else []
+            vsock = self._inside(self.vsock_path) if self.options.vsock_cid is not None else None
+            if vsock is not None and not self.jail:
+                self._record_path(self.vsock_path)
+            dirty = self.options.track_dirty_pages or None
+            try:
+                api.snapshot_load(state, mem, resume_vm=resume, network_overrides=overrides,
+                                  vsock_uds_path=vsock if vsock != snapshot.vsock else None,
+                                  track_dirty_pages=dirty)
+            except ApiError as e:
+                # vsock_override is newer than some releases (1.14 lacks it); the request is refused
+                # before anything is loaded, so retry binding the vsock where the snapshot had it.
+                if "vsock_override" not in e.fault or snapshot.vsock is None:
+                    raise
+                old = self.jail.host(snapshot.vsock) if self.jail else snapshot.vsock
+                if not self.jail:
+                    self._record_path(old)
+                    old.unlink(missing_ok=True)
+                self.vsock_path = old
+                api.snapshot_load(state, mem, resume_vm=resume, network_overrides=overrides,
+                                  track_dirty_pages=dirty)
+            self._started = True
+        except BaseException:
+            self.kill()
+            raise
+
+    def wait_exit(self, timeout: float | None = None) -> int | None:
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the guest to power off, then SIGTERM, then SIGKILL; verify it is gone; remove socket and jail."""
+        if self._proc is None:
+            return
+        t0 = time.monotonic()
+        if self._started and self._proc.poll() is None and _arch() == "x86_64":
+            try:
+                # A paused guest cannot react to the key press: go straight to SIGTERM.
+                if self._api().describe_instance().get("state") == "Paused":
+                    raise VmmError("paused")
+                self._api().send_ctrl_alt_del()
+            except VmmError as e:
+                log.debug("SendCtrlAltDel: %s", e)
+            else:
+                self.wait_exit(min(self.options.shutdown_grace, timeout / 2))
+        remaining = max(0.5, timeout - (time.monotonic() - t0))
+        self._terminate(remaining / 2, remaining / 2)
+        self._undo_entries()
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._terminate(0.0, 5.0)
+            self._undo_entries()
+
+    def console_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.spec.console_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- snapshots --------------------------------------------------------------------------------
+    def pause(self) -> None:
+        self._api().pause()
+
+    def resume(self) -> None:
+        self._api().resume()
+
+    def snapshot(self, dest: Path, *, kind: SnapshotType = SnapshotType.FULL) -> Snapshot:
+        """Pause (if needed) and write a snapshot; the files land in `dest` (or the chroot when jailed)."""
+        api = self._api()
+        if api.describe_instance().get("state") != "Paused":
+            api.pause()
+        dest.mkdir(parents=True, exist_ok=True)
+        state, mem = dest / "snapshot.state", dest / f"snapshot.mem.{kind.value.lower()}"
+        if self.jail:
+            state_in, mem_in = Path("/") / state.name, Path("/") / mem.name
+        else:
+            state_in, mem_in = state, mem
+        api.snapshot_create(state_in, mem_in, snapshot_type=kind)
+        if self.jail:  # out of the chroot, which goes away with this process
+            for inside, host in ((state_in, state), (mem_in, mem)):
+                shutil.move(self.jail.host(inside), host)
+        vsock = self._inside(self.vsock_path) if self.options.vsock_cid is not None else None
+        return Snapshot(state, mem, kind, tuple(n.tap for n in self.spec.nets), vsock)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _api(self) -> FirecrackerApi:
+        if self.api is None:
+            raise VmmError(f"firecracker for session {self.spec.session_id} is not running")
+        return self.api
+
+    def _inside(self, host: Path) -> Path:
+        """How firecracker names a host path: unchanged, or relative to the chroot."""
+        if self.jail is None:
+            return host
+        return Path("/") / host.name
+
+    def _record_path(self, path: Path) -> None:
+        assert self._journal is not None
+        self._entries.append(self._journal.record("path", path=str(path)))
+
+    def _launch(self, journal: Journal) -> None:
+        binary = self.options.jail.jailer if self.options.jail else self.options.binary
+        if not (binary.is_file() and os.access(binary, os.X_OK)):
+            raise NotFound(f"firecracker binary {binary} is missing or not executable",
+                           hint="install one with 'dispo firecracker install' or set $DISPO_FIRECRACKER")
+        check_kvm()
+        if len(str(self.socket)) > _SUN_PATH_MAX:
+            raise VmmError(f"API socket path {self.socket} is longer than a unix socket allows",
+                           hint="use a shorter jail chroot base")
+        self._journal = journal
+        self.spec.workdir.mkdir(parents=True, exist_ok=True)
+        if self.jail:
+            self._entries += self.jail.prepare(journal)
+        else:
+            self._record_path(self.socket)
+            self.socket.unlink(missing_ok=True)  # a stale socket makes firecracker exit 1
+        for path in (self.log_path, self.metrics_path, self.spec.console_log):
+            self._record_path(path)
+        # The instance id (alphanumerics and '-') carries the session id into ps and the log lines;
+        # under the jailer, the jail id is passed on as the instance id.
+        argv = (self.jail.argv([]) if self.jail
+                else [str(binary), "--api-sock", str(self.socket), "--id", f"dispo-{self.spec.session_id}"])
+        t0 = time.monotonic()
+        self._spawn(journal, argv)
+        self.api = FirecrackerApi(self.socket, on_request=self.options.on_request)
+        self._wait_socket()
+        self.timings["socket"] = time.monotonic() - t0
+
+    def _spawn(self, journal: Journal, argv: list[str]) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            with open(self.spec.console_log, "ab") as console:
+                # Popen, not proc.run(): a long-lived child whose stdout is the guest's serial console.
+                # A new session keeps the terminal's Ctrl-C away from it: dispo stops it itself.
+                self._proc = subprocess.Popen(
+                    ["/bin/sh", "-c", _GATE, *argv], stdin=read_fd, stdout=console,
+                    stderr=subprocess.STDOUT, env=minimal_env(),
+                    start_new_session=True, cwd=self.spec.workdir)
+            os.close(read_fd)
+            read_fd = -1
+            start = processes.starttime(self._proc.pid)
+            if start is None:
+                raise VmmError(f"firecracker launcher exited at once: {self.console_tail(3)}")
+            self._starttime = start
+            self._entries.append(journal.record("process", pid=str(self._proc.pid), starttime=start))
+            os.write(write_fd, b"go\n")
+        finally:
+            if read_fd >= 0:
+                os.close(read_fd)
+            os.close(write_fd)
+
+    def _wait_socket(self) -> None:
+        assert self._proc is not None and self.api is not None
+        deadline = time.monotonic() + self.options.socket_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                rc = self._proc.returncode
+                self._undo_entries()
+                raise VmmError(f"firecracker exited with code {rc} before its API socket appeared: "
+                               f"{self.console_tail(3)}", hint="see the log lines above")
+            if self.socket.exists() and self.api.ping():
+                return
+            time.sleep(0.002)
+        self.kill()
+        raise VmmError(f"firecracker API socket {self.socket} did not appear within {self.options.socket_timeout} s")
+
+    def _setup_logging(self) -> None:
+        api = self._api()
+        log_in, metrics_in = self._inside(self.log_path), self._inside(self.metrics_path)
+        for host, inside in ((self.log_path, log_in), (self.metrics_path, metrics_in)):
+            target = self.jail.host(inside) if self.jail else host
+            # v1.7 opens these without O_CREAT: they must exist (and belong to the jail user).
+            target.touch()
+            if self.jail:
+                os.chown(target, self.jail.spec.uid, self.jail.spec.gid)
+        api.put_logger(log_in, level=self.options.log_level, show_level=True)
+        api.put_metrics(metrics_in)
+
+    def _configure(self) -> None:
+        api, spec = self._api(), self.spec
+        self._setup_logging()
+        api.put_machine_config(vcpu_count=spec.vcpus, mem_size_mib=spec.memory_mib,
+                               track_dirty_pages=self.options.track_dirty_pages or None)
+        kernel, rootfs, initrd = spec.kernel, spec.rootfs, spec.initrd
+        if self.jail:
+            kernel = self.jail.place(spec.kernel, "vmlinux", writable=False)
+            rootfs = self.jail.place(spec.rootfs, "rootfs.ext4", writable=True)
+            initrd = self.jail.place(spec.initrd, "initrd", writable=False) if spec.initrd else None
+        api.put_boot_source(kernel, boot_args=" ".join(spec.cmdline) or None, initrd_path=initrd)
+        api.put_drive(ROOT_DRIVE, rootfs, is_root_device=True)
+        for i, net in enumerate(spec.nets):
+            if self.jail:  # firecracker runs as the jail user without CAP_NET_ADMIN: it must own the tap
+                set_tap_owner(net.tap, self.jail.spec.uid, self.jail.spec.gid)
+            api.put_network_interface(f"eth{i}", net.tap, guest_mac=net.mac)
+        if self.options.vsock_cid is not None:
+            if not self.jail:
+                self._record_path(self.vsock_path)
+                self.vsock_path.unlink(missing_ok=True)
+            api.put_vsock(self.options.vsock_cid, self._inside(self.vsock_path))
+        if self.options.entropy:
+            api.put_entropy()
+
+    def _terminate(self, term_timeout: float, kill_timeout: float) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            processes.terminate(proc.pid, self._starttime, term_timeout=term_timeout, kill_timeout=kill_timeout)
+            try:
+                proc.wait(1.0)  # reap (terminate() may already have)
+            except subprocess.TimeoutExpired:
+                raise VmmError(f"firecracker {proc.pid} did not exit") from None
+        if self.api is not None:
+            self.api.close()
+            self.api = None
+        self._started = False
+
+    def _undo_entries(self) -> None:
+        """Undo this VMM's journal entries now (process, socket, jail, cgroups), newest first."""
+        if self._journal is None:
+            return
+        if self._proc is not None and self._proc.poll() is None:
+            self._terminate(0.0, 5.0)
+        keep = {self.log_path, self.metrics_path, self.spec.console_log}
+        if self.jail is not None:  # the jail goes now: keep its log and metrics with the session
+            for host in (self.log_path, self.metrics_path):
+                inside = self.jail.host(self._inside(host))
+                if inside.is_file():
+                    shutil.copyfile(inside, host)
+        for entry in reversed(self._entries):
+            if entry.kind == "path" and Path(entry.args["path"]) in keep:
+                continue  # left for the session's unwind, so the console can still be read after stop
+            self._journal.undo_entry(entry)
+        self._entries = [e for e in self._entries if e.kind == "path" and Path(e.args["path"]) in keep]
+        if self.api is not None:
+            self.api.close()
+            self.api = None
+

@@ -1,0 +1,267 @@
+"""The QEMU backend: a `-M microvm` guest with virtio-mmio disk, net and rng, serial console to a file.
+
+The VMM process is journaled before QEMU runs: it is started behind a one-line gate (`sh -c 'read; exec
+qemu'`), recorded as kind "process" (pid + starttime, unchanged by exec), and only then let through, so no
+QEMU ever runs that the journal does not know. Its QMP socket, console log and QEMU's own output live in the
+session state directory and go with it.
+
+Stop: QMP system_powerdown (the guest init powers off on the ACPI power button), then SIGTERM, then
+SIGKILL, each with a deadline; the process is verified gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dispo import processes
+from dispo.errors import NotFound, VmmError
+from dispo.journal import Journal
+from dispo.proc import minimal_env, which
+from dispo.vmm.accel import QEMU, QEMU_HINT, Accel, host_tsc_khz
+from dispo.vmm.base import MachineSpec, VmmKind
+
+log = logging.getLogger(__name__)
+
+QMP_SOCKET = "qmp.sock"
+QEMU_LOG = "qemu.log"
+START_TIMEOUT_S = 15.0
+POWERDOWN_TIMEOUT_S = 5.0
+# Gate: wait for one line on stdin, a pipe (sent once the journal has the pid); exit if the parent died
+# first. QEMU itself gets /dev/null.
+_GATE = 'read -r _ || exit 97; exec "$@" </dev/null'
+
+
+class GuestFailure(VmmError):
+    """The VMM or its guest failed; carries the console tail for the CLI to show above the one-line error."""
+
+    def __init__(self, message: str, *, hint: str = "", console_tail: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.console_tail = console_tail
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_bytes()[-64 * 1024:].decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+
+class Qmp:
+    """Just enough of the QEMU Machine Protocol: handshake, then one command at a time."""
+
+    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rwb")
+        self._read()  # greeting
+        self.command("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise VmmError("QEMU closed its QMP socket")
+        data: dict[str, Any] = json.loads(line)
+        return data
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        msg: dict[str, Any] = {"execute": name}
+        if arguments:
+            msg["arguments"] = arguments
+        self.file.write(json.dumps(msg).encode() + b"\n")
+        self.file.flush()
+        while True:
+            reply = self._read()
+            if "return" in reply:
+                return reply["return"]
+            if "error" in reply:
+                raise VmmError(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
+            # anything else is an asynchronous event: skip it
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.file.close()
+            self.sock.close()
+
+
+@dataclass
+class QemuVmm:
+    spec: MachineSpec
+    accel: Accel = Accel.TCG
+    qemu: str = QEMU
+    kind: VmmKind = VmmKind.QEMU
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _start: str = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.spec.workdir / QMP_SOCKET
+
+    @property
+    def log_path(self) -> Path:
+        return self.spec.workdir / QEMU_LOG
+
+    def cmdline(self) -> tuple[str, ...]:
+        args = list(self.spec.cmdline)
+        if self.accel is Accel.TCG and not any(a.startswith("tsc_early_khz=") for a in args):
+            # Under TCG the guest's TSC calibration against the emulated PIT hangs about half the boots;
+            # telling it the frequency skips the calibration.
+            khz = host_tsc_khz()
+            if khz:
+                args.append(f"tsc_early_khz={khz}")
+        return tuple(args)
+
+    def argv(self) -> list[str]:
+        s = self.spec
+        cpu = "host" if self.accel is Accel.KVM else "max"
+        argv = [
+            self.qemu, "-name", f"dispo-{s.session_id},process=dispo-{s.session_id}",
+            "-M", "microvm,rtc=on", "-accel", self.accel.value, "-cpu", cpu,
+            "-m", str(s.memory_mib), "-smp", str(s.vcpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            # QEMU's own seccomp filter: no spawning, no privilege changes, no obsolete syscalls.
+            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-kernel", str(s.kernel), "-append", " ".join(self.cmdline()),
+            "-chardev", f"file,id=con0,path={s.console_log}", "-serial", "chardev:con0",
+            # cache=unsafe: the disk is thrown away with the session, so flushes buy nothing.
+            "-drive", f"id=root,file={s.rootfs},format=raw,if=none,cache=unsafe,discard=unmap",
+            "-device", "virtio-blk-device,drive=root",
+            "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]
+        if s.initrd is not None:
+            argv += ["-initrd", str(s.initrd)]
+        for i, net in enumerate(s.nets):
+            argv += ["-netdev", f"tap,id=n{i},ifname={net.tap},script=no,downscript=no",
+                     "-device", f"virtio-net-device,netdev=n{i},mac={net.mac}"]
+        return argv
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Everything QEMU will open must exist: one clear error now instead of a QEMU message later."""
+        which(self.qemu, hint=QEMU_HINT)
+        for what, path in (("kernel", self.spec.kernel), ("initrd", self.spec.initrd), ("disk", self.spec.rootfs)):
+            if path is not None and not path.is_file():
+                raise NotFound(f"{what} file {path} does not exist",
+                               hint="rebuild or re-import the image ('dispo image build minimal --force')")
+
+    def start(self, journal: Journal) -> None:
+        self.check()
+        self.spec.console_log.touch(mode=0o600)
+        r, w = os.pipe()
+        try:
+            with open(self.log_path, "wb") as out:
+                self._proc = subprocess.Popen(
+                    ["/bin/sh", "-c", _GATE, "dispo-qemu", *self.argv()], stdin=r,
+                    stdout=out, stderr=subprocess.STDOUT, env=minimal_env(),
+                    # Its own session: a Ctrl-C on dispo's terminal reaches dispo, which stops QEMU in order.
+                    start_new_session=True)
+            os.close(r)
+            r = -1
+            start = processes.starttime(self._proc.pid)
+            if start is None:
+                raise VmmError(f"QEMU launcher exited at once: {tail(self.log_path, 3)}")
+            self._start = start
+            journal.record("process", pid=str(self._proc.pid), starttime=start, what="qemu",
+                           term_timeout="3")
+            os.write(w, b"go\n")
+        except OSError as e:
+            raise self.failure(f"QEMU could not be started ({e.strerror})") from None
+        finally:
+            if r >= 0:
+                os.close(r)
+            os.close(w)
+        self._wait_started()
+
+    def _wait_started(self) -> None:
+        """Until QMP answers (QEMU parsed its arguments and opened every device), or QEMU exited."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.wait_exit(0) is not None:
+                raise self.failure(f"QEMU exited at once with status {self._proc.returncode if self._proc else '?'}")
+            if self.qmp_path.exists():
+                try:
+                    Qmp(self.qmp_path, timeout=2).close()
+                    log.debug("qemu %s up (pid %s, %s)", self.spec.session_id, self.pid, self.accel.value)
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        raise self.failure(f"QEMU did not open its control socket within {START_TIMEOUT_S:.0f} s")
+
+    def failure(self, what: str) -> GuestFailure:
+        """An error naming the cause, with QEMU's last message and the console tail."""
+        qemu_said = tail(self.log_path, 1).strip()
+        detail = f": {qemu_said}" if qemu_said else ""
+        return GuestFailure(f"{what}{detail}", console_tail=self.console_tail(),
+                            hint="the console log is shown above; check the image's kernel and initrd")
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_exit(self, timeout: float | None = None) -> int | None:
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def powerdown(self) -> bool:
+        """Ask the guest to power off (ACPI power button). False if QMP is gone."""
+        try:
+            q = Qmp(self.qmp_path, timeout=2)
+        except OSError:
+            return False
+        try:
+            q.command("system_powerdown")
+            return True
+        except (OSError, VmmError, ValueError):
+            return False
+        finally:
+            q.close()
+
+    def stop(self, timeout: float = POWERDOWN_TIMEOUT_S) -> None:
+        if self._proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        # Pressed again every half second: a press before the guest's init listens is lost.
+        while self.running() and time.monotonic() < deadline and self.powerdown():
+            if self.wait_exit(min(0.5, max(0.0, deadline - time.monotonic()))) is not None:
+                return
+        processes.terminate(self._proc.pid, self._start, term_timeout=3.0, kill_timeout=5.0)
+        self._proc.wait()
+
+    def kill(self) -> None:
+        if self._proc is None:
+            return
+        if self.running():
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+        self._proc.wait()
+
+    def console_tail(self, lines: int = 20) -> str:
+        return tail(self.spec.console_log, lines)
+
+
+def create(spec: MachineSpec, accel: Accel | None = None) -> QemuVmm:
+    """A QEMU VMM for spec; the accelerator is probed (once) with the spec's kernel when not given."""
+    if accel is None:
+        from dispo.vmm.accel import choose
+
+        accel = choose(spec.kernel) if spec.kernel.is_file() else Accel.TCG
+    return QemuVmm(spec, accel)

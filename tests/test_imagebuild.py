@@ -1,0 +1,175 @@
+"""Image builds: the host's apt sources, the recipe's cache key, a failed build leaving nothing, a real build."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dispo import guest, undo
+from dispo.config import Config
+from dispo.errors import CommandError, InvalidInput
+from dispo.imagebuild import build_image, build_product, cache_dir, recipes, sources
+from dispo.imagebuild.undoers import mounts_under
+from dispo.images import ImageStore
+from tests.worlds import make_config, sh
+
+DEB822 = """\
+Types: deb deb-src
+# a comment
+URIs: http://mirror.example/debian
+Suites: bookworm bookworm-updates trixie
+Components: main contrib
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://security.example/debian-security
+Suites: bookworm-security
+Components: main
+
+Types: deb
+Enabled: no
+URIs: http://disabled.example/debian
+Suites: bookworm
+Components: main
+"""
+
+
+def etc_apt(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "apt"
+    (root / "sources.list.d").mkdir(parents=True)
+    for rel, text in files.items():
+        (root / rel).write_text(text)
+    return root
+
+
+def test_deb822_sources_for_suite(tmp_path: Path) -> None:
+    found = sources.for_suite("bookworm", etc_apt(tmp_path, {"sources.list.d/debian.sources": DEB822}))
+    assert [(s.uri, s.suites, s.components) for s in found] == [
+        ("http://mirror.example/debian", ("bookworm", "bookworm-updates"), ("main",)),
+        ("http://security.example/debian-security", ("bookworm-security",), ("main",)),
+    ]
+    assert found[0].signed_by == "/usr/share/keyrings/debian-archive-keyring.gpg"
+    text = sources.deb822_text(found)
+    assert "trixie" not in text and "disabled.example" not in text and "contrib" not in text
+
+
+def test_one_line_sources_and_ignored_files(tmp_path: Path) -> None:
+    apt = etc_apt(tmp_path, {
+        "sources.list": "# deb http://commented.example/debian bookworm main\n"
+                        "deb [arch=amd64 signed-by=/k.gpg] http://one.example/debian bookworm main non-free\n"
+                        "deb-src http://src.example/debian bookworm main\n",
+        # apt reads only *.list and *.sources; a renamed file is switched off
+        "sources.list.d/other.list.disabled-by-someone": "deb http://off.example/debian bookworm main\n",
+        "sources.list.d/third.list": "deb https://third.example/apt cloud-sdk-bookworm main\n",
+    })
+    found = sources.for_suite("bookworm", apt)
+    assert [(s.uri, s.suites, s.signed_by) for s in found] == [("http://one.example/debian", ("bookworm",), "/k.gpg")]
+
+
+def test_no_source_for_suite_is_an_error(tmp_path: Path) -> None:
+    apt = etc_apt(tmp_path, {"sources.list": "deb http://x.example/debian trixie main\n"})
+    with pytest.raises(InvalidInput, match="no 'bookworm' source") as e:
+        sources.for_suite("bookworm", apt)
+    assert "sources.list" in e.value.hint
+
+
+def test_host_sources_name_no_hardcoded_mirror() -> None:
+    # Whatever the host uses is what the build uses: every URI comes from the host's own files.
+    text = "".join(p.read_text() for p in Path("/etc/apt").rglob("*")
+                   if p.is_file() and p.suffix in (".list", ".sources"))
+    for src in sources.for_suite("bookworm"):
+        assert src.uri in text
+
+
+def test_recipe_key_covers_guest_files_and_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    r = recipes.MINIMAL
+    k = r.key("Types: deb\n")
+    assert k == r.key("Types: deb\n")
+    assert k != r.key("Types: deb\nURIs: http://other\n")
+    monkeypatch.setattr(guest, "SSHD_CONFIG", guest.SSHD_CONFIG + "# changed\n")
+    assert k != r.key("Types: deb\n")
+
+
+def test_guest_init_is_valid_sh() -> None:
+    sh("sh", "-n", Path(guest.__file__).with_name("init.sh"))
+
+
+def test_unknown_recipe(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="no image recipe named 'huge'"):
+        build_image(make_config(tmp_path / "ws", tmp_path / "state"), "huge")
+
+
+@pytest.mark.root
+def test_build_dir_undo_unmounts_before_deleting(tmp_path: Path) -> None:
+    # What a SIGKILLed mmdebstrap leaves: its build tree with the host's /dev bind-mounted inside.
+    tree = tmp_path / ".build-0badc0de-minimal"
+    (tree / "root" / "dev").mkdir(parents=True)
+    sh("mount", "--bind", "/dev", tree / "root" / "dev")
+    try:
+        assert mounts_under(tree)
+        undo.lookup("build-dir")({"path": str(tree)})
+        assert not tree.exists()
+        assert Path("/dev/null").exists()  # the host's /dev was unmounted, not emptied
+    finally:
+        if mounts_under(tree):
+            sh("umount", "-l", tree / "root" / "dev", check=False)
+    undo.lookup("build-dir")({"path": str(tree)})  # idempotent
+
+
+def _leftovers(cache: Path, cfg: Config) -> list[str]:
+    out = [p.name for p in (cache / "images").iterdir()] if (cache / "images").exists() else []
+    sessions = cfg.state_dir / "sessions"
+    out += [p.name for p in sessions.iterdir()] if sessions.exists() else []
+    return out
+
+
+@pytest.mark.root
+@pytest.mark.vm
+def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPO_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = make_config(tmp_path / "ws", tmp_path / "state")
+    broken = recipes.Recipe(**{**recipes.MINIMAL.__dict__, "name": "broken",
+                               "packages": ("dispo-no-such-package-anywhere",)})
+    with pytest.raises(CommandError, match="mmdebstrap failed"):
+        build_product(cfg, broken, quiet=True)
+    assert _leftovers(tmp_path / "cache", cfg) == []
+    assert not mounts_under(tmp_path)
+
+
+@pytest.mark.root
+@pytest.mark.vm
+def test_build_minimal_image(tmp_path: Path) -> None:
+    """The real thing, through the CLI: a bootable image carrying its kernel. Uses the shared build cache
+    (DISPO_CACHE_DIR or /var/cache/dispo) so the suite builds once."""
+    ws, state = tmp_path / "ws", tmp_path / "state"
+    env = dict(os.environ, DISPO_WORKSPACE=str(ws), DISPO_STATE_DIR=str(state), DISPO_CONFIG="")
+    argv = [str(Path(__file__).parent.parent / ".venv" / "bin" / "dispo"), "image", "build", "minimal", "--quiet"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stderr
+    image = ImageStore(make_config(ws, state)).get("minimal")
+    assert image.kernel_path and image.kernel_path.stat().st_size > 1 << 20
+    assert image.initrd_path and image.initrd_path.is_file()
+    assert f"init={guest.INIT_PATH}" in image.cmdline and "qemu" in image.vmms
+    meta = json.loads((image.path / "image.json").read_text())
+    assert meta["kernel_version"].endswith("-cloud-amd64")
+    product = cache_dir() / "images" / f"minimal-{meta['build_key']}"
+    assert (product / "build.json").is_file()
+    # In the root filesystem: the user, its .ssh, the init, no baked-in host key, no kernel.
+    def stat(path: str) -> str:
+        return sh("debugfs", "-R", f"stat {path}", image.rootfs, check=False).stdout
+    assert "User:  1000" in stat(f"{guest.USER_HOME}/.ssh")
+    assert "Inode:" in stat(guest.INIT_PATH)
+    assert "Inode:" not in stat(guest.HOST_KEY)
+    assert "vmlinuz" not in sh("debugfs", "-R", "ls /boot", image.rootfs).stdout
+    passwd = sh("debugfs", "-R", "cat /etc/passwd", image.rootfs).stdout
+    assert f"{guest.USER}:x:1000:1000" in passwd
+    # Building again is an import from the cache, and an existing image needs --force.
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    forced = subprocess.run([*argv, "--force"], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert forced.returncode == 0, forced.stderr
+    assert not (state / "sessions").exists() or not list((state / "sessions").iterdir())

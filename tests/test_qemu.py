@@ -1,0 +1,217 @@
+"""The QEMU backend: its command line, the accelerator probe, and real microVMs started, stopped and gc'd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dispo import journal as journal_mod
+from dispo import ssh
+from dispo.config import StorageBackend
+from dispo.errors import InvalidInput, NotFound
+from dispo.images import Image
+from dispo.journal import Journal
+from dispo.processes import is_same_process
+from dispo.vmm import accel, boot, qemu
+from dispo.vmm.accel import Accel
+from dispo.vmm.base import MachineSpec, NetAttachment
+
+SID = "0badc0de"
+
+
+def spec(tmp_path: Path, **kw: object) -> MachineSpec:
+    base: dict[str, object] = dict(session_id=SID, kernel=tmp_path / "vmlinuz", rootfs=tmp_path / "disk.ext4",
+                                   workdir=tmp_path, cmdline=("console=ttyS0", "root=/dev/vda"),
+                                   initrd=tmp_path / "initrd.img")
+    base.update(kw)
+    return MachineSpec(**base)  # type: ignore[arg-type]
+
+
+def test_argv_is_a_microvm_on_the_session_tap(tmp_path: Path) -> None:
+    vmm = qemu.QemuVmm(spec(tmp_path, nets=(NetAttachment("dsp-0badc0de", "06:00:ac:14:00:02"),),
+                            memory_mib=768, vcpus=2), Accel.TCG)
+    argv = vmm.argv()
+    joined = " ".join(argv)
+    assert argv[argv.index("-M") + 1].startswith("microvm")
+    assert "tap,id=n0,ifname=dsp-0badc0de,script=no,downscript=no" in argv
+    assert "virtio-net-device,netdev=n0,mac=06:00:ac:14:00:02" in argv
+    assert "virtio-blk-device,drive=root" in argv and "virtio-rng-device,rng=rng0" in argv
+    assert argv[argv.index("-m") + 1] == "768" and argv[argv.index("-smp") + 1] == "2"
+    assert f"dispo-{SID}" in joined and f"path={tmp_path / 'console.log'}" in joined
+    assert argv[argv.index("-initrd") + 1] == str(tmp_path / "initrd.img")
+    assert "-no-reboot" in argv and "-sandbox" in argv
+
+
+def test_tsc_khz_only_under_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qemu, "host_tsc_khz", lambda: 2596120)
+    tcg = qemu.QemuVmm(spec(tmp_path), Accel.TCG)
+    kvm = qemu.QemuVmm(spec(tmp_path), Accel.KVM)
+    assert "tsc_early_khz=2596120" in tcg.cmdline()
+    assert not any(a.startswith("tsc_early_khz") for a in kvm.cmdline())
+    assert kvm.argv()[kvm.argv().index("-cpu") + 1] == "host"
+    given = qemu.QemuVmm(spec(tmp_path, cmdline=("tsc_early_khz=1000",)), Accel.TCG)
+    assert given.cmdline() == ("tsc_early_khz=1000",)
+
+
+def test_host_tsc_khz_sources(tmp_path: Path) -> None:
+    sysfs, cpuinfo = tmp_path / "tsc_freq_khz", tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: X\ncpu MHz\t\t: 2596.120\n\nprocessor\t: 1\ncpu MHz\t: 1.0\n")
+    assert accel.host_tsc_khz(sysfs, cpuinfo) == 2596120
+    sysfs.write_text("3000000\n")
+    assert accel.host_tsc_khz(sysfs, cpuinfo) == 3000000
+    assert accel.host_tsc_khz(tmp_path / "none", tmp_path / "none") is None
+    assert accel.host_tsc_khz() is not None  # this host has an answer one way or the other
+
+
+def test_accel_probe_runs_once_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+
+    def fake_probe(kernel: Path, qemu: str = "", timeout: float = 0) -> bool:
+        calls.append(kernel)
+        return False
+
+    monkeypatch.delenv("DISPO_QEMU_ACCEL", raising=False)
+    monkeypatch.setattr(accel, "probe_kvm", fake_probe)
+    monkeypatch.setattr(accel, "qemu_version", lambda qemu="": "QEMU emulator version 7.2.22")
+    monkeypatch.setattr(accel, "_memo", {})
+    cache = tmp_path / "accel.json"
+    assert accel.choose(tmp_path / "k", cache_file=cache) is Accel.TCG
+    assert accel.choose(tmp_path / "k", cache_file=cache) is Accel.TCG
+    assert len(calls) == 1 and cache.is_file()
+    monkeypatch.setattr(accel, "_memo", {})  # a new process: the file answers
+    assert accel.choose(tmp_path / "k", cache_file=cache) is Accel.TCG and len(calls) == 1
+    monkeypatch.setattr(accel, "qemu_version", lambda qemu="": "QEMU emulator version 9.0")
+    monkeypatch.setattr(accel, "_memo", {})  # another QEMU: probe again
+    accel.choose(tmp_path / "k", cache_file=cache)
+    assert len(calls) == 2
+    monkeypatch.setenv("DISPO_QEMU_ACCEL", "kvm")
+    assert accel.choose(tmp_path / "k", cache_file=cache) is Accel.KVM and len(calls) == 2
+
+
+def test_missing_kernel_is_named(tmp_path: Path) -> None:
+    vmm = qemu.QemuVmm(spec(tmp_path), Accel.TCG)
+    with pytest.raises(NotFound, match=r"kernel file .*vmlinuz does not exist"):
+        vmm.check()
+
+
+def test_remote_command_keeps_arguments_intact() -> None:
+    args = ["printf", "%s|", "a b", "c'd", 'e"f', "$HOME", "*", "", "x\ny"]
+    out = subprocess.run(["sh", "-c", ssh.remote_command(args)], capture_output=True, text=True, check=True).stdout
+    assert out == "a b|c'd|e\"f|$HOME|*||x\ny|"
+
+
+def _image(**kw: object) -> Image:
+    base: dict[str, object] = dict(name="x", path=Path("/nonexistent"), size=1, sha256="0", storage=StorageBackend.COPY,
+                                   created=0.0, source="", kernel="vmlinuz", vmms=("qemu",))
+    base.update(kw)
+    return Image(**base)  # type: ignore[arg-type]
+
+
+def test_backend_choice() -> None:
+    assert boot.choose_backend(None, _image()).value == "qemu"
+    assert boot.choose_backend("auto", _image(vmms=())).value == "qemu"
+    with pytest.raises(InvalidInput, match="not built for firecracker"):
+        boot.choose_backend("firecracker", _image())
+    with pytest.raises(InvalidInput, match="unknown backend"):
+        boot.choose_backend("bhyve", _image())
+
+
+# -- real guests ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The cached minimal build (built on first use; shared with the other VM tests)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: building and booting images")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    from dispo.imagebuild import build_product, recipes
+    from tests.worlds import make_config
+
+    state = tmp_path_factory.mktemp("build-state")
+    yield build_product(make_config(Path("/nonexistent"), state), recipes.MINIMAL, quiet=True).path
+
+
+@pytest.fixture
+def vm_journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal.create(tmp_path / "state", SID, {"purpose": "test"})
+    yield j
+    if j._lock_fd is not None:
+        j.unwind()
+
+
+def _guest_spec(product: Path, j: Journal, tmp_path: Path, *extra: str) -> MachineSpec:
+    disk = tmp_path / "disk.ext4"
+    subprocess.run(["cp", "--sparse=always", product / "rootfs.ext4", disk], check=True)
+    return MachineSpec(session_id=SID, kernel=product / "vmlinuz", initrd=product / "initrd.img", rootfs=disk,
+                       workdir=j.path, cmdline=("console=ttyS0", "root=/dev/vda", "rw", "panic=-1", *extra))
+
+
+def _wait_console(vmm: qemu.QemuVmm, text: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in vmm.spec.console_log.read_text(errors="replace"):
+        assert vmm.running(), vmm.console_tail()
+        assert time.monotonic() < deadline, f"no {text!r} on the console: {vmm.console_tail()}"
+        time.sleep(0.1)
+
+
+@pytest.mark.root
+@pytest.mark.vm
+def test_boot_then_power_off(product: Path, vm_journal: Journal, tmp_path: Path) -> None:
+    vmm = qemu.create(_guest_spec(product, vm_journal, tmp_path, "init=/usr/lib/dispo/init"))
+    vmm.start(vm_journal)
+    pid = vmm.pid
+    assert pid is not None
+    entry = next(e for e in vm_journal.entries if e.kind == "process")
+    assert entry.args["pid"] == str(pid) and is_same_process(pid, entry.args["starttime"])
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == f"dispo-{SID}"
+    _wait_console(vmm, "dispo-init: ready")
+    t0 = time.monotonic()
+    vmm.stop()
+    assert time.monotonic() - t0 < 4.5, "the guest should power off on the ACPI button, not wait for SIGTERM"
+    assert vmm.wait_exit(0) == 0 and not is_same_process(pid, entry.args["starttime"])
+    assert "powering off" in vmm.console_tail(40)
+
+
+@pytest.mark.root
+@pytest.mark.vm
+def test_stop_falls_back_to_signals(product: Path, vm_journal: Journal, tmp_path: Path) -> None:
+    # init=/bin/cat ignores the power button: stop() must escalate to SIGTERM within its deadline.
+    vmm = qemu.create(_guest_spec(product, vm_journal, tmp_path, "init=/bin/cat"))
+    vmm.start(vm_journal)
+    _wait_console(vmm, "Running /scripts/init-bottom ... done")
+    t0 = time.monotonic()
+    vmm.stop(timeout=1.0)
+    assert not vmm.running() and time.monotonic() - t0 < 6
+
+
+@pytest.mark.root
+@pytest.mark.vm
+def test_gc_kills_the_vmm_of_a_dead_owner(product: Path, vm_journal: Journal, tmp_path: Path) -> None:
+    vmm = qemu.create(_guest_spec(product, vm_journal, tmp_path, "init=/bin/cat"))
+    vmm.start(vm_journal)
+    pid = vmm.pid
+    assert pid is not None
+    start = next(e for e in vm_journal.entries if e.kind == "process").args["starttime"]
+    vm_journal.release()  # the owner "dies" without tearing down
+    report = journal_mod.gc(tmp_path / "state")
+    assert report.reclaimed == [SID], report
+    vmm.wait_exit(5)
+    assert not is_same_process(pid, start)
+    assert not vm_journal.path.exists()
+
+
+@pytest.mark.vm
+def test_kvm_probe_answers(product: Path) -> None:
+    # Whatever this host says, the probe must decide quickly and not leave a QEMU behind.
+    t0 = time.monotonic()
+    accel.probe_kvm(product / "vmlinuz", timeout=20)
+    assert time.monotonic() - t0 < 25
+    out = subprocess.run(["pgrep", "-f", "dispo-probe-none"], capture_output=True, text=True, check=False).stdout
+    assert out.strip() == ""

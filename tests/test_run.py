@@ -1,0 +1,164 @@
+"""`dispo run` end to end on a real guest (QEMU, TCG here) inside namespaces the test builds.
+
+The world (tests/netns.py): a "host" netns where dispo runs, with a NAT uplink into an "internet" netns
+serving a page. Nothing here touches the machine's own network. After every test, an independent listing
+(links, nftables, disks, journals and state files, QEMU processes) must equal the one taken before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links, net_world, nft_ruleset
+
+pytestmark = [pytest.mark.root, pytest.mark.vm]
+
+POOL_FILES = {"net", "net/leases", "net/lock"}
+URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
+
+
+def qemu_processes(world: NetWorld) -> list[str]:
+    out = subprocess.run(["pgrep", "-a", "-f", f"qemu-system.*{world.state_dir}"], capture_output=True,
+                         text=True, check=False).stdout
+    return out.splitlines()
+
+
+def listing(world: NetWorld) -> dict[str, object]:
+    """What a session may leave behind, listed without asking dispo."""
+    ws = world.root / "ws"
+    state = world.state_dir
+    return {
+        "links": dispo_links(world.host),
+        "nft": nft_ruleset(world.host),
+        "disks": sorted(p.name for p in (ws / "sessions").iterdir()) if (ws / "sessions").exists() else [],
+        # net/, net/leases/ and net/lock are the address pool's own files, made once; a lease inside is not.
+        "state": sorted(str(p.relative_to(state)) for p in state.rglob("*")
+                        if str(p.relative_to(state)) not in POOL_FILES) if state.exists() else [],
+        "qemu": qemu_processes(world),
+    }
+
+
+@pytest.fixture
+def vm_world(tmp_path: Path) -> Iterator[NetWorld]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: namespaces, taps, nftables")
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("mmdebstrap") is None:
+        pytest.skip("needs qemu-system-x86 and mmdebstrap")
+    with net_world(tmp_path / "w") as w:
+        w.write_config(link="tap", dns="none")
+        # Built in the machine's own namespace, where apt reaches the mirror (the test's host namespace has
+        # no way out), and cached in DISPO_CACHE_DIR (default /var/cache/dispo): built once per machine.
+        p = subprocess.run([str(DISPO), "image", "build", "minimal", "--quiet"], env=w.env(), capture_output=True,
+                           text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, p.stderr
+        yield w
+        for line in qemu_processes(w):  # a failed test must not leave a guest running
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+def test_run_end_to_end(vm_world: NetWorld) -> None:
+    w = vm_world
+    before = listing(w)
+    script = f'curl -sS --max-time 20 {URL} && echo "written by session one" > ~/note && printf "%s|" "$@"; exit 7'
+    first = w.dispo("run", "--image", "minimal", "--", "sh", "-c", script, "sh", "a b", "c'd", '"$HOME"', "",
+                    timeout=300)
+    assert first.returncode == 7, first.stderr  # CMD's status is dispo's status
+    assert first.stdout == PAGE + "a b|c'd|\"$HOME\"||", first.stdout
+    assert "ready in" in first.stderr
+    assert listing(w) == before
+
+    second = w.dispo("run", "--", "sh", "-c", "test ! -e ~/note && id -un && hostname", timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    user, hostname = second.stdout.split()
+    assert user == "user" and hostname.startswith("dispo-")
+    assert listing(w) == before
+
+
+def _wait_ready(w: NetWorld, procs: list[subprocess.Popen[str]], n: int, timeout: float = 240) -> list[str]:
+    """Ids of the n sessions whose guest answers SSH (they write ssh.json once ready)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ready = sorted(p.parent.name for p in (w.state_dir / "sessions").glob("*/ssh.json"))
+        if len(ready) == n:
+            return ready
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError(f"dispo run exited {p.returncode}: {p.communicate()[1]}")
+        assert time.monotonic() < deadline, "sessions not ready in time"
+        time.sleep(0.2)
+
+
+def _tcp_banner(w: NetWorld, sid: str, address: str) -> str:
+    # bash's /dev/tcp: connects and reads what the other side says first (sshd says "SSH-2.0-...").
+    probe = f"exec 3<>/dev/tcp/{address}/22 && head -c 4 <&3"
+    p = w.dispo("ssh", sid, "--", "timeout", "5", "bash", "-c", probe, timeout=60)
+    return p.stdout
+
+
+def test_two_sessions_at_once_isolated_then_stopped(vm_world: NetWorld) -> None:
+    w = vm_world
+    before = listing(w)
+    procs = [w.spawn(w.dispo_argv("run", "--name", name, "--", "sleep", "600"), env=w.env(),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("one", "two")]
+    a, b = _wait_ready(w, procs, 2)
+    addr = {sid: json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"] for sid in (a, b)}
+    name = {sid: json.loads((w.state_dir / "sessions" / sid / "state.json").read_text())["meta"]["name"]
+            for sid in (a, b)}
+    assert dispo_links(w.host) == {f"dsp-{a}", f"dsp-{b}"}
+    ls = w.dispo("ls").stdout
+    assert a in ls and b in ls and "one" in ls and "two" in ls
+    for sid in (a, b):
+        got = w.dispo("ssh", sid, "--", "curl", "-sS", "--max-time", "20", URL, timeout=60)
+        assert got.returncode == 0 and got.stdout == PAGE, got.stderr
+    # The probe works (a guest reaches its own sshd) and neither guest reaches the other's.
+    assert _tcp_banner(w, a, addr[a]) == "SSH-"
+    assert _tcp_banner(w, a, addr[b]) == ""
+    assert _tcp_banner(w, b, addr[a]) == ""
+
+    stopped = w.dispo("stop", a, timeout=120)
+    assert stopped.returncode == 0 and f"stopped {a}" in stopped.stdout, stopped.stderr
+    by_sid = {sid: procs[0] if name[sid] == "one" else procs[1] for sid in (a, b)}
+    assert by_sid[a].wait(60) == 128 + signal.SIGTERM
+    os.kill(by_sid[b].pid, signal.SIGTERM)  # nsenter exec()s dispo: this is dispo itself
+    assert by_sid[b].wait(60) == 128 + signal.SIGTERM
+    assert listing(w) == before
+
+
+def test_ssh_and_stop_need_a_live_session(vm_world: NetWorld) -> None:
+    for cmd in (("ssh", "0123abcd", "--", "true"), ("stop", "0123abcd")):
+        p = vm_world.dispo(*cmd)
+        assert p.returncode == 1 and "no session 0123abcd" in p.stderr, p.stderr
+    p = vm_world.dispo("ssh", "nothex!!")
+    assert p.returncode == 1 and "invalid session id" in p.stderr
+
+
+def test_interactive_shell_on_a_terminal(vm_world: NetWorld) -> None:
+    """No CMD: a login shell on a pty (script(1) stands in for the user's terminal); its exit status is
+    dispo's. Ctrl-C goes to the guest's shell, not to dispo."""
+    w = vm_world
+    before = listing(w)
+    proc = subprocess.Popen(["script", "-qec", " ".join(w.dispo_argv("run")), "/dev/null"], env=w.env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    deadline = time.monotonic() + 240
+    while not list((w.state_dir / "sessions").glob("*/ssh.json")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    for keys in ("sleep 60\n", "\x03"):  # a Ctrl-C typed while a command runs in the guest
+        time.sleep(2)
+        proc.stdin.write(keys)
+        proc.stdin.flush()
+    time.sleep(2)
+    out, _ = proc.communicate("echo answer-$((6*7)); tty; exit 5\n", timeout=120)
+    assert proc.returncode == 5, out
+    assert "answer-42" in out and "/dev/pts/" in out
+    assert listing(w) == before
