@@ -236,6 +236,22 @@ def test_loop_fs_cleans_up_even_when_the_test_fails(tmp_path: Path) -> None:
     assert not backing.exists()
 
 
+def test_private_extra_file_stays_private(cfg: Config, src_image: Path, tmp_path: Path) -> None:
+    key = tmp_path / "id_key"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"\x7fELF" + b"\0" * 100)
+    image = ImageStore(cfg).import_(src_image, "keyed", quiet=True, extra_files={"ssh_key": key, "vmlinuz": kernel},
+                                    extra_meta={"kernel": "vmlinuz"})
+    assert (image.path / "ssh_key").stat().st_mode & 0o077 == 0  # not readable by group or others
+    assert (image.path / "ssh_key").read_text() == key.read_text()
+    assert image.kernel_path is not None and image.kernel_path.read_bytes() == kernel.read_bytes()
+    with pytest.raises(InvalidInput, match="invalid extra image file name"):
+        ImageStore(cfg).import_(src_image, "bad", quiet=True, extra_files={"../x": key})
+    assert not (cfg.images_dir / "bad").exists()
+
+
 def test_image_metadata(cfg: Config, src_image: Path) -> None:
     image = ImageStore(cfg).import_(src_image, "meta", quiet=True)
     meta = json.loads((image.path / images_mod.META).read_text())

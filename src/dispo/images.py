@@ -136,6 +136,8 @@ class ImageStore:
                 if fname in (ROOTFS, META) or "/" in fname or fname.startswith("."):
                     raise InvalidInput(f"invalid extra image file name {fname!r}")
                 be.put_file(Path(fsrc), tmp / fname)
+                # Keep the source's permissions: a private key stays private inside the image.
+                os.chmod(tmp / fname, Path(fsrc).stat().st_mode & 0o777)
             digest = files.sha256_file(tmp / ROOTFS, Progress(f"hashing {name}", quiet=quiet))
             meta: dict[str, Any] = {
                 **(extra_meta or {}),

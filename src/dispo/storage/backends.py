@@ -90,8 +90,9 @@ class _FileCloneBackend(DiskBackend):
         path.mkdir(mode=0o755)
 
     def seal(self, path: Path) -> None:
+        # Drop the write bits only: a private key imported 0600 stays unreadable to others (0400).
         for f in path.iterdir():
-            f.chmod(0o444)
+            f.chmod(f.stat().st_mode & 0o555)
 
     def clone(self, image_dir: Path, dest: Path) -> None:
         dest.mkdir(mode=0o700)
