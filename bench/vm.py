@@ -10,6 +10,7 @@ Runs as root inside namespaces it creates (tests/netns.py: a host netns with a N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import subprocess
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from tests.netns import DISPO, net_world
+from tests.worlds import loop_fs
 
 from bench.common import median, report
 from dispo.imagebuild import cache_dir
@@ -48,16 +50,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cached", action="store_true", help="do not rebuild the image: report the cached build")
+    ap.add_argument("--plain-workspace", action="store_true",
+                    help="workspace on the temp dir's filesystem (plain copies) instead of a loop-mounted btrfs")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="dispo-bench-vm-") as tmp, net_world(Path(tmp) / "w") as w:
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dispo-bench-vm-")))
+        w = stack.enter_context(net_world(tmp / "w"))
         w.write_config(link="tap", dns="none")
+        env = w.env()
+        if not args.plain_workspace:  # session disks as btrfs snapshots, as a real install would have them
+            env["DISPO_WORKSPACE"] = str(stack.enter_context(loop_fs(tmp / "fs", "btrfs", "4G")) / "ws")
         # In the machine's own namespace: apt must reach the mirror (the world's host namespace cannot).
-        build = _build(w.env(), [str(DISPO)], not args.cached)
+        build = _build(env, [str(DISPO)], not args.cached)
         rows: list[tuple[int | str, ...]] = []
         accel = "?"
         for i in range(args.runs):
             t0 = time.perf_counter()
-            p = w.dispo("run", "--image", "minimal", "--", "true", timeout=600)
+            p = subprocess.run(w.dispo_argv("run", "--image", "minimal", "--", "true"), env=env, timeout=600,
+                               capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
             wall = time.perf_counter() - t0
             ready, done = READY.search(p.stderr), DONE.search(p.stderr)
             if p.returncode != 0 or not ready or not done:
@@ -74,6 +84,7 @@ def main() -> None:
               f"kernel {build['kernel_mib']} MiB, initrd {build['initrd_mib']} MiB; accelerator {accel}")
         report("vm", ("run", "ready_s", "cmd_done_s", "teardown_s", "total_s"), rows,
                {"build": build, "accel": accel, "median": med, "runs": args.runs,
+                "workspace": "plain copies" if args.plain_workspace else "btrfs snapshots",
                 "what": "dispo run --image minimal -- true under QEMU microvm; ready = SSH answers"})
 
 

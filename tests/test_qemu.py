@@ -20,7 +20,7 @@ from dispo.journal import Journal
 from dispo.processes import is_same_process
 from dispo.vmm import accel, boot, qemu
 from dispo.vmm.accel import Accel
-from dispo.vmm.base import MachineSpec, NetAttachment
+from dispo.vmm.base import MachineSpec, NetAttachment, Vmm
 
 SID = "0badc0de"
 
@@ -34,8 +34,9 @@ def spec(tmp_path: Path, **kw: object) -> MachineSpec:
 
 
 def test_argv_is_a_microvm_on_the_session_tap(tmp_path: Path) -> None:
-    vmm = qemu.QemuVmm(spec(tmp_path, nets=(NetAttachment("dsp-0badc0de", "06:00:ac:14:00:02"),),
-                            memory_mib=768, vcpus=2), Accel.TCG)
+    vmm: Vmm = qemu.QemuVmm(spec(tmp_path, nets=(NetAttachment("dsp-0badc0de", "06:00:ac:14:00:02"),),
+                                 memory_mib=768, vcpus=2), Accel.TCG)  # mypy checks it is a base.Vmm
+    assert isinstance(vmm, qemu.QemuVmm)
     argv = vmm.argv()
     joined = " ".join(argv)
     assert argv[argv.index("-M") + 1].startswith("microvm")
