@@ -48,6 +48,7 @@ class Image:
     cmdline: tuple[str, ...] = ()
     arch: str = "x86_64"
     vmms: tuple[str, ...] = ()
+    vmlinux: str = ""  # the kernel as an ELF vmlinux, for Firecracker on x86_64 (when `kernel` is a bzImage)
 
     @property
     def rootfs(self) -> Path:
@@ -69,7 +70,8 @@ class Image:
                        storage=StorageBackend(meta["storage"]), created=float(meta["created"]),
                        source=meta.get("source", ""), kernel=str(meta.get("kernel", "")),
                        initrd=str(meta.get("initrd", "")), cmdline=tuple(map(str, meta.get("cmdline", ()))),
-                       arch=str(meta.get("arch", "x86_64")), vmms=tuple(map(str, meta.get("vmms", ()))))
+                       arch=str(meta.get("arch", "x86_64")), vmms=tuple(map(str, meta.get("vmms", ()))),
+                       vmlinux=str(meta.get("vmlinux", "")))
         except (OSError, ValueError, KeyError) as e:
             raise StorageError(f"image at {path} has no valid {META}: {e}",
                                hint=f"remove it with 'dispo image rm {path.name}' and import it again") from None

@@ -20,8 +20,8 @@ from dispo.images import ImageStore
 from dispo.names import check_session_id
 from dispo.proc import minimal_env
 from dispo.session import open_session
+from dispo.vmm.base import GuestFailure, tail
 from dispo.vmm.boot import DEFAULT_READY_TIMEOUT_S, boot, choose_backend
-from dispo.vmm.qemu import GuestFailure, tail
 
 STOP_TIMEOUT_S = 60.0
 SSH_LOST = 255  # ssh's own failure status

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+from dispo.errors import VmmError
 from dispo.journal import Journal
 
 
@@ -69,3 +70,20 @@ class Vmm(Protocol):
 
     def console_tail(self, lines: int = 20) -> str:
         """The last lines of the guest's serial console."""
+
+
+class GuestFailure(VmmError):
+    """The VMM or its guest failed; carries the console tail for the CLI to show above the one-line error."""
+
+    def __init__(self, message: str, *, hint: str = "", console_tail: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.console_tail = console_tail
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a console log, tolerant of binary noise and carriage returns."""
+    try:
+        text = path.read_bytes()[-64 * 1024:].decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])

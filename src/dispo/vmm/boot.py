@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from dispo import ssh
 from dispo.errors import InvalidInput, NotFound, VmmError
@@ -17,6 +18,7 @@ from dispo.images import Image
 from dispo.session import Session
 from dispo.vmm import qemu
 from dispo.vmm.base import MachineSpec, NetAttachment, VmmKind
+from dispo.vmm.firecracker.process import FirecrackerVmm
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ DEFAULT_READY_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class Guest:
-    vmm: qemu.QemuVmm
+    vmm: qemu.QemuVmm | FirecrackerVmm
     keys: ssh.SessionKeys
     address: str
     boot_s: float      # VMM start to SSH ready
@@ -47,10 +49,14 @@ def choose_backend(requested: str | None, image: Image) -> VmmKind:
     if image.vmms and kind.value not in image.vmms:
         raise InvalidInput(f"image {image.name!r} is not built for {kind.value} (it suits {', '.join(image.vmms)})",
                            hint=f"use --backend {image.vmms[0]} or an image built for {kind.value}")
-    if kind is not VmmKind.QEMU:
-        raise InvalidInput(f"the {kind.value} backend cannot run sessions from 'dispo run' yet",
-                           hint="use --backend qemu")
     return kind
+
+
+def kernel_for(image: Image, kind: VmmKind) -> Path | None:
+    """Firecracker (x86_64) boots an uncompressed ELF vmlinux; QEMU the image's bzImage."""
+    if kind is VmmKind.FIRECRACKER and image.vmlinux:
+        return image.path / image.vmlinux
+    return image.kernel_path
 
 
 def boot(s: Session, *, backend: str | None = None, memory_mib: int = 512, vcpus: int = 1,
@@ -62,11 +68,12 @@ def boot(s: Session, *, backend: str | None = None, memory_mib: int = 512, vcpus
     image = s.image
     if image is None:
         raise InvalidInput("the session has no image")
-    choose_backend(backend, image)
-    if image.kernel_path is None:
+    kind = choose_backend(backend, image)
+    kernel = kernel_for(image, kind)
+    if kernel is None:
         raise InvalidInput(f"image {image.name!r} has no kernel, so it cannot boot",
                            hint="build a bootable image with 'dispo image build minimal'")
-    for what, path in (("kernel", image.kernel_path), ("initrd", image.initrd_path)):
+    for what, path in (("kernel", kernel), ("initrd", image.initrd_path)):
         if path is not None and not path.is_file():
             raise NotFound(f"image {image.name!r}: {what} file {path} is missing",
                            hint=f"rebuild the image ('dispo image build {image.name} --force')")
@@ -74,10 +81,16 @@ def boot(s: Session, *, backend: str | None = None, memory_mib: int = 512, vcpus
     ssh.install_keys(s.disk, keys)
     net = attach_network(s)
     spec = MachineSpec(
-        session_id=s.session_id, kernel=image.kernel_path, rootfs=s.disk, workdir=s.state_path,
+        session_id=s.session_id, kernel=kernel, rootfs=s.disk, workdir=s.state_path,
         cmdline=(*image.cmdline, *net.kernel_args(), f"dispo.hostname=dispo-{s.session_id}"),
         initrd=image.initrd_path, memory_mib=memory_mib, vcpus=vcpus, nets=(NetAttachment(net.tap, net.mac),))
-    vmm = qemu.create(spec)
+    vmm: qemu.QemuVmm | FirecrackerVmm
+    if kind is VmmKind.FIRECRACKER:
+        from dispo.vmm.firecracker import backend as firecracker
+
+        vmm = firecracker.create(s.cfg, spec)
+    else:
+        vmm = qemu.create(spec)
     vmm.check()
     s.stack.callback(vmm.stop)  # runs before the journal unwinds the network and the disk
     t_vmm = time.monotonic()
@@ -88,7 +101,7 @@ def boot(s: Session, *, backend: str | None = None, memory_mib: int = 512, vcpus
     except VmmError as e:
         if vmm.running():
             raise vmm.failure(e.message) from None
-        raise vmm.failure(f"{e.message}: QEMU exited with status {vmm.wait_exit(0)}") from None
+        raise vmm.failure(f"{e.message}: {kind.value} exited with status {vmm.wait_exit(0)}") from None
     ssh.save_info(s.state_path, keys, address)
     now = time.monotonic()
     guest = Guest(vmm, keys, address, now - t_vmm, now - t0)

@@ -27,7 +27,7 @@ from dispo.errors import NotFound, VmmError
 from dispo.journal import Journal
 from dispo.proc import minimal_env, which
 from dispo.vmm.accel import QEMU, QEMU_HINT, Accel, host_tsc_khz
-from dispo.vmm.base import MachineSpec, VmmKind
+from dispo.vmm.base import GuestFailure, MachineSpec, VmmKind, tail
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +38,6 @@ POWERDOWN_TIMEOUT_S = 5.0
 # Gate: wait for one line on stdin, a pipe (sent once the journal has the pid); exit if the parent died
 # first. QEMU itself gets /dev/null.
 _GATE = 'read -r _ || exit 97; exec "$@" </dev/null'
-
-
-class GuestFailure(VmmError):
-    """The VMM or its guest failed; carries the console tail for the CLI to show above the one-line error."""
-
-    def __init__(self, message: str, *, hint: str = "", console_tail: str = "") -> None:
-        super().__init__(message, hint=hint)
-        self.console_tail = console_tail
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_bytes()[-64 * 1024:].decode(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
 
 class Qmp:

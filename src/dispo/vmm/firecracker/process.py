@@ -25,7 +25,8 @@ from dispo import kernels, processes
 from dispo.errors import NotFound, PermissionProblem, VmmError
 from dispo.journal import Entry, Journal
 from dispo.proc import minimal_env
-from dispo.vmm.base import MachineSpec, VmmKind
+from dispo.vmm.accel import Accel
+from dispo.vmm.base import GuestFailure, MachineSpec, VmmKind, tail
 from dispo.vmm.firecracker.api import ApiError, FirecrackerApi, LogLevel, NetworkOverride, Request, SnapshotType
 from dispo.vmm.firecracker.jailer import Jail, JailSpec, set_tap_owner
 
@@ -84,6 +85,7 @@ def _arch() -> str:
 
 class FirecrackerVmm:
     kind = VmmKind.FIRECRACKER
+    accel = Accel.KVM  # Firecracker has no other
 
     def __init__(self, spec: MachineSpec, options: FirecrackerOptions) -> None:
         self.spec = spec
@@ -206,11 +208,12 @@ class FirecrackerVmm:
             self._undo_entries()
 
     def console_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.spec.console_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.spec.console_log, lines)
+
+    def failure(self, what: str) -> GuestFailure:
+        """A one-line error about the guest, with the console tail (which also has Firecracker's own output)."""
+        return GuestFailure(what, console_tail=self.console_tail(),
+                            hint=f"the console log is {self.spec.console_log} while the session lives")
 
     # -- snapshots --------------------------------------------------------------------------------
     def pause(self) -> None:
