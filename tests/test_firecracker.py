@@ -23,6 +23,7 @@ from dispo import journal as journal_mod
 from dispo.config import Config
 from dispo.errors import DispoError, InvalidInput, NotFound, PermissionProblem, VmmError
 from dispo.net import attach_network
+from dispo.processes import GATE_EOF_EXIT
 from dispo.session import Session, transaction
 from dispo.vmm.base import MachineSpec, NetAttachment
 from dispo.vmm.firecracker.api import ApiError
@@ -354,7 +355,7 @@ def test_the_process_is_journaled_before_firecracker_runs(cfg: Config, tmp_path:
             vmm.start(s.journal)
         monkeypatch.undo()
         assert vmm.pid is not None and wait_for(lambda: vmm.wait_exit(0) is not None, 3)
-        assert vmm.wait_exit(0) == 1, "the gate saw EOF and exited without exec"
+        assert vmm.wait_exit(0) == GATE_EOF_EXIT, "the gate saw EOF and exited without exec"
         assert b"Firecracker" not in vmm.spec.console_log.read_bytes(), "firecracker never ran"
         assert processes_mentioning(f"dispo-{s.session_id}") == []
 

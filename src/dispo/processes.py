@@ -9,11 +9,65 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from dispo.errors import DispoError
+from dispo.proc import minimal_env
 from dispo.undo import undoer
+
+if TYPE_CHECKING:  # the journal imports the undo registry, which imports this module
+    from dispo.journal import Entry, Journal
+
+# The gate: the child is a shell that waits for one line on its stdin (a pipe) and then execs the real
+# program with the same pid. dispo writes that line only after the journal holds (pid, starttime); if dispo
+# dies first, the pipe closes, `read` fails and the program never runs. Its own stdin becomes /dev/null.
+GATE_EOF_EXIT = 97
+_GATE = f'read -r _ || exit {GATE_EOF_EXIT}; exec "$0" "$@" </dev/null'
+
+
+class SpawnFailed(DispoError):
+    """The child exited before it could be recorded (its program could not even be started)."""
+
+
+@dataclass(frozen=True)
+class Spawned:
+    proc: subprocess.Popen[bytes]
+    starttime: str
+    entry: Entry
+
+
+def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, stdout: IO[bytes] | int,
+                   cwd: Path | None = None, on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
+                   **record: str) -> Spawned:
+    """Start a long-lived child (a VMM, an ssh tunnel) whose pid is journaled before its program runs.
+
+    Popen, not proc.run(): its stdout goes to a log. A new session keeps the terminal's Ctrl-C away from it:
+    dispo stops it itself, in order. `on_spawn` gets the child before it is recorded, so a caller can still
+    reap it if recording fails (the gate then exits with GATE_EOF_EXIT without running the program)."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", _GATE, *(str(a) for a in argv)], stdin=r, stdout=stdout,
+                                stderr=subprocess.STDOUT, env=minimal_env(), cwd=cwd, start_new_session=True)
+        if on_spawn is not None:
+            on_spawn(proc)
+        os.close(r)
+        r = -1
+        start = starttime(proc.pid)
+        if start is None:
+            proc.wait()
+            raise SpawnFailed(f"{what} exited at once (status {proc.returncode})")
+        entry = journal.record("process", pid=str(proc.pid), starttime=start, what=what, **record)
+        os.write(w, b"go\n")
+    finally:
+        if r >= 0:
+            os.close(r)
+        os.close(w)
+    return Spawned(proc, start, entry)
 
 
 def starttime(pid: int) -> str | None:

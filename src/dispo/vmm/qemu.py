@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import socket
 import subprocess
 import time
@@ -25,7 +24,7 @@ from typing import Any
 from dispo import processes
 from dispo.errors import NotFound, VmmError
 from dispo.journal import Journal
-from dispo.proc import minimal_env, which
+from dispo.proc import which
 from dispo.vmm.accel import QEMU, QEMU_HINT, Accel, host_tsc_khz
 from dispo.vmm.base import GuestFailure, MachineSpec, VmmKind, tail
 
@@ -35,9 +34,6 @@ QMP_SOCKET = "qmp.sock"
 QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
 POWERDOWN_TIMEOUT_S = 5.0
-# Gate: wait for one line on stdin, a pipe (sent once the journal has the pid); exit if the parent died
-# first. QEMU itself gets /dev/null.
-_GATE = 'read -r _ || exit 97; exec "$@" </dev/null'
 
 
 class Qmp:
@@ -146,30 +142,19 @@ class QemuVmm:
     def start(self, journal: Journal) -> None:
         self.check()
         self.spec.console_log.touch(mode=0o600)
-        r, w = os.pipe()
         try:
             with open(self.log_path, "wb") as out:
-                self._proc = subprocess.Popen(
-                    ["/bin/sh", "-c", _GATE, "dispo-qemu", *self.argv()], stdin=r,
-                    stdout=out, stderr=subprocess.STDOUT, env=minimal_env(),
-                    # Its own session: a Ctrl-C on dispo's terminal reaches dispo, which stops QEMU in order.
-                    start_new_session=True)
-            os.close(r)
-            r = -1
-            start = processes.starttime(self._proc.pid)
-            if start is None:
-                raise VmmError(f"QEMU launcher exited at once: {tail(self.log_path, 3)}")
-            self._start = start
-            journal.record("process", pid=str(self._proc.pid), starttime=start, what="qemu",
-                           term_timeout="3")
-            os.write(w, b"go\n")
+                spawned = processes.spawn_recorded(journal, self.argv(), what="qemu", stdout=out,
+                                                   on_spawn=self._set_proc, term_timeout="3")
+        except processes.SpawnFailed:
+            raise VmmError(f"QEMU launcher exited at once: {tail(self.log_path, 3)}") from None
         except OSError as e:
             raise self.failure(f"QEMU could not be started ({e.strerror})") from None
-        finally:
-            if r >= 0:
-                os.close(r)
-            os.close(w)
+        self._start = spawned.starttime
         self._wait_started()
+
+    def _set_proc(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
 
     def _wait_started(self) -> None:
         """Until QMP answers (QEMU parsed its arguments and opened every device), or QEMU exited."""

@@ -24,7 +24,6 @@ from pathlib import Path
 from dispo import kernels, processes
 from dispo.errors import NotFound, PermissionProblem, VmmError
 from dispo.journal import Entry, Journal
-from dispo.proc import minimal_env
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import GuestFailure, MachineSpec, VmmKind, tail
 from dispo.vmm.firecracker.api import ApiError, FirecrackerApi, LogLevel, NetworkOverride, Request, SnapshotType
@@ -32,10 +31,6 @@ from dispo.vmm.firecracker.jailer import Jail, JailSpec, set_tap_owner
 
 log = logging.getLogger(__name__)
 
-# The gate: the child blocks on stdin (a pipe) until the parent has journaled its pid, then becomes
-# firecracker (exec keeps pid and starttime) with stdin from /dev/null. If the parent dies first, the
-# read sees EOF and the child just exits.
-_GATE = 'read -r _ || exit 1; exec "$0" "$@" </dev/null'
 _SUN_PATH_MAX = 107
 ROOT_DRIVE = "rootfs"
 
@@ -284,28 +279,19 @@ class FirecrackerVmm:
         self._wait_socket()
         self.timings["socket"] = time.monotonic() - t0
 
+    def _set_proc(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+
     def _spawn(self, journal: Journal, argv: list[str]) -> None:
-        read_fd, write_fd = os.pipe()
         try:
+            # Its stdout is the guest's serial console.
             with open(self.spec.console_log, "ab") as console:
-                # Popen, not proc.run(): a long-lived child whose stdout is the guest's serial console.
-                # A new session keeps the terminal's Ctrl-C away from it: dispo stops it itself.
-                self._proc = subprocess.Popen(
-                    ["/bin/sh", "-c", _GATE, *argv], stdin=read_fd, stdout=console,
-                    stderr=subprocess.STDOUT, env=minimal_env(),
-                    start_new_session=True, cwd=self.spec.workdir)
-            os.close(read_fd)
-            read_fd = -1
-            start = processes.starttime(self._proc.pid)
-            if start is None:
-                raise VmmError(f"firecracker launcher exited at once: {self.console_tail(3)}")
-            self._starttime = start
-            self._entries.append(journal.record("process", pid=str(self._proc.pid), starttime=start))
-            os.write(write_fd, b"go\n")
-        finally:
-            if read_fd >= 0:
-                os.close(read_fd)
-            os.close(write_fd)
+                spawned = processes.spawn_recorded(journal, argv, what="firecracker", stdout=console,
+                                                   cwd=self.spec.workdir, on_spawn=self._set_proc)
+        except processes.SpawnFailed:
+            raise VmmError(f"firecracker launcher exited at once: {self.console_tail(3)}") from None
+        self._starttime = spawned.starttime
+        self._entries.append(spawned.entry)
 
     def _wait_socket(self) -> None:
         assert self._proc is not None and self.api is not None
