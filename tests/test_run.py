@@ -83,6 +83,26 @@ def test_run_end_to_end(vm_world: NetWorld) -> None:
     assert listing(w) == before
 
 
+def test_profile_network_policy_reaches_the_guest(vm_world: NetWorld) -> None:
+    """A profile's [network] table is the session's firewall: the same fetch works with internet = true and is
+    refused with internet = false."""
+    w = vm_world
+    pdir = w.root / "profiles"
+    pdir.mkdir()
+    for name, internet in (("fetch-open", "true"), ("fetch-closed", "false")):
+        (pdir / f"{name}.toml").write_text(
+            f'image = "minimal"\nmemory_mib = 512\ncommand = ["curl", "-sS", "--max-time", "8"]\n'
+            f'display = "none"\n[network]\ninternet = {internet}\n')
+    w.config.write_text(f'profiles_dir = "{pdir}"\n' + w.config.read_text())
+    before = listing(w)
+    opened = w.dispo("run", "fetch-open", URL, timeout=300)
+    assert opened.returncode == 0 and opened.stdout == PAGE, opened.stderr
+    closed = w.dispo("run", "fetch-closed", URL, timeout=300)
+    assert closed.returncode != 0 and closed.stdout == "", closed.stdout
+    assert "ready in" in closed.stderr, closed.stderr  # the guest ran; the firewall refused the fetch
+    assert listing(w) == before
+
+
 def _wait_ready(w: NetWorld, procs: list[subprocess.Popen[str]], n: int, timeout: float = 240) -> list[str]:
     """Ids of the n sessions whose guest answers SSH (they write ssh.json once ready)."""
     deadline = time.monotonic() + timeout

@@ -73,6 +73,7 @@ class NetConfig:
 class Config:
     workspace: Path = Path("/var/lib/dispo")
     state_dir: Path = Path("/run/dispo")
+    profiles_dir: Path = Path("/etc/dispo/profiles")  # NAME.toml here overrides the built-in profile NAME
     storage: StorageConfig = field(default_factory=StorageConfig)
     firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
     net: NetConfig = field(default_factory=NetConfig)

@@ -43,7 +43,7 @@ class Spawned:
 
 def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, stdout: IO[bytes] | int,
                    cwd: Path | None = None, on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
-                   **record: str) -> Spawned:
+                   env: Mapping[str, str] | None = None, **record: str) -> Spawned:
     """Start a long-lived child (a VMM, an ssh tunnel) whose pid is journaled before its program runs.
 
     Popen, not proc.run(): its stdout goes to a log. A new session keeps the terminal's Ctrl-C away from it:
@@ -52,7 +52,8 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
     r, w = os.pipe()
     try:
         proc = subprocess.Popen(["/bin/sh", "-c", _GATE, *(str(a) for a in argv)], stdin=r, stdout=stdout,
-                                stderr=subprocess.STDOUT, env=minimal_env(), cwd=cwd, start_new_session=True)
+                                stderr=subprocess.STDOUT, env=dict(env) if env is not None else minimal_env(),
+                                cwd=cwd, start_new_session=True)
         if on_spawn is not None:
             on_spawn(proc)
         os.close(r)

@@ -18,7 +18,9 @@ def register_image_action(isub: Any) -> None:
                                     "the host's apt sources with mmdebstrap, cache the build under "
                                     "$DISPO_CACHE_DIR (default /var/cache/dispo) and import it.")
     p.add_argument("recipe", choices=sorted(RECIPES))
-    p.add_argument("--name", help="image name (default: the recipe's name)")
+    p.add_argument("--name", help="image name (default: the recipe's name; with --from: SOURCE-RECIPE)")
+    p.add_argument("--from", dest="from_image", metavar="NAME",
+                   help="install the recipe's app into a copy of image NAME instead of building from scratch")
     p.add_argument("--rebuild", action="store_true", help="ignore the cached build")
     p.add_argument("--force", action="store_true", help="replace an existing image of that name")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -27,7 +29,13 @@ def register_image_action(isub: Any) -> None:
 
 def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
     t0 = time.monotonic()
-    image = build_image(cfg, args.recipe, name=args.name, rebuild=args.rebuild, force=args.force, quiet=args.quiet)
+    if args.from_image:
+        from dispo.imagebuild.into import build_from
+
+        image = build_from(cfg, args.recipe, args.from_image, name=args.name, force=args.force, quiet=args.quiet)
+    else:
+        image = build_image(cfg, args.recipe, name=args.name, rebuild=args.rebuild, force=args.force,
+                            quiet=args.quiet)
     print(f"image {image.name}: {format_size(image.size)}, kernel {image.kernel}, {image.storage.value}, "
           f"{time.monotonic() - t0:.1f} s")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import resources
 
 INIT_PATH = "/usr/lib/dispo/init"          # where the image carries the init; kernel arg init=...
+APP_PATH = "/usr/local/bin/dispo-app"       # the display launcher (app.sh) in browser images
 USER = "user"                               # the unprivileged account sessions run as
 USER_UID = 1000
 USER_HOME = f"/home/{USER}"
@@ -25,5 +26,9 @@ PrintMotd no
 """
 
 
+def resource(name: str) -> bytes:
+    return resources.files(__package__).joinpath(name).read_bytes()
+
+
 def init_script() -> bytes:
-    return resources.files(__package__).joinpath("init.sh").read_bytes()
+    return resource("init.sh")

@@ -16,19 +16,21 @@ web)
     Xvnc :1 -localhost -rfbport 5900 -SecurityTypes None -geometry "$geometry" -depth 24 -AlwaysShared \
         -nolisten tcp > /tmp/dispo-xvnc.log 2>&1 &
     xvnc=$!
-    trap 'kill $xvnc $wm 2>/dev/null' EXIT INT TERM HUP
+    wm=
+    trap 'kill $xvnc $wm 2>/dev/null' EXIT
+    trap 'exit 129' HUP INT TERM
     i=0
     while [ ! -e /tmp/.X11-unix/X1 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
     export DISPLAY=:1
     # A window manager that keeps the one app window full-screen, following the viewer's size.
-    wm=
     if command -v matchbox-window-manager > /dev/null; then
         matchbox-window-manager -use_titlebar no -use_cursor no > /dev/null 2>&1 &
         wm=$!
     fi
     echo "dispo-app: display ready" >&2
     "$@"
-    exit $?
+    status=$?
+    exit $status
     ;;
 x11)
     [ "${1:-}" = "--" ] && shift

@@ -36,6 +36,13 @@ arg() {
     return 0
 }
 
+# /dev/shm sized for the app (browsers keep their compositor buffers there): dispo.shm=MiB.
+shm=$(arg dispo.shm)
+case "$shm" in
+    ''|*[!0-9]*) ;;
+    *) mount -o remount,size="${shm}m" /dev/shm ;;
+esac
+
 name=$(arg dispo.hostname)
 [ -n "$name" ] || name=dispo
 hostname "$name"

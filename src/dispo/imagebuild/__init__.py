@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispo import guest
+from dispo import guest, kernels
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
 from dispo.imagebuild import recipes, sources
@@ -34,6 +34,7 @@ DEFAULT_CACHE_DIR = Path("/var/cache/dispo")
 MMDEBSTRAP_HINT = "install mmdebstrap (apt-get install mmdebstrap)"
 BUILD_TIMEOUT_S = 1800.0
 KERNEL, INITRD, BUILD_META = "vmlinuz", "initrd.img", "build.json"
+VMLINUX = "vmlinux"  # the ELF kernel Firecracker boots (recipes with vmlinux=True)
 
 
 def cache_dir() -> Path:
@@ -108,6 +109,8 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
         out = work / "out"
         out.mkdir()
         kernel_version = _customize(tree, out)
+        if recipe.vmlinux:
+            kernels.extract_vmlinux(out / KERNEL, out / VMLINUX)
         size_mib = _fs_size_mib(tree, recipe.headroom_mib)
         _say(f"mkfs.ext4 -d: {size_mib} MiB root filesystem", quiet)
         run(["mkfs.ext4", "-q", "-F", "-L", f"dispo-{recipe.name}", "-d", tree, out / "rootfs.ext4", f"{size_mib}M"],
@@ -134,8 +137,10 @@ def _write_overlay(overlay: Path, recipe: Recipe) -> None:
         "etc/initramfs-tools/modules": ("".join(f"{m}\n" for m in recipe.initrd_modules), 0o644),
         # Only the listed modules: the build host's hardware says nothing about the guest's.
         "etc/initramfs-tools/conf.d/dispo.conf": ("MODULES=list\n", 0o644),
-        "etc/ssh/sshd_config.d/dispo.conf": (guest.SSHD_CONFIG, 0o644),
+        "etc/ssh/sshd_config.d/dispo.conf": (guest.SSHD_CONFIG + recipe.sshd_extra, 0o644),
     }
+    for path, resource in recipe.files:
+        files[path.lstrip("/")] = (guest.resource(resource).decode(), 0o755)
     for rel, (text, mode) in files.items():
         p = overlay / rel
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -195,16 +200,19 @@ def build_image(cfg: Config, recipe_name: str, *, name: str | None = None, rebui
         raise InvalidInput(f"image {name!r} already exists",
                            hint=f"remove it with 'dispo image rm {name}' or add --force to replace it")
     product = build_product(cfg, recipe, rebuild=rebuild, quiet=quiet)
-    for f in (product.rootfs, product.path / KERNEL, product.path / INITRD):
+    extra_files = {KERNEL: product.path / KERNEL, INITRD: product.path / INITRD}
+    extra_meta: dict[str, object] = {
+        "kernel": KERNEL, "initrd": INITRD, "cmdline": list(recipe.cmdline), "arch": "x86_64",
+        "vmms": list(recipe.vmms), "recipe": recipe.name, "build_key": product.key,
+        "kernel_version": product.kernel_version}
+    if recipe.vmlinux:
+        extra_files[VMLINUX] = product.path / VMLINUX
+        extra_meta["vmlinux"] = VMLINUX
+    for f in (product.rootfs, *extra_files.values()):
         if not f.is_file():
             raise NotFound(f"build product file {f} is missing", hint="rebuild with --rebuild")
     if exists:
         store.remove(name)
-    image = store.import_(
-        product.rootfs, name, quiet=quiet,
-        extra_files={KERNEL: product.path / KERNEL, INITRD: product.path / INITRD},
-        extra_meta={"kernel": KERNEL, "initrd": INITRD, "cmdline": list(recipe.cmdline), "arch": "x86_64",
-                    "vmms": list(recipe.vmms), "recipe": recipe.name, "build_key": product.key,
-                    "kernel_version": product.kernel_version})
+    image = store.import_(product.rootfs, name, quiet=quiet, extra_files=extra_files, extra_meta=extra_meta)
     _say(f"image {image.name}: {format_size(image.size)} root filesystem, kernel {product.kernel_version}", quiet)
     return image

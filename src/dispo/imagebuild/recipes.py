@@ -1,4 +1,4 @@
-"""Image recipes: what goes into a built image. Only `minimal` for now.
+"""Image recipes: what goes into a built image: `minimal`, and the browsers `chromium` and `firefox`.
 
 A recipe is data; `dispo.imagebuild.build` turns it into an mmdebstrap run, a root filesystem image and an
 image carrying its kernel. The cache key covers everything here plus the guest files, so changing the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from dispo import guest
 from dispo.errors import NotFound
@@ -27,14 +27,30 @@ class Recipe:
     cmdline: tuple[str, ...]             # kernel arguments every boot of this image needs
     vmms: tuple[str, ...]
     headroom_mib: int                    # free space in the root filesystem for the session's writes
+    # Guest files (dispo.guest resources) installed at a path in the tree, executable.
+    files: tuple[tuple[str, str], ...] = ()
+    sshd_extra: str = ""                 # appended to the sshd settings (X11 forwarding for browsers)
+    vmlinux: bool = False                # also store an ELF vmlinux (Firecracker boots only those)
 
     def key(self, sources_text: str) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps(asdict(self), sort_keys=True).encode())
+        fields = asdict(self)
+        # Fields added later hash only when set, so a recipe that does not use them keeps its cached build.
+        for late in ("files", "sshd_extra", "vmlinux"):
+            if not fields[late]:
+                del fields[late]
+        h.update(json.dumps(fields, sort_keys=True).encode())
         h.update(sources_text.encode())
         h.update(guest.init_script())
         h.update(guest.SSHD_CONFIG.encode())
+        for _, resource in self.files:
+            h.update(guest.resource(resource))
         return h.hexdigest()[:16]
+
+    def app_packages(self) -> tuple[str, ...]:
+        """What `--from` installs into an image that already boots: the recipe's packages beyond minimal's
+        (kernel, initramfs, sshd and the rest come with the source image)."""
+        return tuple(p for p in self.packages if p not in MINIMAL.packages)
 
 
 MINIMAL = Recipe(
@@ -49,7 +65,27 @@ MINIMAL = Recipe(
     headroom_mib=512,
 )
 
-RECIPES = {r.name: r for r in (MINIMAL,)}
+# What both display modes need: TigerVNC's Xvnc and a window manager for `web`, xauth for sshd's X11
+# forwarding (`x11`), fonts for any page at all. Debian's packages only; no Recommends (mmdebstrap's default).
+_DISPLAY = ("tigervnc-standalone-server", "matchbox-window-manager", "xauth", "fonts-dejavu-core",
+            "fonts-liberation2")
+
+
+def _browser(name: str, package: str) -> Recipe:
+    return replace(
+        MINIMAL, name=name, packages=(*MINIMAL.packages, *_DISPLAY, package), vmms=("qemu", "firecracker"),
+        # A browser's cache, profile and crash dumps land on the session's disk.
+        headroom_mib=1024,
+        files=((guest.APP_PATH, "app.sh"),),
+        # Untrusted forwarding on the host side (ssh -X); xauth in the guest makes the cookie.
+        sshd_extra="X11Forwarding yes\nX11UseLocalhost yes\n",
+        vmlinux=True)
+
+
+CHROMIUM = _browser("chromium", "chromium")
+FIREFOX = _browser("firefox", "firefox-esr")
+
+RECIPES = {r.name: r for r in (MINIMAL, CHROMIUM, FIREFOX)}
 
 
 def get(name: str) -> Recipe:

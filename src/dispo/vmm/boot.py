@@ -15,6 +15,7 @@ from pathlib import Path
 from dispo import ssh
 from dispo.errors import InvalidInput, NotFound, VmmError
 from dispo.images import Image
+from dispo.net.policy import NetworkPolicy
 from dispo.session import Session
 from dispo.vmm import qemu
 from dispo.vmm.base import MachineSpec, NetAttachment, VmmKind
@@ -60,8 +61,12 @@ def kernel_for(image: Image, kind: VmmKind) -> Path | None:
 
 
 def boot(s: Session, *, backend: str | None = None, memory_mib: int = 512, vcpus: int = 1,
-         ready_timeout: float = DEFAULT_READY_TIMEOUT_S, t0: float | None = None) -> Guest:
-    """Boot s.image on s.disk and wait until its SSH answers. Raises VmmError (with the console tail)."""
+         ready_timeout: float = DEFAULT_READY_TIMEOUT_S, t0: float | None = None,
+         policy: NetworkPolicy | None = None, cmdline: tuple[str, ...] = ()) -> Guest:
+    """Boot s.image on s.disk and wait until its SSH answers. Raises VmmError (with the console tail).
+
+    `policy` is what the guest may reach (default: the internet through NAT); `cmdline` adds kernel
+    arguments for the guest's init (e.g. dispo.shm=MiB)."""
     from dispo.net import attach_network
 
     t0 = time.monotonic() if t0 is None else t0
@@ -79,10 +84,10 @@ def boot(s: Session, *, backend: str | None = None, memory_mib: int = 512, vcpus
                            hint=f"rebuild the image ('dispo image build {image.name} --force')")
     keys = ssh.make_keys(s.state_path, s.session_id)
     ssh.install_keys(s.disk, keys)
-    net = attach_network(s)
+    net = attach_network(s, policy)
     spec = MachineSpec(
         session_id=s.session_id, kernel=kernel, rootfs=s.disk, workdir=s.state_path,
-        cmdline=(*image.cmdline, *net.kernel_args(), f"dispo.hostname=dispo-{s.session_id}"),
+        cmdline=(*image.cmdline, *net.kernel_args(), f"dispo.hostname=dispo-{s.session_id}", *cmdline),
         initrd=image.initrd_path, memory_mib=memory_mib, vcpus=vcpus, nets=(NetAttachment(net.tap, net.mac),))
     vmm: qemu.QemuVmm | FirecrackerVmm
     if kind is VmmKind.FIRECRACKER:

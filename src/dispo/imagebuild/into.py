@@ -1,0 +1,149 @@
+"""`dispo image build RECIPE --from NAME`: install a recipe's app (browser + display stack) into an existing
+image, as the seed does by hand inside a VM, and import the result as a new image.
+
+The source image is never changed: its root filesystem is mounted read-only and copied into a build
+directory (journaled as "build-dir", whose undoer unmounts whatever is left inside it), apt-get runs in a
+chroot there with the host's resolver, then `mkfs.ext4 -d` makes the new root filesystem, which boots with
+the source image's kernel, initrd and command line. The source image's own apt sources decide where the
+packages come from, so they must offer the recipe's package names (Debian does; Ubuntu ships its browsers
+as snaps, which need a running snapd and cannot be installed this way).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from dispo import guest
+from dispo.config import Config
+from dispo.errors import InvalidInput, NotFound, PermissionProblem
+from dispo.imagebuild import BUILD_TIMEOUT_S, _fs_size_mib, _say, cache_dir, recipes
+from dispo.images import Image, ImageStore
+from dispo.names import check_name, format_size
+from dispo.proc import minimal_env, run, which
+from dispo.session import transaction
+
+APT_HINT = "check the source image's apt sources (they must offer the packages) and the host's network"
+
+
+def _chroot(tree: Path, *argv: str, timeout: float = BUILD_TIMEOUT_S) -> None:
+    env = minimal_env({"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"})
+    run(["chroot", tree, *argv], env=env, timeout=timeout, hint=APT_HINT)
+
+
+def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None = None, force: bool = False,
+               quiet: bool = False) -> Image:
+    recipe = recipes.get(recipe_name)
+    store = ImageStore(cfg)
+    src = store.get(src_name)
+    name = check_name(name or f"{src.name}-{recipe.name}", what="image name")
+    if name == src.name:
+        raise InvalidInput(f"the new image cannot replace its source {src.name!r}", hint="give --name NEW")
+    if src.kernel_path is None or not src.kernel_path.is_file():
+        raise InvalidInput(f"image {src.name!r} has no kernel, so the new image could not boot",
+                           hint="use an image from 'dispo image build' or 'dispo image fetch'")
+    exists = (cfg.images_dir / name / "image.json").exists()
+    if exists and not force:
+        raise InvalidInput(f"image {name!r} already exists",
+                           hint=f"remove it with 'dispo image rm {name}' or add --force to replace it")
+    if os.geteuid() != 0:
+        raise PermissionProblem("installing into an image needs root (loop mount, chroot)")
+    which("chroot", hint="install coreutils")
+    root = cache_dir() / "images"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionProblem(f"cannot create the build cache {root}: {e.strerror}",
+                                hint="set DISPO_CACHE_DIR to a writable directory") from None
+    t0 = time.monotonic()
+    packages = recipe.app_packages()
+    with transaction(cfg, purpose=f"install {recipe.name} into image {src.name}", image=src.name) as tx:
+        work = root / f".from-{tx.session_id}-{name}"
+        tx.journal.record("build-dir", path=str(work))
+        work.mkdir(mode=0o700)
+        mnt, tree, out = work / "src", work / "root", work / "out"
+        for d in (mnt, tree, out):
+            d.mkdir()
+        _say(f"copying image {src.name} ({format_size(src.size)})", quiet)
+        run(["mount", "-o", "loop,ro", src.rootfs, mnt], hint="the source image must be an ext4 root filesystem")
+        try:
+            run(["cp", "-a", f"{mnt}/.", tree], timeout=BUILD_TIMEOUT_S)
+        finally:
+            run(["umount", mnt], check=False)
+        _install(tree, packages, quiet)
+        _finish_tree(tree, recipe)
+        size_mib = _fs_size_mib(tree, recipe.headroom_mib)
+        _say(f"mkfs.ext4 -d: {size_mib} MiB root filesystem", quiet)
+        run(["mkfs.ext4", "-q", "-F", "-L", f"dispo-{name}"[:16], "-d", tree, out / "rootfs.ext4", f"{size_mib}M"],
+            hint="install e2fsprogs")
+        extra_files = {src.kernel: src.kernel_path}
+        meta: dict[str, object] = {"kernel": src.kernel, "cmdline": list(src.cmdline), "arch": src.arch,
+                                   "vmms": list(src.vmms), "recipe": recipe.name, "from_image": src.name}
+        if src.initrd_path is not None:
+            extra_files[src.initrd] = src.initrd_path
+            meta["initrd"] = src.initrd
+        if src.vmlinux and (src.path / src.vmlinux).is_file():
+            extra_files[src.vmlinux] = src.path / src.vmlinux
+            meta["vmlinux"] = src.vmlinux
+        if exists:
+            store.remove(name)
+        image = store.import_(out / "rootfs.ext4", name, quiet=quiet, extra_files=extra_files, extra_meta=meta)
+    _say(f"image {image.name}: {recipe.name} installed into {src.name} in {time.monotonic() - t0:.1f} s "
+         f"({format_size(image.size)} root filesystem)", quiet)
+    return image
+
+
+def _install(tree: Path, packages: tuple[str, ...], quiet: bool) -> None:
+    """apt-get install in a chroot with the host's /proc, /sys, /dev and resolver; all unmounted after (and
+    by the build-dir undoer if dispo dies meanwhile)."""
+    resolv = tree / "etc/resolv.conf"
+    saved = None
+    if os.path.lexists(resolv):
+        saved = resolv.with_name(".resolv.conf.dispo-saved")
+        os.rename(resolv, saved)
+    shutil.copyfile("/etc/resolv.conf", resolv)
+    # No service starts in a chroot (the guest's own init starts what it needs).
+    policy = tree / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    mounts = [(["-t", "proc", "proc"], tree / "proc"), (["-t", "sysfs", "sysfs"], tree / "sys"),
+              (["--bind", "/dev"], tree / "dev")]
+    done: list[Path] = []
+    try:
+        for opts, target in mounts:
+            target.mkdir(exist_ok=True)
+            run(["mount", *opts, target])
+            done.append(target)
+        _say(f"apt-get install {' '.join(packages)}", quiet)
+        _chroot(tree, "apt-get", "update", "-q")
+        _chroot(tree, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages)
+        _chroot(tree, "apt-get", "clean")
+    finally:
+        for target in reversed(done):
+            run(["umount", "-l", target], check=False)
+        resolv.unlink(missing_ok=True)
+        policy.unlink(missing_ok=True)
+        if saved is not None:
+            os.rename(saved, resolv)
+
+
+def _finish_tree(tree: Path, recipe: recipes.Recipe) -> None:
+    """What dispo needs in the guest: the launcher, sshd's settings, the unprivileged user, no host keys."""
+    for path, resource in recipe.files:
+        dest = tree / path.lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(guest.resource(resource))
+        dest.chmod(0o755)
+    conf = tree / "etc/ssh/sshd_config.d/dispo.conf"
+    if not conf.parent.is_dir():
+        raise NotFound("the source image has no /etc/ssh/sshd_config.d", hint="use an image with openssh-server")
+    conf.write_text(guest.SSHD_CONFIG + recipe.sshd_extra)
+    conf.chmod(0o644)
+    if run(["chroot", tree, "id", "-u", guest.USER], check=False).returncode != 0:
+        run(["useradd", "--root", tree, "--create-home", "--shell", "/bin/bash", "--uid", str(guest.USER_UID),
+             "--user-group", guest.USER])
+        run(["usermod", "--root", tree, "--password", "*", guest.USER])
+    for key in (tree / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()

@@ -1,0 +1,60 @@
+"""`dispo run PROFILE [URL]` argument handling and the browser recipes, without booting anything."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from dispo import guest
+from dispo.cli import run
+from dispo.display.launch import _with_options
+from dispo.errors import InvalidInput
+from dispo.imagebuild import recipes
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers()
+    run.register(sub)
+    return p.parse_args(["run", *argv])
+
+
+def test_options_before_and_after_the_profile() -> None:
+    given, name, url = run._profile_args(_parse("--memory", "3072", "chromium", "--display", "x11",
+                                                "http://example.test/", "--vcpus", "3"))
+    assert (name, url) == ("chromium", "http://example.test/")
+    assert given == {"memory": 3072, "display": "x11", "vcpus": 3}  # only what was given: the profile fills in
+    given, _, url = run._profile_args(_parse("firefox"))
+    assert given == {} and url is None
+
+
+@pytest.mark.parametrize(("argv", "text"), [
+    (("chromium", "http://a/", "http://b/"), "one URL at most"),
+    (("chromium", "--bogus"), "unknown option"),
+    (("chromium", "--display", "vnc"), "invalid choice"),
+    (("chromium", "--memory", "lots"), "invalid int value"),
+])
+def test_bad_profile_arguments(argv: tuple[str, ...], text: str) -> None:
+    with pytest.raises(InvalidInput, match=text):
+        run._profile_args(_parse(*argv))
+
+
+def test_ssh_options_go_before_the_destination() -> None:
+    argv = ["ssh", "-F", "/dev/null", "-T", "172.20.0.2"]
+    assert _with_options(argv, ["-X"]) == ["ssh", "-F", "/dev/null", "-T", "-X", "172.20.0.2"]
+
+
+def test_browser_recipes() -> None:
+    for name, package in (("chromium", "chromium"), ("firefox", "firefox-esr")):
+        r = recipes.get(name)
+        assert package in r.packages and "tigervnc-standalone-server" in r.packages and "xauth" in r.packages
+        assert r.vmlinux and r.vmms == ("qemu", "firecracker")
+        assert (guest.APP_PATH, "app.sh") in r.files and "X11Forwarding yes" in r.sshd_extra
+    # The launcher is part of a browser image's cache key; the minimal image does not carry it.
+    assert recipes.CHROMIUM.key("sources") != recipes.FIREFOX.key("sources")
+    assert not recipes.MINIMAL.files and not recipes.MINIMAL.vmlinux
+    # --from installs only the app and its display stack: the source image brings kernel and sshd.
+    assert recipes.CHROMIUM.app_packages() == (
+        "tigervnc-standalone-server", "matchbox-window-manager", "xauth", "fonts-dejavu-core", "fonts-liberation2",
+        "chromium")

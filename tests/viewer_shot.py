@@ -1,0 +1,67 @@
+"""Open a dispo viewer URL in a real browser (Playwright + Debian's chromium) and screenshot it until the
+guest's screen shows the expected colour; optionally press "End session". Run inside the netns where the
+viewer listens: `python -m tests.viewer_shot URL OUT.png RRGGBB TIMEOUT [--end]`. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+TOLERANCE = 48  # noVNC may ask for lossy (JPEG) encodings: colours come back close, not exact
+
+
+def pixel(png: Path, x: int, y: int) -> tuple[int, ...]:
+    fmt = ",".join(f"%[fx:int(255*p{{{x},{y}}}.{c})]" for c in "rgb")
+    out = subprocess.run(["convert", str(png), "-format", fmt, "info:"], capture_output=True, text=True, check=True)
+    return tuple(int(c) for c in out.stdout.strip().split(","))
+
+
+def close(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= TOLERANCE for x, y in zip(a, b, strict=True))
+
+
+def main() -> int:
+    url, out, hex_rgb, timeout = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    end = "--end" in sys.argv[5:]
+    want = tuple(int(hex_rgb[i:i + 2], 16) for i in (0, 2, 4))
+    result: dict[str, object] = {"seen": False}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            t0 = time.monotonic()
+            page.goto(url)
+            page.frame_locator("#vnc").locator("canvas").wait_for(state="visible", timeout=timeout * 1000)
+            # Points spread over the lower middle of the screen: below the guest browser's own toolbar.
+            points = [(640, 500), (400, 600), (880, 600), (640, 700)]
+            got: list[tuple[int, ...]] = []
+            while time.monotonic() - t0 < timeout:
+                page.screenshot(path=str(out))
+                got = [pixel(out, x, y) for x, y in points]
+                if all(close(g, want) for g in got):
+                    result.update(seen=True, seen_at=time.time())  # wall clock, for timings across processes
+                    break
+                time.sleep(0.5)
+            result.update(pixels=got, seconds=round(time.monotonic() - t0, 1))
+            if end:
+                result["end_at"] = time.time()
+                page.click("#end")
+                page.wait_for_selector("text=Session ended", timeout=10000)
+                result["ended"] = True
+        finally:
+            browser.close()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
