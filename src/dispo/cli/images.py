@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dispo.cli.common import print_table
 from dispo.config import Config
 from dispo.images import ImageStore
 from dispo.names import format_size, parse_size
@@ -77,9 +77,3 @@ def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     print(f"{args.name}: CHANGED (the image no longer matches the hash recorded at import)")
     return 1
-
-
-def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    for row in (header, *rows):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

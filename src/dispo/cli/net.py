@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from dispo import journal
-from dispo.cli.images import print_table
+from dispo.cli.common import command, print_table, run_host_command
 from dispo.config import Config
-from dispo.errors import InvalidInput
 from dispo.net import NetworkPolicy, attach_network, links, pool
 from dispo.session import transaction
 
@@ -58,11 +55,7 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if args.cmd and not cmd:
-        raise InvalidInput("'--' must be followed by a command", hint="dispo net run -- CMD [ARG ...]")
+    cmd = command(args.cmd, "dispo net run -- CMD [ARG ...]")
     policy = NetworkPolicy.load(args.policy) if args.policy else None
     with transaction(cfg, purpose="net", name=args.name or "") as s:
         gn = attach_network(s, policy)
@@ -84,10 +77,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"{k}={v}", flush=True)
             signal.pause()
             return 0
-        try:
-            return subprocess.run(cmd, env=dict(os.environ, **env), check=False).returncode
-        except FileNotFoundError:
-            raise InvalidInput(f"command not found: {cmd[0]}", hint="give the full path of the command") from None
+        return run_host_command(cmd, env)
 
 
 def cmd_gc(args: argparse.Namespace, cfg: Config) -> int:

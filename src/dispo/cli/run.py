@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dispo import journal, profiles, ssh
+from dispo.cli.common import command
 from dispo.config import Config
 from dispo.display import launch
 from dispo.errors import InvalidInput, JournalError, NotFound, VmmError
@@ -99,15 +100,6 @@ def _profile_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, str | 
     return given, args.cmd[0], (words[0] if words else None)
 
 
-def _command(raw: list[str], usage: str) -> list[str]:
-    cmd = list(raw)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if raw and not cmd:
-        raise InvalidInput("'--' must be followed by a command", hint=usage)
-    return cmd
-
-
 def _check_limits(memory: int, vcpus: int) -> None:
     if not 64 <= memory <= 1 << 20:
         raise InvalidInput(f"--memory {memory} is out of range", hint="give the guest memory in MiB, 64 or more")
@@ -141,7 +133,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     opts = {**_RUN_DEFAULTS, **{k: v for k, v in vars(args).items() if k in _RUN_DEFAULTS}}
     if opts["display"] is not None or opts["open"]:
         raise InvalidInput("--display and --open go with a profile", hint=PROFILE_USAGE)
-    cmd = _command(args.cmd, "dispo run [--image NAME] -- CMD [ARG ...]")
+    cmd = command(args.cmd, "dispo run [--image NAME] -- CMD [ARG ...]")
     _check_limits(opts["memory"], opts["vcpus"])
     image = ImageStore(cfg).get(opts["image"])  # all input checked before anything is created
     choose_backend(opts["backend"], image)
@@ -239,7 +231,7 @@ def _live(cfg: Config, session_id: str) -> journal.JournalInfo:
 
 
 def cmd_ssh(args: argparse.Namespace, cfg: Config) -> int:
-    cmd = _command(args.cmd, "dispo ssh ID -- CMD [ARG ...]")
+    cmd = command(args.cmd, "dispo ssh ID -- CMD [ARG ...]")
     info = _live(cfg, args.id)
     found = ssh.load_info(info.path)
     if found is None:

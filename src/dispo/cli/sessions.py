@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 import time
 from typing import Any
 
 from dispo import gc, journal
-from dispo.cli.images import print_table
+from dispo.cli.common import command, print_table, run_host_command
 from dispo.config import Config
-from dispo.errors import InvalidInput
 from dispo.session import open_session
 
 
@@ -65,19 +62,11 @@ def cmd_gc(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_disk(args: argparse.Namespace, cfg: Config) -> int:
-    cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
-    if args.cmd and not cmd:
-        raise InvalidInput("'--' must be followed by a command", hint="dispo disk --image NAME -- CMD [ARG ...]")
+    cmd = command(args.cmd, "dispo disk --image NAME -- CMD [ARG ...]")
     with open_session(cfg, image=args.image, name=args.name) as s:
         print(f"session {s.session_id}: disk {s.disk}", file=sys.stderr, flush=True)
         if not cmd:
             print(s.disk, flush=True)
             signal.pause()
             return 0
-        env = dict(os.environ, DISPO_DISK=str(s.disk), DISPO_SESSION=s.session_id)
-        try:
-            return subprocess.run(cmd, env=env, check=False).returncode
-        except FileNotFoundError:
-            raise InvalidInput(f"command not found: {cmd[0]}", hint="give the full path of the command") from None
+        return run_host_command(cmd, {"DISPO_DISK": str(s.disk), "DISPO_SESSION": s.session_id})
