@@ -112,6 +112,16 @@ def terminate(pid: int, start: str, *, term_timeout: float = 5.0, kill_timeout: 
     raise DispoError(f"process {pid} survived SIGKILL", hint="check for a process stuck in the kernel (D state)")
 
 
+def exit_status(proc: subprocess.Popen[bytes] | None, timeout: float | None = None) -> int | None:
+    """The child's exit status once it has exited (waiting up to `timeout`), else None."""
+    if proc is None:
+        return None
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
 @undoer("process")
 def undo_process(args: Mapping[str, str]) -> None:
     terminate(int(args["pid"]), args["starttime"], term_timeout=float(args.get("term_timeout", "3")))

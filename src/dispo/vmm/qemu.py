@@ -183,12 +183,7 @@ class QemuVmm:
         return self._proc is not None and self._proc.poll() is None
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
-        if self._proc is None:
-            return None
-        try:
-            return self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        return processes.exit_status(self._proc, timeout)
 
     def powerdown(self) -> bool:
         """Ask the guest to power off (ACPI power button). False if QMP is gone."""

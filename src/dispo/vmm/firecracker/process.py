@@ -171,12 +171,7 @@ class FirecrackerVmm:
             raise
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
-        if self._proc is None:
-            return None
-        try:
-            return self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        return processes.exit_status(self._proc, timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the guest to power off, then SIGTERM, then SIGKILL; verify it is gone; remove socket and jail."""
