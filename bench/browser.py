@@ -34,7 +34,7 @@ PAGE = (f'<!doctype html><title>bench</title><body style="margin:0"><div style="
 
 def _build(env: dict[str, str], recipe: str, rebuild: bool) -> dict[str, float | str]:
     t0 = time.perf_counter()
-    argv = [str(DISPO), "image", "build", recipe, "--quiet", *(["--rebuild"] if rebuild else [])]
+    argv = [*DISPO, "image", "build", recipe, "--quiet", *(["--rebuild"] if rebuild else [])]
     subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     product = next(p for p in (cache_dir() / "images").glob(f"{recipe}-*") if not p.name.startswith("."))

@@ -19,7 +19,7 @@ from tests.worlds import loop_fs, make_config, sh
 from bench.common import median, report
 from dispo.config import Config, StorageBackend
 from dispo.images import ImageStore
-from dispo.session import open_session
+from dispo.storage.disks import open_session
 
 GiB = 1 << 30
 

@@ -4,12 +4,18 @@ other session networks already up: does it grow with the number of sessions?
 Runs as root inside a "host" network namespace it creates (never the machine's own network): the outer
 process builds the namespaces, then re-runs itself inside with nsenter, where the timing happens in-process.
 create = attach_network(); delete = the session's journal unwind (undo of tap, rules, lease + the journal dir).
+
+Then what a live session costs: `missing_rules()` (the supervisor's check that the session's firewall is still
+there) with 1 and with 51 sessions' rules in the table, and the guest's traffic through its rules and NAT (a
+veth stand-in guest: TCP bulk send to the "internet" namespace, UDP request/response round trips), so a change
+of the per-packet rules shows up here.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -19,12 +25,69 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.netns import net_world
+from tests.netns import INTERNET, net_world
 
 from bench.common import report
 from dispo.config import Config, NetConfig, NetLink
-from dispo.net import attach_network
-from dispo.session import transaction
+from dispo.net import attach_network, missing_rules
+from dispo.txn import transaction
+
+TCP_PORT, UDP_PORT = 5201, 5202
+TRAFFIC_MIB, UDP_ROUNDS, WATCH_CALLS = 512, 2000, 30
+
+# In the "internet" namespace: a TCP sink (reads to EOF, then closes) and a UDP echo.
+SINK = r'''
+import socket, sys, threading
+host, tport, uport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def echo():
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind((host, uport))
+    while True:
+        data, addr = u.recvfrom(64)
+        u.sendto(data, addr)
+threading.Thread(target=echo, daemon=True).start()
+t = socket.socket()
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind((host, tport))
+t.listen()
+while True:
+    c, _ = t.accept()
+    while c.recv(1 << 20):
+        pass
+    c.close()
+'''
+
+# In the guest's (stand-in's) namespace: through the session's rules and NAT to the sink.
+CLIENT = r'''
+import json, socket, sys, time
+host, tport, uport, mib, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+deadline = time.monotonic() + 10
+while True:
+    try:
+        s = socket.create_connection((host, tport), timeout=5)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+buf = bytes(1 << 20)
+t0 = time.perf_counter()
+for _ in range(mib):
+    s.sendall(buf)
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+tcp_s = time.perf_counter() - t0
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.connect((host, uport))
+rtts = []
+for _ in range(rounds):
+    t = time.perf_counter()
+    u.send(b"x")
+    u.recv(16)
+    rtts.append(time.perf_counter() - t)
+print(json.dumps({"tcp_s": tcp_s, "rtts": rtts}))
+'''
 
 
 def _one(cfg: Config) -> tuple[float, float]:
@@ -44,11 +107,30 @@ def inner(workdir: Path, repeats: int, background: int) -> dict[str, list[float]
     pairs = [_one(cfg) for _ in range(repeats)]
     out["alone_create"], out["alone_delete"] = [p[0] for p in pairs], [p[1] for p in pairs]
     with contextlib.ExitStack() as held:
-        for _ in range(background):
-            attach_network(held.enter_context(transaction(cfg, purpose="bench-net-background")))
+        sids = [attach_network(held.enter_context(transaction(cfg, purpose="bench-net-background"))).session_id
+                for _ in range(background)]
         pairs = [_one(cfg) for _ in range(repeats)]
+        out["watch_loaded"] = _watch(cfg, sids[0]) if sids else []
     out["loaded_create"], out["loaded_delete"] = [p[0] for p in pairs], [p[1] for p in pairs]
+    standin = dataclasses.replace(cfg, net=NetConfig(link=NetLink.VETH_STANDIN, dns="none"))
+    with transaction(standin, purpose="bench-net-traffic") as s:
+        gn = attach_network(s)
+        out["watch_alone"] = _watch(cfg, gn.session_id)
+        proc = subprocess.run(["nsenter", f"--net=/run/netns/{gn.standin_netns}", sys.executable, "-c", CLIENT,
+                               INTERNET, str(TCP_PORT), str(UDP_PORT), str(TRAFFIC_MIB), str(UDP_ROUNDS)],
+                              capture_output=True, text=True, check=True, timeout=300)
+        traffic = json.loads(proc.stdout)
+    out["tcp_s"], out["udp_rtt"] = [traffic["tcp_s"]], traffic["rtts"]
     return out
+
+
+def _watch(cfg: Config, sid: str) -> list[float]:
+    times = []
+    for _ in range(WATCH_CALLS):
+        t0 = time.perf_counter()
+        assert missing_rules(cfg.state_dir, sid) == []
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def _ms(xs: list[float], q: float) -> str:
@@ -70,6 +152,8 @@ def main() -> int:
         print("bench.net needs root (it creates network namespaces)", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="dispo-bench-net-") as tmp, net_world(Path(tmp), servers=False) as w:
+        w.spawn(["nsenter", f"--net=/run/netns/{w.internet}", sys.executable, "-c", SINK, INTERNET, str(TCP_PORT),
+                 str(UDP_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(["nsenter", f"--net=/run/netns/{w.host}", sys.executable, "-m", "bench.net",
                         "--inner", tmp, "--repeats", str(args.repeats), "--background", str(args.background)],
                        check=True, cwd=Path(__file__).resolve().parent.parent)
@@ -81,6 +165,17 @@ def main() -> int:
                      f"{statistics.median(d) * 1000:.1f}", _ms(d, 0.9)))
     report("net", ("SCENARIO", "N", "CREATE MEDIAN ms", "CREATE P90 ms", "DELETE MEDIAN ms", "DELETE P90 ms"), rows,
            {"samples_s": result, "link": "tap", "cpus": os.cpu_count()})
+    def ms(xs: list[float]) -> tuple[int, str, str]:
+        return len(xs), f"{statistics.median(xs) * 1000:.1f} ms", f"{_ms(xs, 0.9)} ms"
+
+    live = [("missing_rules(), 1 session", *ms(result["watch_alone"]))]
+    if result.get("watch_loaded"):
+        live.append((f"missing_rules(), {args.background + 1} sessions", *ms(result["watch_loaded"])))
+    rtt = sorted(result["udp_rtt"])
+    live += [("guest -> internet TCP, MiB/s", 1, f"{TRAFFIC_MIB / result['tcp_s'][0]:.0f}", "-"),
+             ("guest -> internet UDP round trip", len(rtt), f"{statistics.median(rtt) * 1e6:.0f} us",
+              f"{rtt[int(0.9 * len(rtt))] * 1e6:.0f} us")]
+    report("net-live", ("LIVE SESSION", "N", "MEDIAN", "P90"), live, {"link": "veth-standin", "cpus": os.cpu_count()})
     return 0
 
 

@@ -61,7 +61,7 @@ def main() -> None:
         if not args.plain_workspace:  # session disks as btrfs snapshots, as a real install would have them
             env["DISPO_WORKSPACE"] = str(stack.enter_context(loop_fs(tmp / "fs", "btrfs", "4G")) / "ws")
         # In the machine's own namespace: apt must reach the mirror (the world's host namespace cannot).
-        build = _build(env, [str(DISPO)], not args.cached)
+        build = _build(env, DISPO, not args.cached)
         rows: list[tuple[int | str, ...]] = []
         accel = "?"
         for i in range(args.runs):

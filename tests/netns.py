@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DISPO = REPO / ".venv" / "bin" / "dispo"
-PYTHON = REPO / ".venv" / "bin" / "python"
+# The code under test is the one the running interpreter imports (never a fixed .venv path).
+PYTHON = Path(sys.executable)
+DISPO = [sys.executable, "-m", "dispo"]
 
 HOST_UP = "203.0.113.1"  # host side of the host <-> internet link (the NAT address)
 INTERNET = "203.0.113.2"  # the "internet" HTTP server
@@ -104,7 +105,7 @@ class NetWorld:
                     DISPO_WORKSPACE=str(self.root / "ws"))
 
     def dispo_argv(self, *args: str | Path) -> list[str]:
-        return ["nsenter", f"--net=/run/netns/{self.host}", str(DISPO), *(str(a) for a in args)]
+        return ["nsenter", f"--net=/run/netns/{self.host}", *DISPO, *(str(a) for a in args)]
 
     def dispo(self, *args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.dispo_argv(*args), capture_output=True, text=True, env=self.env(),

@@ -8,9 +8,10 @@ import pytest
 
 from dispo import guest
 from dispo.cli import run
-from dispo.display.launch import _with_options
 from dispo.errors import InvalidInput
 from dispo.imagebuild import recipes
+from dispo.runtime.machinery import SshChannel
+from dispo.ssh import SessionKeys
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -40,9 +41,14 @@ def test_bad_profile_arguments(argv: tuple[str, ...], text: str) -> None:
         run._profile_args(_parse(*argv))
 
 
-def test_ssh_options_go_before_the_destination() -> None:
-    argv = ["ssh", "-F", "/dev/null", "-T", "172.20.0.2"]
-    assert _with_options(argv, ["-X"]) == ["ssh", "-F", "/dev/null", "-T", "-X", "172.20.0.2"]
+def test_ssh_options_go_before_the_destination(tmp_path) -> None:
+    ch = SshChannel(SessionKeys(tmp_path, "dispo-12345678"), "172.20.0.2")
+    x11 = ch.display(["chromium", "about:blank"], vnc_socket=None, geometry="1280x800")
+    web = ch.display(["chromium"], vnc_socket=tmp_path / "vnc.sock", geometry="1280x800")
+    for argv, option in ((x11, "-X"), (web, "-L")):
+        dest = argv.index("172.20.0.2")
+        assert argv.index(option) < dest and argv[-1].startswith(guest.APP_PATH), argv
+    assert f"{tmp_path / 'vnc.sock'}:127.0.0.1:5900" in web
 
 
 def test_browser_recipes() -> None:

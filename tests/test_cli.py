@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,13 +154,11 @@ def test_disk_runs_a_command_and_passes_its_status(world: tuple[dict[str, str], 
 @pytest.mark.root
 def test_demo(world: tuple[dict[str, str], Path, Path]) -> None:
     env, ws, state = world
-    t0 = time.monotonic()
     proc = dispo(env, "demo")
     assert "in the session disk: True" in proc.stdout
     assert "image hash unchanged: True" in proc.stdout
     assert "session disk still exists: False" in proc.stdout
     assert "storage backend: btrfs" in proc.stdout
-    assert time.monotonic() - t0 < 60
     objs = host_objects(ws, state)
     assert objs["session_disks"] == set() and objs["journals"] == set()
     assert objs["image_entries"] == {"dispo-demo"}

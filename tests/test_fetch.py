@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,11 +190,10 @@ def test_cli_image_fetch(cfg: Config, base: str, tmp_path: Path) -> None:
     cfgfile = tmp_path / "dispo.toml"
     cfgfile.write_text(f'[storage]\nbackend = "copy"\n[firecracker]\nartifacts_url = "{base}"\n')
     env["DISPO_CONFIG"] = str(cfgfile)
-    dispo = shutil.which("dispo", path=str(Path(__file__).resolve().parents[1] / ".venv" / "bin"))
-    assert dispo is not None
-    out = subprocess.run([dispo, "image", "fetch", "--name", "ci", "--ci-version", "v1.13", "--quiet"],
-                         env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "dispo", "image", "fetch", "--name", "ci", "--ci-version", "v1.13",
+                          "--quiet"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "fetched ci" in out.stdout and "v1.13" in out.stdout
-    again = subprocess.run([dispo, "image", "fetch", "--name", "ci"], env=env, capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "-m", "dispo", "image", "fetch", "--name", "ci"], env=env,
+                           capture_output=True, text=True)
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "already exists" in again.stderr

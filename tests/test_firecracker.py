@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from dispo.config import Config
 from dispo.errors import DispoError, InvalidInput, NotFound, PermissionProblem, VmmError
 from dispo.net import attach_network
 from dispo.processes import GATE_EOF_EXIT
-from dispo.session import Session, transaction
+from dispo.txn import Transaction, transaction
 from dispo.vmm.base import MachineSpec, NetAttachment
 from dispo.vmm.firecracker.api import ApiError
 from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm, Snapshot
@@ -69,7 +68,7 @@ def options(**kw: object) -> FirecrackerOptions:
     return FirecrackerOptions(**base)  # type: ignore[arg-type]
 
 
-def machine(s: Session, tmp: Path, *, mode: GuestMode = GuestMode.CTRL_ALT_DEL, taps: tuple[str, ...] = (),
+def machine(s: Transaction, tmp: Path, *, mode: GuestMode = GuestMode.CTRL_ALT_DEL, taps: tuple[str, ...] = (),
             workdir: Path | None = None) -> MachineSpec:
     kernel = tmp / f"vmlinux-{mode.value}"
     if not kernel.exists():
@@ -103,9 +102,7 @@ def test_lifecycle_boot_pause_snapshot_load_stop(cfg: Config, netns: str, tmp_pa
         spec = dataclasses.replace(machine(s, tmp_path), nets=(NetAttachment(gn.tap, gn.mac),),
                                    cmdline=machine(s, tmp_path).cmdline + gn.kernel_args())
         vmm = FirecrackerVmm(spec, options(vsock_cid=3, entropy=True))
-        t0 = time.monotonic()
         vmm.start(s.journal)
-        started = time.monotonic() - t0
         assert vmm.pid is not None and processes_mentioning(f"dispo-{sid}") == [vmm.pid]
         kinds = [e.kind for e in s.journal.entries]
         assert "process" in kinds, "the VMM process is journaled"
@@ -136,16 +133,14 @@ def test_lifecycle_boot_pause_snapshot_load_stop(cfg: Config, netns: str, tmp_pa
         assert vmm2.api is not None and vmm2.api.describe_instance()["state"] == "Running"
         assert vmm2.pid != vmm.pid
         # Graceful stop: the restored guest is still polling the i8042, sees Ctrl-Alt-Del, says so, resets.
-        t0 = time.monotonic()
         vmm2.stop(timeout=10)
-        assert time.monotonic() - t0 < 3, "the guest handled Ctrl-Alt-Del: no SIGTERM deadline was needed"
+        # The guest handled Ctrl-Alt-Del (it says so on its console): no signal was needed.
         assert GUEST_BYE in spec2.console_log.read_bytes(), vmm2.console_tail()
         assert GUEST_LINE not in spec2.console_log.read_bytes(), "the restored guest did not boot again"
         assert processes_mentioning(f"dispo-{sid}") == []
         assert [e.kind for e in s.journal.entries if e.kind == "process"] == []
     # The session's tap went with the session; only the test's own second tap (in its netns) is left.
     assert leftovers(cfg, sid) == {"processes": [], "journals": [], "taps": [tap2]}
-    assert started < 5
 
 
 def test_stop_escalates_to_sigterm_for_a_guest_that_ignores_ctrl_alt_del(cfg: Config, tmp_path: Path) -> None:
@@ -153,9 +148,9 @@ def test_stop_escalates_to_sigterm_for_a_guest_that_ignores_ctrl_alt_del(cfg: Co
         vmm = FirecrackerVmm(machine(s, tmp_path, mode=GuestMode.HALT), options(shutdown_grace=0.5))
         vmm.start(s.journal)
         assert console_has(vmm, GUEST_LINE)
-        t0 = time.monotonic()
         vmm.stop(timeout=4)
-        assert 0.5 <= time.monotonic() - t0 < 3
+        # It ignored the key press (no goodbye on its console) and is gone all the same: signals did it.
+        assert GUEST_BYE not in vmm.spec.console_log.read_bytes()
         assert processes_mentioning(f"dispo-{s.session_id}") == []
         assert not vmm.socket.exists()
 
@@ -293,7 +288,7 @@ from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from tests.fcworld import tiny_elf
 from tests.worlds import make_config
-from dispo.session import transaction
+from dispo.txn import transaction
 from dispo.vmm.base import MachineSpec
 from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm
 cfg = make_config(Path({str(cfg.workspace)!r}), Path({str(cfg.state_dir)!r}))

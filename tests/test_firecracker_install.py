@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +24,7 @@ from tests.worlds import dispo_env, make_config
 
 PAIR, WHY = jailer_pair_or_skip_reason()
 FC, FC_WHY = firecracker_or_skip_reason()
-DISPO = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "dispo"
+DISPO = [sys.executable, "-m", "dispo"]
 
 
 def release_tgz(version: str, fc: Path, jailer: Path | None, *, break_sum: bool = False) -> bytes:
@@ -125,17 +125,16 @@ def test_cli_install_and_doctor(cfg: Config, server: tuple[Bucket, str], tmp_pat
     cfgfile = tmp_path / "dispo.toml"
     cfgfile.write_text(f'[firecracker]\nrelease_url = "{base}{TEMPLATE}"\njail = "off"\n')
     env["DISPO_CONFIG"] = str(cfgfile)
-    doc = subprocess.run([str(DISPO), "doctor"], env=env, capture_output=True, text=True)
+    doc = subprocess.run([*DISPO, "doctor"], env=env, capture_output=True, text=True)
     assert doc.returncode == 1 and "FAIL  firecracker" in doc.stdout, doc.stdout + doc.stderr
-    out = subprocess.run([str(DISPO), "firecracker", "install", "--version", version, "--quiet"], env=env,
+    out = subprocess.run([*DISPO, "firecracker", "install", "--version", version, "--quiet"], env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert f"installed firecracker v{version}" in out.stdout
-    doc = subprocess.run([str(DISPO), "doctor"], env=env, capture_output=True, text=True)
+    doc = subprocess.run([*DISPO, "doctor"], env=env, capture_output=True, text=True)
     assert doc.returncode == 0, doc.stdout + doc.stderr
     lines = {ln.split()[1]: ln for ln in doc.stdout.splitlines() if ln.strip()}
     assert lines["firecracker"].startswith("ok") and f"(v{version})" in lines["firecracker"]
     assert lines["/dev/kvm"].startswith("ok")
     assert "probe guest printed" in doc.stdout, doc.stdout
     assert not (cfg.state_dir / "sessions").exists() or list((cfg.state_dir / "sessions").iterdir()) == []
-    assert shutil.which("dispo", path=str(DISPO.parent))

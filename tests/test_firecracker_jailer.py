@@ -15,7 +15,7 @@ from dispo import journal as journal_mod
 from dispo.config import Config, FirecrackerConfig, JailMode
 from dispo.names import new_session_id
 from dispo.net import attach_network
-from dispo.session import transaction
+from dispo.txn import transaction
 from dispo.vmm.base import MachineSpec, NetAttachment
 from dispo.vmm.firecracker import backend
 from dispo.vmm.firecracker.jailer import CGROUP_ROOT, PARENT_CGROUP, JailSpec, cgroup_version

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def test_build_minimal_image(tmp_path: Path) -> None:
     (DISPO_CACHE_DIR or /var/cache/dispo) so the suite builds once."""
     ws, state = tmp_path / "ws", tmp_path / "state"
     env = dict(os.environ, DISPO_WORKSPACE=str(ws), DISPO_STATE_DIR=str(state), DISPO_CONFIG="")
-    argv = [str(Path(__file__).parent.parent / ".venv" / "bin" / "dispo"), "image", "build", "minimal", "--quiet"]
+    argv = [sys.executable, "-m", "dispo", "image", "build", "minimal", "--quiet"]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800, check=False)
     assert proc.returncode == 0, proc.stderr
     image = ImageStore(make_config(ws, state)).get("minimal")

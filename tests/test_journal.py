@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from dispo import journal
-from dispo.errors import JournalError, TeardownError
+from dispo.errors import InvalidInput, JournalError, TeardownError
 from dispo.journal import Journal
 from dispo.names import new_session_id
 from dispo.undo import undoer
@@ -156,3 +156,48 @@ def test_nascent_dir_swept_only_when_old(tmp_path: Path) -> None:
     os.utime(old, (past, past))
     journal.gc(tmp_path)
     assert young.exists() and not old.exists()
+
+
+@pytest.mark.parametrize("bad", ["0123abcd\n", "0123abcd ", "\n0123abcd", "0123ABCD", "0123abc"])
+def test_session_ids_and_names_are_matched_whole(bad: str) -> None:
+    from dispo.names import check_name, check_session_id
+
+    with pytest.raises(InvalidInput, match="invalid session id"):
+        check_session_id(bad)
+    with pytest.raises(InvalidInput, match="invalid image name"):
+        check_name("minimal\n" if bad.endswith("\n") else "\nminimal", what="image name")
+
+
+def test_unwind_goes_on_when_the_journal_cannot_be_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk (or no file descriptors left) while unwinding: every undo step still runs."""
+    j = Journal.create(tmp_path, new_session_id(), {})
+    objs = [tmp_path / f"o{i}" for i in range(3)]
+    for i, obj in enumerate(objs):
+        j.record("test-log", name=f"o{i}", path=str(obj))
+        obj.write_text("x")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(j, "_write", full)
+    ORDER.clear()
+    j.unwind()
+    assert ORDER == ["o2", "o1", "o0"]
+    assert not any(o.exists() for o in objs)
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"id": "0123abcd", "resources": [{"seq": 1}]}',
+                                     '{"id": "../../etc", "resources": []}'])
+def test_a_bad_journal_does_not_stop_gc_or_scan_for_the_others(tmp_path: Path, content: str) -> None:
+    bad = journal.sessions_root(tmp_path) / "0badbad0"
+    good = Journal.create(tmp_path, new_session_id(), {"purpose": "test"})
+    obj = tmp_path / "obj"
+    good.record("path", path=str(obj))
+    obj.write_text("x")
+    good.release()  # its owner "died"
+    bad.mkdir(parents=True)
+    (bad / journal.STATE_FILE).write_text(content)
+    assert [i.session_id for i in journal.scan(tmp_path)] == [good.session_id]
+    report = journal.gc(tmp_path)
+    assert report.reclaimed == [good.session_id] and not obj.exists()
+    assert len(report.failed) == 1 and "0badbad0" in report.failed[0].message

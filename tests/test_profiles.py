@@ -35,7 +35,7 @@ def test_user_profile_overrides_builtin(tmp_path: Path) -> None:
         ('image = "x"\nmemroy_mib = 1\n', "unknown key 'memroy_mib'"),
         ("memory_mib = 1024\n", "key 'image' must name an image"),
         ('image = "../etc"\n', "invalid image name"),
-        ('image = "x"\nmemory_mib = 12\n', "key 'memory_mib' must be an integer from 128"),
+        ('image = "x"\nmemory_mib = 12\n', "key 'memory_mib' must be an integer from 64"),
         ('image = "x"\nvcpus = "2"\n', "key 'vcpus' must be an integer"),
         ('image = "x"\ncommand = "firefox --new"\n', "key 'command' must be a non-empty list"),
         ('image = "x"\ndisplay = "vnc"\n', "key 'display' is 'vnc', expected one of: web, x11, none"),
@@ -43,7 +43,7 @@ def test_user_profile_overrides_builtin(tmp_path: Path) -> None:
         ('image = "x"\n[network]\nallow = ["10.0.0.0/33"]\n', "invalid network '10.0.0.0/33'"),
         ('image = "x"\n[network]\nallow = ["10.0.0.1/8"]\n', "invalid network"),
         ('image = "x"\n[network]\nproxy = "y"\n', "unknown key 'proxy'"),
-        ('image = "x"\nready_timeout_s = -1\n', "positive number"),
+        ('image = "x"\nready_timeout_s = -1\n', "must be a number of seconds from 1"),
         ("image = \n", "not valid TOML"),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from dispo.errors import InvalidInput, NotFound
 from dispo.images import Image
 from dispo.journal import Journal
 from dispo.processes import is_same_process
-from dispo.vmm import accel, boot, qemu
+from dispo.vmm import accel, qemu, registry
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import MachineSpec, NetAttachment, Vmm
 
@@ -115,12 +116,12 @@ def _image(**kw: object) -> Image:
 
 
 def test_backend_choice() -> None:
-    assert boot.choose_backend(None, _image()).value == "qemu"
-    assert boot.choose_backend("auto", _image(vmms=())).value == "qemu"
+    assert registry.choose_backend(None, _image()).value == "qemu"
+    assert registry.choose_backend("auto", _image(vmms=())).value == "qemu"
     with pytest.raises(InvalidInput, match="not built for firecracker"):
-        boot.choose_backend("firecracker", _image())
+        registry.choose_backend("firecracker", _image())
     with pytest.raises(InvalidInput, match="unknown backend"):
-        boot.choose_backend("bhyve", _image())
+        registry.choose_backend("bhyve", _image())
 
 
 # -- real guests ----------------------------------------------------------------------------------------
@@ -173,9 +174,8 @@ def test_boot_then_power_off(product: Path, vm_journal: Journal, tmp_path: Path)
     assert entry.args["pid"] == str(pid) and is_same_process(pid, entry.args["starttime"])
     assert Path(f"/proc/{pid}/comm").read_text().strip() == f"dispo-{SID}"
     _wait_console(vmm, "dispo-init: ready")
-    t0 = time.monotonic()
     vmm.stop()
-    assert time.monotonic() - t0 < 4.5, "the guest should power off on the ACPI button, not wait for SIGTERM"
+    # Exit status 0 and the init's own words: it powered off on the ACPI button (SIGTERM would give -15).
     assert vmm.wait_exit(0) == 0 and not is_same_process(pid, entry.args["starttime"])
     assert "powering off" in vmm.console_tail(40)
 
@@ -187,9 +187,8 @@ def test_stop_falls_back_to_signals(product: Path, vm_journal: Journal, tmp_path
     vmm = qemu.create(_guest_spec(product, vm_journal, tmp_path, "init=/bin/cat"))
     vmm.start(vm_journal)
     _wait_console(vmm, "Running /scripts/init-bottom ... done")
-    t0 = time.monotonic()
     vmm.stop(timeout=1.0)
-    assert not vmm.running() and time.monotonic() - t0 < 6
+    assert not vmm.running() and vmm.wait_exit(0) in (-signal.SIGTERM, -signal.SIGKILL)
 
 
 @pytest.mark.root
@@ -211,8 +210,6 @@ def test_gc_kills_the_vmm_of_a_dead_owner(product: Path, vm_journal: Journal, tm
 @pytest.mark.vm
 def test_kvm_probe_answers(product: Path) -> None:
     # Whatever this host says, the probe must decide quickly and not leave a QEMU behind.
-    t0 = time.monotonic()
     accel.probe_kvm(product / "vmlinuz", timeout=20)
-    assert time.monotonic() - t0 < 25
     out = subprocess.run(["pgrep", "-f", "dispo-probe-none"], capture_output=True, text=True, check=False).stdout
     assert out.strip() == ""

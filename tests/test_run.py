@@ -57,7 +57,7 @@ def vm_world(tmp_path: Path) -> Iterator[NetWorld]:
         w.write_config(link="tap", dns="none")
         # Built in the machine's own namespace, where apt reaches the mirror (the test's host namespace has
         # no way out), and cached in DISPO_CACHE_DIR (default /var/cache/dispo): built once per machine.
-        p = subprocess.run([str(DISPO), "image", "build", "minimal", "--quiet"], env=w.env(), capture_output=True,
+        p = subprocess.run([*DISPO, "image", "build", "minimal", "--quiet"], env=w.env(), capture_output=True,
                            text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
         assert p.returncode == 0, p.stderr
         yield w

@@ -97,9 +97,8 @@ def test_guest_dies_while_the_command_runs(vm_world: NetWorld) -> None:
         time.sleep(0.2)
     (vmm,) = qemu_processes(w)
     os.kill(int(vmm.split()[0]), signal.SIGKILL)
-    t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and time.monotonic() - t0 < 10, err
+    assert proc.returncode == 1, err
     (line,) = error_lines(err)
     assert "the guest stopped while the command ran" in line and "status -9" in line, line
     assert listing(w) == before

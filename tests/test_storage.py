@@ -12,8 +12,8 @@ from dispo import images as images_mod
 from dispo.config import Config, StorageBackend
 from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
 from dispo.images import ImageStore
-from dispo.session import open_session
 from dispo.storage import backends
+from dispo.storage.disks import open_session
 from tests.worlds import (
     debugfs_has,
     debugfs_write,
@@ -49,6 +49,8 @@ def test_session_disk_is_private_and_discarded(cfg: Config, src_image: Path, tmp
     with open_session(cfg, image="base", name="t1") as s:
         assert s.disk.parent.name == s.session_id  # named with the session id
         assert s.disk.stat().st_size == image.size
+        # Private to root on every backend (a btrfs snapshot used to keep the image's 0755/0444).
+        assert s.disk.parent.stat().st_mode & 0o077 == 0 and s.disk.stat().st_mode & 0o077 == 0
         if cfg.storage.backend is StorageBackend.BTRFS:
             def field(path: Path, name: str) -> str:
                 out = sh("btrfs", "subvolume", "show", path).stdout

@@ -70,6 +70,16 @@ class NetConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """dispod, the long-running service (daemon/, web/)."""
+
+    max_sessions: int = 4  # live sessions at once; POST /v1/sessions answers 429 past it
+    listen: str = ""  # "HOST:PORT" for TCP (bearer token); "" = the root-only unix socket alone
+    max_connections: int = 64  # open connections per listener; more are answered 503 and closed
+    header_timeout_s: int = 10  # a client must send a request's headers (and a JSON body) within this
+
+
+@dataclass(frozen=True)
 class Config:
     workspace: Path = Path("/var/lib/dispo")
     state_dir: Path = Path("/run/dispo")
@@ -77,6 +87,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
     net: NetConfig = field(default_factory=NetConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     source: str = "built-in defaults"
 
     @property

@@ -1,16 +1,28 @@
-"""The exception tree. The library raises these; only the CLI turns them into exit codes.
+"""The exception tree. The library raises these; only the CLI (an exit code) and the service's HTTP layer
+(a problem+json answer with `http_status`) turn them into something a person sees.
 
-DispoError                      every error dispo means to report (one line + a hint)
-├── ConfigError                 a bad config file, key or value
-├── InvalidInput                a bad name, size, path or argument given by the user
-├── NotFound                    an image, session or file that does not exist
-├── PermissionProblem           not root, read-only path, no access to a device
-├── CommandError                a subprocess failed (carries argv, rc, stderr)
-├── StorageError                disks and images (a backend could not do its work)
-├── JournalError                the session state directory is unusable
-├── TeardownError               one or more undo steps failed (carries every error)
-├── VmmError                    a VMM could not start, boot or stop a guest
-└── NetworkError                taps, addresses, nftables
+DispoError            500  every error dispo means to report (one line + a hint)
+├── ConfigError       500  a bad config file, key or value
+├── InvalidInput      400  a bad name, size, path or argument given by the user
+├── NotFound          404  an image, profile, session or file that does not exist
+├── PermissionProblem 403  not root, read-only path, no access to a device
+├── CommandError      500  a subprocess failed (carries argv, rc, stderr)
+├── SpawnFailed       500  a child exited before it could be journaled (processes.py)
+├── FetchError        500  a download failed or did not match its checksum (fetch.py)
+├── InstallError      500  a Firecracker release could not be installed (vmm/firecracker/install.py)
+├── StorageError      500  disks and images (a backend could not do its work)
+├── JournalError      500  the session state directory is unusable
+├── TeardownError     500  one or more undo steps failed (carries every error)
+├── VmmError          502  a VMM could not start, boot or stop a guest
+│   ├── GuestFailure  502  the VMM or guest failed; carries the console tail (vmm/base.py)
+│   ├── DisplayError  502  the app or its display did not come up (runtime/app.py)
+│   ├── ApiError      502  Firecracker answered an API call with a fault (vmm/firecracker/api.py)
+│   └── ApiUnreachable 502 Firecracker's API socket did not answer (vmm/firecracker/api.py)
+├── NetworkError      500  taps, addresses, nftables
+├── Busy              429  a limit is reached (max_sessions): try again later
+├── Conflict          409  the session is not in a state that allows this (e.g. not running yet)
+├── Cancelled         499  a session was stopped while it was still starting (carries the reason)
+└── ServiceError      503  dispod could not be reached or answered something that is not dispo's
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ class DispoError(Exception):
     """Base of every error dispo reports. `hint` says how to fix it."""
 
     hint: str = ""
+    http_status: int = 500
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message)
@@ -44,14 +57,15 @@ class ConfigError(DispoError):
 
 
 class InvalidInput(DispoError):
-    pass
+    http_status = 400
 
 
 class NotFound(DispoError):
-    pass
+    http_status = 404
 
 
 class PermissionProblem(DispoError):
+    http_status = 403
     hint = "run dispo as root (sudo), or point it at a writable place"
 
 
@@ -90,6 +104,56 @@ class TeardownError(DispoError):
 class VmmError(DispoError):
     """A VMM could not start, boot or stop a guest. The message carries the console tail when known."""
 
+    http_status = 502
+
 
 class NetworkError(DispoError):
     pass
+
+
+class Busy(DispoError):
+    """A limit is reached (e.g. max_sessions)."""
+
+    http_status = 429
+    hint = "wait for a session to end, or raise max_sessions in the config"
+
+
+class Conflict(DispoError):
+    """The session is not in a state that allows this."""
+
+    http_status = 409
+
+
+class Cancelled(DispoError):
+    """A session was stopped while it was starting; `reason` says by whom."""
+
+    http_status = 499
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"stopped while starting: {reason}")
+        self.reason = reason
+
+
+class ServiceError(DispoError):
+    """dispod could not be reached, or answered with something that is not dispo's."""
+
+    http_status = 503
+    hint = "check that dispod runs ('systemctl status dispod'), or remove its socket to run in-process"
+
+
+ALL_ERRORS: tuple[type[DispoError], ...] = (
+    DispoError, ConfigError, InvalidInput, NotFound, PermissionProblem, CommandError, StorageError, JournalError,
+    TeardownError, VmmError, NetworkError, Busy, Conflict, Cancelled, ServiceError,
+)
+
+
+def from_problem(problem: dict[str, object]) -> DispoError:
+    """The error a problem dict (an API answer or an ended event) describes, as the same class if known."""
+    name = str(problem.get("type") or problem.get("title") or "DispoError").rsplit("/", 1)[-1]
+    message = str(problem.get("message") or problem.get("detail") or name)
+    hint = str(problem.get("hint") or "")
+    for cls in ALL_ERRORS:
+        if cls.__name__ == name and cls not in (TeardownError, CommandError, Cancelled):
+            return cls(message, hint=hint)
+    err = DispoError(message, hint=hint)
+    return err

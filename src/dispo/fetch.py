@@ -33,8 +33,8 @@ from dispo.images import Image, ImageStore
 from dispo.names import check_name
 from dispo.proc import run
 from dispo.progress import Progress
-from dispo.session import transaction
 from dispo.storage import files
+from dispo.txn import transaction
 
 log = logging.getLogger(__name__)
 
@@ -296,5 +296,6 @@ def fetch_image(cfg: Config, name: str, *, base: str | None = None, arch: str | 
             extra_meta={"kernel": "vmlinux", "cmdline": list(CMDLINE), "arch": arch, "vmms": ["firecracker"],
                         "ssh_key": "ssh_key", "ssh_user": "root",
                         "upstream": {"base": base, "folder": art.folder, "kernel": art.kernel,
-                                     "rootfs": art.rootfs, "ssh_key": art.ssh_key}})
+                                     "rootfs": art.rootfs, "ssh_key": art.ssh_key}},
+            tx=tx)
     return image

@@ -30,7 +30,9 @@ OrphanSweeper = Callable[[Config, set[str]], list[str]]
 
 
 def _sweep_network(cfg: Config, known: set[str]) -> list[str]:
-    # Leases, dsp-* links, stand-in namespaces and nftables chains of this state dir with no journal.
+    # Leases, dsp-* links, stand-in namespaces and nftables chains of this state dir with no journal. It ignores
+    # `known` (read before the sweep began): it lists under the pool lock and only then reads the journals, so
+    # a session starting meanwhile is never mistaken for an orphan (see net/orphans.py).
     from dispo.net import orphans
 
     return orphans.sweep(cfg.state_dir).removed

@@ -22,8 +22,8 @@ from dispo.errors import CommandError, InvalidInput, NotFound, StorageError
 from dispo.names import check_name, format_size
 from dispo.proc import run
 from dispo.progress import Progress
-from dispo.session import transaction
 from dispo.storage import backends, files
+from dispo.txn import Transaction, transaction
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,13 @@ class ImageStore:
         return files.sha256_file(image.rootfs, progress) == image.sha256
 
     def import_(self, src: Path, name: str, size: int | None = None, *, quiet: bool = False,
-                extra_files: Mapping[str, Path] | None = None, extra_meta: Mapping[str, Any] | None = None
-                ) -> Image:
+                extra_files: Mapping[str, Path] | None = None, extra_meta: Mapping[str, Any] | None = None,
+                tx: Transaction | None = None) -> Image:
         """Import a raw ext4 filesystem as image `name`, optionally grown to `size` bytes.
 
         `extra_files` (file name in the image -> source) carries a kernel and initrd; `extra_meta` adds
-        keys such as kernel, initrd, cmdline, arch and vmms to image.json (never the core keys)."""
+        keys such as kernel, initrd, cmdline, arch and vmms to image.json (never the core keys). With `tx`, the
+        import joins the caller's transaction (a fetch or a build): one journal, undone by the caller's unwind."""
         check_name(name, what="image name")
         src = Path(src)
         if not src.exists():
@@ -127,9 +128,9 @@ class ImageStore:
             raise InvalidInput(f"image {name!r} already exists", hint=f"remove it first with 'dispo image rm {name}'")
         kind = workspace.storage_backend(self.cfg)
         be = backends.backend(kind)
-        with transaction(self.cfg, purpose=f"import image {name}") as tx:
-            tmp = self.cfg.images_dir / f".import-{tx.session_id}-{name}"
-            entry = tx.journal.record(be.undo_kind, path=str(tmp))
+        with transaction(self.cfg, purpose=f"import image {name}", join=tx) as t:
+            tmp = self.cfg.images_dir / f".import-{t.session_id}-{name}"
+            entry = t.journal.record(be.undo_kind, path=str(tmp))
             be.make_holder(tmp)
             be.put_file(src, tmp / ROOTFS, Progress(f"copying {src.name}", quiet=quiet))
             if size is not None and size > src_size:
@@ -152,7 +153,7 @@ class ImageStore:
                 os.rename(tmp, dest)
             except OSError as e:
                 raise StorageError(f"image {name!r} could not be put in place: {e.strerror}") from None
-            tx.journal.forget(entry)
+            t.journal.forget(entry)
         log.info("imported %s as image %s (%s, %s)", src, name, kind.value, format_size(meta["size"]))
         return Image.load(dest)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dispo import undo
-from dispo.errors import JournalError, PermissionProblem, TeardownError
+from dispo.errors import DispoError, JournalError, PermissionProblem, TeardownError
 from dispo.names import check_session_id
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,8 @@ class Journal:
     path: Path
     meta: dict[str, Any]
     entries: list[Entry] = field(default_factory=list)
+    # Every entry this process recorded and did not hand over (forget): what the disposal receipt checks.
+    recorded: list[Entry] = field(default_factory=list)
     _lock_fd: int | None = None
     _next_seq: int = 1
 
@@ -90,11 +92,12 @@ class Journal:
     def load(cls, path: Path) -> Journal:
         try:
             data = json.loads((path / STATE_FILE).read_text())
-        except (OSError, ValueError) as e:
+            entries = [Entry(int(e["seq"]), str(e["kind"]), {str(k): str(v) for k, v in e["args"].items()})
+                       for e in data.get("resources", [])]
+            j = cls(check_session_id(str(data["id"])), path, dict(data.get("meta", {})), entries)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, DispoError) as e:
+            # Anything a truncated, hand-edited or hostile file can be: one error type for the callers.
             raise JournalError(f"unreadable session state {path / STATE_FILE}: {e}") from None
-        entries = [Entry(int(e["seq"]), str(e["kind"]), {str(k): str(v) for k, v in e["args"].items()})
-                   for e in data.get("resources", [])]
-        j = cls(str(data["id"]), path, dict(data.get("meta", {})), entries)
         j._next_seq = max((e.seq for e in entries), default=0) + 1
         return j
 
@@ -124,6 +127,7 @@ class Journal:
         entry = Entry(self._next_seq, kind, {k: str(v) for k, v in args.items()})
         self._next_seq += 1
         self.entries.append(entry)
+        self.recorded.append(entry)
         self._write()
         return entry
 
@@ -131,12 +135,15 @@ class Journal:
         """The object now belongs to someone else (a committed image): stop tracking it."""
         self._require_lock()
         self.entries = [e for e in self.entries if e.seq != entry.seq]
+        self.recorded = [e for e in self.recorded if e.seq != entry.seq]
         self._write()
 
     def undo_entry(self, entry: Entry) -> None:
         """Undo one object now (before the session ends) and drop it from the journal."""
         undo.lookup(entry.kind)(entry.args)
-        self.forget(entry)
+        self._require_lock()
+        self.entries = [e for e in self.entries if e.seq != entry.seq]  # still in `recorded`: it must be gone
+        self._write()
 
     # -- teardown ---------------------------------------------------------------------------------
     def unwind(self) -> None:
@@ -160,9 +167,15 @@ class Journal:
             except Exception as e:  # keep going, report all
                 log.warning("undo %s failed: %s", entry.describe(), e)
                 errors.append((entry.describe(), e))
-            else:
-                self.entries.remove(entry)
+                continue
+            self.entries.remove(entry)
+            try:
                 self._write()
+            except OSError as e:
+                # A full disk or no file descriptors left must not stop the rest of the teardown: the undo
+                # steps are idempotent, so a journal that still lists this entry is only redone by gc.
+                log.warning("session %s: journal not updated after undoing %s: %s", self.session_id,
+                            entry.describe(), e)
         if errors:
             self.release()
             raise TeardownError(self.session_id, errors)
@@ -218,7 +231,8 @@ def scan(state_dir: Path) -> Iterator[JournalInfo]:
         try:
             j = Journal.load(path)
         except JournalError as e:
-            log.warning("%s", e)
+            if path.exists():  # else it ended while we looked
+                log.warning("%s", e)
             continue
         alive = not j.try_lock()
         j.release()
@@ -229,7 +243,7 @@ def scan(state_dir: Path) -> Iterator[JournalInfo]:
 class GcReport:
     reclaimed: list[str] = field(default_factory=list)
     undone: list[str] = field(default_factory=list)
-    failed: list[TeardownError] = field(default_factory=list)
+    failed: list[DispoError] = field(default_factory=list)
 
 
 def gc(state_dir: Path) -> GcReport:
@@ -244,7 +258,14 @@ def gc(state_dir: Path) -> GcReport:
             continue
         if path.name.startswith(".") or not (path / STATE_FILE).exists():
             continue
-        j = Journal.load(path)
+        try:
+            j = Journal.load(path)
+        except JournalError as e:
+            # One bad journal must not stop gc for the others: report it and go on.
+            report.failed.append(JournalError(f"session state {path} is unreadable ({e}); nothing undone for it",
+                                              hint=f"look at {path / STATE_FILE}; remove the directory once its "
+                                                   f"objects are gone"))
+            continue
         if not j.try_lock():
             continue
         described = [e.describe() for e in j.entries]

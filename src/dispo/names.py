@@ -17,7 +17,7 @@ SESSION_ID_LEN = 8
 
 
 def check_name(name: str, *, what: str = "name") -> str:
-    if not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # fullmatch: "$" would let "x\n" through
         raise InvalidInput(
             f"invalid {what} {name!r}",
             hint="use 1-32 characters from a-z, 0-9, '-' and '_', starting with a letter or digit",
@@ -31,7 +31,7 @@ def new_session_id() -> str:
 
 
 def check_session_id(session_id: str) -> str:
-    if not _SESSION_ID_RE.match(session_id):
+    if not isinstance(session_id, str) or not _SESSION_ID_RE.fullmatch(session_id):
         raise InvalidInput(f"invalid session id {session_id!r}", hint="session ids are 8 hex digits; see 'dispo ls'")
     return session_id
 

@@ -23,11 +23,14 @@ from dispo.undo import undoer
 if TYPE_CHECKING:  # the journal imports the undo registry, which imports this module
     from dispo.journal import Entry, Journal
 
-# The gate: the child is a shell that waits for one line on its stdin (a pipe) and then execs the real
-# program with the same pid. dispo writes that line only after the journal holds (pid, starttime); if dispo
-# dies first, the pipe closes, `read` fails and the program never runs. Its own stdin becomes /dev/null.
+# The gate: the child is a shell that waits for one line on a pipe and then execs the real program with the
+# same pid. dispo writes that line only after the journal holds (pid, starttime); if dispo dies first, the
+# pipe closes, `read` fails and the program never runs. By default the pipe is the child's stdin, which
+# becomes /dev/null; with keep_stdin the pipe is another descriptor and the program keeps the caller's stdin
+# (a terminal for an interactive guest shell).
 GATE_EOF_EXIT = 97
 _GATE = f'read -r _ || exit {GATE_EOF_EXIT}; exec "$0" "$@" </dev/null'
+_GATE_FD = f'fd=$1; shift; read -r _ <&"$fd" || exit {GATE_EOF_EXIT}; eval "exec $fd<&-"; exec "$@"'
 
 
 class SpawnFailed(DispoError):
@@ -41,19 +44,24 @@ class Spawned:
     entry: Entry
 
 
-def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, stdout: IO[bytes] | int,
+def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, stdout: IO[bytes] | int | None,
                    cwd: Path | None = None, on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
-                   env: Mapping[str, str] | None = None, **record: str) -> Spawned:
+                   env: Mapping[str, str] | None = None, stderr: IO[bytes] | int | None = subprocess.STDOUT,
+                   keep_stdin: bool = False, new_session: bool = True, **record: str) -> Spawned:
     """Start a long-lived child (a VMM, an ssh tunnel) whose pid is journaled before its program runs.
 
     Popen, not proc.run(): its stdout goes to a log. A new session keeps the terminal's Ctrl-C away from it:
     dispo stops it itself, in order. `on_spawn` gets the child before it is recorded, so a caller can still
-    reap it if recording fails (the gate then exits with GATE_EOF_EXIT without running the program)."""
+    reap it if recording fails (the gate then exits with GATE_EOF_EXIT without running the program).
+    `stdout`/`stderr` None inherit the caller's; `keep_stdin` keeps its stdin; `new_session=False` keeps
+    the caller's terminal (an interactive shell)."""
     r, w = os.pipe()
     try:
-        proc = subprocess.Popen(["/bin/sh", "-c", _GATE, *(str(a) for a in argv)], stdin=r, stdout=stdout,
-                                stderr=subprocess.STDOUT, env=dict(env) if env is not None else minimal_env(),
-                                cwd=cwd, start_new_session=True)
+        words = [str(a) for a in argv]
+        gate = ["/bin/sh", "-c", _GATE_FD, "gate", str(r), *words] if keep_stdin else ["/bin/sh", "-c", _GATE, *words]
+        proc = subprocess.Popen(gate, stdin=None if keep_stdin else r, stdout=stdout, stderr=stderr,
+                                env=dict(env) if env is not None else minimal_env(), cwd=cwd,
+                                start_new_session=new_session, pass_fds=(r,) if keep_stdin else ())
         if on_spawn is not None:
             on_spawn(proc)
         os.close(r)

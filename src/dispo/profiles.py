@@ -16,6 +16,7 @@ from typing import Any
 from dispo.errors import InvalidInput, NotFound
 from dispo.names import check_name
 from dispo.net.policy import NetworkPolicy
+from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, limit_hi
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_profiles"
 DEFAULT_PROFILES_DIR = Path("/etc/dispo/profiles")
@@ -34,11 +35,13 @@ class Profile:
     command: tuple[str, ...] = ()
     memory_mib: int = 1024
     vcpus: int = 1
-    shm_mib: int = 256
+    shm_mib: int = int(SETTINGS["shm_mib"].default)
     start_page: str = ""
     display: DisplayMode = DisplayMode.NONE
-    backend: str = "auto"
-    ready_timeout_s: float = 120.0
+    backend: str = str(SETTINGS["backend"].default)
+    ready_timeout_s: float = float(SETTINGS["ready_timeout_s"].default)
+    idle_timeout_s: float = float(SETTINGS["idle_timeout_s"].default)
+    max_lifetime_s: float = float(SETTINGS["max_lifetime_s"].default)
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     source: str = ""
 
@@ -48,7 +51,6 @@ class Profile:
         return (*self.command, target) if target else self.command
 
 
-_LIMITS = {"memory_mib": (128, 1 << 20), "vcpus": (1, 64), "shm_mib": (16, 1 << 20)}
 
 
 def _bad(where: str, key: str, what: str) -> InvalidInput:
@@ -64,9 +66,10 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
     if not isinstance(data.get("image"), str):
         raise _bad(where, "image", "must name an image (see 'dispo image ls')")
     kwargs["image"] = check_name(data["image"], what=f"image name in {where}")
-    for key, (lo, hi) in _LIMITS.items():
+    for key in INT_SETTINGS:
         if key in data:
             v = data[key]
+            lo, hi = int(SETTINGS[key].lo), int(limit_hi(key))
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
                 raise _bad(where, key, f"must be an integer from {lo} to {hi}, got {v!r}")
             kwargs[key] = v
@@ -87,11 +90,13 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
             kwargs["display"] = DisplayMode(data["display"])
         except ValueError:
             raise _bad(where, "display", f"is {data['display']!r}, expected one of: web, x11, none") from None
-    if "ready_timeout_s" in data:
-        t = data["ready_timeout_s"]
-        if not isinstance(t, int | float) or isinstance(t, bool) or t <= 0:
-            raise _bad(where, "ready_timeout_s", f"must be a positive number of seconds, got {t!r}")
-        kwargs["ready_timeout_s"] = float(t)
+    for key in SECONDS_SETTINGS:
+        if key in data:
+            secs = data[key]
+            s_lo, s_hi = SETTINGS[key].lo, SETTINGS[key].hi
+            if not isinstance(secs, int | float) or isinstance(secs, bool) or not s_lo <= secs <= s_hi:
+                raise _bad(where, key, f"must be a number of seconds from {s_lo:g} to {s_hi:g}, got {secs!r}")
+            kwargs[key] = float(secs)
     if "network" in data:
         if not isinstance(data["network"], dict):
             raise _bad(where, "network", "must be a table")

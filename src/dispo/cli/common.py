@@ -3,10 +3,41 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
+from dispo.config import Config
 from dispo.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from dispo.client import DispodClient
+
+
+
+class Terminated(Exception):
+    """SIGTERM or SIGHUP reached the CLI (raised by its handler in the main thread, like KeyboardInterrupt)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def escape_terminal(text: str) -> str:
+    """Guest-controlled text for a terminal: control characters (escape sequences) shown, not obeyed."""
+    return "".join(c if c in "\n\t" or (c.isprintable() and c != "\x7f") else f"\\x{ord(c):02x}" for c in text)
+
+
+def dispod_client(cfg: Config) -> DispodClient | None:
+    """A client for dispod when its socket is there and answers, else None (then commands run in-process)."""
+    from dispo.daemon.paths import ServicePaths
+
+    if not ServicePaths(cfg.state_dir).socket.exists():
+        return None
+    from dispo.client import DispodClient
+
+    return DispodClient.available(cfg)
 
 
 def command(raw: Sequence[str], usage: str) -> list[str]:

@@ -12,7 +12,7 @@ from dispo.config import Config
 from dispo.errors import NotFound
 from dispo.images import ImageStore
 from dispo.proc import run
-from dispo.session import open_session
+from dispo.storage.disks import open_session
 
 DEMO_IMAGE = "dispo-demo"
 MARKER = "/written-in-session.txt"

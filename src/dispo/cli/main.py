@@ -12,6 +12,7 @@ from types import FrameType
 
 from dispo import __version__, config
 from dispo.cli import demo, firecracker, images, net, run, sessions
+from dispo.cli.common import Terminated
 from dispo.errors import DispoError
 
 EXIT_ERROR = 1
@@ -20,14 +21,8 @@ EXIT_USAGE = 2
 COMMAND_MODULES = (images, sessions, net, run, firecracker, demo)
 
 
-class _Terminated(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
-    raise _Terminated(signum)
+    raise Terminated(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dispo: interrupted", file=sys.stderr)
         return 130
-    except _Terminated as e:
+    except Terminated as e:
         print(f"dispo: stopped by {e}", file=sys.stderr)
         return 128 + e.signum
 

@@ -13,7 +13,7 @@ from dispo import journal
 from dispo.cli.common import command, print_table, run_host_command
 from dispo.config import Config
 from dispo.net import NetworkPolicy, attach_network, links, pool
-from dispo.session import transaction
+from dispo.txn import transaction
 
 
 def register(sub: Any) -> None:

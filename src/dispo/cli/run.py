@@ -1,34 +1,38 @@
-"""`dispo run`, `dispo ssh ID`, `dispo stop ID`: boot a disposable guest, get into it, end it."""
+"""`dispo run`, `dispo ssh ID`, `dispo stop ID`: boot a disposable guest, get into it, end it.
+
+`dispo run` builds a SessionRequest from its flags (every check before anything exists) and then either
+hands it to dispod, when dispod's socket answers, or runs it in this process with the same runtime. Both
+paths print the same lines from the same events (`Printer`) and exit with the same status. An interactive
+shell and `--display x11` always run in-process: they need this terminal or this $DISPLAY.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import webbrowser
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from dispo import journal, profiles, ssh
-from dispo.cli.common import command
+from dispo import errors, journal, ssh
+from dispo.cli.common import Terminated, command, dispod_client, escape_terminal
 from dispo.config import Config
-from dispo.display import launch
-from dispo.errors import InvalidInput, JournalError, NotFound, VmmError
-from dispo.imagebuild.recipes import RECIPES
-from dispo.images import ImageStore
+from dispo.errors import DispoError, InvalidInput, JournalError, NotFound, VmmError
 from dispo.names import check_session_id
 from dispo.proc import minimal_env
 from dispo.profiles import DisplayMode
-from dispo.session import Session, open_session
-from dispo.vmm.base import GuestFailure, tail
-from dispo.vmm.boot import DEFAULT_READY_TIMEOUT_S, Guest, boot, choose_backend
+from dispo.runtime import Event, EventKind, Runtime, SessionRequest, StandaloneViewers, Stdio, build
+from dispo.runtime.live import LiveSession
+from dispo.settings import SETTINGS
 
 STOP_TIMEOUT_S = 60.0
-SSH_LOST = 255  # ssh's own failure status
+DISPOD_OWNER = "dispod"
 
 
 def register(sub: Any) -> None:
@@ -42,7 +46,7 @@ def register(sub: Any) -> None:
                     "ends the session. With -- CMD, or nothing: boot IMAGE, run CMD as the unprivileged user "
                     "(an interactive shell without CMD) and exit with its status. Either way, the guest runs "
                     "on a private copy-on-write disk and its own tap behind NAT, and everything is removed at "
-                    "the end.")
+                    "the end. When dispod runs, the session is its (same output, same exit status).")
     _add_run_options(run, argparse.SUPPRESS)
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="PROFILE [URL], or -- CMD [ARG ...]")
     run.set_defaults(func=cmd_run)
@@ -61,29 +65,43 @@ def register(sub: Any) -> None:
 def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
     """The options of `dispo run`, given before PROFILE or after it (argparse's REMAINDER takes all that
     follows the first word, so the words after PROFILE are parsed again with these)."""
-    p.add_argument("--image", default=default, help="image to boot (default: minimal, or the profile's)")
+    p.add_argument("--image", default=default, help=f"image to boot (default: {SETTINGS['image'].default}, or the "
+                                                    f"profile's)")
     p.add_argument("--backend", choices=("auto", "qemu", "firecracker"), default=default)
     p.add_argument("--memory", type=int, default=default, metavar="MiB",
-                   help="guest memory (default 512, or the profile's)")
-    p.add_argument("--vcpus", type=int, default=default, metavar="N", help="guest vCPUs (default 1, or the profile's)")
+                   help=f"guest memory (default {SETTINGS['memory_mib'].default}, or the profile's)")
+    p.add_argument("--vcpus", type=int, default=default, metavar="N",
+                   help=f"guest vCPUs (default {SETTINGS['vcpus'].default}, or the profile's)")
     p.add_argument("--name", default=default, help="a name for the session (shown by 'dispo ls')")
     p.add_argument("--ready-timeout", type=float, default=default, metavar="S",
                    help=f"seconds to wait for the guest's SSH, and for the app's display "
-                        f"(default {DEFAULT_READY_TIMEOUT_S:.0f}, or the profile's)")
+                        f"(default {SETTINGS['ready_timeout_s'].default:.0f}, or the profile's)")
+    p.add_argument("--idle-timeout", type=float, default=default, metavar="S",
+                   help="end the session after S seconds without use (default: the profile's, else never)")
+    p.add_argument("--max-lifetime", type=float, default=default, metavar="S",
+                   help="end the session S seconds after it started (default: the profile's, else never)")
     p.add_argument("--display", choices=[m.value for m in DisplayMode], default=default,
                    help="with PROFILE: where the app shows (default: the profile's)")
     p.add_argument("--open", action="store_true", default=default,
                    help="with --display web: open the viewer URL in the desktop's browser")
+    p.add_argument("--in-process", action="store_true", default=default,
+                   help="run the session in this process even when dispod runs")
 
 
-_RUN_DEFAULTS: dict[str, Any] = {"image": "minimal", "backend": "auto", "memory": 512, "vcpus": 1, "name": None,
-                                 "ready_timeout": DEFAULT_READY_TIMEOUT_S, "display": None, "open": False}
 PROFILE_USAGE = "dispo run PROFILE [URL] [--display web|x11|none] [--open]"
+_FLAGS = {"image": "image", "backend": "backend", "name": "name", "display": "display", "memory": "memory_mib",
+          "vcpus": "vcpus", "ready_timeout": "ready_timeout_s", "idle_timeout": "idle_timeout_s",
+          "max_lifetime": "max_lifetime_s"}
+
+
+def _given(args: argparse.Namespace) -> dict[str, Any]:
+    """The run options given on the command line (their defaults are SUPPRESSed: absent when not given)."""
+    return {k: v for k, v in vars(args).items() if k in _FLAGS or k in ("open", "in_process")}
 
 
 def _profile_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, str | None]:
     """Options given anywhere, the profile's name and the URL, from `dispo run [OPTS] PROFILE [URL] [OPTS]`."""
-    given = {k: v for k, v in vars(args).items() if k in _RUN_DEFAULTS}
+    given = _given(args)
     rest = argparse.ArgumentParser(prog="dispo run", add_help=False, exit_on_error=False)
     _add_run_options(rest, argparse.SUPPRESS)
     try:
@@ -100,123 +118,171 @@ def _profile_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, str | 
     return given, args.cmd[0], (words[0] if words else None)
 
 
-def _check_limits(memory: int, vcpus: int) -> None:
-    if not 64 <= memory <= 1 << 20:
-        raise InvalidInput(f"--memory {memory} is out of range", hint="give the guest memory in MiB, 64 or more")
-    if not 1 <= vcpus <= 64:
-        raise InvalidInput(f"--vcpus {vcpus} is out of range", hint="give 1 to 64 vCPUs")
-
-
-def _run_in_guest(argv: list[str], alive: Callable[[], bool] | None = None) -> int:
-    """ssh's exit status. Not proc.run(): the user's terminal and streams go straight through to the guest.
-    If the VMM dies meanwhile, ssh is ended at once instead of after its keep-alive timeout."""
-    proc = subprocess.Popen(argv, env=minimal_env())
-    try:
-        while True:
-            try:
-                return proc.wait(0.5)
-            except subprocess.TimeoutExpired:
-                if alive is not None and not alive():
-                    proc.terminate()
-                    proc.wait(5)
-                    return SSH_LOST
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    t0 = time.monotonic()
+def _request(args: argparse.Namespace, cfg: Config) -> tuple[SessionRequest, dict[str, Any], dict[str, Any]]:
+    """The checked request, the API body that asks dispod for the same, and the CLI-only options."""
+    body: dict[str, Any] = {}
     if args.cmd and args.cmd[0] != "--":
-        return _run_profile(args, cfg, t0)
-    opts = {**_RUN_DEFAULTS, **{k: v for k, v in vars(args).items() if k in _RUN_DEFAULTS}}
-    if opts["display"] is not None or opts["open"]:
-        raise InvalidInput("--display and --open go with a profile", hint=PROFILE_USAGE)
-    cmd = command(args.cmd, "dispo run [--image NAME] -- CMD [ARG ...]")
-    _check_limits(opts["memory"], opts["vcpus"])
-    image = ImageStore(cfg).get(opts["image"])  # all input checked before anything is created
-    choose_backend(opts["backend"], image)
-    interactive = not cmd
-    if interactive and not sys.stdin.isatty():
-        raise InvalidInput("no command given and stdin is not a terminal", hint="dispo run -- CMD [ARG ...]")
-    with open_session(cfg, image=opts["image"], name=opts["name"]) as s:
-        guest = _boot(s, opts, t0)
-        argv = guest.ssh_argv(tty=interactive)
+        given, profile, url = _profile_args(args)
+        body["profile"] = profile
+        if url:
+            body["url"] = url
+        cmd: list[str] = []
+    else:
+        given = _given(args)
+        if given.get("open"):
+            raise InvalidInput("--open goes with a profile", hint=PROFILE_USAGE)
+        cmd = command(args.cmd, "dispo run [--image NAME] -- CMD [ARG ...]")
         if cmd:
-            argv.append(ssh.remote_command(cmd))
-        rc = _run_in_guest(argv, guest.vmm.running)
-        if rc == SSH_LOST and not guest.vmm.running():
-            failure = guest.vmm.failure(f"the guest stopped while the command ran (QEMU exit status "
-                                        f"{guest.vmm.wait_exit(0)})")
-            _show_console(failure.console_tail, s.state_path / "console.log")
-            raise failure
-        print(f"dispo: session {s.session_id}: command exited with status {rc} after "
-              f"{time.monotonic() - t0:.1f} s; tearing down", file=sys.stderr, flush=True)
-        return rc
+            body["command"] = cmd
+    for flag, key in _FLAGS.items():
+        if given.get(flag) is not None:
+            body[key] = given[flag]
+    tty = not cmd and "profile" not in body and sys.stdin.isatty()
+    values = {k: v for k, v in body.items() if k != "command"}
+    req = build(cfg, command=cmd, stdio=Stdio.TERMINAL, tty=tty, **values)
+    return req, body, {"open": bool(given.get("open")), "in_process": bool(given.get("in_process"))}
 
 
-def _boot(s: Session, opts: dict[str, Any], t0: float) -> Guest:
+class Printer:
+    """Turns a session's events into the CLI's lines; the same for an in-process session and dispod's."""
+
+    def __init__(self, *, open_viewer: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.open_viewer = open_viewer
+        self.out, self.err = out, err
+        self.t0 = time.monotonic()
+
+    def __call__(self, e: Event) -> None:
+        sid = e.session_id
+        if e.kind is EventKind.READY:
+            self._say(f"session {sid} {e.message}; 'dispo ssh {sid}' for another shell")
+        elif e.kind is EventKind.NOTICE:
+            self._say(e.message)
+        elif e.kind is EventKind.VIEWER:
+            url = str(e.fields.get("url", ""))
+            self._say(f"session {sid}: viewer at {url}")
+            print(url, file=self.out, flush=True)
+            if self.open_viewer:
+                _open(url, self.err)
+        elif e.kind is EventKind.OUTPUT:
+            stream = self.out if e.fields.get("stream") == "stdout" else self.err
+            stream.flush()
+            stream.buffer.write(base64.b64decode(str(e.fields.get("data", ""))))
+            stream.buffer.flush()
+        elif e.kind is EventKind.ENDED and e.fields.get("receipt"):
+            r = e.fields["receipt"]
+            if r.get("clean"):
+                image = {True: ", image unchanged", False: ", IMAGE CHANGED", None: ""}[r.get("image_unchanged")]
+                self._say(f"session {sid}: disposal receipt clean: {r.get('checked')} host objects checked gone"
+                          f"{image} ('dispo receipt {sid}')")
+        elif e.kind is EventKind.STATE and e.fields.get("state") == "stopping":
+            self._say(f"session {sid}: {e.fields.get('end_reason') or 'stopping'} after "
+                      f"{time.monotonic() - self.t0:.1f} s; tearing down")
+
+    def notice(self, text: str) -> None:
+        self._say(text)
+
+    def _say(self, text: str) -> None:
+        print(f"dispo: {text}", file=self.err, flush=True)
+
+
+def _open(url: str, err: TextIO) -> None:
+    # As root, a desktop browser is usually not wanted or not allowed; say so instead of failing.
     try:
-        guest = boot(s, backend=opts["backend"], memory_mib=opts["memory"], vcpus=opts["vcpus"],
-                     ready_timeout=opts["ready_timeout"], t0=t0, policy=opts.get("policy"),
-                     cmdline=tuple(opts.get("cmdline", ())))
-    except GuestFailure as e:
-        _show_console(e.console_tail, s.state_path / "console.log")
-        raise
-    print(f"dispo: session {s.session_id} ready in {guest.ready_s:.1f} s (guest {guest.address}, "
-          f"{guest.vmm.kind.value}/{guest.vmm.accel.value}); 'dispo ssh {s.session_id}' for another shell",
-          file=sys.stderr, flush=True)
-    return guest
+        if webbrowser.open(url):
+            return
+    except webbrowser.Error:
+        pass
+    print("dispo: no browser to open the viewer with; open the URL above", file=err)
 
 
-def _run_profile(args: argparse.Namespace, cfg: Config, t0: float) -> int:
-    """`dispo run PROFILE [URL]`: the profile's app on its display; the session ends with the app."""
-    given, name, url = _profile_args(args)
-    profile = profiles.find(name, cfg.profiles_dir)
-    opts = {"image": profile.image, "backend": profile.backend, "memory": profile.memory_mib,
-            "vcpus": profile.vcpus, "name": None, "ready_timeout": profile.ready_timeout_s,
-            "display": profile.display, "open": False, "policy": profile.network,
-            "cmdline": (f"dispo.shm={profile.shm_mib}",), **given}
-    display = DisplayMode(opts["display"])
-    if not profile.command:
-        raise InvalidInput(f"profile {name!r} has no command", hint=f"add command = [...] to {profile.source}")
-    if display is DisplayMode.X11:
-        launch.check_x11()
-    _check_limits(opts["memory"], opts["vcpus"])
-    try:
-        image = ImageStore(cfg).get(opts["image"])
-    except NotFound as e:
-        if opts["image"] in RECIPES:  # the usual first run: say how to make it
-            raise NotFound(e.message, hint=f"build it with 'dispo image build {opts['image']}' (a few minutes, "
-                                           f"once)") from None
-        raise
-    choose_backend(opts["backend"], image)
-    app_argv = list(profile.argv(url))
-    with open_session(cfg, image=opts["image"], name=opts["name"] or name) as s:
-        guest = _boot(s, opts, t0)
-        if guest.vmm.accel.value == "tcg":
-            print("dispo: no usable KVM here: the guest runs under TCG (emulation), so the app is slow; a "
-                  "browser takes about 30 s to show its first page", file=sys.stderr, flush=True)
-        timeout = float(opts["ready_timeout"])
-        if display is DisplayMode.WEB:
-            rc = launch.run_web(s, guest, app_argv, timeout=timeout, open_viewer=bool(opts["open"]))
-        elif display is DisplayMode.X11:
-            rc = launch.run_x11(s, guest, app_argv)
-        else:
-            rc = _run_in_guest([*guest.ssh_argv(), ssh.remote_command(app_argv)], guest.vmm.running)
-        print(f"dispo: session {s.session_id}: {name} ended (status {rc}) after {time.monotonic() - t0:.1f} s; "
-              f"tearing down", file=sys.stderr, flush=True)
-        return rc
+def show_console(text: str, path: Path | None = None) -> None:
+    from dispo.vmm.base import tail
 
-
-def _show_console(text: str, path: Path) -> None:
-    text = text or tail(path)
+    text = text or (tail(path) if path else "")
     if text:
         print("dispo: guest console (last lines):", file=sys.stderr)
         for line in text.splitlines():
-            print(f"  | {line}", file=sys.stderr)
+            print(f"  | {escape_terminal(line)}", file=sys.stderr)
         sys.stderr.flush()
+
+
+def _outcome(exit_status: int | None, error: DispoError | None) -> int:
+    if error is not None:
+        show_console(getattr(error, "console_tail", ""))
+        raise error
+    return exit_status if exit_status is not None else 0
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    req, body, cli = _request(args, cfg)
+    printer = Printer(open_viewer=cli["open"])
+    in_process = cli["in_process"] or req.tty or req.display is DisplayMode.X11
+    if not in_process:
+        client = dispod_client(cfg)
+        if client is not None and req.display is DisplayMode.WEB and not client.health().get("viewers"):
+            printer.notice("dispod serves no viewers (it listens on its unix socket only): this session runs "
+                           "in-process")
+            client = None
+        if client is not None:
+            return _run_via_dispod(client, body, printer)
+    return _run_in_process(cfg, req, printer)
+
+
+def _wait(live: LiveSession) -> None:
+    """Until the session ended; a signal stops it, teardown still completes, then the signal goes on."""
+    pending: BaseException | None = None
+    while True:
+        try:
+            while not live.wait(0.5):
+                pass
+            break
+        except KeyboardInterrupt as e:
+            live.stop("interrupted (SIGINT)")
+            pending = pending or e
+        except Terminated as e:
+            live.stop(f"stopped by {signal.Signals(e.signum).name}")
+            pending = pending or e
+    if pending is not None:
+        raise pending
+
+
+def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer) -> int:
+    rt = Runtime(cfg, viewers=StandaloneViewers(), owner=f"dispo run (pid {os.getpid()})")
+    live = rt.start(req, sink=printer)
+    _wait(live)
+    return _outcome(live.exit_status, live.error)
+
+
+def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer) -> int:
+    created = client.create_session(body)
+    sid = str(created["id"])
+    ended: dict[str, Any] = {}
+    deleting = False
+    pending: BaseException | None = None
+    while not ended:
+        try:
+            for event in client.events(session=sid):
+                printer(event)
+                if event.kind is EventKind.ENDED:
+                    ended = dict(event.fields)
+                    break
+            else:
+                ended = client.session(sid)  # the stream closed early: ask once more
+                if ended.get("state") != "ended":
+                    ended = {}
+                    time.sleep(0.2)
+        except (KeyboardInterrupt, Terminated) as e:
+            pending = pending or e
+            if not deleting:
+                deleting = True
+                client.delete(sid)
+    if pending is not None:
+        raise pending
+    err = ended.get("error")
+    error = errors.from_problem(err) if err else None
+    if error is not None and ended.get("console_tail"):
+        error.console_tail = ended["console_tail"]  # type: ignore[attr-defined]
+    return _outcome(ended.get("exit_status"), error)
 
 
 def _live(cfg: Config, session_id: str) -> journal.JournalInfo:
@@ -242,12 +308,20 @@ def cmd_ssh(args: argparse.Namespace, cfg: Config) -> int:
     argv = ssh.ssh_argv(keys, address, batch=not tty, tty=tty)
     if cmd:
         argv.append(ssh.remote_command(cmd))
-    return _run_in_guest(argv)
+    # Not proc.run(): the user's terminal and streams go straight through to the guest.
+    return subprocess.run(argv, env=minimal_env(), check=False).returncode
 
 
 def cmd_stop(args: argparse.Namespace, cfg: Config) -> int:
     infos = [_live(cfg, sid) for sid in args.ids]  # check every id before stopping any
+    client = None
     for info in infos:
+        if info.meta.get("owner") == DISPOD_OWNER:
+            client = client or dispod_client(cfg)
+            if client is None:
+                raise errors.ServiceError(f"session {info.session_id} belongs to dispod, which does not answer")
+            client.delete(info.session_id)
+            continue
         pid = int(info.meta.get("owner_pid", 0))
         if pid <= 1:
             raise VmmError(f"session {info.session_id} does not say which process owns it")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
 from typing import Any
 
 from dispo import gc, journal
-from dispo.cli.common import command, print_table, run_host_command
+from dispo.cli.common import command, dispod_client, print_table, run_host_command
 from dispo.config import Config
-from dispo.session import open_session
+from dispo.errors import InvalidInput, NotFound
+from dispo.storage.disks import open_session
 
 
 def register(sub: Any) -> None:
@@ -21,6 +23,16 @@ def register(sub: Any) -> None:
 
     gc = sub.add_parser("gc", help="undo what sessions whose owner died left behind")
     gc.set_defaults(func=cmd_gc)
+
+    rc = sub.add_parser("receipt", help="show a session's disposal receipt (what was checked gone after it ended)")
+    rc.add_argument("id", nargs="?", help="session id (default: --last)")
+    rc.add_argument("--last", action="store_true", help="the most recent receipt")
+    rc.add_argument("--json", action="store_true", help="the receipt as JSON")
+    rc.set_defaults(func=cmd_receipt)
+
+    vf = sub.add_parser("verify", help="look for anything of dispo's on this host without a live owner "
+                                       "(exit 1 if found)")
+    vf.set_defaults(func=cmd_verify)
 
     disk = sub.add_parser(
         "disk", help="open a disposable disk of an image and run a host command on it",
@@ -33,16 +45,20 @@ def register(sub: Any) -> None:
 
 
 def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
+    """Every journal in the state dir (dispod's sessions and in-process ones alike); dispod's say their state."""
+    client = dispod_client(cfg)
+    states = {str(s["id"]): str(s["state"]) for s in client.sessions()} if client is not None else {}
     rows = []
     for info in journal.scan(cfg.state_dir):
         if not info.alive and not args.all:
             continue
         m = info.meta
         age = time.time() - float(m.get("created", time.time()))
-        rows.append((info.session_id, str(m.get("name") or "-"), str(m.get("purpose", "")), str(m.get("image", "-")),
-                     str(m.get("owner_pid", "?")), "live" if info.alive else "dead", f"{age:.0f}s",
-                     str(len(info.resources))))
-    print_table(("ID", "NAME", "PURPOSE", "IMAGE", "PID", "STATE", "AGE", "OBJECTS"), rows)
+        owner = "dispod" if m.get("owner") == "dispod" else str(m.get("owner_pid", "?"))
+        state = states.get(info.session_id, "live") if info.alive else "dead"
+        rows.append((info.session_id, str(m.get("name") or m.get("profile") or "-"), str(m.get("purpose", "")),
+                     str(m.get("image", "-")), owner, state, f"{age:.0f}s", str(len(info.resources))))
+    print_table(("ID", "NAME", "PURPOSE", "IMAGE", "OWNER", "STATE", "AGE", "OBJECTS"), rows)
     return 0
 
 
@@ -59,6 +75,46 @@ def cmd_gc(args: argparse.Namespace, cfg: Config) -> int:
     if not report.reclaimed and not report.failed and not report.orphans:
         print("nothing to clean")
     return 1 if report.failed else 0
+
+
+def cmd_receipt(args: argparse.Namespace, cfg: Config) -> int:
+    from dispo import receipt
+    from dispo.names import check_session_id
+
+    if args.id is not None and args.last:
+        raise InvalidInput("give a session id or --last, not both")
+    sid = check_session_id(args.id) if args.id else None
+    found = receipt.find(cfg, sid)
+    if found is None:
+        raise NotFound(f"no disposal receipt for {'session ' + sid if sid else 'any session'} in "
+                       f"{receipt.receipts_path(cfg)}", hint="receipts are written when a session ends")
+    if args.json:
+        print(json.dumps(found, indent=1, sort_keys=True))
+    else:
+        clean = "clean" if found.get("clean") else "NOT CLEAN"
+        print(f"session {found['session_id']}: {clean}; {found.get('checked', '?')} host object(s) checked")
+        image = found.get("image") or {}
+        if image:
+            state = {True: "unchanged", False: "CHANGED", None: "not checked"}[found.get("image_unchanged")]
+            print(f"  image {image.get('name')} (sha256 {str(image.get('sha256', ''))[:16]}...): {state}")
+        for what in found.get("leftovers") or []:
+            print(f"  left: {what}")
+        print(f"  ended: {found.get('end_reason') or '-'}; exit status {found.get('exit_status')}; teardown "
+              f"{found.get('teardown_s')} s; check {found.get('check_s')} s")
+    return 0 if found.get("clean") else 1
+
+
+def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
+    from dispo import verify
+
+    found = verify.scan(cfg)
+    for what in found.orphans:
+        print(what)
+    if found.orphans:
+        print(f"dispo: {len(found.orphans)} object(s) without a live owner; 'dispo gc' removes them", file=sys.stderr)
+        return 1
+    print(f"nothing of dispo's without a live owner ({len(found.live)} live session(s))")
+    return 0
 
 
 def cmd_disk(args: argparse.Namespace, cfg: Config) -> int:

@@ -26,7 +26,7 @@ from dispo.imagebuild.recipes import Recipe
 from dispo.images import Image, ImageStore
 from dispo.names import check_name, format_size
 from dispo.proc import run, which
-from dispo.session import transaction
+from dispo.txn import transaction
 
 log = logging.getLogger(__name__)
 

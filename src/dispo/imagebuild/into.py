@@ -23,7 +23,7 @@ from dispo.imagebuild import BUILD_TIMEOUT_S, _fs_size_mib, _say, cache_dir, rec
 from dispo.images import Image, ImageStore
 from dispo.names import check_name, format_size
 from dispo.proc import minimal_env, run, which
-from dispo.session import transaction
+from dispo.txn import transaction
 
 APT_HINT = "check the source image's apt sources (they must offer the packages) and the host's network"
 
@@ -89,7 +89,8 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
             meta["vmlinux"] = src.vmlinux
         if exists:
             store.remove(name)
-        image = store.import_(out / "rootfs.ext4", name, quiet=quiet, extra_files=extra_files, extra_meta=meta)
+        image = store.import_(out / "rootfs.ext4", name, quiet=quiet, extra_files=extra_files, extra_meta=meta,
+                              tx=tx)
     _say(f"image {image.name}: {recipe.name} installed into {src.name} in {time.monotonic() - t0:.1f} s "
          f"({format_size(image.size)} root filesystem)", quiet)
     return image

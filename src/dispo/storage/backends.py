@@ -79,6 +79,12 @@ class BtrfsBackend(DiskBackend):
 
     def clone(self, image_dir: Path, dest: Path) -> None:
         run(["btrfs", "subvolume", "snapshot", image_dir, dest], hint=BTRFS_HINT)
+        # A snapshot keeps the image's modes (0755 holder, 0444 files): a live session's disk is private,
+        # as with the other backends.
+        dest.chmod(0o700)
+        for f in dest.iterdir():
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o600)
 
 
 class _FileCloneBackend(DiskBackend):

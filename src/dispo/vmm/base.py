@@ -18,6 +18,7 @@ from typing import Protocol
 
 from dispo.errors import VmmError
 from dispo.journal import Journal
+from dispo.vmm.accel import Accel
 
 
 class VmmKind(StrEnum):
@@ -49,12 +50,30 @@ class MachineSpec:
         return self.workdir / "console.log"
 
 
+class Capability(StrEnum):
+    PAUSE = "pause"        # pause() / resume()
+    SNAPSHOT = "snapshot"  # snapshot(dest) of a paused guest, restore(journal, snapshot) into a new process
+
+
 class Vmm(Protocol):
+    """What the runtime needs of a VMM; nothing above vmm/ names a concrete backend (vmm/registry.py)."""
+
     kind: VmmKind
     spec: MachineSpec
+    accel: Accel
+    capabilities: frozenset[Capability]
 
     @property
     def pid(self) -> int | None: ...
+
+    def check(self) -> None:
+        """Everything the VMM will open exists and can be used: one clear error before anything is created."""
+
+    def running(self) -> bool:
+        """The VMM process is alive; from any process (pid + start time), not only from its parent."""
+
+    def failure(self, what: str) -> GuestFailure:
+        """An error about the guest naming `what`, with the console tail."""
 
     def start(self, journal: Journal) -> None:
         """Record, then start the VMM process and boot the guest. Raises VmmError with the console tail."""
@@ -70,6 +89,16 @@ class Vmm(Protocol):
 
     def console_tail(self, lines: int = 20) -> str:
         """The last lines of the guest's serial console."""
+
+    def pause(self) -> None:
+        """Stop the vCPUs (Capability.PAUSE); raises Unsupported otherwise."""
+
+    def resume(self) -> None:
+        """Run the vCPUs again after pause()."""
+
+
+class Unsupported(VmmError):
+    """The backend cannot do this (see its `capabilities`)."""
 
 
 class GuestFailure(VmmError):

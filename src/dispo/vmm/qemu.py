@@ -26,7 +26,7 @@ from dispo.errors import NotFound, VmmError
 from dispo.journal import Journal
 from dispo.proc import which
 from dispo.vmm.accel import QEMU, QEMU_HINT, Accel, host_tsc_khz
-from dispo.vmm.base import GuestFailure, MachineSpec, VmmKind, tail
+from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, tail
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class QemuVmm:
     accel: Accel = Accel.TCG
     qemu: str = QEMU
     kind: VmmKind = VmmKind.QEMU
+    capabilities: frozenset[Capability] = frozenset({Capability.PAUSE})
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _start: str = ""
 
@@ -180,7 +181,21 @@ class QemuVmm:
                             hint="the console log is shown above; check the image's kernel and initrd")
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        # pid + start time, not poll(): true from any process, and never for a reused pid.
+        return self._proc is not None and processes.is_same_process(self._proc.pid, self._start)
+
+    def _qmp(self, command: str) -> None:
+        q = Qmp(self.qmp_path, timeout=5)
+        try:
+            q.command(command)
+        finally:
+            q.close()
+
+    def pause(self) -> None:
+        self._qmp("stop")
+
+    def resume(self) -> None:
+        self._qmp("cont")
 
     def wait_exit(self, timeout: float | None = None) -> int | None:
         return processes.exit_status(self._proc, timeout)

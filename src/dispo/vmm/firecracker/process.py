@@ -25,7 +25,7 @@ from dispo import kernels, processes
 from dispo.errors import NotFound, PermissionProblem, VmmError
 from dispo.journal import Entry, Journal
 from dispo.vmm.accel import Accel
-from dispo.vmm.base import GuestFailure, MachineSpec, VmmKind, tail
+from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, tail
 from dispo.vmm.firecracker.api import ApiError, FirecrackerApi, LogLevel, NetworkOverride, Request, SnapshotType
 from dispo.vmm.firecracker.jailer import Jail, JailSpec, set_tap_owner
 
@@ -81,6 +81,7 @@ def _arch() -> str:
 class FirecrackerVmm:
     kind = VmmKind.FIRECRACKER
     accel = Accel.KVM  # Firecracker has no other
+    capabilities = frozenset({Capability.PAUSE, Capability.SNAPSHOT})
 
     def __init__(self, spec: MachineSpec, options: FirecrackerOptions) -> None:
         self.spec = spec
@@ -118,7 +119,8 @@ class FirecrackerVmm:
                 raise NotFound(f"{what} file {path} does not exist", hint="check the image")
 
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        # pid + start time, not poll(): true from any process, and never for a reused pid.
+        return self._proc is not None and processes.is_same_process(self._proc.pid, self._starttime)
 
     def start(self, journal: Journal) -> None:
         """Start the process, configure the machine from the spec and boot it (InstanceStart)."""

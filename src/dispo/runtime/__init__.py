@@ -1,0 +1,130 @@
+"""The session runtime: the one thing the CLI and dispod call to run sessions.
+
+    rt = Runtime(cfg)                        # machinery=REAL, viewers=StandaloneViewers() or dispod's
+    live = rt.start(request.build(cfg, profile="chromium", url=URL))
+    live.wait(); live.exit_status, live.end_reason
+    rt.stop(live.id, "reason")               # or live.stop(reason); rt.shutdown(reason) ends them all
+
+The runtime prints nothing: it emits `Event`s to `rt.events` (subscribe a sink) and to the per-session
+sink given to `start`. Each session runs on its own thread and holds its own journal lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Iterator
+
+from dispo import gc
+from dispo.config import Config
+from dispo.errors import Busy, NotFound
+from dispo.names import check_session_id, new_session_id
+from dispo.runtime.app import StandaloneViewers, ViewerHost
+from dispo.runtime.events import Event, EventKind, EventSink, Fanout
+from dispo.runtime.live import LiveSession, SessionState, join_all
+from dispo.runtime.machinery import REAL, Machinery
+from dispo.runtime.request import SessionRequest, Stdio, build, from_json
+from dispo.runtime.steps import STEPS, Step
+
+__all__ = [
+    "STEPS",
+    "Event",
+    "EventKind",
+    "EventSink",
+    "LiveSession",
+    "Machinery",
+    "Runtime",
+    "SessionRequest",
+    "SessionState",
+    "StandaloneViewers",
+    "Stdio",
+    "Step",
+    "ViewerHost",
+    "build",
+    "from_json",
+]
+
+log = logging.getLogger(__name__)
+
+KEEP_ENDED = 100  # ended sessions kept for GET /v1/sessions/{id} (exit status, end reason)
+
+
+class Runtime:
+    def __init__(self, cfg: Config, *, machinery: Machinery = REAL, viewers: ViewerHost | None = None,
+                 max_sessions: int = 0, owner: str = "dispo") -> None:
+        self.cfg = cfg
+        self.machinery = machinery
+        self.viewers = viewers
+        self.max_sessions = max_sessions
+        self.owner = owner
+        self.events = Fanout()
+        self._live: dict[str, LiveSession] = {}
+        self._ended: collections.OrderedDict[str, LiveSession] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, request: SessionRequest, *, steps: tuple[Step, ...] = STEPS,
+              sink: EventSink | None = None) -> LiveSession:
+        """Begin a session (returns at once, state `starting`); Busy past max_sessions."""
+        with self._lock:
+            if self.max_sessions and len(self._live) >= self.max_sessions:
+                raise Busy(f"{len(self._live)} sessions are running, the most this service allows "
+                           f"(max_sessions = {self.max_sessions})")
+            sid = new_session_id()
+            while sid in self._live or sid in self._ended:
+                sid = new_session_id()
+            live = LiveSession(self, request, sid, steps=steps, sink=sink)
+            self._live[sid] = live
+        if self.viewers is not None and request.display.value == "web":
+            live.viewer_url = self.viewers.reserve(live)
+        live.emit(EventKind.STATE, "starting", **live.status())
+        live.start()
+        return live
+
+    def get(self, session_id: str) -> LiveSession:
+        check_session_id(session_id)
+        with self._lock:
+            live = self._live.get(session_id) or self._ended.get(session_id)
+        if live is None:
+            raise NotFound(f"no session {session_id}", hint="list sessions with 'dispo ls' or GET /v1/sessions")
+        return live
+
+    def sessions(self, *, ended: bool = False) -> list[LiveSession]:
+        with self._lock:
+            found = list(self._live.values()) + (list(self._ended.values()) if ended else [])
+        return sorted(found, key=lambda s: s.created)
+
+    def __iter__(self) -> Iterator[LiveSession]:
+        return iter(self.sessions())
+
+    def stop(self, session_id: str, reason: str) -> LiveSession:
+        live = self.get(session_id)
+        live.stop(reason)
+        return live
+
+    def shutdown(self, reason: str, timeout: float = 60.0) -> list[LiveSession]:
+        """Stop every session and wait for their teardown; the ones still there after `timeout`."""
+        sessions = self.sessions()
+        for s in sessions:
+            s.stop(reason)
+        return join_all(sessions, timeout)
+
+    def forget(self, live: LiveSession) -> None:
+        """Called by a session when it ended: keep it for a while for its exit status and end reason."""
+        with self._lock:
+            self._live.pop(live.id, None)
+            self._ended[live.id] = live
+            while len(self._ended) > KEEP_ENDED:
+                self._ended.popitem(last=False)
+
+    def reclaim(self) -> gc.Report:
+        """Undo what sessions of dead owners left (a dispod or dispo killed with -9): `dispo gc`'s work."""
+        report = gc.collect(self.cfg)
+        for sid in report.reclaimed:
+            log.info("reclaimed session %s (its owner died)", sid)
+        return report
+
+    @property
+    def live_count(self) -> int:
+        with self._lock:
+            return sum(1 for s in self._live.values() if s.state is not SessionState.ENDED)

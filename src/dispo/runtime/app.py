@@ -1,0 +1,183 @@
+"""The session's app: the command or display program run in the guest through the guest channel.
+
+The host side is one process (ssh today), journaled (kind "process") before it runs, behind the same
+gate as the VMM, and stopped before the VMM on unwind. Its output is either the caller's terminal
+(`Stdio.TERMINAL`, `dispo run` in-process) or captured into OUTPUT events, capped, for the service.
+
+Web displays: the guest's Xvnc listens on the guest's loopback only; the channel forwards it to `vnc.sock`
+in the root-only state dir, and a `ViewerHost` serves it behind a token: one WebViewer per session for
+the CLI (`StandaloneViewers`), or routes of dispod's one server.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Protocol
+
+from dispo import processes
+from dispo.errors import VmmError
+from dispo.proc import minimal_env
+from dispo.txn import Transaction
+
+if TYPE_CHECKING:
+    from dispo.runtime.live import LiveSession
+
+APP_LOG = "app.log"
+VNC_SOCKET = "vnc.sock"
+DEFAULT_GEOMETRY = "1280x800"
+OUTPUT_CAP = 16 << 20  # bytes of captured output a session may send; the rest is dropped, with a notice
+SSH_LOST = 255  # ssh's own failure status
+ENDED_FROM_VIEWER = "ended from the viewer"
+
+
+class DisplayError(VmmError):
+    """The app or its display did not come up."""
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_bytes()[-16384:].decode(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+OutputSink = Callable[[str, bytes], None]  # (stream name, bytes)
+
+
+class AppProcess:
+    """The host process that runs the app in the guest; journaled before it runs, stopped on unwind."""
+
+    def __init__(self, tx: Transaction, argv: list[str], *, what: str, env: dict[str, str] | None = None,
+                 terminal: bool = False, output: OutputSink | None = None) -> None:
+        self.log_path = tx.state_path / APP_LOG
+        self._pumps: list[threading.Thread] = []
+        self._sent = 0
+        self._output = output
+        out: IO[bytes] | int | None
+        err: IO[bytes] | int | None
+        with open(self.log_path, "ab") as log:
+            if terminal:
+                out, err = None, None
+            elif output is not None:
+                out, err = subprocess.PIPE, subprocess.PIPE
+            else:
+                out, err = log, subprocess.STDOUT
+            try:
+                spawned = processes.spawn_recorded(tx.journal, argv, what=what, stdout=out, stderr=err,
+                                                   env=env if env is not None else minimal_env(),
+                                                   keep_stdin=terminal, new_session=not terminal, term_timeout="3")
+            except processes.SpawnFailed:
+                raise DisplayError(f"{what} exited at once: {_tail(self.log_path, 3)}") from None
+        self.proc, self.start = spawned.proc, spawned.starttime
+        tx.stack.callback(self.stop)
+        if output is not None:
+            for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
+                assert stream is not None
+                t = threading.Thread(target=self._pump, args=(name, stream), daemon=True, name=f"dispo-{name}")
+                t.start()
+                self._pumps.append(t)
+
+    def _pump(self, name: str, stream: IO[bytes]) -> None:
+        assert self._output is not None
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := os.read(stream.fileno(), 65536):
+                room = OUTPUT_CAP - self._sent
+                if room <= 0:
+                    continue  # keep draining so the guest side never blocks; drop what is over the cap
+                self._sent += min(room, len(chunk))
+                self._output(name, chunk[:room])
+
+    def poll(self) -> int | None:
+        """The exit status once the process ended and its output was all delivered."""
+        rc = self.proc.poll()
+        if rc is None:
+            return None
+        for t in self._pumps:
+            t.join(5)
+        return rc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            processes.terminate(self.proc.pid, self.start, term_timeout=3)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(1)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def failure(self, message: str) -> DisplayError:
+        log = _tail(self.log_path)
+        return DisplayError(f"{message}" + (f"; app output:\n{log}" if log else ""),
+                            hint="see the app's messages above; a bigger ready timeout helps under TCG")
+
+
+def encode_output(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def vnc_greeting(path: Path) -> bool:
+    """True once a VNC server answers through the forward (ssh accepts on the socket before Xvnc is up,
+    then closes the connection: no greeting yet)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(str(path))
+            return sock.recv(12).startswith(b"RFB ")
+    except OSError:
+        return False
+
+
+class ViewerHost(Protocol):
+    """Who serves a session's web display. `reserve` may give the URL before the display is up (dispod
+    does, so POST /v1/sessions answers with it); `publish` serves it and returns the URL."""
+
+    def reserve(self, live: LiveSession) -> str | None: ...
+
+    def publish(self, live: LiveSession, vnc_socket: Path) -> str: ...
+
+    def withdraw(self, session_id: str) -> None: ...
+
+
+class StandaloneViewers:
+    """One WebViewer (its own port and token) per session: what `dispo run` uses in-process."""
+
+    def __init__(self) -> None:
+        from dispo.display.viewer import WebViewer
+
+        self._cls = WebViewer
+        self._viewers: dict[str, WebViewer] = {}
+
+    def reserve(self, live: LiveSession) -> str | None:
+        return None
+
+    def publish(self, live: LiveSession, vnc_socket: Path) -> str:
+        from dispo.display.viewer import Target
+
+        viewer = self._cls(Target(unix=str(vnc_socket)), session_id=live.id,
+                           on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch)
+        viewer.start()
+        self._viewers[live.id] = viewer
+        return viewer.url
+
+    def withdraw(self, session_id: str) -> None:
+        viewer = self._viewers.pop(session_id, None)
+        if viewer is not None:
+            viewer.stop()
+
+
+def app_env(x11: bool) -> dict[str, str]:
+    """The environment of the app's host process: minimal, plus the X display for x11 forwarding."""
+    if not x11:
+        return minimal_env()
+    extra = {"DISPLAY": os.environ.get("DISPLAY", "")}
+    if "XAUTHORITY" in os.environ:
+        extra["XAUTHORITY"] = os.environ["XAUTHORITY"]
+    return minimal_env(extra)

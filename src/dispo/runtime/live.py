@@ -1,0 +1,246 @@
+"""LiveSession: one session from request to receipt, run on its own thread, stopped by reason.
+
+States: starting -> running -> stopping -> ended (or starting -> stopping -> ended when it fails or is
+stopped while it starts). Stopping is explicit: `stop(reason)` sets a cancel token that the steps and
+the supervisor check; no exception is raised into the session by a signal handler. The session's journal
+lock is held by this process from the first step until everything is undone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from dispo import receipt
+from dispo.errors import Cancelled, DispoError, TeardownError
+from dispo.images import Image
+from dispo.runtime.app import encode_output
+from dispo.runtime.events import Event, EventKind, EventSink
+from dispo.runtime.request import SessionRequest
+from dispo.runtime.steps import STEPS, Bringup, Step, supervise
+from dispo.txn import Transaction, transaction
+from dispo.vmm.base import Vmm
+
+if TYPE_CHECKING:
+    from dispo.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class SessionState(StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    ENDED = "ended"
+
+
+class CancelToken:
+    """Set once, with the first reason; waits wake at once."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> bool:
+        if self._event.is_set():
+            return False
+        self.reason = reason
+        self._event.set()
+        return True
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(self.reason)
+
+
+def problem(error: BaseException) -> dict[str, Any]:
+    """An error as data (for events and the API): type, one-line message, hint, console tail."""
+    if isinstance(error, DispoError):
+        return {"type": type(error).__name__, "message": " ".join(error.message.split()), "hint": error.hint,
+                "status": error.http_status, "console_tail": getattr(error, "console_tail", "")}
+    return {"type": type(error).__name__, "message": str(error), "hint": "", "status": 500, "console_tail": ""}
+
+
+class LiveSession:
+    def __init__(self, runtime: Runtime, request: SessionRequest, session_id: str, *,
+                 steps: tuple[Step, ...] = STEPS, sink: EventSink | None = None) -> None:
+        self.runtime = runtime
+        self.request = request
+        self.id = session_id
+        self.steps = steps
+        self.created = time.time()
+        self.state = SessionState.STARTING
+        self.exit_status: int | None = None
+        self.end_reason = ""
+        self.error: DispoError | None = None
+        self.viewer_url: str | None = None
+        self.address = ""
+        self.backend = request.backend
+        self.accel = ""
+        self.step = ""
+        self.last_activity = time.monotonic()
+        self.cancel = CancelToken()
+        self.receipt: receipt.Receipt | None = None
+        self._tx: Transaction | None = None
+        self._image: Image | None = None
+        self._proof: dict[str, Any] | None = None
+        self._stopping_at = 0.0
+        self._sink = sink
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # -- what callers use -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"dispo-session-{self.id}", daemon=True)
+        self._thread.start()
+
+    def stop(self, reason: str) -> bool:
+        """Ask the session to end (returns at once); False if it is already ending. Thread- and signal-safe."""
+        if not self.cancel.set(reason):
+            return False
+        with self._lock:
+            if self.state in (SessionState.STARTING, SessionState.RUNNING):
+                self._set_state(SessionState.STOPPING, reason)
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the session ended and everything it made is gone (or reported left)."""
+        return self._done.wait(timeout)
+
+    def touch(self) -> None:
+        """Someone used the session (viewer input, output, an API call): the idle timer starts again."""
+        self.last_activity = time.monotonic()
+
+    @property
+    def ended(self) -> bool:
+        return self._done.is_set()
+
+    def status(self) -> dict[str, Any]:
+        r = self.request
+        return {"id": self.id, "name": r.name or None, "profile": r.profile or None, "image": r.image,
+                "display": r.display.value, "state": self.state.value, "step": self.step,
+                "created": self.created, "age_s": round(time.time() - self.created, 1),
+                "exit_status": self.exit_status, "end_reason": self.end_reason or None,
+                "viewer_url": self.viewer_url, "address": self.address or None, "backend": self.backend,
+                "accel": self.accel or None, "error": problem(self.error) if self.error else None,
+                "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s}
+
+    # -- for the steps ----------------------------------------------------------------------------
+    def emit(self, kind: EventKind, message: str = "", **fields: Any) -> None:
+        event = Event(kind, self.id, message, fields)
+        if self._sink is not None:
+            self._sink(event)
+        self.runtime.events(event)
+
+    def output(self, stream: str, data: bytes) -> None:
+        self.touch()
+        self.emit(EventKind.OUTPUT, "", stream=stream, data=encode_output(data))
+
+    def note_vmm(self, vmm: Vmm) -> None:
+        self.backend, self.accel = vmm.kind.value, vmm.accel.value
+
+    # -- the session's thread ---------------------------------------------------------------------
+    def _set_state(self, state: SessionState, reason: str = "") -> None:
+        self.state = state
+        self.emit(EventKind.STATE, f"{state.value}" + (f": {reason}" if reason else ""), **self.status())
+
+    def _run(self) -> None:
+        try:
+            self._life()
+        except Cancelled as e:
+            self.end_reason = e.reason
+        except DispoError as e:
+            self.error = e
+            self.end_reason = self.end_reason or f"failed: {e.one_line()}"
+        except BaseException as e:  # a bug: still end the session cleanly and say so
+            log.exception("session %s", self.id)
+            self.error = DispoError(f"internal error: {type(e).__name__}: {e}")
+            self.end_reason = f"failed: {self.error.message}"
+        try:
+            self._dispose()
+        except Exception as e:  # the receipt is a check: its own failure is reported, not fatal
+            log.exception("session %s: disposal receipt", self.id)
+            self.error = self.error or DispoError(f"the disposal receipt could not be written: {e}")
+        finally:
+            with self._lock:
+                self.state = SessionState.ENDED
+            self.emit(EventKind.ENDED, self.end_reason, exit_status=self.exit_status, end_reason=self.end_reason,
+                      error=problem(self.error) if self.error else None,
+                      console_tail=getattr(self.error, "console_tail", "") if self.error else "",
+                      receipt=self.receipt.summary() if self.receipt else None)
+            self.emit(EventKind.STATE, f"ended: {self.end_reason}", **self.status())
+            self._done.set()
+            self.runtime.forget(self)
+
+    def _life(self) -> None:
+        r = self.request
+        meta: dict[str, Any] = {"image": r.image, "name": r.name, "profile": r.profile, "request": r.to_json(),
+                "owner": self.runtime.owner}
+        with transaction(self.runtime.cfg, purpose="session", session_id=self.id, **meta) as tx:
+            self._tx = tx
+            try:
+                b = Bringup(self.runtime.cfg, self.runtime.machinery, r, tx, self, self.cancel, self.emit,
+                            self.runtime.viewers)
+                for step in self.steps:
+                    self.cancel.check()
+                    self.step = step.name
+                    t = time.monotonic()
+                    try:
+                        step.run(b)
+                        if step.name == "validate" and b.image is not None:
+                            self._image, self._proof = b.image, receipt.image_proof(b.image)
+                    except DispoError:
+                        self.cancel.check()  # stopped meanwhile: say so rather than the step's error
+                        raise
+                    self.emit(EventKind.STEP, step.name, step=step.name, seconds=round(time.monotonic() - t, 3))
+                self.step = ""
+                with self._lock:
+                    if self.state is SessionState.STARTING:
+                        self._set_state(SessionState.RUNNING)
+                self.exit_status, self.end_reason = supervise(b)
+                with self._lock:
+                    if self.state is not SessionState.STOPPING:
+                        self._set_state(SessionState.STOPPING, self.end_reason)
+            finally:
+                self._stopping_at = time.monotonic()  # the teardown starts now
+
+    def _dispose(self) -> None:
+        """After the teardown, however it went: check object by object that all is gone; write the receipt.
+        A receipt that is not clean is this session's error (unless it already has one)."""
+        if self._tx is None:
+            return  # nothing was ever created
+        tx = self._tx
+        self.receipt = receipt.issue(
+            tx.cfg, session_id=self.id, recorded=list(tx.journal.recorded), state_path=tx.state_path,
+            image=self._image, proof_before=self._proof, started=self.created,
+            teardown_s=time.monotonic() - self._stopping_at if self._stopping_at else None,
+            exit_status=self.exit_status, end_reason=self.end_reason or (self.error.one_line() if self.error else ""))
+        if not self.receipt.clean and self.error is None:
+            self.error = receipt.NotClean(self.id, self.receipt.leftovers)
+
+
+def join_all(sessions: list[LiveSession], timeout: float, on_wait: Callable[[LiveSession], None] | None = None
+             ) -> list[LiveSession]:
+    """Wait for every session to end within `timeout` overall; those still running."""
+    deadline = time.monotonic() + timeout
+    left = []
+    for s in sessions:
+        if on_wait is not None:
+            on_wait(s)
+        if not s.wait(max(0.0, deadline - time.monotonic())):
+            left.append(s)
+    return left
+
+
+__all__ = ["CancelToken", "LiveSession", "SessionState", "TeardownError", "join_all", "problem"]

@@ -1,0 +1,113 @@
+"""What the runtime drives to make a guest: the network, the VMM, and the channel into the guest.
+
+`Machinery` is the seam between the runtime's steps and the host: the real one (`REAL`) attaches a tap
+behind NAT, creates a QEMU or Firecracker VMM through vmm/registry.py and talks to the guest over SSH with
+keys made for the session. Tests swap the whole set for fakes (tests/fakes.py) to run the runtime, the
+service, timeouts and cancellation in seconds without root; the real set is tested end to end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from dispo import guest as guest_files
+from dispo import ssh
+from dispo.config import Config
+from dispo.net import GuestNetwork, NetworkPolicy, attach_network
+from dispo.txn import Transaction
+from dispo.vmm import registry
+from dispo.vmm.base import MachineSpec, Vmm, VmmKind
+
+VNC_PORT = 5900
+
+
+class GuestChannel(Protocol):
+    """A host-side way into one guest (SSH today; the in-guest agent later)."""
+
+    @property
+    def address(self) -> str: ...
+
+    def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
+        """Until the guest answers; VmmError when `alive()` turns false or `timeout` passes."""
+
+    def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]:
+        """A host argv that runs `argv` in the guest as the unprivileged user, with its stdio."""
+
+    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str) -> list[str]:
+        """A host argv that runs `app` on a display: with vnc_socket, the guest's private VNC display
+        forwarded to that unix socket; without, the host's $DISPLAY (X11 forwarding)."""
+
+    def save(self, state_path: Path) -> None:
+        """Leave what `dispo ssh ID` needs in the session's state dir."""
+
+
+class Identity(Protocol):
+    """Secrets made for one session and written into its disk before it boots."""
+
+    def channel(self, address: str) -> GuestChannel: ...
+
+
+@dataclass(frozen=True)
+class SshChannel:
+    keys: ssh.SessionKeys
+    address: str
+
+    def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
+        ssh.wait_ready(self.keys, self.address, timeout=timeout, alive=alive)
+
+    def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]:
+        base = ssh.ssh_argv(self.keys, self.address, batch=not tty, tty=tty)
+        return [*base, ssh.remote_command(argv)] if argv else base
+
+    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str) -> list[str]:
+        base = ssh.ssh_argv(self.keys, self.address)
+        if vnc_socket is not None:
+            remote = [guest_files.APP_PATH, "web", geometry, "--", *app]
+            options = ["-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindMask=0177",
+                       "-L", f"{vnc_socket}:127.0.0.1:{VNC_PORT}"]
+        else:
+            remote = [guest_files.APP_PATH, "x11", "--", *app]
+            # -X is untrusted forwarding: the guest's clients cannot read other windows or the keyboard.
+            options = ["-X", "-o", "ForwardX11Trusted=no", "-o", "ForwardX11Timeout=0"]
+        # ssh options go before the destination, which ssh_argv puts last.
+        return [*base[:-1], *options, base[-1], ssh.remote_command(remote)]
+
+    def save(self, state_path: Path) -> None:
+        ssh.save_info(state_path, self.keys, self.address)
+
+
+@dataclass(frozen=True)
+class SshIdentity:
+    keys: ssh.SessionKeys
+
+    def channel(self, address: str) -> GuestChannel:
+        return SshChannel(self.keys, address)
+
+
+def ssh_identity(tx: Transaction, disk: Path) -> Identity:
+    """Client and host keys for this session alone, written into its disk (no mount) before it boots."""
+    keys = ssh.make_keys(tx.state_path, tx.session_id)
+    ssh.install_keys(disk, keys)
+    return SshIdentity(keys)
+
+
+def _attach(tx: Transaction, policy: NetworkPolicy) -> GuestNetwork:
+    return attach_network(tx, policy)
+
+
+def _create_vmm(cfg: Config, kind: VmmKind, spec: MachineSpec) -> Vmm:
+    return registry.create(cfg, kind, spec)
+
+
+@dataclass(frozen=True)
+class Machinery:
+    attach_network: Callable[[Transaction, NetworkPolicy], GuestNetwork]
+    create_vmm: Callable[[Config, VmmKind, MachineSpec], Vmm]
+    identity: Callable[[Transaction, Path], Identity]
+    name: str = "real"
+
+
+REAL = Machinery(attach_network=_attach, create_vmm=_create_vmm, identity=ssh_identity)

@@ -1,0 +1,192 @@
+"""SessionRequest: everything a session needs to know, fixed and fully checked before anything exists.
+
+The CLI (flags), the service (a JSON body) and profiles all end here; `build()` is the one place that
+applies defaults (settings.py, then the profile, then what the caller gave) and checks limits, names, the
+URL, the image and the backend. A request that passes `build()` only fails later for reasons of the host
+(no memory, a VMM that crashes), never for its own content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from dispo import profiles
+from dispo.config import Config
+from dispo.errors import InvalidInput, NotFound
+from dispo.imagebuild.recipes import RECIPES
+from dispo.images import Image, ImageStore
+from dispo.names import check_name
+from dispo.net.policy import NetworkPolicy
+from dispo.profiles import DisplayMode
+from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, limit_hi
+from dispo.vmm.base import VmmKind
+from dispo.vmm.registry import choose_backend
+
+
+class Stdio(StrEnum):
+    CAPTURE = "capture"    # the command's output becomes OUTPUT events (the service; scripts)
+    TERMINAL = "terminal"  # the command uses the caller's own stdin/stdout/stderr (dispo run in-process)
+
+
+MAX_URL = 4096
+MAX_COMMAND_BYTES = 64 * 1024
+_URL_RE = re.compile(r"^(https?://[^\s]+|about:[a-z-]+)$")
+# Keys a JSON body (POST /v1/sessions) may carry; the rest of SessionRequest is the server's to decide.
+API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", *INT_SETTINGS, *SECONDS_SETTINGS)
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    image: str
+    profile: str = ""                  # the profile it came from ("" for a plain image + command)
+    command: tuple[str, ...] = ()      # the guest argv (for a profile: its app with the URL); () = a shell
+    url: str = ""
+    display: DisplayMode = DisplayMode.NONE
+    name: str = ""
+    backend: str = "auto"
+    memory_mib: int = 512
+    vcpus: int = 1
+    shm_mib: int = 0                   # 0: the guest's default /dev/shm
+    ready_timeout_s: float = 120.0
+    idle_timeout_s: float = 0.0        # 0: never
+    max_lifetime_s: float = 0.0        # 0: never
+    policy: NetworkPolicy = field(default_factory=NetworkPolicy)
+    stdio: Stdio = Stdio.CAPTURE
+    tty: bool = False                  # with Stdio.TERMINAL: an interactive terminal
+
+    @property
+    def kind(self) -> VmmKind:
+        return VmmKind(self.backend) if self.backend != "auto" else VmmKind.QEMU
+
+    def cmdline(self) -> tuple[str, ...]:
+        """Kernel arguments this request adds for the guest's init."""
+        return (f"dispo.shm={self.shm_mib}",) if self.shm_mib else ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"profile": self.profile or None, "image": self.image, "command": list(self.command),
+                "url": self.url or None, "display": self.display.value, "name": self.name or None,
+                "backend": self.backend, "memory_mib": self.memory_mib, "vcpus": self.vcpus,
+                "ready_timeout_s": self.ready_timeout_s, "idle_timeout_s": self.idle_timeout_s,
+                "max_lifetime_s": self.max_lifetime_s}
+
+
+def _number(key: str, value: Any, where: str) -> int | float:
+    s = SETTINGS[key]
+    lo, hi = s.lo, limit_hi(key)
+    integer = key in INT_SETTINGS
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
+        what = "an integer" if integer else "a number of seconds"
+        extra = " (this host's memory)" if key == "memory_mib" and hi < s.hi else ""
+        raise InvalidInput(f"{where}{key} {value!r} is out of range: give {what} from {lo:g} to {hi:g}{extra}",
+                           hint=s.help)
+    return int(value) if integer else float(value)
+
+
+def check_url(url: str) -> str:
+    if len(url) > MAX_URL or not _URL_RE.match(url) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise InvalidInput(f"invalid URL {url[:80]!r}",
+                           hint="give an http:// or https:// URL (or about:blank), without spaces")
+    return url
+
+
+def find_image(cfg: Config, name: str) -> Image:
+    try:
+        return ImageStore(cfg).get(name)
+    except NotFound as e:
+        if name in RECIPES:  # the usual first run: say how to make it
+            raise NotFound(e.message, hint=f"build it with 'dispo image build {name}' (a few minutes, once)") from None
+        raise
+
+
+def build(cfg: Config, *, profile: str | None = None, image: str | None = None, command: Sequence[str] = (),
+          url: str | None = None, display: str | None = None, name: str | None = None, backend: str | None = None,
+          stdio: Stdio = Stdio.CAPTURE, tty: bool = False, where: str = "", **numbers: Any) -> SessionRequest:
+    """Defaults, then the profile, then the caller's values; every check before anything is created.
+
+    `numbers` are the numeric settings (memory_mib, vcpus, shm_mib, *_timeout_s, max_lifetime_s); None
+    means "not given". `where` prefixes messages (e.g. "POST /v1/sessions: ")."""
+    unknown = set(numbers) - set(INT_SETTINGS) - set(SECONDS_SETTINGS)
+    if unknown:
+        raise InvalidInput(f"{where}unknown setting(s): {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in numbers.items() if v is not None}
+    values: dict[str, Any] = {k: SETTINGS[k].default for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
+    values["shm_mib"] = 0
+    fields: dict[str, Any] = {}
+    if profile:
+        p = profiles.find(profile, cfg.profiles_dir)
+        if command:
+            raise InvalidInput(f"{where}a profile runs its own command; give a URL, or an image and a command",
+                               hint=f"the command of {profile!r} is set in {p.source}")
+        if not p.command:
+            raise InvalidInput(f"profile {profile!r} has no command", hint=f"add command = [...] to {p.source}")
+        values.update(memory_mib=p.memory_mib, vcpus=p.vcpus, shm_mib=p.shm_mib, ready_timeout_s=p.ready_timeout_s,
+                      idle_timeout_s=p.idle_timeout_s, max_lifetime_s=p.max_lifetime_s)
+        target = check_url(url) if url else ""
+        fields.update(profile=p.name, image=p.image, command=p.argv(target or None), url=target,
+                      display=p.display, backend=p.backend, policy=p.network)
+    else:
+        if url:
+            raise InvalidInput(f"{where}a URL goes with a profile", hint="dispo run chromium URL")
+        if display not in (None, DisplayMode.NONE.value):
+            raise InvalidInput(f"{where}a display goes with a profile", hint="dispo run chromium --display web")
+        fields.update(image=str(SETTINGS["image"].default), command=tuple(command))
+    if image:
+        fields["image"] = check_name(image, what="image name")
+    for key, value in given.items():
+        values[key] = _number(key, value, where)
+    if display is not None:
+        try:
+            fields["display"] = DisplayMode(display)
+        except ValueError:
+            raise InvalidInput(f"{where}unknown display {display!r}", hint="use web, x11 or none") from None
+    if fields.get("display") is DisplayMode.X11 and not os.environ.get("DISPLAY"):
+        raise InvalidInput("--display x11 needs an X display, and $DISPLAY is not set",
+                           hint="run from an X session (or ssh -X), or use --display web")
+    if name:
+        fields["name"] = check_name(name, what="session name")
+    if backend:
+        fields["backend"] = backend
+    cmd = tuple(fields.get("command", ()))
+    if any(not isinstance(c, str) or "\0" in c for c in cmd) or sum(len(c) + 1 for c in cmd) > MAX_COMMAND_BYTES:
+        raise InvalidInput(f"{where}the command must be a list of strings without NUL, {MAX_COMMAND_BYTES} bytes "
+                           f"at most")
+    if not cmd and (stdio is not Stdio.TERMINAL or not tty):
+        raise InvalidInput(f"{where}no command given and there is no terminal for a shell",
+                           hint="give a command (dispo run -- CMD [ARG ...]) or a profile")
+    img = find_image(cfg, fields["image"])
+    fields["backend"] = choose_backend(fields.get("backend"), img).value
+    return SessionRequest(**fields, **values, stdio=stdio, tty=tty)
+
+
+def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/sessions: ") -> SessionRequest:
+    """A request from an API body: {"profile": "chromium", "url": ...} or {"image": ..., "command": [...]}."""
+    if not isinstance(body, Mapping):
+        raise InvalidInput(f"{where}the body must be a JSON object")
+    unknown = sorted(set(body) - set(API_KEYS))
+    if unknown:
+        raise InvalidInput(f"{where}unknown key(s): {', '.join(unknown)}", hint=f"known keys: {', '.join(API_KEYS)}")
+    strings = {k: body.get(k) for k in ("profile", "image", "url", "display", "name", "backend")}
+    for k, v in strings.items():
+        if v is not None and not isinstance(v, str):
+            raise InvalidInput(f"{where}{k} must be a string")
+    command = body.get("command") or []
+    if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+        raise InvalidInput(f"{where}command must be a list of strings (an argv, no shell)")
+    if strings["display"] == DisplayMode.X11.value:
+        raise InvalidInput(f"{where}the service shows apps in its web viewer; x11 needs 'dispo run' in-process",
+                           hint="use display web or none")
+    numbers: dict[str, Any] = {k: body.get(k) for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
+    return build(cfg, command=command, where=where, stdio=Stdio.CAPTURE, profile=strings["profile"],
+                 image=strings["image"], url=strings["url"], display=strings["display"], name=strings["name"],
+                 backend=strings["backend"], **numbers)
+
+
+def replace(req: SessionRequest, **changes: Any) -> SessionRequest:
+    return dataclasses.replace(req, **changes)

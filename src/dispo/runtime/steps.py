@@ -1,0 +1,221 @@
+"""A session's bring-up as a named, ordered list of steps, and its supervision once it runs.
+
+    validate -> disk -> identity -> network -> vmm.start -> guest.ready -> app
+
+Each step reads and fills one `Bringup` and records every host object in the session's journal before it
+creates it (through the layer that owns it). Restoring from a snapshot instead of booting is one step
+swapped (`vmm.start` for a `vmm.restore`), not a second path: `STEPS` is a tuple a caller may rebuild.
+The runtime checks for cancellation between steps and inside the waits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dispo.config import Config
+from dispo.errors import InvalidInput, NotFound
+from dispo.images import Image
+from dispo.net import GuestNetwork
+from dispo.profiles import DisplayMode
+from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess, ViewerHost, app_env, vnc_greeting
+from dispo.runtime.events import EventKind
+from dispo.runtime.machinery import GuestChannel, Identity, Machinery
+from dispo.runtime.request import SessionRequest, Stdio, find_image
+from dispo.storage import disks
+from dispo.txn import Transaction
+from dispo.vmm.accel import Accel
+from dispo.vmm.base import GuestFailure, MachineSpec, NetAttachment, Vmm, VmmKind
+from dispo.vmm.registry import choose_backend, kernel_for
+
+if TYPE_CHECKING:
+    from dispo.runtime.live import CancelToken, LiveSession
+
+POLL_S = 0.2
+
+
+@dataclass
+class Bringup:
+    """What the steps of one session share; filled in step by step."""
+
+    cfg: Config
+    machinery: Machinery
+    request: SessionRequest
+    tx: Transaction
+    live: LiveSession
+    cancel: CancelToken
+    emit: Callable[..., None]          # emit(kind, message, **fields)
+    viewers: ViewerHost | None
+    t0: float = field(default_factory=time.monotonic)
+    image: Image | None = None
+    kind: VmmKind = VmmKind.QEMU
+    kernel: Path | None = None
+    disk_dir: Path | None = None
+    identity: Identity | None = None
+    net: GuestNetwork | None = None
+    vmm: Vmm | None = None
+    channel: GuestChannel | None = None
+    app: AppProcess | None = None
+
+    def alive(self) -> bool:
+        """The VMM runs and nobody asked the session to stop: what every wait checks."""
+        return self.vmm is not None and self.vmm.running() and not self.cancel.is_set()
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[Bringup], None]
+
+
+def validate(b: Bringup) -> None:
+    """The image and its kernel files exist and suit the backend (they may have changed since the request)."""
+    image = find_image(b.cfg, b.request.image)
+    b.image, b.kind = image, choose_backend(b.request.backend, image)
+    b.kernel = kernel_for(image, b.kind)
+    if b.kernel is None:
+        raise InvalidInput(f"image {image.name!r} has no kernel, so it cannot boot",
+                           hint="build a bootable image with 'dispo image build minimal'")
+    for what, path in (("kernel", b.kernel), ("initrd", image.initrd_path)):
+        if path is not None and not path.is_file():
+            raise NotFound(f"image {image.name!r}: {what} file {path} is missing",
+                           hint=f"rebuild the image ('dispo image build {image.name} --force')")
+
+
+def disk(b: Bringup) -> None:
+    assert b.image is not None
+    b.disk_dir = disks.clone(b.tx, b.image)
+
+
+def identity(b: Bringup) -> None:
+    assert b.disk_dir is not None
+    from dispo.images import ROOTFS
+
+    b.identity = b.machinery.identity(b.tx, b.disk_dir / ROOTFS)
+
+
+def network(b: Bringup) -> None:
+    b.net = b.machinery.attach_network(b.tx, b.request.policy)
+
+
+def vmm_start(b: Bringup) -> None:
+    assert b.image is not None and b.kernel is not None and b.net is not None and b.disk_dir is not None
+    from dispo.images import ROOTFS
+
+    r, image, net = b.request, b.image, b.net
+    spec = MachineSpec(
+        session_id=b.tx.session_id, kernel=b.kernel, rootfs=b.disk_dir / ROOTFS, workdir=b.tx.state_path,
+        cmdline=(*image.cmdline, *net.kernel_args(), f"dispo.hostname=dispo-{b.tx.session_id}", *r.cmdline()),
+        initrd=image.initrd_path, memory_mib=r.memory_mib, vcpus=r.vcpus, nets=(NetAttachment(net.tap, net.mac),))
+    vmm = b.machinery.create_vmm(b.cfg, b.kind, spec)
+    vmm.check()
+    b.tx.stack.callback(vmm.stop)  # runs before the journal unwinds the network and the disk
+    b.vmm = vmm
+    vmm.start(b.tx.journal)
+    b.live.note_vmm(vmm)
+
+
+def guest_ready(b: Bringup) -> None:
+    assert b.identity is not None and b.net is not None and b.vmm is not None
+    vmm = b.vmm
+    channel = b.identity.channel(str(b.net.guest.ip))
+    t = time.monotonic()
+    try:
+        channel.wait_ready(b.request.ready_timeout_s, b.alive)
+    except GuestFailure:
+        raise
+    except Exception as e:
+        b.cancel.check()
+        message = getattr(e, "message", str(e))
+        if vmm.running():
+            raise vmm.failure(message) from None
+        raise vmm.failure(f"{message}: {vmm.kind.value} exited with status {vmm.wait_exit(0)}") from None
+    channel.save(b.tx.state_path)
+    b.channel = channel
+    now = time.monotonic()
+    b.live.address = channel.address
+    b.emit(EventKind.READY, f"ready in {now - b.t0:.1f} s (guest {channel.address}, {vmm.kind.value}/"
+                            f"{vmm.accel.value})",
+           address=channel.address, backend=vmm.kind.value, accel=vmm.accel.value, ready_s=round(now - b.t0, 3),
+           boot_s=round(now - t, 3))
+    if vmm.accel is Accel.TCG and b.request.display is not DisplayMode.NONE:
+        b.emit(EventKind.NOTICE, "no usable KVM here: the guest runs under TCG (emulation), so the app is slow; "
+                                 "a browser takes about 30 s to show its first page", accel=vmm.accel.value)
+
+
+def app(b: Bringup) -> None:
+    assert b.channel is not None and b.vmm is not None
+    r = b.request
+    if r.display is DisplayMode.WEB:
+        _web(b)
+    elif r.display is DisplayMode.X11:
+        argv = b.channel.display(r.command, vnc_socket=None, geometry=DEFAULT_GEOMETRY)
+        b.app = AppProcess(b.tx, argv, what="app-ssh", env=app_env(x11=True))
+        b.emit(EventKind.NOTICE, f"app on display {app_env(x11=True)['DISPLAY']}")
+    else:
+        terminal = r.stdio is Stdio.TERMINAL
+        argv = b.channel.command(r.command, tty=r.tty)
+        b.app = AppProcess(b.tx, argv, what="command-ssh", terminal=terminal,
+                           output=None if terminal else b.live.output)
+
+
+def _web(b: Bringup) -> None:
+    assert b.channel is not None and b.vmm is not None
+    sock = b.tx.state_path / VNC_SOCKET
+    sock.unlink(missing_ok=True)
+    argv = b.channel.display(b.request.command, vnc_socket=sock, geometry=DEFAULT_GEOMETRY)
+    app = b.app = AppProcess(b.tx, argv, what="app-ssh")
+    deadline = time.monotonic() + b.request.ready_timeout_s
+    while not vnc_greeting(sock):
+        b.cancel.check()
+        if (rc := app.poll()) is not None:
+            raise app.failure(f"the app's display did not start (ssh exited with status {rc})")
+        if not b.vmm.running():
+            raise b.vmm.failure("the guest stopped while its display started")
+        if time.monotonic() > deadline:
+            raise app.failure(f"no VNC display from the guest after {b.request.ready_timeout_s:.0f} s")
+        time.sleep(0.3)
+    if b.viewers is not None:
+        url = b.viewers.publish(b.live, sock)
+        b.tx.stack.callback(b.viewers.withdraw, b.tx.session_id)
+        (b.tx.state_path / "viewer.url").write_text(url + "\n")
+        b.live.viewer_url = url
+        b.emit(EventKind.VIEWER, f"viewer at {url}", url=url)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("validate", validate), Step("disk", disk), Step("identity", identity), Step("network", network),
+    Step("vmm.start", vmm_start), Step("guest.ready", guest_ready), Step("app", app),
+)
+
+
+def supervise(b: Bringup) -> tuple[int | None, str]:
+    """Until the session ends: (exit status or None, why). Raises when the guest dies under the app."""
+    assert b.app is not None and b.vmm is not None
+    r, live = b.request, b.live
+    started = time.monotonic()
+    what = "the command" if r.display is DisplayMode.NONE and not r.profile else f"{r.profile or 'the app'}"
+    while True:
+        if b.cancel.wait(POLL_S):
+            return None, b.cancel.reason
+        rc = b.app.poll()
+        if rc is not None:
+            if rc == SSH_LOST and not b.vmm.running():
+                raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
+                                    f"{b.vmm.wait_exit(0)})")
+            return rc, f"{what} exited with status {rc}"
+        if not b.vmm.running():
+            raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
+                                f"{b.vmm.wait_exit(1)})")
+        now = time.monotonic()
+        if r.max_lifetime_s and now - started >= r.max_lifetime_s:
+            return None, f"maximum lifetime of {r.max_lifetime_s:g} s reached"
+        if r.idle_timeout_s and now - live.last_activity >= r.idle_timeout_s:
+            return None, f"idle for {r.idle_timeout_s:g} s (no viewer and no input)"
+
+
+def describe(steps: tuple[Step, ...]) -> list[dict[str, Any]]:
+    return [{"name": s.name} for s in steps]

@@ -1,0 +1,92 @@
+"""`dispo verify`: look at the host, not at the journals, for anything that looks like dispo's and has no live
+owner: session journals, session disks, taps, nftables chains, address leases, stand-in namespaces, VMM and
+helper processes. A clean host lists nothing (exit 0); anything found is listed (exit 1) for `dispo gc`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dispo import journal
+from dispo.config import Config
+
+_SID = r"([0-9a-f]{8})"
+_PROC_RE = re.compile(rf"\bdispo-{_SID}\b")       # qemu -name dispo-<id>, firecracker --id dispo-<id>
+_CHAIN_RE = re.compile(rf"^s-{_SID}-")
+_DISK_RE = re.compile(rf"^{_SID}$")
+
+
+@dataclass
+class Findings:
+    live: set[str] = field(default_factory=set)     # sessions whose owner holds the journal lock
+    orphans: list[str] = field(default_factory=list)
+
+    def add(self, what: str) -> None:
+        self.orphans.append(what)
+
+
+def _processes(cfg: Config, f: Findings) -> None:
+    # Only processes that name this state dir or workspace (a VMM's sockets, logs and disk; the app ssh's
+    # keys): another dispo with other directories on the same host has its own owners.
+    mine = (str(cfg.state_dir), str(cfg.workspace))
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        m = _PROC_RE.search(cmdline)
+        if m and m.group(1) not in f.live and any(d in cmdline for d in mine):
+            f.add(f"process {entry.name} of session {m.group(1)}: {cmdline[:120].strip()}")
+
+
+def _network(cfg: Config, f: Findings) -> None:
+    from dispo.net import firewall, links, pool
+
+    for lease in pool.read_leases(cfg.state_dir):
+        if lease.session_id not in f.live:
+            f.add(f"lease {lease.subnet} of session {lease.session_id or '?'}")
+    mine = f" state {cfg.state_dir}"
+    for link in links.dispo_links():
+        sid = link.name.removeprefix(links.LINK_PREFIX)
+        # A link names its state dir in its alias: another dispo's links (another state dir) are not ours.
+        if sid not in f.live and (link.alias.endswith(mine) or not link.alias):
+            f.add(f"link {link.name} ({link.alias or 'no alias'})")
+    # Stand-in namespaces (net.link = "veth-standin", for tests and benchmarks) cannot be told apart by state
+    # dir; `dispo gc` sweeps them with the journals that own them.
+    for chain in sorted(firewall.chains() or ()):
+        m = _CHAIN_RE.match(chain)
+        if m and m.group(1) not in f.live:
+            f.add(f"nftables chain {chain}")
+
+
+def scan(cfg: Config, *, network: bool = True) -> Findings:
+    f = Findings()
+    infos = list(journal.scan(cfg.state_dir))
+    f.live = {i.session_id for i in infos if i.alive}
+    for i in infos:
+        if not i.alive:
+            f.add(f"journal {i.path} (owner gone, {len(i.resources)} object(s) recorded)")
+    root = journal.sessions_root(cfg.state_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".new-"):
+                f.add(f"half-made journal {p}")
+    if cfg.disks_dir.is_dir():
+        for p in cfg.disks_dir.iterdir():
+            m = _DISK_RE.match(p.name)
+            if m and m.group(1) not in f.live:
+                f.add(f"session disk {p}")
+    if cfg.images_dir.is_dir():
+        for p in cfg.images_dir.iterdir():
+            if p.name.startswith(".import-"):
+                f.add(f"half-made image import {p}")
+    _processes(cfg, f)
+    if network:
+        _network(cfg, f)
+    return f

@@ -1,0 +1,45 @@
+"""VmmKind -> a backend for a MachineSpec; which backend an image suits; which kernel file it boots.
+
+The one place that names concrete backends: the runtime asks `create(cfg, kind, spec)` for a `Vmm`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dispo.config import Config
+from dispo.errors import InvalidInput
+from dispo.images import Image
+from dispo.vmm.base import MachineSpec, Vmm, VmmKind
+
+
+def choose_backend(requested: str | None, image: Image) -> VmmKind:
+    """The backend asked for, else the first the image suits (QEMU for images that do not say)."""
+    if requested and requested != "auto":
+        try:
+            kind = VmmKind(requested)
+        except ValueError:
+            raise InvalidInput(f"unknown backend {requested!r}", hint="use qemu or firecracker") from None
+    else:
+        kind = VmmKind(image.vmms[0]) if image.vmms else VmmKind.QEMU
+    if image.vmms and kind.value not in image.vmms:
+        raise InvalidInput(f"image {image.name!r} is not built for {kind.value} (it suits {', '.join(image.vmms)})",
+                           hint=f"use --backend {image.vmms[0]} or an image built for {kind.value}")
+    return kind
+
+
+def kernel_for(image: Image, kind: VmmKind) -> Path | None:
+    """Firecracker (x86_64) boots an uncompressed ELF vmlinux; QEMU the image's bzImage."""
+    if kind is VmmKind.FIRECRACKER and image.vmlinux:
+        return image.path / image.vmlinux
+    return image.kernel_path
+
+
+def create(cfg: Config, kind: VmmKind, spec: MachineSpec) -> Vmm:
+    if kind is VmmKind.FIRECRACKER:
+        from dispo.vmm.firecracker import backend as firecracker
+
+        return firecracker.create(cfg, spec)
+    from dispo.vmm import qemu
+
+    return qemu.create(spec)

@@ -1,0 +1,13 @@
+"""dispod's web side: one aiohttp server for the REST API, the event stream, the dashboard and the viewers.
+
+    app.py        the application: routes and middlewares
+    service.py    the state behind the routes (the Runtime, the token, reclaimed sessions)
+    api.py        /v1: sessions, profiles, images, health, the OpenAPI document
+    sse.py        /v1/events: runtime events as Server-Sent Events
+    viewers.py    /viewer/ID/TOKEN/: the runtime's ViewerHost for dispod
+    dashboard.py  /ui/TOKEN/: the dashboard page
+    guard.py      connection cap, header timeout, Host/Origin/token checks, security headers
+    problems.py   errors as application/problem+json, mapped once
+    openapi.py    the OpenAPI 3.1 document
+    server.py     listening on the unix socket and TCP
+"""

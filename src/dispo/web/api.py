@@ -1,0 +1,194 @@
+"""The REST API under /v1 (documented in docs/api.md and web/openapi.py, which a test checks against these
+routes). Handlers turn HTTP into Runtime calls and nothing else: every check of a session request is in
+runtime/request.py, every error is mapped once by guard.answer_problems."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from dispo import __version__, profiles
+from dispo.errors import DispoError, InvalidInput, NotFound, ServiceError
+from dispo.images import ImageStore
+from dispo.runtime.events import Event, EventKind
+from dispo.runtime.live import LiveSession
+from dispo.runtime.request import from_json
+from dispo.web import sse
+from dispo.web.guard import json_deadline, refuse_body
+from dispo.web.openapi import document
+from dispo.web.problems import HttpProblem
+from dispo.web.service import Service
+
+SERVICE = web.AppKey("service", Service)
+DELETE_REASON = "stopped through the API (DELETE)"
+WAIT_MAX_S = 300.0  # DELETE ?wait=1 answers 202 if teardown takes longer than this
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name, "").lower() in ("1", "true", "yes")
+
+
+T = TypeVar("T")
+
+
+async def _blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run file-system work (profiles, images, starting a session's thread) off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+async def _body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise refuse_body(f"POST {request.path}: the body must be JSON (Content-Type: application/json)")
+    try:
+        async with asyncio.timeout(json_deadline(request)):  # a body that trickles in is a slow client too
+            raw = await request.read()
+    except TimeoutError:
+        raise HttpProblem(InvalidInput(f"POST {request.path}: the body did not arrive in time"), 408) from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"POST {request.path}: the body is not valid JSON: {e}",
+                           hint='e.g. {"image": "minimal", "command": ["sh", "-c", "echo hi"]}') from None
+
+
+async def create_session(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    if svc.stopping:
+        raise ServiceError("dispod is stopping and starts no more sessions", hint="try again once it runs again")
+    body = await _body(request)
+    req = await _blocking(from_json, svc.cfg, body)
+    live = await _blocking(svc.rt.start, req)
+    return _json(live.status(), 201, {"Location": f"/v1/sessions/{live.id}"})
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    return _json({"sessions": svc.statuses(ended=_flag(request, "all"))})
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return _json(request.app[SERVICE].status(request.match_info["id"]))
+
+
+async def until_ended(svc: Service, live: LiveSession, timeout: float) -> bool:
+    """Wait for the session's end on the loop (a runtime event wakes it; no thread is held meanwhile)."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+
+    def sink(event: Event) -> None:
+        if event.session_id == live.id and event.kind is EventKind.ENDED and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(done.set)
+
+    unsubscribe = svc.rt.events.subscribe(sink)
+    try:
+        if not live.ended:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout)
+        if not live.ended:  # the ENDED event is sent just before the session counts as ended
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_blocking(live.wait, 5.0), 6.0)
+        return live.ended
+    finally:
+        unsubscribe()
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    sid = request.match_info["id"]
+    try:
+        live = svc.live(sid)
+    except NotFound:
+        if sid in svc.reclaimed:
+            return _json(svc.reclaimed[sid])
+        raise
+    live.stop(DELETE_REASON)
+    if _flag(request, "wait"):
+        await until_ended(svc, live, WAIT_MAX_S)
+    return _json(live.status(), 200 if live.ended else 202)
+
+
+def _profile(svc: Service, name: str) -> dict[str, Any]:
+    try:
+        p = profiles.find(name, svc.cfg.profiles_dir)
+    except DispoError as e:  # one broken profile file must not hide the others
+        return {"name": name, "image": None, "display": None, "memory_mib": None, "vcpus": None,
+                "idle_timeout_s": None, "max_lifetime_s": None, "image_exists": False, "source": None,
+                "error": e.one_line()}
+    return {"name": p.name, "image": p.image, "display": p.display.value, "memory_mib": p.memory_mib,
+            "vcpus": p.vcpus, "idle_timeout_s": p.idle_timeout_s, "max_lifetime_s": p.max_lifetime_s,
+            "image_exists": (svc.cfg.images_dir / p.image / "image.json").is_file(), "source": p.source,
+            "error": None}
+
+
+def profile_list(svc: Service) -> list[dict[str, Any]]:
+    return [_profile(svc, n) for n in sorted(profiles.list_names(svc.cfg.profiles_dir))]
+
+
+async def list_profiles(request: web.Request) -> web.Response:
+    return _json({"profiles": await _blocking(profile_list, request.app[SERVICE])})
+
+
+def _images(svc: Service) -> list[dict[str, Any]]:
+    return [{"name": i.name, "size": i.size, "sha256": i.sha256, "storage": i.storage.value, "created": i.created,
+             "bootable": bool(i.kernel), "arch": i.arch, "vmms": list(i.vmms)} for i in ImageStore(svc.cfg).list()]
+
+
+async def list_images(request: web.Request) -> web.Response:
+    return _json({"images": await _blocking(_images, request.app[SERVICE])})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    svc = request.app[SERVICE]
+    session = request.query.get("session")
+    if session is not None:
+        svc.status(session)  # 400 for a bad id, 404 for an unknown one, before the stream starts
+
+    def snapshot() -> list[Event]:
+        if session is None:
+            return [Event(EventKind.STATE, s.id, s.state.value, s.status()) for s in svc.rt.sessions()]
+        status = svc.status(session)
+        if status["state"] == "ended":
+            return sse.ended_events(status)
+        return [Event(EventKind.STATE, session, str(status["state"]), status)]
+
+    return await sse.stream(request, svc.rt.events.subscribe, snapshot, svc.streams, session=session)
+
+
+async def health(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    return _json({"status": "ok", "version": __version__, "sessions": svc.rt.live_count,
+                  "max_sessions": svc.rt.max_sessions, "machinery": svc.rt.machinery.name,
+                  "uptime_s": round(time.time() - svc.started, 1),
+                  # Web viewers need TCP (a browser cannot open a unix socket): the CLI runs web sessions
+                  # in-process when this is false.
+                  "viewers": svc.viewers.base.startswith("http://")})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(document())
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/sessions", create_session),
+        web.get("/v1/sessions", list_sessions, allow_head=False),
+        web.get("/v1/sessions/{id}", get_session, allow_head=False),
+        web.delete("/v1/sessions/{id}", delete_session),
+        web.get("/v1/profiles", list_profiles, allow_head=False),
+        web.get("/v1/images", list_images, allow_head=False),
+        web.get("/v1/events", events, allow_head=False),
+        web.get("/v1/openapi.json", openapi, allow_head=False),
+        web.get("/v1/health", health, allow_head=False),
+    ]

@@ -1,0 +1,23 @@
+"""dispod's one aiohttp application: the REST API (/v1), the dashboard (/ui/TOKEN/) and every session's
+viewer (/viewer/ID/TOKEN/), behind the guards of guard.py."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from dispo.web import api, dashboard
+from dispo.web.guard import CONNECTIONS, MIDDLEWARES, TOKEN, Connections, Limits, security_headers
+from dispo.web.service import Service
+
+
+def build_app(service: Service, limits: Limits) -> web.Application:
+    app = web.Application(client_max_size=limits.max_body, middlewares=MIDDLEWARES, handler_args={
+        "max_line_size": limits.max_header_line, "max_field_size": limits.max_header_line})
+    app[api.SERVICE] = service
+    app[TOKEN] = service.token
+    app[CONNECTIONS] = Connections()
+    app.on_response_prepare.append(security_headers)
+    app.add_routes(api.routes())
+    app.add_routes(dashboard.routes())
+    app.add_routes(service.viewers.routes())
+    return app

@@ -1,0 +1,279 @@
+"""The OpenAPI 3.1 document of dispod's REST API, written by hand and served at GET /v1/openapi.json.
+
+tests/test_openapi.py checks that its (method, path) pairs are exactly the app's routes under /v1, that every
+example validates against its schema, and that real answers of a running service validate too.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from dispo import __version__
+from dispo.runtime.events import EventKind
+from dispo.settings import SETTINGS
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+SSE = "text/event-stream"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _problem(description: str, example: dict[str, Any] | None = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"schema": _ref("Problem")}
+    if example is not None:
+        content["example"] = example
+    return {"description": description, "content": {PROBLEM: content}}
+
+
+def _setting(key: str, integer: bool) -> dict[str, Any]:
+    s = SETTINGS[key]
+    return {"type": "integer" if integer else "number", "minimum": s.lo, "maximum": s.hi,
+            "description": f"{s.help} (default {s.default}{' ' + s.unit if s.unit else ''}; a profile may set "
+                           "its own)"}
+
+
+SESSION_ID = {"type": "string", "pattern": "^[0-9a-f]{8}$", "description": "8 hex digits"}
+NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$"}
+
+SESSION_EXAMPLE: dict[str, Any] = {
+    "id": "1a2b3c4d", "name": None, "profile": "chromium", "image": "chromium", "display": "web", "state": "running",
+    "step": "", "created": 1735689600.0, "age_s": 12.5, "exit_status": None, "end_reason": None,
+    "viewer_url": "http://127.0.0.1:8686/viewer/1a2b3c4d/Zk3v1E9nq0xW2gk3N1yQmU8rA1B2c3D4/",
+    "address": "172.20.0.2", "backend": "qemu", "accel": "kvm", "error": None, "idle_timeout_s": 900.0,
+    "max_lifetime_s": 0.0}
+ENDED_EXAMPLE: dict[str, Any] = {
+    **SESSION_EXAMPLE, "id": "5e6f7a8b", "profile": None, "image": "minimal", "display": "none", "state": "ended",
+    "exit_status": 7, "end_reason": "the command exited with status 7", "viewer_url": None, "accel": "tcg",
+    "idle_timeout_s": 0.0}
+PROBLEM_EXAMPLE: dict[str, Any] = {
+    "type": "https://dispo.dev/problems/InvalidInput", "title": "InvalidInput", "status": 400,
+    "detail": "POST /v1/sessions: unknown key(s): colour",
+    "hint": "known keys: profile, image, command, url, display, name, backend, memory_mib, vcpus, shm_mib, "
+            "ready_timeout_s, idle_timeout_s, max_lifetime_s"}
+BUSY_EXAMPLE: dict[str, Any] = {
+    "type": "https://dispo.dev/problems/Busy", "title": "Busy", "status": 429,
+    "detail": "4 sessions are running, the most this service allows (max_sessions = 4)",
+    "hint": "wait for a session to end, or raise max_sessions in the config"}
+
+SCHEMAS: dict[str, Any] = {
+    "SessionCreate": {
+        "type": "object", "additionalProperties": False,
+        "description": "A profile (and optionally a URL), or an image and a command. Everything else defaults "
+                       "from the profile, then from dispo's settings.",
+        "properties": {
+            "profile": {**NAME, "description": "a profile name (GET /v1/profiles)"},
+            "url": {"type": "string", "maxLength": 4096, "description": "with a profile: the page to open"},
+            "image": {**NAME, "description": "an image name (GET /v1/images); overrides the profile's"},
+            "command": {"type": "array", "items": {"type": "string"},
+                        "description": "without a profile: the argv to run in the guest as `user` (no shell)"},
+            "display": {"enum": ["web", "none"], "description": "x11 needs 'dispo run' in-process"},
+            "name": {**NAME, "description": "a name for people"},
+            "backend": {"enum": ["auto", "qemu", "firecracker"]},
+            "memory_mib": _setting("memory_mib", True), "vcpus": _setting("vcpus", True),
+            "shm_mib": _setting("shm_mib", True), "ready_timeout_s": _setting("ready_timeout_s", False),
+            "idle_timeout_s": _setting("idle_timeout_s", False), "max_lifetime_s": _setting("max_lifetime_s", False),
+        },
+        "examples": [{"profile": "chromium", "url": "https://example.org/"},
+                     {"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"], "idle_timeout_s": 60}],
+    },
+    "SessionError": {
+        "type": "object", "required": ["type", "message", "hint", "status"],
+        "description": "why a session failed: the error's class, one-line message and hint",
+        "properties": {"type": {"type": "string"}, "message": {"type": "string"}, "hint": {"type": "string"},
+                       "status": {"type": "integer"}, "console_tail": {"type": "string"}},
+    },
+    "Session": {
+        "type": "object",
+        "required": ["id", "state", "image", "display", "exit_status", "end_reason", "viewer_url", "created"],
+        "properties": {
+            "id": SESSION_ID, "name": _nullable({"type": "string"}), "profile": _nullable({"type": "string"}),
+            "image": {"type": "string"}, "display": {"enum": ["web", "x11", "none"]},
+            "state": {"enum": ["starting", "running", "stopping", "ended"]},
+            "step": {"type": "string", "description": "the bring-up step under way while starting"},
+            "created": _nullable({"type": "number", "description": "seconds since the epoch"}),
+            "age_s": _nullable({"type": "number"}),
+            "exit_status": _nullable({"type": "integer", "description": "the command's or app's exit status"}),
+            "end_reason": _nullable({"type": "string", "description": "why it ended or is ending"}),
+            "viewer_url": _nullable({"type": "string", "description": "web display: the viewer, from the start"}),
+            "address": _nullable({"type": "string"}), "backend": {"type": "string"},
+            "accel": _nullable({"type": "string"}), "error": _nullable(_ref("SessionError")),
+            "idle_timeout_s": {"type": "number"}, "max_lifetime_s": {"type": "number"},
+        },
+        "examples": [SESSION_EXAMPLE, ENDED_EXAMPLE],
+    },
+    "SessionList": {"type": "object", "required": ["sessions"],
+                    "properties": {"sessions": {"type": "array", "items": _ref("Session")}},
+                    "examples": [{"sessions": [SESSION_EXAMPLE]}]},
+    "Profile": {
+        "type": "object", "required": ["name", "image", "display", "image_exists", "error"],
+        "properties": {
+            "name": {"type": "string"}, "image": _nullable({"type": "string"}),
+            "display": _nullable({"enum": ["web", "x11", "none"]}), "memory_mib": _nullable({"type": "integer"}),
+            "vcpus": _nullable({"type": "integer"}), "idle_timeout_s": _nullable({"type": "number"}),
+            "max_lifetime_s": _nullable({"type": "number"}), "image_exists": {"type": "boolean"},
+            "source": _nullable({"type": "string"}),
+            "error": _nullable({"type": "string", "description": "why this profile file cannot be used"}),
+        },
+    },
+    "ProfileList": {"type": "object", "required": ["profiles"],
+                    "properties": {"profiles": {"type": "array", "items": _ref("Profile")}},
+                    "examples": [{"profiles": [{
+                        "name": "chromium", "image": "chromium", "display": "web", "memory_mib": 2048, "vcpus": 2,
+                        "idle_timeout_s": 0.0, "max_lifetime_s": 0.0, "image_exists": True,
+                        "source": "/usr/lib/python3/dist-packages/dispo/builtin_profiles/chromium.toml",
+                        "error": None}]}]},
+    "Image": {
+        "type": "object", "required": ["name", "size", "sha256", "storage", "created", "bootable"],
+        "properties": {"name": {"type": "string"}, "size": {"type": "integer"},
+                       "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                       "storage": {"enum": ["btrfs", "reflink", "copy"]}, "created": {"type": "number"},
+                       "bootable": {"type": "boolean"}, "arch": {"type": "string"},
+                       "vmms": {"type": "array", "items": {"type": "string"}}},
+    },
+    "ImageList": {"type": "object", "required": ["images"],
+                  "properties": {"images": {"type": "array", "items": _ref("Image")}},
+                  "examples": [{"images": [{"name": "minimal", "size": 2147483648, "sha256": "ab" * 32,
+                                            "storage": "btrfs", "created": 1735689600.0, "bootable": True,
+                                            "arch": "x86_64", "vmms": ["qemu", "firecracker"]}]}]},
+    "Event": {
+        "type": "object", "required": ["kind", "session_id", "message", "fields", "time"],
+        "description": "one SSE message's data; the SSE event name is the kind",
+        "properties": {"kind": {"enum": [k.value for k in EventKind]}, "session_id": SESSION_ID,
+                       "message": {"type": "string"}, "fields": {"type": "object"}, "time": {"type": "number"}},
+        "examples": [{"kind": "state", "session_id": "5e6f7a8b", "message": "ended: the command exited with status 7",
+                      "fields": ENDED_EXAMPLE, "time": 1735689612.5},
+                     {"kind": "ended", "session_id": "5e6f7a8b", "message": "the command exited with status 7",
+                      "fields": {"exit_status": 7, "end_reason": "the command exited with status 7", "error": None,
+                                 "console_tail": ""}, "time": 1735689612.5}],
+    },
+    "Health": {
+        "type": "object", "required": ["status", "version", "sessions", "max_sessions"],
+        "properties": {"status": {"const": "ok"}, "version": {"type": "string"}, "sessions": {"type": "integer"},
+                       "max_sessions": {"type": "integer"}, "machinery": {"type": "string"},
+                       "uptime_s": {"type": "number"},
+                       "viewers": {"type": "boolean", "description": "web viewers are served (dispod listens on "
+                                                                    "TCP); false: the unix socket alone"}},
+        "examples": [{"status": "ok", "version": __version__, "sessions": 1, "max_sessions": 4, "machinery": "real",
+                      "uptime_s": 3600.0, "viewers": True}],
+    },
+    "Problem": {
+        "type": "object", "required": ["type", "title", "status", "detail", "hint"],
+        "description": "RFC 9457. `title` names the error's class in dispo's exception tree; `detail` is its "
+                       "one-line message and `hint` how to fix it.",
+        "properties": {"type": {"type": "string", "format": "uri"}, "title": {"type": "string"},
+                       "status": {"type": "integer"}, "detail": {"type": "string"}, "hint": {"type": "string"}},
+        "examples": [PROBLEM_EXAMPLE, BUSY_EXAMPLE],
+    },
+}
+
+_ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": SESSION_ID}
+_AUTH = _problem("no or a wrong token (TCP only); WWW-Authenticate: Bearer")
+_BAD_ID = _problem("not a session id")
+_UNKNOWN = _problem("no such session")
+
+PATHS: dict[str, Any] = {
+    "/v1/sessions": {
+        "post": {
+            "operationId": "createSession", "summary": "Start a session (returns at once, state starting)",
+            "requestBody": {"required": True, "content": {JSON: {
+                "schema": _ref("SessionCreate"),
+                "examples": {"browser": {"value": {"profile": "chromium", "url": "https://example.org/"}},
+                             "command": {"value": {"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"]}}}}}},
+            "responses": {
+                "201": {"description": "started; Location: /v1/sessions/{id}; for a web display viewer_url is set",
+                        "content": {JSON: {"schema": _ref("Session"), "example": {
+                            **SESSION_EXAMPLE, "state": "starting", "step": "validate", "age_s": 0.0, "address": None,
+                            "accel": None}}}},
+                "400": _problem("the request is not valid (unknown key, bad value, unknown profile ...)",
+                                PROBLEM_EXAMPLE),
+                "401": _AUTH, "403": _problem("a foreign Origin or Host"),
+                "404": _problem("the profile or image does not exist"),
+                "413": _problem("the body is larger than 64 KiB"), "415": _problem("the body is not JSON"),
+                "429": {**_problem("max_sessions sessions are running", BUSY_EXAMPLE),
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+            },
+        },
+        "get": {
+            "operationId": "listSessions", "summary": "The live sessions (?all=1: also recently ended ones)",
+            "parameters": [{"name": "all", "in": "query", "schema": {"enum": ["0", "1", "true", "false"]}}],
+            "responses": {"200": {"description": "oldest first", "content": {JSON: {"schema": _ref("SessionList")}}},
+                          "401": _AUTH},
+        },
+    },
+    "/v1/sessions/{id}": {
+        "parameters": [_ID_PARAM],
+        "get": {
+            "operationId": "getSession", "summary": "A session's state (exit_status and end_reason once known)",
+            "responses": {"200": {"description": "the session", "content": {JSON: {"schema": _ref("Session"),
+                                                                                  "example": ENDED_EXAMPLE}}},
+                          "400": _BAD_ID, "401": _AUTH, "404": _UNKNOWN},
+        },
+        "delete": {
+            "operationId": "deleteSession", "summary": "End the session; everything it made is removed",
+            "parameters": [{"name": "wait", "in": "query", "schema": {"enum": ["0", "1", "true", "false"]},
+                            "description": "1: answer once the session ended and its teardown is done"}],
+            "responses": {
+                "200": {"description": "it has ended", "content": {JSON: {"schema": _ref("Session")}}},
+                "202": {"description": "it is ending (state stopping)", "content": {JSON: {"schema": _ref("Session")}}},
+                "400": _BAD_ID, "401": _AUTH, "403": _problem("a foreign Origin"), "404": _UNKNOWN},
+        },
+    },
+    "/v1/profiles": {"get": {
+        "operationId": "listProfiles", "summary": "The profiles a session can start from",
+        "responses": {"200": {"description": "by name", "content": {JSON: {"schema": _ref("ProfileList")}}},
+                      "401": _AUTH}}},
+    "/v1/images": {"get": {
+        "operationId": "listImages", "summary": "The known-good images",
+        "responses": {"200": {"description": "by name", "content": {JSON: {"schema": _ref("ImageList")}}},
+                      "401": _AUTH}}},
+    "/v1/events": {"get": {
+        "operationId": "events", "summary": "Server-Sent Events: the sessions' state changes, output and ends",
+        "description": "Each message is `event: KIND` and `data: <Event as JSON>`. The stream starts with a `state` "
+                       "event per live session (or the one asked for), then follows events as they happen; comment "
+                       "lines keep it open. With ?session=ID it ends after that session's `ended` event and its "
+                       "final `state` event. The token may be given as ?access_token= here (EventSource sends no "
+                       "headers).",
+        "parameters": [{"name": "session", "in": "query", "schema": SESSION_ID},
+                       {"name": "access_token", "in": "query", "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the stream", "content": {SSE: {"schema": {"type": "string"},
+                                                                            "itemSchema": _ref("Event")}}},
+                      "400": _BAD_ID, "401": _AUTH, "404": _UNKNOWN}}},
+    "/v1/openapi.json": {"get": {
+        "operationId": "openapi", "summary": "This document",
+        "responses": {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}},
+                      "401": _AUTH}}},
+    "/v1/health": {"get": {
+        "operationId": "health", "summary": "dispod answers",
+        "responses": {"200": {"description": "ok", "content": {JSON: {"schema": _ref("Health")}}}, "401": _AUTH}}},
+}
+
+DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": "dispod", "version": __version__,
+             "description": "Disposable sessions in microVMs. On the unix socket <state_dir>/dispod.sock (root-only) "
+                            "no token is needed; on TCP every /v1 call needs `Authorization: Bearer TOKEN`. Errors "
+                            "are application/problem+json. See docs/api.md."},
+    "servers": [{"url": "http://127.0.0.1:8686", "description": "with dispod --listen 127.0.0.1:8686"}],
+    "security": [{"bearer": []}, {}],
+    "paths": PATHS,
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "dispod's access token (<state_dir>/dispod.token); TCP only"},
+            "accessToken": {"type": "apiKey", "in": "query", "name": "access_token",
+                            "description": "the same token, for GET /v1/events alone"}},
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    return copy.deepcopy(DOCUMENT)

@@ -1,0 +1,125 @@
+"""Every session's web viewer as routes of dispod's one server: /viewer/<id>/<token>/...
+
+`ServiceViewers` is the runtime's `ViewerHost` for dispod. `reserve` (called by `Runtime.start`, so POST
+/v1/sessions answers with the URL) makes the session's random token; `publish` (from the session's thread,
+once the guest's display answers) tells the bridge where the VNC socket is; `withdraw` (on teardown) forgets
+it. A viewer opened before the display is up is served at once: its WebSocket waits for `publish`, up to the
+request's ready timeout. Page, noVNC files and bridge are display/viewer.py's, shared with `dispo run`'s
+standalone viewer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from dispo.display.viewer import WEBSOCKIFY, Target, ViewerEndpoint, find_novnc, token_ok
+from dispo.runtime.app import ENDED_FROM_VIEWER
+
+if TYPE_CHECKING:
+    from dispo.runtime.live import LiveSession
+
+VIEWER_PREFIX = "/viewer"
+_NO_TOKEN = secrets.token_urlsafe(24)  # compared against when the session is unknown: same work, same answer
+
+
+@dataclass
+class _Viewer:
+    live: LiveSession
+    token: str
+    socket: Path | None = None
+    gone: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) at publish or withdraw
+
+
+class ServiceViewers:
+    """dispod's `ViewerHost`: one token per session, all served by the one server."""
+
+    def __init__(self, novnc: Path | None = None) -> None:
+        self.base = ""                      # "http://127.0.0.1:8686", set once the listeners are bound
+        self._novnc = novnc
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._viewers: dict[str, _Viewer] = {}
+        self._lock = threading.Lock()
+
+    def bind(self, loop: asyncio.AbstractEventLoop, base: str) -> None:
+        self._loop, self.base = loop, base
+
+    def url(self, session_id: str, token: str) -> str:
+        return f"{self.base}{VIEWER_PREFIX}/{session_id}/{token}/"
+
+    # -- ViewerHost (called from request handlers and session threads) ------------------------------
+    def reserve(self, live: LiveSession) -> str:
+        viewer = _Viewer(live, secrets.token_urlsafe(24))
+        with self._lock:
+            self._viewers[live.id] = viewer
+        return self.url(live.id, viewer.token)
+
+    def publish(self, live: LiveSession, vnc_socket: Path) -> str:
+        with self._lock:
+            viewer = self._viewers.get(live.id)
+            if viewer is None:
+                viewer = self._viewers[live.id] = _Viewer(live, secrets.token_urlsafe(24))
+            viewer.socket = vnc_socket
+        self._wake(viewer)
+        return self.url(live.id, viewer.token)
+
+    def withdraw(self, session_id: str) -> None:
+        with self._lock:
+            viewer = self._viewers.pop(session_id, None)
+        if viewer is not None:
+            viewer.gone = True
+            self._wake(viewer)
+
+    def _wake(self, viewer: _Viewer) -> None:
+        # asyncio.Event is not thread-safe: set it on the loop that waits on it.
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                self._loop.call_soon_threadsafe(viewer.changed.set)
+
+    def find(self, session_id: str, token: str) -> _Viewer | None:
+        with self._lock:
+            viewer = self._viewers.get(session_id)
+        ok = token_ok(token, viewer.token if viewer is not None else _NO_TOKEN)
+        if viewer is None or not ok or viewer.gone:
+            return None
+        if viewer.live.ended:  # ended before its display came up: withdraw was never called for it
+            self.withdraw(session_id)
+            return None
+        return viewer
+
+    # -- the route --------------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        sid, token, tail = (request.match_info[k] for k in ("session_id", "token", "tail"))
+        viewer = self.find(sid, token)
+        if viewer is None:
+            raise web.HTTPForbidden(text="dispod: this viewer URL is not valid (wrong token, or the session "
+                                         "ended)\n")
+        live = viewer.live
+        if self._novnc is None:
+            self._novnc = find_novnc().resolve()  # NotFound (a 404 with the hint) if noVNC is not installed
+        endpoint = ViewerEndpoint(sid, f"{VIEWER_PREFIX.lstrip('/')}/{sid}/{token}/{WEBSOCKIFY}",
+                                  lambda: self._connect(viewer), self._novnc,
+                                  on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch)
+        live.touch()
+        return await endpoint.handle(request, tail)
+
+    async def _connect(self, viewer: _Viewer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The guest's VNC, once the session published it (waiting up to its ready timeout)."""
+        if viewer.socket is None and not viewer.gone:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(viewer.changed.wait(), viewer.live.request.ready_timeout_s)
+        if viewer.socket is None or viewer.gone or viewer.live.ended:
+            raise ConnectionError(f"session {viewer.live.id} has no display (it ended, or its display did not "
+                                  f"come up within {viewer.live.request.ready_timeout_s:g} s)")
+        return await Target(unix=str(viewer.socket)).connector()()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.route("*", VIEWER_PREFIX + "/{session_id}/{token}/{tail:.*}", self.handle)]

@@ -1,0 +1,66 @@
+"""Drive dispod's dashboard in a real browser (Playwright + Debian's chromium), as a person would: start a
+profile on a URL, open its viewer, wait for the page's colour, end the session, see the list empty. Run in
+the netns where dispod listens: `python -m tests.dashboard_shot DASHBOARD_URL PAGE_URL OUT_DIR RRGGBB TIMEOUT`.
+Prints JSON on its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from playwright.sync_api import sync_playwright
+
+from tests.viewer_shot import close, pixel
+
+
+def main() -> int:
+    dashboard, page_url, out_dir, hex_rgb, timeout = sys.argv[1:6]
+    out, limit = Path(out_dir), float(timeout)
+    want = tuple(int(hex_rgb[i:i + 2], 16) for i in (0, 2, 4))
+    result: dict[str, object] = {"seen": False}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            ui = browser.new_page(viewport={"width": 1280, "height": 900})
+            ui.goto(dashboard)
+            ui.get_by_label("URL", exact=False).first.fill(page_url)
+            ui.get_by_role("button", name="Start chromium").click()
+            link = ui.get_by_role("link", name="Open viewer").first
+            link.wait_for(state="visible", timeout=60000)
+            viewer_url = link.get_attribute("href") or ""
+            result["viewer_url"] = viewer_url
+            ui.screenshot(path=str(out / "dashboard-running.png"))
+            view = browser.new_page(viewport={"width": 1280, "height": 900})
+            t0 = time.monotonic()
+            view.goto(viewer_url if viewer_url.startswith("http") else dashboard.split("/ui/")[0] + viewer_url)
+            view.frame_locator("#vnc").locator("canvas").wait_for(state="visible", timeout=limit * 1000)
+            points = [(640, 500), (400, 600), (880, 600), (640, 700)]
+            got: list[tuple[int, ...]] = []
+            shot = out / "dashboard-viewer.png"
+            while time.monotonic() - t0 < limit:
+                view.screenshot(path=str(shot))
+                got = [pixel(shot, x, y) for x, y in points]
+                if all(close(g, want) for g in got):
+                    result["seen"] = True
+                    break
+                time.sleep(0.5)
+            result.update(pixels=got, seconds=round(time.monotonic() - t0, 1))
+            ui.bring_to_front()
+            ui.get_by_role("button", name="End session").first.click()
+            ui.get_by_text("No sessions").wait_for(state="visible", timeout=120000)
+            ui.screenshot(path=str(out / "dashboard-empty.png"))
+            result["emptied"] = True
+        finally:
+            browser.close()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Fakes for the runtime's machinery, named as such: a VMM that is a sleeping process, a network that
+creates nothing, and a guest channel that runs the "guest" command on the host.
+
+They stand in for what makes real sessions slow or root-only (a tap, nftables, a booting kernel, SSH), so
+the runtime, the service, timeouts, cancellation and reclaim are tested in seconds without root. Everything
+else is real: the journal and its lock, the session disk (a copy of a real ext4 image), the journaled and
+gated processes, the viewer. The real machinery is tested end to end in test_run.py, test_browser.py and
+test_service_e2e.py.
+
+    cfg = fakes.config(tmp_path)                      # workspace + state dir + image "minimal" + profile "chromium"
+    rt = Runtime(cfg, machinery=fakes.machinery())
+    dispod --machinery tests.fakes:machinery          # the same for the service (DISPO_CONFIG=fakes.config_file)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dispo import config as config_mod
+from dispo import processes
+from dispo.config import Config
+from dispo.errors import VmmError
+from dispo.images import ImageStore
+from dispo.net import GuestNetwork, NetworkPolicy
+from dispo.runtime.machinery import GuestChannel, Identity, Machinery
+from dispo.txn import Transaction
+from dispo.vmm.accel import Accel
+from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, tail
+from tests.worlds import make_ext4
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER = "dispo-fakevm-"  # in the fake VMM's argv: `pgrep -f dispo-fakevm-<id>` finds it
+READY_LINE = "fake guest: ready"
+
+# The fake VMM: prints to its "serial console" (stdout), then sleeps until SIGTERM; power-off is SIGTERM.
+_FAKE_VM = f"""
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+delay = float(sys.argv[2])
+print("fake guest: booting", sys.argv[1], flush=True)
+time.sleep(delay)
+print({READY_LINE!r}, flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+# The fake web display: a VNC server that only greets, on the socket the real channel would forward to.
+_FAKE_VNC = """
+import os, signal, socket, sys, threading
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path); s.listen(8)
+def serve(c):
+    try:
+        c.sendall(b"RFB 003.008\\n")
+        while c.recv(65536):
+            pass
+    except OSError:
+        pass
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+@dataclass
+class FakeVmm:
+    """Implements dispo.vmm.base.Vmm with a real, journaled, gated process that sleeps."""
+
+    spec: MachineSpec
+    ready_delay: float = 0.0
+    kind: VmmKind = VmmKind.QEMU
+    accel: Accel = Accel.TCG
+    capabilities: frozenset[Capability] = frozenset({Capability.PAUSE})
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _start: str = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def check(self) -> None:
+        pass
+
+    def start(self, journal: object) -> None:
+        from dispo.journal import Journal
+
+        assert isinstance(journal, Journal)
+        with open(self.spec.console_log, "ab") as console:
+            spawned = processes.spawn_recorded(
+                journal, [sys.executable, "-c", _FAKE_VM, f"{MARKER}{self.spec.session_id}", str(self.ready_delay),
+                          f"dispo-{self.spec.session_id}", str(self.spec.workdir)],  # as QEMU's -name and paths
+                what="fake-vmm", stdout=console, on_spawn=self._set, term_timeout="3")
+        self._start = spawned.starttime
+
+    def _set(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+
+    def running(self) -> bool:
+        return self._proc is not None and processes.is_same_process(self._proc.pid, self._start)
+
+    def failure(self, what: str) -> GuestFailure:
+        return GuestFailure(what, console_tail=self.console_tail(), hint="a fake VMM: see the test")
+
+    def wait_exit(self, timeout: float | None = None) -> int | None:
+        return processes.exit_status(self._proc, timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._proc is not None:
+            processes.terminate(self._proc.pid, self._start, term_timeout=3)
+            self._proc.wait()
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def console_tail(self, lines: int = 20) -> str:
+        return tail(self.spec.console_log, lines)
+
+    def pause(self) -> None:
+        if self._proc is not None:
+            os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            os.kill(self._proc.pid, signal.SIGCONT)
+
+
+@dataclass(frozen=True)
+class FakeChannel:
+    """The "guest" is a directory on the host; commands run there with the host's sh."""
+
+    home: Path
+    console: Path
+    address: str = "127.0.0.1"
+
+    def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + timeout
+        while READY_LINE not in tail(self.console, 50):
+            if not alive():
+                raise VmmError("the guest stopped before it was ready")
+            if time.monotonic() > deadline:
+                raise VmmError(f"the fake guest was not ready within {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]:
+        words = list(argv) or ["sh"]
+        return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "fake-guest", str(self.home), *words]
+
+    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str) -> list[str]:
+        if vnc_socket is None:
+            return ["sleep", "1000000"]
+        return [sys.executable, "-c", _FAKE_VNC, str(vnc_socket)]
+
+    def save(self, state_path: Path) -> None:
+        (state_path / "fake-guest.json").write_text(f'{{"home": "{self.home}"}}\n')
+
+
+@dataclass(frozen=True)
+class FakeIdentity:
+    home: Path
+    console: Path
+
+    def channel(self, address: str) -> GuestChannel:
+        return FakeChannel(self.home, self.console, address)
+
+
+def _identity(tx: Transaction, disk: Path) -> Identity:
+    home = tx.state_path / "guest-home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    return FakeIdentity(home, tx.state_path / "console.log")
+
+
+def _network(tx: Transaction, policy: NetworkPolicy) -> GuestNetwork:
+    # Creates nothing on the host: the fake guest lives on the host's loopback.
+    return GuestNetwork(tx.session_id, f"dsp-{tx.session_id}", "06:00:00:00:00:01",
+                        ipaddress.IPv4Interface("127.0.0.1/8"), ipaddress.IPv4Address("127.0.0.1"), ())
+
+
+def machinery(ready_delay: float = 0.0) -> Machinery:
+    def create(cfg: Config, kind: VmmKind, spec: MachineSpec) -> FakeVmm:
+        return FakeVmm(spec, ready_delay=ready_delay)
+
+    return Machinery(attach_network=_network, create_vmm=create, identity=_identity, name="fake")
+
+
+def slow_machinery() -> Machinery:
+    """A guest that takes 30 s to be ready: for stopping sessions while they start."""
+    return machinery(ready_delay=30.0)
+
+
+CHROMIUM_PROFILE = """\
+image = "minimal"
+memory_mib = 256
+command = ["fake-browser"]
+start_page = "about:blank"
+display = "web"
+ready_timeout_s = 30
+"""
+
+
+def config_file(root: Path) -> Path:
+    return root / "dispo.toml"
+
+
+def config(root: Path) -> Config:
+    """A workspace, state dir and profiles dir under root, the image "minimal" (a small real ext4 with a
+    dummy kernel file) imported with the copy backend, and a profile "chromium" that shows a fake display."""
+    ws, state, prof = root / "ws", root / "state", root / "profiles"
+    prof.mkdir(parents=True, exist_ok=True)
+    (prof / "chromium.toml").write_text(CHROMIUM_PROFILE)
+    path = config_file(root)
+    path.write_text(f'workspace = "{ws}"\nstate_dir = "{state}"\nprofiles_dir = "{prof}"\n'
+                    f'[storage]\nbackend = "copy"\n')
+    cfg = config_mod.load(path, env={})
+    store = ImageStore(cfg)
+    if not (cfg.images_dir / "minimal").exists():
+        src = make_ext4(root / "minimal.ext4", "8M", {"etc/hostname": "fake\n"})
+        kernel = root / "vmlinuz"
+        kernel.write_bytes(b"not a kernel: the fake VMM does not read it\n")
+        store.import_(src, "minimal", quiet=True, extra_files={"vmlinuz": kernel},
+                      extra_meta={"kernel": "vmlinuz", "vmms": ["qemu"], "arch": "x86_64"})
+    return cfg
+
+
+def env(root: Path) -> dict[str, str]:
+    """The environment for a `dispo`/`dispod` subprocess on this fake world."""
+    return dict(os.environ, DISPO_CONFIG=str(config_file(root)), DISPO_STATE_DIR=str(root / "state"),
+                DISPO_WORKSPACE=str(root / "ws"), PYTHONPATH=str(REPO))
+
+
+def fake_vmm_pids(session_id: str = "", state_dir: Path | None = None) -> list[int]:
+    """Fake VMM processes (of one session, or of one state dir: other tests may run beside this one)."""
+    out = subprocess.run(["pgrep", "-f", f"{MARKER}{session_id}"], capture_output=True, text=True, check=False)
+    pids = [int(p) for p in out.stdout.split()]
+    if state_dir is None:
+        return pids
+    mine = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if str(state_dir) in cmdline:
+            mine.append(pid)
+    return mine

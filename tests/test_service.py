@@ -1,0 +1,768 @@
+"""dispod with fake machinery (tests/fakes.py): the REST API, the event stream, viewers, the dashboard, the
+service's guards, DispodClient, and dispod as a process (kill -9 and reclaim, one dispod per state dir).
+
+No root, no VM: the fake VMM is a real sleeping process, the fake guest runs commands on the host. What the
+tests assert is observable: answers, events, journal directories, session disks, the fake VMM's process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dispo.client import DispodClient
+from dispo.config import Config
+from dispo.daemon.dispod import Dispod, Options
+from dispo.daemon.paths import ServicePaths
+from dispo.errors import Busy, InvalidInput, NotFound, ServiceError
+from dispo.runtime.events import Event, EventKind
+from dispo.runtime.machinery import Machinery
+from dispo.web.guard import Limits, ListenerKind
+from tests import fakes
+
+SAFETY_S = 60.0  # a bound so a broken test fails instead of hanging; never an assertion about speed
+
+
+# -- the world -----------------------------------------------------------------------------------------
+def fake_vmms_of(cfg: Config) -> list[int]:
+    """This world's fake VMM processes (their console, stdout, is in its state dir); not those of other tests
+    that may run at the same time on this machine."""
+    mine = []
+    for pid in fakes.fake_vmm_pids():
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/1").startswith(f"{cfg.state_dir}/"):
+                mine.append(pid)
+    return mine
+
+
+def leftovers(cfg: Config) -> dict[str, list[str]]:
+    """What sessions may leave, listed without asking dispo."""
+    sessions = cfg.state_dir / "sessions"
+    return {"journals": sorted(p.name for p in sessions.iterdir()) if sessions.exists() else [],
+            "disks": sorted(p.name for p in cfg.disks_dir.iterdir()) if cfg.disks_dir.exists() else [],
+            "fake_vmms": [str(p) for p in fake_vmms_of(cfg)]}
+
+
+class Running:
+    """A dispod served from a thread of this process, with clients for its two listeners."""
+
+    def __init__(self, dispod: Dispod, lines: list[str]) -> None:
+        self.dispod = dispod
+        self.lines = lines
+        self.uds = DispodClient(uds=dispod.paths.socket)
+
+    @property
+    def base(self) -> str:
+        assert self.dispod.server is not None
+        return self.dispod.server.base_url
+
+    @property
+    def token(self) -> str:
+        return self.dispod.token
+
+    def tcp(self, *, auth: bool = True) -> httpx.Client:
+        """A raw HTTP client on TCP, with the bearer token or without."""
+        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        return httpx.Client(base_url=self.base, headers=headers, timeout=30)
+
+    def raw_uds(self) -> httpx.Client:
+        return httpx.Client(base_url="http://dispod", transport=httpx.HTTPTransport(uds=str(self.dispod.paths.socket)),
+                            timeout=30)
+
+    def tcp_client(self) -> DispodClient:
+        return DispodClient(base_url=self.base, token=self.token)
+
+
+@contextlib.contextmanager
+def serving(cfg: Config, *, listen: str = "127.0.0.1:0", max_sessions: int = 4, limits: Limits | None = None,
+            machinery: Machinery | None = None) -> Iterator[Running]:
+    lines: list[str] = []
+    options = Options(listen=listen, max_sessions=max_sessions, limits=limits or Limits(),
+                      machinery=machinery or fakes.machinery())
+    dispod = Dispod(cfg, options, lines.append)
+    dispod.open()
+    loop_box: list[asyncio.AbstractEventLoop] = []
+    stop_box: list[asyncio.Event] = []
+    failure: list[BaseException] = []
+
+    async def serve() -> None:
+        loop_box.append(asyncio.get_running_loop())
+        stop = asyncio.Event()
+        stop_box.append(stop)
+        await dispod.serve(stop)
+
+    def run() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as e:
+            failure.append(e)
+
+    thread = threading.Thread(target=run, name="dispod-under-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + SAFETY_S
+    while not dispod.paths.url.exists():  # written once both listeners accept
+        assert not failure, failure
+        assert time.monotonic() < deadline, "dispod did not start"
+        time.sleep(0.02)
+    running = Running(dispod, lines)
+    try:
+        yield running
+    finally:
+        running.uds.close()
+        if loop_box and stop_box:
+            loop_box[0].call_soon_threadsafe(stop_box[0].set)
+        thread.join(SAFETY_S)
+        dispod.close()
+        assert not thread.is_alive(), "dispod did not stop"
+        assert not failure, failure
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return fakes.config(tmp_path)
+
+
+@pytest.fixture
+def svc(cfg: Config) -> Iterator[Running]:
+    before = leftovers(cfg)
+    with serving(cfg) as running:
+        yield running
+    assert leftovers(cfg) == before  # dispod's stop ended every session and removed all they made
+
+
+def wait_state(client: DispodClient, sid: str, state: str) -> dict[str, Any]:
+    deadline = time.monotonic() + SAFETY_S
+    while True:
+        status = client.session(sid)
+        if status["state"] == state:
+            return status
+        assert status["state"] != "ended" or state == "ended", status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+def until_ended(client: DispodClient, sid: str) -> list[Event]:
+    """One session's events until its `ended` event (what `dispo run` through dispod reads)."""
+    events = list(client.events(session=sid))
+    assert events and events[-1].kind is EventKind.ENDED, events
+    return events
+
+
+def output(events: list[Event], stream: str = "stdout") -> bytes:
+    return b"".join(base64.b64decode(e.fields["data"]) for e in events
+                    if e.kind is EventKind.OUTPUT and e.fields["stream"] == stream)
+
+
+SLEEP = {"image": "minimal", "command": ["sleep", "600"]}
+
+
+# -- sessions through the API --------------------------------------------------------------------------
+def test_command_exits_7_then_ended_with_its_status_and_nothing_left(svc: Running, cfg: Config) -> None:
+    before = leftovers(cfg)
+    created = svc.uds.create_session({"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"]})
+    assert created["state"] == "starting" and created["viewer_url"] is None
+    events = until_ended(svc.uds, created["id"])
+    assert output(events) == b"hi\n"
+    assert events[-1].fields["exit_status"] == 7
+    status = svc.uds.session(created["id"])
+    assert status["state"] == "ended"
+    assert status["exit_status"] == 7
+    assert status["end_reason"] == "the command exited with status 7"
+    assert leftovers(cfg) == before
+    assert created["id"] not in [s["id"] for s in svc.uds.sessions()]
+    assert created["id"] in [s["id"] for s in svc.uds.sessions(all=True)]
+
+
+def test_delete_ends_a_running_session_and_removes_everything(svc: Running, cfg: Config) -> None:
+    before = leftovers(cfg)
+    sid = svc.uds.create_session(SLEEP)["id"]
+    wait_state(svc.uds, sid, "running")
+    assert fakes.fake_vmm_pids(sid)
+    assert fake_vmms_of(cfg) == fakes.fake_vmm_pids(sid)  # the listing sees this world's VMM
+    assert (cfg.state_dir / "sessions" / sid).is_dir() and (cfg.disks_dir / sid).exists()
+    assert leftovers(cfg) != before
+    gone = svc.uds.delete(sid, wait=True)
+    assert gone["state"] == "ended"
+    assert gone["end_reason"] == "stopped through the API (DELETE)"
+    assert fakes.fake_vmm_pids(sid) == []
+    assert leftovers(cfg) == before
+    assert svc.uds.delete(sid)["state"] == "ended"  # deleting again is harmless
+
+
+def test_delete_without_wait_answers_202_while_it_ends(svc: Running) -> None:
+    sid = svc.uds.create_session(SLEEP)["id"]
+    wait_state(svc.uds, sid, "running")
+    with svc.raw_uds() as http:
+        r = http.delete(f"/v1/sessions/{sid}")
+    assert r.status_code in (200, 202)
+    assert r.json()["state"] in ("stopping", "ended")
+    assert wait_state(svc.uds, sid, "ended")["end_reason"] == "stopped through the API (DELETE)"
+
+
+def test_max_sessions_answers_429_past_it(cfg: Config) -> None:
+    with serving(cfg, max_sessions=2) as svc, svc.raw_uds() as http:
+        def post(_: int) -> httpx.Response:
+            return http.post("/v1/sessions", json=SLEEP)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(post, range(6)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [201, 201, 429, 429, 429, 429]
+        refused = next(r for r in answers if r.status_code == 429)
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert int(refused.headers["Retry-After"]) > 0
+        assert refused.json()["title"] == "Busy"
+        with pytest.raises(Busy, match="max_sessions = 2"):
+            svc.uds.create_session(SLEEP)
+        first = next(r.json()["id"] for r in answers if r.status_code == 201)
+        svc.uds.delete(first, wait=True)
+        assert http.post("/v1/sessions", json=SLEEP).status_code == 201  # room again
+
+
+@pytest.mark.parametrize(("body", "status", "title", "detail"), [
+    ({"image": "minimal", "command": ["true"], "colour": "red"}, 400, "InvalidInput", "unknown key(s): colour"),
+    ({"profile": "nope"}, 404, "NotFound", "no profile named 'nope'"),
+    ({"profile": "chromium", "display": "x11"}, 400, "InvalidInput", "x11 needs 'dispo run' in-process"),
+    ({"image": "minimal", "command": "echo hi"}, 400, "InvalidInput", "command must be a list of strings"),
+    ({"image": "minimal", "command": ["true"], "memory_mib": 1}, 400, "InvalidInput", "memory_mib 1 is out of range"),
+    ({"image": "../etc", "command": ["true"]}, 400, "InvalidInput", "invalid image name"),
+    ([1, 2], 400, "InvalidInput", "the body must be a JSON object"),
+])
+def test_bad_input_is_a_problem_with_the_one_line_message(svc: Running, body: Any, status: int, title: str,
+                                                          detail: str) -> None:
+    with svc.raw_uds() as http:
+        r = http.post("/v1/sessions", json=body)
+    assert r.status_code == status
+    assert r.headers["content-type"].startswith("application/problem+json")
+    problem = r.json()
+    assert problem["title"] == title and problem["status"] == status
+    assert problem["type"].endswith("/" + title)
+    assert detail in problem["detail"] and "\n" not in problem["detail"]
+    assert "hint" in problem
+    with pytest.raises((InvalidInput, NotFound)) as err:  # the client raises the same class, with message and hint
+        svc.uds.create_session(body)
+    assert type(err.value).__name__ == title and detail in err.value.message
+    assert err.value.hint == problem["hint"]
+    assert svc.uds.sessions() == []  # nothing was started
+
+
+def test_bodies_that_are_not_json_or_too_large(svc: Running) -> None:
+    with svc.raw_uds() as http:
+        r = http.post("/v1/sessions", content=b"{nope", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+        r = http.post("/v1/sessions", content=b"image=minimal", headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415 and r.json()["title"] == "InvalidInput"
+        big = {"image": "minimal", "command": ["echo", "x" * (100 * 1024)]}
+        r = http.post("/v1/sessions", json=big)
+        assert r.status_code == 413 and r.headers["content-type"].startswith("application/problem+json")
+        assert http.get("/v1/sessions/nothex00").status_code == 400
+        r = http.get("/v1/sessions/0badcafe")
+        assert r.status_code == 404 and r.json()["title"] == "NotFound"
+        r = http.get("/v1/nothing")
+        assert r.status_code == 404 and r.json()["title"] == "NotFound"
+    assert svc.uds.sessions() == []
+
+
+def test_events_stream_state_changes_in_order(svc: Running) -> None:
+    seen: queue.Queue[Event] = queue.Queue()
+    listening = threading.Event()
+
+    def listen() -> None:
+        with DispodClient(uds=svc.dispod.paths.socket) as c:
+            for event in c.events():
+                listening.set()
+                seen.put(event)
+                if event.kind is EventKind.STATE and event.fields["state"] == "ended":
+                    return
+
+    # The global stream starts with a snapshot of the live sessions: one is running already.
+    warm = svc.uds.create_session(SLEEP)["id"]
+    wait_state(svc.uds, warm, "running")
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert listening.wait(SAFETY_S)
+    sid = svc.uds.create_session(SLEEP)["id"]
+    wait_state(svc.uds, sid, "running")
+    svc.uds.delete(sid)
+    thread.join(SAFETY_S)
+    events = list(seen.queue)
+    assert events[0].kind is EventKind.STATE and events[0].session_id == warm
+    states = [e.fields["state"] for e in events if e.kind is EventKind.STATE and e.session_id == sid]
+    assert states == ["starting", "running", "stopping", "ended"]
+    kinds = [e.kind for e in events if e.session_id == sid]
+    assert kinds.index(EventKind.READY) < kinds.index(EventKind.ENDED) < len(kinds) - 1  # ended, then state ended
+    svc.uds.delete(warm, wait=True)
+
+
+def test_event_stream_of_a_session_that_already_ended(svc: Running) -> None:
+    sid = svc.uds.create_session({"image": "minimal", "command": ["sh", "-c", "exit 3"]})["id"]
+    until_ended(svc.uds, sid)
+    late = list(svc.uds.events(session=sid))
+    assert [e.kind for e in late] == [EventKind.ENDED]
+    assert late[0].fields["exit_status"] == 3
+    with svc.raw_uds() as http:  # the raw stream: ended, then the final state, then it closes
+        body = http.get("/v1/events", params={"session": sid}).text
+    frames = [f for f in body.split("\n\n") if f.strip()]
+    assert [f.splitlines()[0] for f in frames] == ["event: ended", "event: state"]
+    assert json.loads(frames[1].splitlines()[1].removeprefix("data: "))["fields"]["state"] == "ended"
+    with pytest.raises(NotFound):
+        list(svc.uds.events(session="0badcafe"))
+
+
+def test_idle_timeout_ends_an_idle_session_and_says_so(svc: Running, cfg: Config) -> None:
+    before = leftovers(cfg)
+    sid = svc.uds.create_session({**SLEEP, "idle_timeout_s": 1})["id"]
+    events = until_ended(svc.uds, sid)
+    reason = events[-1].fields["end_reason"]
+    assert "idle" in reason
+    assert svc.uds.session(sid)["end_reason"] == reason
+    assert leftovers(cfg) == before
+
+
+def test_max_lifetime_ends_a_session_and_says_so(svc: Running) -> None:
+    # Output every 0.1 s keeps it in use, so only the lifetime can end it.
+    cmd = ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
+    sid = svc.uds.create_session({"image": "minimal", "command": cmd, "idle_timeout_s": 30,
+                                  "max_lifetime_s": 1})["id"]
+    events = until_ended(svc.uds, sid)
+    assert "maximum lifetime" in events[-1].fields["end_reason"]
+    assert output(events).startswith(b"tick\n")
+
+
+def test_profiles_images_and_health_through_the_client(svc: Running) -> None:
+    profiles = {p["name"]: p for p in svc.uds.profiles()}
+    assert profiles["chromium"]["image"] == "minimal" and profiles["chromium"]["image_exists"] is True
+    assert profiles["chromium"]["display"] == "web"
+    assert profiles["firefox"]["image_exists"] is False  # built in; its image is not there
+    images = svc.uds.images()
+    assert [i["name"] for i in images] == ["minimal"] and images[0]["bootable"] is True
+    health = svc.uds.health()
+    assert health["status"] == "ok" and health["machinery"] == "fake" and health["max_sessions"] == 4
+
+
+def test_client_available_only_when_dispod_answers(cfg: Config, tmp_path: Path) -> None:
+    assert DispodClient.available(cfg) is None  # no socket
+    sock_path = ServicePaths(cfg.state_dir).socket
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock_path))  # a socket file nobody listens on: what a killed dispod leaves
+    stale.close()
+    assert sock_path.exists() and DispodClient.available(cfg) is None
+    with serving(cfg) as svc:
+        client = DispodClient.available(cfg)
+        assert client is not None
+        with client:
+            assert client.sessions() == []
+        assert stat_mode(sock_path) == 0o600
+        for f in (svc.dispod.paths.token, svc.dispod.paths.url):
+            assert stat_mode(f) == 0o600
+        assert svc.dispod.paths.url.read_text().strip() == f"{svc.base}/ui/{svc.token}/"
+        assert any(line.startswith("dashboard: http://127.0.0.1:") for line in svc.lines)
+    assert not sock_path.exists() and not svc.dispod.paths.token.exists() and not svc.dispod.paths.url.exists()
+    with pytest.raises(ServiceError):  # dispod gone: the client says so with ServiceError
+        DispodClient(uds=sock_path).sessions()
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+# -- the guards -----------------------------------------------------------------------------------------
+def test_tcp_needs_the_token_and_the_unix_socket_does_not(svc: Running) -> None:
+    with svc.tcp(auth=False) as http:
+        r = http.get("/v1/health")
+        assert r.status_code == 401
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert r.json()["title"] == "PermissionProblem"
+        assert http.post("/v1/sessions", json=SLEEP).status_code == 401
+        assert http.get("/v1/health", headers={"Authorization": "Bearer " + svc.token[:-1] + "x"}).status_code == 401
+        assert http.get("/v1/health", headers={"Authorization": "Basic " + svc.token}).status_code == 401
+        # ?access_token= is for the event stream alone (EventSource cannot send headers)
+        assert http.get("/v1/sessions", params={"access_token": svc.token}).status_code == 401
+        with http.stream("GET", "/v1/events", params={"access_token": svc.token}) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+    with svc.tcp() as http:
+        assert http.get("/v1/health").status_code == 200
+    with svc.raw_uds() as http:
+        assert http.get("/v1/health").status_code == 200
+    assert svc.uds.sessions() == []
+    client = svc.tcp_client()
+    with client:
+        assert client.health()["status"] == "ok"
+
+
+def test_every_answer_carries_the_security_headers(svc: Running) -> None:
+    with svc.tcp() as http:
+        for r in (http.get("/v1/health"), http.get("/v1/nothing"), http.get(f"/ui/{svc.token}/"),
+                  http.get("/ui/wrong/"), http.post("/v1/sessions", json={"x": 1})):
+            assert r.headers["Referrer-Policy"] == "no-referrer", r.url
+            assert r.headers["X-Content-Type-Options"] == "nosniff", r.url
+            assert r.headers["Cache-Control"] == "no-store", r.url
+
+
+def test_host_must_name_the_listener(svc: Running) -> None:
+    port = svc.base.rsplit(":", 1)[1]
+    with svc.tcp() as http:
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+            assert http.get("/v1/health", headers={"Host": host}).status_code == 200
+        for host in (f"evil.example:{port}", "127.0.0.1:1", "127.0.0.1"):  # DNS rebinding, another port
+            r = http.get("/v1/health", headers={"Host": host})
+            assert r.status_code == 403 and "Host" in r.json()["detail"], host
+        r = http.get(f"/ui/{svc.token}/", headers={"Host": "evil.example"})
+        assert r.status_code == 403
+
+
+def test_a_foreign_origin_changes_nothing(svc: Running) -> None:
+    with svc.tcp() as http:
+        r = http.post("/v1/sessions", json=SLEEP, headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
+        assert http.post("/v1/sessions", json=SLEEP, headers={"Origin": "null"}).status_code == 403
+        assert svc.uds.sessions() == []
+        r = http.post("/v1/sessions", json=SLEEP, headers={"Origin": svc.base})
+        assert r.status_code == 201
+        sid = r.json()["id"]
+        wait_state(svc.uds, sid, "running")
+        r = http.delete(f"/v1/sessions/{sid}", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 403
+        assert svc.uds.session(sid)["state"] == "running"
+        # GET with a foreign Origin reads (CORS keeps the answer from the other page) but changes nothing
+        assert http.get(f"/v1/sessions/{sid}", headers={"Origin": "http://evil.example"}).status_code == 200
+    with svc.raw_uds() as http:  # the unix socket checks Origin too
+        assert http.post("/v1/sessions", json=SLEEP, headers={"Origin": "http://evil.example"}).status_code == 403
+    svc.uds.delete(sid, wait=True)
+
+
+def test_no_state_change_on_get(svc: Running) -> None:
+    created = svc.uds.create_session({"profile": "chromium"})
+    sid, viewer = created["id"], created["viewer_url"]
+    wait_state(svc.uds, sid, "running")
+    with svc.tcp() as http:
+        assert http.get(f"/v1/sessions/{sid}/stop").status_code == 404
+        assert http.get(f"/v1/sessions/{sid}/delete").status_code == 404
+        r = http.post(f"/v1/sessions/{sid}", json={})
+        assert r.status_code == 405 and r.json()["title"] == "InvalidInput" and "DELETE" in r.headers["Allow"]
+        assert http.put("/v1/sessions", json=SLEEP).status_code == 405
+        r = http.get(viewer + "stop")
+        assert r.status_code == 405
+    assert svc.uds.session(sid)["state"] == "running"
+    assert svc.uds.delete(sid, wait=True)["state"] == "ended"
+
+
+def _address(base: str) -> tuple[str, int]:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def _half_header(base: str) -> socket.socket:
+    host, port = _address(base)
+    s = socket.create_connection((host, port), timeout=SAFETY_S)
+    s.sendall(f"GET /v1/health HTTP/1.1\r\nHost: {host}:{port}\r\nX-Slow: ".encode())
+    return s
+
+
+def _read_all(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(65536):  # returns b"" once the server closed the connection
+        data += chunk
+    return data
+
+
+def test_connections_past_the_cap_are_answered_503(cfg: Config) -> None:
+    with serving(cfg, limits=Limits(max_connections=3, header_timeout_s=SAFETY_S)) as svc:
+        held = [_half_header(svc.base) for _ in range(3)]
+        try:
+            with _half_header(svc.base) as over:
+                assert _read_all(over).startswith(b"HTTP/1.1 503 ")
+            with svc.raw_uds() as http:  # the unix socket has its own cap: root is never locked out
+                assert http.get("/v1/health").status_code == 200
+        finally:
+            for s in held:
+                s.close()
+        assert svc.dispod.server is not None
+        tcp = svc.dispod.server.listeners[ListenerKind.TCP]
+        assert tcp.refused == 1
+        deadline = time.monotonic() + SAFETY_S
+        while tcp.open:  # the server saw the three close
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with svc.tcp() as http:  # room again
+            assert http.get("/v1/health").status_code == 200
+
+
+def test_a_slow_request_head_is_answered_408_and_closed(cfg: Config) -> None:
+    with serving(cfg, limits=Limits(header_timeout_s=1)) as svc:
+        slow = [_half_header(svc.base) for _ in range(3)]
+        try:
+            for s in slow:  # each is answered 408 and closed once the header timeout passed
+                answer = _read_all(s)
+                assert answer.startswith(b"HTTP/1.1 408 "), answer
+        finally:
+            for s in slow:
+                s.close()
+        with socket.create_connection(_address(svc.base), timeout=SAFETY_S) as idle:
+            assert _read_all(idle) == b""  # sent nothing: closed without an answer
+        assert svc.dispod.server is not None
+        assert svc.dispod.server.listeners[ListenerKind.TCP].timed_out == 4
+        with svc.tcp() as http:  # a prompt client is served as usual, event streams stay open past the timeout
+            assert http.get("/v1/health").status_code == 200
+            with http.stream("GET", "/v1/events") as stream:
+                # A session that outlives the header timeout: its stream must stay open until its end.
+                sid = svc.uds.create_session({"image": "minimal", "command": ["sh", "-c", "sleep 2; exit 4"]})["id"]
+                ended = None
+                for line in stream.iter_lines():
+                    event = json.loads(line.removeprefix("data: ")) if line.startswith("data: ") else {}
+                    if event.get("kind") == "ended" and event["session_id"] == sid:
+                        ended = event
+                        break
+                assert ended is not None and ended["fields"]["exit_status"] == 4
+
+
+# -- viewers ---------------------------------------------------------------------------------------------
+async def _greeting(url: str, origin: str, live: Any = None) -> bytes:
+    """The first message through the viewer's bridge; with `live`, then one browser message, which must count
+    as use of the session."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.ws_connect(url, protocols=("binary",),
+                                                                headers={"Origin": origin}) as ws:
+        msg = await ws.receive(timeout=SAFETY_S)
+        assert msg.type is aiohttp.WSMsgType.BINARY, msg
+        if live is not None:
+            used = live.last_activity
+            await ws.send_bytes(b"RFB 003.008\n")
+            deadline = time.monotonic() + SAFETY_S
+            while live.last_activity == used:
+                assert time.monotonic() < deadline, "a browser message did not count as use"
+                await asyncio.sleep(0.01)
+        return bytes(msg.data)
+
+
+async def _ws_status(url: str, origin: str) -> int:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect(url, headers={"Origin": origin}):
+                return 101
+        except aiohttp.WSServerHandshakeError as e:
+            return e.status
+
+
+@pytest.mark.skipif(not Path("/usr/share/novnc/vnc.html").exists(), reason="needs Debian package novnc")
+def test_viewer_route_token_bridge_and_end_session(cfg: Config) -> None:
+    # A guest that is ready after 2 s: the viewer is opened while the session still starts.
+    with serving(cfg, machinery=fakes.machinery(ready_delay=2.0)) as svc:
+        created = svc.uds.create_session({"profile": "chromium"})
+        sid, url = created["id"], created["viewer_url"]
+        assert url.startswith(f"{svc.base}/viewer/{sid}/") and url.endswith("/")
+        token = url.rstrip("/").rsplit("/", 1)[1]
+        assert len(token) >= 32 and token != svc.token
+        ws = url.replace("http://", "ws://") + "websockify"
+        # Opened while the session starts: the bridge waits for the display, then greets; browser input
+        # counts as use (the idle timer starts again).
+        hello = asyncio.run(_greeting(ws, svc.base, svc.dispod.rt.get(sid)))
+        assert hello.startswith(b"RFB 003.008")
+        assert svc.uds.session(sid)["state"] == "running"
+        with svc.tcp(auth=False) as http:  # the viewer's token is in its path: no bearer needed
+            page = http.get(url)
+            assert page.status_code == 200 and "End session" in page.text
+            assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+            assert f"path=viewer/{sid}/{token}/websockify" in page.text
+            assert http.get(url + "vnc.html").status_code == 200
+            assert http.get(url + "dispo-viewer.js").status_code == 200
+            wrong = url.replace(token, token[:-2] + "xx")
+            assert http.get(wrong).status_code == 403
+            assert http.get(wrong + "vnc.html").status_code == 403
+            assert http.get(url.replace(sid, "0badcafe")).status_code == 403
+            assert asyncio.run(_ws_status(wrong + "websockify", svc.base)) == 403
+            assert asyncio.run(_ws_status(ws, "http://evil.example")) == 403
+            assert http.post(url + "stop", headers={"Origin": "http://evil.example"}).status_code == 403
+            assert svc.uds.session(sid)["state"] == "running"
+            assert http.post(url + "stop", headers={"Origin": svc.base}).status_code == 200  # "End session"
+        ended = wait_state(svc.uds, sid, "ended")
+        assert ended["end_reason"] == "ended from the viewer"
+        with svc.tcp(auth=False) as http:
+            assert http.get(url).status_code == 403  # the session and its viewer are gone
+
+
+def test_without_tcp_urls_name_the_unix_socket(cfg: Config) -> None:
+    """No TCP listener: no browser can reach dispod, and the URLs say where it is (the http+unix form)."""
+    with serving(cfg, listen="") as svc:
+        assert svc.dispod.server is not None and svc.dispod.server.base_url == ""
+        quoted = urllib.parse.quote(str(svc.dispod.paths.socket), safe="")
+        created = svc.uds.create_session({"profile": "chromium"})
+        assert created["viewer_url"].startswith(f"http+unix://{quoted}/viewer/{created['id']}/")
+        assert svc.dispod.paths.url.read_text().startswith(f"http+unix://{quoted}/ui/")
+        assert any("need TCP" in line for line in svc.lines)
+        svc.uds.delete(created["id"], wait=True)
+
+
+# -- the dashboard -------------------------------------------------------------------------------------
+def test_dashboard_page(svc: Running) -> None:
+    with svc.tcp(auth=False) as http:
+        r = http.get(f"/ui/{svc.token}/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert ">Start chromium</button>" in r.text and ">Start firefox</button>" in r.text
+        assert 'aria-live="polite"' in r.text
+        csp = r.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+        assert r.headers["Referrer-Policy"] == "no-referrer"
+        js = http.get(f"/ui/{svc.token}/dashboard.js")
+        assert js.status_code == 200 and "End session" in js.text and "No sessions" in js.text
+        assert http.get(f"/ui/{svc.token}", follow_redirects=False).status_code == 308
+        assert http.get("/ui/not-the-token/").status_code == 403
+        assert http.get(f"/ui/{svc.token[:-1]}/dashboard.js").status_code == 403
+    with svc.raw_uds() as http:
+        assert ">Start chromium</button>" in http.get(f"/ui/{svc.token}/").text
+
+
+# -- dispod as a process ---------------------------------------------------------------------------------
+def _start(root: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "dispo.daemon.main", "--machinery", "tests.fakes:machinery",
+                                 *extra], env=fakes.env(root), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=fakes.REPO)
+
+
+def _ready(cfg: Config, proc: subprocess.Popen[bytes], log: Path) -> DispodClient:
+    deadline = time.monotonic() + SAFETY_S
+    while (client := DispodClient.available(cfg)) is None:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return client
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(SAFETY_S)
+
+
+def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, tmp_path: Path) -> None:
+    before = leftovers(cfg)
+    log = tmp_path / "dispod.log"
+    first = _start(tmp_path, log)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        with _ready(cfg, first, log) as client:
+            sid = client.create_session(SLEEP)["id"]
+            wait_state(client, sid, "running")
+        vmm = fakes.fake_vmm_pids(sid)
+        assert vmm
+        first.kill()  # SIGKILL: no teardown at all
+        first.wait(SAFETY_S)
+        assert fakes.fake_vmm_pids(sid) == vmm  # the VMM outlived its owner: someone must reclaim it
+        assert (cfg.state_dir / "sessions" / sid).is_dir()
+        second = _start(tmp_path, log)
+        with _ready(cfg, second, log) as client:
+            assert f"reclaimed session {sid}" in log.read_text()
+            assert fakes.fake_vmm_pids(sid) == []
+            assert not (cfg.state_dir / "sessions" / sid).exists() and not (cfg.disks_dir / sid).exists()
+            status = client.session(sid)
+            assert status["state"] == "ended"
+            assert status["end_reason"] == "reclaimed: its owner (a previous dispod) died"
+            assert client.sessions() == []
+            other = client.create_session(SLEEP)["id"]
+            wait_state(client, other, "running")
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(SAFETY_S) == 0, log.read_text()
+        assert f"session {other} ended: dispod stopping" in log.read_text()
+        assert leftovers(cfg) == before
+        paths = ServicePaths(cfg.state_dir)
+        assert not paths.socket.exists() and not paths.token.exists() and not paths.url.exists()
+    finally:
+        _end(first)
+        if second is not None:
+            _end(second)
+
+
+def test_a_second_dispod_on_the_same_state_dir_refuses(cfg: Config, tmp_path: Path) -> None:
+    log = tmp_path / "dispod.log"
+    first = _start(tmp_path, log)
+    try:
+        with _ready(cfg, first, log) as client:
+            second = subprocess.run([sys.executable, "-m", "dispo.daemon.main", "--machinery",
+                                     "tests.fakes:machinery"], env=fakes.env(tmp_path), capture_output=True,
+                                    text=True, timeout=SAFETY_S, cwd=fakes.REPO, stdin=subprocess.DEVNULL)
+            assert second.returncode == 1
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1, second.stderr
+            assert lines[0].startswith(f"dispod: error: another dispod (pid {first.pid}) already serves")
+            assert "(hint: " in lines[0]
+            assert client.health()["status"] == "ok"  # the first one is untouched
+        first.send_signal(signal.SIGINT)
+        assert first.wait(SAFETY_S) == 0
+    finally:
+        _end(first)
+
+
+def test_dispod_refuses_bad_options_in_one_line(cfg: Config, tmp_path: Path) -> None:
+    for argv, words in ((["--listen", "0.0.0.0:8686"], "every address"), (["--listen", "nope"], "HOST:PORT"),
+                        (["--max-sessions", "0"], "max_sessions is 0"),
+                        (["--machinery", "tests.fakes:nothing"], "--machinery")):
+        r = subprocess.run([sys.executable, "-m", "dispo.daemon.main", *argv], env=fakes.env(tmp_path),
+                           capture_output=True, text=True, timeout=SAFETY_S, cwd=fakes.REPO, stdin=subprocess.DEVNULL)
+        assert r.returncode == 1, (argv, r.stderr)
+        assert r.stderr.startswith("dispod: error: ") and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not ServicePaths(cfg.state_dir).socket.exists()
+
+
+def test_help_hides_the_test_machinery_option() -> None:
+    r = subprocess.run([sys.executable, "-m", "dispo.daemon.main", "--help"], capture_output=True, text=True,
+                       timeout=SAFETY_S, stdin=subprocess.DEVNULL, env=dict(os.environ))
+    assert r.returncode == 0 and "--listen" in r.stdout and "--machinery" not in r.stdout
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian package chromium (and playwright)")
+def test_dashboard_in_a_browser_starts_lists_and_ends_a_session(cfg: Config) -> None:
+    """The dashboard's script in a real browser (Playwright + Debian's chromium), against fake sessions."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with serving(cfg) as svc, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(f"{svc.base}/ui/{svc.token}/")
+            expect(page.get_by_text("No sessions.")).to_be_visible()
+            page.get_by_label("URL to open (optional)").first.fill("https://example.org/")
+            page.get_by_role("button", name="Start chromium").click()
+            row = page.locator("#rows tr")
+            expect(row).to_have_count(1)
+            expect(row.locator(".state")).to_have_text("running", timeout=SAFETY_S * 1000)
+            listed = svc.uds.sessions()
+            assert [s["profile"] for s in listed] == ["chromium"]
+            sid = listed[0]["id"]
+            assert svc.dispod.rt.get(sid).request.url == "https://example.org/"
+            expect(row.get_by_role("link", name="Open viewer")).to_have_attribute("href", listed[0]["viewer_url"])
+            row.get_by_role("button", name="End session").click()
+            expect(page.get_by_text("No sessions.")).to_be_visible(timeout=SAFETY_S * 1000)
+            expect(page.get_by_role("status")).to_contain_text(f"Session {sid} ended")
+            assert svc.uds.session(sid)["end_reason"] == "stopped through the API (DELETE)"
+            assert problems == []  # no script error, no CSP violation
+        finally:
+            browser.close()

@@ -1,0 +1,203 @@
+"""dispod end to end on real guests (QEMU, TCG here) in namespaces the test builds (tests/netns.py): the
+REST API, `dispo run/ls` through dispod, kill -9 of dispod and the reclaim by the next one, and the
+dashboard driven in a real browser. After each test an independent listing of host objects (links,
+nftables, disks, journals, state files, QEMU processes) equals the one taken before dispod started."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dispo.client import DispodClient
+from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, REPO, NetWorld, net_world
+from tests.test_browser import ARTIFACTS, GREEN, SHOW_TIMEOUT_S
+from tests.test_browser import PAGE as COLOUR_PAGE
+from tests.test_run import listing, qemu_processes
+
+pytestmark = [pytest.mark.root, pytest.mark.vm]
+
+URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
+DISPOD_FILES = {"dispod.sock", "dispod.url", "dispod.token", "dispod.lock"}
+
+
+def state_listing(w: NetWorld) -> dict[str, object]:
+    """listing() without dispod's own files (they live as long as dispod, not as a session)."""
+    found = listing(w)
+    state = found["state"]
+    assert isinstance(state, list)
+    found["state"] = [p for p in state if p not in DISPOD_FILES]
+    return found
+
+
+@dataclass
+class Dispod:
+    proc: subprocess.Popen[str]
+    log: Path
+    client: DispodClient
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_dispod(w: NetWorld, name: str = "dispod") -> Dispod:
+    log = w.root / f"{name}.log"
+    port = _free_port()
+    argv = ["nsenter", f"--net=/run/netns/{w.host}", sys.executable, "-m", "dispo.daemon.main",
+            "--listen", f"127.0.0.1:{port}"]
+    proc = w.spawn(argv, env=w.env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    sock = w.state_dir / "dispod.sock"
+    deadline = time.monotonic() + 60
+    while True:
+        if sock.exists():
+            client = DispodClient(uds=sock)
+            with contextlib.suppress(Exception):
+                client.health()
+                return Dispod(proc, log, client, port)
+        assert proc.poll() is None, f"dispod exited {proc.returncode}: {log.read_text()}"
+        assert time.monotonic() < deadline, f"dispod did not answer: {log.read_text()}"
+        time.sleep(0.1)
+
+
+def stop_dispod(d: Dispod) -> None:
+    if d.proc.poll() is None:
+        os.kill(d.proc.pid, signal.SIGTERM)  # nsenter exec()s python: this is dispod itself
+        assert d.proc.wait(120) == 0, d.log.read_text()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[NetWorld]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: namespaces, taps, nftables")
+    with net_world(tmp_path / "w") as w:
+        w.write_config(link="tap", dns="none")
+        for recipe in ("minimal",):
+            p = subprocess.run([*DISPO, "image", "build", recipe, "--quiet"], env=w.env(), capture_output=True,
+                               text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
+            assert p.returncode == 0, p.stderr
+        yield w
+        for line in qemu_processes(w):  # a failed test must not leave a guest running
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+def wait_state(d: Dispod, sid: str, state: str, timeout: float = 300) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = d.client.session(sid)
+        if s["state"] == state:
+            return s
+        assert s["state"] != "ended", s
+        assert time.monotonic() < deadline, s
+        time.sleep(0.3)
+
+
+def test_api_and_cli_through_dispod(world: NetWorld) -> None:
+    w = world
+    before = state_listing(w)
+    d = start_dispod(w)
+    try:
+        # POST a command that fetches the "internet" page through NAT and exits 7.
+        created = d.client.create_session({"image": "minimal", "command": [
+            "sh", "-c", f"curl -sS --max-time 20 {URL} > /dev/null && exit 7"]})
+        assert created["state"] == "starting"
+        sid = str(created["id"])
+        ended = {}
+        for event in d.client.events(session=sid):
+            if event.kind.value == "ended":
+                ended = dict(event.fields)
+                break
+        final = d.client.session(sid)
+        assert final["state"] == "ended" and final["exit_status"] == 7 and ended["exit_status"] == 7, final
+        assert "exited with status 7" in str(final["end_reason"])
+        assert state_listing(w) == before
+
+        # `dispo run` goes through dispod (its socket exists): same output, same exit status.
+        run = w.dispo("run", "--image", "minimal", "--", "sh", "-c", f"curl -sS --max-time 20 {URL}; exit 3",
+                      timeout=300)
+        assert run.returncode == 3, run.stderr
+        assert run.stdout == PAGE and "ready in" in run.stderr, run.stderr
+        owned = [s for s in d.client.sessions(all=True) if s["image"] == "minimal"]
+        assert len(owned) == 2, owned  # the CLI's session was dispod's
+
+        # `dispo ls` shows dispod's sessions; `dispo stop` ends one through dispod.
+        held = d.client.create_session({"image": "minimal", "command": ["sleep", "600"]})
+        hid = str(held["id"])
+        wait_state(d, hid, "running")
+        ls = w.dispo("ls").stdout
+        row = next(line for line in ls.splitlines() if line.startswith(hid))
+        assert "dispod" in row and "running" in row, ls
+        stopped = w.dispo("stop", hid, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        assert d.client.session(hid)["state"] == "ended"
+        assert state_listing(w) == before
+    finally:
+        stop_dispod(d)
+    assert state_listing(w) == before
+    assert not (w.state_dir / "dispod.sock").exists()
+
+
+def test_kill_9_of_dispod_then_the_next_one_reclaims(world: NetWorld) -> None:
+    w = world
+    before = state_listing(w)
+    d = start_dispod(w)
+    try:
+        sid = str(d.client.create_session({"image": "minimal", "command": ["sleep", "600"]})["id"])
+        wait_state(d, sid, "running")
+        assert qemu_processes(w), "no guest runs"
+        os.kill(d.proc.pid, signal.SIGKILL)
+        d.proc.wait(30)
+        assert qemu_processes(w), "the guest died with dispod; nothing to reclaim"  # the VMM outlives it
+        d = start_dispod(w, "dispod-2")  # documented: a new dispod tears down what the old one left
+        assert qemu_processes(w) == []
+        assert sid not in {str(s["id"]) for s in d.client.sessions()}
+        assert "reclaimed" in d.log.read_text() or sid in d.log.read_text()
+    finally:
+        stop_dispod(d)
+    assert state_listing(w) == before
+
+
+def test_dashboard_start_view_end(world: NetWorld, tmp_path: Path) -> None:
+    w = world
+    p = subprocess.run([*DISPO, "image", "build", "chromium", "--quiet"], env=w.env(), capture_output=True,
+                       text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    (w.root / "www-inet" / "page.html").write_text(COLOUR_PAGE)
+    before = state_listing(w)
+    d = start_dispod(w)
+    try:
+        dashboard = (w.state_dir / "dispod.url").read_text().strip()
+        assert dashboard.startswith(f"http://127.0.0.1:{d.port}/"), dashboard
+        ARTIFACTS.mkdir(exist_ok=True)
+        argv = [sys.executable, "-m", "tests.dashboard_shot", dashboard,
+                f"http://{INTERNET}:{INTERNET_PORT}/page.html?check", str(ARTIFACTS), GREEN, str(SHOW_TIMEOUT_S)]
+        shot = subprocess.run(["nsenter", f"--net=/run/netns/{w.host}", *argv], capture_output=True, text=True,
+                              cwd=REPO, timeout=SHOW_TIMEOUT_S + 300, check=False)
+        assert shot.returncode == 0, shot.stderr[-3000:] + d.log.read_text()[-3000:]
+        result = json.loads(shot.stdout.strip().splitlines()[-1])
+        assert result["seen"], f"the viewer did not show the page's GREEN: {result}"
+        assert result["emptied"], result
+        deadline = time.monotonic() + 120
+        while state_listing(w) != before:  # "End session" answers at once; teardown follows
+            assert time.monotonic() < deadline, state_listing(w)
+            time.sleep(0.5)
+    finally:
+        stop_dispod(d)
+    assert state_listing(w) == before
