@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from dispo.runtime import STEPS
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links, net_world, nft_ruleset
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -181,4 +182,23 @@ def test_interactive_shell_on_a_terminal(vm_world: NetWorld) -> None:
     out, _ = proc.communicate("echo answer-$((6*7)); tty; exit 5\n", timeout=120)
     assert proc.returncode == 5, out
     assert "answer-42" in out and "/dev/pts/" in out
+    assert listing(w) == before
+
+
+@pytest.mark.parametrize("step", [s.name for s in STEPS])
+def test_kill_9_after_each_step_then_the_next_command_reclaims(vm_world: NetWorld, step: str) -> None:
+    """`dispo run` SIGKILLs itself right after STEP (DISPO_FAULT_KILL_AFTER): its QEMU dies with it, and the
+    next dispo command of any kind (here `dispo net ls`) undoes the rest from the journal."""
+    w = vm_world
+    before = listing(w)
+    env = {**w.env(), "DISPO_FAULT_KILL_AFTER": step}
+    p = subprocess.run(w.dispo_argv("run", "--image", "minimal", "--", "sleep", "600"), env=env, timeout=300,
+                       capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    deadline = time.monotonic() + 30
+    while qemu_processes(w):
+        assert time.monotonic() < deadline, qemu_processes(w)
+        time.sleep(0.2)
+    nxt = w.dispo("net", "ls")
+    assert nxt.returncode == 0 and "reclaimed 1 session(s) whose owner died" in nxt.stderr, nxt.stderr
     assert listing(w) == before

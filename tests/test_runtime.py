@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -274,9 +274,16 @@ time.sleep(600)
 """
 
 
+def wait_gone(pids: Callable[[], list[int]], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while pids():
+        assert time.monotonic() < deadline, f"still running: {pids()}"
+        time.sleep(0.05)
+
+
 def test_sessions_of_a_killed_owner_are_reclaimed(cfg: Config, tmp_path: Path) -> None:
-    """kill -9 of the process that owns a session: its journal lock is free, the fake VMM (its own process
-    session) still runs; reclaim undoes everything from the journal."""
+    """kill -9 of the process that owns a session: the VMM dies with it (parent-death signal), its journal
+    lock is free, and reclaim undoes the rest (here the disk) from the journal."""
     before = leftovers(cfg)
     owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(fakes.config_file(tmp_path))], stdout=subprocess.PIPE,
                              text=True, cwd=fakes.REPO, env=fakes.env(tmp_path))
@@ -288,10 +295,10 @@ def test_sessions_of_a_killed_owner_are_reclaimed(cfg: Config, tmp_path: Path) -
         assert vmm
         owner.kill()
         owner.wait()
-        assert fakes.fake_vmm_pids(sid) == vmm  # outlives its owner until reclaimed
+        wait_gone(lambda: fakes.fake_vmm_pids(sid))  # died with its owner, nobody had to run gc
+        assert (cfg.disks_dir / sid).exists()  # what is not a process waits for the reclaim
         report = Runtime(cfg, machinery=fakes.machinery()).reclaim()
         assert sid in report.reclaimed and not report.failed
-        assert fakes.fake_vmm_pids(sid) == []
         assert leftovers(cfg) == before
     finally:
         if owner.poll() is None:
@@ -299,3 +306,35 @@ def test_sessions_of_a_killed_owner_are_reclaimed(cfg: Config, tmp_path: Path) -
             owner.wait()
         for pid in fakes.fake_vmm_pids(state_dir=cfg.state_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+_FAULTED = """
+import sys
+from pathlib import Path
+from dispo import config
+from dispo.runtime import Runtime, build
+from tests import fakes
+cfg = config.load(Path(sys.argv[1]), env={})
+live = Runtime(cfg, machinery=fakes.machinery()).start(build(cfg, command=["sleep", "600"]))
+live.wait(60)
+print("the fault switch did not fire", live.status(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("step", [s.name for s in STEPS])
+def test_kill_9_after_every_step_then_the_next_command_reclaims(cfg: Config, tmp_path: Path, step: str) -> None:
+    """DISPO_FAULT_KILL_AFTER=<step> makes the owner SIGKILL itself right after that step; the next dispo
+    command of any kind sweeps what it left, and `dispo verify` finds nothing."""
+    before = leftovers(cfg)
+    env = {**fakes.env(tmp_path), "DISPO_FAULT_KILL_AFTER": step}
+    child = subprocess.run([sys.executable, "-c", _FAULTED, str(fakes.config_file(tmp_path))], env=env,
+                           cwd=fakes.REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    wait_gone(lambda: fakes.fake_vmm_pids(state_dir=cfg.state_dir))
+    nxt = subprocess.run([sys.executable, "-m", "dispo", "image", "ls"], env=fakes.env(tmp_path), cwd=fakes.REPO,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert nxt.returncode == 0 and "reclaimed 1 session(s) whose owner died" in nxt.stderr, nxt.stderr
+    assert leftovers(cfg) == before
+    verify = subprocess.run([sys.executable, "-m", "dispo", "verify"], env=fakes.env(tmp_path), cwd=fakes.REPO,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert verify.returncode == 0, verify.stdout

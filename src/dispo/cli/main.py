@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from dispo import __version__, config
+from dispo import __version__, config, journal
 from dispo.cli import demo, firecracker, images, net, run, sessions
 from dispo.cli.common import Terminated
 from dispo.errors import DispoError
@@ -23,6 +23,26 @@ COMMAND_MODULES = (images, sessions, net, run, firecracker, demo)
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise Terminated(signum)
+
+
+# Commands that look rather than act: they show dead sessions instead of sweeping them first.
+OBSERVERS = frozenset({"ls", "gc", "verify", "receipt"})
+
+
+def _sweep_dead(cfg: config.Config) -> None:
+    """Every acting command first undoes what sessions of dead owners left (a `dispo run` or dispod killed
+    with -9: their VMMs died with them, their taps, rules, leases and disks are still recorded)."""
+    try:
+        report = journal.gc(cfg.state_dir)
+    except (OSError, DispoError) as e:  # not root, no state dir yet: nothing this command can sweep
+        logging.getLogger(__name__).debug("sweep of dead sessions skipped: %s", e)
+        return
+    if report.reclaimed:
+        print(f"dispo: reclaimed {len(report.reclaimed)} session(s) whose owner died: {', '.join(report.reclaimed)}",
+              file=sys.stderr)
+    if report.failed:
+        print(f"dispo: {len(report.failed)} dead session(s) could not be reclaimed from here; see 'dispo gc'",
+              file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, _on_signal)
     try:
         cfg = config.load(args.config)
+        if args.command not in OBSERVERS:
+            _sweep_dead(cfg)
         rc: int = args.func(args, cfg)
         return rc
     except DispoError as e:

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from dispo import errors, journal, ssh
 from dispo.cli.common import Terminated, command, dispod_client, escape_terminal
 from dispo.config import Config
+from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import DispoError, InvalidInput, JournalError, NotFound, VmmError
 from dispo.names import check_session_id
 from dispo.proc import minimal_env
@@ -32,7 +33,6 @@ from dispo.runtime.live import LiveSession
 from dispo.settings import SETTINGS
 
 STOP_TIMEOUT_S = 60.0
-DISPOD_OWNER = "dispod"
 
 
 def register(sub: Any) -> None:
@@ -316,7 +316,7 @@ def cmd_stop(args: argparse.Namespace, cfg: Config) -> int:
     infos = [_live(cfg, sid) for sid in args.ids]  # check every id before stopping any
     client = None
     for info in infos:
-        if info.meta.get("owner") == DISPOD_OWNER:
+        if info.meta.get("owner") == DISPOD_OWNER:  # dispod's session: ask dispod, never signal it
             client = client or dispod_client(cfg)
             if client is None:
                 raise errors.ServiceError(f"session {info.session_id} belongs to dispod, which does not answer")

@@ -12,6 +12,7 @@ from typing import Any
 from dispo import gc, journal
 from dispo.cli.common import command, dispod_client, print_table, run_host_command
 from dispo.config import Config
+from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import InvalidInput, NotFound
 from dispo.storage.disks import open_session
 
@@ -54,7 +55,7 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
             continue
         m = info.meta
         age = time.time() - float(m.get("created", time.time()))
-        owner = "dispod" if m.get("owner") == "dispod" else str(m.get("owner_pid", "?"))
+        owner = DISPOD_OWNER if m.get("owner") == DISPOD_OWNER else str(m.get("owner_pid", "?"))
         state = states.get(info.session_id, "live") if info.alive else "dead"
         rows.append((info.session_id, str(m.get("name") or m.get("profile") or "-"), str(m.get("purpose", "")),
                      str(m.get("image", "-")), owner, state, f"{age:.0f}s", str(len(info.resources))))

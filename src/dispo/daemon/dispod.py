@@ -25,7 +25,7 @@ from typing import Any
 
 from dispo import journal
 from dispo.config import Config
-from dispo.daemon.paths import ServicePaths
+from dispo.daemon.paths import OWNER, ServicePaths
 from dispo.errors import Conflict, InvalidInput, PermissionProblem
 from dispo.runtime import Runtime
 from dispo.runtime.events import Event, EventKind
@@ -38,7 +38,6 @@ from dispo.web.viewers import ServiceViewers
 
 log = logging.getLogger(__name__)
 
-OWNER = "dispod"
 STOP_REASON = "dispod stopping"
 Say = Callable[[str], None]
 

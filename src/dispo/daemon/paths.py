@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+OWNER = "dispod"  # the owner a session's journal names when dispod runs it (dispo ls, dispo stop)
+
 
 @dataclass(frozen=True)
 class ServicePaths:

@@ -9,6 +9,8 @@ lock is held by this process from the first step until everything is undone.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -204,6 +206,7 @@ class LiveSession:
                         self.cancel.check()  # stopped meanwhile: say so rather than the step's error
                         raise
                     self.emit(EventKind.STEP, step.name, step=step.name, seconds=round(time.monotonic() - t, 3))
+                    fault_after(step.name)
                 self.step = ""
                 with self._lock:
                     if self.state is SessionState.STARTING:
@@ -228,6 +231,17 @@ class LiveSession:
             exit_status=self.exit_status, end_reason=self.end_reason or (self.error.one_line() if self.error else ""))
         if not self.receipt.clean and self.error is None:
             self.error = receipt.NotClean(self.id, self.receipt.leftovers)
+
+
+FAULT_ENV = "DISPO_FAULT_KILL_AFTER"
+
+
+def fault_after(step: str) -> None:
+    """Fault injection for the crash tests: with DISPO_FAULT_KILL_AFTER=<step name>, this process kills itself
+    (SIGKILL: no teardown, no cleanup handler) right after that step of a session's bring-up."""
+    if os.environ.get(FAULT_ENV) == step:
+        log.warning("%s=%s: killing this process now", FAULT_ENV, step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def join_all(sessions: list[LiveSession], timeout: float, on_wait: Callable[[LiveSession], None] | None = None
