@@ -50,6 +50,17 @@ def test_argv_is_a_microvm_on_the_session_tap(tmp_path: Path) -> None:
     assert "-no-reboot" in argv and "-sandbox" in argv
 
 
+def test_a_comma_in_a_path_cannot_add_qemu_options(tmp_path: Path) -> None:
+    evil = tmp_path / "ws,readonly=off,file=/etc"
+    vmm = qemu.QemuVmm(spec(evil, rootfs=evil / "disk.ext4"), Accel.TCG)
+    drive = vmm.argv()[vmm.argv().index("-drive") + 1]
+    # QEMU reads ",," as a literal comma: the whole path stays the value of file=.
+    assert f"file={str(evil).replace(',', ',,')}/disk.ext4,format=raw" in drive
+    assert "werror=report" in drive and "rerror=report" in drive  # a full disk is an I/O error, not a pause
+    console = vmm.argv()[vmm.argv().index("-chardev") + 1]
+    assert console == f"file,id=con0,path={str(evil).replace(',', ',,')}/console.log"
+
+
 def test_tsc_khz_only_under_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qemu, "host_tsc_khz", lambda: 2596120)
     tcg = qemu.QemuVmm(spec(tmp_path), Accel.TCG)

@@ -84,6 +84,13 @@ def test_run_end_to_end(vm_world: NetWorld) -> None:
     assert listing(w) == before
 
 
+def test_the_command_reads_the_callers_stdin(vm_world: NetWorld) -> None:
+    w = vm_world
+    p = subprocess.run(w.dispo_argv("run", "--", "sh", "-c", "tr a-z A-Z; exit 4"), env=w.env(), input="piped in\n",
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 4 and p.stdout == "PIPED IN\n", p.stderr
+
+
 def test_profile_network_policy_reaches_the_guest(vm_world: NetWorld) -> None:
     """A profile's [network] table is the session's firewall: the same fetch works with internet = true and is
     refused with internet = false."""

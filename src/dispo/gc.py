@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispo import journal
+from dispo import journal, undo
 from dispo.config import Config
 from dispo.errors import DispoError
 from dispo.storage.backends import remove_tree
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 _IMPORT_RE = re.compile(r"^\.import-([0-9a-f]{8})-")
 _DISK_RE = re.compile(r"^[0-9a-f]{8}$")
+_FETCH_RE = re.compile(r"^\.fetch-([0-9a-f]{8})$")             # <workspace>/.fetch-<id> (dispo image fetch)
+_BUILD_RE = re.compile(r"^\.(?:build|from)-([0-9a-f]{8})-")  # <cache>/images/.build-<id>-R, .from-<id>-NAME
 
 #: Other layers add functions that remove their own orphans (objects named with a session id that has no
 #: journal); each gets the config and the set of session ids that still have a journal.
@@ -64,13 +66,33 @@ def sweep_workspace(cfg: Config, known: set[str]) -> list[str]:
         candidates += [(p.name, p) for p in cfg.disks_dir.iterdir() if _DISK_RE.match(p.name)]
     if cfg.images_dir.is_dir():
         candidates += [(m.group(1), p) for p in cfg.images_dir.iterdir() if (m := _IMPORT_RE.match(p.name))]
+    if cfg.workspace.is_dir():
+        candidates += [(m.group(1), p) for p in cfg.workspace.iterdir() if (m := _FETCH_RE.match(p.name))]
+    builds: list[tuple[str, Path]] = []
+    cache = _cache_dir() / "images"
+    if cache.is_dir():
+        builds = [(m.group(1), p) for p in cache.iterdir() if (m := _BUILD_RE.match(p.name))]
     known = known | known_session_ids(cfg)
     removed: list[str] = []
     for sid, p in candidates:
         if sid not in known:
             remove_tree(p)
             removed.append(str(p))
+    from dispo.imagebuild.owner import owned_by
+
+    for sid, p in builds:
+        if sid not in known and owned_by(p, cfg):
+            # A build tree may still hold mounts (/proc, /sys, /dev of a killed mmdebstrap or chroot): the
+            # build-dir undo unmounts before it deletes, never reaching into the host's /dev.
+            undo.lookup("build-dir")({"path": str(p)})
+            removed.append(str(p))
     return removed
+
+
+def _cache_dir() -> Path:
+    from dispo.imagebuild import cache_dir
+
+    return cache_dir()
 
 
 def collect(cfg: Config) -> Report:

@@ -165,9 +165,14 @@ class Printer:
                 _open(url, self.err)
         elif e.kind is EventKind.OUTPUT:
             stream = self.out if e.fields.get("stream") == "stdout" else self.err
+            data = base64.b64decode(str(e.fields.get("data", "")))
             stream.flush()
-            stream.buffer.write(base64.b64decode(str(e.fields.get("data", ""))))
-            stream.buffer.flush()
+            if stream.isatty():  # the guest's bytes must not drive the user's terminal (escape sequences)
+                stream.write(escape_terminal(data.decode(errors="replace")))
+                stream.flush()
+            else:
+                stream.buffer.write(data)
+                stream.buffer.flush()
         elif e.kind is EventKind.ENDED and e.fields.get("receipt"):
             r = e.fields["receipt"]
             if r.get("clean"):

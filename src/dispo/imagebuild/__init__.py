@@ -22,6 +22,7 @@ from dispo import guest, kernels
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
 from dispo.imagebuild import recipes, sources
+from dispo.imagebuild.owner import mark_owner
 from dispo.imagebuild.recipes import Recipe
 from dispo.images import Image, ImageStore
 from dispo.names import check_name, format_size
@@ -91,6 +92,7 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
         work = root / f".build-{tx.session_id}-{recipe.name}"
         tx.journal.record("build-dir", path=str(work))
         work.mkdir(mode=0o700)
+        mark_owner(work, cfg)
         (work / "apt.sources").write_text(apt_sources)
         _write_overlay(work / "overlay", recipe)
         tree = work / "root"

@@ -20,6 +20,7 @@ from dispo import guest
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem
 from dispo.imagebuild import BUILD_TIMEOUT_S, _fs_size_mib, _say, cache_dir, recipes
+from dispo.imagebuild.owner import mark_owner
 from dispo.images import Image, ImageStore
 from dispo.names import check_name, format_size
 from dispo.proc import minimal_env, run, which
@@ -63,6 +64,7 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
         work = root / f".from-{tx.session_id}-{name}"
         tx.journal.record("build-dir", path=str(work))
         work.mkdir(mode=0o700)
+        mark_owner(work, cfg)
         mnt, tree, out = work / "src", work / "root", work / "out"
         for d in (mnt, tree, out):
             d.mkdir()

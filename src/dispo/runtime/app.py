@@ -55,7 +55,7 @@ class AppProcess:
     """The host process that runs the app in the guest; journaled before it runs, stopped on unwind."""
 
     def __init__(self, tx: Transaction, argv: list[str], *, what: str, env: dict[str, str] | None = None,
-                 terminal: bool = False, output: OutputSink | None = None) -> None:
+                 terminal: bool = False, output: OutputSink | None = None, keep_stdin: bool = False) -> None:
         self.log_path = tx.state_path / APP_LOG
         self._pumps: list[threading.Thread] = []
         self._sent = 0
@@ -72,7 +72,8 @@ class AppProcess:
             try:
                 spawned = processes.spawn_recorded(tx.journal, argv, what=what, stdout=out, stderr=err,
                                                    env=env if env is not None else minimal_env(),
-                                                   keep_stdin=terminal, new_session=not terminal, term_timeout="3")
+                                                   keep_stdin=terminal or keep_stdin, new_session=not terminal,
+                                                   term_timeout="3")
             except processes.SpawnFailed:
                 raise DisplayError(f"{what} exited at once: {_tail(self.log_path, 3)}") from None
         self.proc, self.start = spawned.proc, spawned.starttime

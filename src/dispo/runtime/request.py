@@ -31,7 +31,7 @@ from dispo.vmm.registry import choose_backend
 
 class Stdio(StrEnum):
     CAPTURE = "capture"    # the command's output becomes OUTPUT events (the service; scripts)
-    TERMINAL = "terminal"  # the command uses the caller's own stdin/stdout/stderr (dispo run in-process)
+    TERMINAL = "terminal"  # the caller's stdin (and with tty, its whole terminal): dispo run in-process
 
 
 MAX_URL = 4096

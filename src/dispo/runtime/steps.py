@@ -156,10 +156,13 @@ def app(b: Bringup) -> None:
         b.app = AppProcess(b.tx, argv, what="app-ssh", env=app_env(x11=True))
         b.emit(EventKind.NOTICE, f"app on display {app_env(x11=True)['DISPLAY']}")
     else:
-        terminal = r.stdio is Stdio.TERMINAL
+        # An interactive shell owns the caller's terminal. Otherwise the output is captured into events, so
+        # the CLI can escape the guest's control characters before they reach a terminal (and writes raw
+        # bytes to a pipe); a command in the caller's terminal still reads the caller's stdin.
+        interactive = r.stdio is Stdio.TERMINAL and r.tty
         argv = b.channel.command(r.command, tty=r.tty)
-        b.app = AppProcess(b.tx, argv, what="command-ssh", terminal=terminal,
-                           output=None if terminal else b.live.output)
+        b.app = AppProcess(b.tx, argv, what="command-ssh", terminal=interactive,
+                           output=None if interactive else b.live.output, keep_stdin=r.stdio is Stdio.TERMINAL)
 
 
 def _web(b: Bringup) -> None:

@@ -108,6 +108,7 @@ class QemuVmm:
 
     def argv(self) -> list[str]:
         s = self.spec
+        q = _option_value
         cpu = "host" if self.accel is Accel.KVM else "max"
         argv = [
             self.qemu, "-name", f"dispo-{s.session_id},process=dispo-{s.session_id}",
@@ -117,12 +118,14 @@ class QemuVmm:
             # QEMU's own seccomp filter: no spawning, no privilege changes, no obsolete syscalls.
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel", str(s.kernel), "-append", " ".join(self.cmdline()),
-            "-chardev", f"file,id=con0,path={s.console_log}", "-serial", "chardev:con0",
-            # cache=unsafe: the disk is thrown away with the session, so flushes buy nothing.
-            "-drive", f"id=root,file={s.rootfs},format=raw,if=none,cache=unsafe,discard=unmap",
+            "-chardev", f"file,id=con0,path={q(s.console_log)}", "-serial", "chardev:con0",
+            # cache=unsafe: the disk is thrown away with the session, so flushes buy nothing. werror/rerror
+            # report: a full workspace gives the guest I/O errors instead of pausing the VM forever.
+            "-drive", f"id=root,file={q(s.rootfs)},format=raw,if=none,cache=unsafe,discard=unmap,werror=report,"
+                      f"rerror=report",
             "-device", "virtio-blk-device,drive=root",
             "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+            "-qmp", f"unix:{q(self.qmp_path)},server=on,wait=off",
         ]
         if s.initrd is not None:
             argv += ["-initrd", str(s.initrd)]
@@ -235,6 +238,12 @@ class QemuVmm:
 
     def console_tail(self, lines: int = 20) -> str:
         return tail(self.spec.console_log, lines)
+
+
+def _option_value(path: Path) -> str:
+    """A path inside a QEMU `key=value,key=value` option: a comma is written twice, so a path with commas
+    cannot end the value and add options of its own (e.g. "x,readonly=off" or ",file=/etc/shadow")."""
+    return str(path).replace(",", ",,")
 
 
 def create(spec: MachineSpec, accel: Accel | None = None) -> QemuVmm:
