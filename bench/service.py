@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.netns import DISPO, INTERNET, INTERNET_PORT, NetWorld, net_world
+from tests.dispodworld import start_dispod, stop_dispod
+from tests.netns import DISPO, INTERNET, INTERNET_PORT, net_world
 from tests.worlds import loop_fs
 
 from bench.common import median, report
@@ -32,23 +33,6 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def _dispod(w: NetWorld, env: dict[str, str], max_sessions: int) -> tuple[subprocess.Popen[str], DispodClient]:
-    argv = ["nsenter", f"--net=/run/netns/{w.host}", sys.executable, "-m", "dispo.daemon.main",
-            "--max-sessions", str(max_sessions)]
-    proc = w.spawn(argv, env=env, stdout=(w.root / "dispod.log").open("w"), stderr=subprocess.STDOUT)
-    sock = w.state_dir / "dispod.sock"
-    deadline = time.monotonic() + 60
-    while True:
-        if sock.exists():
-            client = DispodClient(uds=sock)
-            with contextlib.suppress(Exception):
-                client.health()
-                return proc, client
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"dispod did not start: {(w.root / 'dispod.log').read_text()}")
-        time.sleep(0.1)
 
 
 def _timed_session(client: DispodClient, body: dict[str, Any]) -> dict[str, float]:
@@ -113,7 +97,8 @@ def main() -> None:
             subprocess.run([*DISPO, "image", "build", recipe, "--quiet"], env=env, check=True, capture_output=True,
                            timeout=3600)
         (w.root / "www-inet" / "page.html").write_text("<!doctype html><body style='background:#1e90ff'>bench")
-        proc, client = _dispod(w, env, args.max_sessions)
+        d = start_dispod(w, "dispod", "--max-sessions", str(args.max_sessions), env=env)
+        proc, client = d.proc, d.client
         try:
             rows: list[tuple[Any, ...]] = []
             runs: dict[str, list[dict[str, float]]] = {"minimal -- true": [], "chromium URL": []}
@@ -152,8 +137,7 @@ def main() -> None:
                     "what": "times from POST /v1/sessions to the ready and viewer events (dispod's clock); "
                             "QEMU under whatever accelerator dispo probes"})
         finally:
-            subprocess.run(["kill", "-TERM", str(proc.pid)], check=False)
-            proc.wait(120)
+            stop_dispod(d)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from tests.viewer_shot import close, pixel
+from tests.viewer_shot import watch_colour
 
 
 def main() -> int:
@@ -39,18 +39,7 @@ def main() -> int:
             view = browser.new_page(viewport={"width": 1280, "height": 900})
             t0 = time.monotonic()
             view.goto(viewer_url if viewer_url.startswith("http") else dashboard.split("/ui/")[0] + viewer_url)
-            view.frame_locator("#vnc").locator("canvas").wait_for(state="visible", timeout=limit * 1000)
-            points = [(640, 500), (400, 600), (880, 600), (640, 700)]
-            got: list[tuple[int, ...]] = []
-            shot = out / "dashboard-viewer.png"
-            while time.monotonic() - t0 < limit:
-                view.screenshot(path=str(shot))
-                got = [pixel(shot, x, y) for x, y in points]
-                if all(close(g, want) for g in got):
-                    result["seen"] = True
-                    break
-                time.sleep(0.5)
-            result.update(pixels=got, seconds=round(time.monotonic() - t0, 1))
+            result.update(watch_colour(view, out / "dashboard-viewer.png", want, t0, limit))
             ui.bring_to_front()
             ui.get_by_role("button", name="End session").first.click()
             ui.get_by_text("No sessions").wait_for(state="visible", timeout=120000)

@@ -214,15 +214,15 @@ def config_file(root: Path) -> Path:
     return root / "dispo.toml"
 
 
-def config(root: Path) -> Config:
+def config(root: Path, *, workspace: Path | None = None, backend: str = "copy") -> Config:
     """A workspace, state dir and profiles dir under root, the image "minimal" (a small real ext4 with a
     dummy kernel file) imported with the copy backend, and a profile "chromium" that shows a fake display."""
-    ws, state, prof = root / "ws", root / "state", root / "profiles"
+    ws, state, prof = workspace or root / "ws", root / "state", root / "profiles"
     prof.mkdir(parents=True, exist_ok=True)
     (prof / "chromium.toml").write_text(CHROMIUM_PROFILE)
     path = config_file(root)
     path.write_text(f'workspace = "{ws}"\nstate_dir = "{state}"\nprofiles_dir = "{prof}"\n'
-                    f'[storage]\nbackend = "copy"\n')
+                    f'[storage]\nbackend = "{backend}"\n')
     cfg = config_mod.load(path, env={})
     store = ImageStore(cfg)
     if not (cfg.images_dir / "minimal").exists():

@@ -105,3 +105,22 @@ def test_verify_finds_a_process_that_names_a_dead_session(cfg: Config, tmp_path:
         stray.kill()
         stray.wait()
     assert dispo(tmp_path, "verify").returncode == 0
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("backend", ["btrfs", "reflink"])
+def test_receipt_is_clean_on_a_snapshot_workspace(tmp_path: Path, backend: str) -> None:
+    """On btrfs each session disk is a snapshot of the image's subvolume (which moves the subvolume's
+    generation) or a reflink of its file: neither may count as a change of the image."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to loop-mount btrfs")
+    from tests.worlds import loop_fs
+
+    with loop_fs(tmp_path / "fs", "btrfs", "1G") as mnt:
+        cfg = fakes.config(tmp_path, workspace=mnt / "ws", backend=backend)
+        rt = Runtime(cfg, machinery=fakes.machinery())
+        for _ in range(2):
+            live = rt.start(build(cfg, command=["true"]))
+            assert live.wait(30)
+            assert live.receipt is not None and live.receipt.clean, live.receipt
+            assert live.receipt.image_unchanged is True

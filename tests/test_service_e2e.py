@@ -5,21 +5,18 @@ nftables, disks, journals, state files, QEMU processes) equals the one taken bef
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from dispo.client import DispodClient
+from tests.dispodworld import Dispod, start_dispod, stop_dispod
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, REPO, NetWorld, net_world
 from tests.test_browser import ARTIFACTS, GREEN, SHOW_TIMEOUT_S
 from tests.test_browser import PAGE as COLOUR_PAGE
@@ -38,49 +35,6 @@ def state_listing(w: NetWorld) -> dict[str, object]:
     assert isinstance(state, list)
     found["state"] = [p for p in state if p not in DISPOD_FILES]
     return found
-
-
-@dataclass
-class Dispod:
-    proc: subprocess.Popen[str]
-    log: Path
-    client: DispodClient
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_dispod(w: NetWorld, name: str = "dispod") -> Dispod:
-    log = w.root / f"{name}.log"
-    port = _free_port()
-    argv = ["nsenter", f"--net=/run/netns/{w.host}", sys.executable, "-m", "dispo.daemon.main",
-            "--listen", f"127.0.0.1:{port}"]
-    proc = w.spawn(argv, env=w.env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-    sock = w.state_dir / "dispod.sock"
-    deadline = time.monotonic() + 60
-    while True:
-        if sock.exists():
-            client = DispodClient(uds=sock)
-            with contextlib.suppress(Exception):
-                client.health()
-                return Dispod(proc, log, client, port)
-        assert proc.poll() is None, f"dispod exited {proc.returncode}: {log.read_text()}"
-        assert time.monotonic() < deadline, f"dispod did not answer: {log.read_text()}"
-        time.sleep(0.1)
-
-
-def stop_dispod(d: Dispod) -> None:
-    if d.proc.poll() is None:
-        os.kill(d.proc.pid, signal.SIGTERM)  # nsenter exec()s python: this is dispod itself
-        assert d.proc.wait(120) == 0, d.log.read_text()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Page, sync_playwright
 
 TOLERANCE = 48  # noVNC may ask for lossy (JPEG) encodings: colours come back close, not exact
 
@@ -25,6 +25,23 @@ def pixel(png: Path, x: int, y: int) -> tuple[int, ...]:
 
 def close(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= TOLERANCE for x, y in zip(a, b, strict=True))
+
+
+def watch_colour(page: Page, out: Path, want: tuple[int, ...], t0: float, timeout: float) -> dict[str, object]:
+    """Screenshot the viewer page until the guest's screen shows `want` at points spread over its lower middle
+    (below the guest browser's own toolbar), or `timeout` seconds after t0."""
+    page.frame_locator("#vnc").locator("canvas").wait_for(state="visible", timeout=timeout * 1000)
+    points = [(640, 500), (400, 600), (880, 600), (640, 700)]
+    got: list[tuple[int, ...]] = []
+    seen: dict[str, object] = {"seen": False}
+    while time.monotonic() - t0 < timeout:
+        page.screenshot(path=str(out))
+        got = [pixel(out, x, y) for x, y in points]
+        if all(close(g, want) for g in got):
+            seen = {"seen": True, "seen_at": time.time()}  # wall clock, for timings across processes
+            break
+        time.sleep(0.5)
+    return {**seen, "pixels": got, "seconds": round(time.monotonic() - t0, 1)}
 
 
 def main() -> int:
@@ -40,18 +57,7 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             t0 = time.monotonic()
             page.goto(url)
-            page.frame_locator("#vnc").locator("canvas").wait_for(state="visible", timeout=timeout * 1000)
-            # Points spread over the lower middle of the screen: below the guest browser's own toolbar.
-            points = [(640, 500), (400, 600), (880, 600), (640, 700)]
-            got: list[tuple[int, ...]] = []
-            while time.monotonic() - t0 < timeout:
-                page.screenshot(path=str(out))
-                got = [pixel(out, x, y) for x, y in points]
-                if all(close(g, want) for g in got):
-                    result.update(seen=True, seen_at=time.time())  # wall clock, for timings across processes
-                    break
-                time.sleep(0.5)
-            result.update(pixels=got, seconds=round(time.monotonic() - t0, 1))
+            result.update(watch_colour(page, out, want, t0, timeout))
             if end:
                 result["end_at"] = time.time()
                 page.click("#end")

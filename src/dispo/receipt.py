@@ -121,18 +121,16 @@ def image_proof(image: Image) -> dict[str, Any]:
     """What shows the image was not written, cheaply. Every file of the image holder is sealed read-only
     (mode a-w, or a read-only btrfs subvolume); a write through the filesystem changes a file's mtime and
     ctime, and ctime cannot be set from user space, so (inode, size, mtime, ctime) per file proves "no
-    write" without reading gigabytes. For btrfs, the read-only subvolume's generation is added: it moves
-    with any change in the subvolume. `dispo image verify` still hashes the whole image on demand."""
+    write" without reading gigabytes. For btrfs, the subvolume's read-only flag is added (while it is set,
+    nothing can write in it); not its generation, which every snapshot taken of it (each session's disk)
+    moves. `dispo image verify` still hashes the whole image on demand."""
     files: dict[str, list[int]] = {}
     for p in sorted(image.path.iterdir()):
         st = p.lstat()
         files[p.name] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode]
     proof: dict[str, Any] = {"image": image.name, "sha256": image.sha256, "files": files}
     if image.storage.value == "btrfs":
-        out = run(["btrfs", "subvolume", "show", image.path], check=False).stdout
-        gen = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.strip().startswith("Generation:")),
-                   "")
-        proof["generation"] = gen
+        proof["readonly"] = run(["btrfs", "property", "get", "-ts", image.path, "ro"], check=False).stdout.strip()
     return proof
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispo.config import Config
-from dispo.errors import InvalidInput, NotFound
+from dispo.errors import InvalidInput, NotFound, VmmError
 from dispo.images import Image
 from dispo.net import GuestNetwork
 from dispo.profiles import DisplayMode
@@ -125,14 +125,13 @@ def guest_ready(b: Bringup) -> None:
     t = time.monotonic()
     try:
         channel.wait_ready(b.request.ready_timeout_s, b.alive)
-    except GuestFailure:
-        raise
-    except Exception as e:
-        b.cancel.check()
-        message = getattr(e, "message", str(e))
+    except VmmError as e:
+        b.cancel.check()  # `alive` also turns false when the session is stopped: that is no guest failure
+        if isinstance(e, GuestFailure):
+            raise
         if vmm.running():
-            raise vmm.failure(message) from None
-        raise vmm.failure(f"{message}: {vmm.kind.value} exited with status {vmm.wait_exit(0)}") from None
+            raise vmm.failure(e.message) from None
+        raise vmm.failure(f"{e.message}: {vmm.kind.value} exited with status {vmm.wait_exit(0)}") from None
     channel.save(b.tx.state_path)
     b.channel = channel
     now = time.monotonic()

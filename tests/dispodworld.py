@@ -1,0 +1,61 @@
+"""dispod in a test world (tests/netns.py): started in the world's host namespace, stopped with SIGTERM; the
+world kills it in any case when it ends."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dispo.client import DispodClient
+from tests.netns import NetWorld
+
+
+@dataclass
+class Dispod:
+    proc: subprocess.Popen[str]
+    log: Path
+    client: DispodClient
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_dispod(w: NetWorld, name: str = "dispod", *extra: str, env: dict[str, str] | None = None) -> Dispod:
+    """dispod in the world's host namespace, on TCP and its unix socket; returns once its API answers."""
+    log = w.root / f"{name}.log"
+    port = _free_port()
+    argv = ["nsenter", f"--net=/run/netns/{w.host}", sys.executable, "-m", "dispo.daemon.main",
+            "--listen", f"127.0.0.1:{port}", *extra]
+    proc = w.spawn(argv, env=env or w.env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    sock = w.state_dir / "dispod.sock"
+    deadline = time.monotonic() + 60
+    while True:
+        if sock.exists():
+            client = DispodClient(uds=sock)
+            with contextlib.suppress(Exception):
+                client.health()
+                return Dispod(proc, log, client, port)
+        assert proc.poll() is None, f"dispod exited {proc.returncode}: {log.read_text()}"
+        assert time.monotonic() < deadline, f"dispod did not answer: {log.read_text()}"
+        time.sleep(0.1)
+
+
+def stop_dispod(d: Dispod) -> None:
+    if d.proc.poll() is None:
+        os.kill(d.proc.pid, signal.SIGTERM)  # nsenter exec()s python: this is dispod itself
+        assert d.proc.wait(120) == 0, d.log.read_text()
