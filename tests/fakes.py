@@ -192,7 +192,8 @@ def machinery(ready_delay: float = 0.0) -> Machinery:
     def create(cfg: Config, kind: VmmKind, spec: MachineSpec) -> FakeVmm:
         return FakeVmm(spec, ready_delay=ready_delay)
 
-    return Machinery(attach_network=_network, create_vmm=create, identity=_identity, name="fake")
+    return Machinery(attach_network=_network, create_vmm=create, identity=_identity,
+                     network_missing=lambda tx, net: [], name="fake")
 
 
 def slow_machinery() -> Machinery:

@@ -214,5 +214,20 @@ def net_world(root: Path, *, servers: bool = True) -> Iterator[NetWorld]:
                     os.killpg(p.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 p.communicate(timeout=10)
-        for ns in (w.standin_netns() - standins_before) | {w.host, w.internet}:
+        # Stand-ins of this world's sessions only: other tests running at the same time have theirs.
+        for ns in {n for n in w.standin_netns() - standins_before if _standin_of(n, w)} | {w.host, w.internet}:
             sh("ip", "netns", "del", ns, check=False)
+
+
+def _standin_of(ns: str, w: NetWorld) -> bool:
+    """True if stand-in namespace `ns` was made by a session of a state dir of this world (dispo marks its
+    loopback with "dispo session <id> state <state dir or its hash>")."""
+    from dispo.net.links import owner_tag
+
+    proc = sh("ip", "-n", ns, "-j", "link", "show", "dev", "lo", check=False)
+    try:
+        alias = str(json.loads(proc.stdout)[0].get("ifalias", "")) if proc.returncode == 0 else ""
+    except (ValueError, IndexError):
+        return False
+    state = alias.partition(" state ")[2]
+    return bool(state) and (state.startswith(f"{w.root}/") or state == owner_tag(w.state_dir))

@@ -344,7 +344,7 @@ def test_gc_from_another_netns_refuses_and_keeps_the_journal(world: NetWorld) ->
     subprocess.run(["ip", "netns", "add", other], check=True)
     try:
         env = w.env()
-        wrong = subprocess.run(["nsenter", f"--net=/run/netns/{other}", str(DISPO), "gc"], env=env,
+        wrong = subprocess.run(["nsenter", f"--net=/run/netns/{other}", *DISPO, "gc"], env=env,
                                capture_output=True, text=True, timeout=60, check=False)
         assert wrong.returncode == 1
         assert "network namespace" in wrong.stderr and "nsenter" in wrong.stderr

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import ipaddress
 import multiprocessing
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dispo.config import NetConfig
 from dispo.errors import ConfigError, InvalidInput, NetworkError
-from dispo.net import GuestNetwork, resolvers
+from dispo.net import GuestNetwork, firewall, links, nfnl, resolvers
 from dispo.net.firewall import SessionRules, skeleton
 from dispo.net.policy import PRIVATE_RANGES, NetworkPolicy
-from dispo.net.pool import Pool, allocate, mac_for, read_leases, release
+from dispo.net.pool import Pool, allocate, mac_for, net_lock, read_leases, release
 
 IP = ipaddress.IPv4Address
 NET = ipaddress.IPv4Network
@@ -101,9 +104,13 @@ def test_policy_file(tmp_path: Path) -> None:
         NetworkPolicy.load(tmp_path / "missing.toml")
 
 
-def _rules(policy: NetworkPolicy, dns: tuple[IP, ...] = ()) -> list[str]:
+def _session_rules(policy: NetworkPolicy, dns: tuple[IP, ...] = (), owner: str = "") -> SessionRules:
     return SessionRules("0123abcd", ipaddress.IPv4Interface("172.20.0.6/30"), IP("172.20.0.5"),
-                        NET("172.20.0.0/16"), "up0", dns, policy).render()
+                        NET("172.20.0.0/16"), "up0", dns, policy, owner)
+
+
+def _rules(policy: NetworkPolicy, dns: tuple[IP, ...] = ()) -> list[str]:
+    return _session_rules(policy, dns).render()
 
 
 def test_rules_default_policy_order() -> None:
@@ -129,10 +136,139 @@ def test_rules_policy_deny_before_allow_before_private() -> None:
     assert 'jump s-0123abcd-out' in text and '"dsp-0123abcd"' in text
 
 
+def test_rules_check_addresses_before_conntrack() -> None:
+    """A guest must not get a forged packet accepted as part of another flow: in every filter chain of the
+    session, the IPv4-only and address checks come before any `ct state` rule."""
+    lines = _rules(NetworkPolicy(allow=(NET("10.99.0.0/24"),)), (IP("192.168.1.1"),))
+    checks = {"out": "ip saddr != 172.20.0.6 counter drop", "to": "ip daddr != 172.20.0.6 counter drop",
+              "in": "ip saddr != 172.20.0.6 counter drop"}
+    for role, check in checks.items():
+        chain = [ln for ln in lines if ln.startswith(f"add rule inet dispo s-0123abcd-{role} ")]
+        assert chain[0].endswith("meta nfproto != ipv4 counter drop"), role
+        assert chain[1].endswith(check), role
+        assert all("ct state" not in ln for ln in chain[:2]), role
+        assert any("ct state" in ln for ln in chain[2:]), role
+    # And before conntrack itself: the prerouting chain (priority raw) drops what does not route back.
+    sk = skeleton()
+    assert any("hook prerouting priority raw" in ln for ln in sk)
+    assert 'add rule inet dispo prerouting iifname "dsp-*" fib saddr . iif oif missing counter drop' in sk
+
+
+def test_rules_carry_the_owner_mark_and_count_themselves() -> None:
+    owner = links.alias_for("0123abcd", Path("/run/dispo"))
+    assert owner == "dispo session 0123abcd state /run/dispo"
+    r = _session_rules(NetworkPolicy(), owner=owner)
+    lines = r.render()
+    for role in ("out", "to", "in", "nat"):
+        assert f'add chain inet dispo s-0123abcd-{role} {{ comment "{owner}"; }}' in lines
+    elements = [ln for ln in lines if ln.startswith("add element")]
+    assert len(elements) == 4 and all(f'"dsp-0123abcd" comment "{owner}" : jump s-0123abcd-' in e for e in elements)
+    counts = r.rule_counts()
+    assert counts == {role: sum(1 for ln in lines if ln.startswith(f"add rule inet dispo s-0123abcd-{role} "))
+                      for role in ("out", "to", "in", "nat")}
+    assert firewall.parse_counts(firewall.format_counts(counts)) == counts
+    assert firewall.BASE_CHAINS == {"prerouting": ("prerouting", 1), "forward": ("forward", 4),
+                                    "input": ("input", 2), "postrouting": ("postrouting", 1)}
+    # No mark: plain chains and elements (what the parser must also read).
+    plain = _rules(NetworkPolicy())
+    assert "add chain inet dispo s-0123abcd-out" in plain and not any("comment" in ln for ln in plain)
+
+
+def test_owner_tag_is_the_path_or_a_hash() -> None:
+    assert links.owner_tag(Path("/run/dispo")) == "/run/dispo"
+    for odd in (Path("/tmp/" + "x" * 120), Path('/tmp/a"b'), Path("/tmp/tab\there"), Path("/tmp/ünï")):
+        tag = links.owner_tag(odd)
+        assert tag.startswith("sha256:") and len(tag) == 23, odd
+        assert len(links.alias_for("0123abcd", odd)) <= 128  # nftables' comment limit
+    assert links.owner_tag(Path("/tmp/a")) != links.owner_tag(Path("/tmp/b"))
+
+
+def test_parse_chain_comments_and_table() -> None:
+    text = (
+        "table ip other {\n\tchain s-99999999-out {\n\t\tcomment \"not ours\"\n\t}\n}\n"
+        "table inet dispo {\n\tchain prerouting {\n\t\ttype filter hook prerouting priority raw; "
+        "policy accept;\n\t}\n\tchain s-0123abcd-out {\n\t\tcomment \"dispo session 0123abcd state /a\"\n"
+        "\t}\n\tchain s-0badf00d-out {\n\t}\n}\n"
+    )
+    assert firewall.parse_chain_comments(text) == {"s-0123abcd-out": "dispo session 0123abcd state /a"}
+    objects: list[dict[str, Any]] = [
+        {"map": {"name": "fwd_from", "elem": [
+            [{"elem": {"val": "dsp-0123abcd", "comment": "dispo session 0123abcd state /a"}},
+             {"jump": {"target": "s-0123abcd-out"}}],
+            ["dsp-0badf00d", {"jump": {"target": "s-0badf00d-out"}}]]}},
+        {"map": {"name": "fwd_to"}},
+        {"chain": {"name": "forward", "hook": "forward"}},
+        {"chain": {"name": "s-0123abcd-out"}},
+        {"rule": {"chain": "s-0123abcd-out"}}, {"rule": {"chain": "s-0123abcd-out"}},
+        {"rule": {"chain": "forward"}},
+    ]
+    state = firewall.parse_table(objects)
+    assert state.elements == {"fwd_from": {"dsp-0123abcd": firewall.Element("s-0123abcd-out",
+                                                                            "dispo session 0123abcd state /a"),
+                                           "dsp-0badf00d": firewall.Element("s-0badf00d-out", "")},
+                              "fwd_to": {}}
+    assert state.rules == {"forward": 1, "s-0123abcd-out": 2} and state.hooks == {"forward": "forward"}
+    assert state.session_ids() == {"0123abcd", "0badf00d"}
+    comments = {"s-0123abcd-out": "dispo session 0123abcd state /a"}
+    assert state.marks("0123abcd", comments) == {"dispo session 0123abcd state /a"}
+    assert state.marks("0badf00d", comments) == set()
+
+
+def test_nfnl_decodes_verdict_map_elements() -> None:
+    """The netlink reader behind missing_rules: a GETSETELEM answer as the kernel lays it out."""
+    def element(ifname: str, code: int, chain: str = "") -> bytes:
+        verdict = nfnl._attr(nfnl.NFTA_VERDICT_CODE, code.to_bytes(4, "big", signed=True))
+        if chain:
+            verdict += nfnl._str(nfnl.NFTA_VERDICT_CHAIN, chain)
+        key = nfnl._attr(nfnl.NFTA_DATA_VALUE, ifname.encode().ljust(nfnl.IFNAMSIZ, b"\0"))
+        data = nfnl._attr(nfnl.NFTA_DATA_VERDICT | 0x8000, verdict)  # NLA_F_NESTED set, as the kernel does
+        return nfnl._attr(nfnl.NFTA_LIST_ELEM, nfnl._attr(nfnl.NFTA_SET_ELEM_KEY, key)
+                          + nfnl._attr(nfnl.NFTA_SET_ELEM_DATA, data))
+    message = (nfnl._str(nfnl.NFTA_SET_ELEM_LIST_TABLE, "dispo") + nfnl._str(nfnl.NFTA_SET_ELEM_LIST_SET, "fwd_from")
+               + nfnl._attr(nfnl.NFTA_SET_ELEM_LIST_ELEMENTS, element("dsp-0123abcd", nfnl.NFT_JUMP, "s-0123abcd-out")
+                            + element("dsp-0badf00d", 0)))  # NF_DROP
+    assert nfnl._elements([message]) == {"dsp-0123abcd": "s-0123abcd-out", "dsp-0badf00d": ""}
+    assert list(nfnl.attrs(nfnl._str(3, "abc") + nfnl._attr(4, b"\x01"))) == [(3, b"abc\0"), (4, b"\x01")]
+
+
+def test_net_lock_is_reentrant_and_excludes_other_threads(tmp_path: Path) -> None:
+    acquired = threading.Event()
+
+    def other() -> None:
+        with net_lock(tmp_path):
+            acquired.set()
+
+    with net_lock(tmp_path):
+        with net_lock(tmp_path):  # re-entrant: allocate() inside attach_network's critical section
+            allocate(tmp_path, Pool(NET("172.20.0.0/30"), 30), "0123abcd", 1)
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.3)
+        assert not acquired.is_set()  # another thread waits
+    t.join(timeout=10)
+    assert acquired.is_set()
+
+
+def test_table_lock_is_reentrant_and_excludes_other_threads() -> None:
+    acquired = threading.Event()
+
+    def other() -> None:
+        with firewall.table_lock():
+            acquired.set()
+
+    with firewall.table_lock(), firewall.table_lock():
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.3)
+        assert not acquired.is_set()
+    t.join(timeout=10)
+    assert acquired.is_set()
+
+
 def test_skeleton_is_rerunnable() -> None:
     lines = skeleton()
     # Base chains are flushed before their rules are added, so running it twice cannot duplicate rules.
-    for chain in ("forward", "input", "postrouting"):
+    for chain in ("prerouting", "forward", "input", "postrouting"):
         flush = lines.index(f"flush chain inet dispo {chain}")
         assert all(i > flush for i, ln in enumerate(lines) if ln.startswith(f"add rule inet dispo {chain} "))
 

@@ -88,13 +88,12 @@ def _elsewhere(a: Mapping[str, str]) -> bool:
 
 @checker("nft-session")
 def _rules(a: Mapping[str, str]) -> str | None:
-    from dispo.net import firewall
+    from dispo.net import leftover_rules
 
     if _elsewhere(a):
         return None
-    found = firewall.chains() or set()
-    left = sorted(c for c in found if c.startswith(f"s-{a['session']}-"))
-    return f"nftables chains {', '.join(left)}" if left else None
+    left = leftover_rules(a["session"])  # its chains and verdict-map elements, read over netlink
+    return f"nftables {', '.join(left)}" if left else None
 
 
 @checker("net-link")

@@ -15,7 +15,6 @@ from dispo.config import Config
 
 _SID = r"([0-9a-f]{8})"
 _PROC_RE = re.compile(rf"\bdispo-{_SID}\b")       # qemu -name dispo-<id>, firecracker --id dispo-<id>
-_CHAIN_RE = re.compile(rf"^s-{_SID}-")
 _DISK_RE = re.compile(rf"^{_SID}$")
 
 
@@ -46,23 +45,12 @@ def _processes(cfg: Config, f: Findings) -> None:
 
 
 def _network(cfg: Config, f: Findings) -> None:
-    from dispo.net import firewall, links, pool
+    # The orphan sweep's own listing, without removing anything: leases, links, stand-in namespaces and
+    # nftables chains and map elements marked with this state dir whose session has no journal.
+    from dispo.net import orphans
 
-    for lease in pool.read_leases(cfg.state_dir):
-        if lease.session_id not in f.live:
-            f.add(f"lease {lease.subnet} of session {lease.session_id or '?'}")
-    mine = f" state {cfg.state_dir}"
-    for link in links.dispo_links():
-        sid = link.name.removeprefix(links.LINK_PREFIX)
-        # A link names its state dir in its alias: another dispo's links (another state dir) are not ours.
-        if sid not in f.live and (link.alias.endswith(mine) or not link.alias):
-            f.add(f"link {link.name} ({link.alias or 'no alias'})")
-    # Stand-in namespaces (net.link = "veth-standin", for tests and benchmarks) cannot be told apart by state
-    # dir; `dispo gc` sweeps them with the journals that own them.
-    for chain in sorted(firewall.chains() or ()):
-        m = _CHAIN_RE.match(chain)
-        if m and m.group(1) not in f.live:
-            f.add(f"nftables chain {chain}")
+    for what in orphans.sweep(cfg.state_dir, dry_run=True).removed:
+        f.add(what)
 
 
 def scan(cfg: Config, *, network: bool = True) -> Findings:

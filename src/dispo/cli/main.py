@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, _on_signal)
     try:
         cfg = config.load(args.config)
-        if args.command not in OBSERVERS:
+        if args.command not in OBSERVERS and (args.command, getattr(args, "net_command", None)) != ("net", "ls"):
             _sweep_dead(cfg)
         rc: int = args.func(args, cfg)
         return rc

@@ -2,8 +2,12 @@
 
 `attach_network(session)` checks everything first (pool, upstream interface, forwarding, overlap with the
 host's addresses and routes, the policy) and creates nothing if any check fails. Then, each recorded in the
-journal before it exists: the lease, the session's nftables chains, and the link. The journal unwinds them
-in reverse (link, rules, lease). The guest learns its address from `GuestNetwork.kernel_args()`.
+journal before it exists and all under the state dir's pool lock (which the orphan sweep takes too, so it
+never sees a session half made): the lease, the session's nftables chains, and the link. The journal unwinds
+them in reverse (link, rules, lease). The guest learns its address from `GuestNetwork.kernel_args()`.
+
+While the session lives, its owner asks `missing_rules(state_dir, session_id)` (watch.py) every second or two
+and ends the session when its firewall rules have gone (e.g. `nft flush ruleset`): see watch.py for why.
 
 Forwarding: dispo does not change net.ipv4.ip_forward (a namespace-wide setting other software relies on,
 with no owner to give it back to); it refuses to attach a network when forwarding is off and says how to
@@ -24,12 +28,14 @@ from dispo.config import NetConfig, NetLink
 from dispo.errors import ConfigError, NetworkError
 from dispo.net import firewall, links
 from dispo.net.policy import NetworkPolicy
-from dispo.net.pool import Pool, allocate, mac_for
+from dispo.net.pool import Pool, allocate, mac_for, net_lock
+from dispo.net.watch import RULES_GONE, leftover_rules, missing_rules, rules_gone_reason
 
 if TYPE_CHECKING:
-    from dispo.session import Session
+    from dispo.txn import Transaction
 
-__all__ = ["GuestNetwork", "NetworkPolicy", "attach_network", "check_network_config"]
+__all__ = ["RULES_GONE", "GuestNetwork", "NetworkPolicy", "attach_network", "check_network_config", "leftover_rules",
+           "missing_rules", "rules_gone_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +124,7 @@ def check_network_config(net: NetConfig) -> NetworkChecks:
     return NetworkChecks(pool, upstream, dns)
 
 
-def attach_network(session: Session, policy: NetworkPolicy | None = None) -> GuestNetwork:
+def attach_network(session: Transaction, policy: NetworkPolicy | None = None) -> GuestNetwork:
     """Allocate a subnet (lease), create this session's nftables rules and its tap, all journaled before
     creation; everything is undone by the session's journal unwind. Works in the current network namespace."""
     t0 = time.monotonic()
@@ -130,30 +136,34 @@ def attach_network(session: Session, policy: NetworkPolicy | None = None) -> Gue
     state_dir = str(cfg.state_dir)
     netns = links.current_netns()
 
-    journal.record("net-lease", state_dir=state_dir, session=sid)
-    lease = allocate(cfg.state_dir, checked.pool, sid, netns)
-    gateway = ipaddress.IPv4Interface(f"{lease.gateway}/{lease.subnet.prefixlen}")
-    mac = mac_for(lease.guest.ip)
-
-    journal.record("nft-session", state_dir=state_dir, session=sid, netns=str(netns))
-    firewall.install(cfg.state_dir, firewall.SessionRules(
-        sid, lease.guest, lease.gateway, checked.pool.network, checked.upstream, checked.dns, policy))
-
     name = links.link_name(sid)
     alias = links.alias_for(sid, cfg.state_dir)
     standin = ""
-    if cfg.net.link is NetLink.VETH_STANDIN:
-        standin = links.standin_netns_name(sid)
-        journal.record("net-standin-netns", name=standin)
-        links.create_netns(standin)
-        journal.record("net-link", name=name, netns=str(netns))
-        links.create_standin(name, gateway, alias, guest_ns=standin, guest=lease.guest, mac=mac)
-    else:
-        journal.record("net-link", name=name, netns=str(netns))
-        links.create_tap(name, gateway, alias)
+    # One critical section from lease to link: an orphan sweep of this state dir waits for it (and a session
+    # waits for a sweep), so a sweep never finds a lease or chains whose link is not there yet.
+    with net_lock(cfg.state_dir):
+        journal.record("net-lease", state_dir=state_dir, session=sid)
+        lease = allocate(cfg.state_dir, checked.pool, sid, netns)
+        gateway = ipaddress.IPv4Interface(f"{lease.gateway}/{lease.subnet.prefixlen}")
+        mac = mac_for(lease.guest.ip)
+
+        rules = firewall.SessionRules(sid, lease.guest, lease.gateway, checked.pool.network, checked.upstream,
+                                      checked.dns, policy, owner=alias)
+        journal.record("nft-session", state_dir=state_dir, session=sid, netns=str(netns),
+                       rules=firewall.format_counts(rules.rule_counts()))
+        firewall.install(cfg.state_dir, rules)
+
+        if cfg.net.link is NetLink.VETH_STANDIN:
+            standin = links.standin_netns_name(sid)
+            journal.record("net-standin-netns", name=standin)
+            links.create_netns(standin, alias)
+            journal.record("net-link", name=name, netns=str(netns))
+            links.create_standin(name, gateway, alias, guest_ns=standin, guest=lease.guest, mac=mac)
+        else:
+            journal.record("net-link", name=name, netns=str(netns))
+            links.create_tap(name, gateway, alias)
 
     gn = GuestNetwork(sid, name, mac, lease.guest, lease.gateway, checked.dns, standin)
-    session.info["network"] = gn
     log.info("session %s: network %s via %s up in %.3f s", sid, lease.guest, checked.upstream,
              time.monotonic() - t0)
     return gn

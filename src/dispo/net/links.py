@@ -2,14 +2,22 @@
 
 Everything here acts on the network namespace the calling process is in. Links carry the session id in
 their name ("dsp-<id>", 12 characters, within IFNAMSIZ) and an alias naming dispo, the session and the
-state directory, so an orphan sweep can tell its own leftovers from another dispo's.
+state directory (`alias_for`), so an orphan sweep can tell its own leftovers from another dispo's; the same
+string is the comment on the session's nftables chains and map elements, and the alias of the loopback
+device in a test stand-in namespace.
+
+Every link gets strict reverse-path filtering (`rp_filter=1`) when it is made. The kernel applies the larger
+of the link's value and `all`'s, so a host with loose filtering (`all` = 2) keeps it loose: the firewall's
+prerouting rule (firewall.py) is what holds there; the sysctl is the second wall where the host allows it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import ipaddress
+import json
 import os
 import socket
 import struct
@@ -38,8 +46,22 @@ def standin_netns_name(session_id: str) -> str:
     return f"{STANDIN_NETNS_PREFIX}{session_id}"
 
 
+# nftables comments hold at most 128 characters; "dispo session <8 hex> state " takes 29 of them.
+_OWNER_MAX = 96
+
+
+def owner_tag(state_dir: Path) -> str:
+    """How objects name the state directory they belong to: its path when that is short and plain (readable in
+    `ip link` and `nft list ruleset`), otherwise "sha256:" and 16 hex digits of the path."""
+    text = str(state_dir)
+    if len(text) <= _OWNER_MAX and text.isascii() and text.isprintable() and not any(c in text for c in '"\\'):
+        return text
+    return "sha256:" + hashlib.sha256(os.fsencode(text)).hexdigest()[:16]
+
+
 def alias_for(session_id: str, state_dir: Path) -> str:
-    return f"dispo session {session_id} state {state_dir}"
+    """The owner mark of a session's objects: link alias, nftables comment, stand-in loopback alias."""
+    return f"dispo session {session_id} state {owner_tag(state_dir)}"
 
 
 def current_netns() -> int:
@@ -171,6 +193,23 @@ def _disable_ipv6(name: str) -> None:
         Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1\n")
 
 
+def _strict_rp_filter(name: str) -> None:
+    # Strict reverse-path filtering: a packet from the guest whose source does not route back through this link
+    # is dropped by the kernel (unless conf/all/rp_filter is 2, which wins; see the module docstring).
+    try:
+        Path(f"/proc/sys/net/ipv4/conf/{name}/rp_filter").write_text("1\n")
+    except OSError as e:
+        raise NetworkError(f"cannot set strict reverse-path filtering on {name}: {e.strerror}") from None
+
+
+def rp_filter(name: str) -> int | None:
+    """The link's own net.ipv4.conf.<name>.rp_filter, or None when there is no such link."""
+    try:
+        return int(Path(f"/proc/sys/net/ipv4/conf/{name}/rp_filter").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def create_tap(name: str, gateway: ipaddress.IPv4Interface, alias: str) -> None:
     """A persistent tap owned by root, single queue, no packet info header, with the gateway address."""
     delete_link(name)  # a leftover from a crash under the same session id
@@ -209,13 +248,30 @@ def _configure_host_side(ipr: IPRoute, name: str, gateway: ipaddress.IPv4Interfa
     index = ipr.link_lookup(ifname=name)[0]
     ipr.link("set", index=index, ifalias=alias)
     _disable_ipv6(name)
+    _strict_rp_filter(name)
     ipr.addr("add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
     ipr.link("set", index=index, state="up")
 
 
-def create_netns(name: str) -> None:
+def create_netns(name: str, alias: str = "") -> None:
+    """A named network namespace; `alias` (the owner mark) goes on its loopback device right away, so an orphan
+    sweep of another state directory never takes it for its own. (Unmarked, it is nobody's and no sweep removes
+    it: a crash in the milliseconds between the two steps leaves one for `ip netns del`.)"""
     remove_netns(name)
     run(["ip", "netns", "add", name], hint="install iproute2")
+    if alias:
+        run(["ip", "-n", name, "link", "set", "lo", "alias", alias], hint="install iproute2")
+
+
+def netns_alias(name: str) -> str:
+    """The owner mark on the loopback device of namespace `name` ("" when unmarked or gone)."""
+    proc = run(["ip", "-n", name, "-j", "link", "show", "dev", "lo"], check=False, hint="install iproute2")
+    if proc.returncode != 0:
+        return ""
+    try:
+        return str(json.loads(proc.stdout)[0].get("ifalias", ""))
+    except (ValueError, IndexError, AttributeError):
+        return ""
 
 
 def remove_netns(name: str) -> None:

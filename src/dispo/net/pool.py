@@ -3,7 +3,12 @@
 Leases are files under <state_dir>/net/leases/, one per subnet, named after the subnet ("172.20.0.4-30"),
 created with O_EXCL while holding an flock on <state_dir>/net/lock. The lease names its session; the
 session's journal records "net-lease" before the file exists, so teardown and `dispo gc` free it.
-The same lock serialises changes to the shape of the nftables table (see firewall.py).
+
+The same lock (`net_lock`) is held across the whole of a session's network bring-up (lease, nftables rules,
+link: `attach_network`) and across the orphan sweep (`orphans.sweep`), so a sweep never sees a session half
+made. It is re-entrant within a thread; between threads and processes it excludes. The nftables table shared
+by every state dir of a network namespace has a lock of its own (firewall.table_lock), always taken inside
+this one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,10 +90,18 @@ def _lease_name(subnet: ipaddress.IPv4Network) -> str:
     return f"{subnet.network_address}-{subnet.prefixlen}"
 
 
+_held = threading.local()  # lock paths this thread holds: net_lock is re-entrant within a thread
+
+
 @contextlib.contextmanager
 def net_lock(state_dir: Path) -> Iterator[None]:
-    """Exclusive lock for lease allocation and for changes to the shape of dispo's nftables table."""
+    """Exclusive lock of the state dir's network: leases, a session's bring-up, the orphan sweep."""
     d = net_dir(state_dir)
+    key = os.path.abspath(d)
+    held: set[str] = _held.__dict__.setdefault("paths", set())
+    if key in held:
+        yield
+        return
     try:
         leases_dir(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -95,8 +109,10 @@ def net_lock(state_dir: Path) -> Iterator[None]:
         raise PermissionProblem(f"cannot use {d}: {e.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(key)
         yield
     finally:
+        held.discard(key)
         os.close(fd)
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from dispo import guest as guest_files
 from dispo import ssh
 from dispo.config import Config
-from dispo.net import GuestNetwork, NetworkPolicy, attach_network
+from dispo.net import GuestNetwork, NetworkPolicy, attach_network, missing_rules
 from dispo.txn import Transaction
 from dispo.vmm import registry
 from dispo.vmm.base import MachineSpec, Vmm, VmmKind
@@ -102,12 +102,20 @@ def _create_vmm(cfg: Config, kind: VmmKind, spec: MachineSpec) -> Vmm:
     return registry.create(cfg, kind, spec)
 
 
+def _rules_missing(tx: Transaction, net: GuestNetwork) -> list[str]:
+    return missing_rules(tx.cfg.state_dir, tx.session_id)
+
+
 @dataclass(frozen=True)
 class Machinery:
     attach_network: Callable[[Transaction, NetworkPolicy], GuestNetwork]
     create_vmm: Callable[[Config, VmmKind, MachineSpec], Vmm]
     identity: Callable[[Transaction, Path], Identity]
+    # What of the session's isolation is gone ([] = intact), asked about once a second while it runs: if
+    # someone flushes the ruleset, the guest would be unfiltered, so the session ends (fails closed).
+    network_missing: Callable[[Transaction, GuestNetwork], list[str]]
     name: str = "real"
 
 
-REAL = Machinery(attach_network=_attach, create_vmm=_create_vmm, identity=ssh_identity)
+REAL = Machinery(attach_network=_attach, create_vmm=_create_vmm, identity=ssh_identity,
+                 network_missing=_rules_missing)

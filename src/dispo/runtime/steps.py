@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispo.config import Config
-from dispo.errors import InvalidInput, NotFound, VmmError
+from dispo.errors import DispoError, InvalidInput, NetworkError, NotFound, VmmError
 from dispo.images import Image
-from dispo.net import GuestNetwork
+from dispo.net import GuestNetwork, rules_gone_reason
 from dispo.profiles import DisplayMode
 from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess, ViewerHost, app_env, vnc_greeting
 from dispo.runtime.events import EventKind
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from dispo.runtime.live import CancelToken, LiveSession
 
 POLL_S = 0.2
+RULES_EVERY = 5  # polls: the session's firewall rules are checked once a second
 
 
 @dataclass
@@ -197,12 +198,24 @@ STEPS: tuple[Step, ...] = (
 def supervise(b: Bringup) -> tuple[int | None, str]:
     """Until the session ends: (exit status or None, why). Raises when the guest dies under the app."""
     assert b.app is not None and b.vmm is not None
+    assert b.net is not None
     r, live = b.request, b.live
     started = time.monotonic()
     what = "the command" if r.display is DisplayMode.NONE and not r.profile else f"{r.profile or 'the app'}"
+    polls = 0
     while True:
         if b.cancel.wait(POLL_S):
             return None, b.cancel.reason
+        polls += 1
+        if polls % RULES_EVERY == 0:
+            try:
+                missing = b.machinery.network_missing(b.tx, b.net)
+            except DispoError as e:  # rules that cannot be read cannot be trusted either
+                missing = [f"the ruleset could not be read: {e.message}"]
+            if missing:
+                raise NetworkError(rules_gone_reason(missing),
+                                   hint="something removed dispo's nftables rules (nft flush ruleset?); the "
+                                        "session was ended so its guest is never unfiltered")
         rc = b.app.poll()
         if rc is not None:
             if rc == SSH_LOST and not b.vmm.running():
