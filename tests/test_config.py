@@ -93,3 +93,28 @@ def test_parse_size(text: str, n: int) -> None:
 def test_parse_size_bad(bad: str) -> None:
     with pytest.raises(InvalidInput):
         parse_size(bad)
+
+
+def test_every_error_class_is_listed_in_the_exception_tree() -> None:
+    """errors.py documents the whole tree (name and HTTP status); a new subclass anywhere must be added there."""
+    import importlib
+    import pkgutil
+
+    import dispo
+    from dispo import errors
+
+    for mod in pkgutil.walk_packages(dispo.__path__, "dispo."):
+        if mod.name not in ("dispo.__main__",):
+            importlib.import_module(mod.name)
+    seen: set[type] = set()
+    todo: list[type] = [errors.DispoError]
+    while todo:
+        cls = todo.pop()
+        seen.add(cls)
+        todo += [c for c in cls.__subclasses__() if c not in seen and c.__module__.startswith("dispo.")]
+    doc = errors.__doc__ or ""
+    missing = sorted(c.__name__ for c in seen if f"{c.__name__} " not in doc)
+    assert missing == []
+    for cls in seen:
+        line = next(ln for ln in doc.splitlines() if f" {cls.__name__} " in ln or ln.startswith(cls.__name__))
+        assert str(cls.http_status) in line, (cls.__name__, cls.http_status, line)

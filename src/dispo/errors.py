@@ -13,10 +13,12 @@ DispoError            500  every error dispo means to report (one line + a hint)
 ├── StorageError      500  disks and images (a backend could not do its work)
 ├── JournalError      500  the session state directory is unusable
 ├── TeardownError     500  one or more undo steps failed (carries every error)
+├── NotClean          500  the disposal receipt found objects of a session still there (receipt.py)
 ├── VmmError          502  a VMM could not start, boot or stop a guest
 │   ├── GuestFailure  502  the VMM or guest failed; carries the console tail (vmm/base.py)
 │   ├── DisplayError  502  the app or its display did not come up (runtime/app.py)
 │   ├── ApiError      502  Firecracker answered an API call with a fault (vmm/firecracker/api.py)
+│   ├── Unsupported   502  the VMM backend cannot do this (its `capabilities`, vmm/base.py)
 │   └── ApiUnreachable 502 Firecracker's API socket did not answer (vmm/firecracker/api.py)
 ├── NetworkError      500  taps, addresses, nftables
 ├── Busy              429  a limit is reached (max_sessions): try again later
