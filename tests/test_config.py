@@ -106,8 +106,8 @@ def test_every_error_class_is_listed_in_the_exception_tree() -> None:
     for mod in pkgutil.walk_packages(dispo.__path__, "dispo."):
         if mod.name not in ("dispo.__main__",):
             importlib.import_module(mod.name)
-    seen: set[type] = set()
-    todo: list[type] = [errors.DispoError]
+    seen: set[type[errors.DispoError]] = set()
+    todo: list[type[errors.DispoError]] = [errors.DispoError]
     while todo:
         cls = todo.pop()
         seen.add(cls)

@@ -338,3 +338,26 @@ def test_kill_9_after_every_step_then_the_next_command_reclaims(cfg: Config, tmp
     verify = subprocess.run([sys.executable, "-m", "dispo", "verify"], env=fakes.env(tmp_path), cwd=fakes.REPO,
                             capture_output=True, text=True, timeout=60, check=False)
     assert verify.returncode == 0, verify.stdout
+
+
+@pytest.mark.root
+def test_a_full_workspace_ends_the_session_with_that_reason(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to loop-mount a small filesystem")
+    from tests.worlds import loop_fs
+
+    with loop_fs(tmp_path / "fs", "ext4", "128M") as mnt:
+        cfg = fakes.config(tmp_path, workspace=mnt / "ws")
+        rt = Runtime(cfg, machinery=fakes.machinery())
+        live = rt.start(build(cfg, command=["sleep", "600"]))
+        deadline = time.monotonic() + 20
+        while live.state is not SessionState.RUNNING:
+            assert time.monotonic() < deadline and not live.ended, live.status()
+            time.sleep(0.02)
+        # What a guest writing its disk full does to the workspace (here written from the host side).
+        subprocess.run(["fallocate", "-l", "200M", str(mnt / "filler")], check=False)
+        assert live.wait(30), live.status()
+        assert live.error is not None and "is full" in live.error.message, live.status()
+        assert live.end_reason.startswith(f"failed: the workspace {cfg.workspace} is full")
+        assert live.receipt is not None and live.receipt.clean
+        assert fakes.fake_vmm_pids(state_dir=cfg.state_dir) == []

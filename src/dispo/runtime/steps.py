@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispo.config import Config
-from dispo.errors import DispoError, InvalidInput, NetworkError, NotFound, VmmError
+from dispo.errors import DispoError, InvalidInput, NetworkError, NotFound, StorageError, VmmError
 from dispo.images import Image
+from dispo.names import format_size
 from dispo.net import GuestNetwork, rules_gone_reason
 from dispo.profiles import DisplayMode
 from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess, ViewerHost, app_env, vnc_greeting
 from dispo.runtime.events import EventKind
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.runtime.request import SessionRequest, Stdio, find_image
-from dispo.storage import disks
+from dispo.storage import disks, files
 from dispo.txn import Transaction
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import GuestFailure, MachineSpec, NetAttachment, Vmm, VmmKind
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from dispo.runtime.live import CancelToken, LiveSession
 
 POLL_S = 0.2
-RULES_EVERY = 5  # polls: the session's firewall rules are checked once a second
+RULES_EVERY = 5  # polls: the session's firewall rules and the workspace's free space are checked once a second
+MIN_FREE = 32 << 20  # bytes left in the workspace under which a session ends rather than fail in odd ways
 
 
 @dataclass
@@ -216,6 +218,7 @@ def supervise(b: Bringup) -> tuple[int | None, str]:
                 raise NetworkError(rules_gone_reason(missing),
                                    hint="something removed dispo's nftables rules (nft flush ruleset?); the "
                                         "session was ended so its guest is never unfiltered")
+            _check_space(b)
         rc = b.app.poll()
         if rc is not None:
             if rc == SSH_LOST and not b.vmm.running():
@@ -230,6 +233,16 @@ def supervise(b: Bringup) -> tuple[int | None, str]:
             return None, f"maximum lifetime of {r.max_lifetime_s:g} s reached"
         if r.idle_timeout_s and now - live.last_activity >= r.idle_timeout_s:
             return None, f"idle for {r.idle_timeout_s:g} s (no viewer and no input)"
+
+
+def _check_space(b: Bringup) -> None:
+    """A guest that fills the workspace gets I/O errors (QEMU: werror=report); the session ends with a message
+    that says why, instead of an app failing in odd ways or, worse, a VMM paused forever."""
+    assert b.disk_dir is not None
+    free = files.free_bytes(b.disk_dir)
+    if free < MIN_FREE:
+        raise StorageError(f"the workspace {b.cfg.workspace} is full ({format_size(free)} left): the session was "
+                           f"ended", hint="free space in the workspace, or give it a bigger filesystem")
 
 
 def describe(steps: tuple[Step, ...]) -> list[dict[str, Any]]:
