@@ -11,10 +11,13 @@ journal's unwind or `dispo gc` can undo it after a crash.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from dispo.errors import VmmError
 from dispo.journal import Journal
@@ -107,6 +110,32 @@ class GuestFailure(VmmError):
     def __init__(self, message: str, *, hint: str = "", console_tail: str = "") -> None:
         super().__init__(message, hint=hint)
         self.console_tail = console_tail
+
+
+CONSOLE_CAP = 8 << 20  # bytes of a guest's serial console kept on the host
+
+
+def pump_console(src: IO[bytes], path: Path, cap: int = CONSOLE_CAP) -> threading.Thread:
+    """Copy what a VMM writes for the guest's serial console (a pipe) into the console log, `cap` bytes at
+    most: the guest controls that stream, and one that prints forever must not fill the host's disk. What is
+    over the cap is still read (the guest never blocks on it) and dropped, after one marker line."""
+
+    def copy() -> None:
+        written = 0
+        with contextlib.suppress(OSError, ValueError), src, open(path, "ab") as log:
+            while chunk := os.read(src.fileno(), 65536):
+                if written >= cap:
+                    continue
+                part = chunk[:cap - written]
+                log.write(part)
+                written += len(part)
+                if written >= cap:
+                    log.write(b"\n[dispo: console output over %d bytes dropped]\n" % cap)
+                log.flush()
+
+    t = threading.Thread(target=copy, name=f"dispo-console-{path.parent.name}", daemon=True)
+    t.start()
+    return t
 
 
 def tail(path: Path, lines: int = 20) -> str:

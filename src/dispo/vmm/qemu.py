@@ -26,7 +26,7 @@ from dispo.errors import NotFound, VmmError
 from dispo.journal import Journal
 from dispo.proc import which
 from dispo.vmm.accel import QEMU, QEMU_HINT, Accel, host_tsc_khz
-from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, tail
+from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_console, tail
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class QemuVmm:
             # QEMU's own seccomp filter: no spawning, no privilege changes, no obsolete syscalls.
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel", str(s.kernel), "-append", " ".join(self.cmdline()),
-            "-chardev", f"file,id=con0,path={q(s.console_log)}", "-serial", "chardev:con0",
+            "-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0",
             # cache=unsafe: the disk is thrown away with the session, so flushes buy nothing. werror/rerror
             # report: a full workspace gives the guest I/O errors instead of pausing the VM forever.
             "-drive", f"id=root,file={q(s.rootfs)},format=raw,if=none,cache=unsafe,discard=unmap,werror=report,"
@@ -148,8 +148,12 @@ class QemuVmm:
         self.spec.console_log.touch(mode=0o600)
         try:
             with open(self.log_path, "wb") as out:
-                spawned = processes.spawn_recorded(journal, self.argv(), what="qemu", stdout=out,
-                                                   on_spawn=self._set_proc, term_timeout="3")
+                # stdout: the serial console (chardev stdio), pumped into console.log with a cap;
+                # stderr: QEMU's own messages.
+                spawned = processes.spawn_recorded(journal, self.argv(), what="qemu", stdout=subprocess.PIPE,
+                                                   stderr=out, on_spawn=self._set_proc, term_timeout="3")
+            assert spawned.proc.stdout is not None
+            pump_console(spawned.proc.stdout, self.spec.console_log)
         except processes.SpawnFailed:
             raise VmmError(f"QEMU launcher exited at once: {tail(self.log_path, 3)}") from None
         except OSError as e:

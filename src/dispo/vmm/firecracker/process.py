@@ -25,7 +25,7 @@ from dispo import kernels, processes
 from dispo.errors import NotFound, PermissionProblem, VmmError
 from dispo.journal import Entry, Journal
 from dispo.vmm.accel import Accel
-from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, tail
+from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_console, tail
 from dispo.vmm.firecracker.api import ApiError, FirecrackerApi, LogLevel, NetworkOverride, Request, SnapshotType
 from dispo.vmm.firecracker.jailer import Jail, JailSpec, set_tap_owner
 
@@ -281,14 +281,16 @@ class FirecrackerVmm:
 
     def _spawn(self, journal: Journal, argv: list[str]) -> None:
         try:
-            # Its stdout is the guest's serial console.
-            with open(self.spec.console_log, "ab") as console:
-                spawned = processes.spawn_recorded(journal, argv, what="firecracker", stdout=console,
-                                                   cwd=self.spec.workdir, on_spawn=self._set_proc)
+            # Its stdout is the guest's serial console: pumped into console.log, capped.
+            self.spec.console_log.touch(mode=0o600)
+            spawned = processes.spawn_recorded(journal, argv, what="firecracker", stdout=subprocess.PIPE,
+                                               cwd=self.spec.workdir, on_spawn=self._set_proc)
         except processes.SpawnFailed:
             raise VmmError(f"firecracker launcher exited at once: {self.console_tail(3)}") from None
         self._starttime = spawned.starttime
         self._entries.append(spawned.entry)
+        assert spawned.proc.stdout is not None
+        pump_console(spawned.proc.stdout, self.spec.console_log)
 
     def _wait_socket(self) -> None:
         assert self._proc is not None and self.api is not None
