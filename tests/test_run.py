@@ -195,7 +195,7 @@ def test_interactive_shell_on_a_terminal(vm_world: NetWorld) -> None:
 @pytest.mark.parametrize("step", [s.name for s in STEPS])
 def test_kill_9_after_each_step_then_the_next_command_reclaims(vm_world: NetWorld, step: str) -> None:
     """`dispo run` SIGKILLs itself right after STEP (DISPO_FAULT_KILL_AFTER): its QEMU dies with it, and the
-    next dispo command of any kind (here `dispo net ls`) undoes the rest from the journal."""
+    next dispo command of any kind (here `dispo image ls`) undoes the rest from the journal."""
     w = vm_world
     before = listing(w)
     env = {**w.env(), "DISPO_FAULT_KILL_AFTER": step}
@@ -206,6 +206,6 @@ def test_kill_9_after_each_step_then_the_next_command_reclaims(vm_world: NetWorl
     while qemu_processes(w):
         assert time.monotonic() < deadline, qemu_processes(w)
         time.sleep(0.2)
-    nxt = w.dispo("net", "ls")
+    nxt = w.dispo("image", "ls")  # any command that acts (not an observer such as ls or net ls)
     assert nxt.returncode == 0 and "reclaimed 1 session(s) whose owner died" in nxt.stderr, nxt.stderr
     assert listing(w) == before
