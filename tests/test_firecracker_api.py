@@ -183,3 +183,32 @@ def test_dead_socket_is_a_one_line_error(tmp_path: Path) -> None:
     assert not api.ping()
     with pytest.raises(ApiUnreachable, match="did not answer describeInstance"):
         api.describe_instance()
+
+
+def test_no_jailer_refuses_a_browser_and_warns_otherwise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """jail = "auto" and no jailer of the firecracker's version: a session with an app on a display (what dispo
+    exists to contain) is refused with a way out; a command session runs, with a warning; jail = "off" is
+    the explicit acceptance."""
+    import dataclasses
+    import logging
+
+    from dispo.config import Config, FirecrackerConfig, JailMode
+    from dispo.errors import PermissionProblem
+    from dispo.vmm.base import MachineSpec
+    from dispo.vmm.firecracker import backend
+
+    fake_binary = tmp_path / "firecracker"
+    fake_binary.write_text("#!/bin/sh\necho Firecracker v1.14.1\n")
+    fake_binary.chmod(0o755)
+    cfg = Config(workspace=tmp_path / "ws", state_dir=tmp_path / "st", firecracker=FirecrackerConfig(
+        binary=str(fake_binary), jailer=str(tmp_path / "no-jailer"), jail=JailMode.AUTO))
+    spec = MachineSpec("0badc0de", tmp_path / "vmlinux", tmp_path / "disk", tmp_path)
+    browser = dataclasses.replace(spec, extra={"untrusted_app": "1"})
+    with pytest.raises(PermissionProblem, match="would run firecracker as root") as e:
+        backend.create(cfg, browser)
+    assert 'jail = "off"' in e.value.hint
+    with caplog.at_level(logging.WARNING):
+        assert backend.create(cfg, spec).jail is None
+    assert "runs as root without the jailer" in caplog.text
+    off = dataclasses.replace(cfg, firecracker=dataclasses.replace(cfg.firecracker, jail=JailMode.OFF))
+    assert backend.create(off, browser).jail is None

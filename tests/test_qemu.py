@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from dispo.errors import InvalidInput, NotFound
 from dispo.images import Image
 from dispo.journal import Journal
 from dispo.processes import is_same_process
-from dispo.vmm import accel, qemu, registry
+from dispo.vmm import accel, qemu, registry, sandbox
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import MachineSpec, NetAttachment, Vmm
 
@@ -37,27 +38,34 @@ def test_argv_is_a_microvm_on_the_session_tap(tmp_path: Path) -> None:
     vmm: Vmm = qemu.QemuVmm(spec(tmp_path, nets=(NetAttachment("dsp-0badc0de", "06:00:ac:14:00:02"),),
                                  memory_mib=768, vcpus=2), Accel.TCG)  # mypy checks it is a base.Vmm
     assert isinstance(vmm, qemu.QemuVmm)
-    argv = vmm.argv()
+    argv = vmm.argv(FDS)
     joined = " ".join(argv)
     assert argv[argv.index("-M") + 1].startswith("microvm")
-    assert "tap,id=n0,ifname=dsp-0badc0de,script=no,downscript=no" in argv
+    assert "tap,id=n0,fd=15" in argv
     assert "virtio-net-device,netdev=n0,mac=06:00:ac:14:00:02" in argv
     assert "virtio-blk-device,drive=root" in argv and "virtio-rng-device,rng=rng0" in argv
     assert argv[argv.index("-m") + 1] == "768" and argv[argv.index("-smp") + 1] == "2"
     assert f"dispo-{SID}" in joined and "stdio,id=con0,signal=off" in argv  # the console: a capped pipe
-    assert argv[argv.index("-initrd") + 1] == str(tmp_path / "initrd.img")
+    assert argv[argv.index("-initrd") + 1] == "/proc/self/fd/11"
     assert "-no-reboot" in argv and "-sandbox" in argv
 
 
-def test_a_comma_in_a_path_cannot_add_qemu_options(tmp_path: Path) -> None:
-    evil = tmp_path / "ws,readonly=off,file=/etc"
-    vmm = qemu.QemuVmm(spec(evil, rootfs=evil / "disk.ext4"), Accel.TCG)
-    drive = vmm.argv()[vmm.argv().index("-drive") + 1]
-    # QEMU reads ",," as a literal comma: the whole path stays the value of file=.
-    assert f"file={str(evil).replace(',', ',,')}/disk.ext4,format=raw" in drive
+FDS = qemu.LaunchFds(kernel=10, initrd=11, disk_rw=12, disk_ro=13, qmp=14, taps=(15,))
+
+
+def test_qemu_gets_descriptors_not_paths(tmp_path: Path) -> None:
+    """Every host file QEMU uses is an open descriptor from dispo: a path with a comma (or anything else)
+    cannot add QEMU options, and QEMU, running as the session's own uid, opens no host path of its own."""
+    evil = tmp_path / "ws,readonly=off,file=,etc"
+    vmm = qemu.QemuVmm(spec(evil, rootfs=evil / "disk.ext4", nets=(NetAttachment("dsp-0badc0de", "06:00:0:0:0:2"),)),
+                       Accel.TCG)
+    argv = vmm.argv(FDS)
+    assert not any(str(evil) in a for a in argv), argv
+    drive = argv[argv.index("-drive") + 1]
+    assert drive.startswith("id=root,file=/dev/fdset/1,format=raw,")
     assert "werror=report" in drive and "rerror=report" in drive  # a full disk is an I/O error, not a pause
-    qmp = vmm.argv()[vmm.argv().index("-qmp") + 1]
-    assert qmp == f"unix:{str(evil).replace(',', ',,')}/qmp.sock,server=on,wait=off"
+    assert "fd=12,set=1" in argv and "fd=13,set=1" in argv and "tap,id=n0,fd=15" in argv
+    assert argv[argv.index("-kernel") + 1] == "/proc/self/fd/10" and "socket,id=qmp,fd=14,server=on,wait=off" in argv
 
 
 def test_tsc_khz_only_under_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,7 +74,8 @@ def test_tsc_khz_only_under_tcg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     kvm = qemu.QemuVmm(spec(tmp_path), Accel.KVM)
     assert "tsc_early_khz=2596120" in tcg.cmdline()
     assert not any(a.startswith("tsc_early_khz") for a in kvm.cmdline())
-    assert kvm.argv()[kvm.argv().index("-cpu") + 1] == "host"
+    no_net = dataclasses.replace(FDS, taps=())
+    assert kvm.argv(no_net)[kvm.argv(no_net).index("-cpu") + 1] == "host"
     given = qemu.QemuVmm(spec(tmp_path, cmdline=("tsc_early_khz=1000",)), Accel.TCG)
     assert given.cmdline() == ("tsc_early_khz=1000",)
 
@@ -183,6 +192,14 @@ def test_boot_then_power_off(product: Path, vm_journal: Journal, tmp_path: Path)
     entry = next(e for e in vm_journal.entries if e.kind == "process")
     assert entry.args["pid"] == str(pid) and is_same_process(pid, entry.args["starttime"])
     assert Path(f"/proc/{pid}/comm").read_text().strip() == f"dispo-{SID}"
+    # Not root: the session's own uid and gid, no capability at all, no way to gain one.
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    uid = int(status["Uid"].split()[0])
+    assert uid == vmm.uid >= sandbox.UID_BASE and set(status["Uid"].split()) == {str(uid)}
+    assert set(status["Gid"].split()) == {str(uid)} and status["Groups"].strip() == ""
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == int(status["CapBnd"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
     _wait_console(vmm, "dispo-init: ready")
     vmm.stop()
     # Exit status 0 and the init's own words: it powered off on the ACPI button (SIGTERM would give -15).

@@ -23,7 +23,7 @@ from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_li
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
-POOL_FILES = {"net", "net/leases", "net/lock"}
+POOL_FILES = {"net", "net/leases", "net/lock", "vmm-ids"}  # made once, like the address pool
 URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
 
 

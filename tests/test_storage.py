@@ -264,3 +264,14 @@ def test_image_metadata(cfg: Config, src_image: Path) -> None:
 def test_make_ext4_helper(tmp_path: Path) -> None:
     img = make_ext4(tmp_path / "x.ext4", "8M", {"a/b.txt": "hello"})
     assert debugfs_has(img, "/a/b.txt")
+
+
+def test_remove_tree_never_follows_a_link(cfg: Config, src_image: Path) -> None:
+    """A link where a session disk is expected (planted, or left by a bug) pointing at an image: removing the
+    "disk" removes the link, never the subvolume or directory behind it."""
+    image = ImageStore(cfg).import_(src_image, "base", quiet=True)
+    link = cfg.disks_dir / "0badc0de"
+    link.symlink_to(image.path)
+    backends.remove_tree(link)
+    assert not os.path.lexists(link)
+    assert image.rootfs.is_file() and sha256(image.rootfs) == image.sha256

@@ -33,7 +33,6 @@ GATE_EOF_EXIT = 97
 # across exec): a session's VMM and helpers never outlive a `dispo run` or dispod killed with -9. What they
 # leave on the host (tap, rules, lease, disk) is then reclaimed from the journal by the next dispod or dispo.
 SETPRIV = "/usr/bin/setpriv"
-DIE_WITH_PARENT = (SETPRIV, "--pdeathsig", "KILL", "--")
 _GATE = f'read -r _ || exit {GATE_EOF_EXIT}; exec "$0" "$@" </dev/null'
 _GATE_FD = f'fd=$1; shift; read -r _ <&"$fd" || exit {GATE_EOF_EXIT}; eval "exec $fd<&-"; exec "$@"'
 
@@ -53,7 +52,7 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
                    cwd: Path | None = None, on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
                    env: Mapping[str, str] | None = None, stderr: IO[bytes] | int | None = subprocess.STDOUT,
                    keep_stdin: bool = False, new_session: bool = True, die_with_parent: bool = True,
-                   **record: str) -> Spawned:
+                   setpriv: Sequence[str] = (), pass_fds: Sequence[int] = (), **record: str) -> Spawned:
     """Start a long-lived child (a VMM, an ssh tunnel) whose pid is journaled before its program runs.
 
     Popen, not proc.run(): its stdout goes to a log. A new session keeps the terminal's Ctrl-C away from it:
@@ -61,19 +60,22 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
     reap it if recording fails (the gate then exits with GATE_EOF_EXIT without running the program).
     `stdout`/`stderr` None inherit the caller's; `keep_stdin` keeps its stdin; `new_session=False` keeps
     the caller's terminal (an interactive shell). `die_with_parent` (the default) SIGKILLs the child when the
-    calling thread dies: call this from the thread that owns the child for its whole life."""
+    calling thread dies: call this from the thread that owns the child for its whole life. `setpriv` adds
+    options of util-linux's setpriv (drop to a uid, no capabilities); `pass_fds` are handed to the program."""
     r, w = os.pipe()
     try:
         words = [str(a) for a in argv]
-        if die_with_parent:
+        if die_with_parent or setpriv:
             if not os.access(SETPRIV, os.X_OK):
                 raise SpawnFailed(f"{SETPRIV} is missing: dispo cannot tie {what} to its owner",
                                   hint="install util-linux (apt-get install util-linux)")
-            words = [*DIE_WITH_PARENT, *words]
+            pdeath = ["--pdeathsig", "KILL"] if die_with_parent else []
+            words = [SETPRIV, *pdeath, *setpriv, "--", *words]
         gate = ["/bin/sh", "-c", _GATE_FD, "gate", str(r), *words] if keep_stdin else ["/bin/sh", "-c", _GATE, *words]
         proc = subprocess.Popen(gate, stdin=None if keep_stdin else r, stdout=stdout, stderr=stderr,
                                 env=dict(env) if env is not None else minimal_env(), cwd=cwd,
-                                start_new_session=new_session, pass_fds=(r,) if keep_stdin else ())
+                                start_new_session=new_session,
+                                pass_fds=(*((r,) if keep_stdin else ()), *pass_fds))
         if on_spawn is not None:
             on_spawn(proc)
         os.close(r)

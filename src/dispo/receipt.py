@@ -110,6 +110,13 @@ def _netns(a: Mapping[str, str]) -> str | None:
     return f"netns {a['name']}" if Path("/run/netns", a["name"]).exists() else None
 
 
+@checker("vmm-id")
+def _vmm_id(a: Mapping[str, str]) -> str | None:
+    from dispo.vmm.sandbox import id_claimed
+
+    return f"VMM uid claim {a['path']}" if id_claimed(a) else None
+
+
 @checker("jail-cgroup")
 def _cgroups(a: Mapping[str, str]) -> str | None:
     left = [d for d in a["dirs"].split(":") if d and os.path.isdir(d)]

@@ -19,7 +19,7 @@ _UNDOERS: dict[str, UndoFn] = {}
 
 # Modules that register undoers; imported before a journal written by another process is unwound.
 PROVIDERS = ("dispo.storage.undoers", "dispo.processes", "dispo.net.undoers", "dispo.imagebuild.undoers",
-             "dispo.vmm.firecracker.jailer")
+             "dispo.vmm.firecracker.jailer", "dispo.vmm.sandbox")
 
 
 def undoer(kind: str) -> Callable[[UndoFn], UndoFn]:

@@ -112,7 +112,10 @@ def vmm_start(b: Bringup) -> None:
     spec = MachineSpec(
         session_id=b.tx.session_id, kernel=b.kernel, rootfs=b.disk_dir / ROOTFS, workdir=b.tx.state_path,
         cmdline=(*image.cmdline, *net.kernel_args(), f"dispo.hostname=dispo-{b.tx.session_id}", *r.cmdline()),
-        initrd=image.initrd_path, memory_mib=r.memory_mib, vcpus=r.vcpus, nets=(NetAttachment(net.tap, net.mac),))
+        initrd=image.initrd_path, memory_mib=r.memory_mib, vcpus=r.vcpus, nets=(NetAttachment(net.tap, net.mac),),
+        # An app on a display (a browser) is what dispo exists to contain: a backend may refuse to run it
+        # with less isolation than it can give (Firecracker without its jailer).
+        extra={"untrusted_app": "1"} if r.display is not DisplayMode.NONE else {})
     vmm = b.machinery.create_vmm(b.cfg, b.kind, spec)
     vmm.check()
     b.tx.stack.callback(vmm.stop)  # runs before the journal unwinds the network and the disk

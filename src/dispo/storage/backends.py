@@ -187,6 +187,11 @@ def remove_tree(path: Path) -> None:
     """Remove a holder made by any backend: a subvolume (read-only or not) or a plain directory."""
     if not os.path.lexists(path):
         return
+    if path.is_symlink():
+        # Never through a link: `btrfs subvolume delete` (and rmtree's caller) would act on its target, which
+        # may be an image or anything else on the host.
+        path.unlink()
+        return
     if is_subvolume(path):
         # A read-only subvolume must be made writable first, or its deletion fails on older kernels.
         run(["btrfs", "property", "set", "-ts", path, "ro", "false"], check=False)

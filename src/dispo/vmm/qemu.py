@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import time
@@ -25,6 +26,7 @@ from dispo import processes
 from dispo.errors import NotFound, VmmError
 from dispo.journal import Journal
 from dispo.proc import which
+from dispo.vmm import sandbox
 from dispo.vmm.accel import QEMU, QEMU_HINT, Accel, host_tsc_khz
 from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_console, tail
 
@@ -74,6 +76,22 @@ class Qmp:
             self.sock.close()
 
 
+@dataclass(frozen=True)
+class LaunchFds:
+    """Descriptors QEMU inherits, by what they are."""
+
+    kernel: int
+    initrd: int | None
+    disk_rw: int
+    disk_ro: int
+    qmp: int
+    taps: tuple[int, ...] = ()
+
+    def all(self) -> tuple[int, ...]:
+        return (self.kernel, *((self.initrd,) if self.initrd is not None else ()), self.disk_rw, self.disk_ro,
+                self.qmp, *self.taps)
+
+
 @dataclass
 class QemuVmm:
     spec: MachineSpec
@@ -81,6 +99,7 @@ class QemuVmm:
     qemu: str = QEMU
     kind: VmmKind = VmmKind.QEMU
     capabilities: frozenset[Capability] = frozenset({Capability.PAUSE})
+    uid: int = 0  # the session's own uid/gid QEMU runs as (vmm/sandbox.py), once started
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _start: str = ""
 
@@ -106,9 +125,9 @@ class QemuVmm:
                 args.append(f"tsc_early_khz={khz}")
         return tuple(args)
 
-    def argv(self) -> list[str]:
+    def argv(self, fds: LaunchFds) -> list[str]:
+        """QEMU's command line; every host file it uses comes as a descriptor in `fds` (see vmm/sandbox.py)."""
         s = self.spec
-        q = _option_value
         cpu = "host" if self.accel is Accel.KVM else "max"
         argv = [
             self.qemu, "-name", f"dispo-{s.session_id},process=dispo-{s.session_id}",
@@ -117,20 +136,23 @@ class QemuVmm:
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             # QEMU's own seccomp filter: no spawning, no privilege changes, no obsolete syscalls.
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-            "-kernel", str(s.kernel), "-append", " ".join(self.cmdline()),
+            "-kernel", f"/proc/self/fd/{fds.kernel}", "-append", " ".join(self.cmdline()),
             "-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0",
+            # The disk as an fd set: QEMU asks for it read-only (probing) and read-write, so both are in it.
+            "-add-fd", f"fd={fds.disk_rw},set=1", "-add-fd", f"fd={fds.disk_ro},set=1",
             # cache=unsafe: the disk is thrown away with the session, so flushes buy nothing. werror/rerror
             # report: a full workspace gives the guest I/O errors instead of pausing the VM forever.
-            "-drive", f"id=root,file={q(s.rootfs)},format=raw,if=none,cache=unsafe,discard=unmap,werror=report,"
-                      f"rerror=report",
+            "-drive", "id=root,file=/dev/fdset/1,format=raw,if=none,cache=unsafe,discard=unmap,werror=report,"
+                      "rerror=report",
             "-device", "virtio-blk-device,drive=root",
             "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0",
-            "-qmp", f"unix:{q(self.qmp_path)},server=on,wait=off",
+            # QMP on a socket dispo bound (root-only state dir) and listens on: QEMU only accepts.
+            "-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
         ]
-        if s.initrd is not None:
-            argv += ["-initrd", str(s.initrd)]
-        for i, net in enumerate(s.nets):
-            argv += ["-netdev", f"tap,id=n{i},ifname={net.tap},script=no,downscript=no",
+        if fds.initrd is not None:
+            argv += ["-initrd", f"/proc/self/fd/{fds.initrd}"]
+        for i, (net, tap) in enumerate(zip(s.nets, fds.taps, strict=True)):
+            argv += ["-netdev", f"tap,id=n{i},fd={tap}",
                      "-device", f"virtio-net-device,netdev=n{i},mac={net.mac}"]
         return argv
 
@@ -146,12 +168,17 @@ class QemuVmm:
     def start(self, journal: Journal) -> None:
         self.check()
         self.spec.console_log.touch(mode=0o600)
+        state_dir = journal.path.parent.parent
+        self.uid = sandbox.allocate_id(journal, state_dir, self.spec.session_id)
         try:
-            with open(self.log_path, "wb") as out:
+            with contextlib.ExitStack() as opened, open(self.log_path, "wb") as out:
+                fds = self._open(opened)
                 # stdout: the serial console (chardev stdio), pumped into console.log with a cap;
-                # stderr: QEMU's own messages.
-                spawned = processes.spawn_recorded(journal, self.argv(), what="qemu", stdout=subprocess.PIPE,
-                                                   stderr=out, on_spawn=self._set_proc, term_timeout="3")
+                # stderr: QEMU's own messages. QEMU runs as the session's own uid without capabilities.
+                spawned = processes.spawn_recorded(
+                    journal, self.argv(fds), what="qemu", stdout=subprocess.PIPE, stderr=out,
+                    on_spawn=self._set_proc, term_timeout="3", pass_fds=fds.all(),
+                    setpriv=sandbox.drop_args(self.uid, kvm=self.accel is Accel.KVM))
             assert spawned.proc.stdout is not None
             pump_console(spawned.proc.stdout, self.spec.console_log)
         except processes.SpawnFailed:
@@ -160,6 +187,29 @@ class QemuVmm:
             raise self.failure(f"QEMU could not be started ({e.strerror})") from None
         self._start = spawned.starttime
         self._wait_started()
+
+    def _open(self, opened: contextlib.ExitStack) -> LaunchFds:
+        """What QEMU needs, opened by dispo: it gets descriptors, never paths of the host to open itself."""
+        s = self.spec
+
+        def keep(fd: int) -> int:
+            opened.callback(os.close, fd)
+            return fd
+
+        self.qmp_path.unlink(missing_ok=True)  # a leftover from a crash under the same id
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        opened.callback(listener.close)
+        old = os.umask(0o177)  # the control socket is root's alone from the start
+        try:
+            listener.bind(str(self.qmp_path))
+        finally:
+            os.umask(old)
+        listener.listen(4)
+        return LaunchFds(
+            kernel=keep(sandbox.open_file(s.kernel)),
+            initrd=keep(sandbox.open_file(s.initrd)) if s.initrd is not None else None,
+            disk_rw=keep(sandbox.open_file(s.rootfs, write=True)), disk_ro=keep(sandbox.open_file(s.rootfs)),
+            qmp=listener.fileno(), taps=tuple(keep(sandbox.open_tap(n.tap)) for n in s.nets))
 
     def _set_proc(self, proc: subprocess.Popen[bytes]) -> None:
         self._proc = proc
@@ -242,12 +292,6 @@ class QemuVmm:
 
     def console_tail(self, lines: int = 20) -> str:
         return tail(self.spec.console_log, lines)
-
-
-def _option_value(path: Path) -> str:
-    """A path inside a QEMU `key=value,key=value` option: a comma is written twice, so a path with commas
-    cannot end the value and add options of its own (e.g. "x,readonly=off" or ",file=/etc/shadow")."""
-    return str(path).replace(",", ",,")
 
 
 def create(spec: MachineSpec, accel: Accel | None = None) -> QemuVmm:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from dispo.config import Config
+from dispo.config import Config, JailMode
+from dispo.errors import PermissionProblem
 from dispo.vmm.base import MachineSpec
 from dispo.vmm.firecracker.api import Request
 from dispo.vmm.firecracker.binaries import find_firecracker, jail_pair
 from dispo.vmm.firecracker.jailer import JailSpec
 from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm
+
+log = logging.getLogger(__name__)
 
 # Headroom over guest RAM for the VMM itself, its page cache when writing snapshots, and the API thread.
 MEMORY_OVERHEAD_MIB = 256
@@ -35,6 +39,14 @@ def create(cfg: Config, spec: MachineSpec, *, on_request: Callable[[Request], No
                         cpu_quota=float(spec.vcpus))
     else:
         binary = find_firecracker(cfg)
+        if cfg.firecracker.jail is JailMode.AUTO:
+            if spec.extra.get("untrusted_app"):
+                raise PermissionProblem(
+                    "no jailer of the firecracker's version: a browser session would run firecracker as root",
+                    hint="install a matching jailer ('dispo firecracker install'), or accept it with "
+                         "[firecracker] jail = \"off\" in the config")
+            log.warning("firecracker runs as root without the jailer (none of its version found); "
+                        "set [firecracker] jail = \"off\" to say that is intended")
     options = FirecrackerOptions(binary=binary, jail=jail, vsock_cid=vsock_cid, entropy=True,
                                  track_dirty_pages=track_dirty_pages, on_request=on_request)
     return FirecrackerVmm(spec, options)

@@ -1,0 +1,91 @@
+"""What a session's VMM runs as: its own unprivileged uid/gid, no capabilities, no new privileges, and only
+the files it was handed as open descriptors.
+
+Each session gets a uid/gid of its own (UID_BASE + a slot), claimed by an O_EXCL file `<state_dir>/vmm-ids/
+<uid>` that names the session, journaled (kind "vmm-id") before it is made; a guest that breaks out of its
+VMM is an unprivileged user that shares nothing with other sessions, not root and not the shared `nobody`.
+dispo (root) opens what the VMM needs (kernel, initrd, the session disk, the tap, the control socket) with
+O_NOFOLLOW and passes the descriptors; the VMM opens no path of the host's it could be tricked into.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+from dispo.errors import PermissionProblem
+from dispo.journal import Journal
+from dispo.undo import undoer
+
+UID_BASE = 1 << 31          # far above any user or system account
+SLOTS = 1 << 20
+IDS_DIR = "vmm-ids"
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
+
+
+def allocate_id(journal: Journal, state_dir: Path, session_id: str) -> int:
+    """A uid (== gid) for this session's VMM, recorded before its claim file exists."""
+    d = state_dir / IDS_DIR
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    first = int(session_id, 16) % SLOTS
+    for i in range(256):
+        uid = UID_BASE + (first + i) % SLOTS
+        path = d / str(uid)
+        journal.record("vmm-id", path=str(path), session=session_id)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue  # another live session's; the entry's undo leaves a file that names another session
+        with os.fdopen(fd, "w") as f:
+            f.write(session_id + "\n")
+        return uid
+    raise PermissionProblem("no free VMM uid for this session", hint="run 'dispo gc'; too many sessions at once?")
+
+
+@undoer("vmm-id")
+def undo_vmm_id(args: Mapping[str, str]) -> None:
+    path = Path(args["path"])
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text().strip() == args["session"]:
+            path.unlink()
+
+
+def id_claimed(args: Mapping[str, str]) -> bool:
+    try:
+        return Path(args["path"]).read_text().strip() == args["session"]
+    except OSError:
+        return False
+
+
+def drop_args(uid: int, *, kvm: bool) -> list[str]:
+    """setpriv options: become uid/gid, keep no capability (not even in the bounding set), no new privileges;
+    the only supplementary group is `kvm` when the VMM needs /dev/kvm."""
+    groups = ["--clear-groups"]
+    if kvm:
+        with contextlib.suppress(KeyError):
+            groups = ["--groups", str(grp.getgrnam("kvm").gr_gid)]
+    return ["--reuid", str(uid), "--regid", str(uid), *groups, "--inh-caps=-all", "--bounding-set=-all",
+            "--no-new-privs"]
+
+
+def open_file(path: Path, *, write: bool = False) -> int:
+    """An O_NOFOLLOW descriptor of path for the VMM (closed in dispo once handed over)."""
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path, flags)
+
+
+def open_tap(name: str) -> int:
+    """A descriptor attached to the existing tap `name` (what QEMU would open itself as root)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
