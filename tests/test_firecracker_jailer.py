@@ -16,6 +16,7 @@ from dispo.config import Config, FirecrackerConfig, JailMode
 from dispo.names import new_session_id
 from dispo.net import attach_network
 from dispo.txn import transaction
+from dispo.vmm import sandbox
 from dispo.vmm.base import MachineSpec, NetAttachment
 from dispo.vmm.firecracker import backend
 from dispo.vmm.firecracker.jailer import CGROUP_ROOT, PARENT_CGROUP, JailSpec, cgroup_version
@@ -37,7 +38,6 @@ from tests.worlds import make_config, make_ext4
 PAIR, WHY = jailer_pair_or_skip_reason()
 pytestmark = [pytest.mark.firecracker, pytest.mark.root, pytest.mark.vm,
               pytest.mark.skipif(PAIR is None, reason=WHY)]
-UID = 65534
 
 
 @pytest.fixture
@@ -59,8 +59,9 @@ def jail_cgroups(sid: str) -> list[Path]:
 def jail_spec(base: Path, **kw: object) -> JailSpec:
     assert PAIR is not None
     jailer, fc = PAIR
-    return JailSpec(jailer=jailer, firecracker=fc, chroot_base=base, uid=UID, gid=UID,
-                    memory_limit_mib=256, cpu_quota=1.0, **kw)  # type: ignore[arg-type]
+    # No uid given: the jail gets one of the session's own (vmm/sandbox.py), not the shared `nobody`.
+    return JailSpec(jailer=jailer, firecracker=fc, chroot_base=base, memory_limit_mib=256, cpu_quota=1.0,
+                    **kw)  # type: ignore[arg-type]
 
 
 def test_jailed_lifecycle(tmp_path: Path, chroot_base: Path) -> None:
@@ -85,7 +86,8 @@ def test_jailed_lifecycle(tmp_path: Path, chroot_base: Path) -> None:
         seen = set(os.listdir(f"/proc/{vmm.pid}/root"))
         assert {"rootfs.ext4", "vmlinux", PAIR[1].name, "dev", "run"} <= seen and "etc" not in seen
         status = open(f"/proc/{vmm.pid}/status").read()  # noqa: SIM115
-        assert f"Uid:\t{UID}\t{UID}" in status
+        uid = vmm.jail.ids[0]
+        assert uid >= sandbox.UID_BASE and f"Uid:\t{uid}\t{uid}" in status and f"Gid:\t{uid}\t{uid}" in status
         groups = jail_cgroups(sid)
         assert groups, "the jail's cgroups exist"
         for g in groups:

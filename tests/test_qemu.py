@@ -200,11 +200,19 @@ def test_boot_then_power_off(product: Path, vm_journal: Journal, tmp_path: Path)
     assert set(status["Gid"].split()) == {str(uid)} and status["Groups"].strip() == ""
     assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == int(status["CapBnd"], 16) == 0
     assert status["NoNewPrivs"].strip() == "1"
+    # In cgroups of its own, with the session's limits.
+    assert vmm.cgroups and all(str(pid) in (d / "cgroup.procs").read_text().split() for d in vmm.cgroups)
+    mem = next(d for d in vmm.cgroups if "memory" in str(d) or len(vmm.cgroups) == 1)
+    limit = (mem / ("memory.max" if len(vmm.cgroups) == 1 else "memory.limit_in_bytes")).read_text()
+    overhead = qemu.MEMORY_OVERHEAD_MIB if vmm.accel is Accel.KVM else qemu.TCG_MEMORY_OVERHEAD_MIB
+    assert int(limit) == (vmm.spec.memory_mib + overhead) << 20
     _wait_console(vmm, "dispo-init: ready")
     vmm.stop()
     # Exit status 0 and the init's own words: it powered off on the ACPI button (SIGTERM would give -15).
     assert vmm.wait_exit(0) == 0 and not is_same_process(pid, entry.args["starttime"])
     assert "powering off" in vmm.console_tail(40)
+    vm_journal.unwind()  # the session's end: its cgroups and uid claim go too
+    assert not any(d.exists() for d in vmm.cgroups) and not list((tmp_path / "state" / "vmm-ids").iterdir())
 
 
 @pytest.mark.root

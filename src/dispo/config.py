@@ -46,8 +46,9 @@ class FirecrackerConfig:
     jailer: str = ""
     jailer_firecracker: str = ""  # the firecracker the jailer runs; must be the jailer's version
     jail: JailMode = JailMode.AUTO
-    jail_uid: int = 65534
-    jail_gid: int = 65534
+    # 0: each session's jailed firecracker gets a uid/gid of its own (vmm/sandbox.py); else this fixed one.
+    jail_uid: int = 0
+    jail_gid: int = 0
     release_url: str = ("https://github.com/firecracker-microvm/firecracker/releases/download/"
                         "v{version}/firecracker-v{version}-{arch}.tgz")
     artifacts_url: str = "https://s3.amazonaws.com/spec.ccfc.min"

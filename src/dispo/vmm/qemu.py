@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 QMP_SOCKET = "qmp.sock"
 QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
+MEMORY_OVERHEAD_MIB = 256       # QEMU's own memory over guest RAM (the cgroup limit) under KVM
+TCG_MEMORY_OVERHEAD_MIB = 1536  # ... under TCG, whose translation cache can grow to 1 GiB
 POWERDOWN_TIMEOUT_S = 5.0
 
 
@@ -100,6 +102,7 @@ class QemuVmm:
     kind: VmmKind = VmmKind.QEMU
     capabilities: frozenset[Capability] = frozenset({Capability.PAUSE})
     uid: int = 0  # the session's own uid/gid QEMU runs as (vmm/sandbox.py), once started
+    cgroups: list[Path] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _start: str = ""
 
@@ -170,6 +173,10 @@ class QemuVmm:
         self.spec.console_log.touch(mode=0o600)
         state_dir = journal.path.parent.parent
         self.uid = sandbox.allocate_id(journal, state_dir, self.spec.session_id)
+        # Guest RAM plus what QEMU itself needs; TCG's translation cache is the big part under emulation.
+        overhead = MEMORY_OVERHEAD_MIB if self.accel is Accel.KVM else TCG_MEMORY_OVERHEAD_MIB
+        self.cgroups = sandbox.limit(journal, f"qemu-{self.spec.session_id}",
+                                     memory_mib=self.spec.memory_mib + overhead, cpus=float(self.spec.vcpus))
         try:
             with contextlib.ExitStack() as opened, open(self.log_path, "wb") as out:
                 fds = self._open(opened)
@@ -212,7 +219,9 @@ class QemuVmm:
             qmp=listener.fileno(), taps=tuple(keep(sandbox.open_tap(n.tap)) for n in s.nets))
 
     def _set_proc(self, proc: subprocess.Popen[bytes]) -> None:
+        # Still the gate (before exec): into the session's cgroups before QEMU runs a single instruction.
         self._proc = proc
+        sandbox.place(self.cgroups, proc.pid)
 
     def _wait_started(self) -> None:
         """Until QMP answers (QEMU parsed its arguments and opened every device), or QEMU exited."""

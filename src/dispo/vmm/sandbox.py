@@ -22,7 +22,7 @@ from dispo.errors import PermissionProblem
 from dispo.journal import Journal
 from dispo.undo import undoer
 
-UID_BASE = 1 << 31          # far above any user or system account
+UID_BASE = 1 << 30          # far above any user or system account (and below 2^31: ioctls take a signed int)
 SLOTS = 1 << 20
 IDS_DIR = "vmm-ids"
 _TUNSETIFF = 0x400454CA
@@ -30,7 +30,11 @@ _IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
 
 
 def allocate_id(journal: Journal, state_dir: Path, session_id: str) -> int:
-    """A uid (== gid) for this session's VMM, recorded before its claim file exists."""
+    """A uid (== gid) for this session's VMMs, recorded before its claim file exists; one per session, so a
+    VMM restored from a snapshot in the same session runs as the same uid (the tap is handed to it)."""
+    for entry in journal.entries:
+        if entry.kind == "vmm-id" and id_claimed(entry.args):
+            return int(Path(entry.args["path"]).name)
     d = state_dir / IDS_DIR
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     first = int(session_id, 16) % SLOTS
@@ -89,3 +93,48 @@ def open_tap(name: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+# -- resource limits --------------------------------------------------------------------------------------
+PIDS_MAX = 512  # QEMU's threads (vCPUs, I/O, RCU) stay far below; a fork bomb in the VMM does not
+
+
+def limit(journal: Journal, name: str, *, memory_mib: int, cpus: float) -> list[Path]:
+    """A cgroup of its own for one VMM (memory, CPU, pids limits), journaled (kind "jail-cgroup", the undo
+    that removes cgroups) before it exists; a leftover of the same name is removed first. Returns the
+    directories whose `cgroup.procs` the VMM's pid goes into (`place`), before the VMM runs."""
+    from dispo.vmm.firecracker.jailer import CGROUP_ROOT, PARENT_CGROUP, cgroup_version, remove_cgroups
+
+    version = cgroup_version()
+    period = 100_000
+    values = {"memory": {"memory.max" if version == 2 else "memory.limit_in_bytes": str(memory_mib << 20)},
+              "cpu": ({"cpu.max": f"{int(cpus * period)} {period}"} if version == 2 else
+                      {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": str(int(cpus * period))}),
+              "pids": {"pids.max": str(PIDS_MAX)}}
+    if version == 2:
+        dirs = [CGROUP_ROOT / PARENT_CGROUP / name]
+        settings = [{k: v for group in values.values() for k, v in group.items()}]
+    else:
+        dirs = [CGROUP_ROOT / c / PARENT_CGROUP / name for c in values]
+        settings = list(values.values())
+    journal.record("jail-cgroup", dirs=":".join(str(d) for d in dirs))
+    remove_cgroups(dirs)
+    for d, wanted in zip(dirs, settings, strict=True):
+        if version == 2:
+            for parent in (CGROUP_ROOT, CGROUP_ROOT / PARENT_CGROUP):
+                parent.mkdir(exist_ok=True)
+                with contextlib.suppress(OSError):  # controllers a parent cannot give are refused below
+                    (parent / "cgroup.subtree_control").write_text("+memory +cpu +pids")
+        d.mkdir(parents=True, exist_ok=True)
+        for key, value in wanted.items():
+            try:
+                (d / key).write_text(value)
+            except OSError as e:
+                raise PermissionProblem(f"cannot set {key} for the VMM's cgroup {d}: {e.strerror}",
+                                        hint="dispo needs the memory, cpu and pids cgroup controllers") from None
+    return dirs
+
+
+def place(dirs: list[Path], pid: int) -> None:
+    for d in dirs:
+        (d / "cgroup.procs").write_text(str(pid))

@@ -34,8 +34,8 @@ def create(cfg: Config, spec: MachineSpec, *, on_request: Callable[[Request], No
     if pair is not None:
         jailer, binary = pair
         fc = cfg.firecracker
-        jail = JailSpec(jailer=jailer, firecracker=binary, chroot_base=jail_base(spec), uid=fc.jail_uid,
-                        gid=fc.jail_gid, memory_limit_mib=spec.memory_mib + MEMORY_OVERHEAD_MIB,
+        jail = JailSpec(jailer=jailer, firecracker=binary, chroot_base=jail_base(spec), uid=fc.jail_uid or None,
+                        gid=fc.jail_gid or None, memory_limit_mib=spec.memory_mib + MEMORY_OVERHEAD_MIB,
                         cpu_quota=float(spec.vcpus))
     else:
         binary = find_firecracker(cfg)

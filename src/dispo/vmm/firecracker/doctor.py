@@ -75,7 +75,8 @@ def run_checks(cfg: Config, *, boot: bool = True) -> list[Check]:
             mode = cfg.firecracker.jail.value
             checks.append(Check("jail", Status.WARN, f"off (mode {mode}): no jailer with a firecracker of its version"))
         else:
-            checks.append(Check("jail", Status.OK, f"on: {pair[0]} runs {pair[1]} as uid {cfg.firecracker.jail_uid}"))
+            who = f"uid {cfg.firecracker.jail_uid}" if cfg.firecracker.jail_uid else "a uid of its own per session"
+            checks.append(Check("jail", Status.OK, f"on: {pair[0]} runs {pair[1]} as {who}"))
     except DispoError as e:
         checks.append(Check("jail", Status.FAIL, e.one_line()))
     try:

@@ -12,6 +12,7 @@ dispo/<jail id> (v2). The shared "dispo" parent stays; the per-jail directories 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import os
@@ -26,6 +27,7 @@ from dispo.errors import VmmError
 from dispo.journal import Entry, Journal
 from dispo.storage import backends, files
 from dispo.undo import undoer
+from dispo.vmm import sandbox
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARENT_CGROUP = "dispo"
@@ -37,8 +39,8 @@ class JailSpec:
     jailer: Path
     firecracker: Path      # must be the jailer's version: the jailer execs it inside the chroot
     chroot_base: Path      # must allow device nodes (not mounted nodev)
-    uid: int = 65534
-    gid: int = 65534
+    uid: int | None = None  # None: a uid/gid of the session's own, allocated when the jail is made
+    gid: int | None = None
     memory_limit_mib: int | None = None   # hard limit for the whole VMM process (guest RAM + overhead)
     cpu_quota: float | None = None        # in CPUs, e.g. 1.5
     netns: Path | None = None             # a network namespace file (/run/netns/NAME) to join
@@ -86,6 +88,12 @@ class Jail:
         """The host path of a path as firecracker sees it inside the chroot."""
         return self.root / inside.relative_to("/")
 
+    @property
+    def ids(self) -> tuple[int, int]:
+        if self.spec.uid is None or self.spec.gid is None:
+            raise VmmError("the jail's uid is not allocated yet (prepare() first)")
+        return self.spec.uid, self.spec.gid
+
     def prepare(self, journal: Journal) -> list[Entry]:
         """Record the jail directory and cgroups, then make the (empty) chroot; delete leftovers first."""
         if "firecracker" not in self.spec.firecracker.name:
@@ -99,7 +107,10 @@ class Jail:
             remove_cgroups(dirs)
         backends.remove_tree(self.base_dir)
         self.root.mkdir(parents=True)
-        os.chown(self.root, self.spec.uid, self.spec.gid)
+        if self.spec.uid is None:  # the session's own uid/gid, not the shared `nobody`
+            uid = sandbox.allocate_id(journal, journal.path.parent.parent, journal.session_id)
+            self.spec = dataclasses.replace(self.spec, uid=uid, gid=uid)
+        os.chown(self.root, *self.ids)
         return entries
 
     def place(self, src: Path, name: str, *, writable: bool) -> Path:
@@ -125,13 +136,13 @@ class Jail:
             except OSError:
                 dest.unlink(missing_ok=True)
                 shutil.copyfile(src, dest)
-        os.chown(dest, self.spec.uid, self.spec.gid)
+        os.chown(dest, *self.ids)
         os.chmod(dest, 0o600 if writable else 0o400)
         return Path("/") / name
 
     def argv(self, firecracker_args: Sequence[str]) -> list[str]:
         argv = [str(self.spec.jailer), "--id", self.id, "--exec-file", str(self.spec.firecracker),
-                "--uid", str(self.spec.uid), "--gid", str(self.spec.gid),
+                "--uid", str(self.ids[0]), "--gid", str(self.ids[1]),
                 "--chroot-base-dir", str(self.spec.chroot_base),
                 "--cgroup-version", str(self.version), "--parent-cgroup", PARENT_CGROUP, *self.cgroup_args]
         if self.spec.netns is not None:

@@ -315,7 +315,7 @@ class FirecrackerVmm:
             # v1.7 opens these without O_CREAT: they must exist (and belong to the jail user).
             target.touch()
             if self.jail:
-                os.chown(target, self.jail.spec.uid, self.jail.spec.gid)
+                os.chown(target, *self.jail.ids)
         api.put_logger(log_in, level=self.options.log_level, show_level=True)
         api.put_metrics(metrics_in)
 
@@ -333,7 +333,7 @@ class FirecrackerVmm:
         api.put_drive(ROOT_DRIVE, rootfs, is_root_device=True)
         for i, net in enumerate(spec.nets):
             if self.jail:  # firecracker runs as the jail user without CAP_NET_ADMIN: it must own the tap
-                set_tap_owner(net.tap, self.jail.spec.uid, self.jail.spec.gid)
+                set_tap_owner(net.tap, *self.jail.ids)
             api.put_network_interface(f"eth{i}", net.tap, guest_mac=net.mac)
         if self.options.vsock_cid is not None:
             if not self.jail:
