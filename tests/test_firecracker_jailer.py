@@ -169,3 +169,34 @@ def test_jail_mode_on_without_a_matching_firecracker_is_an_error(tmp_path: Path,
         backend.create(cfg, MachineSpec("00000001", tmp_path / "k", tmp_path / "d", tmp_path))
     auto = dataclasses.replace(cfg, firecracker=FirecrackerConfig(binary=str(fake)))
     assert backend.create(auto, MachineSpec("00000001", tmp_path / "k", tmp_path / "d", tmp_path)).jail is None
+
+
+def test_root_never_follows_a_link_the_jailed_process_planted(tmp_path: Path) -> None:
+    """The chroot belongs to the jail user: links planted there (by a compromised firecracker) must never
+    make root chown, write or read a file outside it."""
+    from dispo.errors import VmmError
+    from dispo.vmm.firecracker.jailer import Jail
+
+    victim = tmp_path / "victim"
+    victim.write_text("root's secret\n")
+    os.chmod(victim, 0o600)
+    spec = JailSpec(jailer=tmp_path / "jailer", firecracker=tmp_path / "firecracker", chroot_base=tmp_path / "jails",
+                    uid=4321, gid=4321)
+    jail = Jail(spec, "0badc0de")
+    jail.root.mkdir(parents=True)
+    # A planted log file: made fresh and handed over, the victim untouched.
+    (jail.root / "firecracker.log").symlink_to(victim)
+    made = jail.make_file(Path("/firecracker.log"))
+    assert not made.is_symlink() and made.stat().st_uid == 4321
+    # A planted link where a file is placed: replaced by the real content, owned by the jail user.
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF kernel")
+    (jail.root / "vmlinux").symlink_to(victim)
+    jail.place(kernel, "vmlinux", writable=False)
+    assert (jail.root / "vmlinux").read_bytes() == b"\x7fELF kernel" and not (jail.root / "vmlinux").is_symlink()
+    # A snapshot "written" as a link to the victim: refused, nothing of the victim leaves with it.
+    (jail.root / "snapshot.state").symlink_to(victim)
+    with pytest.raises((VmmError, OSError)):
+        jail.take_out(Path("/snapshot.state"), tmp_path / "state")
+    assert not (tmp_path / "state").exists()
+    assert victim.read_text() == "root's secret\n" and victim.stat().st_uid == 0

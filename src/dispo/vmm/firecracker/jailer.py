@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -120,25 +121,78 @@ class Jail:
         a read-only one (the kernel, possibly shared by an image) is reflinked or copied, because
         chown on a hard link would change the shared original.
         """
+        # The chroot belongs to the jail user, whose firecracker may already run and plant links: every
+        # operation here is on a descriptor opened with O_NOFOLLOW (a new name made with O_EXCL), never a
+        # path root would follow out of the jail.
         dest = self.root / name
         dest.unlink(missing_ok=True)
-        linked = False
         if writable:
             try:
-                os.link(src, dest)
-                linked = True
+                os.link(src, dest, follow_symlinks=False)
+                self._own(dest, 0o600)
+                return Path("/") / name
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
-        if not linked:
-            try:
-                files.reflink(src, dest)
-            except OSError:
-                dest.unlink(missing_ok=True)
-                shutil.copyfile(src, dest)
-        os.chown(dest, *self.ids)
-        os.chmod(dest, 0o600 if writable else 0o400)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with open(src, "rb") as s:
+                try:
+                    fcntl.ioctl(fd, files.FICLONE, s.fileno())
+                except OSError:
+                    os.ftruncate(fd, 0)
+                    with os.fdopen(os.dup(fd), "wb") as d:
+                        shutil.copyfileobj(s, d, 1 << 20)
+            os.fchown(fd, *self.ids)
+            os.fchmod(fd, 0o600 if writable else 0o400)
+        finally:
+            os.close(fd)
         return Path("/") / name
+
+    def make_file(self, inside: Path) -> Path:
+        """An empty file for firecracker to write (its log, metrics), made fresh and handed to the jail user
+        by descriptor: whatever stood at that name (a link the jailed process planted) is removed, never
+        followed. Returns its host path."""
+        path = self.host(inside)
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchown(fd, *self.ids)
+        finally:
+            os.close(fd)
+        return path
+
+    def take_out(self, inside: Path, dest: Path) -> None:
+        """Move a file the jailed firecracker wrote (a snapshot) out of the chroot: read through an O_NOFOLLOW
+        descriptor that must be a regular file (a planted link is refused, never followed), written to a new
+        root-only `dest` (a reflink where the filesystem allows), then removed from the jail."""
+        src = self.host(inside)
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise VmmError(f"{src} in the jail is not a regular file", hint="the jailed VMM misbehaved")
+            dest.unlink(missing_ok=True)
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                try:
+                    fcntl.ioctl(out, files.FICLONE, fd)
+                except OSError:
+                    os.ftruncate(out, 0)
+                    with os.fdopen(os.dup(fd), "rb") as r, os.fdopen(os.dup(out), "wb") as w:
+                        shutil.copyfileobj(r, w, 1 << 20)
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+        src.unlink()
+
+    def _own(self, path: Path, mode: int) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, *self.ids)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
 
     def argv(self, firecracker_args: Sequence[str]) -> list[str]:
         argv = [str(self.spec.jailer), "--id", self.id, "--exec-file", str(self.spec.firecracker),

@@ -228,7 +228,7 @@ class FirecrackerVmm:
         api.snapshot_create(state_in, mem_in, snapshot_type=kind)
         if self.jail:  # out of the chroot, which goes away with this process
             for inside, host in ((state_in, state), (mem_in, mem)):
-                shutil.move(self.jail.host(inside), host)
+                self.jail.take_out(inside, host)
         vsock = self._inside(self.vsock_path) if self.options.vsock_cid is not None else None
         return Snapshot(state, mem, kind, tuple(n.tap for n in self.spec.nets), vsock)
 
@@ -311,11 +311,11 @@ class FirecrackerVmm:
         api = self._api()
         log_in, metrics_in = self._inside(self.log_path), self._inside(self.metrics_path)
         for host, inside in ((self.log_path, log_in), (self.metrics_path, metrics_in)):
-            target = self.jail.host(inside) if self.jail else host
             # v1.7 opens these without O_CREAT: they must exist (and belong to the jail user).
-            target.touch()
             if self.jail:
-                os.chown(target, *self.jail.ids)
+                self.jail.make_file(inside)
+            else:
+                host.touch()
         api.put_logger(log_in, level=self.options.log_level, show_level=True)
         api.put_metrics(metrics_in)
 
