@@ -26,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from dispo import kernels, workspace
+from dispo import kernels, treefs, workspace
 from dispo.config import Config
 from dispo.errors import DispoError, InvalidInput, NotFound, StorageError
 from dispo.images import Image, ImageStore
@@ -231,11 +231,8 @@ def squashfs_to_ext4(squashfs: Path, out: Path, pubkey: str, workdir: Path) -> N
     """Unpack `squashfs`, authorize `pubkey` for root, and pack the tree as an ext4 image (no mount)."""
     tree = workdir / "tree"
     run(["unsquashfs", "-no-progress", "-f", "-d", tree, squashfs], hint="install squashfs-tools")
-    ssh = tree / "root" / ".ssh"
-    ssh.mkdir(parents=True, exist_ok=True)
-    os.chmod(ssh, 0o700)
-    (ssh / "authorized_keys").write_text(pubkey)
-    os.chmod(ssh / "authorized_keys", 0o600)
+    # The unpacked tree is the download's: `root` may be a link to anywhere; treefs never follows one.
+    treefs.write_file(tree, "root/.ssh/authorized_keys", pubkey.encode(), 0o600, dir_mode=0o700)
     used = sum(p.lstat().st_size for p in tree.rglob("*"))
     size_mib = max(256, int(used * 1.3) >> 20) + 256  # room for inodes, journal and some writes
     run(["mkfs.ext4", "-q", "-F", "-L", "rootfs", "-d", tree, out, f"{size_mib}M"], hint="install e2fsprogs")

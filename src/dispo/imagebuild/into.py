@@ -12,11 +12,11 @@ as snaps, which need a running snapd and cannot be installed this way).
 from __future__ import annotations
 
 import os
-import shutil
+import stat
 import time
 from pathlib import Path
 
-from dispo import guest
+from dispo import guest, treefs
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem
 from dispo.imagebuild import BUILD_TIMEOUT_S, _fs_size_mib, _say, cache_dir, recipes
@@ -99,51 +99,58 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
 
 
 def _install(tree: Path, packages: tuple[str, ...], quiet: bool) -> None:
-    """apt-get install in a chroot with the host's /proc, /sys, /dev and resolver; all unmounted after (and
-    by the build-dir undoer if dispo dies meanwhile)."""
-    resolv = tree / "etc/resolv.conf"
-    saved = None
-    if os.path.lexists(resolv):
-        saved = resolv.with_name(".resolv.conf.dispo-saved")
-        os.rename(resolv, saved)
-    shutil.copyfile("/etc/resolv.conf", resolv)
+    """apt-get install in a chroot with a fresh proc and sysfs, a minimal /dev of its own (never the host's)
+    and the host's resolver; all unmounted after (and by the build-dir undoer if dispo dies meanwhile). The
+    source image's code runs as root in that chroot: `--from` is for images you trust."""
+    # The tree is the source image's: every write below goes through treefs (no link is followed).
+    saved = treefs.rename(tree, "etc/resolv.conf", ".resolv.conf.dispo-saved")
+    treefs.write_file(tree, "etc/resolv.conf", Path("/etc/resolv.conf").read_bytes())
     # No service starts in a chroot (the guest's own init starts what it needs).
-    policy = tree / "usr/sbin/policy-rc.d"
-    policy.write_text("#!/bin/sh\nexit 101\n")
-    policy.chmod(0o755)
-    mounts = [(["-t", "proc", "proc"], tree / "proc"), (["-t", "sysfs", "sysfs"], tree / "sys"),
-              (["--bind", "/dev"], tree / "dev")]
+    treefs.write_file(tree, "usr/sbin/policy-rc.d", b"#!/bin/sh\nexit 101\n", 0o755)
+    # Not the host's /dev: a tmpfs with the few devices apt and dpkg use.
+    mounts = [(["-t", "proc", "proc"], "proc"), (["-t", "sysfs", "sysfs"], "sys"),
+              (["-t", "tmpfs", "-o", "mode=755,nosuid,noexec,size=1m", "tmpfs"], "dev")]
     done: list[Path] = []
     try:
-        for opts, target in mounts:
-            target.mkdir(exist_ok=True)
-            run(["mount", *opts, target])
-            done.append(target)
+        for opts, rel in mounts:
+            with treefs.open_dir(tree, rel, create=True) as fd:
+                # Mounted on the directory the descriptor holds, not on a path mount(8) would resolve.
+                run(["mount", *opts, f"/proc/{os.getpid()}/fd/{fd}"])
+            done.append(tree / rel)
+        _minimal_dev(tree / "dev")
         _say(f"apt-get install {' '.join(packages)}", quiet)
         _chroot(tree, "apt-get", "update", "-q")
         _chroot(tree, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages)
         _chroot(tree, "apt-get", "clean")
     finally:
         for target in reversed(done):
-            run(["umount", "-l", target], check=False)
-        resolv.unlink(missing_ok=True)
-        policy.unlink(missing_ok=True)
-        if saved is not None:
-            os.rename(saved, resolv)
+            treefs.unmount(target)
+        treefs.remove(tree, "etc/resolv.conf")
+        treefs.remove(tree, "usr/sbin/policy-rc.d")
+        if saved:
+            treefs.rename(tree, "etc/.resolv.conf.dispo-saved", "resolv.conf")
+
+
+_DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
+
+
+def _minimal_dev(dev: Path) -> None:
+    """The devices apt, dpkg and maintainer scripts need, on the chroot's own tmpfs (it was just mounted, so
+    nothing in it comes from the image)."""
+    for name, major, minor in _DEVICES:
+        os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, dev / name)
 
 
 def _finish_tree(tree: Path, recipe: recipes.Recipe) -> None:
     """What dispo needs in the guest: the launcher, sshd's settings, the unprivileged user, no host keys."""
     for path, resource in recipe.files:
-        dest = tree / path.lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(guest.resource(resource))
-        dest.chmod(0o755)
-    conf = tree / "etc/ssh/sshd_config.d/dispo.conf"
-    if not conf.parent.is_dir():
+        treefs.write_file(tree, path, guest.resource(resource), 0o755)
+    if not treefs.exists(tree, "etc/ssh/sshd_config.d"):
         raise NotFound("the source image has no /etc/ssh/sshd_config.d", hint="use an image with openssh-server")
-    conf.write_text(guest.SSHD_CONFIG + recipe.sshd_extra)
-    conf.chmod(0o644)
+    treefs.write_file(tree, "etc/ssh/sshd_config.d/dispo.conf", (guest.SSHD_CONFIG + recipe.sshd_extra).encode())
     if run(["chroot", tree, "id", "-u", guest.USER], check=False).returncode != 0:
         run(["useradd", "--root", tree, "--create-home", "--shell", "/bin/bash", "--uid", str(guest.USER_UID),
              "--user-group", guest.USER])
