@@ -200,6 +200,9 @@ def test_boot_then_power_off(product: Path, vm_journal: Journal, tmp_path: Path)
     assert set(status["Gid"].split()) == {str(uid)} and status["Groups"].strip() == ""
     assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == int(status["CapBnd"], 16) == 0
     assert status["NoNewPrivs"].strip() == "1"
+    # Its own mount namespace: the host's data (here this test's directory under /tmp) is not there.
+    assert os.path.isdir(tmp_path) and not os.path.exists(f"/proc/{pid}/root{tmp_path}")
+    assert os.listdir(f"/proc/{pid}/root/var") == [] and os.path.isdir(f"/proc/{pid}/root/usr/bin")
     # In cgroups of its own, with the session's limits.
     assert vmm.cgroups and all(str(pid) in (d / "cgroup.procs").read_text().split() for d in vmm.cgroups)
     mem = next(d for d in vmm.cgroups if "memory" in str(d) or len(vmm.cgroups) == 1)

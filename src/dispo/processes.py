@@ -52,7 +52,8 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
                    cwd: Path | None = None, on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
                    env: Mapping[str, str] | None = None, stderr: IO[bytes] | int | None = subprocess.STDOUT,
                    keep_stdin: bool = False, new_session: bool = True, die_with_parent: bool = True,
-                   setpriv: Sequence[str] = (), pass_fds: Sequence[int] = (), **record: str) -> Spawned:
+                   setpriv: Sequence[str] = (), pass_fds: Sequence[int] = (), outer: Sequence[str] = (),
+                   **record: str) -> Spawned:
     """Start a long-lived child (a VMM, an ssh tunnel) whose pid is journaled before its program runs.
 
     Popen, not proc.run(): its stdout goes to a log. A new session keeps the terminal's Ctrl-C away from it:
@@ -61,7 +62,9 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
     `stdout`/`stderr` None inherit the caller's; `keep_stdin` keeps its stdin; `new_session=False` keeps
     the caller's terminal (an interactive shell). `die_with_parent` (the default) SIGKILLs the child when the
     calling thread dies: call this from the thread that owns the child for its whole life. `setpriv` adds
-    options of util-linux's setpriv (drop to a uid, no capabilities); `pass_fds` are handed to the program."""
+    options of util-linux's setpriv (drop to a uid, no capabilities); `pass_fds` are handed to the program;
+    `outer` is a wrapper that runs with root's privileges before those are dropped (and must exec its argv,
+    keeping the pid)."""
     r, w = os.pipe()
     try:
         words = [str(a) for a in argv]
@@ -71,6 +74,7 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
                                   hint="install util-linux (apt-get install util-linux)")
             pdeath = ["--pdeathsig", "KILL"] if die_with_parent else []
             words = [SETPRIV, *pdeath, *setpriv, "--", *words]
+        words = [*outer, *words]
         gate = ["/bin/sh", "-c", _GATE_FD, "gate", str(r), *words] if keep_stdin else ["/bin/sh", "-c", _GATE, *words]
         proc = subprocess.Popen(gate, stdin=None if keep_stdin else r, stdout=stdout, stderr=stderr,
                                 env=dict(env) if env is not None else minimal_env(), cwd=cwd,

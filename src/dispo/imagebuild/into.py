@@ -139,7 +139,7 @@ def _minimal_dev(dev: Path) -> None:
     nothing in it comes from the image)."""
     for name, major, minor in _DEVICES:
         os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-        os.chmod(dev / name, 0o666)  # not the umask's 0644: apt drops to _apt, which writes /dev/null
+        os.chmod(dev / name, 0o666)  # noqa: S103 - device nodes; apt drops to _apt, which writes /dev/null
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, dev / name)

@@ -185,7 +185,7 @@ class QemuVmm:
                 spawned = processes.spawn_recorded(
                     journal, self.argv(fds), what="qemu", stdout=subprocess.PIPE, stderr=out,
                     on_spawn=self._set_proc, term_timeout="3", pass_fds=fds.all(),
-                    setpriv=sandbox.drop_args(self.uid, kvm=self.accel is Accel.KVM))
+                    setpriv=sandbox.drop_args(self.uid, kvm=self.accel is Accel.KVM), outer=sandbox.hide_host())
             assert spawned.proc.stdout is not None
             pump_console(spawned.proc.stdout, self.spec.console_log)
         except processes.SpawnFailed:

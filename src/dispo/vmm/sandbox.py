@@ -78,6 +78,23 @@ def drop_args(uid: int, *, kvm: bool) -> list[str]:
             "--no-new-privs"]
 
 
+# What the VMM's own mount namespace hides under empty tmpfs: every place on the host where data lives (homes,
+# /tmp, /var with dispo's workspace and images, /run with the state dir, /srv, /mnt, /media, /opt). It keeps
+# /usr (its binary, libraries, firmware), /etc (nothing there is readable by its uid that matters), /dev and
+# /proc (its descriptors: /proc/self/fd). Files it needs come as descriptors, which no mount hides.
+HIDDEN = ("/home", "/root", "/tmp", "/var", "/run", "/srv", "/mnt", "/media", "/opt")
+_HIDE = ('for d in "$@"; do [ "$d" = -- ] && break; [ -d "$d" ] || { shift; continue; }; '
+         'mount -t tmpfs -o mode=755,nosuid,nodev,noexec,size=16k dispo-hidden "$d" || exit 96; shift; done; '
+         'shift; exec "$@"')
+
+
+def hide_host(extra: tuple[str, ...] = ()) -> list[str]:
+    """A wrapper (run as root, before privileges are dropped) that gives the VMM a private mount namespace
+    with the host's data hidden, then execs its argv (same pid)."""
+    return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _HIDE, "hide-host",
+            *HIDDEN, *extra, "--"]
+
+
 def open_file(path: Path, *, write: bool = False) -> int:
     """An O_NOFOLLOW descriptor of path for the VMM (closed in dispo once handed over)."""
     flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
