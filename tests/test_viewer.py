@@ -163,3 +163,48 @@ def _pixel(png: Path, x: int, y: int) -> tuple[int, ...]:
     fmt = ",".join(f"%[fx:int(255*p{{{x},{y}}}.{c})]" for c in "rgb")
     out = subprocess.run(["convert", str(png), "-format", fmt, "info:"], capture_output=True, text=True, check=True)
     return tuple(int(c) for c in out.stdout.strip().split(","))
+
+
+def test_the_standalone_viewer_has_the_service_guards(tmp_path: Path) -> None:
+    """`dispo run`'s own viewer: a slow request head is cut off, connections are capped, a foreign Origin
+    cannot open the VNC WebSocket nor end the session, a foreign Host is refused (DNS rebinding)."""
+    import http.client
+
+    from dispo.web.guard import Limits
+
+    ended: list[bool] = []
+    viewer = WebViewer(Target(unix=str(tmp_path / "no-vnc.sock")), session_id="0badc0de",
+                       on_stop=lambda: ended.append(True), limits=Limits(max_connections=4, header_timeout_s=1.0))
+    with viewer:
+        port = viewer.port
+        # Half a request head, then nothing: the viewer answers 408 and closes (observable, not timed).
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1")
+            answer = slow.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408") and slow.recv(4096) == b""
+        # More connections than the cap: the extra ones are answered 503 at once.
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                assert extra.recv(4096).startswith(b"HTTP/1.1 503")
+        finally:
+            for s in held:
+                s.close()
+
+        def request(method: str, path: str, headers: dict[str, str]) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request(method, path, headers=headers)
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        base = f"/{viewer.token}/"
+        assert request("GET", base, {}) == 200
+        assert request("GET", base, {"Host": "attacker.example:80"}) == 403
+        evil = {"Origin": "http://attacker.example"}
+        assert request("POST", base + "stop", evil) == 403 and ended == []
+        ws = {**evil, "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+        assert request("GET", base + "websockify", ws) == 403
+        assert request("POST", base + "stop", {"Origin": f"http://127.0.0.1:{port}"}) == 200 and ended == [True]

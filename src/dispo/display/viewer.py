@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import mimetypes
 import secrets
@@ -31,6 +30,8 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from dispo.errors import NotFound
+from dispo.web.guard import CONNECTIONS, MIDDLEWARES, TOKEN, Connections, Limits, security_headers, token_ok
+from dispo.web.server import Server, TcpAddress, bind_tcp
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,6 @@ def find_novnc() -> Path:
         if (d / "vnc.html").is_file():
             return d
     raise NotFound("noVNC is not installed", hint="install the Debian package 'novnc'")
-
-
-def token_ok(given: str, expected: str) -> bool:
-    """Constant-time comparison, so response timing says nothing about how much of a token was right."""
-    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 @dataclass(frozen=True)
@@ -176,20 +172,14 @@ class ViewerEndpoint:
         return static_file(self.novnc, tail)
 
 
-def no_store(request: web.Request, response: web.StreamResponse) -> None:
-    """Headers every viewer answer carries: nothing cached (a token is in every URL), no Referer sent on."""
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-
-
 class WebViewer:
     """A token-protected noVNC viewer of one session, serving in a background thread until stop()."""
 
     def __init__(self, target: Target, *, session_id: str = "", on_stop: Callable[[], object] | None = None,
                  on_activity: Callable[[], None] | None = None, bind: str = "127.0.0.1", port: int = 0,
-                 novnc: Path | None = None) -> None:
+                 novnc: Path | None = None, limits: Limits | None = None) -> None:
         self.target = target
+        self.limits = limits or Limits()
         self.session_id = session_id
         self.bind = bind
         self.port = port
@@ -197,7 +187,7 @@ class WebViewer:
         self.endpoint = ViewerEndpoint(session_id, f"{self.token}/{WEBSOCKIFY}", target.connector(),
                                        (novnc or find_novnc()).resolve(), on_stop, on_activity)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
+        self._server: Server | None = None
         self._thread: threading.Thread | None = None
         self.refused = 0  # requests turned away for a missing or wrong token
 
@@ -244,26 +234,24 @@ class WebViewer:
         self.stop()
 
     async def _start_site(self) -> None:
-        app = web.Application()
-        app.on_response_prepare.append(self._headers)
+        # The same guards as dispod's server (web/guard.py): a cap on connections, a deadline for request
+        # heads, Host and Origin checks, bounded bodies and WebSocket messages, the security headers.
+        limits = self.limits
+        app = web.Application(client_max_size=limits.max_body, middlewares=MIDDLEWARES, handler_args={
+            "max_line_size": limits.max_header_line, "max_field_size": limits.max_header_line})
+        app[TOKEN] = self.token
+        app[CONNECTIONS] = Connections()
+        app.on_response_prepare.append(security_headers)
         app.router.add_route("*", "/{token}/{tail:.*}", self._dispatch)
         app.router.add_route("*", "/{tail:.*}", self._refuse)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.bind, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1]
-
-    @staticmethod
-    async def _headers(request: web.Request, response: web.StreamResponse) -> None:
-        no_store(request, response)
+        self._server = Server(app, limits, unix=None, tcp=bind_tcp(TcpAddress(self.bind, self.port)))
+        await self._server.start()
+        assert self._server.tcp is not None
+        self.port = self._server.tcp.port
 
     async def _shutdown(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            await self._server.close()
 
     # -- requests ---------------------------------------------------------------------------------
     async def _refuse(self, request: web.Request) -> web.StreamResponse:

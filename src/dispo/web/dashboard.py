@@ -17,8 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from dispo.display.viewer import token_ok
 from dispo.web.api import SERVICE, profile_list
+from dispo.web.guard import token_ok
 
 UI_PREFIX = "/ui"
 _HERE = Path(__file__).parent

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from dispo.display.viewer import WEBSOCKIFY, Target, ViewerEndpoint, find_novnc, token_ok
+from dispo.display.viewer import WEBSOCKIFY, Target, ViewerEndpoint, find_novnc
 from dispo.runtime.app import ENDED_FROM_VIEWER
+from dispo.web.guard import token_ok
 
 if TYPE_CHECKING:
     from dispo.runtime.live import LiveSession
