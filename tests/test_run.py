@@ -28,9 +28,19 @@ URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
 
 
 def qemu_processes(world: NetWorld) -> list[str]:
-    out = subprocess.run(["pgrep", "-a", "-f", f"qemu-system.*{world.state_dir}"], capture_output=True,
-                         text=True, check=False).stdout
-    return out.splitlines()
+    """QEMU processes of this world's sessions: their environment names its state dir (their command line
+    holds no path: QEMU gets descriptors)."""
+    out = subprocess.run(["pgrep", "-a", "-f", "qemu-system.*dispo-"], capture_output=True, text=True,
+                         check=False).stdout
+    mine = f"DISPO_STATE_DIR={world.state_dir}".encode()
+    found = []
+    for line in out.splitlines():
+        try:
+            if mine in Path(f"/proc/{line.split()[0]}/environ").read_bytes().split(b"\0"):
+                found.append(line)
+        except OSError:
+            continue
+    return found
 
 
 def listing(world: NetWorld) -> dict[str, object]:
@@ -138,6 +148,7 @@ def test_two_sessions_at_once_isolated_then_stopped(vm_world: NetWorld) -> None:
     procs = [w.spawn(w.dispo_argv("run", "--name", name, "--", "sleep", "600"), env=w.env(),
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("one", "two")]
     a, b = _wait_ready(w, procs, 2)
+    assert len(qemu_processes(w)) == 2  # the listing's probe sees this world's guests
     addr = {sid: json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"] for sid in (a, b)}
     name = {sid: json.loads((w.state_dir / "sessions" / sid / "state.json").read_text())["meta"]["name"]
             for sid in (a, b)}

@@ -40,7 +40,7 @@ def _processes(cfg: Config, f: Findings) -> None:
         except OSError:
             continue
         m = _PROC_RE.search(cmdline)
-        if m and m.group(1) not in f.live and any(d in cmdline for d in mine):
+        if m and m.group(1) not in f.live and (any(d in cmdline for d in mine) or _env_names(entry, cfg)):
             f.add(f"process {entry.name} of session {m.group(1)}: {cmdline[:120].strip()}")
 
 
@@ -51,6 +51,15 @@ def _network(cfg: Config, f: Findings) -> None:
 
     for what in orphans.sweep(cfg.state_dir, dry_run=True).removed:
         f.add(what)
+
+
+def _env_names(proc: Path, cfg: Config) -> bool:
+    """The process's environment names this state dir (a VMM, whose command line holds no path)."""
+    try:
+        env = (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"DISPO_STATE_DIR={cfg.state_dir}".encode() in env
 
 
 def scan(cfg: Config, *, network: bool = True) -> Findings:

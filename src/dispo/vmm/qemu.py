@@ -25,7 +25,7 @@ from typing import Any
 from dispo import processes
 from dispo.errors import NotFound, VmmError
 from dispo.journal import Journal
-from dispo.proc import which
+from dispo.proc import minimal_env, which
 from dispo.vmm import sandbox
 from dispo.vmm.accel import QEMU, QEMU_HINT, Accel, host_tsc_khz
 from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_console, tail
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 QMP_SOCKET = "qmp.sock"
 QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
+OWNER_ENV = "DISPO_STATE_DIR"
 MEMORY_OVERHEAD_MIB = 256       # QEMU's own memory over guest RAM (the cgroup limit) under KVM
 TCG_MEMORY_OVERHEAD_MIB = 1536  # ... under TCG, whose translation cache can grow to 1 GiB
 POWERDOWN_TIMEOUT_S = 5.0
@@ -185,6 +186,9 @@ class QemuVmm:
                 spawned = processes.spawn_recorded(
                     journal, self.argv(fds), what="qemu", stdout=subprocess.PIPE, stderr=out,
                     on_spawn=self._set_proc, term_timeout="3", pass_fds=fds.all(),
+                    # Its command line names no host path any more: its environment says whose it is
+                    # (`dispo verify` and the tests find a session's VMM by it).
+                    env=minimal_env({OWNER_ENV: str(state_dir), "DISPO_SESSION": self.spec.session_id}),
                     setpriv=sandbox.drop_args(self.uid, kvm=self.accel is Accel.KVM), outer=sandbox.hide_host())
             assert spawned.proc.stdout is not None
             pump_console(spawned.proc.stdout, self.spec.console_log)
