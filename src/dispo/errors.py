@@ -19,6 +19,7 @@ DispoError            500  every error dispo means to report (one line + a hint)
 │   ├── DisplayError  502  the app or its display did not come up (runtime/app.py)
 │   ├── ApiError      502  Firecracker answered an API call with a fault (vmm/firecracker/api.py)
 │   ├── Unsupported   502  the VMM backend cannot do this (its `capabilities`, vmm/base.py)
+│   ├── AgentError    502  the in-guest identity agent did not answer or refused (guest/agent.py)
 │   └── ApiUnreachable 502 Firecracker's API socket did not answer (vmm/firecracker/api.py)
 ├── NetworkError      500  taps, addresses, nftables
 ├── Busy              429  a limit is reached (max_sessions): try again later

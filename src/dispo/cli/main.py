@@ -11,14 +11,14 @@ from pathlib import Path
 from types import FrameType
 
 from dispo import __version__, config, journal
-from dispo.cli import demo, firecracker, images, net, run, sessions
+from dispo.cli import demo, firecracker, images, net, run, sessions, templates
 from dispo.cli.common import Terminated
 from dispo.errors import DispoError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
-COMMAND_MODULES = (images, sessions, net, run, firecracker, demo)
+COMMAND_MODULES = (images, templates, sessions, net, run, firecracker, demo)
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -84,6 +84,10 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
                    help="with PROFILE: where the app shows (default: the profile's)")
     p.add_argument("--open", action="store_true", default=default,
                    help="with --display web: open the viewer URL in the desktop's browser")
+    p.add_argument("--cold", dest="start", action="store_const", const="cold", default=default,
+                   help="boot, even when a template could be restored")
+    p.add_argument("--warm", dest="start", action="store_const", const="warm", default=default,
+                   help="restore from a template, or fail saying why not")
     p.add_argument("--in-process", action="store_true", default=default,
                    help="run the session in this process even when dispod runs")
 
@@ -91,7 +95,7 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
 PROFILE_USAGE = "dispo run PROFILE [URL] [--display web|x11|none] [--open]"
 _FLAGS = {"image": "image", "backend": "backend", "name": "name", "display": "display", "memory": "memory_mib",
           "vcpus": "vcpus", "ready_timeout": "ready_timeout_s", "idle_timeout": "idle_timeout_s",
-          "max_lifetime": "max_lifetime_s"}
+          "max_lifetime": "max_lifetime_s", "start": "start"}
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,11 @@
 #                                       guest's loopback only; dispo reaches it through the session's SSH
 #                                       (a forward to a unix socket in the host's session state dir)
 #   dispo-app x11 -- CMD [ARG...]       CMD on the display that `ssh -X` forwarded from the host
+#   dispo-app attach -- CMD [ARG...]    for a clone restored from a template, whose app already runs on :1 (a
+#                                       browser on a blank page): hand CMD (the browser with the session's URL)
+#                                       to the running browser, then stay until that app exits
+#   dispo-app settle SECONDS            wait until the guest's CPUs are idle (the app finished starting), at
+#                                       most SECONDS: a template is saved once its app is ready
 # It exits with CMD's status, and the display goes with it: closing the browser ends the session.
 set -u
 mode=${1:-}; shift || true
@@ -28,6 +33,7 @@ web)
         wm=$!
     fi
     echo "dispo-app: display ready" >&2
+    echo $$ > /tmp/dispo-app.pid
     "$@"
     status=$?
     exit $status
@@ -36,8 +42,52 @@ x11)
     [ "${1:-}" = "--" ] && shift
     exec "$@"
     ;;
+attach)
+    [ "${1:-}" = "--" ] && shift
+    pid=$(cat /tmp/dispo-app.pid 2>/dev/null)
+    if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+        echo "dispo-app: no app runs on the display to attach to" >&2
+        exit 3
+    fi
+    export DISPLAY=:1
+    # Chromium's profile lock names the host it was taken on; the clone has a new hostname, so the lock is
+    # renamed to it (same pid) or the second chromium would call the profile "in use on another computer".
+    lock="$HOME/.config/chromium/SingletonLock"
+    if [ -L "$lock" ]; then
+        held=$(readlink "$lock")
+        ln -sfn "$(hostname)-${held##*-}" "$lock"
+    fi
+    # A browser hands the URL to its running instance and returns at once.
+    "$@" > /dev/null 2>&1 < /dev/null
+    echo "dispo-app: attached" >&2
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
+    exit 0
+    ;;
+settle)
+    limit=${1:-60}
+    # Idle share of the CPUs over each second from /proc/stat; settled after two idle seconds in a row.
+    idle_share() {
+        set -- $(head -n 1 /proc/stat)
+        shift
+        echo $(( $1 + $2 + $3 + $4 + $5 + $6 + $7 + $8 )) $(( $4 + $5 ))
+    }
+    calm=0
+    i=0
+    set -- $(idle_share)
+    total=$1 idle=$2
+    while [ $i -lt "$limit" ] && [ $calm -lt 2 ]; do
+        sleep 1
+        i=$((i + 1))
+        set -- $(idle_share)
+        dt=$(( $1 - total )) di=$(( $2 - idle ))
+        total=$1 idle=$2
+        if [ $dt -gt 0 ] && [ $(( di * 100 / dt )) -ge 85 ]; then calm=$((calm + 1)); else calm=0; fi
+    done
+    echo "dispo-app: settled after $i s" >&2
+    exit 0
+    ;;
 *)
-    echo "usage: dispo-app web WxH -- CMD... | dispo-app x11 -- CMD..." >&2
+    echo "usage: dispo-app web WxH -- CMD... | x11 -- CMD... | attach -- CMD... | settle SECONDS" >&2
     exit 2
     ;;
 esac

@@ -95,6 +95,10 @@ for d in /sys/class/input/event*; do
     fi
 done
 
+# The agent that gives a clone restored from a template its own identity (docs/templates.md): it listens on
+# a host-only channel (virtio-serial or vsock), never on the network.
+[ -x /usr/lib/dispo/agent ] && /usr/lib/dispo/agent < /dev/null > /dev/console 2>&1 &
+
 # dispo writes a per-session host key into the disk before boot; make one if booted some other way.
 [ -s /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 /usr/sbin/sshd -e 2>/dev/console && say "sshd started"

@@ -63,6 +63,7 @@ MINIMAL = Recipe(
     cmdline=("console=ttyS0", "root=/dev/vda", "rw", f"init={guest.INIT_PATH}", "panic=-1"),
     vmms=("qemu",),
     headroom_mib=512,
+    files=((guest.AGENT_PATH, "agent.pl"),),
 )
 
 # What both display modes need: TigerVNC's Xvnc and a window manager for `web`, xauth for sshd's X11
@@ -76,7 +77,7 @@ def _browser(name: str, package: str) -> Recipe:
         MINIMAL, name=name, packages=(*MINIMAL.packages, *_DISPLAY, package), vmms=("qemu", "firecracker"),
         # A browser's cache, profile and crash dumps land on the session's disk.
         headroom_mib=1024,
-        files=((guest.APP_PATH, "app.sh"),),
+        files=(*MINIMAL.files, (guest.APP_PATH, "app.sh")),
         # Untrusted forwarding on the host side (ssh -X); xauth in the guest makes the cookie.
         sshd_extra="X11Forwarding yes\nX11UseLocalhost yes\n",
         vmlinux=True)

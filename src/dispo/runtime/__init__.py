@@ -20,6 +20,7 @@ from dispo import gc
 from dispo.config import Config
 from dispo.errors import Busy, NotFound
 from dispo.names import check_session_id, new_session_id
+from dispo.runtime import warm
 from dispo.runtime.app import StandaloneViewers, ViewerHost
 from dispo.runtime.events import Event, EventKind, EventSink, Fanout
 from dispo.runtime.live import LiveSession, SessionState, join_all
@@ -63,9 +64,14 @@ class Runtime:
         self._ended: collections.OrderedDict[str, LiveSession] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def start(self, request: SessionRequest, *, steps: tuple[Step, ...] = STEPS,
+    def start(self, request: SessionRequest, *, steps: tuple[Step, ...] | None = None,
               sink: EventSink | None = None) -> LiveSession:
-        """Begin a session (returns at once, state `starting`); Busy past max_sessions."""
+        """Begin a session (returns at once, state `starting`); Busy past max_sessions. Without `steps`, the
+        session restores from a current template that fits, else boots (runtime/warm.py says which, why)."""
+        how = ""
+        if steps is None:
+            chosen = warm.plan(self.cfg, request)
+            steps, how = chosen.steps, chosen.why
         with self._lock:
             if self.max_sessions and len(self._live) >= self.max_sessions:
                 raise Busy(f"{len(self._live)} sessions are running, the most this service allows "
@@ -78,6 +84,9 @@ class Runtime:
         if self.viewers is not None and request.display.value == "web":
             live.viewer_url = self.viewers.reserve(live)
         live.emit(EventKind.STATE, "starting", **live.status())
+        if how:
+            live.warm = how.startswith("restoring")
+            live.emit(EventKind.NOTICE, how, start="restore" if live.warm else "boot")
         live.start()
         return live
 

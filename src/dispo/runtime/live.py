@@ -90,6 +90,7 @@ class LiveSession:
         self.backend = request.backend
         self.accel = ""
         self.step = ""
+        self.warm = False  # restored from a template rather than booted
         self.last_activity = time.monotonic()
         self.cancel = CancelToken()
         self.receipt: receipt.Receipt | None = None
@@ -136,6 +137,7 @@ class LiveSession:
                 "exit_status": self.exit_status, "end_reason": self.end_reason or None,
                 "viewer_url": self.viewer_url, "address": self.address or None, "backend": self.backend,
                 "accel": self.accel or None, "error": problem(self.error) if self.error else None,
+                "start": "restore" if self.warm else "boot",
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s}
 
     # -- for the steps ----------------------------------------------------------------------------
@@ -211,7 +213,8 @@ class LiveSession:
                 with self._lock:
                     if self.state is SessionState.STARTING:
                         self._set_state(SessionState.RUNNING)
-                self.exit_status, self.end_reason = supervise(b)
+                # A step list may end the session itself (a template build ends once it is saved).
+                self.exit_status, self.end_reason = (0, b.finished) if b.finished else supervise(b)
                 with self._lock:
                     if self.state is not SessionState.STOPPING:
                         self._set_state(SessionState.STOPPING, self.end_reason)

@@ -16,6 +16,7 @@ from typing import Protocol
 from dispo import guest as guest_files
 from dispo import ssh
 from dispo.config import Config
+from dispo.guest import agent
 from dispo.net import GuestNetwork, NetworkPolicy, attach_network, missing_rules
 from dispo.txn import Transaction
 from dispo.vmm import registry
@@ -36,9 +37,11 @@ class GuestChannel(Protocol):
     def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]:
         """A host argv that runs `argv` in the guest as the unprivileged user, with its stdio."""
 
-    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str) -> list[str]:
+    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
+                attach: bool = False) -> list[str]:
         """A host argv that runs `app` on a display: with vnc_socket, the guest's private VNC display
-        forwarded to that unix socket; without, the host's $DISPLAY (X11 forwarding)."""
+        forwarded to that unix socket; without, the host's $DISPLAY (X11 forwarding). With `attach`, the
+        app already runs on the guest's display (a restored clone): it is handed `app` (the URL)."""
 
     def save(self, state_path: Path) -> None:
         """Leave what `dispo ssh ID` needs in the session's state dir."""
@@ -62,10 +65,11 @@ class SshChannel:
         base = ssh.ssh_argv(self.keys, self.address, batch=not tty, tty=tty)
         return [*base, ssh.remote_command(argv)] if argv else base
 
-    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str) -> list[str]:
+    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
+                attach: bool = False) -> list[str]:
         base = ssh.ssh_argv(self.keys, self.address)
         if vnc_socket is not None:
-            remote = [guest_files.APP_PATH, "web", geometry, "--", *app]
+            remote = [guest_files.APP_PATH, *(("attach",) if attach else ("web", geometry)), "--", *app]
             options = ["-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindMask=0177",
                        "-L", f"{vnc_socket}:127.0.0.1:{VNC_PORT}"]
         else:
@@ -94,6 +98,37 @@ def ssh_identity(tx: Transaction, disk: Path) -> Identity:
     return SshIdentity(keys)
 
 
+def agent_identity(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
+                   alive: Callable[[], bool]) -> Identity:
+    """A restored clone's identity, handed over by its agent: the guest is resumed (it was restored paused),
+    then gets entropy, clock, hostname, new SSH keys (made here, for this session alone) and its address."""
+    keys = ssh.make_keys(tx.state_path, tx.session_id)
+    new = agent.NewIdentity(
+        hostname=f"dispo-{tx.session_id}", mac=net.mac, address=net.guest.with_prefixlen, gateway=str(net.gateway),
+        dns=tuple(str(d) for d in net.dns), host_key=keys.host_key.read_bytes(),
+        user_key=keys.client_key.with_suffix(".pub").read_text())
+    vmm.resume()
+    link = agent.AgentLink(vmm.agent(timeout=5.0))
+    try:
+        agent.give(link, new, timeout=timeout, alive=alive)
+    finally:
+        link.close()
+    return SshIdentity(keys)
+
+
+def agent_answers(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> None:
+    """The guest's agent answers on its channel (checked before a template is saved: its clones need it)."""
+    try:
+        link = agent.AgentLink(vmm.agent(timeout=5.0))
+    except OSError as e:
+        raise agent.AgentError(f"the guest's agent channel cannot be opened ({e})",
+                               hint="rebuild the image with this dispo ('dispo image build NAME --force')") from None
+    try:
+        link.hello(timeout, alive)
+    finally:
+        link.close()
+
+
 def _attach(tx: Transaction, policy: NetworkPolicy) -> GuestNetwork:
     return attach_network(tx, policy)
 
@@ -114,8 +149,12 @@ class Machinery:
     # What of the session's isolation is gone ([] = intact), asked about once a second while it runs: if
     # someone flushes the ruleset, the guest would be unfiltered, so the session ends (fails closed).
     network_missing: Callable[[Transaction, GuestNetwork], list[str]]
+    # A restored clone's identity through its in-guest agent (resumes the paused guest first).
+    renew_identity: Callable[[Transaction, Vmm, GuestNetwork, float, Callable[[], bool]], Identity] = agent_identity
+    # That the agent answers (before a template is saved).
+    agent_check: Callable[[Vmm, float, Callable[[], bool]], None] = agent_answers
     name: str = "real"
 
 
 REAL = Machinery(attach_network=_attach, create_vmm=_create_vmm, identity=ssh_identity,
-                 network_missing=_rules_missing)
+                 network_missing=_rules_missing, renew_identity=agent_identity, agent_check=agent_answers)

@@ -34,11 +34,18 @@ class Stdio(StrEnum):
     TERMINAL = "terminal"  # the caller's stdin (and with tty, its whole terminal): dispo run in-process
 
 
+class StartMode(StrEnum):
+    AUTO = "auto"    # restore from a current template that fits, else boot (and say why)
+    COLD = "cold"    # always boot
+    WARM = "warm"    # restore, or fail saying why not
+
+
 MAX_URL = 4096
 MAX_COMMAND_BYTES = 64 * 1024
 _URL_RE = re.compile(r"^(https?://[^\s]+|about:[a-z-]+)$")
 # Keys a JSON body (POST /v1/sessions) may carry; the rest of SessionRequest is the server's to decide.
-API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", *INT_SETTINGS, *SECONDS_SETTINGS)
+API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", "start", *INT_SETTINGS,
+            *SECONDS_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,7 @@ class SessionRequest:
     policy: NetworkPolicy = field(default_factory=NetworkPolicy)
     stdio: Stdio = Stdio.CAPTURE
     tty: bool = False                  # with Stdio.TERMINAL: an interactive terminal
+    start: StartMode = StartMode.AUTO  # boot, or restore from a template (runtime/warm.py)
 
     @property
     def kind(self) -> VmmKind:
@@ -73,7 +81,7 @@ class SessionRequest:
                 "url": self.url or None, "display": self.display.value, "name": self.name or None,
                 "backend": self.backend, "memory_mib": self.memory_mib, "vcpus": self.vcpus,
                 "ready_timeout_s": self.ready_timeout_s, "idle_timeout_s": self.idle_timeout_s,
-                "max_lifetime_s": self.max_lifetime_s}
+                "max_lifetime_s": self.max_lifetime_s, "start": self.start.value}
 
 
 def _number(key: str, value: Any, where: str) -> int | float:
@@ -107,7 +115,8 @@ def find_image(cfg: Config, name: str) -> Image:
 
 def build(cfg: Config, *, profile: str | None = None, image: str | None = None, command: Sequence[str] = (),
           url: str | None = None, display: str | None = None, name: str | None = None, backend: str | None = None,
-          stdio: Stdio = Stdio.CAPTURE, tty: bool = False, where: str = "", **numbers: Any) -> SessionRequest:
+          stdio: Stdio = Stdio.CAPTURE, tty: bool = False, where: str = "", start: str | None = None,
+          **numbers: Any) -> SessionRequest:
     """Defaults, then the profile, then the caller's values; every check before anything is created.
 
     `numbers` are the numeric settings (memory_mib, vcpus, shm_mib, *_timeout_s, max_lifetime_s); None
@@ -160,6 +169,11 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
     if not cmd and (stdio is not Stdio.TERMINAL or not tty):
         raise InvalidInput(f"{where}no command given and there is no terminal for a shell",
                            hint="give a command (dispo run -- CMD [ARG ...]) or a profile")
+    if start is not None:
+        try:
+            fields["start"] = StartMode(start)
+        except ValueError:
+            raise InvalidInput(f"{where}unknown start {start!r}", hint="use auto, cold or warm") from None
     img = find_image(cfg, fields["image"])
     fields["backend"] = choose_backend(fields.get("backend"), img).value
     return SessionRequest(**fields, **values, stdio=stdio, tty=tty)
@@ -172,7 +186,7 @@ def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/se
     unknown = sorted(set(body) - set(API_KEYS))
     if unknown:
         raise InvalidInput(f"{where}unknown key(s): {', '.join(unknown)}", hint=f"known keys: {', '.join(API_KEYS)}")
-    strings = {k: body.get(k) for k in ("profile", "image", "url", "display", "name", "backend")}
+    strings = {k: body.get(k) for k in ("profile", "image", "url", "display", "name", "backend", "start")}
     for k, v in strings.items():
         if v is not None and not isinstance(v, str):
             raise InvalidInput(f"{where}{k} must be a string")
@@ -185,7 +199,7 @@ def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/se
     numbers: dict[str, Any] = {k: body.get(k) for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
     return build(cfg, command=command, where=where, stdio=Stdio.CAPTURE, profile=strings["profile"],
                  image=strings["image"], url=strings["url"], display=strings["display"], name=strings["name"],
-                 backend=strings["backend"], **numbers)
+                 backend=strings["backend"], start=strings["start"], **numbers)
 
 
 def replace(req: SessionRequest, **changes: Any) -> SessionRequest:

@@ -27,6 +27,7 @@ from dispo.runtime.events import EventKind
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.runtime.request import SessionRequest, Stdio, find_image
 from dispo.storage import disks, files
+from dispo.storage.templates import Template
 from dispo.txn import Transaction
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import GuestFailure, MachineSpec, NetAttachment, Vmm, VmmKind
@@ -62,6 +63,8 @@ class Bringup:
     vmm: Vmm | None = None
     channel: GuestChannel | None = None
     app: AppProcess | None = None
+    template: Template | None = None   # the template this session restores from (runtime/warm.py)
+    finished: str = ""                 # set by a last step that ends the session itself (a template build)
 
     def alive(self) -> bool:
         """The VMM runs and nobody asked the session to stop: what every wait checks."""
@@ -104,22 +107,37 @@ def network(b: Bringup) -> None:
     b.net = b.machinery.attach_network(b.tx, b.request.policy)
 
 
-def vmm_start(b: Bringup) -> None:
+def machine_spec(b: Bringup, *, agent: bool = False) -> MachineSpec:
+    """The machine of this session; `agent`: with the identity agent's channel (templates and their clones;
+    QEMU guests always have it)."""
     assert b.image is not None and b.kernel is not None and b.net is not None and b.disk_dir is not None
     from dispo.images import ROOTFS
 
     r, image, net = b.request, b.image, b.net
-    spec = MachineSpec(
+    extra: dict[str, str] = {}
+    if r.display is not DisplayMode.NONE:
+        # An app on a display (a browser) is what dispo exists to contain: a backend may refuse to run it
+        # with less isolation than it can give (Firecracker without its jailer).
+        extra["untrusted_app"] = "1"
+    if agent:
+        extra["agent"] = "1"
+    return MachineSpec(
         session_id=b.tx.session_id, kernel=b.kernel, rootfs=b.disk_dir / ROOTFS, workdir=b.tx.state_path,
         cmdline=(*image.cmdline, *net.kernel_args(), f"dispo.hostname=dispo-{b.tx.session_id}", *r.cmdline()),
         initrd=image.initrd_path, memory_mib=r.memory_mib, vcpus=r.vcpus, nets=(NetAttachment(net.tap, net.mac),),
-        # An app on a display (a browser) is what dispo exists to contain: a backend may refuse to run it
-        # with less isolation than it can give (Firecracker without its jailer).
-        extra={"untrusted_app": "1"} if r.display is not DisplayMode.NONE else {})
+        extra=extra)
+
+
+def new_vmm(b: Bringup, spec: MachineSpec) -> Vmm:
     vmm = b.machinery.create_vmm(b.cfg, b.kind, spec)
     vmm.check()
     b.tx.stack.callback(vmm.stop)  # runs before the journal unwinds the network and the disk
     b.vmm = vmm
+    return vmm
+
+
+def vmm_start(b: Bringup, *, agent: bool = False) -> None:
+    vmm = new_vmm(b, machine_spec(b, agent=agent))
     vmm.start(b.tx.journal)
     b.live.note_vmm(vmm)
 
@@ -170,11 +188,13 @@ def app(b: Bringup) -> None:
                            output=None if interactive else b.live.output, keep_stdin=r.stdio is Stdio.TERMINAL)
 
 
-def _web(b: Bringup) -> None:
+def _web(b: Bringup, *, attach: bool = False) -> None:
+    """The app on the guest's private display, forwarded to a socket and published to the viewer; with
+    `attach`, the app already runs there (a clone of a template) and is handed the session's URL."""
     assert b.channel is not None and b.vmm is not None
     sock = b.tx.state_path / VNC_SOCKET
     sock.unlink(missing_ok=True)
-    argv = b.channel.display(b.request.command, vnc_socket=sock, geometry=DEFAULT_GEOMETRY)
+    argv = b.channel.display(b.request.command, vnc_socket=sock, geometry=DEFAULT_GEOMETRY, attach=attach)
     app = b.app = AppProcess(b.tx, argv, what="app-ssh")
     deadline = time.monotonic() + b.request.ready_timeout_s
     while not vnc_greeting(sock):

@@ -41,8 +41,8 @@ class DiskBackend(abc.ABC):
         """Make a finished image read-only."""
 
     @abc.abstractmethod
-    def clone(self, image_dir: Path, dest: Path) -> None:
-        """Make dest a private, writable copy of the image holder."""
+    def clone(self, image_dir: Path, dest: Path, only: tuple[str, ...] | None = None) -> None:
+        """Make dest a private, writable copy of the image holder (with `only`: of those files in it)."""
 
 
 def fs_type(path: Path) -> str:
@@ -77,14 +77,17 @@ class BtrfsBackend(DiskBackend):
     def seal(self, path: Path) -> None:
         run(["btrfs", "property", "set", "-ts", path, "ro", "true"], hint=BTRFS_HINT)
 
-    def clone(self, image_dir: Path, dest: Path) -> None:
+    def clone(self, image_dir: Path, dest: Path, only: tuple[str, ...] | None = None) -> None:
         run(["btrfs", "subvolume", "snapshot", image_dir, dest], hint=BTRFS_HINT)
         # A snapshot keeps the image's modes (0755 holder, 0444 files): a live session's disk is private,
         # as with the other backends.
         dest.chmod(0o700)
         for f in dest.iterdir():
             if f.is_file() and not f.is_symlink():
-                f.chmod(0o600)
+                if only is not None and f.name not in only:
+                    f.unlink()  # the snapshot has everything; a session keeps only what it uses
+                else:
+                    f.chmod(0o600)
 
 
 class _FileCloneBackend(DiskBackend):
@@ -100,10 +103,10 @@ class _FileCloneBackend(DiskBackend):
         for f in path.iterdir():
             f.chmod(f.stat().st_mode & 0o555)
 
-    def clone(self, image_dir: Path, dest: Path) -> None:
+    def clone(self, image_dir: Path, dest: Path, only: tuple[str, ...] | None = None) -> None:
         dest.mkdir(mode=0o700)
         for f in sorted(image_dir.iterdir()):
-            if f.is_file():
+            if f.is_file() and (only is None or f.name in only):
                 self.clone_file(f, dest / f.name)
                 (dest / f.name).chmod(0o600)
 
@@ -140,13 +143,13 @@ class CopyBackend(_FileCloneBackend):
     kind = StorageBackend.COPY
     warned: ClassVar[bool] = False
 
-    def clone(self, image_dir: Path, dest: Path) -> None:
+    def clone(self, image_dir: Path, dest: Path, only: tuple[str, ...] | None = None) -> None:
         if not CopyBackend.warned:
             log.warning("workspace has neither btrfs snapshots nor reflinks: each session copies its image, "
                         "which costs time proportional to the image size (put the workspace on btrfs or XFS "
                         "for instant disks)")
             CopyBackend.warned = True
-        super().clone(image_dir, dest)
+        super().clone(image_dir, dest, only)
 
     def clone_file(self, src: Path, dst: Path) -> None:
         files.require_free(dst.parent, files.allocated_bytes(src), f"a session copy of {src.name}")

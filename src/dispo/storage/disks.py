@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispo import images, workspace
-from dispo.config import Config
+from dispo.config import Config, StorageBackend
 from dispo.journal import Journal
 from dispo.names import check_name
 from dispo.storage import backends
+from dispo.storage.templates import Template
 from dispo.txn import Transaction, transaction
 
 log = logging.getLogger(__name__)
@@ -22,15 +23,24 @@ log = logging.getLogger(__name__)
 
 def clone(tx: Transaction, image: images.Image) -> Path:
     """The session's disk directory (<workspace>/sessions/<id>, holding ROOTFS), recorded before it exists."""
+    return _clone(tx, image.path, image.storage)
+
+
+def clone_template(tx: Transaction, template: Template) -> Path:
+    """The same from a template: its disk only (the memory is read, never copied for a session)."""
+    return _clone(tx, template.path, template.storage, only=(images.ROOTFS,))
+
+
+def _clone(tx: Transaction, src: Path, storage: StorageBackend, only: tuple[str, ...] | None = None) -> Path:
     workspace.ensure(tx.cfg)
     t0 = time.monotonic()
-    be = backends.backend(image.storage)
+    be = backends.backend(storage)
     dest = tx.cfg.disks_dir / tx.session_id
     tx.journal.record(be.undo_kind, path=str(dest))
     if os.path.lexists(dest):  # left over by a crash under the same id: delete before create
         backends.remove_tree(dest)
-    be.clone(image.path, dest)
-    log.info("session %s: disk ready in %.3f s (%s)", tx.session_id, time.monotonic() - t0, image.storage.value)
+    be.clone(src, dest, only)
+    log.info("session %s: disk ready in %.3f s (%s)", tx.session_id, time.monotonic() - t0, storage.value)
     return dest
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -55,7 +56,7 @@ class MachineSpec:
 
 class Capability(StrEnum):
     PAUSE = "pause"        # pause() / resume()
-    SNAPSHOT = "snapshot"  # snapshot(dest) of a paused guest, restore(journal, snapshot) into a new process
+    SNAPSHOT = "snapshot"  # save_state(dest) of a paused guest, load_state(journal, src) into a new process
 
 
 class Vmm(Protocol):
@@ -98,6 +99,17 @@ class Vmm(Protocol):
 
     def resume(self) -> None:
         """Run the vCPUs again after pause()."""
+
+    def save_state(self, dest: Path) -> None:
+        """Pause the guest and write its memory and device state into the directory `dest` (Capability.SNAPSHOT).
+        The disk is the caller's to copy while the guest stays paused."""
+
+    def load_state(self, journal: Journal, src: Path) -> None:
+        """Instead of start(): record, then start a VMM process that loads what save_state() wrote into `src`
+        (read-only, never written: each session gets private memory). The guest is left paused."""
+
+    def agent(self, timeout: float = 5.0) -> socket.socket:
+        """A connected stream to the in-guest identity agent (guest/agent.pl) over the host-only channel."""
 
 
 class Unsupported(VmmError):

@@ -7,10 +7,18 @@ session state directory and go with it.
 
 Stop: QMP system_powerdown (the guest init powers off on the ACPI power button), then SIGTERM, then
 SIGKILL, each with a deadline; the process is verified gone.
+
+Templates (Capability.SNAPSHOT): `save_state(dir)` stops the vCPUs and migrates the machine's RAM and device
+state into a file dispo opened (QMP getfd + migrate "fd:"); `load_state(journal, dir)` starts a new QEMU with
+the same devices and `-incoming fd:N` on that file, read-only: QEMU reads it into its own private RAM, so
+no two sessions ever share a writable page. The restored guest stays paused until `resume()`.
+Every guest also has a virtio-serial port "dispo.agent" on a socket in the state dir: the host-only
+channel to the identity agent (guest/agent.pl).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import logging
@@ -33,6 +41,9 @@ from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_
 log = logging.getLogger(__name__)
 
 QMP_SOCKET = "qmp.sock"
+AGENT_SOCKET = "agent.sock"
+MEMORY_FILE = "memory.qemu"     # a template's RAM and device state: QEMU's migration stream
+MIGRATE_TIMEOUT_S = 600.0
 QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
 OWNER_ENV = "DISPO_STATE_DIR"
@@ -59,12 +70,17 @@ class Qmp:
         data: dict[str, Any] = json.loads(line)
         return data
 
-    def command(self, name: str, **arguments: Any) -> Any:
+    def command(self, name: str, *, fd: int | None = None, **arguments: Any) -> Any:
+        """Run one command; with `fd`, the descriptor travels with it (SCM_RIGHTS), as getfd wants."""
         msg: dict[str, Any] = {"execute": name}
         if arguments:
             msg["arguments"] = arguments
-        self.file.write(json.dumps(msg).encode() + b"\n")
-        self.file.flush()
+        data = json.dumps(msg).encode() + b"\n"
+        if fd is None:
+            self.file.write(data)
+            self.file.flush()
+        else:
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
         while True:
             reply = self._read()
             if "return" in reply:
@@ -88,11 +104,13 @@ class LaunchFds:
     disk_rw: int
     disk_ro: int
     qmp: int
+    agent: int
     taps: tuple[int, ...] = ()
+    incoming: int | None = None  # a template's saved state, read-only (restore)
 
     def all(self) -> tuple[int, ...]:
-        return (self.kernel, *((self.initrd,) if self.initrd is not None else ()), self.disk_rw, self.disk_ro,
-                self.qmp, *self.taps)
+        optional = tuple(fd for fd in (self.initrd, self.incoming) if fd is not None)
+        return (self.kernel, *optional, self.disk_rw, self.disk_ro, self.qmp, self.agent, *self.taps)
 
 
 @dataclass
@@ -101,7 +119,7 @@ class QemuVmm:
     accel: Accel = Accel.TCG
     qemu: str = QEMU
     kind: VmmKind = VmmKind.QEMU
-    capabilities: frozenset[Capability] = frozenset({Capability.PAUSE})
+    capabilities: frozenset[Capability] = frozenset({Capability.PAUSE, Capability.SNAPSHOT})
     uid: int = 0  # the session's own uid/gid QEMU runs as (vmm/sandbox.py), once started
     cgroups: list[Path] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -118,6 +136,10 @@ class QemuVmm:
     @property
     def log_path(self) -> Path:
         return self.spec.workdir / QEMU_LOG
+
+    @property
+    def agent_path(self) -> Path:
+        return self.spec.workdir / AGENT_SOCKET
 
     def cmdline(self) -> tuple[str, ...]:
         args = list(self.spec.cmdline)
@@ -152,12 +174,18 @@ class QemuVmm:
             "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0",
             # QMP on a socket dispo bound (root-only state dir) and listens on: QEMU only accepts.
             "-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+            # The identity agent's channel: a virtio-serial port, host side on a socket dispo listens on.
+            "-device", "virtio-serial-device,max_ports=2",
+            "-chardev", f"socket,id=agent,fd={fds.agent},server=on,wait=off",
+            "-device", "virtserialport,chardev=agent,name=dispo.agent,nr=1",
         ]
         if fds.initrd is not None:
             argv += ["-initrd", f"/proc/self/fd/{fds.initrd}"]
         for i, (net, tap) in enumerate(zip(s.nets, fds.taps, strict=True)):
             argv += ["-netdev", f"tap,id=n{i},fd={tap}",
                      "-device", f"virtio-net-device,netdev=n{i},mac={net.mac}"]
+        if fds.incoming is not None:
+            argv += ["-incoming", f"fd:{fds.incoming}"]
         return argv
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -170,6 +198,66 @@ class QemuVmm:
                                hint="rebuild or re-import the image ('dispo image build minimal --force')")
 
     def start(self, journal: Journal) -> None:
+        self._launch(journal, None)
+
+    def load_state(self, journal: Journal, src: Path) -> None:
+        """Instead of start(): a new QEMU loads the state save_state() wrote into `src`; the guest stays paused."""
+        memory = src / MEMORY_FILE
+        if not memory.is_file():
+            raise NotFound(f"template state {memory} is missing", hint="rebuild the template")
+        self._launch(journal, memory)
+        deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+        while True:
+            status = self._status()
+            if status not in ("inmigrate", "prelaunch"):
+                break
+            if time.monotonic() > deadline or not self.running():
+                raise self.failure(f"QEMU did not load the template's state (status {status})")
+            time.sleep(0.05)
+        if status not in ("paused", "running"):
+            raise self.failure(f"QEMU could not load the template's state (status {status})")
+
+    def save_state(self, dest: Path) -> None:
+        """Stop the vCPUs and write RAM and device state into `dest`/memory.qemu (a new file)."""
+        q = Qmp(self.qmp_path, timeout=30)
+        try:
+            q.command("stop")
+            fd = os.open(dest / MEMORY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600)
+            try:
+                q.command("getfd", fd=fd, fdname="template")
+            finally:
+                os.close(fd)
+            q.command("migrate", uri="fd:template")
+            deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+            while (info := q.command("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+                if time.monotonic() > deadline:
+                    raise VmmError(f"saving the guest's memory took over {MIGRATE_TIMEOUT_S:.0f} s")
+                time.sleep(0.05)
+            if info.get("status") != "completed":
+                raise VmmError(f"QEMU could not save the guest's memory: {info.get('error-desc', info.get('status'))}")
+        finally:
+            q.close()
+
+    def agent(self, timeout: float = 5.0) -> socket.socket:
+        """A stream to the in-guest agent (its virtio-serial port)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.agent_path))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _status(self) -> str:
+        q = Qmp(self.qmp_path, timeout=10)
+        try:
+            return str(q.command("query-status").get("status", ""))
+        finally:
+            q.close()
+
+    def _launch(self, journal: Journal, incoming: Path | None) -> None:
         self.check()
         self.spec.console_log.touch(mode=0o600)
         state_dir = journal.path.parent.parent
@@ -184,7 +272,7 @@ class QemuVmm:
                                      cpus=float(self.spec.vcpus + 1))
         try:
             with contextlib.ExitStack() as opened, open(self.log_path, "wb") as out:
-                fds = self._open(opened)
+                fds = self._open(opened, incoming)
                 # stdout: the serial console (chardev stdio), pumped into console.log with a cap;
                 # stderr: QEMU's own messages. QEMU runs as the session's own uid without capabilities.
                 spawned = processes.spawn_recorded(
@@ -203,7 +291,7 @@ class QemuVmm:
         self._start = spawned.starttime
         self._wait_started()
 
-    def _open(self, opened: contextlib.ExitStack) -> LaunchFds:
+    def _open(self, opened: contextlib.ExitStack, incoming: Path | None = None) -> LaunchFds:
         """What QEMU needs, opened by dispo: it gets descriptors, never paths of the host to open itself."""
         s = self.spec
 
@@ -211,20 +299,25 @@ class QemuVmm:
             opened.callback(os.close, fd)
             return fd
 
-        self.qmp_path.unlink(missing_ok=True)  # a leftover from a crash under the same id
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        opened.callback(listener.close)
-        old = os.umask(0o177)  # the control socket is root's alone from the start
-        try:
-            listener.bind(str(self.qmp_path))
-        finally:
-            os.umask(old)
-        listener.listen(4)
+        def listen(path: Path) -> int:
+            path.unlink(missing_ok=True)  # a leftover from a crash under the same id
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            opened.callback(listener.close)
+            old = os.umask(0o177)  # the control sockets are root's alone from the start
+            try:
+                listener.bind(str(path))
+            finally:
+                os.umask(old)
+            listener.listen(4)
+            return listener.fileno()
+
         return LaunchFds(
             kernel=keep(sandbox.open_file(s.kernel)),
             initrd=keep(sandbox.open_file(s.initrd)) if s.initrd is not None else None,
             disk_rw=keep(sandbox.open_file(s.rootfs, write=True)), disk_ro=keep(sandbox.open_file(s.rootfs)),
-            qmp=listener.fileno(), taps=tuple(keep(sandbox.open_tap(n.tap)) for n in s.nets))
+            qmp=listen(self.qmp_path), agent=listen(self.agent_path),
+            taps=tuple(keep(sandbox.open_tap(n.tap)) for n in s.nets),
+            incoming=keep(sandbox.open_file(incoming)) if incoming is not None else None)
 
     def _set_proc(self, proc: subprocess.Popen[bytes]) -> None:
         # Still the gate (before exec): into the session's cgroups before QEMU runs a single instruction.

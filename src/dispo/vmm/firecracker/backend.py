@@ -47,6 +47,8 @@ def create(cfg: Config, spec: MachineSpec, *, on_request: Callable[[Request], No
                          "[firecracker] jail = \"off\" in the config")
             log.warning("firecracker runs as root without the jailer (none of its version found); "
                         "set [firecracker] jail = \"off\" to say that is intended")
+    if vsock_cid is None and spec.extra.get("agent"):
+        vsock_cid = 3  # the identity agent's channel; every guest has its own vsock, so the same CID is fine
     options = FirecrackerOptions(binary=binary, jail=jail, vsock_cid=vsock_cid, entropy=True,
                                  track_dirty_pages=track_dirty_pages, on_request=on_request)
     return FirecrackerVmm(spec, options)

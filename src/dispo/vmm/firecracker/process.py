@@ -10,10 +10,12 @@ session directory and go with it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 _SUN_PATH_MAX = 107
 ROOT_DRIVE = "rootfs"
+SAVED = "firecracker.json"   # beside a saved state: the taps and vsock it was made with
+AGENT_VSOCK_PORT = 1024      # where the in-guest agent listens (guest/agent.pl)
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,12 @@ class FirecrackerVmm:
         w = spec.workdir
         self.log_path = w / "firecracker.log"
         self.metrics_path = w / "firecracker.metrics"
-        self.vsock_path = self.jail.root / "vsock.sock" if self.jail else _short(w / "vsock.sock", spec.session_id)
+        # Templates and their clones (spec.extra "agent") without a jail name their disk and vsock relative to
+        # firecracker's working directory (the state dir): a snapshot then names the same paths in every
+        # clone, as the jail's chroot does, and each clone's own files sit behind them.
+        self.relative = self.jail is None and bool(spec.extra.get("agent"))
+        self.vsock_path = (self.jail.root / "vsock.sock" if self.jail else w / "vsock.sock" if self.relative
+                           else _short(w / "vsock.sock", spec.session_id))
         self.socket = self.jail.socket if self.jail else _short(w / "firecracker.sock", spec.session_id)
         self._proc: subprocess.Popen[bytes] | None = None
         self._starttime = ""
@@ -140,6 +149,8 @@ class FirecrackerVmm:
         try:
             api = self._api()
             self._setup_logging()
+            if self.relative:
+                self._link_disk()
             state, mem = snapshot.state, snapshot.mem
             if self.jail:  # the snapshot files must be inside this process's chroot
                 state = self.jail.place(snapshot.state, "snapshot.state", writable=False)
@@ -156,6 +167,10 @@ class FirecrackerVmm:
                                   vsock_uds_path=vsock if vsock != snapshot.vsock else None,
                                   track_dirty_pages=dirty)
             except ApiError as e:
+                if "network_overrides" in e.fault:
+                    raise VmmError(f"this firecracker ({self.options.binary.name}) cannot attach a restored guest to "
+                                   f"its own tap (no network_overrides in its snapshot API)",
+                                   hint="use a newer Firecracker (1.14 has it) with its jailer, or --cold") from None
                 # vsock_override is newer than some releases (1.14 lacks it); the request is refused
                 # before anything is loaded, so retry binding the vsock where the snapshot had it.
                 if "vsock_override" not in e.fault or snapshot.vsock is None:
@@ -232,6 +247,47 @@ class FirecrackerVmm:
         vsock = self._inside(self.vsock_path) if self.options.vsock_cid is not None else None
         return Snapshot(state, mem, kind, tuple(n.tap for n in self.spec.nets), vsock)
 
+    # -- templates (the Vmm protocol's save_state / load_state / agent) ----------------------------
+    def save_state(self, dest: Path) -> None:
+        snap = self.snapshot(dest)
+        meta = {"state": snap.state.name, "mem": snap.mem.name, "taps": list(snap.taps),
+                "vsock": str(snap.vsock) if snap.vsock else None}
+        (dest / SAVED).write_text(json.dumps(meta) + "\n")
+
+    def load_state(self, journal: Journal, src: Path) -> None:
+        try:
+            meta = json.loads((src / SAVED).read_text())
+            snap = Snapshot(src / str(meta["state"]), src / str(meta["mem"]), SnapshotType.FULL,
+                            tuple(map(str, meta["taps"])), Path(meta["vsock"]) if meta.get("vsock") else None)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise NotFound(f"template state in {src} is unreadable ({e})", hint="rebuild the template") from None
+        if self.jail is None and not self.relative:
+            # Firecracker reopens the disk at the path the snapshot names: a jail's chroot or a relative
+            # name gives every clone the same one.
+            raise VmmError("a Firecracker template is restored into a jail, or with the agent's relative paths",
+                           hint="start with --cold")
+        self.restore(journal, snap, resume=False)
+
+    def agent(self, timeout: float = 5.0) -> socket.socket:
+        """The agent's vsock port through Firecracker's unix socket (its "CONNECT <port>" handshake)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.vsock_path))
+            sock.sendall(f"CONNECT {AGENT_VSOCK_PORT}\n".encode())
+            reply = b""
+            while not reply.endswith(b"\n") and len(reply) < 64:
+                chunk = sock.recv(1)
+                if not chunk:
+                    break
+                reply += chunk
+            if not reply.startswith(b"OK "):
+                raise ConnectionRefusedError(f"vsock port {AGENT_VSOCK_PORT}: no agent listens")
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     # -- internals --------------------------------------------------------------------------------
     def _api(self) -> FirecrackerApi:
         if self.api is None:
@@ -239,10 +295,21 @@ class FirecrackerVmm:
         return self.api
 
     def _inside(self, host: Path) -> Path:
-        """How firecracker names a host path: unchanged, or relative to the chroot."""
+        """How firecracker names a host path: unchanged, relative to the chroot, or to its working directory."""
+        if self.relative and host.parent == self.spec.workdir:
+            return Path(host.name)
         if self.jail is None:
             return host
         return Path("/") / host.name
+
+    def _link_disk(self) -> Path:
+        """rootfs.ext4 in the (root-only) state dir, pointing at the session's disk: the relative name firecracker
+        gets, so a snapshot of it means "this session's disk" in every clone."""
+        link = self.spec.workdir / "rootfs.ext4"
+        self._record_path(link)
+        link.unlink(missing_ok=True)
+        link.symlink_to(self.spec.rootfs)
+        return Path(link.name)
 
     def _record_path(self, path: Path) -> None:
         assert self._journal is not None
@@ -329,6 +396,8 @@ class FirecrackerVmm:
             kernel = self.jail.place(spec.kernel, "vmlinux", writable=False)
             rootfs = self.jail.place(spec.rootfs, "rootfs.ext4", writable=True)
             initrd = self.jail.place(spec.initrd, "initrd", writable=False) if spec.initrd else None
+        elif self.relative:
+            rootfs = self._link_disk()
         api.put_boot_source(kernel, boot_args=" ".join(spec.cmdline) or None, initrd_path=initrd)
         api.put_drive(ROOT_DRIVE, rootfs, is_root_device=True)
         for i, net in enumerate(spec.nets):

@@ -1,0 +1,93 @@
+"""`dispo template build|ls|rm`: templates for warm starts (runtime/warm.py, storage/templates.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from dispo.cli.common import print_table
+from dispo.cli.run import Printer, _outcome, _wait
+from dispo.config import Config
+from dispo.errors import NotFound
+from dispo.images import ImageStore
+from dispo.names import format_size
+from dispo.runtime import Event, EventKind, Runtime, warm
+from dispo.storage.templates import TemplateStore
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("template", help="templates for warm starts (a ready guest saved from memory)")
+    tsub = p.add_subparsers(dest="template_command", metavar="ACTION", required=True)
+
+    b = tsub.add_parser("build", help="boot NAME (a profile: up to its app on a blank page; an image: to a "
+                                      "shell), then save it as a template; 'dispo run' restores from it")
+    b.add_argument("name", metavar="NAME", help="a profile or an image")
+    b.add_argument("--image", dest="kind", action="store_const", const="image", default="auto",
+                   help="NAME is an image even if a profile has that name")
+    b.add_argument("--backend", choices=("auto", "qemu", "firecracker"), default=None)
+    b.add_argument("--memory", type=int, default=None, metavar="MiB", help="guest memory (clones get the same)")
+    b.add_argument("--vcpus", type=int, default=None, metavar="N", help="guest vCPUs (clones get the same)")
+    b.set_defaults(func=cmd_build)
+
+    ls = tsub.add_parser("ls", help="list templates, and whether each is current")
+    ls.set_defaults(func=cmd_ls)
+
+    rm = tsub.add_parser("rm", help="remove templates")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.set_defaults(func=cmd_rm)
+
+
+class BuildPrinter(Printer):
+    """`dispo run`'s lines, plus each step as it finishes: a build takes a while and says where it is."""
+
+    def __call__(self, e: Event) -> None:
+        if e.kind is EventKind.STEP:
+            self._say(f"template: {e.fields.get('step')} done ({float(e.fields.get('seconds', 0)):.1f} s)")
+        elif e.kind is EventKind.READY:
+            self._say(f"template: guest {e.message}")
+        else:
+            super().__call__(e)
+
+
+def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
+    req, kind = warm.build_request(cfg, args.name, kind=args.kind, backend=args.backend, memory_mib=args.memory,
+                                   vcpus=args.vcpus)
+    printer = BuildPrinter()
+    printer.notice(f"building the template of {kind.value} {args.name!r} ({req.image}, {req.memory_mib} MiB, "
+                   f"{req.vcpus} vCPU, {req.backend}); it boots once, then every session restores it")
+    rt = Runtime(cfg, owner=f"dispo template build (pid {os.getpid()})")
+    live = rt.start(req, steps=warm.template_steps(kind, args.name), sink=printer)
+    _wait(live)
+    rc = _outcome(live.exit_status, live.error)
+    t = TemplateStore(cfg).find(kind, args.name)
+    if t is not None:
+        print(f"template {t.key}: {format_size(t.size)}, built in {t.build_s:.1f} s")
+    return rc
+
+
+def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
+    images = ImageStore(cfg)
+    rows = []
+    for t in TemplateStore(cfg).list():
+        try:
+            image = images.get(t.image)
+        except NotFound:
+            image = None
+        stale = t.stale_reason(image)
+        built = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.created))
+        rows.append((t.name, t.kind.value, t.image, t.backend, f"{t.memory_mib} MiB", format_size(t.size), built,
+                     f"stale: {stale}" if stale else "current"))
+    print_table(("NAME", "KIND", "IMAGE", "BACKEND", "MEMORY", "SIZE", "BUILT", "STATE"), rows)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace, cfg: Config) -> int:
+    store = TemplateStore(cfg)
+    for name in args.names:
+        store.get(name)  # check all names before removing any
+    for name in args.names:
+        t = store.remove(name)
+        print(f"removed template {t.key}")
+    return 0

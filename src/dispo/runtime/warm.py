@@ -1,0 +1,243 @@
+"""Warm starts: make a template from a session, and restore sessions from templates instead of booting.
+
+Both are step lists for the same runtime (steps.py), not a second path:
+
+    template build:  validate, disk, identity, network, vmm.start(agent), guest.ready, [app.template,]
+                     template.save
+    restore:         template.validate, template.disk, network, vmm.restore, guest.identity, guest.ready, app
+
+`vmm.restore` loads the template's memory into a new VMM and leaves the guest paused; `guest.identity`
+resumes it and has the in-guest agent give it a fresh identity (entropy and RNG reseed, clock, hostname,
+SSH keys, its own address) before anything else talks to it. For a profile, the template holds the app
+already running on its display on a blank page; the clone's app step hands it the session's URL.
+
+`plan(cfg, request)` decides which list a request gets and says why, for the event the CLI prints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from dispo import guest as guest_files
+from dispo.config import Config
+from dispo.errors import InvalidInput, NotFound, VmmError
+from dispo.images import ROOTFS, ImageStore
+from dispo.names import format_size
+from dispo.proc import run
+from dispo.profiles import DisplayMode
+from dispo.runtime.app import DEFAULT_GEOMETRY
+from dispo.runtime.events import EventKind
+from dispo.runtime.request import SessionRequest, StartMode, find_image
+from dispo.runtime.steps import (
+    STEPS,
+    Bringup,
+    Step,
+    _web,
+    app,
+    disk,
+    guest_ready,
+    identity,
+    machine_spec,
+    network,
+    new_vmm,
+    validate,
+    vmm_start,
+)
+from dispo.storage import disks, templates
+from dispo.storage.templates import Template, TemplateKind, TemplateStore
+from dispo.vmm.base import Capability, VmmKind
+from dispo.vmm.registry import kernel_for
+
+SETTLE_S = 120          # at most this long for a profile's app to finish starting before its template is saved
+APP_LOG = "/tmp/dispo-app.log"
+
+
+# -- which steps a request gets ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+    template: Template | None
+    why: str            # one line: what was chosen and why
+
+
+def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None, str]:
+    """The template a request could restore from, or None and why not."""
+    store = TemplateStore(cfg)
+    kind, name = ((TemplateKind.PROFILE, request.profile) if request.profile
+                  else (TemplateKind.IMAGE, request.image))
+    t = store.find(kind, name)
+    if t is None:
+        return None, f"no template of {kind.value} {name!r} (make one with 'dispo template build {name}')"
+    try:
+        image = ImageStore(cfg).get(t.image)
+    except NotFound:
+        image = None
+    if (stale := t.stale_reason(image)) is not None:
+        return None, f"template {t.key} is stale: {stale} (rebuild it with 'dispo template build {name}')"
+    if t.image != request.image:
+        return None, f"template {t.key} is of image {t.image!r}, the session asks for {request.image!r}"
+    mismatch = [f"{what} {mine} (template: {theirs})" for what, mine, theirs in (
+        ("memory_mib", request.memory_mib, t.memory_mib), ("vcpus", request.vcpus, t.vcpus),
+        ("display", request.display.value, t.display)) if mine != theirs]
+    if request.backend not in ("auto", t.backend):
+        mismatch.append(f"backend {request.backend} (template: {t.backend})")
+    if mismatch:
+        return None, f"template {t.key} does not fit: {', '.join(mismatch)}"
+    return t, ""
+
+
+def plan(cfg: Config, request: SessionRequest) -> Plan:
+    """Restore when a current template fits (unless --cold), else boot; --warm makes "no template" an error."""
+    if request.start is StartMode.COLD:
+        return Plan(STEPS, None, "booting cold (--cold)")
+    t, why = template_for(cfg, request)
+    if t is None:
+        if request.start is StartMode.WARM:
+            raise InvalidInput(f"cannot start warm: {why}", hint="drop --warm to boot cold")
+        return Plan(STEPS, None, f"booting cold: {why}")
+    return Plan(restore_steps(t), t, f"restoring from template {t.key} (made {_age(t.created)} ago)")
+
+
+def _age(created: float) -> str:
+    s = max(0.0, time.time() - created)
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+# -- restore ----------------------------------------------------------------------------------------
+def restore_steps(t: Template) -> tuple[Step, ...]:
+    return (Step("template.validate", partial(validate_template, t)), Step("template.disk", disk_from_template),
+            Step("network", network), Step("vmm.restore", vmm_restore), Step("guest.identity", guest_identity),
+            Step("guest.ready", guest_ready), Step("app", app_restored))
+
+
+def validate_template(t: Template, b: Bringup) -> None:
+    image = find_image(b.cfg, t.image)
+    if (stale := t.stale_reason(image)) is not None:
+        raise InvalidInput(f"template {t.key} is stale: {stale}",
+                           hint=f"rebuild it with 'dispo template build {t.name}', or start with --cold")
+    b.image, b.kind, b.template = image, VmmKind(t.backend), t
+    b.kernel = kernel_for(image, b.kind)
+    if b.kernel is None or not b.kernel.is_file():
+        raise NotFound(f"image {image.name!r} has no kernel file for {t.backend}", hint="rebuild the image")
+
+
+def disk_from_template(b: Bringup) -> None:
+    assert b.template is not None
+    b.disk_dir = disks.clone_template(b.tx, b.template)
+
+
+def vmm_restore(b: Bringup) -> None:
+    """A new VMM with the template's machine, its memory loaded, the guest paused (`vmm.start` swapped)."""
+    assert b.template is not None
+    vmm = new_vmm(b, machine_spec(b, agent=True))
+    if Capability.SNAPSHOT not in vmm.capabilities:
+        raise VmmError(f"the {vmm.kind.value} backend cannot restore templates", hint="start with --cold")
+    vmm.load_state(b.tx.journal, b.template.path)
+    b.live.note_vmm(vmm)
+
+
+def guest_identity(b: Bringup) -> None:
+    assert b.vmm is not None and b.net is not None
+    b.identity = b.machinery.renew_identity(b.tx, b.vmm, b.net, b.request.ready_timeout_s, b.alive)
+
+
+def app_restored(b: Bringup) -> None:
+    if b.request.display is DisplayMode.WEB:
+        _web(b, attach=True)
+    else:
+        app(b)
+
+
+# -- template build ---------------------------------------------------------------------------------
+def template_steps(kind: TemplateKind, name: str) -> tuple[Step, ...]:
+    steps = [Step("validate", validate), Step("disk", disk), Step("identity", identity),
+             Step("network", network), Step("vmm.start", partial(vmm_start, agent=True)),
+             Step("guest.ready", guest_ready)]
+    if kind is TemplateKind.PROFILE:
+        steps.append(Step("app.template", app_template))
+    steps.append(Step("template.save", partial(save_template, kind, name)))
+    return tuple(steps)
+
+
+def app_template(b: Bringup) -> None:
+    """The profile's app on its display, on its start page, detached from SSH (it must outlive this
+    connection and the template's host), then wait until the guest is idle: the app finished starting."""
+    assert b.channel is not None
+    r = b.request
+    start = ["sh", "-c", f'exec setsid -f "$@" < /dev/null > {APP_LOG} 2>&1', "sh",
+             guest_files.APP_PATH, "web", DEFAULT_GEOMETRY, "--", *r.command]
+    _guest_run(b, start, "start the app")
+    settle = ["sh", "-c", f'"$1" settle {SETTLE_S} && kill -0 "$(cat /tmp/dispo-app.pid)"', "sh",
+              guest_files.APP_PATH]
+    _guest_run(b, settle, "let the app settle", timeout=SETTLE_S + 60)
+    b.emit(EventKind.NOTICE, f"{r.profile or 'the app'} runs on its display; saving the template")
+
+
+def _guest_run(b: Bringup, argv: list[str], what: str, timeout: float = 60) -> None:
+    assert b.channel is not None
+    b.cancel.check()
+    proc = run(b.channel.command(argv), check=False, timeout=timeout)
+    if proc.returncode != 0:
+        tail = " ".join((proc.stderr or proc.stdout or "").split())[-300:]
+        raise VmmError(f"template: could not {what} in the guest (status {proc.returncode}): {tail}",
+                       hint="check the profile's command with a cold 'dispo run' first")
+
+
+def save_template(kind: TemplateKind, name: str, b: Bringup) -> None:
+    """Pause the ready guest, save its memory and device state and its disk, seal, record, put in place."""
+    assert b.vmm is not None and b.disk_dir is not None and b.image is not None and b.net is not None
+    vmm = b.vmm
+    if Capability.SNAPSHOT not in vmm.capabilities:
+        raise VmmError(f"the {vmm.kind.value} backend cannot save templates")
+    # Its clones need the agent: check it answers now rather than fail every restore later.
+    try:
+        b.machinery.agent_check(vmm, 60.0, b.alive)
+    except VmmError as e:
+        raise vmm.failure(e.message) from None  # with the console, where the agent says what it found
+    t0 = time.monotonic()
+    from dispo import workspace
+
+    build = templates.begin(b.tx, kind, name, workspace.storage_backend(b.cfg))
+    vmm.save_state(build.tmp)               # the vCPUs stop here and stay stopped
+    templates.put_disk(build, b.disk_dir / ROOTFS)
+    saved = time.monotonic() - t0
+    r = b.request
+    t = templates.finish(b.tx, build, b.image, backend=vmm.kind.value, memory_mib=r.memory_mib, vcpus=r.vcpus,
+                         shm_mib=r.shm_mib, display=r.display.value, mac=b.net.mac, profile=r.profile,
+                         build_s=round(time.monotonic() - b.t0, 3), save_s=round(saved, 3))
+    b.finished = f"template {t.key} saved"
+    b.emit(EventKind.NOTICE, f"template {t.key}: {format_size(t.size)} ({', '.join(sorted(t.files))}), saved in "
+                             f"{saved:.1f} s", template=t.key, size=t.size, save_s=round(saved, 3))
+
+
+def build_request(cfg: Config, name: str, *, kind: str = "auto", backend: str | None = None,
+                  **numbers: Any) -> tuple[SessionRequest, TemplateKind]:
+    """The session that makes template NAME: a profile's (its app on a blank page) or an image's (a shell)."""
+    from dispo import profiles
+    from dispo.runtime.request import build
+
+    chosen: TemplateKind | None = None
+    if kind in ("auto", "profile"):
+        try:
+            profiles.find(name, cfg.profiles_dir)
+            chosen = TemplateKind.PROFILE
+        except NotFound:
+            if kind == "profile":
+                raise
+    if chosen is None:
+        chosen = TemplateKind.IMAGE
+    if chosen is TemplateKind.PROFILE:
+        req = build(cfg, profile=name, backend=backend, where="dispo template build: ", **numbers)
+    else:
+        # No app: the template is the booted guest; its clones run each session's own command.
+        req = build(cfg, image=name, command=("true",), backend=backend, where="dispo template build: ", **numbers)
+    if req.display is DisplayMode.X11:
+        raise InvalidInput(f"profile {name!r} shows its app over X11 forwarding, which cannot be saved in a template",
+                           hint="templates are for display = \"web\" profiles and images")
+    return req, chosen
+
+
+__all__ = ["Plan", "build_request", "plan", "restore_steps", "template_for", "template_steps"]

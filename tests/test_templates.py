@@ -1,0 +1,113 @@
+"""Warm starts end to end (QEMU/TCG): a template of `minimal`, two clones restored from it at once, each with
+its own identity, reaching the test "internet" through NAT and not each other; nothing left after them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.netns import INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links
+from tests.test_browser import GREEN, PAGE_URL, RED, _session_id, _shot, _spawn_run, _viewer_url, browser_world
+from tests.test_run import _tcp_banner, _wait_ready, listing, vm_world
+
+__all__ = ["browser_world", "vm_world"]
+pytestmark = [pytest.mark.root, pytest.mark.vm]
+
+URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
+
+# What a clone says about itself, one line each: urandom, the host key sshd presents, hostname, the page.
+PROBE = ("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
+         "ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f3; hostname; "
+         f"curl -sS --max-time 20 {URL}")
+
+
+def _build(w: NetWorld, *args: str) -> subprocess.CompletedProcess[str]:
+    p = w.dispo("template", "build", *args, timeout=900)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_two_clones_of_a_minimal_template_each_have_their_own_identity(vm_world: NetWorld) -> None:
+    w = vm_world
+    before = listing(w)
+    built = _build(w, "minimal")
+    assert "template image-minimal" in built.stdout, built.stdout
+    assert listing(w) == before  # the building session is gone; only the template stays (in the workspace)
+    ls = w.dispo("template", "ls")
+    assert "minimal" in ls.stdout and "current" in ls.stdout, ls.stdout
+
+    procs = [w.spawn(w.dispo_argv("run", "--name", name, "--", "sh", "-c", PROBE + "; sleep 600"), env=w.env(),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("one", "two")]
+    a, b = _wait_ready(w, procs, 2)
+    addr = {sid: json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"] for sid in (a, b)}
+    assert addr[a] != addr[b]
+    assert dispo_links(w.host) == {f"dsp-{a}", f"dsp-{b}"}
+    # Neither clone reaches the other (each its own tap and rules), while each reaches its own sshd.
+    assert _tcp_banner(w, a, addr[a]) == "SSH-"
+    assert _tcp_banner(w, a, addr[b]) == ""
+    assert _tcp_banner(w, b, addr[a]) == ""
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert "restoring from template image-minimal" in err, err
+        outs.append(out.splitlines())
+    (rand1, key1, host1, page1, *_), (rand2, key2, host2, page2, *_) = outs
+    assert len(rand1) == 64 and rand1 != rand2       # the RNG was reseeded differently in each clone
+    assert key1 and key2 and key1 != key2             # new SSH host keys
+    assert {host1, host2} == {f"dispo-{a}", f"dispo-{b}"}  # each its own hostname
+    assert page1 + "\n" == PAGE and page2 + "\n" == PAGE  # the test internet through NAT
+    assert listing(w) == before
+
+
+def test_cold_forces_a_boot_and_a_changed_image_is_refused(vm_world: NetWorld) -> None:
+    w = vm_world
+    _build(w, "minimal")
+    cold = w.dispo("run", "--cold", "--", "true", timeout=300)
+    assert cold.returncode == 0 and "booting cold (--cold)" in cold.stderr, cold.stderr
+    # The image is replaced (same recipe, a new import): the template no longer belongs to it.
+    rebuilt = w.dispo("image", "build", "minimal", "--force", "--quiet", timeout=900)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    warm = w.dispo("run", "--warm", "--", "true", timeout=300)
+    assert warm.returncode == 1, warm.stderr
+    assert warm.stderr.count("\n") == 1 and "template image-minimal is stale: its image 'minimal' changed" in warm.stderr
+    auto = w.dispo("run", "--", "true", timeout=300)
+    assert auto.returncode == 0 and "booting cold: template image-minimal is stale" in auto.stderr, auto.stderr
+    assert "stale" in w.dispo("template", "ls").stdout
+
+
+
+def test_chromium_template_clones_show_the_page_and_share_no_storage(browser_world: NetWorld, tmp_path: Path) -> None:
+    """The chromium profile's template holds the browser already running on a blank page; a clone is handed
+    the session's URL. Session 1 stores a cookie and localStorage (RED: storage works in a clone); session 2,
+    restored from the same template, must not see them (GREEN)."""
+    w = browser_world
+    built = _build(w, "chromium")
+    assert "template profile-chromium" in built.stdout, built.stdout
+    before = listing(w)
+
+    log1 = tmp_path / "warm1.log"
+    one = _spawn_run(w, "chromium", f"{PAGE_URL}?set", log=log1)
+    url = _viewer_url(one, log1)
+    _session_id(w, one, log1)
+    seen = _shot(w, url, "template-chromium-session1.png", RED, end=True)
+    assert seen["seen"], f"the restored session did not show RED through the viewer: {seen}"
+    assert seen.get("ended"), seen
+    assert one.wait(120) == 0, log1.read_text()
+    assert "restoring from template profile-chromium" in log1.read_text(), log1.read_text()
+    assert listing(w) == before
+
+    log2 = tmp_path / "warm2.log"
+    two = _spawn_run(w, "chromium", f"{PAGE_URL}?check", log=log2)
+    url2 = _viewer_url(two, log2)
+    fresh = _shot(w, url2, "template-chromium-session2.png", GREEN, end=True)
+    assert fresh["seen"], f"the second clone saw the first one's storage (not GREEN): {fresh}"
+    assert two.wait(120) == 0, log2.read_text()
+    assert "restoring from template profile-chromium" in log2.read_text()
+    assert listing(w) == before
