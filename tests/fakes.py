@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ from dispo.net import GuestNetwork, NetworkPolicy
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.txn import Transaction
 from dispo.vmm.accel import Accel
-from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, tail
+from dispo.vmm.base import Capability, GuestFailure, MachineSpec, Vmm, VmmKind, tail
 from tests.worlds import make_ext4
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,9 +82,10 @@ class FakeVmm:
     ready_delay: float = 0.0
     kind: VmmKind = VmmKind.QEMU
     accel: Accel = Accel.TCG
-    capabilities: frozenset[Capability] = frozenset({Capability.PAUSE})
+    capabilities: frozenset[Capability] = frozenset({Capability.PAUSE, Capability.SNAPSHOT})
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _start: str = ""
+    restored_from: Path | None = None
 
     @property
     def pid(self) -> int | None:
@@ -136,6 +138,21 @@ class FakeVmm:
         if self._proc is not None:
             os.kill(self._proc.pid, signal.SIGCONT)
 
+    # A fake template: the "memory" is a file naming the session it was saved from.
+    def save_state(self, dest: Path) -> None:
+        self.pause()
+        (dest / "memory.fake").write_text(f"saved from {self.spec.session_id}\n")
+
+    def load_state(self, journal: object, src: Path) -> None:
+        if not (src / "memory.fake").is_file():
+            raise VmmError(f"no fake memory in {src}")
+        self.restored_from = src
+        self.start(journal)
+        self.pause()
+
+    def agent(self, timeout: float = 5.0) -> socket.socket:
+        raise ConnectionRefusedError("the fake guest has no agent (fakes.machinery() checks none)")
+
 
 @dataclass(frozen=True)
 class FakeChannel:
@@ -158,13 +175,17 @@ class FakeChannel:
         words = list(argv) or ["sh"]
         return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "fake-guest", str(self.home), *words]
 
-    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str) -> list[str]:
+    def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
+                attach: bool = False) -> list[str]:
         if vnc_socket is None:
             return ["sleep", "1000000"]
         return [sys.executable, "-c", _FAKE_VNC, str(vnc_socket)]
 
     def save(self, state_path: Path) -> None:
         (state_path / "fake-guest.json").write_text(f'{{"home": "{self.home}"}}\n')
+
+    def display_detached(self, app: Sequence[str], *, geometry: str, settle_s: int) -> list[str]:
+        return ["true"]  # the fake display is started by the clone's display(attach=True)
 
 
 @dataclass(frozen=True)
@@ -189,11 +210,17 @@ def _network(tx: Transaction, policy: NetworkPolicy) -> GuestNetwork:
 
 
 def machinery(ready_delay: float = 0.0) -> Machinery:
-    def create(cfg: Config, kind: VmmKind, spec: MachineSpec) -> FakeVmm:
+    def create(cfg: Config, kind: VmmKind, spec: MachineSpec) -> Vmm:
         return FakeVmm(spec, ready_delay=ready_delay)
 
+    def renew(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
+              alive: Callable[[], bool]) -> Identity:
+        vmm.resume()
+        return _identity(tx, Path())
+
     return Machinery(attach_network=_network, create_vmm=create, identity=_identity,
-                     network_missing=lambda tx, net: [], name="fake")
+                     network_missing=lambda tx, net: [], renew_identity=renew,
+                     agent_check=lambda vmm, timeout, alive: None, name="fake")
 
 
 def slow_machinery() -> Machinery:

@@ -50,7 +50,20 @@ def test_argv_is_a_microvm_on_the_session_tap(tmp_path: Path) -> None:
     assert "-no-reboot" in argv and "-sandbox" in argv
 
 
-FDS = qemu.LaunchFds(kernel=10, initrd=11, disk_rw=12, disk_ro=13, qmp=14, taps=(15,))
+FDS = qemu.LaunchFds(kernel=10, initrd=11, disk_rw=12, disk_ro=13, qmp=14, agent=16, taps=(15,))
+
+
+def test_every_guest_has_the_agent_port_and_a_restore_reads_its_state_from_a_descriptor(tmp_path: Path) -> None:
+    """The agent's virtio-serial port is in every guest's machine (a template and its clones must have the same
+    devices); a restore adds `-incoming fd:N` on the template's state, opened read-only by dispo."""
+    vmm = qemu.QemuVmm(spec(tmp_path, nets=(NetAttachment("dsp-0badc0de", "06:00:ac:14:00:02"),)), Accel.TCG)
+    argv = vmm.argv(FDS)
+    assert "socket,id=agent,fd=16,server=on,wait=off" in argv
+    assert "virtserialport,chardev=agent,name=dispo.agent,nr=1" in argv and "-incoming" not in argv
+    restored = vmm.argv(dataclasses.replace(FDS, incoming=17))
+    assert restored[restored.index("-incoming") + 1] == "fd:17"
+    assert [a for a in restored if a not in ("-incoming", "fd:17")] == argv  # the same machine otherwise
+    assert 17 in dataclasses.replace(FDS, incoming=17).all() and 16 in FDS.all()
 
 
 def test_qemu_gets_descriptors_not_paths(tmp_path: Path) -> None:

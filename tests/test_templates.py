@@ -76,7 +76,8 @@ def test_cold_forces_a_boot_and_a_changed_image_is_refused(vm_world: NetWorld) -
     assert rebuilt.returncode == 0, rebuilt.stderr
     warm = w.dispo("run", "--warm", "--", "true", timeout=300)
     assert warm.returncode == 1, warm.stderr
-    assert warm.stderr.count("\n") == 1 and "template image-minimal is stale: its image 'minimal' changed" in warm.stderr
+    assert warm.stderr.count("\n") == 1, warm.stderr
+    assert "template image-minimal is stale: its image 'minimal' changed" in warm.stderr
     auto = w.dispo("run", "--", "true", timeout=300)
     assert auto.returncode == 0 and "booting cold: template image-minimal is stale" in auto.stderr, auto.stderr
     assert "stale" in w.dispo("template", "ls").stdout

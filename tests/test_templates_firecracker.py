@@ -14,20 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from dispo.config import Config, FirecrackerConfig, JailMode, StorageConfig
+from dispo.config import Config, FirecrackerConfig, JailMode, StorageBackend, StorageConfig
 from dispo.images import ImageStore
 from dispo.net import GuestNetwork
-from dispo.runtime import Runtime, build
-from dispo.runtime import warm
+from dispo.runtime import Runtime, build, warm
 from dispo.runtime.machinery import REAL, Identity, Machinery
 from dispo.storage.templates import TemplateKind, TemplateStore
-from dispo.config import StorageBackend
 from dispo.txn import Transaction
 from dispo.vmm.base import Vmm
 from dispo.vmm.firecracker.probe import GUEST_LINE, tiny_elf
 from tests.fakes import FakeIdentity
-from tests.fcworld import (add_upstream, firecracker_or_skip_reason, inside_new_netns, jailer_pair_or_skip_reason, links,
-                           processes_mentioning)
+from tests.fcworld import (
+    add_upstream,
+    firecracker_or_skip_reason,
+    inside_new_netns,
+    jailer_pair_or_skip_reason,
+    links,
+    processes_mentioning,
+)
 from tests.worlds import host_objects, make_ext4
 
 FC, WHY = firecracker_or_skip_reason()
@@ -121,7 +125,8 @@ def test_firecracker_template_then_restore_through_the_runtime(short_root: Path,
         assert plan.template is not None and plan.why.startswith("restoring from template image-fcprobe")
         for _ in range(2):  # the template is only read: it restores again
             events: list[str] = []
-            live = rt.start(req, sink=lambda e, seen=events: seen.append(f"{e.kind.value}:{e.message}"))
+            live = rt.start(req, sink=lambda e, seen=events: seen.append(  # type: ignore[misc]
+                f"{e.kind.value}:{e.message}"))
             assert live.wait(120)
             assert live.error is None, live.error
             assert live.warm and live.exit_status == 0

@@ -23,6 +23,7 @@ from dispo.vmm import registry
 from dispo.vmm.base import MachineSpec, Vmm, VmmKind
 
 VNC_PORT = 5900
+APP_LOG = "/tmp/dispo-app.log"  # in the guest: a detached app's output (a template's)
 
 
 class GuestChannel(Protocol):
@@ -45,6 +46,11 @@ class GuestChannel(Protocol):
 
     def save(self, state_path: Path) -> None:
         """Leave what `dispo ssh ID` needs in the session's state dir."""
+
+    def display_detached(self, app: Sequence[str], *, geometry: str, settle_s: int) -> list[str]:
+        """A host argv that starts `app` on the guest's private display detached from this channel (it must
+        outlive the connection, for a template), and returns once the guest is idle (the app started), at
+        most `settle_s` seconds; non-zero if the app is not running then."""
 
 
 class Identity(Protocol):
@@ -81,6 +87,11 @@ class SshChannel:
 
     def save(self, state_path: Path) -> None:
         ssh.save_info(state_path, self.keys, self.address)
+
+    def display_detached(self, app: Sequence[str], *, geometry: str, settle_s: int) -> list[str]:
+        script = (f'setsid -f "$@" < /dev/null > {APP_LOG} 2>&1 && "$1" settle {int(settle_s)} '
+                  f'&& kill -0 "$(cat /tmp/dispo-app.pid)"')
+        return self.command(["sh", "-c", script, "sh", guest_files.APP_PATH, "web", geometry, "--", *app])
 
 
 @dataclass(frozen=True)

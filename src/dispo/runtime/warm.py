@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from dispo import guest as guest_files
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, VmmError
 from dispo.images import ROOTFS, ImageStore
@@ -52,7 +51,6 @@ from dispo.vmm.base import Capability, VmmKind
 from dispo.vmm.registry import kernel_for
 
 SETTLE_S = 120          # at most this long for a profile's app to finish starting before its template is saved
-APP_LOG = "/tmp/dispo-app.log"
 
 
 # -- which steps a request gets ---------------------------------------------------------------------
@@ -166,24 +164,14 @@ def app_template(b: Bringup) -> None:
     """The profile's app on its display, on its start page, detached from SSH (it must outlive this
     connection and the template's host), then wait until the guest is idle: the app finished starting."""
     assert b.channel is not None
-    r = b.request
-    start = ["sh", "-c", f'exec setsid -f "$@" < /dev/null > {APP_LOG} 2>&1', "sh",
-             guest_files.APP_PATH, "web", DEFAULT_GEOMETRY, "--", *r.command]
-    _guest_run(b, start, "start the app")
-    settle = ["sh", "-c", f'"$1" settle {SETTLE_S} && kill -0 "$(cat /tmp/dispo-app.pid)"', "sh",
-              guest_files.APP_PATH]
-    _guest_run(b, settle, "let the app settle", timeout=SETTLE_S + 60)
-    b.emit(EventKind.NOTICE, f"{r.profile or 'the app'} runs on its display; saving the template")
-
-
-def _guest_run(b: Bringup, argv: list[str], what: str, timeout: float = 60) -> None:
-    assert b.channel is not None
     b.cancel.check()
-    proc = run(b.channel.command(argv), check=False, timeout=timeout)
+    argv = b.channel.display_detached(b.request.command, geometry=DEFAULT_GEOMETRY, settle_s=SETTLE_S)
+    proc = run(argv, check=False, timeout=SETTLE_S + 60)
     if proc.returncode != 0:
         tail = " ".join((proc.stderr or proc.stdout or "").split())[-300:]
-        raise VmmError(f"template: could not {what} in the guest (status {proc.returncode}): {tail}",
+        raise VmmError(f"template: the app did not start on its display (status {proc.returncode}): {tail}",
                        hint="check the profile's command with a cold 'dispo run' first")
+    b.emit(EventKind.NOTICE, f"{b.request.profile or 'the app'} runs on its display; saving the template")
 
 
 def save_template(kind: TemplateKind, name: str, b: Bringup) -> None:
