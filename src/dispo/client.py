@@ -89,6 +89,16 @@ class DispodClient:
         return self._json("DELETE", f"/v1/sessions/{session_id}", params={"wait": "1"} if wait else None,
                           timeout=timeout)
 
+    def pool(self) -> dict[str, Any]:
+        """GET /v1/pool: the memory budget and, per name, the target and the waiting guests."""
+        return self._json("GET", "/v1/pool")
+
+    def pool_fill(self, name: str, count: int) -> dict[str, Any]:
+        return self._json("PUT", f"/v1/pool/{name}", json={"count": count})
+
+    def pool_drain(self, name: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/v1/pool/{name}")
+
     def profiles(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = self._json("GET", "/v1/profiles")["profiles"]
         return found

@@ -78,6 +78,22 @@ class ServiceConfig:
     listen: str = ""  # "HOST:PORT" for TCP (bearer token); "" = the root-only unix socket alone
     max_connections: int = 64  # open connections per listener; more are answered 503 and closed
     header_timeout_s: int = 10  # a client must send a request's headers (and a JSON body) within this
+    # The warm pool (runtime/pool.py): "NAME=COUNT,..." guests of each template kept restored and paused, and
+    # the memory they may hold together (0: a quarter of the host's memory).
+    pool: str = ""
+    pool_memory_mib: int = 0
+
+
+def pool_targets(setting: str, where: str = "[service] pool") -> dict[str, int]:
+    """"chromium=1,minimal=2" -> {"chromium": 1, "minimal": 2}."""
+    targets: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in setting.split(","))):
+        name, sep, count = part.partition("=")
+        if not sep or not name.strip() or not count.strip().isdigit() or int(count) > 64:
+            raise ConfigError(f"{where}: {part!r} is not NAME=COUNT (COUNT 0 to 64)",
+                              hint='e.g. pool = "chromium=1"')
+        targets[name.strip()] = int(count)
+    return targets
 
 
 @dataclass(frozen=True)

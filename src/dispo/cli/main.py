@@ -11,14 +11,14 @@ from pathlib import Path
 from types import FrameType
 
 from dispo import __version__, config, journal
-from dispo.cli import demo, firecracker, images, net, run, sessions, templates
+from dispo.cli import demo, firecracker, images, net, pool, run, sessions, templates
 from dispo.cli.common import Terminated
 from dispo.errors import DispoError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
-COMMAND_MODULES = (images, templates, sessions, net, run, firecracker, demo)
+COMMAND_MODULES = (images, templates, pool, sessions, net, run, firecracker, demo)
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -26,7 +26,7 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
 
 
 # Commands that look rather than act: they show dead sessions instead of sweeping them first.
-OBSERVERS = frozenset({"ls", "gc", "verify", "receipt"})
+OBSERVERS = frozenset({"ls", "gc", "verify", "receipt", "pool"})
 
 
 def _sweep_dead(cfg: config.Config) -> None:

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispo import journal
-from dispo.config import Config
+from dispo.config import Config, pool_targets
 from dispo.daemon.paths import OWNER, ServicePaths
 from dispo.errors import Conflict, InvalidInput, PermissionProblem
 from dispo.runtime import Runtime
 from dispo.runtime.events import Event, EventKind
 from dispo.runtime.machinery import REAL, Machinery
+from dispo.runtime.pool import Pool
 from dispo.web.app import build_app
 from dispo.web.guard import Limits
 from dispo.web.server import Server, TcpAddress, bind_tcp, bind_unix, parse_listen, unix_base
@@ -101,6 +102,9 @@ class Dispod:
             raise PermissionProblem(f"cannot create the state dir {self.cfg.state_dir}: {e.strerror}") from None
         self._lock()
         reclaimed = self._reclaim()
+        # The warm pool starts once what dead owners left is gone (its guests are sessions like any other).
+        svc = self.cfg.service
+        self.rt.pool = Pool(self.rt, budget_mib=svc.pool_memory_mib or None, targets=pool_targets(svc.pool))
         self.service = Service(self.cfg, self.rt, token=self.token, viewers=self.viewers, reclaimed=reclaimed)
         self.rt.events.subscribe(self._report)
 

@@ -25,6 +25,7 @@ from dispo.runtime.app import StandaloneViewers, ViewerHost
 from dispo.runtime.events import Event, EventKind, EventSink, Fanout
 from dispo.runtime.live import LiveSession, SessionState, join_all
 from dispo.runtime.machinery import REAL, Machinery
+from dispo.runtime.pool import Pool
 from dispo.runtime.request import SessionRequest, Stdio, build, from_json
 from dispo.runtime.steps import STEPS, Step
 
@@ -63,31 +64,57 @@ class Runtime:
         self._live: dict[str, LiveSession] = {}
         self._ended: collections.OrderedDict[str, LiveSession] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.pool: Pool | None = None  # dispod's warm pool (runtime/pool.py), when it keeps one
 
     def start(self, request: SessionRequest, *, steps: tuple[Step, ...] | None = None,
-              sink: EventSink | None = None) -> LiveSession:
+              sink: EventSink | None = None, pooled: str = "") -> LiveSession:
         """Begin a session (returns at once, state `starting`); Busy past max_sessions. Without `steps`, the
-        session restores from a current template that fits, else boots (runtime/warm.py says which, why)."""
+        session is a guest from the warm pool when one waits, else restores from a current template that fits,
+        else boots (runtime/warm.py says which and why). `pooled`: a guest for the pool (runtime/pool.py)."""
         how = ""
         if steps is None:
+            self._check_room()
+            if self.pool is not None and (live := self.pool.acquire(request, sink)) is not None:
+                return self._handed_out(live)
             chosen = warm.plan(self.cfg, request)
             steps, how = chosen.steps, chosen.why
         with self._lock:
-            if self.max_sessions and len(self._live) >= self.max_sessions:
-                raise Busy(f"{len(self._live)} sessions are running, the most this service allows "
-                           f"(max_sessions = {self.max_sessions})")
+            if not pooled:
+                self._check_room_locked()
             sid = new_session_id()
             while sid in self._live or sid in self._ended:
                 sid = new_session_id()
             live = LiveSession(self, request, sid, steps=steps, sink=sink)
+            live.pool_name = pooled
             self._live[sid] = live
-        if self.viewers is not None and request.display.value == "web":
+        if self.viewers is not None and request.display.value == "web" and not pooled:
             live.viewer_url = self.viewers.reserve(live)
         live.emit(EventKind.STATE, "starting", **live.status())
         if how:
             live.warm = how.startswith("restoring")
             live.emit(EventKind.NOTICE, how, start="restore" if live.warm else "boot")
         live.start()
+        return live
+
+    def _check_room(self) -> None:
+        with self._lock:
+            self._check_room_locked()
+
+    def _check_room_locked(self) -> None:
+        users = sum(1 for s in self._live.values() if not s.pool_name)
+        if self.max_sessions and users >= self.max_sessions:
+            raise Busy(f"{users} sessions are running, the most this service allows "
+                       f"(max_sessions = {self.max_sessions})")
+
+    def _handed_out(self, live: LiveSession) -> LiveSession:
+        """A pooled guest just claimed by a request: it is now that request's session."""
+        if self.viewers is not None and live.request.display.value == "web":
+            live.viewer_url = self.viewers.reserve(live)
+        live.warm = True
+        t = self.pool.status(live.request.profile or live.request.image) if self.pool else {}
+        live.emit(EventKind.STATE, "starting", **live.status())
+        live.emit(EventKind.NOTICE, f"handed a guest from the warm pool (restored from template "
+                                    f"{(t.get('slots') or [{}])[0].get('template')}, never used)", start="pool")
         return live
 
     def get(self, session_id: str) -> LiveSession:
@@ -98,10 +125,11 @@ class Runtime:
             raise NotFound(f"no session {session_id}", hint="list sessions with 'dispo ls' or GET /v1/sessions")
         return live
 
-    def sessions(self, *, ended: bool = False) -> list[LiveSession]:
+    def sessions(self, *, ended: bool = False, pooled: bool = False) -> list[LiveSession]:
+        """The sessions (with `ended`, the recently ended too; with `pooled`, the guests waiting in the pool)."""
         with self._lock:
             found = list(self._live.values()) + (list(self._ended.values()) if ended else [])
-        return sorted(found, key=lambda s: s.created)
+        return sorted((s for s in found if pooled or not s.pool_name), key=lambda s: s.created)
 
     def __iter__(self) -> Iterator[LiveSession]:
         return iter(self.sessions())
@@ -113,7 +141,9 @@ class Runtime:
 
     def shutdown(self, reason: str, timeout: float = 60.0) -> list[LiveSession]:
         """Stop every session and wait for their teardown; the ones still there after `timeout`."""
-        sessions = self.sessions()
+        if self.pool is not None:
+            self.pool.close()
+        sessions = self.sessions(pooled=True)
         for s in sessions:
             s.stop(reason)
         return join_all(sessions, timeout)
@@ -136,4 +166,4 @@ class Runtime:
     @property
     def live_count(self) -> int:
         with self._lock:
-            return sum(1 for s in self._live.values() if s.state is not SessionState.ENDED)
+            return sum(1 for s in self._live.values() if s.state is not SessionState.ENDED and not s.pool_name)

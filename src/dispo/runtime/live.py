@@ -91,6 +91,8 @@ class LiveSession:
         self.accel = ""
         self.step = ""
         self.warm = False  # restored from a template rather than booted
+        self.pool_name = ""  # while it waits in the warm pool (runtime/pool.py): the name it waits for
+        self.claimed = threading.Event()
         self.last_activity = time.monotonic()
         self.cancel = CancelToken()
         self.receipt: receipt.Receipt | None = None
@@ -117,6 +119,17 @@ class LiveSession:
                 self._set_state(SessionState.STOPPING, reason)
         return True
 
+    def claim(self, request: SessionRequest, sink: EventSink | None) -> bool:
+        """A pooled session taken by `request` (its URL, command, name, limits; the template's machine): False
+        when it is no longer waiting (stopped, failed, or taken)."""
+        with self._lock:
+            if not self.pool_name or self.cancel.is_set() or self.state not in (SessionState.STARTING,):
+                return False
+            self.request, self._sink, self.pool_name = request, sink, ""
+            self.created = time.time()
+            self.claimed.set()
+        return True
+
     def wait(self, timeout: float | None = None) -> bool:
         """True once the session ended and everything it made is gone (or reported left)."""
         return self._done.wait(timeout)
@@ -137,7 +150,8 @@ class LiveSession:
                 "exit_status": self.exit_status, "end_reason": self.end_reason or None,
                 "viewer_url": self.viewer_url, "address": self.address or None, "backend": self.backend,
                 "accel": self.accel or None, "error": problem(self.error) if self.error else None,
-                "start": "restore" if self.warm else "boot",
+                "start": "pool" if self.claimed.is_set() else "restore" if self.warm else "boot",
+                "pooled": bool(self.pool_name),
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s}
 
     # -- for the steps ----------------------------------------------------------------------------

@@ -49,16 +49,17 @@ async def _blocking(fn: Callable[..., T], *args: Any) -> T:
 
 async def _body(request: web.Request) -> Any:
     if request.content_type != "application/json":
-        raise refuse_body(f"POST {request.path}: the body must be JSON (Content-Type: application/json)")
+        raise refuse_body(f"{request.method} {request.path}: the body must be JSON (Content-Type: application/json)")
     try:
         async with asyncio.timeout(json_deadline(request)):  # a body that trickles in is a slow client too
             raw = await request.read()
     except TimeoutError:
-        raise HttpProblem(InvalidInput(f"POST {request.path}: the body did not arrive in time"), 408) from None
+        late = InvalidInput(f"{request.method} {request.path}: the body did not arrive in time")
+        raise HttpProblem(late, 408) from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidInput(f"POST {request.path}: the body is not valid JSON: {e}",
+        raise InvalidInput(f"{request.method} {request.path}: the body is not valid JSON: {e}",
                            hint='e.g. {"image": "minimal", "command": ["sh", "-c", "echo hi"]}') from None
 
 
@@ -166,6 +167,33 @@ async def events(request: web.Request) -> web.StreamResponse:
     return await sse.stream(request, svc.rt.events.subscribe, snapshot, svc.streams, session=session)
 
 
+def _pool(svc: Service) -> Any:
+    if svc.rt.pool is None:
+        raise NotFound("this dispod keeps no warm pool")
+    return svc.rt.pool
+
+
+async def get_pool(request: web.Request) -> web.Response:
+    return _json(await _blocking(_pool(request.app[SERVICE]).status))
+
+
+async def fill_pool(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    body = await _body(request)
+    if not isinstance(body, dict) or set(body) != {"count"} or not isinstance(body["count"], int) \
+            or isinstance(body["count"], bool):
+        raise InvalidInput(f"PUT {request.path}: the body must be {{\"count\": N}}", hint='e.g. {"count": 1}')
+    pool = _pool(svc)
+    await _blocking(pool.fill, request.match_info["name"], body["count"])
+    return _json(await _blocking(pool.status))
+
+
+async def drain_pool(request: web.Request) -> web.Response:
+    pool = _pool(request.app[SERVICE])
+    await _blocking(pool.drain, request.match_info["name"])
+    return _json(await _blocking(pool.status))
+
+
 async def health(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     return _json({"status": "ok", "version": __version__, "sessions": svc.rt.live_count,
@@ -186,6 +214,9 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/sessions", list_sessions, allow_head=False),
         web.get("/v1/sessions/{id}", get_session, allow_head=False),
         web.delete("/v1/sessions/{id}", delete_session),
+        web.get("/v1/pool", get_pool, allow_head=False),
+        web.put("/v1/pool/{name}", fill_pool),
+        web.delete("/v1/pool/{name}", drain_pool),
         web.get("/v1/profiles", list_profiles, allow_head=False),
         web.get("/v1/images", list_images, allow_head=False),
         web.get("/v1/events", events, allow_head=False),

@@ -80,6 +80,10 @@ SCHEMAS: dict[str, Any] = {
             "memory_mib": _setting("memory_mib", True), "vcpus": _setting("vcpus", True),
             "shm_mib": _setting("shm_mib", True), "ready_timeout_s": _setting("ready_timeout_s", False),
             "idle_timeout_s": _setting("idle_timeout_s", False), "max_lifetime_s": _setting("max_lifetime_s", False),
+            "start": {"enum": ["auto", "cold", "warm"],
+                      "description": "auto (default): a guest from the warm pool, else a restore from a current "
+                                     "template that fits, else a boot; cold: always boot; warm: fail rather than "
+                                     "boot"},
         },
         "examples": [{"profile": "chromium", "url": "https://example.org/"},
                      {"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"], "idle_timeout_s": 60}],
@@ -106,6 +110,9 @@ SCHEMAS: dict[str, Any] = {
             "address": _nullable({"type": "string"}), "backend": {"type": "string"},
             "accel": _nullable({"type": "string"}), "error": _nullable(_ref("SessionError")),
             "idle_timeout_s": {"type": "number"}, "max_lifetime_s": {"type": "number"},
+            "start": {"enum": ["boot", "restore", "pool"],
+                      "description": "how its guest came: booted, restored from a template, or from the warm pool"},
+            "pooled": {"type": "boolean", "description": "a guest still waiting in the warm pool"},
         },
         "examples": [SESSION_EXAMPLE, ENDED_EXAMPLE],
     },
@@ -164,6 +171,24 @@ SCHEMAS: dict[str, Any] = {
         "examples": [{"status": "ok", "version": __version__, "sessions": 1, "max_sessions": 4, "machinery": "real",
                       "uptime_s": 3600.0, "viewers": True}],
     },
+    "Pool": {
+        "type": "object", "required": ["budget_mib", "used_mib", "slots"],
+        "properties": {
+            "budget_mib": {"type": "integer", "description": "memory the pooled guests may hold together"},
+            "used_mib": {"type": "integer"},
+            "slots": {"type": "array", "items": {
+                "type": "object", "required": ["name", "target", "ready", "starting"],
+                "properties": {"name": {"type": "string"}, "target": {"type": "integer"}, "ready": {"type": "integer"},
+                               "starting": {"type": "integer"}, "template": _nullable({"type": "string"}),
+                               "memory_mib": {"type": "integer"}, "last_error": _nullable({"type": "string"})}}},
+        },
+        "examples": [{"budget_mib": 6144, "used_mib": 2048, "slots": [
+            {"name": "chromium", "target": 1, "ready": 1, "starting": 0, "template": "profile-chromium",
+             "memory_mib": 2048, "last_error": None}]}],
+    },
+    "PoolFill": {"type": "object", "additionalProperties": False, "required": ["count"],
+                 "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 64}},
+                 "examples": [{"count": 1}]},
     "Problem": {
         "type": "object", "required": ["type", "title", "status", "detail", "hint"],
         "description": "RFC 9457. `title` names the error's class in dispo's exception tree; `detail` is its "
@@ -225,6 +250,26 @@ PATHS: dict[str, Any] = {
                 "202": {"description": "it is ending (state stopping)", "content": {JSON: {"schema": _ref("Session")}}},
                 "400": _BAD_ID, "401": _AUTH, "403": _problem("a foreign Origin"), "404": _UNKNOWN},
         },
+    },
+    "/v1/pool": {"get": {
+        "operationId": "getPool", "summary": "The warm pool: per profile or image, its target and waiting guests",
+        "responses": {"200": {"description": "the pool", "content": {JSON: {"schema": _ref("Pool")}}},
+                      "401": _AUTH}}},
+    "/v1/pool/{name}": {
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": NAME}],
+        "put": {
+            "operationId": "fillPool", "summary": "Keep COUNT guests of NAME's template restored and waiting",
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("PoolFill")}}},
+            "responses": {"200": {"description": "the pool", "content": {JSON: {"schema": _ref("Pool")}}},
+                          "400": _problem("a bad count, or over the memory budget"), "401": _AUTH,
+                          "403": _problem("a foreign Origin"),
+                          "404": _problem("no template of NAME (dispo template build NAME)"),
+                          "415": _problem("the body is not JSON")}},
+        "delete": {
+            "operationId": "drainPool", "summary": "Stop NAME's waiting guests and keep none",
+            "responses": {"200": {"description": "the pool", "content": {JSON: {"schema": _ref("Pool")}}},
+                          "401": _AUTH, "403": _problem("a foreign Origin"),
+                          "404": _problem("NAME is not in the pool")}},
     },
     "/v1/profiles": {"get": {
         "operationId": "listProfiles", "summary": "The profiles a session can start from",

@@ -1,0 +1,233 @@
+"""The warm pool (dispod): per template, a target count of guests restored from it and held paused, handed
+to one session each and never reused; refilled in the background within a memory budget.
+
+A pooled guest is an ordinary session whose steps are the restore steps with `pool.hold` after
+`vmm.restore`: it is restored (disk clone, network, memory) and waits there, paused. `acquire(request)`
+gives a waiting one to a request that its template fits: the session takes the caller's request and goes on
+from `pool.hold` (guest.identity, so the fresh identity is given at hand-out, then guest.ready, app). So a
+pooled guest has never seen any user's traffic, and every hand-out is a clone nobody used.
+
+The pool is drained (its guests stopped and torn down like any session) on `drain`, on shutdown, and when a
+template changes (rebuilt or stale): a guest of an older template is never handed out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dispo.errors import InvalidInput, NotFound
+from dispo.runtime import warm
+from dispo.runtime.events import EventKind, EventSink
+from dispo.runtime.request import SessionRequest, StartMode
+from dispo.runtime.steps import Bringup, Step
+from dispo.storage.templates import Template, TemplateStore
+
+if TYPE_CHECKING:
+    from dispo.runtime import Runtime
+    from dispo.runtime.live import LiveSession
+
+log = logging.getLogger(__name__)
+
+REFILL_EVERY_S = 1.0
+RETRY_AFTER_S = 30.0     # after a pooled guest failed to restore, before the next try
+DRAIN_REASON = "drained from the warm pool"
+
+
+def _mem_total_mib() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def default_budget_mib() -> int:
+    """A quarter of the host's memory: pooled guests hold their RAM while they wait."""
+    return max(0, _mem_total_mib() // 4)
+
+
+def hold(b: Bringup) -> None:
+    """Wait, restored and paused, until a session claims this guest (or the pool stops it)."""
+    live = b.live
+    assert b.vmm is not None
+    live.emit(EventKind.STATE, "pooled", **live.status())
+    while not live.claimed.wait(0.2):
+        b.cancel.check()
+        if not b.vmm.running():
+            raise b.vmm.failure("the pooled guest's VMM exited while it waited")
+    b.cancel.check()
+    b.request = live.request  # the caller's: its URL, command, name, limits
+
+
+def pool_steps(t: Template) -> tuple[Step, ...]:
+    steps = list(warm.restore_steps(t))
+    at = [s.name for s in steps].index("vmm.restore") + 1
+    steps.insert(at, Step("pool.hold", hold))
+    return tuple(steps)
+
+
+@dataclass
+class Slot:
+    """One name (a profile or an image) in the pool."""
+
+    name: str
+    target: int = 0
+    guests: list[LiveSession] = field(default_factory=list)
+    template: Template | None = None
+    last_error: str = ""
+    retry_at: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        held = [g for g in self.guests if g.step == "pool.hold"]
+        return {"name": self.name, "target": self.target, "ready": len(held), "starting": len(self.guests) - len(held),
+                "template": self.template.key if self.template else None,
+                "memory_mib": sum(g.request.memory_mib for g in self.guests), "last_error": self.last_error or None}
+
+
+class Pool:
+    def __init__(self, runtime: Runtime, *, budget_mib: int | None = None,
+                 targets: dict[str, int] | None = None) -> None:
+        self.rt = runtime
+        self.budget_mib = default_budget_mib() if budget_mib is None else budget_mib
+        self._slots: dict[str, Slot] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        for name, count in (targets or {}).items():
+            self._slots[name] = Slot(name, count)
+        self._thread = threading.Thread(target=self._loop, name="dispo-pool", daemon=True)
+        self._thread.start()
+
+    # -- what dispod calls ----------------------------------------------------------------------------
+    def fill(self, name: str, count: int) -> dict[str, Any]:
+        """Keep `count` guests of NAME's template ready (0 drains it)."""
+        if not 0 <= count <= 64:
+            raise InvalidInput(f"pool count {count} is out of range: give 0 to 64")
+        req, kind = warm.build_request(self.rt.cfg, name)
+        t = TemplateStore(self.rt.cfg).find(kind, name)
+        if t is None and count:
+            raise NotFound(f"no template of {kind.value} {name!r} to fill the pool from",
+                           hint=f"build one with 'dispo template build {name}'")
+        if count and req.memory_mib > self.budget_mib:
+            raise InvalidInput(f"one guest of {name!r} needs {req.memory_mib} MiB, over the pool's budget of "
+                               f"{self.budget_mib} MiB", hint="raise [service] pool_memory_mib in the config")
+        with self._lock:
+            slot = self._slots.setdefault(name, Slot(name))
+            slot.target, slot.last_error, slot.retry_at = count, "", 0.0
+        self._wake.set()
+        return self.status(name)
+
+    def drain(self, name: str | None = None) -> list[str]:
+        """Stop the waiting guests (of NAME, or all) and set their target to 0; their ids."""
+        with self._lock:
+            slots = [self._slots[name]] if name is not None and name in self._slots else (
+                [] if name is not None else list(self._slots.values()))
+            if name is not None and not slots:
+                raise NotFound(f"nothing of {name!r} in the pool", hint="see 'dispo pool ls'")
+            stopped = []
+            for slot in slots:
+                slot.target = 0
+                for g in slot.guests:
+                    if g.pool_name and g.stop(DRAIN_REASON):
+                        stopped.append(g.id)
+                slot.guests = [g for g in slot.guests if not g.pool_name]
+        return stopped
+
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        with self._lock:
+            self._prune()
+            slots = [s.summary() for s in self._slots.values() if name is None or s.name == name]
+            used = sum(s["memory_mib"] for s in slots) if name is None else self._used()
+        return {"budget_mib": self.budget_mib, "used_mib": used, "slots": slots}
+
+    def acquire(self, request: SessionRequest, sink: EventSink | None) -> LiveSession | None:
+        """A waiting guest for `request`, claimed by it, or None (then the caller plans as usual)."""
+        if request.start is StartMode.COLD:
+            return None
+        name = request.profile or request.image
+        with self._lock:
+            slot = self._slots.get(name)
+            if slot is None or slot.template is None:
+                return None
+            t, _ = warm.template_for(self.rt.cfg, request)
+            if t is None or t.key != slot.template.key or t.created != slot.template.created:
+                return None  # the request does not fit, or the template changed: the loop drains the old
+            waiting = sorted((g for g in slot.guests if g.pool_name and not g.cancel.is_set()),
+                             key=lambda g: g.step != "pool.hold")  # ready ones first
+            for g in waiting:
+                if g.request.policy == request.policy and g.claim(request, sink):
+                    slot.guests.remove(g)
+                    self._wake.set()  # refill
+                    return g
+        return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(5)
+        self.drain()
+
+    # -- the refill loop ----------------------------------------------------------------------------
+    def _used(self) -> int:
+        return sum(g.request.memory_mib for s in self._slots.values() for g in s.guests)
+
+    def _prune(self) -> None:
+        for slot in self._slots.values():
+            for g in slot.guests:
+                if g.ended and g.error is not None and g.pool_name:
+                    slot.last_error = g.error.one_line()
+                    slot.retry_at = time.monotonic() + RETRY_AFTER_S
+            slot.guests = [g for g in slot.guests if not g.ended]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(REFILL_EVERY_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._refill()
+            except Exception:  # the pool must outlive one bad round (a template removed meanwhile, ...)
+                log.exception("warm pool refill")
+
+    def _refill(self) -> None:
+        with self._lock:
+            self._prune()
+            for slot in self._slots.values():
+                if slot.target == 0:
+                    continue
+                try:
+                    req, _ = warm.build_request(self.rt.cfg, slot.name)
+                    t, why = warm.template_for(self.rt.cfg, req)
+                except Exception as e:  # a profile or image removed meanwhile
+                    t, why = None, str(getattr(e, "message", e))
+                    req = None
+                current = (t.key, t.created) if t is not None else None
+                if slot.template is not None and (slot.template.key, slot.template.created) != current:
+                    for g in slot.guests:  # the template changed: its guests must not be handed out
+                        g.stop("the template changed")
+                    slot.guests = []
+                slot.template = t
+                if t is None or req is None:
+                    slot.last_error = why
+                    continue
+                if len(slot.guests) >= slot.target or time.monotonic() < slot.retry_at:
+                    continue
+                if self._used() + req.memory_mib > self.budget_mib:
+                    slot.last_error = (f"the pool's memory budget ({self.budget_mib} MiB) is used up "
+                                       f"({self._used()} MiB held)")
+                    continue
+                live = self.rt.start(req, steps=pool_steps(t), pooled=slot.name)
+                slot.guests.append(live)
+                self._wake.set()  # one at a time, then look again
+                return
+
+
+__all__ = ["Pool", "default_budget_mib", "hold", "pool_steps"]
