@@ -7,13 +7,16 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.dispodworld import start_dispod, stop_dispod
 from tests.netns import INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links
 from tests.test_browser import GREEN, PAGE_URL, RED, _session_id, _shot, _spawn_run, _viewer_url, browser_world
 from tests.test_run import _tcp_banner, _wait_ready, listing, vm_world
+from tests.test_service_e2e import state_listing
 
 __all__ = ["browser_world", "vm_world"]
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -112,3 +115,37 @@ def test_chromium_template_clones_show_the_page_and_share_no_storage(browser_wor
     assert two.wait(120) == 0, log2.read_text()
     assert "restoring from template profile-chromium" in log2.read_text()
     assert listing(w) == before
+
+
+def test_dispods_warm_pool_hands_out_each_restored_clone_once(vm_world: NetWorld) -> None:
+    """dispod keeps one clone of the minimal template restored and paused ([service] pool); `dispo run` through
+    dispod is handed it (with its own identity: its hostname is its session's), and a new one takes its place.
+    Stopping dispod drains the pool: nothing is left."""
+    w = vm_world
+    _build(w, "minimal")
+    w.config.write_text('[service]\npool = "minimal=1"\n' + w.config.read_text())
+    before = state_listing(w)
+    d = start_dispod(w)
+    try:
+        def waiting() -> list[str]:
+            return [s.parent.name for s in (w.state_dir / "sessions").glob("*/state.json")
+                    if d.client.pool()["slots"][0]["ready"] == 1]
+
+        deadline = time.monotonic() + 300
+        while not (first := waiting()):
+            assert time.monotonic() < deadline, d.log.read_text()
+            time.sleep(0.5)
+        assert d.client.sessions() == []  # a waiting clone is nobody's session
+        run = w.dispo("run", "--", "sh", "-c", f"hostname; curl -sS --max-time 20 {URL}", timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "handed a guest from the warm pool" in run.stderr, run.stderr
+        hostname, page = run.stdout.split("\n", 1)
+        assert hostname == f"dispo-{first[0]}" and page == PAGE, run.stdout
+        deadline = time.monotonic() + 300
+        while (again := waiting()) in ([], first):
+            assert time.monotonic() < deadline, d.log.read_text()
+            time.sleep(0.5)
+        assert first[0] not in again  # the one handed out is gone; a new clone waits
+    finally:
+        stop_dispod(d)
+    assert state_listing(w) == before

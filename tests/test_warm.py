@@ -64,6 +64,7 @@ def test_a_template_is_restored_by_default_and_never_by_cold(rt: Runtime, cfg: C
     live = rt.start(build(cfg, image="minimal", command=["sh", "-c", "echo warm"]), sink=seen.append)
     assert live.wait(30) and live.error is None and live.exit_status == 0, live.error
     assert live.warm and live.status()["start"] == "restore"
+    assert live.receipt is not None and live.receipt.clean and live.receipt.summary()["image_unchanged"] is True
     steps = [e.fields["step"] for e in seen if e.kind is EventKind.STEP]
     assert steps == ["template.validate", "template.disk", "network", "vmm.restore", "guest.identity",
                      "guest.ready", "app"]

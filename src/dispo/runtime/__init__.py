@@ -111,10 +111,9 @@ class Runtime:
         if self.viewers is not None and live.request.display.value == "web":
             live.viewer_url = self.viewers.reserve(live)
         live.warm = True
-        t = self.pool.status(live.request.profile or live.request.image) if self.pool else {}
         live.emit(EventKind.STATE, "starting", **live.status())
-        live.emit(EventKind.NOTICE, f"handed a guest from the warm pool (restored from template "
-                                    f"{(t.get('slots') or [{}])[0].get('template')}, never used)", start="pool")
+        live.emit(EventKind.NOTICE, f"handed a guest from the warm pool (restored from template {live.template}, "
+                                    f"never used)", start="pool", template=live.template)
         return live
 
     def get(self, session_id: str) -> LiveSession:

@@ -91,6 +91,7 @@ class LiveSession:
         self.accel = ""
         self.step = ""
         self.warm = False  # restored from a template rather than booted
+        self.template = ""  # the template's key when restored
         self.pool_name = ""  # while it waits in the warm pool (runtime/pool.py): the name it waits for
         self.claimed = threading.Event()
         self.last_activity = time.monotonic()
@@ -151,7 +152,7 @@ class LiveSession:
                 "viewer_url": self.viewer_url, "address": self.address or None, "backend": self.backend,
                 "accel": self.accel or None, "error": problem(self.error) if self.error else None,
                 "start": "pool" if self.claimed.is_set() else "restore" if self.warm else "boot",
-                "pooled": bool(self.pool_name),
+                "pooled": bool(self.pool_name), "template": self.template or None,
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s}
 
     # -- for the steps ----------------------------------------------------------------------------
@@ -216,7 +217,7 @@ class LiveSession:
                     t = time.monotonic()
                     try:
                         step.run(b)
-                        if step.name == "validate" and b.image is not None:
+                        if step.name in ("validate", "template.validate") and b.image is not None:
                             self._image, self._proof = b.image, receipt.image_proof(b.image)
                     except DispoError:
                         self.cancel.check()  # stopped meanwhile: say so rather than the step's error

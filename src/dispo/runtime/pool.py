@@ -144,8 +144,7 @@ class Pool:
         with self._lock:
             self._prune()
             slots = [s.summary() for s in self._slots.values() if name is None or s.name == name]
-            used = sum(s["memory_mib"] for s in slots) if name is None else self._used()
-        return {"budget_mib": self.budget_mib, "used_mib": used, "slots": slots}
+            return {"budget_mib": self.budget_mib, "used_mib": self._used(), "slots": slots}
 
     def acquire(self, request: SessionRequest, sink: EventSink | None) -> LiveSession | None:
         """A waiting guest for `request`, claimed by it, or None (then the caller plans as usual)."""
@@ -162,6 +161,7 @@ class Pool:
             waiting = sorted((g for g in slot.guests if g.pool_name and not g.cancel.is_set()),
                              key=lambda g: g.step != "pool.hold")  # ready ones first
             for g in waiting:
+                g.template = slot.template.key  # known before its own validate step may have run
                 if g.request.policy == request.policy and g.claim(request, sink):
                     slot.guests.remove(g)
                     self._wake.set()  # refill

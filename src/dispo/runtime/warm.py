@@ -117,6 +117,7 @@ def validate_template(t: Template, b: Bringup) -> None:
         raise InvalidInput(f"template {t.key} is stale: {stale}",
                            hint=f"rebuild it with 'dispo template build {t.name}', or start with --cold")
     b.image, b.kind, b.template = image, VmmKind(t.backend), t
+    b.live.template = t.key
     b.kernel = kernel_for(image, b.kind)
     if b.kernel is None or not b.kernel.is_file():
         raise NotFound(f"image {image.name!r} has no kernel file for {t.backend}", hint="rebuild the image")

@@ -257,6 +257,12 @@ class QemuVmm:
         finally:
             q.close()
 
+    def _stopped_vcpus(self) -> bool:
+        try:
+            return self._status() in ("paused", "postmigrate", "inmigrate", "prelaunch", "finish-migrate")
+        except (OSError, VmmError, ValueError):
+            return False
+
     def _launch(self, journal: Journal, incoming: Path | None) -> None:
         self.check()
         self.spec.console_log.touch(mode=0o600)
@@ -385,6 +391,8 @@ class QemuVmm:
         if self._proc is None:
             return
         deadline = time.monotonic() + timeout
+        if self.running() and self._stopped_vcpus():
+            deadline = 0.0  # a paused guest (a saved template, a pooled clone) cannot hear the power button
         # Pressed again every half second: a press before the guest's init listens is lost.
         while self.running() and time.monotonic() < deadline and self.powerdown():
             if self.wait_exit(min(0.5, max(0.0, deadline - time.monotonic()))) is not None:

@@ -51,7 +51,7 @@
   }
 
   function merge(s) {
-    if (!s || !s.id) { return; }
+    if (!s || !s.id || s.pooled) { return; }  // a clone waiting in the warm pool is nobody's session yet
     if (s.state === "ended") {
       if (sessions.has(s.id)) {
         say("Session " + s.id + " ended" + (s.end_reason ? ": " + s.end_reason : "") + ".");
@@ -82,7 +82,8 @@
     code.id = "sid-" + s.id;
     code.textContent = s.id + (s.name ? " (" + s.name + ")" : "");
     cell(tr, code);
-    cell(tr, s.profile || s.image || "");
+    var how = {restore: " (restored)", pool: " (from the pool)"}[s.start] || "";
+    cell(tr, (s.profile || s.image || "") + how);
     cell(tr, s.state).className = "state";
     cell(tr, age(entry)).className = "age";
     var link = null;

@@ -113,6 +113,7 @@ SCHEMAS: dict[str, Any] = {
             "start": {"enum": ["boot", "restore", "pool"],
                       "description": "how its guest came: booted, restored from a template, or from the warm pool"},
             "pooled": {"type": "boolean", "description": "a guest still waiting in the warm pool"},
+            "template": _nullable({"type": "string", "description": "the template it was restored from"}),
         },
         "examples": [SESSION_EXAMPLE, ENDED_EXAMPLE],
     },
