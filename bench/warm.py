@@ -2,8 +2,8 @@
 runtime itself, as dispod runs it: no CLI start-up in the figures), median of several runs each.
 
     A. `-- true` on minimal: time to the guest answering (ready) and to the session's end (command + teardown)
-    B. the chromium profile: time to the page visible in the viewer (Playwright on the host sees its colour;
-       an upper bound, it includes Playwright's own start)
+    B. the chromium profile: time to the page visible in the viewer (Playwright on the host, started before the
+       session, sees its colour; it polls every half second)
     C. restore time against guest memory (512 MiB .. 4 GiB templates of minimal), and the template's size
     D. memory held by a pooled guest (the VMM's RSS while it waits, paused)
 
@@ -121,18 +121,27 @@ def _rss_mib(session_id: str) -> float:
     return 0.0
 
 
-def _visible(w: NetWorld, timer: Timer, shot: Path) -> float:
-    """Seconds from the start until Playwright on the host saw the page's colour in the viewer; ends it."""
-    if not timer.got_viewer.wait(900):
-        raise SystemExit("no viewer URL")
-    p = subprocess.run(["nsenter", f"--net=/run/netns/{w.host}", str(PYTHON), "-m", "tests.viewer_shot",
-                        timer.viewer, str(shot), COLOUR, "300", "--end"], capture_output=True, text=True, cwd=REPO,
-                       timeout=400, check=False)
-    result = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
-    if not result.get("seen"):
-        raise SystemExit(f"the page did not show: {p.stdout} {p.stderr}")
-    started_wall = time.time() - (time.perf_counter() - timer.t0)
-    return float(result["seen_at"]) - started_wall
+class Shot:
+    """tests.viewer_shot started ahead (its browser up before the session starts), fed the viewer URL later."""
+
+    def __init__(self, w: NetWorld, out: Path) -> None:
+        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{w.host}", str(PYTHON), "-m", "tests.viewer_shot",
+                                      "-", str(out), COLOUR, "300", "--end"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit(f"viewer_shot did not start: {self.proc.communicate()}")
+
+    def visible(self, timer: Timer) -> float:
+        """Seconds from the session's start until the page's colour showed in the viewer; ends the session."""
+        if not timer.got_viewer.wait(900):
+            raise SystemExit("no viewer URL")
+        out, err = self.proc.communicate(timer.viewer + "\n", timeout=400)
+        result = json.loads(out.strip().splitlines()[-1]) if self.proc.returncode == 0 else {}
+        if not result.get("seen"):
+            raise SystemExit(f"the page did not show: {out} {err}")
+        started_wall = time.time() - (time.perf_counter() - timer.t0)
+        return float(result["seen_at"]) - started_wall
 
 
 def part_a(rt: Runtime, pool: Pool, runs: int) -> dict[str, Any]:
@@ -163,19 +172,21 @@ def part_b(w: NetWorld, rt: Runtime, pool: Pool, runs: int) -> dict[str, Any]:
     out: dict[str, list[float]] = {"cold": [], "restore": [], "pool": []}
     for i in range(runs):
         for how in ("cold", "restore"):
+            shot = Shot(w, ARTIFACTS / f"bench-warm-{how}-{i + 1}.png")
             timer = Timer()
             live = rt.start(build(cfg, profile="chromium", url=url, start="cold" if how == "cold" else "warm"),
                             sink=timer)
-            out[how].append(_visible(w, timer, ARTIFACTS / f"bench-warm-{how}-{i + 1}.png"))
+            out[how].append(shot.visible(timer))
             live.wait(300)
     pool.fill("chromium", 1)
     held: list[float] = []
     for i in range(runs):
         _until(lambda: _pool_ready(pool, "chromium"), 600, "the pool did not fill")
         held += [_rss_mib(s.id) for s in rt.sessions(pooled=True)]
+        shot = Shot(w, ARTIFACTS / f"bench-warm-pool-{i + 1}.png")
         timer = Timer()
         live = rt.start(build(cfg, profile="chromium", url=url), sink=timer)
-        out["pool"].append(_visible(w, timer, ARTIFACTS / f"bench-warm-pool-{i + 1}.png"))
+        out["pool"].append(shot.visible(timer))
         live.wait(300)
     pool.drain("chromium")
     t = TemplateStore(cfg).find(TemplateKind.PROFILE, "chromium")

@@ -220,7 +220,8 @@ def machinery(ready_delay: float = 0.0) -> Machinery:
 
     return Machinery(attach_network=_network, create_vmm=create, identity=_identity,
                      network_missing=lambda tx, net: [], renew_identity=renew,
-                     agent_check=lambda vmm, timeout, alive: None, name="fake")
+                     agent_check=lambda vmm, timeout, alive: None,
+                     step_clock=lambda vmm, timeout, alive: None, name="fake")
 
 
 def slow_machinery() -> Machinery:

@@ -1,6 +1,7 @@
 """Open a dispo viewer URL in a real browser (Playwright + Debian's chromium) and screenshot it until the
 guest's screen shows the expected colour; optionally press "End session". Run inside the netns where the
-viewer listens: `python -m tests.viewer_shot URL OUT.png RRGGBB TIMEOUT [--end]`. Prints JSON.
+viewer listens: `python -m tests.viewer_shot URL OUT.png RRGGBB TIMEOUT [--end]`. Prints JSON. URL "-": the
+browser starts first, prints "ready", then reads the URL from stdin (so a timing need not include its start).
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main() -> int:
             "--disable-sync", "--no-first-run"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
+            if url == "-":  # started ahead (a benchmark): say so, then take the URL from stdin
+                print("ready", flush=True)
+                url = sys.stdin.readline().strip()
             t0 = time.monotonic()
             page.goto(url)
             result.update(watch_colour(page, out, want, t0, timeout))

@@ -265,6 +265,8 @@ def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer) -> int:
 def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer) -> int:
     created = client.create_session(body)
     sid = str(created["id"])
+    if created.get("start_reason"):  # said before this client could follow the session's events
+        printer.notice(str(created["start_reason"]))
     ended: dict[str, Any] = {}
     deleting = False
     pending: BaseException | None = None

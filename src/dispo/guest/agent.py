@@ -83,6 +83,11 @@ class AgentLink:
         raise AgentError(f"the guest's agent refused {verb!r}: {reply[:200]}")
 
 
+def step_clock(link: AgentLink) -> None:
+    now = time.time_ns()
+    link.request(f"clock {now // 1_000_000_000} {now % 1_000_000_000}")
+
+
 @dataclass(frozen=True)
 class NewIdentity:
     hostname: str
@@ -109,8 +114,9 @@ def give(link: AgentLink, new: NewIdentity, *, timeout: float, alive: Callable[[
     link.hello(timeout, alive)
     timings["hello"] = round(time.monotonic() - t, 3)
     step("entropy", f"entropy {os.urandom(ENTROPY_BYTES).hex()}")
-    now = time.time_ns()
-    step("clock", f"clock {now // 1_000_000_000} {now % 1_000_000_000}")
+    t = time.monotonic()
+    step_clock(link)
+    timings["clock"] = round(time.monotonic() - t, 3)
     step("hostname", f"hostname {new.hostname}")
     step("host-key", f"host-key {new.host_key.hex()}")
     step("user-key", f"user-key {new.user_key.strip().encode().hex()}")

@@ -91,7 +91,7 @@ class Runtime:
             live.viewer_url = self.viewers.reserve(live)
         live.emit(EventKind.STATE, "starting", **live.status())
         if how:
-            live.warm = how.startswith("restoring")
+            live.warm, live.start_reason = how.startswith("restoring"), how
             live.emit(EventKind.NOTICE, how, start="restore" if live.warm else "boot")
         live.start()
         return live
@@ -111,9 +111,9 @@ class Runtime:
         if self.viewers is not None and live.request.display.value == "web":
             live.viewer_url = self.viewers.reserve(live)
         live.warm = True
+        live.start_reason = f"handed a guest from the warm pool (restored from template {live.template}, never used)"
         live.emit(EventKind.STATE, "starting", **live.status())
-        live.emit(EventKind.NOTICE, f"handed a guest from the warm pool (restored from template {live.template}, "
-                                    f"never used)", start="pool", template=live.template)
+        live.emit(EventKind.NOTICE, live.start_reason, start="pool", template=live.template)
         return live
 
     def get(self, session_id: str) -> LiveSession:

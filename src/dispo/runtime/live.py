@@ -92,6 +92,7 @@ class LiveSession:
         self.step = ""
         self.warm = False  # restored from a template rather than booted
         self.template = ""  # the template's key when restored
+        self.start_reason = ""  # how its guest comes, and why (one line: the CLI prints it)
         self.pool_name = ""  # while it waits in the warm pool (runtime/pool.py): the name it waits for
         self.claimed = threading.Event()
         self.last_activity = time.monotonic()
@@ -153,6 +154,7 @@ class LiveSession:
                 "accel": self.accel or None, "error": problem(self.error) if self.error else None,
                 "start": "pool" if self.claimed.is_set() else "restore" if self.warm else "boot",
                 "pooled": bool(self.pool_name), "template": self.template or None,
+                "start_reason": self.start_reason or None,
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s}
 
     # -- for the steps ----------------------------------------------------------------------------

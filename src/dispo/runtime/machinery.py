@@ -140,6 +140,16 @@ def agent_answers(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> None:
         link.close()
 
 
+def agent_clock(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> None:
+    """Step a resumed guest's clock to the host's (it stood still while the guest was paused)."""
+    link = agent.AgentLink(vmm.agent(timeout=5.0))
+    try:
+        link.hello(timeout, alive)
+        agent.step_clock(link)
+    finally:
+        link.close()
+
+
 def _attach(tx: Transaction, policy: NetworkPolicy) -> GuestNetwork:
     return attach_network(tx, policy)
 
@@ -164,8 +174,11 @@ class Machinery:
     renew_identity: Callable[[Transaction, Vmm, GuestNetwork, float, Callable[[], bool]], Identity] = agent_identity
     # That the agent answers (before a template is saved).
     agent_check: Callable[[Vmm, float, Callable[[], bool]], None] = agent_answers
+    # The guest's clock stepped to the host's (a pooled guest, resumed at hand-out).
+    step_clock: Callable[[Vmm, float, Callable[[], bool]], None] = agent_clock
     name: str = "real"
 
 
 REAL = Machinery(attach_network=_attach, create_vmm=_create_vmm, identity=ssh_identity,
-                 network_missing=_rules_missing, renew_identity=agent_identity, agent_check=agent_answers)
+                 network_missing=_rules_missing, renew_identity=agent_identity, agent_check=agent_answers,
+                 step_clock=agent_clock)

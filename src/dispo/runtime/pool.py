@@ -1,11 +1,13 @@
 """The warm pool (dispod): per template, a target count of guests restored from it and held paused, handed
 to one session each and never reused; refilled in the background within a memory budget.
 
-A pooled guest is an ordinary session whose steps are the restore steps with `pool.hold` after
-`vmm.restore`: it is restored (disk clone, network, memory) and waits there, paused. `acquire(request)`
-gives a waiting one to a request that its template fits: the session takes the caller's request and goes on
-from `pool.hold` (guest.identity, so the fresh identity is given at hand-out, then guest.ready, app). So a
-pooled guest has never seen any user's traffic, and every hand-out is a clone nobody used.
+A pooled guest is an ordinary session whose steps are the restore steps with `pool.hold` before `app`: it
+is restored (disk clone, network, memory), given its own identity by its agent (entropy and RNG reseed,
+hostname, SSH keys, address: none of it depends on who will use it), checked ready over SSH, and then waits
+with its vCPUs paused. `acquire(request)` gives a waiting one to a request that its template fits: the
+session takes the caller's request, the guest resumes with its clock stepped to the host's (it stood still
+while paused), and goes on with `app`. So a pooled guest has never seen any user's traffic, and every
+hand-out is a clone nobody used.
 
 The pool is drained (its guests stopped and torn down like any session) on `drain`, on shutdown, and when a
 template changes (rebuilt or stale): a guest of an older template is never handed out.
@@ -54,22 +56,31 @@ def default_budget_mib() -> int:
 
 
 def hold(b: Bringup) -> None:
-    """Wait, restored and paused, until a session claims this guest (or the pool stops it)."""
+    """Wait, ready and paused, until a session claims this guest (or the pool stops it); then resume it with
+    its clock stepped to the host's."""
     live = b.live
-    assert b.vmm is not None
+    vmm = b.vmm
+    assert vmm is not None
+    vmm.pause()  # a waiting guest takes no CPU
     live.emit(EventKind.STATE, "pooled", **live.status())
     while not live.claimed.wait(0.2):
         b.cancel.check()
-        if not b.vmm.running():
-            raise b.vmm.failure("the pooled guest's VMM exited while it waited")
+        if not vmm.running():
+            raise vmm.failure("the pooled guest's VMM exited while it waited")
     b.cancel.check()
     b.request = live.request  # the caller's: its URL, command, name, limits
+    vmm.resume()
+    b.machinery.step_clock(vmm, b.request.ready_timeout_s, b.alive)
+    # Ready was said while it filled, to nobody: say it again to the session's owner.
+    took = max(0.0, time.time() - live.created)
+    b.emit(EventKind.READY, f"ready in {took:.1f} s (guest {live.address}, {vmm.kind.value}/{vmm.accel.value}, "
+                            f"from the warm pool)", address=live.address, backend=vmm.kind.value,
+           accel=vmm.accel.value, ready_s=round(took, 3), start="pool")
 
 
 def pool_steps(t: Template) -> tuple[Step, ...]:
     steps = list(warm.restore_steps(t))
-    at = [s.name for s in steps].index("vmm.restore") + 1
-    steps.insert(at, Step("pool.hold", hold))
+    steps.insert([s.name for s in steps].index("app"), Step("pool.hold", hold))
     return tuple(steps)
 
 
@@ -86,7 +97,8 @@ class Slot:
 
     def summary(self) -> dict[str, Any]:
         held = [g for g in self.guests if g.step == "pool.hold"]
-        return {"name": self.name, "target": self.target, "ready": len(held), "starting": len(self.guests) - len(held),
+        return {"name": self.name, "target": self.target, "ready": len(held),
+                "starting": len(self.guests) - len(held),
                 "template": self.template.key if self.template else None,
                 "memory_mib": sum(g.request.memory_mib for g in self.guests), "last_error": self.last_error or None}
 

@@ -114,6 +114,7 @@ SCHEMAS: dict[str, Any] = {
                       "description": "how its guest came: booted, restored from a template, or from the warm pool"},
             "pooled": {"type": "boolean", "description": "a guest still waiting in the warm pool"},
             "template": _nullable({"type": "string", "description": "the template it was restored from"}),
+            "start_reason": _nullable({"type": "string", "description": "how its guest comes and why, one line"}),
         },
         "examples": [SESSION_EXAMPLE, ENDED_EXAMPLE],
     },
