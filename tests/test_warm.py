@@ -87,6 +87,11 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
     monkeypatch.setattr(templates, "agent_hash", lambda: "another-agent")
     assert "carries another version of dispo's guest agent" in warm.plan(cfg, req).why
     monkeypatch.undo()
+    t = TemplateStore(cfg).find(TemplateKind.IMAGE, "minimal")
+    assert t is not None and t.vmm_version.startswith("qemu QEMU emulator version")  # recorded at the save
+    monkeypatch.setattr(warm, "vmm_version", lambda cfg, kind: "qemu QEMU emulator version 99.0")
+    assert f"it was saved by {t.vmm_version}, this host has qemu QEMU emulator version 99.0" in warm.plan(cfg, req).why
+    monkeypatch.undo()
 
     t = TemplateStore(cfg).find(TemplateKind.IMAGE, "minimal")
     assert t is not None

@@ -15,6 +15,8 @@ from dispo.images import ImageStore
 from dispo.names import format_size
 from dispo.runtime import Event, EventKind, Runtime, warm
 from dispo.storage.templates import TemplateStore
+from dispo.vmm.base import VmmKind
+from dispo.vmm.registry import vmm_version
 
 
 def register(sub: Any) -> None:
@@ -75,7 +77,7 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
             image = images.get(t.image)
         except NotFound:
             image = None
-        stale = t.stale_reason(image)
+        stale = t.stale_reason(image, vmm_version(cfg, VmmKind(t.backend)))
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.created))
         rows.append((t.name, t.kind.value, t.image, t.backend, f"{t.memory_mib} MiB", format_size(t.size), built,
                      f"stale: {stale}" if stale else "current"))

@@ -48,7 +48,7 @@ from dispo.runtime.steps import (
 from dispo.storage import disks, templates
 from dispo.storage.templates import Template, TemplateKind, TemplateStore
 from dispo.vmm.base import Capability, VmmKind
-from dispo.vmm.registry import kernel_for
+from dispo.vmm.registry import kernel_for, vmm_version
 
 SETTLE_S = 120          # at most this long for a profile's app to finish starting before its template is saved
 
@@ -73,7 +73,7 @@ def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None,
         image = ImageStore(cfg).get(t.image)
     except NotFound:
         image = None
-    if (stale := t.stale_reason(image)) is not None:
+    if (stale := t.stale_reason(image, vmm_version(cfg, VmmKind(t.backend)))) is not None:
         return None, f"template {t.key} is stale: {stale} (rebuild it with 'dispo template build {name}')"
     if t.image != request.image:
         return None, f"template {t.key} is of image {t.image!r}, the session asks for {request.image!r}"
@@ -113,7 +113,7 @@ def restore_steps(t: Template) -> tuple[Step, ...]:
 
 def validate_template(t: Template, b: Bringup) -> None:
     image = find_image(b.cfg, t.image)
-    if (stale := t.stale_reason(image)) is not None:
+    if (stale := t.stale_reason(image, vmm_version(b.cfg, VmmKind(t.backend)))) is not None:
         raise InvalidInput(f"template {t.key} is stale: {stale}",
                            hint=f"rebuild it with 'dispo template build {t.name}', or start with --cold")
     b.image, b.kind, b.template = image, VmmKind(t.backend), t
@@ -194,7 +194,8 @@ def save_template(kind: TemplateKind, name: str, b: Bringup) -> None:
     templates.put_disk(build, b.disk_dir / ROOTFS)
     saved = time.monotonic() - t0
     r = b.request
-    t = templates.finish(b.tx, build, b.image, backend=vmm.kind.value, memory_mib=r.memory_mib, vcpus=r.vcpus,
+    t = templates.finish(b.tx, build, b.image, backend=vmm.kind.value, vmm_version=vmm_version(b.cfg, vmm.kind),
+                         memory_mib=r.memory_mib, vcpus=r.vcpus,
                          shm_mib=r.shm_mib, display=r.display.value, mac=b.net.mac, profile=r.profile,
                          build_s=round(time.monotonic() - b.t0, 3), save_s=round(saved, 3))
     b.finished = f"template {t.key} saved"

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -77,6 +78,7 @@ class Template:
     agent: str
     storage: StorageBackend
     build_s: float = 0.0
+    vmm_version: str = ""   # the VMM that saved the state ("qemu QEMU emulator version 7.2.22 ...")
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -101,32 +103,38 @@ class Template:
                        shm_mib=int(m.get("shm_mib", 0)), display=str(m.get("display", "none")),
                        mac=str(m["mac"]), created=float(m["created"]), agent=str(m["agent"]),
                        storage=StorageBackend(m["storage"]), build_s=float(m.get("build_s", 0.0)),
-                       files=dict(m.get("files", {})))
+                       vmm_version=str(m.get("vmm_version", "")), files=dict(m.get("files", {})))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StorageError(f"template at {path} has no valid {META}: {e}",
                                hint=f"remove it with 'dispo template rm {path.name}' and build it again") from None
 
-    def stale_reason(self, image: Image | None) -> str | None:
-        """Why this template must not be restored (one line), or None when it is current."""
+    def stale_reason(self, image: Image | None, vmm_version: str = "") -> str | None:
+        """Why this template must not be restored (one line), or None when it is current. `vmm_version`: the
+        VMM this host would restore it with (a saved state is only loaded by the version that wrote it)."""
+        return next(self._stale(image, vmm_version), None)
+
+    def _stale(self, image: Image | None, vmm_version: str) -> Iterator[str]:
         if image is None:
-            return f"its image {self.image!r} is gone"
-        if image.sha256 != self.image_sha256 or abs(image.created - self.image_created) > 1e-3:
-            return f"its image {self.image!r} changed since the template was made"
+            yield f"its image {self.image!r} is gone"
+        elif image.sha256 != self.image_sha256 or abs(image.created - self.image_created) > 1e-3:
+            yield f"its image {self.image!r} changed since the template was made"
         if self.agent != agent_hash():
-            return "it carries another version of dispo's guest agent"
+            yield "it carries another version of dispo's guest agent"
+        if vmm_version and self.vmm_version and vmm_version != self.vmm_version:
+            yield f"it was saved by {self.vmm_version}, this host has {vmm_version}"
         for name, info in self.files.items():
             try:
                 st = os.stat(self.path / name, follow_symlinks=False)
             except OSError:
-                return f"its file {name} is missing"
+                yield f"its file {name} is missing"
+                continue
             if [st.st_size, st.st_ino, st.st_mtime_ns] != info.get("stat"):
-                return f"its file {name} changed after it was sealed"
-        return None
+                yield f"its file {name} changed after it was sealed"
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind.value, "image": self.image, "backend": self.backend,
                 "memory_mib": self.memory_mib, "vcpus": self.vcpus, "display": self.display,
-                "created": self.created, "build_s": self.build_s, "size": self.size,
+                "created": self.created, "build_s": self.build_s, "size": self.size, "vmm_version": self.vmm_version,
                 "files": {n: {"size": f.get("size"), "sha256": f.get("sha256")} for n, f in self.files.items()}}
 
 

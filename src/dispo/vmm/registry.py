@@ -5,10 +5,11 @@ The one place that names concrete backends: the runtime asks `create(cfg, kind, 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from dispo.config import Config
-from dispo.errors import InvalidInput
+from dispo.errors import DispoError, InvalidInput
 from dispo.images import Image
 from dispo.vmm.base import MachineSpec, Vmm, VmmKind
 
@@ -43,3 +44,32 @@ def create(cfg: Config, kind: VmmKind, spec: MachineSpec) -> Vmm:
     from dispo.vmm import qemu
 
     return qemu.create(spec)
+
+
+def vmm_version(cfg: Config, kind: VmmKind) -> str:
+    """The version of the VMM binary sessions of `kind` would run ("" when none is found): a template's state
+    is only loaded by the version that saved it (storage/templates.py)."""
+    try:
+        if kind is VmmKind.FIRECRACKER:
+            from dispo.vmm.firecracker.binaries import find_firecracker, jail_pair
+
+            pair = jail_pair(cfg)
+            binary = pair[1] if pair else find_firecracker(cfg)
+        else:
+            from dispo.proc import which
+            from dispo.vmm.accel import QEMU
+
+            binary = Path(which(QEMU))
+        st = binary.stat()
+    except (OSError, DispoError):
+        return ""
+    return _version(kind, str(binary), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _version(kind: VmmKind, binary: str, mtime_ns: int, size: int) -> str:
+    from dispo.proc import run
+
+    proc = run([binary, "--version"], check=False, timeout=10)
+    first = (proc.stdout or proc.stderr or "").strip().splitlines()
+    return f"{kind.value} {first[0].strip()}" if first else ""
