@@ -66,9 +66,12 @@ class Timer:
         self.at: dict[str, float] = {}
         self.viewer = ""
         self.got_viewer = threading.Event()
+        self.steps: dict[str, float] = {}
 
     def __call__(self, e: Event) -> None:
         self.at.setdefault(e.kind.value, time.perf_counter() - self.t0)
+        if e.kind is EventKind.STEP:
+            self.steps[str(e.fields.get("step"))] = float(e.fields.get("seconds", 0.0))
         if e.kind is EventKind.VIEWER:
             self.viewer = str(e.fields.get("url", ""))
             self.got_viewer.set()
@@ -148,21 +151,26 @@ def part_a(rt: Runtime, pool: Pool, runs: int) -> dict[str, Any]:
     cfg = rt.cfg
     _template(rt, "minimal")
     out: dict[str, list[tuple[float, float]]] = {"cold": [], "restore": [], "pool": []}
+    steps: dict[str, list[dict[str, float]]] = {"cold": [], "restore": [], "pool": []}
     for _ in range(runs):
         for how in ("cold", "restore"):
             _, t = _run(rt, build(cfg, image="minimal", command=["true"], start="cold" if how == "cold" else "warm"))
             out[how].append((t.at["ready"], t.at["end"]))
+            steps[how].append(t.steps)
     pool.fill("minimal", 1)
     for _ in range(runs):
         _until(lambda: _pool_ready(pool, "minimal"), 300, "the pool did not fill")
         live, t = _run(rt, build(cfg, image="minimal", command=["true"]))
         assert live.status()["start"] == "pool"
         out["pool"].append((t.at["ready"], t.at["end"]))
+        steps["pool"].append(t.steps)
     _until(lambda: _pool_ready(pool, "minimal"), 300, "the pool did not fill")
     held = [_rss_mib(s.id) for s in rt.sessions(pooled=True)]
     pool.drain("minimal")
     med = {k: (median([r for r, _ in v]), median([e for _, e in v])) for k, v in out.items()}
-    return {"median": med, "runs": out, "pooled_rss_mib": held}
+    by_step = {k: {name: round(median([run.get(name, 0.0) for run in v]), 3) for name in v[0]} for k, v in steps.items()
+               if v}
+    return {"median": med, "runs": out, "pooled_rss_mib": held, "steps_median_s": by_step}
 
 
 def part_b(w: NetWorld, rt: Runtime, pool: Pool, runs: int) -> dict[str, Any]:
@@ -253,6 +261,8 @@ def main() -> None:
         print("restore time against guest memory (template of minimal):")
         for mib, size, ready in c:
             print(f"  {mib:5d} MiB guest: template memory file {size} MiB, restore to ready {ready} s")
+        for how, per in a["steps_median_s"].items():
+            print(f"  steps of '-- true', {how}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
         print(f"memory held per pooled guest (VMM RSS, paused): minimal {a['pooled_rss_mib']}"
               + (f", chromium {b['pooled_rss_mib']}" if b else "") + " MiB")
 
