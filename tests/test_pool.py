@@ -6,38 +6,23 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dispo.config import Config, pool_targets
 from dispo.errors import ConfigError, InvalidInput, NotFound
-from dispo.runtime import Runtime, StandaloneViewers, build, warm
+from dispo.runtime import Runtime, build
 from dispo.runtime.pool import Pool
 from tests import fakes
-from tests.test_runtime import leftovers
+from tests.test_runtime import cfg, leftovers, rt
 from tests.test_service import Running, serving
+from tests.test_warm import _template
+
+__all__ = ["cfg", "rt"]  # fixtures from test_runtime (pytest finds them by name)
 
 SAFETY_S = 30.0
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
-
-
-@pytest.fixture
-def rt(cfg: Config) -> Iterator[Runtime]:
-    runtime = Runtime(cfg, machinery=fakes.machinery(), viewers=StandaloneViewers())
-    yield runtime
-    assert runtime.shutdown("test over", timeout=30) == []
-
-
-def _template(rt: Runtime, name: str = "minimal") -> None:
-    req, kind = warm.build_request(rt.cfg, name)
-    live = rt.start(req, steps=warm.template_steps(kind, name))
-    assert live.wait(30) and live.error is None, live.error
 
 
 def _until(what: Callable[[], bool], why: str) -> None:

@@ -7,9 +7,7 @@ tiny guest's serial line instead of SSH, and the agent's check and identity hand
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,10 +30,12 @@ from tests.fcworld import (
     links,
     processes_mentioning,
 )
+from tests.test_firecracker_jailer import chroot_base
 from tests.worlds import host_objects, make_ext4
 
 FC, WHY = firecracker_or_skip_reason()
 PAIR, PAIR_WHY = jailer_pair_or_skip_reason()
+__all__ = ["chroot_base"]  # the fixture: a short directory on / for the jail
 pytestmark = [pytest.mark.firecracker, pytest.mark.root, pytest.mark.vm, pytest.mark.skipif(FC is None, reason=WHY)]
 
 
@@ -73,16 +73,6 @@ class _TinyIdentity(FakeIdentity):
         super().__init__(home, console or state / "console.log")
 
 
-@pytest.fixture
-def short_root() -> Iterator[Path]:
-    # Short: the jail's API socket path must fit a unix socket address; on / (the jail needs device nodes).
-    base = Path(tempfile.mkdtemp(prefix="dt-", dir="/tmp"))
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def _world(root: Path, firecracker: FirecrackerConfig) -> tuple[Config, Machinery, TinyGuest]:
     cfg = Config(workspace=root / "ws", state_dir=root / "st", storage=StorageConfig(backend=StorageBackend.AUTO),
                  firecracker=firecracker)
@@ -97,10 +87,10 @@ def _world(root: Path, firecracker: FirecrackerConfig) -> tuple[Config, Machiner
     return cfg, machinery, guest
 
 
-def test_firecracker_template_then_restore_through_the_runtime(short_root: Path,
+def test_firecracker_template_then_restore_through_the_runtime(chroot_base: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     assert FC is not None
-    cfg, machinery, guest = _world(short_root, FirecrackerConfig(binary=str(FC), jail=JailMode.OFF))
+    cfg, machinery, guest = _world(chroot_base, FirecrackerConfig(binary=str(FC), jail=JailMode.OFF))
     ws, state = cfg.workspace, cfg.state_dir
     # The fake channel waits for this line on the console: the tiny guest prints its own.
     monkeypatch.setattr("tests.fakes.READY_LINE", GUEST_LINE.decode().strip())
@@ -135,17 +125,17 @@ def test_firecracker_template_then_restore_through_the_runtime(short_root: Path,
         # Restored paused, running once the identity step resumed it.
         assert guest.renewed == [("Paused", "Running")] * 2
         assert (host_objects(ws, state), links()) == before
-        assert processes_mentioning(str(short_root)) == []
+        assert processes_mentioning(str(chroot_base)) == []
 
 
 @pytest.mark.skipif(PAIR is None, reason=PAIR_WHY)
 def test_a_firecracker_without_network_overrides_refuses_to_restore_in_one_line(
-        short_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        chroot_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The jailer pair here is v1.7.0, whose snapshot load cannot put a clone on its own tap: the template is
     made in its jail, the restore fails with one line that says why, and nothing is left."""
     assert PAIR is not None
     jailer, fc = PAIR
-    cfg, machinery, _ = _world(short_root, FirecrackerConfig(binary=str(fc), jailer=str(jailer),
+    cfg, machinery, _ = _world(chroot_base, FirecrackerConfig(binary=str(fc), jailer=str(jailer),
                                                              jailer_firecracker=str(fc), jail=JailMode.ON))
     monkeypatch.setattr("tests.fakes.READY_LINE", GUEST_LINE.decode().strip())
     with inside_new_netns():
@@ -161,4 +151,4 @@ def test_a_firecracker_without_network_overrides_refuses_to_restore_in_one_line(
         assert live.error is not None and "cannot attach a restored guest to its own tap" in live.error.message
         assert "\n" not in live.error.one_line()
         assert (host_objects(cfg.workspace, cfg.state_dir), links()) == before
-        assert processes_mentioning(str(short_root)) == []
+        assert processes_mentioning(str(chroot_base)) == []

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,12 @@ from dispo.config import Config
 from dispo.errors import InvalidInput
 from dispo.guest import agent
 from dispo.images import ImageStore
-from dispo.runtime import Event, EventKind, Runtime, StandaloneViewers, build, warm
+from dispo.runtime import Event, EventKind, Runtime, build, warm
 from dispo.storage import templates
 from dispo.storage.templates import TemplateKind, TemplateStore
-from tests import fakes
-from tests.test_runtime import leftovers
+from tests.test_runtime import cfg, leftovers, rt
 
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
-
-
-@pytest.fixture
-def rt(cfg: Config) -> Iterator[Runtime]:
-    runtime = Runtime(cfg, machinery=fakes.machinery(), viewers=StandaloneViewers())
-    yield runtime
-    assert runtime.shutdown("test over", timeout=30) == []
+__all__ = ["cfg", "rt"]  # fixtures from test_runtime (pytest finds them by name)
 
 
 def _template(rt: Runtime, name: str = "minimal", kind: str = "auto") -> None:

@@ -26,6 +26,7 @@ from dispo.runtime import warm
 from dispo.runtime.events import EventKind, EventSink
 from dispo.runtime.request import SessionRequest, StartMode
 from dispo.runtime.steps import Bringup, Step
+from dispo.settings import host_memory_mib
 from dispo.storage.templates import Template, TemplateStore
 
 if TYPE_CHECKING:
@@ -39,20 +40,9 @@ RETRY_AFTER_S = 30.0     # after a pooled guest failed to restore, before the ne
 DRAIN_REASON = "drained from the warm pool"
 
 
-def _mem_total_mib() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
-
-
 def default_budget_mib() -> int:
     """A quarter of the host's memory: pooled guests hold their RAM while they wait."""
-    return max(0, _mem_total_mib() // 4)
+    return max(0, host_memory_mib() // 4)
 
 
 def hold(b: Bringup) -> None:
