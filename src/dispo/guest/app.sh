@@ -50,15 +50,18 @@ attach)
         exit 3
     fi
     export DISPLAY=:1
-    # Chromium's profile lock names the host it was taken on; the clone has a new hostname, so the lock is
-    # renamed to it (same pid) or the second chromium would call the profile "in use on another computer".
-    lock="$HOME/.config/chromium/SingletonLock"
-    if [ -L "$lock" ]; then
-        held=$(readlink "$lock")
-        ln -sfn "$(hostname)-${held##*-}" "$lock"
+    # Chromium: straight to the running browser's process-singleton socket (dispo-open), no second browser
+    # process. Otherwise (or if that fails) the command itself, which hands the URL to the running instance
+    # and returns; Chromium's profile lock names the host it was taken on and the clone has a new hostname,
+    # so the lock is renamed first (same pid) or it would call the profile "in use on another computer".
+    if ! dispo-open "$@" 2> /dev/null; then
+        lock="$HOME/.config/chromium/SingletonLock"
+        if [ -L "$lock" ]; then
+            held=$(readlink "$lock")
+            ln -sfn "$(hostname)-${held##*-}" "$lock"
+        fi
+        "$@" > /dev/null 2>&1 < /dev/null
     fi
-    # A browser hands the URL to its running instance and returns at once.
-    "$@" > /dev/null 2>&1 < /dev/null
     echo "dispo-app: attached" >&2
     while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
     exit 0

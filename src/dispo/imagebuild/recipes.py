@@ -77,7 +77,7 @@ def _browser(name: str, package: str) -> Recipe:
         MINIMAL, name=name, packages=(*MINIMAL.packages, *_DISPLAY, package), vmms=("qemu", "firecracker"),
         # A browser's cache, profile and crash dumps land on the session's disk.
         headroom_mib=1024,
-        files=(*MINIMAL.files, (guest.APP_PATH, "app.sh")),
+        files=(*MINIMAL.files, (guest.APP_PATH, "app.sh"), (guest.OPEN_PATH, "open.pl")),
         # Untrusted forwarding on the host side (ssh -X); xauth in the guest makes the cookie.
         sshd_extra="X11Forwarding yes\nX11UseLocalhost yes\n",
         vmlinux=True)
