@@ -57,9 +57,10 @@ def test_browser_recipes() -> None:
         assert package in r.packages and "tigervnc-standalone-server" in r.packages and "xauth" in r.packages
         assert r.vmlinux and r.vmms == ("qemu", "firecracker")
         assert (guest.APP_PATH, "app.sh") in r.files and "X11Forwarding yes" in r.sshd_extra
-    # The launcher is part of a browser image's cache key; the minimal image does not carry it.
+        assert (guest.OPEN_PATH, "open.pl") in r.files and (guest.AGENT_PATH, "agent.pl") in r.files
+    # The launcher is part of a browser image's cache key; the minimal image carries only the identity agent.
     assert recipes.CHROMIUM.key("sources") != recipes.FIREFOX.key("sources")
-    assert not recipes.MINIMAL.files and not recipes.MINIMAL.vmlinux
+    assert recipes.MINIMAL.files == ((guest.AGENT_PATH, "agent.pl"),) and not recipes.MINIMAL.vmlinux
     # --from installs only the app and its display stack: the source image brings kernel and sshd.
     assert recipes.CHROMIUM.app_packages() == (
         "tigervnc-standalone-server", "matchbox-window-manager", "xauth", "fonts-dejavu-core", "fonts-liberation2",

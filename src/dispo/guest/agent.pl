@@ -14,7 +14,7 @@
 #                                   and the CRNG reseeded at once (RNDADDENTROPY, RNDRESEEDCRNG)
 #   clock SECONDS NANOSECONDS       the wall clock stepped to the host's
 #   hostname NAME                   [a-z0-9-]{1,63}: hostname, /etc/hostname, /etc/hosts
-#   host-key HEX                    the new SSH host key (OpenSSH private key file); sshd restarted on it
+#   host-key HEX                    the new SSH host key (OpenSSH private key file); sshd re-executes on it
 #   user-key HEX                    the new authorized_keys line of the session's user
 #   net MAC ADDR/PREFIX GATEWAY DNS the network interface re-addressed (DNS: a,b,c or -)
 use strict;

@@ -167,7 +167,7 @@ class FirecrackerVmm:
                                   vsock_uds_path=vsock if vsock != snapshot.vsock else None,
                                   track_dirty_pages=dirty)
             except ApiError as e:
-                if "network_overrides" in e.fault:
+                if "unknown field `network_overrides`" in e.fault:  # (a list of known fields may name it too)
                     raise VmmError(f"this firecracker ({self.options.binary.name}) cannot attach a restored guest to "
                                    f"its own tap (no network_overrides in its snapshot API)",
                                    hint="use a newer Firecracker (1.14 has it) with its jailer, or --cold") from None
