@@ -71,6 +71,8 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
     assert warm.plan(cfg, req).template is not None
     bigger = build(cfg, image="minimal", command=["true"], memory_mib=1024)
     assert "does not fit: memory_mib 1024 (template: 512)" in warm.plan(cfg, bigger).why
+    more_shm = build(cfg, image="minimal", command=["true"], shm_mib=256)  # booted with it: a clone cannot change it
+    assert "does not fit: shm_mib 256 (template: 0)" in warm.plan(cfg, more_shm).why
 
     monkeypatch.setattr(templates, "agent_hash", lambda: "another-agent")
     assert "carries another version of dispo's guest agent" in warm.plan(cfg, req).why

@@ -79,7 +79,7 @@ def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None,
         return None, f"template {t.key} is of image {t.image!r}, the session asks for {request.image!r}"
     mismatch = [f"{what} {mine} (template: {theirs})" for what, mine, theirs in (
         ("memory_mib", request.memory_mib, t.memory_mib), ("vcpus", request.vcpus, t.vcpus),
-        ("display", request.display.value, t.display)) if mine != theirs]
+        ("shm_mib", request.shm_mib, t.shm_mib), ("display", request.display.value, t.display)) if mine != theirs]
     if request.backend not in ("auto", t.backend):
         mismatch.append(f"backend {request.backend} (template: {t.backend})")
     if mismatch:
