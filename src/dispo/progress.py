@@ -1,7 +1,9 @@
-"""Progress for long work, on stderr: a live line on a terminal, a line per 10 % otherwise."""
+"""Progress for long work, on stderr: a live line on a terminal, a line per 10 % otherwise; and `LOG`, where
+library code says which step of a long job it is on (the CLI shows it as "dispo: ..." lines)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
@@ -10,6 +12,18 @@ from dispo.names import format_size
 
 # Work this small is over before a log line would help; only a terminal shows it.
 _QUIET_BELOW = 256 << 20
+
+LOG = logging.getLogger("dispo.progress")
+
+
+def show_on(stream: TextIO) -> None:
+    """Show LOG's steps on `stream` as "dispo: ..." lines (the CLI's choice, not the library's)."""
+    LOG.handlers.clear()  # main() may run more than once in a process (tests): one handler, one line each
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("dispo: %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
 
 
 class Progress:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from dispo import __version__, config, journal
+from dispo import __version__, config, journal, progress
 from dispo.cli import demo, firecracker, images, net, pool, run, sessions, templates
 from dispo.cli.common import Terminated
 from dispo.errors import DispoError
@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="dispo: %(levelname)s: %(message)s", stream=sys.stderr)
+    progress.show_on(sys.stderr)
     # SIGTERM and SIGHUP unwind like Ctrl-C, so a killed `dispo` still tears its session down.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)

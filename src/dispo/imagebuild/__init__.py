@@ -13,12 +13,11 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispo import guest, kernels
+from dispo import guest, kernels, progress
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
 from dispo.imagebuild import recipes, sources
@@ -66,8 +65,9 @@ class Product:
 
 
 def _say(msg: str, quiet: bool) -> None:
+    """A step of a long build, for the person waiting: the CLI shows the progress log (progress.LOG)."""
     if not quiet:
-        print(f"dispo: {msg}", file=sys.stderr, flush=True)
+        progress.LOG.info(msg)
 
 
 def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: bool = False) -> Product:

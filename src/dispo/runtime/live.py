@@ -125,7 +125,7 @@ class LiveSession:
         """A pooled session taken by `request` (its URL, command, name, limits; the template's machine): False
         when it is no longer waiting (stopped, failed, or taken)."""
         with self._lock:
-            if not self.pool_name or self.cancel.is_set() or self.state not in (SessionState.STARTING,):
+            if not self.pool_name or self.cancel.is_set() or self.state is not SessionState.STARTING:
                 return False
             self.request, self._sink, self.pool_name = request, sink, ""
             self.created = time.time()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from dispo import workspace
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, VmmError
 from dispo.images import ROOTFS, ImageStore
@@ -187,8 +188,6 @@ def save_template(kind: TemplateKind, name: str, b: Bringup) -> None:
     except VmmError as e:
         raise vmm.failure(e.message) from None  # with the console, where the agent says what it found
     t0 = time.monotonic()
-    from dispo import workspace
-
     build = templates.begin(b.tx, kind, name, workspace.storage_backend(b.cfg))
     vmm.save_state(build.tmp)               # the vCPUs stop here and stay stopped
     templates.put_disk(build, b.disk_dir / ROOTFS)
