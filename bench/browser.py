@@ -47,10 +47,11 @@ def _build(env: dict[str, str], recipe: str, rebuild: bool) -> dict[str, float |
             "rootfs_allocated_mib": round(alloc / 2**20, 1), "kernel_version": str(meta["kernel_version"])}
 
 
-def _one(w: NetWorld, profile: str, url: str, n: int) -> tuple[str, ...]:
+def _one(w: NetWorld, profile: str, url: str, n: int, *extra: str) -> tuple[tuple[str, ...], str]:
+    """One run: the table's row, and what dispo printed on stderr."""
     env, host_ns = w.env(), w.host
     t0, t0_wall = time.perf_counter(), time.time()
-    proc = w.spawn(w.dispo_argv("run", profile, "--display", "web", url), env=env, stdout=subprocess.PIPE,
+    proc = w.spawn(w.dispo_argv("run", profile, "--display", "web", url, *extra), env=env, stdout=subprocess.PIPE,
                    stderr=subprocess.PIPE)
     assert proc.stdout is not None
     viewer = ""
@@ -80,7 +81,7 @@ def _one(w: NetWorld, profile: str, url: str, n: int) -> tuple[str, ...]:
     if proc.returncode != 0 or m is None:
         raise SystemExit(f"run {n} failed ({proc.returncode}): {err}")
     return (str(n), f"{float(m.group(1)):.1f}", f"{t_url:.1f}", f"{t_visible:.1f}", f"{teardown:.1f}",
-            f"{m.group(2)}/{m.group(3)}")
+            f"{m.group(2)}/{m.group(3)}"), err
 
 
 def main() -> None:
@@ -99,7 +100,7 @@ def main() -> None:
         # In the machine's own namespace: apt must reach the mirror (the world's host namespace cannot).
         build = _build(env, args.recipe, args.rebuild)
         url = f"http://{INTERNET}:{INTERNET_PORT}/bench.html"
-        rows = [_one(w, args.recipe, url, i + 1) for i in range(args.runs)]
+        rows = [_one(w, args.recipe, url, i + 1)[0] for i in range(args.runs)]
         med = {k: round(median([float(row[j]) for row in rows]), 1)
                for j, k in ((1, "ssh_ready_s"), (2, "viewer_url_s"), (3, "page_visible_s"), (4, "teardown_s"))}
         rows.append(("median", *(f"{v:.1f}" for v in med.values()), rows[0][5]))

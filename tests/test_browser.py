@@ -106,10 +106,11 @@ def _viewer_url(proc: subprocess.Popen[str], log: Path, timeout: float = 300) ->
     raise AssertionError(f"no viewer URL after {timeout} s: {log.read_text()}")
 
 
-def _shot(w: NetWorld, url: str, name: str, colour: str, *, end: bool = False) -> dict[str, object]:
+def _shot(w: NetWorld, url: str, name: str, colour: str, *, end: bool = False, grid: bool = False) -> dict[str, object]:
     ARTIFACTS.mkdir(exist_ok=True)
     argv = [str(PYTHON), "-m", "tests.viewer_shot", url, str(ARTIFACTS / name), colour, str(SHOW_TIMEOUT_S)]
-    p = subprocess.run(["nsenter", f"--net=/run/netns/{w.host}", *argv, *(["--end"] if end else [])],
+    flags = [*(["--end"] if end else []), *(["--grid"] if grid else [])]
+    p = subprocess.run(["nsenter", f"--net=/run/netns/{w.host}", *argv, *flags],
                        capture_output=True, text=True, cwd=REPO, timeout=SHOW_TIMEOUT_S + 60, check=False)
     assert p.returncode == 0, p.stderr
     result: dict[str, object] = json.loads(p.stdout.strip().splitlines()[-1])

@@ -58,10 +58,11 @@ def test_browser_recipes() -> None:
         assert r.vmlinux and r.vmms == ("qemu", "firecracker")
         assert (guest.APP_PATH, "app.sh") in r.files and "X11Forwarding yes" in r.sshd_extra
         assert (guest.OPEN_PATH, "open.pl") in r.files and (guest.AGENT_PATH, "agent.pl") in r.files
+        assert (guest.SETUP_PATH, "browser-setup.sh") in r.files and r.configs  # the quiet browser (docs/quiet.md)
     # The launcher is part of a browser image's cache key; the minimal image carries only the identity agent.
     assert recipes.CHROMIUM.key("sources") != recipes.FIREFOX.key("sources")
     assert recipes.MINIMAL.files == ((guest.AGENT_PATH, "agent.pl"),) and not recipes.MINIMAL.vmlinux
     # --from installs only the app and its display stack: the source image brings kernel and sshd.
     assert recipes.CHROMIUM.app_packages() == (
         "tigervnc-standalone-server", "matchbox-window-manager", "xauth", "fonts-dejavu-core", "fonts-liberation2",
-        "chromium")
+        "tzdata", "chromium")

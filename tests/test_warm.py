@@ -73,6 +73,11 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
     assert "does not fit: memory_mib 1024 (template: 512)" in warm.plan(cfg, bigger).why
     more_shm = build(cfg, image="minimal", command=["true"], shm_mib=256)  # booted with it: a clone cannot change it
     assert "does not fit: shm_mib 256 (template: 0)" in warm.plan(cfg, more_shm).why
+    # The time zone and language the guest took at boot (docs/quiet.md) stay with its clones.
+    monkeypatch.setenv("TZ", "Pacific/Auckland")
+    elsewhere = build(cfg, image="minimal", command=["true"])
+    assert "guest settings dispo.tz=Pacific/Auckland" in warm.plan(cfg, elsewhere).why
+    monkeypatch.undo()
 
     monkeypatch.setattr(templates, "agent_hash", lambda: "another-agent")
     assert "carries another version of dispo's guest agent" in warm.plan(cfg, req).why

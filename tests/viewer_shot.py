@@ -1,6 +1,6 @@
 """Open a dispo viewer URL in a real browser (Playwright + Debian's chromium) and screenshot it until the
 guest's screen shows the expected colour; optionally press "End session". Run inside the netns where the
-viewer listens: `python -m tests.viewer_shot URL OUT.png RRGGBB TIMEOUT [--end]`. Prints JSON. URL "-": the
+viewer listens: `python -m tests.viewer_shot URL OUT.png RRGGBB TIMEOUT [--end] [--grid]`. Prints JSON. URL "-": the
 browser starts first, prints "ready", then reads the URL from stdin (so a timing need not include its start).
 """
 
@@ -22,6 +22,18 @@ def pixel(png: Path, x: int, y: int) -> tuple[int, ...]:
     fmt = ",".join(f"%[fx:int(255*p{{{x},{y}}}.{c})]" for c in "rgb")
     out = subprocess.run(["convert", str(png), "-format", fmt, "info:"], capture_output=True, text=True, check=True)
     return tuple(int(c) for c in out.stdout.strip().split(","))
+
+
+def pixels(png: Path, points: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+    """The colours at many points, in one `convert` run."""
+    fmt = ";".join(",".join(f"%[fx:int(255*p{{{x},{y}}}.{c})]" for c in "rgb") for x, y in points)
+    out = subprocess.run(["convert", str(png), "-format", fmt, "info:"], capture_output=True, text=True, check=True)
+    return [tuple(int(c) for c in part.split(",")) for part in out.stdout.strip().split(";")]
+
+
+# The guest browser's page area in the viewer: below its tab strip and toolbar, right of noVNC's control bar
+# (open for a few seconds after connecting).
+GRID = [(x, y) for x in range(100, 1241, 114) for y in range(130, 881, 75)]
 
 
 def close(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -48,6 +60,7 @@ def watch_colour(page: Page, out: Path, want: tuple[int, ...], t0: float, timeou
 def main() -> int:
     url, out, hex_rgb, timeout = sys.argv[1], Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
     end = "--end" in sys.argv[5:]
+    grid = "--grid" in sys.argv[5:]  # once seen: is the whole page area the colour (no prompt, bar or bubble)?
     want = tuple(int(hex_rgb[i:i + 2], 16) for i in (0, 2, 4))
     result: dict[str, object] = {"seen": False}
     with sync_playwright() as p:
@@ -62,6 +75,10 @@ def main() -> int:
             t0 = time.monotonic()
             page.goto(url)
             result.update(watch_colour(page, out, want, t0, timeout))
+            if grid and result.get("seen"):
+                page.screenshot(path=str(out))
+                got = pixels(out, GRID)
+                result["grid_off"] = [(*pt, *rgb) for pt, rgb in zip(GRID, got, strict=True) if not close(rgb, want)]
             if end:
                 result["end_at"] = time.time()
                 page.click("#end")

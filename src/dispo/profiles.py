@@ -16,6 +16,7 @@ from typing import Any
 from dispo.errors import InvalidInput, NotFound
 from dispo.names import check_name
 from dispo.net.policy import NetworkPolicy
+from dispo.privacy import Privacy
 from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, limit_hi
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_profiles"
@@ -43,6 +44,7 @@ class Profile:
     idle_timeout_s: float = float(SETTINGS["idle_timeout_s"].default)
     max_lifetime_s: float = float(SETTINGS["max_lifetime_s"].default)
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    privacy: Privacy = field(default_factory=Privacy)
     source: str = ""
 
     def argv(self, url: str | None = None) -> tuple[str, ...]:
@@ -101,6 +103,10 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
         if not isinstance(data["network"], dict):
             raise _bad(where, "network", "must be a table")
         kwargs["network"] = NetworkPolicy.from_mapping(data["network"], where=f"{where}: [network]")
+    if "privacy" in data:
+        if not isinstance(data["privacy"], dict):
+            raise _bad(where, "privacy", "must be a table")
+        kwargs["privacy"] = Privacy.from_mapping(data["privacy"], where=f"{where}: [privacy]")
     return Profile(name=name, source=where, **kwargs)
 
 

@@ -155,10 +155,13 @@ class Receipt:
     exit_status: int | None = None
     end_reason: str = ""
     kept: list[str] = field(default_factory=list)  # objects kept on purpose (none yet: volumes come later)
+    # With --log-requests: the requests the guest made, by kind ({"dns": 2, "tcp": 3}); None when not logged.
+    requests: dict[str, int] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {"clean": self.clean, "leftovers": self.leftovers, "checked": self.checked,
-                "image_unchanged": self.image_unchanged, "teardown_s": self.teardown_s, "check_s": self.check_s}
+                "image_unchanged": self.image_unchanged, "teardown_s": self.teardown_s, "check_s": self.check_s,
+                "requests": self.requests}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,7 +169,7 @@ class Receipt:
 
 def issue(cfg: Config, *, session_id: str, recorded: list[Entry], state_path: Path, image: Image | None,
           proof_before: dict[str, Any] | None, started: float, teardown_s: float | None, exit_status: int | None,
-          end_reason: str) -> Receipt:
+          end_reason: str, requests: list[dict[str, Any]] | None = None) -> Receipt:
     t0 = time.monotonic()
     leftovers: list[str] = []
     for entry in recorded:
@@ -193,6 +196,10 @@ def issue(cfg: Config, *, session_id: str, recorded: list[Entry], state_path: Pa
     r = Receipt(session_id, not leftovers, leftovers, len(recorded) + 1,
                 {"name": image.name, "sha256": image.sha256} if image else {}, unchanged, started, time.time(),
                 round(teardown_s, 3) if teardown_s is not None else None, 0.0, exit_status, end_reason)
+    if requests is not None:
+        r.requests = {}
+        for req in requests:
+            r.requests[req["kind"]] = r.requests.get(req["kind"], 0) + int(req["count"])
     r.check_s = round(time.monotonic() - t0, 4)
     append(cfg, r)
     return r

@@ -26,6 +26,7 @@ from dispo.config import Config
 from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import DispoError, InvalidInput, JournalError, NotFound, VmmError
 from dispo.names import check_session_id
+from dispo.net.capture import describe as describe_request
 from dispo.proc import minimal_env
 from dispo.profiles import DisplayMode
 from dispo.runtime import Event, EventKind, Runtime, SessionRequest, StandaloneViewers, Stdio, build
@@ -88,6 +89,9 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
                    help="boot, even when a template could be restored")
     p.add_argument("--warm", dest="start", action="store_const", const="warm", default=default,
                    help="restore from a template, or fail saying why not")
+    p.add_argument("--log-requests", action="store_true", default=default,
+                   help="record every connection and DNS query the guest makes (seen on the host side of its "
+                        "network) and list them when the session ends")
     p.add_argument("--in-process", action="store_true", default=default,
                    help="run the session in this process even when dispod runs")
 
@@ -95,7 +99,7 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
 PROFILE_USAGE = "dispo run PROFILE [URL] [--display web|x11|none] [--open]"
 _FLAGS = {"image": "image", "backend": "backend", "name": "name", "display": "display", "memory": "memory_mib",
           "vcpus": "vcpus", "ready_timeout": "ready_timeout_s", "idle_timeout": "idle_timeout_s",
-          "max_lifetime": "max_lifetime_s", "start": "start"}
+          "max_lifetime": "max_lifetime_s", "start": "start", "log_requests": "log_requests"}
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,6 +182,7 @@ class Printer:
                 stream.buffer.write(data)
                 stream.buffer.flush()
         elif e.kind is EventKind.ENDED and e.fields.get("receipt"):
+            self._requests(sid, e.fields.get("requests"))
             r = e.fields["receipt"]
             if r.get("clean"):
                 image = {True: ", image unchanged", False: ", IMAGE CHANGED", None: ""}[r.get("image_unchanged")]
@@ -189,6 +194,16 @@ class Printer:
 
     def notice(self, text: str) -> None:
         self._say(text)
+
+    def _requests(self, sid: str, found: Any) -> None:
+        """The list of --log-requests (names come from the guest: escaped before the terminal sees them)."""
+        if not isinstance(found, list):
+            return
+        total = sum(int(r.get("count", 1)) for r in found if isinstance(r, dict))
+        self._say(f"session {sid}: the guest made {total} request(s)" + (":" if found else ""))
+        for r in found:
+            if isinstance(r, dict):
+                print(f"  {escape_terminal(describe_request(r))}", file=self.err, flush=True)
 
     def _say(self, text: str) -> None:
         print(f"dispo: {text}", file=self.err, flush=True)

@@ -100,6 +100,10 @@ def cmd_receipt(args: argparse.Namespace, cfg: Config) -> int:
             print(f"  image {image.get('name')} (sha256 {str(image.get('sha256', ''))[:16]}...): {state}")
         for what in found.get("leftovers") or []:
             print(f"  left: {what}")
+        requests = found.get("requests")
+        if isinstance(requests, dict):  # --log-requests
+            counts = ", ".join(f"{n} {kind}" for kind, n in sorted(requests.items())) or "none"
+            print(f"  requests the guest made: {counts}")
         print(f"  ended: {found.get('end_reason') or '-'}; exit status {found.get('exit_status')}; teardown "
               f"{found.get('teardown_s')} s; check {found.get('check_s')} s")
     return 0 if found.get("clean") else 1

@@ -12,6 +12,12 @@
 # It exits with CMD's status, and the display goes with it: closing the browser ends the session.
 set -u
 mode=${1:-}; shift || true
+# The session's environment (written at boot by browser-setup: the language, the quiet browser's switches).
+if [ -r /run/dispo/session.env ]; then
+    set -a
+    . /run/dispo/session.env
+    set +a
+fi
 
 case "$mode" in
 web)

@@ -49,6 +49,12 @@ hostname "$name"
 echo "$name" > /etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' "$name" > /etc/hosts
 
+# No IPv6: dispo gives guests IPv4 behind NAT only, and a kernel with IPv6 sends router and neighbour
+# solicitations (and MLD reports) on its own, traffic no one asked for (docs/quiet.md).
+for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do
+    [ -e "$f" ] && echo 1 > "$f"
+done
+
 ip link set lo up
 ip_addr=$(arg dispo.ip)
 if [ -n "$ip_addr" ]; then
@@ -72,6 +78,17 @@ fi
 dns=$(arg dispo.dns)
 : > /etc/resolv.conf
 for r in $(echo "$dns" | tr ',' ' '); do echo "nameserver $r" >> /etc/resolv.conf; done
+
+# The host's time zone (or the profile's): dispo.tz=Area/City, when the image has its zoneinfo.
+tz=$(arg dispo.tz)
+case "$tz" in
+    ''|*[!A-Za-z0-9_+/-]*|*..*|/*) ;;
+    *) [ -f "/usr/share/zoneinfo/$tz" ] && ln -sfn "/usr/share/zoneinfo/$tz" /etc/localtime && echo "$tz" > /etc/timezone ;;
+esac
+# Browser images: the session's language and privacy choices (browser-setup.sh, docs/quiet.md).
+if [ -x /usr/lib/dispo/browser-setup ]; then
+    /usr/lib/dispo/browser-setup "$(arg dispo.lang)" "$(arg dispo.quiet)" "$(arg dispo.allow)" > /dev/console 2>&1
+fi
 
 power_off() {
     say "powering off"

@@ -143,6 +143,8 @@ def _write_overlay(overlay: Path, recipe: Recipe) -> None:
     }
     for path, resource in recipe.files:
         files[path.lstrip("/")] = (guest.resource(resource).decode(), 0o755)
+    for path, resource in recipe.configs:
+        files[path.lstrip("/")] = (guest.resource(resource).decode(), 0o644)
     for rel, (text, mode) in files.items():
         p = overlay / rel
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o755)

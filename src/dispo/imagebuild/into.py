@@ -149,6 +149,8 @@ def _finish_tree(tree: Path, recipe: recipes.Recipe) -> None:
     """What dispo needs in the guest: the launcher, sshd's settings, the unprivileged user, no host keys."""
     for path, resource in recipe.files:
         treefs.write_file(tree, path, guest.resource(resource), 0o755)
+    for path, resource in recipe.configs:
+        treefs.write_file(tree, path, guest.resource(resource), 0o644)
     if not treefs.exists(tree, "etc/ssh/sshd_config.d"):
         raise NotFound("the source image has no /etc/ssh/sshd_config.d", hint="use an image with openssh-server")
     treefs.write_file(tree, "etc/ssh/sshd_config.d/dispo.conf", (guest.SSHD_CONFIG + recipe.sshd_extra).encode())

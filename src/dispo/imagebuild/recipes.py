@@ -31,19 +31,22 @@ class Recipe:
     files: tuple[tuple[str, str], ...] = ()
     sshd_extra: str = ""                 # appended to the sshd settings (X11 forwarding for browsers)
     vmlinux: bool = False                # also store an ELF vmlinux (Firecracker boots only those)
+    # Guest configuration files (dispo.guest resources) installed at a path in the tree, mode 0644: the quiet
+    # browser's policies and preferences (docs/quiet.md).
+    configs: tuple[tuple[str, str], ...] = ()
 
     def key(self, sources_text: str) -> str:
         h = hashlib.sha256()
         fields = asdict(self)
         # Fields added later hash only when set, so a recipe that does not use them keeps its cached build.
-        for late in ("files", "sshd_extra", "vmlinux"):
+        for late in ("files", "sshd_extra", "vmlinux", "configs"):
             if not fields[late]:
                 del fields[late]
         h.update(json.dumps(fields, sort_keys=True).encode())
         h.update(sources_text.encode())
         h.update(guest.init_script())
         h.update(guest.SSHD_CONFIG.encode())
-        for _, resource in self.files:
+        for _, resource in (*self.files, *self.configs):
             h.update(guest.resource(resource))
         return h.hexdigest()[:16]
 
@@ -68,8 +71,18 @@ MINIMAL = Recipe(
 
 # What both display modes need: TigerVNC's Xvnc and a window manager for `web`, xauth for sshd's X11
 # forwarding (`x11`), fonts for any page at all. Debian's packages only; no Recommends (mmdebstrap's default).
+# tzdata: the guest's clock shows the host's time zone (docs/quiet.md).
 _DISPLAY = ("tigervnc-standalone-server", "matchbox-window-manager", "xauth", "fonts-dejavu-core",
-            "fonts-liberation2")
+            "fonts-liberation2", "tzdata")
+
+# The quiet browser (docs/quiet.md): each browser's enterprise policies and system preferences, in the image.
+_QUIET = {
+    "chromium": (("/etc/chromium/policies/managed/dispo-quiet.json", "chromium-policies.json"),
+                 ("/etc/chromium.d/dispo-quiet", "chromium-flags.sh"),
+                 ("/usr/lib/dispo/chromium-initial-preferences.json", "chromium-initial-preferences.json")),
+    "firefox": (("/usr/share/firefox-esr/distribution/policies.json", "firefox-policies.json"),
+                ("/etc/firefox-esr/dispo-quiet.js", "firefox-prefs.js")),
+}
 
 
 def _browser(name: str, package: str) -> Recipe:
@@ -77,7 +90,9 @@ def _browser(name: str, package: str) -> Recipe:
         MINIMAL, name=name, packages=(*MINIMAL.packages, *_DISPLAY, package), vmms=("qemu", "firecracker"),
         # A browser's cache, profile and crash dumps land on the session's disk.
         headroom_mib=1024,
-        files=(*MINIMAL.files, (guest.APP_PATH, "app.sh"), (guest.OPEN_PATH, "open.pl")),
+        files=(*MINIMAL.files, (guest.APP_PATH, "app.sh"), (guest.OPEN_PATH, "open.pl"),
+               (guest.SETUP_PATH, "browser-setup.sh")),
+        configs=_QUIET[name],
         # Untrusted forwarding on the host side (ssh -X); xauth in the guest makes the cookie.
         sshd_extra="X11Forwarding yes\nX11UseLocalhost yes\n",
         vmlinux=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from dispo import receipt
 from dispo.errors import Cancelled, DispoError, TeardownError
 from dispo.images import Image
+from dispo.net.capture import RequestLog
 from dispo.runtime.app import encode_output
 from dispo.runtime.events import Event, EventKind, EventSink
 from dispo.runtime.request import SessionRequest
@@ -98,6 +99,7 @@ class LiveSession:
         self.last_activity = time.monotonic()
         self.cancel = CancelToken()
         self.receipt: receipt.Receipt | None = None
+        self.request_log: RequestLog | None = None  # with request.log_requests: the guest's requests
         self._tx: Transaction | None = None
         self._image: Image | None = None
         self._proof: dict[str, Any] | None = None
@@ -155,7 +157,8 @@ class LiveSession:
                 "start": "pool" if self.claimed.is_set() else "restore" if self.warm else "boot",
                 "pooled": bool(self.pool_name), "template": self.template or None,
                 "start_reason": self.start_reason or None,
-                "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s}
+                "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s,
+                "requests": self.request_log.requests() if self.request_log is not None else None}
 
     # -- for the steps ----------------------------------------------------------------------------
     def emit(self, kind: EventKind, message: str = "", **fields: Any) -> None:
@@ -199,7 +202,8 @@ class LiveSession:
             self.emit(EventKind.ENDED, self.end_reason, exit_status=self.exit_status, end_reason=self.end_reason,
                       error=problem(self.error) if self.error else None,
                       console_tail=getattr(self.error, "console_tail", "") if self.error else "",
-                      receipt=self.receipt.summary() if self.receipt else None)
+                      receipt=self.receipt.summary() if self.receipt else None,
+                      requests=self.request_log.requests() if self.request_log is not None else None)
             self.emit(EventKind.STATE, f"ended: {self.end_reason}", **self.status())
             self._done.set()
             self.runtime.forget(self)
@@ -248,7 +252,8 @@ class LiveSession:
             tx.cfg, session_id=self.id, recorded=list(tx.journal.recorded), state_path=tx.state_path,
             image=self._image, proof_before=self._proof, started=self.created,
             teardown_s=time.monotonic() - self._stopping_at if self._stopping_at else None,
-            exit_status=self.exit_status, end_reason=self.end_reason or (self.error.one_line() if self.error else ""))
+            exit_status=self.exit_status, end_reason=self.end_reason or (self.error.one_line() if self.error else ""),
+            requests=self.request_log.requests() if self.request_log is not None else None)
         if not self.receipt.clean and self.error is None:
             self.error = receipt.NotClean(self.id, self.receipt.leftovers)
 

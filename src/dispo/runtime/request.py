@@ -23,6 +23,7 @@ from dispo.imagebuild.recipes import RECIPES
 from dispo.images import Image, ImageStore
 from dispo.names import check_name
 from dispo.net.policy import NetworkPolicy
+from dispo.privacy import Privacy, resolve
 from dispo.profiles import DisplayMode
 from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, limit_hi
 from dispo.vmm.base import VmmKind
@@ -44,8 +45,8 @@ MAX_URL = 4096
 MAX_COMMAND_BYTES = 64 * 1024
 _URL_RE = re.compile(r"^(https?://[^\s]+|about:[a-z-]+)$")
 # Keys a JSON body (POST /v1/sessions) may carry; the rest of SessionRequest is the server's to decide.
-API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", "start", *INT_SETTINGS,
-            *SECONDS_SETTINGS)
+API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", "start", "log_requests",
+            *INT_SETTINGS, *SECONDS_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -67,21 +68,38 @@ class SessionRequest:
     stdio: Stdio = Stdio.CAPTURE
     tty: bool = False                  # with Stdio.TERMINAL: an interactive terminal
     start: StartMode = StartMode.AUTO  # boot, or restore from a template (runtime/warm.py)
+    # What the guest is told of the user (privacy.py): both resolved ("host" -> the host's) at build().
+    timezone: str = ""
+    language: str = ""
+    quiet: bool = True                 # the quiet-browser settings (docs/quiet.md); False: a baseline
+    allow: tuple[str, ...] = ()        # quiet settings the profile turned back on ("safe-browsing")
+    log_requests: bool = False         # record every connection and DNS query of the guest (net/capture.py)
 
     @property
     def kind(self) -> VmmKind:
         return VmmKind(self.backend) if self.backend != "auto" else VmmKind.QEMU
 
     def cmdline(self) -> tuple[str, ...]:
-        """Kernel arguments this request adds for the guest's init."""
-        return (f"dispo.shm={self.shm_mib}",) if self.shm_mib else ()
+        """Kernel arguments this request adds for the guest's init (and browser-setup.sh)."""
+        args = [f"dispo.shm={self.shm_mib}"] if self.shm_mib else []
+        if self.timezone:
+            args.append(f"dispo.tz={self.timezone}")
+        if self.language:
+            args.append(f"dispo.lang={self.language}")
+        if not self.quiet:
+            args.append("dispo.quiet=0")
+        if self.allow:
+            args.append(f"dispo.allow={','.join(self.allow)}")
+        return tuple(args)
 
     def to_json(self) -> dict[str, Any]:
         return {"profile": self.profile or None, "image": self.image, "command": list(self.command),
                 "url": self.url or None, "display": self.display.value, "name": self.name or None,
                 "backend": self.backend, "memory_mib": self.memory_mib, "vcpus": self.vcpus,
                 "ready_timeout_s": self.ready_timeout_s, "idle_timeout_s": self.idle_timeout_s,
-                "max_lifetime_s": self.max_lifetime_s, "start": self.start.value}
+                "max_lifetime_s": self.max_lifetime_s, "start": self.start.value, "timezone": self.timezone,
+                "language": self.language, "quiet": self.quiet, "allow": list(self.allow),
+                "log_requests": self.log_requests}
 
 
 def _number(key: str, value: Any, where: str) -> int | float:
@@ -116,7 +134,7 @@ def find_image(cfg: Config, name: str) -> Image:
 def build(cfg: Config, *, profile: str | None = None, image: str | None = None, command: Sequence[str] = (),
           url: str | None = None, display: str | None = None, name: str | None = None, backend: str | None = None,
           stdio: Stdio = Stdio.CAPTURE, tty: bool = False, where: str = "", start: str | None = None,
-          **numbers: Any) -> SessionRequest:
+          log_requests: bool = False, **numbers: Any) -> SessionRequest:
     """Defaults, then the profile, then the caller's values; every check before anything is created.
 
     `numbers` are the numeric settings (memory_mib, vcpus, shm_mib, *_timeout_s, max_lifetime_s); None
@@ -128,8 +146,10 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
     values: dict[str, Any] = {k: SETTINGS[k].default for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
     values["shm_mib"] = 0
     fields: dict[str, Any] = {}
+    privacy = Privacy()
     if profile:
         p = profiles.find(profile, cfg.profiles_dir)
+        privacy = p.privacy
         if command:
             raise InvalidInput(f"{where}a profile runs its own command; give a URL, or an image and a command",
                                hint=f"the command of {profile!r} is set in {p.source}")
@@ -176,7 +196,9 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
             raise InvalidInput(f"{where}unknown start {start!r}", hint="use auto, cold or warm") from None
     img = find_image(cfg, fields["image"])
     fields["backend"] = choose_backend(fields.get("backend"), img).value
-    return SessionRequest(**fields, **values, stdio=stdio, tty=tty)
+    fields["timezone"], fields["language"] = resolve(privacy)
+    return SessionRequest(**fields, **values, stdio=stdio, tty=tty, quiet=privacy.quiet, allow=privacy.allowed(),
+                          log_requests=bool(log_requests))
 
 
 def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/sessions: ") -> SessionRequest:
@@ -196,10 +218,13 @@ def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/se
     if strings["display"] == DisplayMode.X11.value:
         raise InvalidInput(f"{where}the service shows apps in its web viewer; x11 needs 'dispo run' in-process",
                            hint="use display web or none")
+    log_requests = body.get("log_requests", False)
+    if not isinstance(log_requests, bool):
+        raise InvalidInput(f"{where}log_requests must be true or false")
     numbers: dict[str, Any] = {k: body.get(k) for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
     return build(cfg, command=command, where=where, stdio=Stdio.CAPTURE, profile=strings["profile"],
                  image=strings["image"], url=strings["url"], display=strings["display"], name=strings["name"],
-                 backend=strings["backend"], start=strings["start"], **numbers)
+                 backend=strings["backend"], start=strings["start"], log_requests=log_requests, **numbers)
 
 
 def replace(req: SessionRequest, **changes: Any) -> SessionRequest:

@@ -21,6 +21,7 @@ from dispo.errors import DispoError, InvalidInput, NetworkError, NotFound, Stora
 from dispo.images import Image
 from dispo.names import format_size
 from dispo.net import GuestNetwork, rules_gone_reason
+from dispo.net.capture import RequestLog
 from dispo.profiles import DisplayMode
 from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess, ViewerHost, app_env, vnc_greeting
 from dispo.runtime.events import EventKind
@@ -105,6 +106,20 @@ def identity(b: Bringup) -> None:
 
 def network(b: Bringup) -> None:
     b.net = b.machinery.attach_network(b.tx, b.request.policy)
+    if b.request.log_requests:
+        _log_requests(b, b.net.tap)
+
+
+def _log_requests(b: Bringup, tap: str) -> None:
+    """Watch the guest's side of the network from its first frame (net/capture.py); stopped on unwind."""
+    log = RequestLog(tap)
+    try:
+        log.start()
+    except OSError as e:
+        raise NetworkError(f"cannot watch {tap} for --log-requests: {e.strerror or e}",
+                           hint="logging requests needs CAP_NET_RAW (run dispo as root)") from None
+    b.tx.stack.callback(log.stop)
+    b.live.request_log = log
 
 
 def machine_spec(b: Bringup, *, agent: bool = False) -> MachineSpec:

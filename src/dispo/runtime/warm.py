@@ -81,6 +81,9 @@ def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None,
     mismatch = [f"{what} {mine} (template: {theirs})" for what, mine, theirs in (
         ("memory_mib", request.memory_mib, t.memory_mib), ("vcpus", request.vcpus, t.vcpus),
         ("shm_mib", request.shm_mib, t.shm_mib), ("display", request.display.value, t.display)) if mine != theirs]
+    if request.cmdline() != t.guest_args:
+        mismatch.append(f"guest settings {' '.join(request.cmdline()) or '-'} (template: "
+                        f"{' '.join(t.guest_args) or '-'})")
     if request.backend not in ("auto", t.backend):
         mismatch.append(f"backend {request.backend} (template: {t.backend})")
     if mismatch:
@@ -196,6 +199,7 @@ def save_template(kind: TemplateKind, name: str, b: Bringup) -> None:
     t = templates.finish(b.tx, build, b.image, backend=vmm.kind.value, vmm_version=vmm_version(b.cfg, vmm.kind),
                          memory_mib=r.memory_mib, vcpus=r.vcpus,
                          shm_mib=r.shm_mib, display=r.display.value, mac=b.net.mac, profile=r.profile,
+                         guest_args=list(r.cmdline()),
                          build_s=round(time.monotonic() - b.t0, 3), save_s=round(saved, 3))
     b.finished = f"template {t.key} saved"
     b.emit(EventKind.NOTICE, f"template {t.key}: {format_size(t.size)} ({', '.join(sorted(t.files))}), saved in "

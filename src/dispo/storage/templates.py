@@ -79,6 +79,9 @@ class Template:
     storage: StorageBackend
     build_s: float = 0.0
     vmm_version: str = ""   # the VMM that saved the state ("qemu QEMU emulator version 7.2.22 ...")
+    # The session settings its guest took at boot (time zone, language, quiet browser: request.cmdline()); a
+    # clone keeps them, so only a request with the same settings fits.
+    guest_args: tuple[str, ...] = ()
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -103,7 +106,8 @@ class Template:
                        shm_mib=int(m.get("shm_mib", 0)), display=str(m.get("display", "none")),
                        mac=str(m["mac"]), created=float(m["created"]), agent=str(m["agent"]),
                        storage=StorageBackend(m["storage"]), build_s=float(m.get("build_s", 0.0)),
-                       vmm_version=str(m.get("vmm_version", "")), files=dict(m.get("files", {})))
+                       vmm_version=str(m.get("vmm_version", "")), guest_args=tuple(m.get("guest_args", ())),
+                       files=dict(m.get("files", {})))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StorageError(f"template at {path} has no valid {META}: {e}",
                                hint=f"remove it with 'dispo template rm {path.name}' and build it again") from None

@@ -56,8 +56,8 @@ ENDED_EXAMPLE: dict[str, Any] = {
 PROBLEM_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/InvalidInput", "title": "InvalidInput", "status": 400,
     "detail": "POST /v1/sessions: unknown key(s): colour",
-    "hint": "known keys: profile, image, command, url, display, name, backend, memory_mib, vcpus, shm_mib, "
-            "ready_timeout_s, idle_timeout_s, max_lifetime_s"}
+    "hint": "known keys: profile, image, command, url, display, name, backend, start, log_requests, memory_mib, "
+            "vcpus, shm_mib, ready_timeout_s, idle_timeout_s, max_lifetime_s"}
 BUSY_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/Busy", "title": "Busy", "status": 429,
     "detail": "4 sessions are running, the most this service allows (max_sessions = 4)",
@@ -84,6 +84,10 @@ SCHEMAS: dict[str, Any] = {
                       "description": "auto (default): a guest from the warm pool, else a restore from a current "
                                      "template that fits, else a boot; cold: always boot; warm: fail rather than "
                                      "boot"},
+            "log_requests": {"type": "boolean",
+                             "description": "record every connection and DNS query the guest makes (seen on the "
+                                            "host side of its tap): the session's `requests`, its ended event and "
+                                            "its disposal receipt list them (docs/quiet.md)"},
         },
         "examples": [{"profile": "chromium", "url": "https://example.org/"},
                      {"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"], "idle_timeout_s": 60}],
@@ -115,8 +119,18 @@ SCHEMAS: dict[str, Any] = {
             "pooled": {"type": "boolean", "description": "a guest still waiting in the warm pool"},
             "template": _nullable({"type": "string", "description": "the template it was restored from"}),
             "start_reason": _nullable({"type": "string", "description": "how its guest comes and why, one line"}),
+            "requests": _nullable({"type": "array", "items": _ref("GuestRequest"),
+                                   "description": "with log_requests: what the guest asked for so far"}),
         },
         "examples": [SESSION_EXAMPLE, ENDED_EXAMPLE],
+    },
+    "GuestRequest": {
+        "type": "object", "required": ["kind", "dest", "count"],
+        "description": "one kind of request the guest made (net/capture.py); names are escaped guest data",
+        "properties": {"kind": {"enum": ["dns", "tcp", "udp", "icmp", "ip", "ipv6", "other"]},
+                       "dest": {"type": "string"}, "port": _nullable({"type": "integer"}),
+                       "name": _nullable({"type": "string"}), "qtype": _nullable({"type": "string"}),
+                       "count": {"type": "integer"}, "first_s": {"type": "number"}},
     },
     "SessionList": {"type": "object", "required": ["sessions"],
                     "properties": {"sessions": {"type": "array", "items": _ref("Session")}},
