@@ -61,6 +61,8 @@ def test_fill_hand_out_once_refill_and_drain(rt: Runtime, cfg: Config) -> None:
     assert cold.wait(30) and not cold.warm
 
     _until(lambda: _ready(pool, "minimal") == 1, "no refill")
+    # A session that logs its requests is watched from its first frame: never a guest that waited unwatched.
+    assert pool.acquire(build(cfg, image="minimal", command=["true"], log_requests=True), None) is None
     stopped = pool.drain("minimal")
     assert len(stopped) == 1
     _until(lambda: rt.sessions(pooled=True) == [], "drain did not stop the guest")

@@ -186,6 +186,9 @@ def test_quiet_browser(quiet_world: NetWorld, tmp_path: Path, browser: str) -> N
     time.sleep(QUIET_S)
     late = _shot(w, viewer, f"quiet-{browser}-60s.png", BLUE, grid=True)
     tabs = _tabs(w, sid, browser)
+    # Nothing of the host's identity: the guest's name is the session's, its user dispo's.
+    who = w.dispo("ssh", sid, "--", "sh", "-c", "hostname; id -un", timeout=60)
+    assert who.stdout.split() == [f"dispo-{sid}", "user"], who.stdout + who.stderr
 
     os.kill(run.pid, signal.SIGTERM)  # nsenter exec()s dispo: this is dispo itself
     assert run.wait(120) == 128 + signal.SIGTERM, log.read_text()

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from dispo import privacy, profiles
+from dispo.config import Config
 from dispo.errors import InvalidInput
 from dispo.guest import resource
 from dispo.imagebuild.recipes import CHROMIUM, FIREFOX, MINIMAL
 from dispo.net.capture import RequestLog, describe, dns_question
-from dispo.runtime.request import SessionRequest
+from dispo.runtime.request import SessionRequest, from_json
 
 GUEST_MAC, HOST_MAC = bytes.fromhex("0600ac140002"), bytes.fromhex("fe0000000001")
 
@@ -133,6 +134,11 @@ def test_privacy_table_in_a_profile(tmp_path: Path) -> None:
                         ({"telemetry": True}, "unknown key 'telemetry'")):
         with pytest.raises(InvalidInput, match=text):
             profiles.parse("x", {"image": "chromium", "privacy": table}, "x.toml")
+
+
+def test_log_requests_in_an_api_body(cfg: Config) -> None:
+    with pytest.raises(InvalidInput, match="log_requests must be true or false"):
+        from_json(cfg, {"image": "minimal", "command": ["true"], "log_requests": "yes"})
 
 
 def test_guest_settings_reach_the_kernel_command_line() -> None:
