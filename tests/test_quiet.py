@@ -102,6 +102,18 @@ def _packets(pcap: Path, expr: str, *flags: str) -> list[str]:
     return [line for line in p.stdout.splitlines() if line.strip()]
 
 
+def _lz4_length(src: bytes, i: int, n: int) -> tuple[int, int]:
+    """An LZ4 length: `n` from the token, plus bytes while they are 255 when it is 15; (length, next index)."""
+    if n == 15:
+        while True:
+            b = src[i]
+            i += 1
+            n += b
+            if b != 255:
+                break
+    return n, i
+
+
 def _mozlz4(data: bytes) -> bytes:
     """Firefox's session-store format: "mozLz40\\0", the size, then one LZ4 block."""
     assert data[:8] == b"mozLz40\0", data[:8]
@@ -109,29 +121,13 @@ def _mozlz4(data: bytes) -> bytes:
     src, out, i = data[12:], bytearray(), 0
     while i < len(src):
         token = src[i]
-        i += 1
-        n = token >> 4
-        if n == 15:
-            while True:
-                b = src[i]
-                i += 1
-                n += b
-                if b != 255:
-                    break
+        n, i = _lz4_length(src, i + 1, token >> 4)
         out += src[i:i + n]
         i += n
         if i >= len(src):
             break
         offset = src[i] | src[i + 1] << 8
-        i += 2
-        m = token & 15
-        if m == 15:
-            while True:
-                b = src[i]
-                i += 1
-                m += b
-                if b != 255:
-                    break
+        m, i = _lz4_length(src, i + 2, token & 15)
         for _ in range(m + 4):
             out.append(out[-offset])
     assert len(out) == size, (len(out), size)
