@@ -49,9 +49,11 @@ hostname "$name"
 echo "$name" > /etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' "$name" > /etc/hosts
 
-# No IPv6: dispo gives guests IPv4 behind NAT only, and a kernel with IPv6 sends router and neighbour
-# solicitations (and MLD reports) on its own, traffic no one asked for (docs/quiet.md).
+# No IPv6 on the network: dispo gives guests IPv4 behind NAT only, and a kernel with IPv6 sends router and
+# neighbour solicitations (and MLD reports) on its own, traffic no one asked for (docs/quiet.md). The loopback
+# keeps ::1 (sshd's X11 forwarding binds it, and so may apps); "all" would take it too.
 for f in /proc/sys/net/ipv6/conf/*/disable_ipv6; do
+    case "$f" in */conf/lo/*|*/conf/all/*) continue ;; esac
     [ -e "$f" ] && echo 1 > "$f"
 done
 
