@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
+from dispo import arch as arches
 from dispo import kernels, treefs, workspace
 from dispo.config import Config
 from dispo.errors import DispoError, InvalidInput, NotFound, StorageError
@@ -69,6 +70,15 @@ class Artifacts:
 def host_arch() -> str:
     machine = os.uname().machine
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def check_kernel(kernel: Path, arch: str) -> None:
+    """The bucket's `vmlinux-*` is what Firecracker boots on `arch`: an ELF vmlinux on x86_64, an uncompressed
+    arm64 Image (despite its name) on aarch64."""
+    if arch == "aarch64":
+        kernels.check_arm64_image(kernel)
+    else:
+        kernels.check_vmlinux(kernel, arch)
 
 
 # -- the bucket listing ----------------------------------------------------------------------------
@@ -259,7 +269,8 @@ def fetch_image(cfg: Config, name: str, *, base: str | None = None, arch: str | 
     if (cfg.images_dir / name).exists():
         raise InvalidInput(f"image {name!r} already exists", hint=f"remove it first with 'dispo image rm {name}'")
     base = (base or cfg.firecracker.artifacts_url).rstrip("/")
-    arch = arch or host_arch()
+    # The bucket spells architectures the kernel's way (x86_64, aarch64); --arch arm64 means aarch64.
+    arch = arches.get(arch).machine if arch else host_arch()
     workspace.ensure(cfg)
     cache = Cache(cfg)
     with _client() as client:
@@ -272,8 +283,7 @@ def fetch_image(cfg: Config, name: str, *, base: str | None = None, arch: str | 
 
         kernel, rootfs = get(art.kernel), get(art.rootfs)
         key_file = get(art.ssh_key) if art.ssh_key else None
-    if arch == "x86_64":
-        kernels.check_vmlinux(kernel, arch)
+    check_kernel(kernel, arch)
     with transaction(cfg, purpose=f"fetch image {name}") as tx:
         work = cfg.workspace / f".fetch-{tx.session_id}"
         tx.journal.record("path", path=str(work))

@@ -250,3 +250,88 @@ def extract_vmlinux(src: Path, dest: Path, machine: str = "x86_64") -> Extracted
     finally:
         tmp.unlink(missing_ok=True)
     return Extracted(dest, compression, info)
+
+
+# -- arm64: the Image format ------------------------------------------------------------------------------
+# An arm64 kernel is a flat `Image` with a 64-byte header: "ARM\x64" at offset 0x38 (Documentation/arch/arm64/
+# booting.rst). Debian ships it gzip-compressed as /boot/vmlinuz-*. QEMU's -kernel takes either; Firecracker on
+# aarch64 only the uncompressed Image, so images carry that one and both VMMs boot it.
+ARM64_MAGIC = b"ARM\x64"
+ARM64_MAGIC_OFFSET = 0x38
+ARM64_IMAGE_MAX = 256 << 20   # no arm64 kernel Image comes near this: a bigger output is not a kernel
+
+
+def is_arm64_image(data: bytes) -> bool:
+    return len(data) >= 64 and data[ARM64_MAGIC_OFFSET:ARM64_MAGIC_OFFSET + 4] == ARM64_MAGIC
+
+
+def kernel_arch(path: Path) -> str | None:
+    """The architecture a kernel file is for, from its format: x86_64 (bzImage or ELF), aarch64 (Image, gzip'd
+    Image or ELF), None when it is none of those (or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 12)
+    except OSError:
+        return None
+    if head.startswith(MAGIC[Compression.GZIP]):  # Debian's arm64 vmlinuz: look at what it unpacks to
+        try:
+            with open(path, "rb") as f:
+                head = zlib.decompressobj(wbits=31).decompress(f.read(1 << 16), 128)
+        except (OSError, zlib.error):
+            return None
+    found = None
+    if is_arm64_image(head):
+        found = "aarch64"
+    elif len(head) >= 0x206 and head[0x202:0x206] == b"HdrS":
+        found = "x86_64"
+    elif head[:4] == ELF_MAGIC and len(head) >= 20:
+        (e_machine,) = struct.unpack_from("<H", head, 18)
+        found = _MACHINES.get(e_machine)
+    return found
+
+
+def arm64_image(src: Path, dest: Path, max_size: int = ARM64_IMAGE_MAX) -> int:
+    """Write the uncompressed arm64 Image in `src` (gzip'd, as Debian ships it, or already plain) to `dest`,
+    decompressed with a size cap; checks the header's magic. Returns its size. Atomic like extract_vmlinux."""
+    try:
+        raw = src.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"kernel {src} does not exist", hint="check the path") from None
+    except OSError as e:
+        raise InvalidInput(f"kernel {src} is not readable: {e.strerror}") from None
+    if raw.startswith(MAGIC[Compression.GZIP]):
+        d = zlib.decompressobj(wbits=31)
+        try:
+            data = d.decompress(raw, max_size + 1)
+        except zlib.error as e:
+            raise InvalidInput(f"kernel {src} is a damaged gzip stream: {e}") from None
+        if len(data) > max_size:
+            raise InvalidInput(f"kernel {src} unpacks to more than {max_size >> 20} MiB: not an arm64 Image",
+                               hint="give Debian's /boot/vmlinuz-* of an arm64 kernel package")
+    else:
+        data = raw
+    if not is_arm64_image(data):
+        raise InvalidInput(f"kernel {src} is not an arm64 Image (no ARM\\x64 magic at 0x38)",
+                           hint="give an arm64 kernel (linux-image-arm64's /boot/vmlinuz-*)")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(data)
+
+
+def check_arm64_image(path: Path) -> None:
+    """Raise InvalidInput unless `path` is an uncompressed arm64 Image (what Firecracker on aarch64 boots)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except FileNotFoundError:
+        raise NotFound(f"kernel {path} does not exist", hint="check the path") from None
+    except OSError as e:
+        raise InvalidInput(f"kernel {path} is not readable: {e.strerror}") from None
+    if not is_arm64_image(head):
+        raise InvalidInput(f"kernel {path} is not an uncompressed arm64 Image",
+                           hint="Firecracker on aarch64 boots an uncompressed Image (ARM\\x64 magic at 0x38); "
+                                "rebuild the image with 'dispo image build RECIPE --arch arm64 --force'")

@@ -10,7 +10,8 @@ from dispo.names import format_size
 
 
 def register(sub: Any) -> None:
-    doc = sub.add_parser("doctor", help="check that Firecracker can run here (binaries, /dev/kvm, a real boot)")
+    doc = sub.add_parser("doctor", help="what this host runs (architectures) and whether Firecracker can run here "
+                                         "(binaries, /dev/kvm, a real boot)")
     doc.add_argument("--no-boot", action="store_true", help="skip booting the probe guest")
     doc.set_defaults(func=cmd_doctor)
 
@@ -28,7 +29,7 @@ def register_image_action(isub: Any) -> None:
     f = isub.add_parser("fetch", help="download the Firecracker CI kernel + rootfs (+ SSH key) as an image")
     f.add_argument("--name", required=True)
     f.add_argument("--ci-version", help="bucket folder, e.g. v1.10 (default: the newest)")
-    f.add_argument("--arch", help="x86_64 or aarch64 (default: the host's)")
+    f.add_argument("--arch", help="x86_64 or aarch64 (amd64, arm64), the bucket's <arch> folder (default: the host's)")
     f.add_argument("--url", help="bucket base URL (default: firecracker.artifacts_url)")
     f.add_argument("--quiet", action="store_true", help="no progress output")
     f.set_defaults(func=cmd_fetch)

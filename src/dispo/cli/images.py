@@ -55,9 +55,9 @@ def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
-    rows = [(i.name, format_size(i.size), i.storage.value, time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created)),
-             i.sha256[:12]) for i in ImageStore(cfg).list()]
-    print_table(("NAME", "SIZE", "STORAGE", "IMPORTED", "SHA256"), rows)
+    rows = [(i.name, i.arch, format_size(i.size), i.storage.value,
+             time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created)), i.sha256[:12]) for i in ImageStore(cfg).list()]
+    print_table(("NAME", "ARCH", "SIZE", "STORAGE", "IMPORTED", "SHA256"), rows)
     return 0
 
 

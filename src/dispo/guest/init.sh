@@ -104,12 +104,13 @@ power_off() {
 trap power_off TERM USR2 PWR
 
 # The ACPI power button shows up as an input device; any event on it means "power off". Watched before
-# sshd starts, so a guest that answers SSH also hears the button (dispo repeats the press anyway).
+# sshd starts, so a guest that answers SSH also hears the button (dispo repeats the press anyway). On arm64
+# (QEMU's virt machine, no ACPI) the button is a GPIO key, input device "gpio-keys".
 modprobe -q button 2>/dev/null
 modprobe -q evdev 2>/dev/null
 for d in /sys/class/input/event*; do
     [ -e "$d/device/name" ] || continue
-    if [ "$(cat "$d/device/name")" = "Power Button" ]; then
+    if [ "$(cat "$d/device/name")" = "Power Button" ] || [ "$(cat "$d/device/name")" = gpio-keys ]; then
         ( dd if="/dev/input/${d##*/}" of=/dev/null bs=24 count=1 2>/dev/null; kill -USR2 1 ) &
     fi
 done

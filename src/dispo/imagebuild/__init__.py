@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dispo import arch as arches
 from dispo import guest, kernels, progress
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
@@ -35,6 +37,7 @@ MMDEBSTRAP_HINT = "install mmdebstrap (apt-get install mmdebstrap)"
 BUILD_TIMEOUT_S = 1800.0
 KERNEL, INITRD, BUILD_META = "vmlinuz", "initrd.img", "build.json"
 VMLINUX = "vmlinux"  # the ELF kernel Firecracker boots (recipes with vmlinux=True)
+ARM64_IMAGE = "Image"  # arm64: the uncompressed Image both QEMU (-M virt) and Firecracker on aarch64 boot
 
 
 def cache_dir() -> Path:
@@ -75,13 +78,16 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
     apt_sources = sources.deb822_text(sources.for_suite(recipe.suite))
     key = recipe.key(apt_sources)
     root = cache_dir() / "images"
-    final = root / f"{recipe.name}-{key}"
+    final = root / f"{recipe.stem}-{key}"
     if not rebuild and (done := Product.load(final)) is not None:
         _say(f"using cached build {final}", quiet)
         return done
     if os.geteuid() != 0:
         raise PermissionProblem("building an image needs root (mmdebstrap --mode=root, chroot, device nodes)")
     which("mmdebstrap", hint=MMDEBSTRAP_HINT)
+    # Another architecture's maintainer scripts run through qemu-user (binfmt_misc): there or a clear error.
+    if did := arches.ensure_foreign_exec(arches.get(recipe.arch)):
+        _say(f"{recipe.arch} build on this {arches.host().debian} host: {did}", quiet)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -113,18 +119,23 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
         kernel_version = _customize(tree, out)
         if recipe.vmlinux:
             kernels.extract_vmlinux(out / KERNEL, out / VMLINUX)
+        if recipe.arch == arches.ARM64.debian:
+            kernels.arm64_image(out / KERNEL, out / ARM64_IMAGE)
         size_mib = _fs_size_mib(tree, recipe.headroom_mib)
         _say(f"mkfs.ext4 -d: {size_mib} MiB root filesystem", quiet)
         run(["mkfs.ext4", "-q", "-F", "-L", f"dispo-{recipe.name}", "-d", tree, out / "rootfs.ext4", f"{size_mib}M"],
             hint="install e2fsprogs")
         seconds = time.monotonic() - t0
-        (out / BUILD_META).write_text(json.dumps({"recipe": recipe.name, "key": key, "kernel_version": kernel_version,
+        (out / BUILD_META).write_text(json.dumps({"recipe": recipe.name, "arch": recipe.arch, "key": key,
+                                                 "kernel_version": kernel_version,
                                                  "seconds": round(seconds, 1), "built": time.time()}) + "\n")
         if os.path.lexists(final):  # a stale product under the same key: delete before create
             shutil.rmtree(final)
         os.rename(out, final)
-    for old in root.glob(f"{recipe.name}-*"):
-        if old != final and not old.name.startswith("."):
+    # Older builds of this recipe for this architecture only (minimal-<key>, not minimal-arm64-<key>).
+    same = re.compile(rf"{re.escape(recipe.stem)}-[0-9a-f]{{16}}")
+    for old in root.glob(f"{recipe.stem}-*"):
+        if old != final and same.fullmatch(old.name):
             shutil.rmtree(old, ignore_errors=True)
     product = Product.load(final)
     if product is None:
@@ -193,20 +204,29 @@ def _fs_size_mib(tree: Path, headroom_mib: int) -> int:
     return (size + 63) // 64 * 64
 
 
+def default_arch() -> str:
+    """The Debian architecture a build is for unless --arch says: the host's."""
+    return arches.host().debian
+
+
 def build_image(cfg: Config, recipe_name: str, *, name: str | None = None, rebuild: bool = False,
-                force: bool = False, quiet: bool = False) -> Image:
-    """Build (or take from the cache) recipe `recipe_name` and import it as image `name`."""
-    recipe = recipes.get(recipe_name)
-    name = check_name(name or recipe.name, what="image name")
+                force: bool = False, quiet: bool = False, arch: str | None = None) -> Image:
+    """Build (or take from the cache) recipe `recipe_name` for `arch` (default: the host's) and import it as
+    image `name` (default: the recipe's name on the host's architecture, RECIPE-ARCH for another one)."""
+    recipe = recipes.get(recipe_name, arch or default_arch())
+    default = recipe.name if recipe.arch == default_arch() else f"{recipe.name}-{recipe.arch}"
+    name = check_name(name or default, what="image name")
     store = ImageStore(cfg)
     exists = (cfg.images_dir / name / "image.json").exists()
     if exists and not force:
         raise InvalidInput(f"image {name!r} already exists",
                            hint=f"remove it with 'dispo image rm {name}' or add --force to replace it")
     product = build_product(cfg, recipe, rebuild=rebuild, quiet=quiet)
-    extra_files = {KERNEL: product.path / KERNEL, INITRD: product.path / INITRD}
+    a = arches.get(recipe.arch)
+    kernel = ARM64_IMAGE if a is arches.ARM64 else KERNEL
+    extra_files = {kernel: product.path / kernel, INITRD: product.path / INITRD}
     extra_meta: dict[str, object] = {
-        "kernel": KERNEL, "initrd": INITRD, "cmdline": list(recipe.cmdline), "arch": "x86_64",
+        "kernel": kernel, "initrd": INITRD, "cmdline": list(recipe.cmdline), "arch": a.machine,
         "vmms": list(recipe.vmms), "recipe": recipe.name, "build_key": product.key,
         "kernel_version": product.kernel_version}
     if recipe.vmlinux:

@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 
+from dispo import arch as arches
 from dispo import guest
 from dispo.errors import NotFound
 
@@ -50,10 +51,34 @@ class Recipe:
             h.update(guest.resource(resource))
         return h.hexdigest()[:16]
 
+    @property
+    def stem(self) -> str:
+        """The build cache's name for this recipe: `minimal` on amd64 (as before), `minimal-arm64` elsewhere."""
+        return self.name if self.arch == "amd64" else f"{self.name}-{self.arch}"
+
+    def for_arch(self, arch: str) -> Recipe:
+        """This recipe for Debian architecture `arch` (amd64 is the recipe as written)."""
+        a = arches.get(arch)
+        if a.debian == self.arch:
+            return self
+        if a is not arches.ARM64 or self.arch != "amd64":
+            raise NotFound(f"recipe {self.name!r} has no {a.debian} variant", hint="use --arch amd64 or arm64")
+        packages = tuple(a.kernel_package if p == arches.AMD64.kernel_package else p for p in self.packages)
+        # QEMU's virt machine (and Firecracker on aarch64) describe their virtio-mmio devices in the device
+        # tree; Debian's generic arm64 kernel has the transports, the devices, ext4 and the power key
+        # (gpio-keys, what QEMU's system_powerdown presses on virt) as modules, so the initrd loads them all.
+        return replace(self, arch=a.debian, packages=packages, initrd_modules=ARM64_INITRD_MODULES,
+                       # QEMU virt's PL011 UART; Firecracker on aarch64 has an 8250 (ttyS0): its backend
+                       # swaps the console argument (vmm/firecracker/process.py).
+                       cmdline=tuple("console=ttyAMA0" if c == "console=ttyS0" else c for c in self.cmdline),
+                       # No ELF vmlinux: both VMMs boot arm64's uncompressed Image (imagebuild/__init__.py), so
+                       # every arm64 image suits Firecracker too (on an arm64 host).
+                       vmlinux=False, vmms=tuple(dict.fromkeys((*self.vmms, "firecracker"))))
+
     def app_packages(self) -> tuple[str, ...]:
         """What `--from` installs into an image that already boots: the recipe's packages beyond minimal's
         (kernel, initramfs, sshd and the rest come with the source image)."""
-        return tuple(p for p in self.packages if p not in MINIMAL.packages)
+        return tuple(p for p in self.packages if p not in MINIMAL.for_arch(self.arch).packages)
 
 
 MINIMAL = Recipe(
@@ -69,11 +94,15 @@ MINIMAL = Recipe(
     files=((guest.AGENT_PATH, "agent.pl"),),
 )
 
+ARM64_INITRD_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
+                        "vmw_vsock_virtio_transport", "ext4", "gpio_keys")
+
 # What both display modes need: TigerVNC's Xvnc and a window manager for `web`, xauth for sshd's X11
 # forwarding (`x11`), fonts for any page at all. Debian's packages only; no Recommends (mmdebstrap's default).
 # tzdata: the guest's clock shows the host's time zone (docs/quiet.md).
+# xclip: the session's clipboard through the API; pulseaudio: the session's sound (a null sink the host reads).
 _DISPLAY = ("tigervnc-standalone-server", "matchbox-window-manager", "xauth", "fonts-dejavu-core",
-            "fonts-liberation2", "tzdata")
+            "fonts-liberation2", "tzdata", "xclip", "pulseaudio")
 
 # The quiet browser (docs/quiet.md): each browser's enterprise policies and system preferences, in the image.
 _QUIET = {
@@ -91,7 +120,7 @@ def _browser(name: str, package: str) -> Recipe:
         # A browser's cache, profile and crash dumps land on the session's disk.
         headroom_mib=1024,
         files=(*MINIMAL.files, (guest.APP_PATH, "app.sh"), (guest.OPEN_PATH, "open.pl"),
-               (guest.SETUP_PATH, "browser-setup.sh")),
+               (guest.SETUP_PATH, "browser-setup.sh"), (guest.FILES_PATH, "files.sh")),
         configs=_QUIET[name],
         # Untrusted forwarding on the host side (ssh -X); xauth in the guest makes the cookie.
         sshd_extra="X11Forwarding yes\nX11UseLocalhost yes\n",
@@ -104,9 +133,9 @@ FIREFOX = _browser("firefox", "firefox-esr")
 RECIPES = {r.name: r for r in (MINIMAL, CHROMIUM, FIREFOX)}
 
 
-def get(name: str) -> Recipe:
+def get(name: str, arch: str = "amd64") -> Recipe:
     try:
-        return RECIPES[name]
+        return RECIPES[name].for_arch(arch)
     except KeyError:
         raise NotFound(f"no image recipe named {name!r}",
                        hint=f"known recipes: {', '.join(sorted(RECIPES))}") from None

@@ -69,11 +69,14 @@ def probe_kvm(kernel: Path, qemu: str = QEMU, timeout: float = PROBE_TIMEOUT_S) 
     """True if a real guest kernel runs under KVM here (boots to its no-root panic within `timeout`)."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
+    # An aarch64 QEMU (on an arm64 host) probes with its virt machine and PL011 console.
+    aarch64 = qemu.endswith("aarch64")
+    machine, console_dev = ("virt,gic-version=max", "ttyAMA0") if aarch64 else ("microvm", "ttyS0")
     with tempfile.TemporaryDirectory(prefix="dispo-kvm-probe-") as tmp:
         console = Path(tmp) / "console.log"
-        argv = [qemu, "-M", "microvm", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+        argv = [qemu, "-M", machine, "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
                 "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(kernel),
-                "-append", "console=ttyS0 panic=-1 root=/dev/dispo-probe-none",
+                "-append", f"console={console_dev} panic=-1 root=/dev/dispo-probe-none",
                 "-chardev", f"file,id=con0,path={console}", "-serial", "chardev:con0"]
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=minimal_env())
@@ -105,7 +108,8 @@ def choose(kernel: Path, *, cache_file: Path | None = None, qemu: str = QEMU) ->
     if cache_file is None:
         from dispo.imagebuild import cache_dir
 
-        cache_file = cache_dir() / "accel.json"
+        # One file per QEMU binary: the x86_64 and the aarch64 one get their own answers.
+        cache_file = cache_dir() / ("accel.json" if qemu == QEMU else f"accel-{Path(qemu).name}.json")
     try:
         cached = json.loads(cache_file.read_text())
         if cached.get("key") == key:

@@ -1,5 +1,10 @@
 """The QEMU backend: a `-M microvm` guest with virtio-mmio disk, net and rng, serial console to a file.
 
+An aarch64 guest (an arm64 image, its kernel an arm64 Image) runs in `qemu-system-aarch64 -M virt` with the
+same virtio-mmio devices, which virt describes in its device tree; its console is the PL011 (ttyAMA0), and
+system_powerdown presses the GPIO power key (the guest's "gpio-keys" input device). It runs under KVM only
+on an arm64 host where KVM works, else under TCG (on an x86_64 host always: emulation).
+
 The VMM process is journaled before QEMU runs: it is started behind a one-line gate (`sh -c 'read; exec
 qemu'`), recorded as kind "process" (pid + starttime, unchanged by exec), and only then let through, so no
 QEMU ever runs that the journal does not know. Its QMP socket, console log and QEMU's own output live in the
@@ -30,12 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dispo import processes
+from dispo import arch as arches
+from dispo import kernels, processes
 from dispo.errors import NotFound, VmmError
 from dispo.journal import Journal
 from dispo.proc import minimal_env, which
 from dispo.vmm import sandbox
-from dispo.vmm.accel import QEMU, QEMU_HINT, Accel, host_tsc_khz
+from dispo.vmm.accel import Accel, host_tsc_khz
 from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_console, tail
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,19 @@ OWNER_ENV = "DISPO_STATE_DIR"
 MEMORY_OVERHEAD_MIB = 256       # QEMU's own memory over guest RAM (the cgroup limit) under KVM
 TCG_MEMORY_OVERHEAD_MIB = 1536  # ... under TCG, whose translation cache can grow to 1 GiB
 POWERDOWN_TIMEOUT_S = 5.0
+# The CPU a TCG aarch64 guest gets: every feature QEMU emulates, with the pointer-authentication hash QEMU
+# computes cheaply (the architected QARMA one costs a lot under emulation).
+TCG_AARCH64_CPU = "max,pauth-impdef=on"
+
+
+def guest_arch(kernel: Path) -> arches.Arch:
+    """The guest's architecture, from its kernel's format (x86_64 when the file does not say)."""
+    found = kernels.kernel_arch(kernel)
+    return arches.get(found) if found else arches.AMD64
+
+
+def qemu_hint(a: arches.Arch) -> str:
+    return f"install {a.qemu_package} (apt-get install {a.qemu_package})"
 
 
 class Qmp:
@@ -117,7 +136,7 @@ class LaunchFds:
 class QemuVmm:
     spec: MachineSpec
     accel: Accel = Accel.TCG
-    qemu: str = QEMU
+    guest: arches.Arch = arches.AMD64
     kind: VmmKind = VmmKind.QEMU
     capabilities: frozenset[Capability] = frozenset({Capability.PAUSE, Capability.SNAPSHOT})
     uid: int = 0  # the session's own uid/gid QEMU runs as (vmm/sandbox.py), once started
@@ -128,6 +147,10 @@ class QemuVmm:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def qemu(self) -> str:
+        return self.guest.qemu_system
 
     @property
     def qmp_path(self) -> Path:
@@ -143,7 +166,8 @@ class QemuVmm:
 
     def cmdline(self) -> tuple[str, ...]:
         args = list(self.spec.cmdline)
-        if self.accel is Accel.TCG and not any(a.startswith("tsc_early_khz=") for a in args):
+        if (self.guest is arches.AMD64 and self.accel is Accel.TCG
+                and not any(a.startswith("tsc_early_khz=") for a in args)):
             # Under TCG the guest's TSC calibration against the emulated PIT hangs about half the boots;
             # telling it the frequency skips the calibration.
             khz = host_tsc_khz()
@@ -154,10 +178,15 @@ class QemuVmm:
     def argv(self, fds: LaunchFds) -> list[str]:
         """QEMU's command line; every host file it uses comes as a descriptor in `fds` (see vmm/sandbox.py)."""
         s = self.spec
-        cpu = "host" if self.accel is Accel.KVM else "max"
+        if self.guest is arches.ARM64:
+            # virt: GICv3 where it can (more than 8 vCPUs, KVM's own GIC on an arm64 host); no ACPI firmware is
+            # loaded (direct kernel boot, device tree), so the power button is virt's GPIO key.
+            machine, cpu = "virt,gic-version=max", "host" if self.accel is Accel.KVM else TCG_AARCH64_CPU
+        else:
+            machine, cpu = "microvm,rtc=on", "host" if self.accel is Accel.KVM else "max"
         argv = [
             self.qemu, "-name", f"dispo-{s.session_id},process=dispo-{s.session_id}",
-            "-M", "microvm,rtc=on", "-accel", self.accel.value, "-cpu", cpu,
+            "-M", machine, "-accel", self.accel.value, "-cpu", cpu,
             "-m", str(s.memory_mib), "-smp", str(s.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             # QEMU's own seccomp filter: no spawning, no privilege changes, no obsolete syscalls.
@@ -191,7 +220,7 @@ class QemuVmm:
     # -- lifecycle --------------------------------------------------------------------------------
     def check(self) -> None:
         """Everything QEMU will open must exist: one clear error now instead of a QEMU message later."""
-        which(self.qemu, hint=QEMU_HINT)
+        which(self.qemu, hint=qemu_hint(self.guest))
         for what, path in (("kernel", self.spec.kernel), ("initrd", self.spec.initrd), ("disk", self.spec.rootfs)):
             if path is not None and not path.is_file():
                 raise NotFound(f"{what} file {path} does not exist",
@@ -413,9 +442,14 @@ class QemuVmm:
 
 
 def create(spec: MachineSpec, accel: Accel | None = None) -> QemuVmm:
-    """A QEMU VMM for spec; the accelerator is probed (once) with the spec's kernel when not given."""
+    """A QEMU VMM for spec, for the architecture of the spec's kernel; the accelerator is probed (once) with that
+    kernel when not given. A guest of another architecture than the host's runs under TCG: KVM cannot run it."""
+    guest = guest_arch(spec.kernel)
     if accel is None:
         from dispo.vmm.accel import choose
 
-        accel = choose(spec.kernel) if spec.kernel.is_file() else Accel.TCG
-    return QemuVmm(spec, accel)
+        if guest != arches.host() or not spec.kernel.is_file():
+            accel = Accel.TCG
+        else:
+            accel = choose(spec.kernel, qemu=guest.qemu_system)
+    return QemuVmm(spec, accel, guest)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from dispo import arch as arches
 from dispo.config import Config
-from dispo.errors import DispoError, InvalidInput
+from dispo.errors import DispoError, InvalidInput, NotFound
 from dispo.images import Image
 from dispo.vmm.base import MachineSpec, Vmm, VmmKind
 
@@ -26,7 +27,32 @@ def choose_backend(requested: str | None, image: Image) -> VmmKind:
     if image.vmms and kind.value not in image.vmms:
         raise InvalidInput(f"image {image.name!r} is not built for {kind.value} (it suits {', '.join(image.vmms)})",
                            hint=f"use --backend {image.vmms[0]} or an image built for {kind.value}")
+    check_arch(image, kind)
     return kind
+
+
+def check_arch(image: Image, kind: VmmKind) -> None:
+    """Can `kind` run `image`'s architecture on this host? One line saying what is missing, before anything
+    exists: Firecracker runs only the host's own architecture (KVM, no emulation); QEMU runs any, under TCG
+    when it is not the host's, with the QEMU binary for it."""
+    try:
+        guest = arches.get(image.arch)
+    except InvalidInput:
+        raise InvalidInput(f"image {image.name!r} is for {image.arch}, which dispo cannot run",
+                           hint="use an x86_64 or aarch64 image") from None
+    host = arches.host()
+    if kind is VmmKind.FIRECRACKER and guest != host:
+        other = ("" if "qemu" not in image.vmms else
+                 "; run it under QEMU's emulation with --backend qemu")
+        raise InvalidInput(f"image {image.name!r} is for {guest.machine}: Firecracker runs only guests of the "
+                           f"host's architecture ({host.machine}){other}",
+                           hint=f"use an image built for {host.machine} ('dispo image build RECIPE --arch "
+                                f"{host.debian}'), or run this one on an {guest.machine} host")
+    if kind is VmmKind.QEMU and arches.qemu_for(guest) is None:
+        how = "" if guest == host else " (under TCG emulation on this host)"
+        raise NotFound(f"image {image.name!r} is for {guest.machine}: running it needs {guest.qemu_system}{how}, "
+                       f"which is not installed",
+                       hint=f"apt-get install {guest.qemu_package}")
 
 
 def kernel_for(image: Image, kind: VmmKind) -> Path | None:

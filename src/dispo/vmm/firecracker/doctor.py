@@ -63,8 +63,36 @@ def probe_boot(cfg: Config, binary: Path, timeout: float = 5.0) -> Check:
     return Check("boots a guest", Status.FAIL, "the probe guest started but printed nothing")
 
 
+def arch_checks() -> list[Check]:
+    """What this host's architecture can run and build: a line for the host, one per guest architecture."""
+    from dispo import arch as arches
+
+    try:
+        host = arches.host()
+    except DispoError as e:
+        return [Check("host", Status.FAIL, e.one_line())]
+    checks = [Check("host", Status.OK, f"{host.machine} ({host.debian}): Firecracker runs {host.machine} guests "
+                                       f"only; QEMU runs {host.machine} guests (KVM or TCG) and other "
+                                       f"architectures under TCG emulation")]
+    for a in arches.ARCHES:
+        ways = arches.runnable(a)
+        can = [f"{vmm} ({how})" for vmm, how in ways.items() if how]
+        missing = [] if ways["qemu"] else [f"QEMU needs {a.qemu_system} (apt-get install {a.qemu_package})"]
+        if a != host:
+            missing.append("Firecracker never emulates")
+            build = ("builds through qemu-user" if arches.binfmt_entry(a) else
+                     f"builds need {a.qemu_user}-static in binfmt_misc (apt-get install qemu-user-static "
+                     f"binfmt-support; dispo image build enables it)")
+        else:
+            build = "builds natively"
+        detail = (f"runs on {', '.join(can)}" if can else "cannot run here") + (
+            f"; {'; '.join(missing)}" if missing else "") + f"; {build}"
+        checks.append(Check(f"{a.machine} guests", Status.OK if can else Status.WARN, detail))
+    return checks
+
+
 def run_checks(cfg: Config, *, boot: bool = True) -> list[Check]:
-    checks: list[Check] = []
+    checks: list[Check] = arch_checks()
     fc_check, fc = _binary("firecracker", find_firecracker, cfg)
     checks.append(fc_check)
     jail_check, _ = _binary("jailer", find_jailer, cfg)

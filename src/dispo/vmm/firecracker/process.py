@@ -3,7 +3,13 @@
 Start: journal the socket/files, spawn the process behind a gate (so its pid and starttime are
 journaled *before* firecracker runs), wait for the socket, configure, InstanceStart.
 Stop: SendCtrlAltDel (x86_64), then SIGTERM, then SIGKILL, each with a deadline; verify the pid is gone;
-remove the socket (SIGTERM leaves it behind) and the jail. Logs, metrics and console live in the
+remove the socket (SIGTERM leaves it behind) and the jail.
+
+aarch64 (on an arm64 host; Firecracker never emulates another architecture): the kernel is an uncompressed
+arm64 Image (not an ELF vmlinux), the console is the 8250 UART Firecracker puts at MMIO 0x40002000 (ttyS0,
+with earlycon for the first lines), and there is no keyboard controller, so no SendCtrlAltDel: stop goes
+straight to SIGTERM (the session's disk is thrown away, so there is nothing to flush), and a guest that
+powers itself off (PSCI SYSTEM_OFF, guest/init.sh) makes Firecracker exit. Logs, metrics and console live in the
 session directory and go with it.
 """
 
@@ -82,6 +88,28 @@ def _arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
 
 
+AARCH64_EARLYCON = "earlycon=uart,mmio,0x40002000"  # Firecracker's aarch64 serial (an 8250 at this address)
+
+
+def boot_args(cmdline: tuple[str, ...], machine: str) -> tuple[str, ...]:
+    """The kernel arguments Firecracker passes on `machine`: on aarch64 the console is its 8250 (ttyS0), not
+    QEMU virt's PL011 (ttyAMA0) an arm64 image names, with an early console on the same UART; x86-only
+    arguments (reboot=k: the keyboard controller) go."""
+    if machine != "aarch64":
+        return cmdline
+    out = tuple("console=ttyS0" if a.startswith("console=ttyAMA") else a for a in cmdline if a != "reboot=k")
+    if not any(a.startswith("console=") for a in out):
+        out = ("console=ttyS0", *out)
+    if not any(a.startswith("earlycon") for a in out):
+        out = (AARCH64_EARLYCON, *out)
+    return out
+
+
+def can_send_ctrl_alt_del(machine: str) -> bool:
+    """SendCtrlAltDel is an i8042 key press: x86_64 only (Firecracker's API refuses it on aarch64)."""
+    return machine == "x86_64"
+
+
 class FirecrackerVmm:
     kind = VmmKind.FIRECRACKER
     accel = Accel.KVM  # Firecracker has no other
@@ -121,7 +149,9 @@ class FirecrackerVmm:
             raise NotFound(f"firecracker binary {binary} is missing or not executable",
                            hint="install one with 'dispo firecracker install' or set $DISPO_FIRECRACKER")
         check_kvm()
-        if _arch() == "x86_64":  # aarch64 boots a PE Image, which this check does not know
+        if _arch() == "aarch64":  # an uncompressed arm64 Image (PE/"ARM\x64" header), not an ELF
+            kernels.check_arm64_image(self.spec.kernel)
+        else:
             kernels.check_vmlinux(self.spec.kernel, _arch())
         for what, path in (("disk", self.spec.rootfs), ("initrd", self.spec.initrd)):
             if path is not None and not path.is_file():
@@ -195,7 +225,7 @@ class FirecrackerVmm:
         if self._proc is None:
             return
         t0 = time.monotonic()
-        if self._started and self._proc.poll() is None and _arch() == "x86_64":
+        if self._started and self._proc.poll() is None and can_send_ctrl_alt_del(_arch()):
             try:
                 # A paused guest cannot react to the key press: go straight to SIGTERM.
                 if self._api().describe_instance().get("state") == "Paused":
@@ -398,7 +428,7 @@ class FirecrackerVmm:
             initrd = self.jail.place(spec.initrd, "initrd", writable=False) if spec.initrd else None
         elif self.relative:
             rootfs = self._link_disk()
-        api.put_boot_source(kernel, boot_args=" ".join(spec.cmdline) or None, initrd_path=initrd)
+        api.put_boot_source(kernel, boot_args=" ".join(boot_args(spec.cmdline, _arch())) or None, initrd_path=initrd)
         api.put_drive(ROOT_DRIVE, rootfs, is_root_device=True)
         for i, net in enumerate(spec.nets):
             if self.jail:  # firecracker runs as the jail user without CAP_NET_ADMIN: it must own the tap
