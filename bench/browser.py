@@ -6,7 +6,10 @@ teardown after the viewer's End-session button.
 Runs as root inside namespaces it creates (tests/netns.py), never on the machine's own network; the page is
 served from the world's "internet" netns. Accelerator: whatever dispo probes (TCG here; the table says).
 
-    .venv/bin/python -m bench.browser [--runs 3] [--rebuild] [--recipe chromium]
+    .venv/bin/python -m bench.browser [--runs 3] [--rebuild] [--recipe chromium] [--arch arm64]
+
+--arch arm64 builds RECIPE-arm64 through qemu-user and runs it as an aarch64 guest (qemu-system-aarch64
+-M virt; TCG emulation on an x86_64 host), through a profile that is the built-in one on that image.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PYTHON, REPO, NetWorld, net_world
 
 from bench.common import ARTIFACTS, median, report
-from dispo.imagebuild import cache_dir
+from dispo.imagebuild import product_path, recipes
 
 READY = re.compile(r"ready in ([0-9.]+) s \(guest [0-9.]+, (\w+)/(\w+)\)")
 COLOUR = "1e90ff"
@@ -32,12 +35,12 @@ PAGE = (f'<!doctype html><title>bench</title><body style="margin:0"><div style="
         f'background:#{COLOUR};font:64px sans-serif">dispo bench page</div>')
 
 
-def _build(env: dict[str, str], recipe: str, rebuild: bool) -> dict[str, float | str]:
+def _build(env: dict[str, str], recipe: str, rebuild: bool, arch: str = "amd64") -> dict[str, float | str]:
     t0 = time.perf_counter()
-    argv = [*DISPO, "image", "build", recipe, "--quiet", *(["--rebuild"] if rebuild else [])]
+    argv = [*DISPO, "image", "build", recipe, "--arch", arch, "--quiet", *(["--rebuild"] if rebuild else [])]
     subprocess.run(argv, env=env, check=True, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
-    product = next(p for p in (cache_dir() / "images").glob(f"{recipe}-*") if not p.name.startswith("."))
+    product = product_path(recipes.get(recipe, arch))
     meta = json.loads((product / "build.json").read_text())
     rootfs = product / "rootfs.ext4"
     alloc = int(subprocess.run(["du", "-B1", "-s", rootfs], capture_output=True, text=True, check=True)
@@ -47,7 +50,8 @@ def _build(env: dict[str, str], recipe: str, rebuild: bool) -> dict[str, float |
             "rootfs_allocated_mib": round(alloc / 2**20, 1), "kernel_version": str(meta["kernel_version"])}
 
 
-def _one(w: NetWorld, profile: str, url: str, n: int, *extra: str) -> tuple[tuple[str, ...], str]:
+def _one(w: NetWorld, profile: str, url: str, n: int, *extra: str, page_timeout: int = 300
+         ) -> tuple[tuple[str, ...], str]:
     """One run: the table's row, and what dispo printed on stderr."""
     env, host_ns = w.env(), w.host
     t0, t0_wall = time.perf_counter(), time.time()
@@ -68,7 +72,8 @@ def _one(w: NetWorld, profile: str, url: str, n: int, *extra: str) -> tuple[tupl
     t_url = time.perf_counter() - t0
     shot = ARTIFACTS / f"bench-browser-{n}.png"
     p = subprocess.run(["nsenter", f"--net=/run/netns/{host_ns}", str(PYTHON), "-m", "tests.viewer_shot", viewer,
-                        str(shot), COLOUR, "300", "--end"], capture_output=True, text=True, cwd=REPO, timeout=400,
+                        str(shot), COLOUR, str(page_timeout), "--end"], capture_output=True, text=True, cwd=REPO,
+                       timeout=page_timeout + 100,
                        check=False)
     result = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
     if not result.get("seen"):
@@ -89,7 +94,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rebuild", action="store_true", help="build the image afresh (else: the cached build's time)")
     ap.add_argument("--recipe", default="chromium", choices=("chromium", "firefox"))
+    ap.add_argument("--arch", default="amd64", choices=("amd64", "arm64"))
     args = ap.parse_args()
+    profile, page_timeout = args.recipe, 300
+    if args.arch != "amd64":  # emulated: give the first page more time
+        profile, page_timeout = f"{args.recipe}-{args.arch}", 900
     ARTIFACTS.mkdir(exist_ok=True)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dispo-bench-browser-")))
@@ -98,18 +107,27 @@ def main() -> None:
         (w.root / "www-inet" / "bench.html").write_text(PAGE)
         env = w.env()
         # In the machine's own namespace: apt must reach the mirror (the world's host namespace cannot).
-        build = _build(env, args.recipe, args.rebuild)
+        build = _build(env, args.recipe, args.rebuild, args.arch)
+        if profile != args.recipe:  # the built-in profile, on the other architecture's image
+            pdir = w.root / "profiles"
+            pdir.mkdir()
+            text = (REPO / "src" / "dispo" / "builtin_profiles" / f"{args.recipe}.toml").read_text()
+            text = re.sub(r'(?m)^image = .*$', f'image = "{profile}"', text)
+            text = re.sub(r'(?m)^ready_timeout_s = .*$', "ready_timeout_s = 900", text)
+            (pdir / f"{profile}.toml").write_text(text)
+            w.config.write_text(f'profiles_dir = "{pdir}"\n' + w.config.read_text())
         url = f"http://{INTERNET}:{INTERNET_PORT}/bench.html"
-        rows = [_one(w, args.recipe, url, i + 1)[0] for i in range(args.runs)]
+        rows = [_one(w, profile, url, i + 1, page_timeout=page_timeout)[0] for i in range(args.runs)]
         med = {k: round(median([float(row[j]) for row in rows]), 1)
                for j, k in ((1, "ssh_ready_s"), (2, "viewer_url_s"), (3, "page_visible_s"), (4, "teardown_s"))}
         rows.append(("median", *(f"{v:.1f}" for v in med.values()), rows[0][5]))
-        print(f"image {args.recipe}: build {build['build_s']} s ({'fresh' if args.rebuild else 'cached figure'}); "
+        print(f"image {profile}: build {build['build_s']} s ({'fresh' if args.rebuild else 'cached figure'}); "
               f"rootfs {build['rootfs_apparent_mib']} MiB ({build['rootfs_allocated_mib']} MiB allocated); "
               f"VMM/accelerator {rows[0][5]}")
-        report("browser", ("run", "ssh_ready_s", "viewer_url_s", "page_visible_s", "teardown_s", "vmm/accel"), rows,
+        topic = "browser" if args.arch == "amd64" else f"browser-{args.arch}"
+        report(topic, ("run", "ssh_ready_s", "viewer_url_s", "page_visible_s", "teardown_s", "vmm/accel"), rows,
                {"build": build, "median": med, "runs": args.runs,
-                "what": f"dispo run {args.recipe} --display web URL; times from dispo run; page visible = the host's "
+                "what": f"dispo run {profile} --display web URL; times from dispo run; page visible = the host's "
                         f"Playwright sees the page's colour through the viewer"})
 
 

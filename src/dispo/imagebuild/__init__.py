@@ -73,6 +73,11 @@ def _say(msg: str, quiet: bool) -> None:
         progress.LOG.info(msg)
 
 
+def product_path(recipe: Recipe) -> Path:
+    """Where the build of `recipe` for the host's current apt sources is (or would be) cached."""
+    return cache_dir() / "images" / f"{recipe.stem}-{recipe.key(sources.deb822_text(sources.for_suite(recipe.suite)))}"
+
+
 def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: bool = False) -> Product:
     """The cached build of `recipe` for the host's current apt sources, building it if needed."""
     apt_sources = sources.deb822_text(sources.for_suite(recipe.suite))
@@ -117,6 +122,7 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
         out = work / "out"
         out.mkdir()
         kernel_version = _customize(tree, out)
+        _prune_modules(tree, kernel_version, recipe.prune_modules)
         if recipe.vmlinux:
             kernels.extract_vmlinux(out / KERNEL, out / VMLINUX)
         if recipe.arch == arches.ARM64.debian:
@@ -195,6 +201,20 @@ def _customize(tree: Path, out: Path) -> str:
     for link in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
         (tree / link).unlink(missing_ok=True)
     return version
+
+
+def _prune_modules(tree: Path, version: str, prune: tuple[str, ...]) -> None:
+    """Delete the module directories `prune` names and index what is left, with the tree's own depmod (kmod is
+    in every recipe; another architecture's runs through qemu-user)."""
+    if not prune:
+        return
+    base = tree / "usr/lib/modules" / version
+    for rel in prune:
+        target = base / rel
+        if ".." in Path(rel).parts or not target.resolve().is_relative_to(base.resolve()):
+            raise StorageError(f"refusing to prune {rel!r} outside {base}")
+        shutil.rmtree(target, ignore_errors=True)
+    run(["chroot", tree, "/sbin/depmod", version], hint="the recipe must install kmod")
 
 
 def _fs_size_mib(tree: Path, headroom_mib: int) -> int:

@@ -36,9 +36,10 @@ def _chroot(tree: Path, *argv: str, timeout: float = BUILD_TIMEOUT_S) -> None:
 
 def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None = None, force: bool = False,
                quiet: bool = False) -> Image:
-    recipe = recipes.get(recipe_name)
     store = ImageStore(cfg)
     src = store.get(src_name)
+    # The recipe for the source image's architecture (its kernel packages are the source's own).
+    recipe = recipes.get(recipe_name, src.arch)
     name = check_name(name or f"{src.name}-{recipe.name}", what="image name")
     if name == src.name:
         raise InvalidInput(f"the new image cannot replace its source {src.name!r}", hint="give --name NEW")
@@ -52,6 +53,9 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
     if os.geteuid() != 0:
         raise PermissionProblem("installing into an image needs root (loop mount, chroot)")
     which("chroot", hint="install coreutils")
+    from dispo import arch as arches
+
+    arches.ensure_foreign_exec(arches.get(src.arch))  # apt in another architecture's tree: qemu-user
     root = cache_dir() / "images"
     try:
         root.mkdir(parents=True, exist_ok=True)

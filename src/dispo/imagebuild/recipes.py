@@ -35,12 +35,14 @@ class Recipe:
     # Guest configuration files (dispo.guest resources) installed at a path in the tree, mode 0644: the quiet
     # browser's policies and preferences (docs/quiet.md).
     configs: tuple[tuple[str, str], ...] = ()
+    # Kernel module directories (under /lib/modules/VERSION/) deleted from the tree: hardware no guest has.
+    prune_modules: tuple[str, ...] = ()
 
     def key(self, sources_text: str) -> str:
         h = hashlib.sha256()
         fields = asdict(self)
         # Fields added later hash only when set, so a recipe that does not use them keeps its cached build.
-        for late in ("files", "sshd_extra", "vmlinux", "configs"):
+        for late in ("files", "sshd_extra", "vmlinux", "configs", "prune_modules"):
             if not fields[late]:
                 del fields[late]
         h.update(json.dumps(fields, sort_keys=True).encode())
@@ -73,7 +75,8 @@ class Recipe:
                        cmdline=tuple("console=ttyAMA0" if c == "console=ttyS0" else c for c in self.cmdline),
                        # No ELF vmlinux: both VMMs boot arm64's uncompressed Image (imagebuild/__init__.py), so
                        # every arm64 image suits Firecracker too (on an arm64 host).
-                       vmlinux=False, vmms=tuple(dict.fromkeys((*self.vmms, "firecracker"))))
+                       vmlinux=False, vmms=tuple(dict.fromkeys((*self.vmms, "firecracker"))),
+                       prune_modules=ARM64_PRUNE_MODULES)
 
     def app_packages(self) -> tuple[str, ...]:
         """What `--from` installs into an image that already boots: the recipe's packages beyond minimal's
@@ -96,6 +99,15 @@ MINIMAL = Recipe(
 
 ARM64_INITRD_MODULES = ("virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
                         "vmw_vsock_virtio_transport", "ext4", "gpio_keys")
+
+# The generic arm64 kernel's modules are ~300 MB, mostly drivers for hardware no VM guest has (QEMU virt and
+# Firecracker give virtio devices only): gone from the tree, about 190 MB less per image. The initrd is made
+# before (it keeps what it lists); sound and networking stay.
+ARM64_PRUNE_MODULES = ("kernel/drivers/gpu", "kernel/drivers/media", "kernel/drivers/net/wireless",
+                       "kernel/drivers/net/ethernet", "kernel/drivers/infiniband", "kernel/drivers/iio",
+                       "kernel/drivers/staging", "kernel/drivers/usb", "kernel/drivers/scsi", "kernel/drivers/ata",
+                       "kernel/drivers/hwmon", "kernel/drivers/bluetooth", "kernel/net/wireless", "kernel/net/mac80211",
+                       "kernel/net/bluetooth")
 
 # What both display modes need: TigerVNC's Xvnc and a window manager for `web`, xauth for sshd's X11
 # forwarding (`x11`), fonts for any page at all. Debian's packages only; no Recommends (mmdebstrap's default).
