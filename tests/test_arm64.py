@@ -308,3 +308,17 @@ def test_cli_image_fetch_arch_aarch64(cfg: Config, base: str, tmp_path: Path) ->
     ls = subprocess.run([sys.executable, "-m", "dispo", "image", "ls"], env=env, capture_output=True, text=True,
                         timeout=60, check=False)
     assert "fc-arm" in ls.stdout and "aarch64" in ls.stdout, ls.stdout
+
+
+def test_doctor_names_the_host_and_what_runs_each_architecture() -> None:
+    from dispo.vmm.firecracker.doctor import arch_checks
+
+    checks = {c.name: c for c in arch_checks()}
+    host = arches.host()
+    assert host.machine in checks["host"].detail and host.debian in checks["host"].detail
+    own = checks[f"{host.machine} guests"].detail
+    assert "firecracker (KVM)" in own and "builds natively" in own
+    other = next(a for a in arches.ARCHES if a != host)
+    foreign = checks[f"{other.machine} guests"].detail
+    assert "Firecracker never emulates" in foreign
+    assert ("qemu (TCG emulation only)" in foreign) == (shutil.which(other.qemu_system) is not None)

@@ -59,10 +59,12 @@ def test_arm64_guest_runs_a_command_fetches_a_page_and_leaves_nothing(arm_world:
     w = arm_world
     before = listing(w)
     script = f"uname -m && curl -sS --max-time 30 {URL}; exit 5"
-    p = w.dispo("run", "--image", IMAGE, "--", "sh", "-c", script, timeout=600)
+    p = w.dispo("-v", "run", "--image", IMAGE, "--", "sh", "-c", script, timeout=600)
     assert p.returncode == 5, p.stdout + p.stderr  # the command's status is dispo's
     assert p.stdout == "aarch64\n" + PAGE, p.stdout
     assert "ready in" in p.stderr
+    # Stopped as on amd64: the guest's init heard virt's GPIO power key and powered off (no SIGTERM needed).
+    assert "the guest powered off on the power button" in p.stderr, p.stderr
     assert listing(w) == before
 
 

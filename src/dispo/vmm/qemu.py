@@ -126,10 +126,12 @@ class LaunchFds:
     agent: int
     taps: tuple[int, ...] = ()
     incoming: int | None = None  # a template's saved state, read-only (restore)
+    volumes: tuple[tuple[int, int], ...] = ()  # (read-write, read-only) of each kept volume
 
     def all(self) -> tuple[int, ...]:
         optional = tuple(fd for fd in (self.initrd, self.incoming) if fd is not None)
-        return (self.kernel, *optional, self.disk_rw, self.disk_ro, self.qmp, self.agent, *self.taps)
+        kept = tuple(fd for pair in self.volumes for fd in pair)
+        return (self.kernel, *optional, self.disk_rw, self.disk_ro, self.qmp, self.agent, *self.taps, *kept)
 
 
 @dataclass
@@ -210,6 +212,13 @@ class QemuVmm:
         ]
         if fds.initrd is not None:
             argv += ["-initrd", f"/proc/self/fd/{fds.initrd}"]
+        for i, (rw, ro) in enumerate(fds.volumes):
+            # After the root disk, so the guest's /dev/vda stays the root; cache=writeback: a kept volume's
+            # writes must reach the file (the guest's flushes are honoured).
+            argv += ["-add-fd", f"fd={rw},set={2 + i}", "-add-fd", f"fd={ro},set={2 + i}",
+                     "-drive", f"id=vol{i},file=/dev/fdset/{2 + i},format=raw,if=none,cache=writeback,werror=report,"
+                               "rerror=report",
+                     "-device", f"virtio-blk-device,drive=vol{i}"]
         for i, (net, tap) in enumerate(zip(s.nets, fds.taps, strict=True)):
             argv += ["-netdev", f"tap,id=n{i},fd={tap}",
                      "-device", f"virtio-net-device,netdev=n{i},mac={net.mac}"]
@@ -352,6 +361,7 @@ class QemuVmm:
             disk_rw=keep(sandbox.open_file(s.rootfs, write=True)), disk_ro=keep(sandbox.open_file(s.rootfs)),
             qmp=listen(self.qmp_path), agent=listen(self.agent_path),
             taps=tuple(keep(sandbox.open_tap(n.tap)) for n in s.nets),
+            volumes=tuple((keep(sandbox.open_file(v, write=True)), keep(sandbox.open_file(v))) for v in s.volumes),
             incoming=keep(sandbox.open_file(incoming)) if incoming is not None else None)
 
     def _set_proc(self, proc: subprocess.Popen[bytes]) -> None:
@@ -423,9 +433,14 @@ class QemuVmm:
         if self.running() and self._stopped_vcpus():
             deadline = 0.0  # a paused guest (a saved template, a pooled clone) cannot hear the power button
         # Pressed again every half second: a press before the guest's init listens is lost.
+        t0 = time.monotonic()
         while self.running() and time.monotonic() < deadline and self.powerdown():
             if self.wait_exit(min(0.5, max(0.0, deadline - time.monotonic()))) is not None:
+                log.info("qemu %s: the guest powered off on the power button in %.1f s", self.spec.session_id,
+                         time.monotonic() - t0)
                 return
+        if self.running():
+            log.info("qemu %s: no power-off from the guest, SIGTERM", self.spec.session_id)
         processes.terminate(self._proc.pid, self._start, term_timeout=3.0, kill_timeout=5.0)
         self._proc.wait()
 
