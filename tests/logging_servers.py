@@ -15,6 +15,7 @@ import http.server
 import json
 import socket
 import struct
+import urllib.parse
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,18 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/report"):
             self.send_response(204)
             self.end_headers()
+            return
+        if self.path.startswith("/attachment?"):
+            # /attachment?file=F&name=N: the file F of the served directory, as a download named N (any text,
+            # "../" included: what a hostile site would send).
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            data = (Path(self.directory) / Path(query["file"][0]).name).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Content-Disposition", f'attachment; filename="{query["name"][0]}"')
+            self.end_headers()
+            self.wfile.write(data)
             return
         super().do_GET()
 

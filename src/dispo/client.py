@@ -11,10 +11,12 @@ is raised as the DispoError subclass it names (errors.from_problem), with its me
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -106,6 +108,34 @@ class DispodClient:
     def images(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = self._json("GET", "/v1/images")["images"]
         return found
+
+    # -- a session's files and clipboard (web/transfers.py) ----------------------------------------------
+    def downloads(self, session_id: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = self._json("GET", f"/v1/sessions/{session_id}/downloads")["downloads"]
+        return found
+
+    @contextlib.contextmanager
+    def download(self, session_id: str, name: str) -> Iterator[Iterator[bytes]]:
+        """The bytes of a complete download, in chunks."""
+        path = f"/v1/sessions/{session_id}/downloads/{quote(name, safe='')}"
+        try:
+            with self._http.stream("GET", path, timeout=STREAM_TIMEOUT) as r:
+                if r.is_error:
+                    r.read()
+                    raise self._problem(r)
+                yield r.iter_bytes()
+        except httpx.HTTPError as e:
+            raise self._unreachable(e) from e
+
+    def upload(self, session_id: str, name: str, data: bytes) -> dict[str, Any]:
+        return self._json("POST", f"/v1/sessions/{session_id}/uploads", params={"name": name}, content=data,
+                          headers={"Content-Type": "application/octet-stream"})
+
+    def clipboard(self, session_id: str) -> str:
+        return str(self._json("GET", f"/v1/sessions/{session_id}/clipboard")["text"])
+
+    def set_clipboard(self, session_id: str, text: str) -> None:
+        self._json("PUT", f"/v1/sessions/{session_id}/clipboard", json={"text": text})
 
     def events(self, session: str | None = None) -> Iterator[Event]:
         """The event stream: every session's events, or one session's until its `ended` event."""

@@ -25,6 +25,9 @@ DispoError            500  every error dispo means to report (one line + a hint)
 ├── Busy              429  a limit is reached (max_sessions): try again later
 ├── Conflict          409  the session is not in a state that allows this (e.g. not running yet)
 ├── Cancelled         499  a session was stopped while it was still starting (carries the reason)
+├── Refused           403  the session's profile does not allow this (clipboard, downloads, uploads, sound)
+├── TooLarge          413  bigger than the profile's cap (an upload, a download, clipboard text)
+├── GuestIOError      502  the guest did not do what dispo-files was asked (runtime/guestio.py)
 └── ServiceError      503  dispod could not be reached or answered something that is not dispo's
 """
 
@@ -137,6 +140,24 @@ class Cancelled(DispoError):
         self.reason = reason
 
 
+class Refused(DispoError):
+    """The session's profile does not allow this (a clipboard direction, downloads, uploads, sound)."""
+
+    http_status = 403
+
+
+class TooLarge(DispoError):
+    """Bigger than the profile's cap."""
+
+    http_status = 413
+
+
+class GuestIOError(DispoError):
+    """The guest did not do what it was asked (list, fetch or receive a file; the clipboard; sound)."""
+
+    http_status = 502
+
+
 class ServiceError(DispoError):
     """dispod could not be reached, or answered with something that is not dispo's."""
 
@@ -146,7 +167,7 @@ class ServiceError(DispoError):
 
 ALL_ERRORS: tuple[type[DispoError], ...] = (
     DispoError, ConfigError, InvalidInput, NotFound, PermissionProblem, CommandError, StorageError, JournalError,
-    TeardownError, VmmError, NetworkError, Busy, Conflict, Cancelled, ServiceError,
+    TeardownError, VmmError, NetworkError, Busy, Conflict, Cancelled, Refused, TooLarge, GuestIOError, ServiceError,
 )
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dispo.errors import InvalidInput, NotFound
+from dispo.features import PROFILE_KEYS as FEATURE_KEYS
+from dispo.features import Features
 from dispo.names import check_name
 from dispo.net.policy import NetworkPolicy
 from dispo.privacy import Privacy
@@ -45,6 +47,7 @@ class Profile:
     max_lifetime_s: float = float(SETTINGS["max_lifetime_s"].default)
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     privacy: Privacy = field(default_factory=Privacy)
+    features: Features = field(default_factory=Features)  # clipboard, downloads, uploads, audio, keep_path
     source: str = ""
 
     def argv(self, url: str | None = None) -> tuple[str, ...]:
@@ -60,7 +63,7 @@ def _bad(where: str, key: str, what: str) -> InvalidInput:
 
 
 def parse(name: str, data: dict[str, Any], where: str) -> Profile:
-    known = {f for f in Profile.__dataclass_fields__ if f not in ("name", "source")}
+    known = {f for f in Profile.__dataclass_fields__ if f not in ("name", "source", "features")} | set(FEATURE_KEYS)
     for key in data:
         if key not in known:
             raise InvalidInput(f"{where}: unknown key '{key}'", hint=f"known keys: {', '.join(sorted(known))}")
@@ -107,6 +110,7 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
         if not isinstance(data["privacy"], dict):
             raise _bad(where, "privacy", "must be a table")
         kwargs["privacy"] = Privacy.from_mapping(data["privacy"], where=f"{where}: [privacy]")
+    kwargs["features"] = Features.from_profile(data, where=where)
     return Profile(name=name, source=where, **kwargs)
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 from types import FrameType
 
 from dispo import __version__, config, journal, progress
-from dispo.cli import demo, firecracker, images, net, pool, run, sessions, templates
+from dispo.cli import demo, firecracker, images, net, opener, pool, run, sessions, templates, volumes
 from dispo.cli.common import Terminated
 from dispo.errors import DispoError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
-COMMAND_MODULES = (images, templates, pool, sessions, net, run, firecracker, demo)
+COMMAND_MODULES = (images, templates, pool, sessions, net, run, opener, volumes, firecracker, demo)
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:

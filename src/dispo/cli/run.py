@@ -31,6 +31,7 @@ from dispo.proc import minimal_env
 from dispo.profiles import DisplayMode
 from dispo.runtime import Event, EventKind, Runtime, SessionRequest, StandaloneViewers, Stdio, build
 from dispo.runtime.live import LiveSession
+from dispo.runtime.saver import DownloadSaver, Lister, Opener, open_directory
 from dispo.settings import SETTINGS
 
 STOP_TIMEOUT_S = 60.0
@@ -92,6 +93,11 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("--log-requests", action="store_true", default=default,
                    help="record every connection and DNS query the guest makes (seen on the host side of its "
                         "network) and list them when the session ends")
+    p.add_argument("--downloads", type=Path, default=default, metavar="DIR",
+                   help="copy each finished download of the session's browser into DIR (an existing directory)")
+    p.add_argument("--keep", default=default, metavar="NAME",
+                   help="keep the app's profile (bookmarks, logins) on the volume NAME, made on first use; the next "
+                        "session with --keep NAME finds it ('dispo volume ls|rm')")
     p.add_argument("--in-process", action="store_true", default=default,
                    help="run the session in this process even when dispod runs")
 
@@ -99,12 +105,12 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
 PROFILE_USAGE = "dispo run PROFILE [URL] [--display web|x11|none] [--open]"
 _FLAGS = {"image": "image", "backend": "backend", "name": "name", "display": "display", "memory": "memory_mib",
           "vcpus": "vcpus", "ready_timeout": "ready_timeout_s", "idle_timeout": "idle_timeout_s",
-          "max_lifetime": "max_lifetime_s", "start": "start", "log_requests": "log_requests"}
+          "max_lifetime": "max_lifetime_s", "start": "start", "log_requests": "log_requests", "keep": "keep"}
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
     """The run options given on the command line (their defaults are SUPPRESSed: absent when not given)."""
-    return {k: v for k, v in vars(args).items() if k in _FLAGS or k in ("open", "in_process")}
+    return {k: v for k, v in vars(args).items() if k in _FLAGS or k in ("open", "in_process", "downloads")}
 
 
 def _profile_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, str | None]:
@@ -148,7 +154,13 @@ def _request(args: argparse.Namespace, cfg: Config) -> tuple[SessionRequest, dic
     tty = not cmd and "profile" not in body and sys.stdin.isatty()
     values = {k: v for k, v in body.items() if k != "command"}
     req = build(cfg, command=cmd, stdio=Stdio.TERMINAL, tty=tty, **values)
-    return req, body, {"open": bool(given.get("open")), "in_process": bool(given.get("in_process"))}
+    if given.get("downloads") is not None and not req.features.downloads:
+        raise InvalidInput(f"--downloads: the profile {req.profile or '(none)'} turns downloads off",
+                           hint="set [downloads] enabled = true in the profile")
+    if given.get("downloads") is not None and req.display is DisplayMode.NONE:
+        raise InvalidInput("--downloads goes with a browser profile", hint="dispo run chromium URL --downloads DIR")
+    return req, body, {"open": bool(given.get("open")), "in_process": bool(given.get("in_process")),
+                       "downloads": given.get("downloads")}
 
 
 class Printer:
@@ -188,6 +200,8 @@ class Printer:
                 image = {True: ", image unchanged", False: ", IMAGE CHANGED", None: ""}[r.get("image_unchanged")]
                 self._say(f"session {sid}: disposal receipt clean: {r.get('checked')} host objects checked gone"
                           f"{image} ('dispo receipt {sid}')")
+            for what in r.get("kept") or []:
+                self._say(f"session {sid}: kept {what}")
         elif e.kind is EventKind.STATE and e.fields.get("state") == "stopping":
             self._say(f"session {sid}: {e.fields.get('end_reason') or 'stopping'} after "
                       f"{time.monotonic() - self.t0:.1f} s; tearing down")
@@ -210,12 +224,16 @@ class Printer:
 
 
 def _open(url: str, err: TextIO) -> None:
-    # As root, a desktop browser is usually not wanted or not allowed; say so instead of failing.
+    # As root, a desktop browser is usually not wanted or not allowed; say so instead of failing. The marker
+    # lets a `dispo open` that the desktop starts for this very URL (dispo as its http handler) see the loop.
+    os.environ["DISPO_OPENING"] = "1"
     try:
         if webbrowser.open(url):
             return
     except webbrowser.Error:
         pass
+    finally:
+        del os.environ["DISPO_OPENING"]
     print("dispo: no browser to open the viewer with; open the URL above", file=err)
 
 
@@ -240,6 +258,9 @@ def _outcome(exit_status: int | None, error: DispoError | None) -> int:
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     req, body, cli = _request(args, cfg)
     printer = Printer(open_viewer=cli["open"])
+    saving: tuple[Path, int] | None = None
+    if cli["downloads"] is not None:
+        saving = (cli["downloads"], open_directory(cli["downloads"]))  # checked before anything starts
     in_process = cli["in_process"] or req.tty or req.display is DisplayMode.X11
     if not in_process:
         client = dispod_client(cfg)
@@ -248,8 +269,21 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                            "in-process")
             client = None
         if client is not None:
-            return _run_via_dispod(client, body, printer)
-    return _run_in_process(cfg, req, printer)
+            return _run_via_dispod(client, body, printer, saving, req.features.downloads_max_mib << 20)
+    return _run_in_process(cfg, req, printer, saving)
+
+
+def _saver(saving: tuple[Path, int], lister: Lister, opener: Opener, max_bytes: int,
+           printer: Printer) -> DownloadSaver:
+    directory, fd = saving
+
+    def saved(name: str, stored: str, size: int) -> None:
+        printer.notice(f"download {escape_terminal(name)!r} ({size} bytes) copied to {directory / stored}")
+
+    saver = DownloadSaver(directory, fd, lister=lister, opener=opener, max_bytes=max_bytes, on_saved=saved,
+                          on_error=lambda text: printer.notice(escape_terminal(text)))
+    saver.start()
+    return saver
 
 
 def _wait(live: LiveSession) -> None:
@@ -270,16 +304,39 @@ def _wait(live: LiveSession) -> None:
         raise pending
 
 
-def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer) -> int:
+def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer,
+                    saving: tuple[Path, int] | None = None) -> int:
     rt = Runtime(cfg, viewers=StandaloneViewers(), owner=f"dispo run (pid {os.getpid()})")
     live = rt.start(req, sink=printer)
-    _wait(live)
+    saver = None
+    if saving is not None:
+        saver = _saver(saving, lambda: [d.to_json() for d in live.io.downloads()],
+                       lambda name: live.io.open_download(live.io.download(name)),
+                       req.features.downloads_max_mib << 20, printer)
+    try:
+        _wait(live)
+    finally:
+        if saver is not None:
+            saver.stop()
     return _outcome(live.exit_status, live.error)
 
 
-def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer) -> int:
+def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer, saving: tuple[Path, int] | None = None,
+                    max_bytes: int = 0) -> int:
     created = client.create_session(body)
     sid = str(created["id"])
+    saver = None
+    if saving is not None:
+        saver = _saver(saving, lambda: client.downloads(sid), lambda name: client.download(sid, name), max_bytes,
+                       printer)
+    try:
+        return _follow(client, sid, created, printer)
+    finally:
+        if saver is not None:
+            saver.stop()
+
+
+def _follow(client: Any, sid: str, created: dict[str, Any], printer: Printer) -> int:
     if created.get("start_reason"):  # said before this client could follow the session's events
         printer.notice(str(created["start_reason"]))
     ended: dict[str, Any] = {}

@@ -100,6 +100,8 @@ def cmd_receipt(args: argparse.Namespace, cfg: Config) -> int:
             print(f"  image {image.get('name')} (sha256 {str(image.get('sha256', ''))[:16]}...): {state}")
         for what in found.get("leftovers") or []:
             print(f"  left: {what}")
+        for what in found.get("kept") or []:
+            print(f"  kept: {what}")
         requests = found.get("requests")
         if isinstance(requests, dict):  # --log-requests
             counts = ", ".join(f"{n} {kind}" for kind, n in sorted(requests.items())) or "none"

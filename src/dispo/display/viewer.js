@@ -1,20 +1,142 @@
-// "End session": a POST to stop beside this page (same origin), then say so in place of the screen.
+// The viewer's bar: "End session", and what the session's profile allows (GET features): the Downloads
+// panel, Upload (a file chooser, or a file dropped on the screen), Sound. Every request goes to a path beside
+// this page (same origin, below the session's token); the server checks the profile's policy again.
 (function () {
   "use strict";
-  var button = document.getElementById("end");
-  var status = document.getElementById("status");
-  button.addEventListener("click", function () {
+  var $ = function (id) { return document.getElementById(id); };
+  var status = $("status");
+  var say = function (text) { status.textContent = text; };
+
+  $("end").addEventListener("click", function () {
+    var button = $("end");
     button.disabled = true;
-    status.textContent = "Ending the session…";
+    say("Ending the session…");
     fetch("stop", {method: "POST", credentials: "same-origin"}).then(function (r) {
       if (!r.ok) { throw new Error("HTTP " + r.status); }
+      stopSound();
       var p = document.createElement("p");
       p.className = "ended";
       p.textContent = "Session ended.";
       document.body.replaceChildren(p);
     }).catch(function (e) {
       button.disabled = false;
-      status.textContent = "Could not end the session: " + e.message;
+      say("Could not end the session: " + e.message);
     });
   });
+
+  // -- downloads ---------------------------------------------------------------------------------
+  var panel = $("panel"), timer = null;
+  function size(n) {
+    return n < 1024 ? n + " B" : n < 1048576 ? (n / 1024).toFixed(1) + " KiB" : (n / 1048576).toFixed(1) + " MiB";
+  }
+  function listDownloads() {
+    fetch("downloads", {credentials: "same-origin"}).then(function (r) {
+      if (!r.ok) { throw new Error("HTTP " + r.status); }
+      return r.json();
+    }).then(function (data) {
+      var items = data.downloads.map(function (d) {
+        var li = document.createElement("li");
+        if (d.complete) {
+          var a = document.createElement("a");
+          a.href = "downloads/" + encodeURIComponent(d.name);
+          a.download = d.name;
+          a.textContent = d.name;  // text, never markup: the name comes from the guest
+          li.appendChild(a);
+        } else {
+          li.textContent = d.name + " (downloading)";
+        }
+        li.appendChild(document.createTextNode(" " + size(d.size)));
+        return li;
+      });
+      if (!items.length) {
+        var none = document.createElement("li");
+        none.textContent = "No downloads yet.";
+        items.push(none);
+      }
+      $("files").replaceChildren.apply($("files"), items);
+    }).catch(function (e) { say("Downloads: " + e.message); });
+  }
+  $("downloads").addEventListener("click", function () {
+    panel.hidden = !panel.hidden;
+    clearInterval(timer);
+    if (!panel.hidden) { listDownloads(); timer = setInterval(listDownloads, 2000); }
+  });
+
+  // -- uploads -----------------------------------------------------------------------------------
+  function upload(file) {
+    say("Uploading " + file.name + "…");
+    fetch("uploads?name=" + encodeURIComponent(file.name), {method: "POST", credentials: "same-origin",
+      headers: {"Content-Type": "application/octet-stream"}, body: file}).then(function (r) {
+      return r.json().then(function (body) {
+        if (!r.ok) { throw new Error(body.message || body.detail || ("HTTP " + r.status)); }
+        say("Uploaded to ~/Uploads/" + body.name);
+      });
+    }).catch(function (e) { say("Upload failed: " + e.message); });
+  }
+  $("upload").addEventListener("change", function (e) {
+    Array.prototype.forEach.call(e.target.files, upload);
+    e.target.value = "";
+  });
+  function dropTarget(doc) {
+    doc.addEventListener("dragover", function (e) {
+      if (e.dataTransfer && Array.prototype.indexOf.call(e.dataTransfer.types, "Files") >= 0) {
+        e.preventDefault();
+        document.body.classList.add("dropping");
+      }
+    });
+    doc.addEventListener("dragleave", function () { document.body.classList.remove("dropping"); });
+    doc.addEventListener("drop", function (e) {
+      document.body.classList.remove("dropping");
+      if (e.dataTransfer && e.dataTransfer.files.length) {
+        e.preventDefault();
+        Array.prototype.forEach.call(e.dataTransfer.files, upload);
+      }
+    });
+  }
+
+  // -- sound: raw s16le 48 kHz stereo from the guest, scheduled back to back ---------------------------
+  var sound = null;
+  function stopSound() {
+    if (sound) { sound.ws.close(); sound.ctx.close(); sound = null; }
+    $("sound").textContent = "Sound off";
+  }
+  function startSound() {
+    var ctx = new AudioContext({sampleRate: 48000, latencyHint: "interactive"});
+    var url = location.href.replace(/^http/, "ws").replace(/[^/]*$/, "") + "sound";
+    var ws = new WebSocket(url, "binary");
+    ws.binaryType = "arraybuffer";
+    var at = 0;
+    ws.onmessage = function (e) {
+      var pcm = new Int16Array(e.data), frames = pcm.length >> 1;
+      if (!frames) { return; }
+      var buf = ctx.createBuffer(2, frames, 48000), l = buf.getChannelData(0), r = buf.getChannelData(1);
+      for (var i = 0; i < frames; i++) { l[i] = pcm[2 * i] / 32768; r[i] = pcm[2 * i + 1] / 32768; }
+      var src = ctx.createBufferSource();
+      src.buffer = buf;
+      src.connect(ctx.destination);
+      // Late by more than 200 ms (a stall): drop the backlog rather than play it late.
+      if (at < ctx.currentTime || at > ctx.currentTime + 0.2) { at = ctx.currentTime + 0.03; }
+      src.start(at);
+      at += buf.duration;
+    };
+    ws.onclose = function () { if (sound && sound.ws === ws) { stopSound(); } };
+    sound = {ctx: ctx, ws: ws};
+    $("sound").textContent = "Sound on";
+  }
+  $("sound").addEventListener("click", function () { if (sound) { stopSound(); } else { startSound(); } });
+
+  fetch("features", {credentials: "same-origin"}).then(function (r) { return r.ok ? r.json() : null; })
+    .then(function (f) {
+      if (!f) { return; }
+      $("downloads").hidden = !f.downloads.enabled;
+      $("upload-label").hidden = !f.uploads.enabled;
+      $("sound").hidden = !f.audio;
+      if (f.uploads.enabled) {
+        dropTarget(document);
+        var frame = $("vnc");
+        var hook = function () { try { dropTarget(frame.contentDocument); } catch (e) { /* not loaded */ } };
+        frame.addEventListener("load", hook);
+        hook();
+      }
+    }).catch(function () { /* an older server: just the End button */ });
 })();

@@ -30,6 +30,8 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from dispo.errors import NotFound
+from dispo.runtime.guestio import GuestIO
+from dispo.web import transfers
 from dispo.web.guard import CONNECTIONS, MIDDLEWARES, TOKEN, Connections, Limits, security_headers, token_ok
 from dispo.web.server import Server, TcpAddress, bind_tcp
 
@@ -151,11 +153,14 @@ class ViewerEndpoint:
     novnc: Path                                   # resolved
     on_stop: Callable[[], object] | None = None
     on_activity: Callable[[], None] | None = None
+    io: GuestIO | None = None                     # the session's downloads, uploads, clipboard and sound
 
     async def handle(self, request: web.Request, tail: str) -> web.StreamResponse:
         """Answer `tail`, the path below the (already checked) token."""
         if tail == WEBSOCKIFY:
             return await bridge(request, self.connect, on_activity=self.on_activity)
+        if self.io is not None and (answer := await transfers.dispatch(self.io, tail, request)) is not None:
+            return answer
         if tail == STOP:
             if request.method != "POST":  # no state change on GET
                 raise web.HTTPMethodNotAllowed(request.method, ["POST"])
@@ -177,7 +182,7 @@ class WebViewer:
 
     def __init__(self, target: Target, *, session_id: str = "", on_stop: Callable[[], object] | None = None,
                  on_activity: Callable[[], None] | None = None, bind: str = "127.0.0.1", port: int = 0,
-                 novnc: Path | None = None, limits: Limits | None = None) -> None:
+                 novnc: Path | None = None, limits: Limits | None = None, io: GuestIO | None = None) -> None:
         self.target = target
         self.limits = limits or Limits()
         self.session_id = session_id
@@ -185,7 +190,7 @@ class WebViewer:
         self.port = port
         self.token = secrets.token_urlsafe(24)
         self.endpoint = ViewerEndpoint(session_id, f"{self.token}/{WEBSOCKIFY}", target.connector(),
-                                       (novnc or find_novnc()).resolve(), on_stop, on_activity)
+                                       (novnc or find_novnc()).resolve(), on_stop, on_activity, io)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Server | None = None
         self._thread: threading.Thread | None = None

@@ -9,6 +9,7 @@ APP_PATH = "/usr/local/bin/dispo-app"       # the display launcher (app.sh) in b
 AGENT_PATH = "/usr/lib/dispo/agent"         # the identity agent (agent.pl), started by the init
 OPEN_PATH = "/usr/local/bin/dispo-open"     # hands a URL to the running Chromium (open.pl), browser images
 SETUP_PATH = "/usr/lib/dispo/browser-setup"  # per-session browser settings at boot (browser-setup.sh)
+FILES_PATH = "/usr/lib/dispo/files"         # downloads, uploads, clipboard, sound for the host (files.sh)
 USER = "user"                               # the unprivileged account sessions run as
 USER_UID = 1000
 USER_HOME = f"/home/{USER}"

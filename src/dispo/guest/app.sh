@@ -19,16 +19,46 @@ if [ -r /run/dispo/session.env ]; then
     set +a
 fi
 
+# The value of kernel argument $1 (dispo.clip=... -> ...), empty if absent: the session's policies.
+arg() {
+    for w in $(cat /proc/cmdline); do
+        case "$w" in "$1="*) echo "${w#*=}"; return 0 ;; esac
+    done
+    return 0
+}
+
 case "$mode" in
 web)
     geometry=${1:-1280x800}; shift
     [ "${1:-}" = "--" ] && shift
+    # The clipboard policy (profile [clipboard]): "in" the viewer may set the guest's clipboard, "out" the
+    # guest's reaches the viewer; Xvnc enforces it and caps the text (dispo.clipmax bytes).
+    clip=$(arg dispo.clip)
+    [ -n "$clip" ] || clip=in,out
+    clipmax=$(arg dispo.clipmax)
+    case "$clipmax" in ''|*[!0-9]*) clipmax=1048576 ;; esac
+    accept=0 send=0
+    case ",$clip," in *,in,*) accept=1 ;; esac
+    case ",$clip," in *,out,*) send=1 ;; esac
     # -localhost: nothing but the guest itself (and so the SSH forward) reaches the VNC port.
     Xvnc :1 -localhost -rfbport 5900 -SecurityTypes None -geometry "$geometry" -depth 24 -AlwaysShared \
-        -nolisten tcp > /tmp/dispo-xvnc.log 2>&1 &
+        -AcceptCutText="$accept" -SendCutText="$send" -SetPrimary="$accept" -SendPrimary=0 \
+        -MaxCutText="$clipmax" -nolisten tcp > /tmp/dispo-xvnc.log 2>&1 &
     xvnc=$!
     wm=
-    trap 'kill $xvnc $wm 2>/dev/null' EXIT
+    pulse=
+    trap 'kill $xvnc $wm $pulse 2>/dev/null' EXIT
+    # Sound (profile audio = true): a PulseAudio server with one null sink; the host reads its monitor
+    # (dispo-files sound) and the viewer plays it. No source: the app gets no microphone.
+    if [ "$(arg dispo.audio)" = 1 ] && command -v pulseaudio > /dev/null; then
+        mkdir -p -m 0700 /tmp/dispo-pulse
+        pulseaudio -n --daemonize=no --exit-idle-time=-1 --use-pid-file=no --system=no \
+            --load="module-null-sink sink_name=dispo rate=48000 channels=2 sink_properties=device.description=dispo" \
+            --load="module-native-protocol-unix socket=/tmp/dispo-pulse/native auth-anonymous=1" \
+            --load="module-always-sink" > /tmp/dispo-pulse.log 2>&1 &
+        pulse=$!
+        export PULSE_SERVER=unix:/tmp/dispo-pulse/native
+    fi
     trap 'exit 129' HUP INT TERM
     i=0
     while [ ! -e /tmp/.X11-unix/X1 ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i + 1)); done

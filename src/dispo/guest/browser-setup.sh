@@ -9,6 +9,17 @@
 set -u
 lang=${1:-en-US} quiet=${2:-1} allow=${3:-}
 r=${DISPO_SETUP_ROOT:-}
+# The session's other choices are kernel arguments (DISPO_CMDLINE: the tests' stand-in for /proc/cmdline).
+cmdline=${DISPO_CMDLINE:-$(cat /proc/cmdline)}
+arg() {
+    for w in $cmdline; do
+        case "$w" in "$1="*) echo "${w#*=}"; return 0 ;; esac
+    done
+    return 0
+}
+downloads=$(arg dispo.downloads)
+keep=$(arg dispo.keep)
+home="$r/home/user"
 # Only letters and dashes reach a file (dispo checks this too; the guest's own copy must not trust it).
 case "$lang" in ''|*[!A-Za-z0-9-]*|-*) lang=en-US ;; esac
 primary=${lang%%-*}
@@ -39,13 +50,41 @@ if [ -d "$r/etc/chromium" ]; then
             "$r/etc/chromium/policies/managed/dispo-quiet.json"
     fi
 fi
+if [ -d "$r/etc/chromium" ] && [ "$downloads" = 0 ]; then
+    # The profile turned downloads off: the browser refuses every one.
+    mkdir -p "$r/etc/chromium/policies/managed"
+    echo '{"DownloadRestrictions": 3}' > "$r/etc/chromium/policies/managed/dispo-session.json"
+fi
 if [ -d "$r/etc/firefox-esr" ]; then
     printf 'pref("intl.accept_languages", "%s", locked);\n' "$(echo "$accept" | sed 's/,/, /g')" \
         > "$r/etc/firefox-esr/dispo-session.js"
+    if [ "$downloads" = 0 ]; then
+        # Firefox has no policy that refuses downloads: they go to a directory the user cannot write.
+        mkdir -p "$home/.no-downloads"
+        chmod 0555 "$home/.no-downloads"
+        printf '%s\n' 'pref("browser.download.dir", "/home/user/.no-downloads", locked);' \
+            'pref("browser.download.folderList", 2, locked);' 'pref("browser.download.useDownloadDir", true, locked);' \
+            >> "$r/etc/firefox-esr/dispo-session.js"
+    fi
     if [ "$quiet" = 0 ]; then
         rm -f "$r/etc/firefox-esr/dispo-quiet.js" "$r/usr/share/firefox-esr/distribution/policies.json"
     elif has safe-browsing; then
         sed -i '/dispo:safe-browsing$/d' "$r/etc/firefox-esr/dispo-quiet.js"
     fi
+fi
+
+# A kept volume (dispo run --keep NAME): the disk labelled dispo-keep, mounted over the app's profile directory
+# (a path below the user's home, e.g. .config/chromium), so the profile outlives the session.
+case "$keep" in *..*|/*|*[!A-Za-z0-9._/-]*) keep= ;; esac
+if [ -n "$keep" ]; then
+    d=$home
+    for part in $(echo "$keep" | tr / ' '); do
+        d="$d/$part"
+        [ -d "$d" ] || { mkdir "$d" && chown 1000:1000 "$d"; }
+    done
+    if [ -z "$r" ]; then
+        mount -o nosuid,nodev,noexec LABEL=dispo-keep "$d" || echo "dispo-browser-setup: the kept volume did not mount"
+    fi
+    chown 1000:1000 "$d"
 fi
 exit 0

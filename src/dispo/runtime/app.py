@@ -163,7 +163,7 @@ class StandaloneViewers:
         from dispo.display.viewer import Target
 
         viewer = self._cls(Target(unix=str(vnc_socket)), session_id=live.id,
-                           on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch)
+                           on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch, io=live.io)
         viewer.start()
         self._viewers[live.id] = viewer
         return viewer.url

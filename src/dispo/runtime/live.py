@@ -23,6 +23,8 @@ from dispo.images import Image
 from dispo.net.capture import RequestLog
 from dispo.runtime.app import encode_output
 from dispo.runtime.events import Event, EventKind, EventSink
+from dispo.runtime.guestio import GuestIO
+from dispo.runtime.machinery import GuestChannel
 from dispo.runtime.request import SessionRequest
 from dispo.runtime.steps import STEPS, Bringup, Step, supervise
 from dispo.txn import Transaction, transaction
@@ -100,6 +102,9 @@ class LiveSession:
         self.cancel = CancelToken()
         self.receipt: receipt.Receipt | None = None
         self.request_log: RequestLog | None = None  # with request.log_requests: the guest's requests
+        self.channel: GuestChannel | None = None  # the way into the guest, once it answered
+        self.kept: list[str] = []  # what the session keeps on purpose (a --keep volume), for the receipt
+        self.io = GuestIO(self)  # its downloads, uploads, clipboard and sound (runtime/guestio.py)
         self._tx: Transaction | None = None
         self._image: Image | None = None
         self._proof: dict[str, Any] | None = None
@@ -158,6 +163,7 @@ class LiveSession:
                 "pooled": bool(self.pool_name), "template": self.template or None,
                 "start_reason": self.start_reason or None,
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s,
+                "features": r.features.to_json(), "keep": r.keep or None,
                 "requests": self.request_log.requests() if self.request_log is not None else None}
 
     # -- for the steps ----------------------------------------------------------------------------
@@ -253,7 +259,7 @@ class LiveSession:
             image=self._image, proof_before=self._proof, started=self.created,
             teardown_s=time.monotonic() - self._stopping_at if self._stopping_at else None,
             exit_status=self.exit_status, end_reason=self.end_reason or (self.error.one_line() if self.error else ""),
-            requests=self.request_log.requests() if self.request_log is not None else None)
+            requests=self.request_log.requests() if self.request_log is not None else None, kept=self.kept)
         if not self.receipt.clean and self.error is None:
             self.error = receipt.NotClean(self.id, self.receipt.leftovers)
 

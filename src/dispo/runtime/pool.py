@@ -150,8 +150,8 @@ class Pool:
 
     def acquire(self, request: SessionRequest, sink: EventSink | None) -> LiveSession | None:
         """A waiting guest for `request`, claimed by it, or None (then the caller plans as usual)."""
-        if request.start is StartMode.COLD or request.log_requests:
-            return None  # a pooled guest's traffic was not watched from its start
+        if request.start is StartMode.COLD or request.log_requests or request.keep:
+            return None  # a pooled guest's traffic was not watched from its start; a volume mounts at boot
         name = request.profile or request.image
         with self._lock:
             slot = self._slots.get(name)

@@ -19,6 +19,7 @@ from typing import Any
 from dispo import profiles
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound
+from dispo.features import Features
 from dispo.imagebuild.recipes import RECIPES
 from dispo.images import Image, ImageStore
 from dispo.names import check_name
@@ -45,7 +46,7 @@ MAX_URL = 4096
 MAX_COMMAND_BYTES = 64 * 1024
 _URL_RE = re.compile(r"^(https?://[^\s]+|about:[a-z-]+)$")
 # Keys a JSON body (POST /v1/sessions) may carry; the rest of SessionRequest is the server's to decide.
-API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", "start", "log_requests",
+API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", "start", "log_requests", "keep",
             *INT_SETTINGS, *SECONDS_SETTINGS)
 
 
@@ -74,6 +75,8 @@ class SessionRequest:
     quiet: bool = True                 # the quiet-browser settings (docs/quiet.md); False: a baseline
     allow: tuple[str, ...] = ()        # quiet settings the profile turned back on ("safe-browsing")
     log_requests: bool = False         # record every connection and DNS query of the guest (net/capture.py)
+    features: Features = field(default_factory=Features)  # what may cross: clipboard, files, sound (features.py)
+    keep: str = ""                     # the volume that keeps the app's profile (storage/volumes.py); "" = none
 
     @property
     def kind(self) -> VmmKind:
@@ -90,6 +93,9 @@ class SessionRequest:
             args.append("dispo.quiet=0")
         if self.allow:
             args.append(f"dispo.allow={','.join(self.allow)}")
+        args += self.features.cmdline()
+        if self.keep:
+            args.append(f"dispo.keep={self.features.keep_path}")
         return tuple(args)
 
     def to_json(self) -> dict[str, Any]:
@@ -99,7 +105,7 @@ class SessionRequest:
                 "ready_timeout_s": self.ready_timeout_s, "idle_timeout_s": self.idle_timeout_s,
                 "max_lifetime_s": self.max_lifetime_s, "start": self.start.value, "timezone": self.timezone,
                 "language": self.language, "quiet": self.quiet, "allow": list(self.allow),
-                "log_requests": self.log_requests}
+                "log_requests": self.log_requests, "features": self.features.to_json(), "keep": self.keep or None}
 
 
 def _number(key: str, value: Any, where: str) -> int | float:
@@ -134,7 +140,7 @@ def find_image(cfg: Config, name: str) -> Image:
 def build(cfg: Config, *, profile: str | None = None, image: str | None = None, command: Sequence[str] = (),
           url: str | None = None, display: str | None = None, name: str | None = None, backend: str | None = None,
           stdio: Stdio = Stdio.CAPTURE, tty: bool = False, where: str = "", start: str | None = None,
-          log_requests: bool = False, **numbers: Any) -> SessionRequest:
+          log_requests: bool = False, keep: str | None = None, **numbers: Any) -> SessionRequest:
     """Defaults, then the profile, then the caller's values; every check before anything is created.
 
     `numbers` are the numeric settings (memory_mib, vcpus, shm_mib, *_timeout_s, max_lifetime_s); None
@@ -150,6 +156,7 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
     if profile:
         p = profiles.find(profile, cfg.profiles_dir)
         privacy = p.privacy
+        fields["features"] = p.features
         if command:
             raise InvalidInput(f"{where}a profile runs its own command; give a URL, or an image and a command",
                                hint=f"the command of {profile!r} is set in {p.source}")
@@ -180,6 +187,14 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
                            hint="run from an X session (or ssh -X), or use --display web")
     if name:
         fields["name"] = check_name(name, what="session name")
+    if keep:
+        features = fields.get("features")
+        if features is None or not features.keep_path:
+            what = f"profile {profile!r}" if profile else "a command"
+            raise InvalidInput(f"{where}--keep keeps an app's profile, and {what} names nothing to keep",
+                               hint='use a browser profile (dispo run chromium --keep NAME), or add keep_path = '
+                                    '"DIR" to the profile')
+        fields["keep"] = check_name(keep, what="volume name")
     if backend:
         fields["backend"] = backend
     cmd = tuple(fields.get("command", ()))
@@ -221,10 +236,13 @@ def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/se
     log_requests = body.get("log_requests", False)
     if not isinstance(log_requests, bool):
         raise InvalidInput(f"{where}log_requests must be true or false")
+    keep = body.get("keep")
+    if keep is not None and not isinstance(keep, str):
+        raise InvalidInput(f"{where}keep must be a string (a volume name)")
     numbers: dict[str, Any] = {k: body.get(k) for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
     return build(cfg, command=command, where=where, stdio=Stdio.CAPTURE, profile=strings["profile"],
                  image=strings["image"], url=strings["url"], display=strings["display"], name=strings["name"],
-                 backend=strings["backend"], start=strings["start"], log_requests=log_requests, **numbers)
+                 backend=strings["backend"], start=strings["start"], log_requests=log_requests, keep=keep, **numbers)
 
 
 def replace(req: SessionRequest, **changes: Any) -> SessionRequest:

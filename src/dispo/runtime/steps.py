@@ -1,6 +1,6 @@
 """A session's bring-up as a named, ordered list of steps, and its supervision once it runs.
 
-    validate -> disk -> identity -> network -> vmm.start -> guest.ready -> app
+    validate -> disk -> volume -> identity -> network -> vmm.start -> guest.ready -> app
 
 Each step reads and fills one `Bringup` and records every host object in the session's journal before it
 creates it (through the layer that owns it). Restoring from a snapshot instead of booting is one step
@@ -27,7 +27,7 @@ from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess
 from dispo.runtime.events import EventKind
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.runtime.request import SessionRequest, Stdio, find_image
-from dispo.storage import disks, files
+from dispo.storage import disks, files, volumes
 from dispo.storage.templates import Template
 from dispo.txn import Transaction
 from dispo.vmm.accel import Accel
@@ -65,6 +65,7 @@ class Bringup:
     channel: GuestChannel | None = None
     app: AppProcess | None = None
     template: Template | None = None   # the template this session restores from (runtime/warm.py)
+    volume: Path | None = None         # a volume kept on purpose (--keep), attached after the root disk
     finished: str = ""                 # set by a last step that ends the session itself (a template build)
 
     def alive(self) -> bool:
@@ -95,6 +96,13 @@ def validate(b: Bringup) -> None:
 def disk(b: Bringup) -> None:
     assert b.image is not None
     b.disk_dir = disks.clone(b.tx, b.image)
+
+
+def volume(b: Bringup) -> None:
+    """The volume the session keeps on purpose (--keep NAME), made on first use and locked while it runs."""
+    if b.request.keep:
+        b.volume = volumes.attach(b.tx, b.request.keep)
+        b.live.kept.append(volumes.describe(b.volume))
 
 
 def identity(b: Bringup) -> None:
@@ -140,7 +148,7 @@ def machine_spec(b: Bringup, *, agent: bool = False) -> MachineSpec:
         session_id=b.tx.session_id, kernel=b.kernel, rootfs=b.disk_dir / ROOTFS, workdir=b.tx.state_path,
         cmdline=(*image.cmdline, *net.kernel_args(), f"dispo.hostname=dispo-{b.tx.session_id}", *r.cmdline()),
         initrd=image.initrd_path, memory_mib=r.memory_mib, vcpus=r.vcpus, nets=(NetAttachment(net.tap, net.mac),),
-        extra=extra)
+        volumes=(b.volume,) if b.volume is not None else (), extra=extra)
 
 
 def new_vmm(b: Bringup, spec: MachineSpec) -> Vmm:
@@ -173,6 +181,7 @@ def guest_ready(b: Bringup) -> None:
         raise vmm.failure(f"{e.message}: {vmm.kind.value} exited with status {vmm.wait_exit(0)}") from None
     channel.save(b.tx.state_path)
     b.channel = channel
+    b.live.channel = channel
     now = time.monotonic()
     b.live.address = channel.address
     b.emit(EventKind.READY, f"ready in {now - b.t0:.1f} s (guest {channel.address}, {vmm.kind.value}/"
@@ -230,7 +239,8 @@ def _web(b: Bringup, *, attach: bool = False) -> None:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("validate", validate), Step("disk", disk), Step("identity", identity), Step("network", network),
+    Step("validate", validate), Step("disk", disk), Step("volume", volume), Step("identity", identity),
+    Step("network", network),
     Step("vmm.start", vmm_start), Step("guest.ready", guest_ready), Step("app", app),
 )
 

@@ -64,6 +64,8 @@ class Plan:
 
 def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None, str]:
     """The template a request could restore from, or None and why not."""
+    if request.keep:
+        return None, f"it keeps the volume {request.keep!r}, which the guest mounts as it boots"
     store = TemplateStore(cfg)
     kind, name = ((TemplateKind.PROFILE, request.profile) if request.profile
                   else (TemplateKind.IMAGE, request.image))

@@ -47,6 +47,8 @@ class MachineSpec:
     memory_mib: int = 512
     vcpus: int = 1
     nets: tuple[NetAttachment, ...] = ()
+    # Disks kept on purpose (storage/volumes.py), read-write after the root disk; written through, not cached.
+    volumes: tuple[Path, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)  # backend-specific knobs
 
     @property

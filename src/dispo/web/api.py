@@ -20,7 +20,7 @@ from dispo.images import ImageStore
 from dispo.runtime.events import Event, EventKind
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import from_json
-from dispo.web import sse
+from dispo.web import sse, transfers
 from dispo.web.guard import json_deadline, refuse_body
 from dispo.web.openapi import document
 from dispo.web.problems import HttpProblem
@@ -120,6 +120,16 @@ async def delete_session(request: web.Request) -> web.Response:
     return _json(live.status(), 200 if live.ended else 202)
 
 
+async def session_io(request: web.Request) -> web.StreamResponse:
+    """Downloads, uploads and the clipboard of a running session (web/transfers.py, runtime/guestio.py)."""
+    live = request.app[SERVICE].live(request.match_info["id"])
+    tail = request.path.split(f"/{live.id}/", 1)[1]
+    answer = await transfers.dispatch(live.io, tail, request)
+    if answer is None:
+        raise web.HTTPNotFound()
+    return answer
+
+
 def _profile(svc: Service, name: str) -> dict[str, Any]:
     try:
         p = profiles.find(name, svc.cfg.profiles_dir)
@@ -214,6 +224,11 @@ def routes() -> list[web.RouteDef]:
         web.get("/v1/sessions", list_sessions, allow_head=False),
         web.get("/v1/sessions/{id}", get_session, allow_head=False),
         web.delete("/v1/sessions/{id}", delete_session),
+        web.get("/v1/sessions/{id}/downloads", session_io, allow_head=False),
+        web.get("/v1/sessions/{id}/downloads/{name}", session_io, allow_head=False),
+        web.post("/v1/sessions/{id}/uploads", session_io),
+        web.get("/v1/sessions/{id}/clipboard", session_io, allow_head=False),
+        web.put("/v1/sessions/{id}/clipboard", session_io),
         web.get("/v1/pool", get_pool, allow_head=False),
         web.put("/v1/pool/{name}", fill_pool),
         web.delete("/v1/pool/{name}", drain_pool),

@@ -108,7 +108,7 @@ class ServiceViewers:
             self._novnc = find_novnc().resolve()  # NotFound (a 404 with the hint) if noVNC is not installed
         endpoint = ViewerEndpoint(sid, f"{VIEWER_PREFIX.lstrip('/')}/{sid}/{token}/{WEBSOCKIFY}",
                                   lambda: self._connect(viewer), self._novnc,
-                                  on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch)
+                                  on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch, io=live.io)
         live.touch()
         return await endpoint.handle(request, tail)
 

@@ -430,6 +430,10 @@ class FirecrackerVmm:
             rootfs = self._link_disk()
         api.put_boot_source(kernel, boot_args=" ".join(boot_args(spec.cmdline, _arch())) or None, initrd_path=initrd)
         api.put_drive(ROOT_DRIVE, rootfs, is_root_device=True)
+        for i, volume in enumerate(spec.volumes):
+            # A kept volume: hard-linked into the jail (place() with writable), so the guest writes the file.
+            path = self.jail.place(volume, f"volume{i}.ext4", writable=True) if self.jail else volume
+            api.put_drive(f"volume{i}", path, is_root_device=False)
         for i, net in enumerate(spec.nets):
             if self.jail:  # firecracker runs as the jail user without CAP_NET_ADMIN: it must own the tap
                 set_tap_owner(net.tap, *self.jail.ids)

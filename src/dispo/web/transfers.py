@@ -1,0 +1,159 @@
+"""HTTP for a session's downloads, uploads, clipboard and sound: the same handlers under dispod's API
+(/v1/sessions/{id}/...) and under a viewer's token path (the viewer's Downloads panel, drag-and-drop, sound).
+
+Every operation is runtime/guestio.py's (policy, caps, the guest's answers checked); this module only moves
+bytes between HTTP and it, off the event loop. Errors are raised, and mapped once by guard.answer_problems.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from aiohttp import WSMsgType, web
+
+from dispo.errors import InvalidInput, TooLarge
+from dispo.features import MIB
+from dispo.proc import minimal_env
+from dispo.runtime.guestio import GuestIO, host_name
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SOUND_FRAME = 4800 * 4  # 50 ms of s16le stereo at 48 kHz per WebSocket message (at most)
+
+
+async def _blocking(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+
+
+async def list_downloads(io: GuestIO) -> web.Response:
+    found = await _blocking(io.downloads)
+    return web.json_response({"downloads": [d.to_json() for d in found]})
+
+
+async def get_download(io: GuestIO, name: str, request: web.Request) -> web.StreamResponse:
+    d = await _blocking(io.download, name)
+    safe = host_name(d.name)
+    ascii_name = safe.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/octet-stream", "Content-Length": str(d.size),
+        "Content-Disposition": f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(safe, safe='')}",
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
+    with io.open_download(d) as chunks:
+        first = await _blocking(next, chunks, b"")  # a guest that fails at once still gets a proper error
+        await response.prepare(request)
+        data = first
+        while data:
+            await response.write(data)
+            data = await _blocking(next, chunks, b"")
+    await response.write_eof()
+    return response
+
+
+async def post_upload(io: GuestIO, request: web.Request) -> web.Response:
+    name = request.query.get("name", "")
+    if not name:
+        raise InvalidInput("an upload needs ?name=FILENAME", hint="POST the file's bytes as the body")
+    cap = io.live.request.features.uploads_max_mib * MIB
+    if request.content_length is not None and request.content_length > cap:
+        raise TooLarge(f"the upload has {request.content_length} bytes, more than the profile's [uploads] max_mib "
+                       f"({cap // MIB} MiB)")
+    parts = []
+    size = 0
+    while chunk := await request.content.read(1 << 16):
+        size += len(chunk)
+        if size > cap:
+            raise TooLarge(f"the upload is bigger than the profile's [uploads] max_mib ({cap // MIB} MiB)")
+        parts.append(chunk)
+    stored = await _blocking(io.upload, name, b"".join(parts))
+    return web.json_response({"name": stored, "size": size, "directory": "~/Uploads"}, status=201)
+
+
+async def get_clipboard(io: GuestIO) -> web.Response:
+    return web.json_response({"text": await _blocking(io.clipboard)})
+
+
+async def put_clipboard(io: GuestIO, request: web.Request) -> web.Response:
+    cap = io.live.request.features.clipboard_max_bytes
+    raw = await request.content.read(cap + 64 * 1024 + 1)
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"the body is not valid JSON: {e}", hint='{"text": "..."}') from None
+        if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
+            raise InvalidInput('the body must be {"text": "..."}', hint='{"text": "..."}, or text/plain')
+        text = body["text"]
+    elif request.content_type == "text/plain":
+        text = raw.decode(errors="replace")
+    else:
+        raise InvalidInput("the clipboard takes text/plain or application/json", hint='{"text": "..."}')
+    await _blocking(io.set_clipboard, text)
+    return web.json_response({"text": text})
+
+
+async def sound(io: GuestIO, request: web.Request) -> web.WebSocketResponse:
+    """The guest's sound as binary WebSocket messages of raw s16le 48 kHz stereo, while the socket is open."""
+    argv = await _blocking(io.sound_argv)
+    ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=4096)
+    await ws.prepare(request)
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.DEVNULL, env=minimal_env())
+
+    async def pump() -> None:
+        assert proc.stdout is not None
+        with contextlib.suppress(ConnectionError):
+            while data := await proc.stdout.read(SOUND_FRAME):
+                await ws.send_bytes(data)
+        await ws.close()
+
+    task = asyncio.create_task(pump())
+    try:
+        async for msg in ws:  # nothing is expected from the viewer; reading notices the close
+            if msg.type is WSMsgType.ERROR:
+                break
+            io.live.touch()
+    finally:
+        task.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    return ws
+
+
+_ROUTES: dict[tuple[str, str], Callable[[GuestIO, web.Request], Awaitable[web.StreamResponse]]] = {
+    ("GET", "downloads"): lambda io, request: list_downloads(io),
+    ("POST", "uploads"): post_upload,
+    ("GET", "clipboard"): lambda io, request: get_clipboard(io),
+    ("PUT", "clipboard"): put_clipboard,
+    ("GET", "sound"): sound,
+    ("GET", "features"): lambda io, request: features(io),
+}
+
+
+async def features(io: GuestIO) -> web.Response:
+    """What the session's profile allows (the viewer shows its buttons accordingly)."""
+    return web.json_response(io.live.request.features.to_json())
+
+
+async def dispatch(io: GuestIO, tail: str, request: web.Request) -> web.StreamResponse | None:
+    """`tail` below a session's path (downloads, downloads/NAME, uploads, clipboard, sound), or None if it is
+    none of them."""
+    if tail.startswith("downloads/"):
+        if request.method != "GET":
+            raise web.HTTPMethodNotAllowed(request.method, ["GET"])
+        return await get_download(io, tail[len("downloads/"):], request)
+    handler = _ROUTES.get((request.method, tail))
+    if handler is not None:
+        return await handler(io, request)
+    allowed = [m for m, t in _ROUTES if t == tail]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    return None
