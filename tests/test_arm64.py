@@ -322,3 +322,15 @@ def test_doctor_names_the_host_and_what_runs_each_architecture() -> None:
     foreign = checks[f"{other.machine} guests"].detail
     assert "Firecracker never emulates" in foreign
     assert ("qemu (TCG emulation only)" in foreign) == (shutil.which(other.qemu_system) is not None)
+
+
+def test_a_build_replaces_only_its_own_architectures_older_builds(tmp_path: Path) -> None:
+    from dispo.imagebuild import older_builds
+
+    for n in ("minimal-0123456789abcdef", "minimal-fedcba9876543210", "minimal-arm64-0123456789abcdef",
+              "minimal-arm64-1111111111111111", ".build-1a2b3c4d-minimal", "chromium-0123456789abcdef"):
+        (tmp_path / n).mkdir()
+    amd = older_builds(tmp_path, "minimal", tmp_path / "minimal-fedcba9876543210")
+    assert [p.name for p in amd] == ["minimal-0123456789abcdef"]
+    arm = older_builds(tmp_path, "minimal-arm64", tmp_path / "minimal-arm64-1111111111111111")
+    assert [p.name for p in arm] == ["minimal-arm64-0123456789abcdef"]

@@ -138,16 +138,19 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
         if os.path.lexists(final):  # a stale product under the same key: delete before create
             shutil.rmtree(final)
         os.rename(out, final)
-    # Older builds of this recipe for this architecture only (minimal-<key>, not minimal-arm64-<key>).
-    same = re.compile(rf"{re.escape(recipe.stem)}-[0-9a-f]{{16}}")
-    for old in root.glob(f"{recipe.stem}-*"):
-        if old != final and same.fullmatch(old.name):
-            shutil.rmtree(old, ignore_errors=True)
+    for old in older_builds(root, recipe.stem, final):
+        shutil.rmtree(old, ignore_errors=True)
     product = Product.load(final)
     if product is None:
         raise StorageError(f"build product {final} is incomplete")
     _say(f"built {recipe.name} in {seconds:.1f} s (kernel {kernel_version})", quiet)
     return product
+
+
+def older_builds(root: Path, stem: str, final: Path) -> list[Path]:
+    """Earlier builds of this recipe for this architecture only (minimal-<key>, never minimal-arm64-<key>)."""
+    same = re.compile(rf"{re.escape(stem)}-[0-9a-f]{{16}}")
+    return sorted(p for p in root.glob(f"{stem}-*") if p != final and same.fullmatch(p.name))
 
 
 def _write_overlay(overlay: Path, recipe: Recipe) -> None:
