@@ -239,12 +239,21 @@ def build_image(cfg: Config, recipe_name: str, *, name: str | None = None, rebui
     recipe = recipes.get(recipe_name, arch or default_arch())
     default = recipe.name if recipe.arch == default_arch() else f"{recipe.name}-{recipe.arch}"
     name = check_name(name or default, what="image name")
+    if (cfg.images_dir / name / "image.json").exists() and not force:
+        raise InvalidInput(f"image {name!r} already exists",
+                           hint=f"remove it with 'dispo image rm {name}' or add --force to replace it")
+    product = build_product(cfg, recipe, rebuild=rebuild, quiet=quiet)
+    return import_product(cfg, recipe, product, name, force=force, quiet=quiet)
+
+
+def import_product(cfg: Config, recipe: Recipe, product: Product, name: str, *, force: bool = False,
+                   quiet: bool = False) -> Image:
+    """Import a finished build of `recipe` as image `name` (its kernel, initrd, arguments and architecture)."""
     store = ImageStore(cfg)
     exists = (cfg.images_dir / name / "image.json").exists()
     if exists and not force:
         raise InvalidInput(f"image {name!r} already exists",
                            hint=f"remove it with 'dispo image rm {name}' or add --force to replace it")
-    product = build_product(cfg, recipe, rebuild=rebuild, quiet=quiet)
     a = arches.get(recipe.arch)
     kernel = ARM64_IMAGE if a is arches.ARM64 else KERNEL
     extra_files = {kernel: product.path / kernel, INITRD: product.path / INITRD}
