@@ -15,9 +15,9 @@ import http.server
 import json
 import socket
 import struct
-import urllib.parse
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 

@@ -256,6 +256,19 @@ def test_x11_forwarding_to_host_display(browser_world: NetWorld, tmp_path: Path)
         assert "dispo-test-page" in tree or "chromium" in tree.lower(), tree
         assert geo is not None, f"no chromium window on the host display: {tree}"
         assert close(rgb, tuple(int(GREEN[i:i + 2], 16) for i in (0, 2, 4))), f"window centre {rgb}, expected GREEN"
+        # The window says it is a disposable session's: "[dispo ID] " before its title.
+        sid = _session_id(w, proc, log)
+        titles: list[str] = []
+        for _ in range(30):
+            wids = subprocess.run(["xdotool", "search", "--onlyvisible", "--name", "."], capture_output=True,
+                                  text=True, env=dict(os.environ, DISPLAY=display), check=False, timeout=10).stdout
+            titles = [subprocess.run(["xdotool", "getwindowname", wid], capture_output=True, text=True, check=False,
+                                     env=dict(os.environ, DISPLAY=display), timeout=10).stdout.strip()
+                      for wid in wids.split()]
+            if any(t.startswith(f"[dispo {sid}] ") and "dispo-test-page" in t for t in titles):
+                break
+            time.sleep(1)
+        assert any(t.startswith(f"[dispo {sid}] ") and "dispo-test-page" in t for t in titles), titles
         os.kill(proc.pid, signal.SIGTERM)  # nsenter exec()s dispo: this is dispo itself
         assert proc.wait(120) == 128 + signal.SIGTERM, log.read_text()
         assert listing(w) == before

@@ -78,9 +78,61 @@ def _dominant_hz(pcm: bytes, rate: int = 48000) -> float:
     return best_f
 
 
-def test_downloads_uploads_clipboard_sound(browser_world: NetWorld, tmp_path: Path) -> None:
+def _run_page(w: NetWorld, tmp_path: Path, tag: str, query: str, colour: str, *args: str
+              ) -> tuple[str, str, Path]:
+    """A `feat` session on page.html?QUERY, seen in the viewer with `colour`: (viewer URL, session id, log)."""
+    log = tmp_path / f"run-{tag}.log"
+    run = _spawn_run(w, "feat", f"{PAGE_URL}?{query}", *args, log=log)
+    viewer = _viewer_url(run, log)
+    sid = _session_id(w, run, log)
+    seen = _shot(w, viewer, f"features-{tag}.png", colour)
+    assert seen["seen"], f"session {tag}: the page did not show {colour}: {seen}"
+    _RUNS[sid] = run
+    return viewer, sid, log
+
+
+_RUNS: dict[str, subprocess.Popen[str]] = {}
+
+
+def _end(w: NetWorld, viewer: str, sid: str, log: Path, *, tag: str, colour: str) -> None:
+    """End the session with the viewer's button; its dispo run exits 0."""
+    ended = _shot(w, viewer, f"features-{tag}-end.png", colour, end=True)
+    assert ended.get("ended"), ended
+    assert _RUNS.pop(sid).wait(120) == 0, log.read_text()
+
+
+def test_browser_features_and_kept_volume(browser_world: NetWorld, tmp_path: Path) -> None:
+    """Session 1 keeps a volume and stores a value (RED); session 2, without --keep, starts fresh (GREEN) and
+    carries the downloads, uploads, clipboard and sound checks; session 3 with the same --keep finds the value
+    (RED). Nothing but the volume stays, and the receipts say which session kept it."""
     w = browser_world
     _profile(w)
+    before = listing(w)
+
+    viewer, sid, log = _run_page(w, tmp_path, "keep1", "set", RED, "--keep", "vol1")
+    vols = json.loads(w.dispo("volume", "ls", "--json").stdout)["volumes"]
+    assert [(v["name"], v["in_use"]) for v in vols] == [("vol1", True)], vols
+    busy = w.dispo("volume", "rm", "vol1")
+    assert busy.returncode != 0 and "in use" in busy.stderr, busy
+    mounted = _guest(w, sid, "findmnt -n -o SOURCE,TARGET ~/.config/chromium")
+    assert mounted.stdout.split()[1:] == ["/home/user/.config/chromium"], mounted
+    _end(w, viewer, sid, log, tag="keep1", colour=RED)
+    assert listing(w) == before
+    receipt = json.loads(w.dispo("receipt", sid, "--json").stdout)
+    assert receipt["clean"] and any("volume vol1" in k for k in receipt["kept"]), receipt
+    assert "kept volume vol1" in log.read_text(), log.read_text()
+
+    _features(w, tmp_path, before)
+
+    viewer, sid, log = _run_page(w, tmp_path, "keep2", "check", RED, "--keep", "vol1")
+    _end(w, viewer, sid, log, tag="keep2", colour=RED)
+    assert listing(w) == before
+    removed = w.dispo("volume", "rm", "vol1")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(w.dispo("volume", "ls", "--json").stdout)["volumes"] == []
+
+
+def _features(w: NetWorld, tmp_path: Path, before: dict[str, object]) -> None:
     www = w.root / "www-files"
     www.mkdir()
     payload = os.urandom(3 << 20) + b"dispo"
@@ -88,18 +140,12 @@ def test_downloads_uploads_clipboard_sound(browser_world: NetWorld, tmp_path: Pa
     w.spawn(["nsenter", f"--net=/run/netns/{w.internet}", PYTHON, "-m", "tests.logging_servers", "http",
              INTERNET, str(FILES_PORT), www, w.root / "files.log"], cwd=REPO, stderr=(w.root / "files.err").open("w"))
     _wait_listening(w.internet, "t", INTERNET, FILES_PORT)
-    before = listing(w)
     out = tmp_path / "downloads"
     out.mkdir()
     (tmp_path / "marker").write_text("outside DIR")
     outside_before = sorted(p.name for p in tmp_path.iterdir())
 
-    log = tmp_path / "run.log"
-    run = _spawn_run(w, "feat", f"{PAGE_URL}?check", "--downloads", str(out), log=log)
-    viewer = _viewer_url(run, log)
-    sid = _session_id(w, run, log)
-    seen = _shot(w, viewer, "features-session.png", GREEN)
-    assert seen["seen"], f"the page did not show GREEN: {seen}"
+    viewer, sid, log = _run_page(w, tmp_path, "features", "check", GREEN, "--downloads", str(out))
 
     # Download: the running browser is handed the attachment's URL (as a link click would).
     url = f"http://{INTERNET}:{FILES_PORT}/attachment?file=payload.bin&name={HOSTILE_NAME.replace(' ', '%20')}"
@@ -120,7 +166,7 @@ def test_downloads_uploads_clipboard_sound(browser_world: NetWorld, tmp_path: Pa
     assert hashlib.sha256(fetched.read_bytes()).hexdigest() == hashlib.sha256(payload).hexdigest()
     copied = list(out.iterdir())
     assert len(copied) == 1 and copied[0].read_bytes() == payload, copied
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*outside_before, "fetched.bin", "run.log"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*outside_before, "fetched.bin", log.name])
     assert "/" not in copied[0].name and not copied[0].name.startswith("."), copied
 
     # Upload: into ~/Uploads, same bytes.
@@ -159,8 +205,6 @@ def test_downloads_uploads_clipboard_sound(browser_world: NetWorld, tmp_path: Pa
     assert abs(_dominant_hz(pcm.read_bytes()) - TONE_HZ) <= 5
 
     # The end: nothing left, and the copied download stays where the user asked for it.
-    ended = _shot(w, viewer, "features-session-end.png", GREEN, end=True)
-    assert ended.get("ended"), ended
-    assert run.wait(120) == 0, log.read_text()
+    _end(w, viewer, sid, log, tag="features", colour=GREEN)
     assert listing(w) == before
     assert "copied to" in log.read_text()

@@ -117,6 +117,9 @@ class DispodClient:
     @contextlib.contextmanager
     def download(self, session_id: str, name: str) -> Iterator[Iterator[bytes]]:
         """The bytes of a complete download, in chunks."""
+        from dispo.runtime.guestio import check_guest_name
+
+        check_guest_name(name)  # "." or ".." in a URL path would name another resource
         path = f"/v1/sessions/{session_id}/downloads/{quote(name, safe='')}"
         try:
             with self._http.stream("GET", path, timeout=STREAM_TIMEOUT) as r:

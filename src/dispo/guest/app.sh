@@ -76,7 +76,29 @@ web)
     ;;
 x11)
     [ "${1:-}" = "--" ] && shift
-    exec "$@"
+    # The app's windows on the user's desktop say they are a disposable session's: "[dispo ID] " before each
+    # title, put back whenever the app changes it. The forwarding is untrusted (ssh -X), so the X server lets
+    # this touch the session's own windows only, never the desktop's.
+    titles=
+    if command -v xdotool > /dev/null; then
+        prefix="[dispo $(hostname | sed 's/^dispo-//')] "
+        (
+            while sleep 1; do
+                for wid in $(xdotool search --onlyvisible --name . 2>/dev/null); do
+                    title=$(xdotool getwindowname "$wid" 2>/dev/null) || continue
+                    case "$title" in
+                        "$prefix"*) ;;
+                        *) xdotool set_window --name "$prefix$title" "$wid" > /dev/null 2>&1 ;;
+                    esac
+                done
+            done
+        ) &
+        titles=$!
+    fi
+    trap 'kill $titles 2>/dev/null' EXIT
+    trap 'exit 129' HUP INT TERM
+    "$@"
+    exit $?
     ;;
 attach)
     [ "${1:-}" = "--" ] && shift

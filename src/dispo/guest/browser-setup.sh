@@ -86,5 +86,9 @@ if [ -n "$keep" ]; then
         mount -o nosuid,nodev,noexec LABEL=dispo-keep "$d" || echo "dispo-browser-setup: the kept volume did not mount"
     fi
     chown 1000:1000 "$d"
+    # One session at a time uses a volume (the host locks it), so a browser's profile lock found here is a past
+    # session's, taken under another hostname: Chromium would call the profile "in use on another computer".
+    # No user process runs yet, and find does not follow links.
+    find "$d" -maxdepth 3 \( -name 'Singleton*' -o -name lock -o -name .parentlock \) -exec rm -f {} + 2>/dev/null
 fi
 exit 0

@@ -112,9 +112,10 @@ ARM64_PRUNE_MODULES = ("kernel/drivers/gpu", "kernel/drivers/media", "kernel/dri
 # What both display modes need: TigerVNC's Xvnc and a window manager for `web`, xauth for sshd's X11
 # forwarding (`x11`), fonts for any page at all. Debian's packages only; no Recommends (mmdebstrap's default).
 # tzdata: the guest's clock shows the host's time zone (docs/quiet.md).
-# xclip: the session's clipboard through the API; pulseaudio: the session's sound (a null sink the host reads).
+# xclip: the session's clipboard through the API; pulseaudio: the session's sound (a null sink the host reads);
+# xdotool: x11 mode's "[dispo ID]" window titles.
 _DISPLAY = ("tigervnc-standalone-server", "matchbox-window-manager", "xauth", "fonts-dejavu-core",
-            "fonts-liberation2", "tzdata", "xclip", "pulseaudio")
+            "fonts-liberation2", "tzdata", "xclip", "pulseaudio", "xdotool")
 
 # The quiet browser (docs/quiet.md): each browser's enterprise policies and system preferences, in the image.
 _QUIET = {

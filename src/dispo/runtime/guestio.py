@@ -55,7 +55,7 @@ def check_guest_name(name: str) -> str:
     return name
 
 
-def host_name(name: str) -> str:
+def host_name(name: str, fallback: str = "download") -> str:
     """A guest's file name made safe to create in a host directory: no path separator, no control or
     format character, no leading dot or dash, no trailing dot or space, at most 200 bytes, never empty."""
     out = []
@@ -69,7 +69,7 @@ def host_name(name: str) -> str:
     text = text.lstrip("-.")
     while len(text.encode()) > 200:
         text = text[:-1]
-    return text or "download"
+    return text or fallback
 
 
 def parse_listing(raw: bytes) -> list[Download]:
@@ -199,7 +199,9 @@ class GuestIO:
         if len(data) > policy.uploads_max_mib * MIB:
             raise TooLarge(f"the upload has {len(data)} bytes, more than the profile's [uploads] max_mib "
                            f"({policy.uploads_max_mib} MiB)")
-        safe = host_name(check_guest_name(name))
+        if not isinstance(name, str) or len(name) > 4 * MAX_NAME_BYTES:
+            raise InvalidInput("an upload needs a file name of at most 255 bytes")
+        safe = host_name(name, "upload")  # a dropped file's name, made one harmless file name
         with self._uploads:
             got = self._run("put", safe, data=data, cap=4 * MAX_NAME_BYTES, timeout=max(COMMAND_TIMEOUT_S,
                                                                                         len(data) / MIB))

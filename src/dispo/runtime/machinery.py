@@ -67,8 +67,16 @@ class SshChannel:
     def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
         ssh.wait_ready(self.keys, self.address, timeout=timeout, alive=alive)
 
+    @property
+    def mux(self) -> Path:
+        """The app's SSH connection, shared: a command then costs a channel, not an SSH handshake (seconds of
+        guest CPU under emulation, where the viewer's downloads panel and --downloads ask every few seconds)."""
+        return self.keys.directory / "mux"
+
     def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]:
         base = ssh.ssh_argv(self.keys, self.address, batch=not tty, tty=tty)
+        # ControlMaster=no: through the app's connection when it is up, else a connection of its own.
+        base[-1:-1] = ["-o", "ControlMaster=no", "-o", f"ControlPath={self.mux}"]
         return [*base, ssh.remote_command(argv)] if argv else base
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
@@ -82,6 +90,8 @@ class SshChannel:
             remote = [guest_files.APP_PATH, "x11", "--", *app]
             # -X is untrusted forwarding: the guest's clients cannot read other windows or the keyboard.
             options = ["-X", "-o", "ForwardX11Trusted=no", "-o", "ForwardX11Timeout=0"]
+        # The app's connection is the session's master connection (see `mux`); it ends with the app.
+        options += ["-o", "ControlMaster=yes", "-o", f"ControlPath={self.mux}"]
         # ssh options go before the destination, which ssh_argv puts last.
         return [*base[:-1], *options, base[-1], ssh.remote_command(remote)]
 

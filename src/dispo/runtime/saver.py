@@ -24,7 +24,7 @@ from dispo.errors import DispoError, InvalidInput, TooLarge
 from dispo.runtime.guestio import host_name
 
 log = logging.getLogger(__name__)
-POLL_S = 1.0
+POLL_S = 2.0
 
 Lister = Callable[[], list[dict[str, Any]]]               # [{"name", "size", "complete"}]
 Opener = Callable[[str], AbstractContextManager[Iterator[bytes]]]
@@ -58,7 +58,8 @@ class DownloadSaver:
     def stop(self) -> None:
         """Copy what is complete one last time, then stop (called while the guest still runs)."""
         self._stop.set()
-        self._thread.join(60)
+        if self._thread.is_alive():
+            self._thread.join(60)
         with contextlib.suppress(OSError):
             os.close(self._fd)
 

@@ -56,8 +56,8 @@ ENDED_EXAMPLE: dict[str, Any] = {
 PROBLEM_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/InvalidInput", "title": "InvalidInput", "status": 400,
     "detail": "POST /v1/sessions: unknown key(s): colour",
-    "hint": "known keys: profile, image, command, url, display, name, backend, start, log_requests, memory_mib, "
-            "vcpus, shm_mib, ready_timeout_s, idle_timeout_s, max_lifetime_s"}
+    "hint": "known keys: profile, image, command, url, display, name, backend, start, log_requests, keep, "
+            "memory_mib, vcpus, shm_mib, ready_timeout_s, idle_timeout_s, max_lifetime_s"}
 BUSY_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/Busy", "title": "Busy", "status": 429,
     "detail": "4 sessions are running, the most this service allows (max_sessions = 4)",
@@ -88,6 +88,8 @@ SCHEMAS: dict[str, Any] = {
                              "description": "record every connection and DNS query the guest makes (seen on the "
                                             "host side of its tap): the session's `requests`, its ended event and "
                                             "its disposal receipt list them (docs/quiet.md)"},
+            "keep": {**NAME, "description": "keep the app's profile on this volume (made on first use, kept after "
+                                            "the session; 'dispo volume ls|rm'); the profile must name a keep_path"},
         },
         "examples": [{"profile": "chromium", "url": "https://example.org/"},
                      {"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"], "idle_timeout_s": 60}],
@@ -121,9 +123,38 @@ SCHEMAS: dict[str, Any] = {
             "start_reason": _nullable({"type": "string", "description": "how its guest comes and why, one line"}),
             "requests": _nullable({"type": "array", "items": _ref("GuestRequest"),
                                    "description": "with log_requests: what the guest asked for so far"}),
+            "features": _ref("Features"),
+            "keep": _nullable({"type": "string", "description": "the volume it keeps (--keep)"}),
         },
         "examples": [SESSION_EXAMPLE, ENDED_EXAMPLE],
     },
+    "Features": {
+        "type": "object", "description": "what the session's profile lets cross between guest and user (features.py)",
+        "properties": {
+            "clipboard": {"type": "object", "properties": {"to_guest": {"type": "boolean"},
+                                                           "from_guest": {"type": "boolean"},
+                                                           "max_bytes": {"type": "integer"}}},
+            "downloads": {"type": "object", "properties": {"enabled": {"type": "boolean"},
+                                                           "max_mib": {"type": "integer"}}},
+            "uploads": {"type": "object", "properties": {"enabled": {"type": "boolean"},
+                                                         "max_mib": {"type": "integer"}}},
+            "audio": {"type": "boolean"}},
+    },
+    "Download": {
+        "type": "object", "required": ["name", "size", "complete"],
+        "description": "a file in the guest's ~/Downloads (its name is guest data: checked, never a path)",
+        "properties": {"name": {"type": "string"}, "size": {"type": "integer"}, "complete": {"type": "boolean"}},
+    },
+    "DownloadList": {"type": "object", "required": ["downloads"],
+                     "properties": {"downloads": {"type": "array", "items": _ref("Download")}},
+                     "examples": [{"downloads": [{"name": "report.pdf", "size": 48213, "complete": True},
+                                                 {"name": "big.iso", "size": 1048576, "complete": False}]}]},
+    "Upload": {"type": "object", "required": ["name", "size"],
+               "properties": {"name": {"type": "string", "description": "the name it got in ~/Uploads"},
+                              "size": {"type": "integer"}, "directory": {"type": "string"}},
+               "examples": [{"name": "notes.txt", "size": 120, "directory": "~/Uploads"}]},
+    "Clipboard": {"type": "object", "required": ["text"], "additionalProperties": False,
+                  "properties": {"text": {"type": "string"}}, "examples": [{"text": "copied"}]},
     "GuestRequest": {
         "type": "object", "required": ["kind", "dest", "count"],
         "description": "one kind of request the guest made (net/capture.py); names are escaped guest data",
@@ -265,6 +296,59 @@ PATHS: dict[str, Any] = {
                 "200": {"description": "it has ended", "content": {JSON: {"schema": _ref("Session")}}},
                 "202": {"description": "it is ending (state stopping)", "content": {JSON: {"schema": _ref("Session")}}},
                 "400": _BAD_ID, "401": _AUTH, "403": _problem("a foreign Origin"), "404": _UNKNOWN},
+        },
+    },
+    "/v1/sessions/{id}/downloads": {
+        "parameters": [_ID_PARAM],
+        "get": {
+            "operationId": "listDownloads", "summary": "What the guest's browser downloaded (~/Downloads)",
+            "responses": {"200": {"description": "the downloads", "content": {JSON: {"schema": _ref("DownloadList")}}},
+                          "400": _BAD_ID, "401": _AUTH, "403": _problem("downloads are off in the profile"),
+                          "404": _UNKNOWN, "502": _problem("the guest did not answer")},
+        },
+    },
+    "/v1/sessions/{id}/downloads/{name}": {
+        "parameters": [_ID_PARAM, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "get": {
+            "operationId": "getDownload", "summary": "A complete download's bytes (Content-Disposition: attachment)",
+            "responses": {"200": {"description": "the file", "content": {"application/octet-stream": {}}},
+                          "400": _problem("not a file name"), "401": _AUTH,
+                          "403": _problem("downloads are off in the profile"),
+                          "404": _problem("no such download, or not complete yet"),
+                          "413": _problem("bigger than the profile's [downloads] max_mib"),
+                          "502": _problem("the guest did not answer")},
+        },
+    },
+    "/v1/sessions/{id}/uploads": {
+        "parameters": [_ID_PARAM],
+        "post": {
+            "operationId": "upload", "summary": "Put the body into the guest's ~/Uploads as ?name=FILENAME",
+            "parameters": [{"name": "name", "in": "query", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
+            "responses": {"201": {"description": "stored", "content": {JSON: {"schema": _ref("Upload")}}},
+                          "400": _problem("no or a bad name"), "401": _AUTH,
+                          "403": _problem("uploads are off in the profile, or a foreign Origin"),
+                          "404": _UNKNOWN, "413": _problem("bigger than the profile's [uploads] max_mib"),
+                          "502": _problem("the guest did not take it")},
+        },
+    },
+    "/v1/sessions/{id}/clipboard": {
+        "parameters": [_ID_PARAM],
+        "get": {
+            "operationId": "getClipboard", "summary": "The guest's X clipboard, as text",
+            "responses": {"200": {"description": "the text", "content": {JSON: {"schema": _ref("Clipboard")}}},
+                          "400": _BAD_ID, "401": _AUTH,
+                          "403": _problem("the profile keeps the clipboard in the guest ([clipboard] from_guest)"),
+                          "404": _UNKNOWN, "502": _problem("the guest did not answer")},
+        },
+        "put": {
+            "operationId": "setClipboard", "summary": "Set the guest's X clipboard (JSON {text} or text/plain)",
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Clipboard")}, "text/plain": {}}},
+            "responses": {"200": {"description": "set", "content": {JSON: {"schema": _ref("Clipboard")}}},
+                          "400": _problem("not text"), "401": _AUTH,
+                          "403": _problem("the profile keeps the clipboard out ([clipboard] to_guest)"),
+                          "404": _UNKNOWN, "413": _problem("longer than [clipboard] max_bytes"),
+                          "502": _problem("the guest did not take it")},
         },
     },
     "/v1/pool": {"get": {
