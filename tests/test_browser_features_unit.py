@@ -195,6 +195,7 @@ max_mib = 1
 
 
 def _home(running: Running, sid: str) -> Path:
+    assert running.dispod.service is not None
     live = running.dispod.service.live(sid)
     assert isinstance(live.channel, fakes.FakeChannel)
     return live.channel.home
