@@ -125,6 +125,9 @@ def main() -> None:
             text = (REPO / "src" / "dispo" / "builtin_profiles" / f"{args.recipe}.toml").read_text()
             text = re.sub(r'(?m)^image = .*$', f'image = "{profile}"', text)
             text = re.sub(r'(?m)^ready_timeout_s = .*$', "ready_timeout_s = 900", text)
+            if args.recipe == "chromium":  # as guest/chromium-flags.sh has it, for a --product built before
+                flag = '"--ipc-connection-timeout=120", '
+                text = re.sub(r'(?m)^command = \["chromium", ', f'command = ["chromium", {flag}', text)
             (pdir / f"{profile}.toml").write_text(text)
             w.config.write_text(f'profiles_dir = "{pdir}"\n' + w.config.read_text())
         url = f"http://{INTERNET}:{INTERNET_PORT}/bench.html"

@@ -12,4 +12,7 @@ unset GOOGLE_API_KEY GOOGLE_DEFAULT_CLIENT_ID GOOGLE_DEFAULT_CLIENT_SECRET
 # installed "on demand" (the on-device AI models' manifest), which neither the policy nor
 # --disable-component-update stops; pointed at the guest's loopback, it fails there, like --gaia-url.
 # No --no-first-run: the first run is what applies the initial preferences (the accepted languages).
-export CHROMIUM_FLAGS="$CHROMIUM_FLAGS --disable-background-networking --disable-component-update --disable-breakpad --disable-domain-reliability --disable-field-trial-config --no-pings --no-default-browser-check --gaia-url=http://127.0.0.1:9 --component-updater=url-source=http://127.0.0.1:9"
+# --ipc-connection-timeout: a child process (the network service first) kills itself when the browser has not
+# connected to it within 15 s, which an emulated guest (arm64 under TCG) misses: the first page's navigation
+# then dies with it. Two minutes is enough there and changes nothing for a guest that keeps up.
+export CHROMIUM_FLAGS="$CHROMIUM_FLAGS --ipc-connection-timeout=120 --disable-background-networking --disable-component-update --disable-breakpad --disable-domain-reliability --disable-field-trial-config --no-pings --no-default-browser-check --gaia-url=http://127.0.0.1:9 --component-updater=url-source=http://127.0.0.1:9"
