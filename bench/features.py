@@ -104,10 +104,12 @@ def main() -> None:
         time.sleep(20)  # the browser settles (under TCG it keeps the CPUs busy for a while after its page)
 
         # Sound delay.
-        play = ("PULSE_SERVER=unix:/tmp/dispo-pulse/native exec pacat --raw --rate=48000 --channels=1 "
-                "--format=s16le --latency-msec=10")
+        play = ("echo started >&2; PULSE_SERVER=unix:/tmp/dispo-pulse/native exec pacat --raw --rate=48000 "
+                "--channels=1 --format=s16le --latency-msec=10")
         feed: subprocess.Popen[bytes] = subprocess.Popen(w.dispo_argv("ssh", sid, "--", "sh", "-c", play),
-                                                         env=w.env(), stdin=subprocess.PIPE, start_new_session=True)
+                                                         env=w.env(), stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                         start_new_session=True)
+        assert feed.stderr is not None and b"started" in feed.stderr.readline()  # nothing waits in the pipe
         stack.callback(feed.kill)
         listener = subprocess.Popen(["nsenter", f"--net=/run/netns/{w.host}", PYTHON, "-c", LISTENER, viewer,
                                      str(args.runs + 1), str(THRESHOLD)], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -120,10 +122,10 @@ def main() -> None:
         # pacat reads it waits in the pipe): not counted. The feed is paced no faster than real time, so no
         # backlog builds later (an underrun is silence, which this is anyway).
         for _ in range(args.runs + 1):
-            for _ in range(150):  # 1.5 s of silence, paced in real time
+            for _ in range(150):  # 1.5 s of silence, a little slower than real time: nothing queues up
                 feed.stdin.write(silence)
                 feed.stdin.flush()
-                time.sleep(CHUNK_S)
+                time.sleep(CHUNK_S * 1.2)
             t0 = time.monotonic()
             feed.stdin.write(tone)
             feed.stdin.flush()
@@ -132,7 +134,7 @@ def main() -> None:
             for _ in range(50):
                 feed.stdin.write(silence)
                 feed.stdin.flush()
-                time.sleep(CHUNK_S)
+                time.sleep(CHUNK_S * 1.2)
 
         # Download throughput through the viewer's API path.
         made = w.dispo("ssh", sid, "--", "sh", "-c", f"mkdir -p ~/Downloads && head -c {args.mib}M /dev/zero "
