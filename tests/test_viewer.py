@@ -208,3 +208,60 @@ def test_the_standalone_viewer_has_the_service_guards(tmp_path: Path) -> None:
               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
         assert request("GET", base + "websockify", ws) == 403
         assert request("POST", base + "stop", {"Origin": f"http://127.0.0.1:{port}"}) == 200 and ended == [True]
+
+
+class _StubIO:
+    """Stands in for a session's GuestIO (runtime/guestio.py): what the viewer's bar asks for, no guest."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        from dispo.features import Features
+
+        self.live = SimpleNamespace(request=SimpleNamespace(features=Features(audio=True)), touch=lambda: None)
+        self.uploaded: dict[str, bytes] = {}
+
+    def downloads(self) -> list[object]:
+        from dispo.runtime.guestio import Download
+
+        return [Download("report <b>x</b>.pdf", 5, True), Download("big.iso", 9, False)]
+
+    def upload(self, name: str, data: bytes) -> str:
+        self.uploaded[name] = data
+        return name
+
+
+def test_the_viewers_bar_lists_downloads_and_uploads_a_file(vnc_server: Target) -> None:
+    """viewer.js in a real browser: the Downloads panel shows the guest's names as text (never markup) with a
+    link for complete files only, the file chooser uploads, and the Sound button shows for a profile with sound."""
+    if not shutil.which("chromium"):
+        pytest.skip("needs Debian package chromium")
+    from playwright.sync_api import sync_playwright
+
+    io = _StubIO()
+    with WebViewer(vnc_server, session_id="0123abcd", io=io) as v, sync_playwright() as p:  # type: ignore[arg-type]
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 800, "height": 600})
+            page.goto(v.url)
+            page.locator("#downloads").click()
+            items = page.locator("#files li")
+            items.nth(1).wait_for(timeout=20000)
+            assert items.count() == 2
+            assert items.nth(0).inner_text().startswith("report <b>x</b>.pdf")
+            assert page.locator("#files b").count() == 0  # the guest's name stayed text
+            link = items.nth(0).locator("a")
+            assert link.get_attribute("href") == "downloads/report%20%3Cb%3Ex%3C%2Fb%3E.pdf"
+            assert items.nth(1).locator("a").count() == 0 and "downloading" in items.nth(1).inner_text()
+            from playwright.sync_api import FilePayload
+
+            note = FilePayload(name="notes.txt", mimeType="text/plain", buffer=b"hello guest")
+            page.locator("#upload").set_input_files(files=[note])
+            page.wait_for_function("document.getElementById('status').textContent.indexOf('Uploaded') >= 0",
+                                   timeout=20000)
+            assert io.uploaded == {"notes.txt": b"hello guest"}
+            assert page.locator("#sound").is_visible()
+        finally:
+            browser.close()
