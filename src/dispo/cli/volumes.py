@@ -30,6 +30,9 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
     if args.json:
         print(json.dumps({"volumes": [v.to_json() for v in found]}, indent=1))
         return 0
+    if not found:
+        print("no volumes (a session keeps one with 'dispo run PROFILE --keep NAME')")
+        return 0
     rows = [(v.name, format_size(v.size), format_size(v.used),
              time.strftime("%Y-%m-%d %H:%M", time.localtime(v.modified)), "yes" if v.in_use else "no")
             for v in found]

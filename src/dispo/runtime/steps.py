@@ -202,6 +202,9 @@ def app(b: Bringup) -> None:
         argv = b.channel.display(r.command, vnc_socket=None, geometry=DEFAULT_GEOMETRY)
         b.app = AppProcess(b.tx, argv, what="app-ssh", env=app_env(x11=True))
         b.emit(EventKind.NOTICE, f"app on display {app_env(x11=True)['DISPLAY']}")
+        if r.features.audio:
+            b.emit(EventKind.NOTICE, "no sound in x11 mode: the profile's sound plays in the web viewer only "
+                                     "(--display web)")
     else:
         # An interactive shell owns the caller's terminal. Otherwise the output is captured into events, so
         # the CLI can escape the guest's control characters before they reach a terminal (and writes raw
