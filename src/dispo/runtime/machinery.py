@@ -8,6 +8,7 @@ service, timeouts and cancellation in seconds without root; the real set is test
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,20 +64,22 @@ class Identity(Protocol):
 class SshChannel:
     keys: ssh.SessionKeys
     address: str
+    mux_dir: Path | None = None  # where the app's SSH connection listens for more commands (see `mux`)
 
     def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
         ssh.wait_ready(self.keys, self.address, timeout=timeout, alive=alive)
 
     @property
-    def mux(self) -> Path:
+    def mux(self) -> Path | None:
         """The app's SSH connection, shared: a command then costs a channel, not an SSH handshake (seconds of
         guest CPU under emulation, where the viewer's downloads panel and --downloads ask every few seconds)."""
-        return self.keys.directory / "mux"
+        return self.mux_dir / "m" if self.mux_dir is not None else None
 
     def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]:
         base = ssh.ssh_argv(self.keys, self.address, batch=not tty, tty=tty)
-        # ControlMaster=no: through the app's connection when it is up, else a connection of its own.
-        base[-1:-1] = ["-o", "ControlMaster=no", "-o", f"ControlPath={self.mux}"]
+        if self.mux is not None:
+            # ControlMaster=no: through the app's connection when it is up, else a connection of its own.
+            base[-1:-1] = ["-o", "ControlMaster=no", "-o", f"ControlPath={self.mux}"]
         return [*base, ssh.remote_command(argv)] if argv else base
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
@@ -90,8 +93,9 @@ class SshChannel:
             remote = [guest_files.APP_PATH, "x11", "--", *app]
             # -X is untrusted forwarding: the guest's clients cannot read other windows or the keyboard.
             options = ["-X", "-o", "ForwardX11Trusted=no", "-o", "ForwardX11Timeout=0"]
-        # The app's connection is the session's master connection (see `mux`); it ends with the app.
-        options += ["-o", "ControlMaster=yes", "-o", f"ControlPath={self.mux}"]
+        if self.mux is not None:
+            # The app's connection is the session's master connection (see `mux`); it ends with the app.
+            options += ["-o", "ControlMaster=yes", "-o", f"ControlPath={self.mux}"]
         # ssh options go before the destination, which ssh_argv puts last.
         return [*base[:-1], *options, base[-1], ssh.remote_command(remote)]
 
@@ -107,16 +111,27 @@ class SshChannel:
 @dataclass(frozen=True)
 class SshIdentity:
     keys: ssh.SessionKeys
+    mux_dir: Path | None = None
 
     def channel(self, address: str) -> GuestChannel:
-        return SshChannel(self.keys, address)
+        return SshChannel(self.keys, address, self.mux_dir)
+
+
+def _mux_dir(tx: Transaction) -> Path:
+    """A short private directory for the app's SSH connection to listen in: a unix socket's path has at most
+    107 bytes, ssh adds 17 while it binds, and the state dir can be deep. Its name is random (no one can make
+    it first), it is root's alone, and it is journaled before it exists."""
+    path = Path("/tmp") / f"dispo-{tx.session_id}-{secrets.token_hex(8)}"
+    tx.journal.record("path", path=str(path), session=tx.session_id)
+    path.mkdir(mode=0o700)
+    return path
 
 
 def ssh_identity(tx: Transaction, disk: Path) -> Identity:
     """Client and host keys for this session alone, written into its disk (no mount) before it boots."""
     keys = ssh.make_keys(tx.state_path, tx.session_id)
     ssh.install_keys(disk, keys)
-    return SshIdentity(keys)
+    return SshIdentity(keys, _mux_dir(tx))
 
 
 def agent_identity(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
@@ -134,7 +149,7 @@ def agent_identity(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
         agent.give(link, new, timeout=timeout, alive=alive)
     finally:
         link.close()
-    return SshIdentity(keys)
+    return SshIdentity(keys, _mux_dir(tx))
 
 
 def agent_answers(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> None:
