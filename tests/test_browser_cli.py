@@ -65,4 +65,4 @@ def test_browser_recipes() -> None:
     # --from installs only the app and its display stack: the source image brings kernel and sshd.
     assert recipes.CHROMIUM.app_packages() == (
         "tigervnc-standalone-server", "matchbox-window-manager", "xauth", "fonts-dejavu-core", "fonts-liberation2",
-        "tzdata", "chromium")
+        "tzdata", "xclip", "pulseaudio", "xdotool", "chromium")
