@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,15 +127,20 @@ def test_token_is_required(vnc_server: Target) -> None:
         assert s.connect_ex(("127.0.0.1", v.port)) != 0
 
 
+def _launch(p: Any) -> Any:
+    """Debian's chromium under Playwright, quiet (no background requests, no first-run UI)."""
+    return p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])
+
+
 def test_browser_sees_the_guest_screen(vnc_server: Target, tmp_path: Path) -> None:
     if not shutil.which("chromium"):
         pytest.skip("needs Debian package chromium")
     from playwright.sync_api import sync_playwright
 
     with WebViewer(vnc_server, session_id="0123abcd") as v, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = _launch(p)
         try:
             page = browser.new_page(viewport={"width": 800, "height": 600})
             page.goto(v.url)
@@ -240,9 +246,7 @@ def test_the_viewers_bar_lists_downloads_and_uploads_a_file(vnc_server: Target) 
 
     io = _StubIO()
     with WebViewer(vnc_server, session_id="0123abcd", io=io) as v, sync_playwright() as p:  # type: ignore[arg-type]
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = _launch(p)
         try:
             page = browser.new_page(viewport={"width": 800, "height": 600})
             page.goto(v.url)

@@ -243,13 +243,18 @@ def extract_vmlinux(src: Path, dest: Path, machine: str = "x86_64") -> Extracted
     if info.machine != machine:
         raise InvalidInput(f"kernel {src} is built for {info.machine}, not {machine}",
                            hint="use a kernel for the host's architecture")
+    _write_atomically(dest, data)
+    return Extracted(dest, compression, info)
+
+
+def _write_atomically(dest: Path, data: bytes) -> None:
+    """`data` as `dest`, complete or not at all (a temporary name beside it, renamed)."""
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    return Extracted(dest, compression, info)
 
 
 # -- arm64: the Image format ------------------------------------------------------------------------------
@@ -313,12 +318,7 @@ def arm64_image(src: Path, dest: Path, max_size: int = ARM64_IMAGE_MAX) -> int:
     if not is_arm64_image(data):
         raise InvalidInput(f"kernel {src} is not an arm64 Image (no ARM\\x64 magic at 0x38)",
                            hint="give an arm64 kernel (linux-image-arm64's /boot/vmlinuz-*)")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_atomically(dest, data)
     return len(data)
 
 
