@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,20 @@ from dispo.config import Config, StorageBackend
 from tests.worlds import loop_fs, make_config, make_ext4
 
 IS_ROOT = os.geteuid() == 0
+
+# The largest VM test holds about 3 GiB in its tmp_path at once; with less free than this the suite would fail
+# as a hundred "not enough space" errors, so it stops before the first test and says why.
+MIN_FREE_GIB = 10
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    given = session.config.option.basetemp
+    where = Path(given).parent if given else Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir())
+    free = shutil.disk_usage(where).free / 2**30
+    if free < MIN_FREE_GIB:
+        pytest.exit(f"only {free:.1f} GiB free in {where}; the suite needs {MIN_FREE_GIB} GiB "
+                    "(hint: remove old /tmp/pytest-of-* runs, or point TMPDIR or --basetemp at a larger filesystem)",
+                    returncode=1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
