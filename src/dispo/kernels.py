@@ -221,17 +221,21 @@ def _find_all(data: bytes, magic: bytes, limit: int = 64) -> list[int]:
     return out
 
 
+def _read_kernel(src: Path) -> bytes:
+    try:
+        return src.read_bytes()
+    except FileNotFoundError:
+        raise NotFound(f"kernel {src} does not exist", hint="check the path") from None
+    except OSError as e:
+        raise InvalidInput(f"kernel {src} is not readable: {e.strerror}") from None
+
+
 def extract_vmlinux(src: Path, dest: Path, machine: str = "x86_64") -> Extracted:
     """Write the ELF vmlinux inside bzImage `src` to `dest` (a copy if `src` already is one).
 
     The output appears atomically: a partial file never carries the final name.
     """
-    try:
-        data = src.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"kernel {src} does not exist", hint="check the path") from None
-    except OSError as e:
-        raise InvalidInput(f"kernel {src} is not readable: {e.strerror}") from None
+    data = _read_kernel(src)
     compression: Compression | None = None
     if elf_info(data) is None:
         try:
@@ -298,12 +302,7 @@ def kernel_arch(path: Path) -> str | None:
 def arm64_image(src: Path, dest: Path, max_size: int = ARM64_IMAGE_MAX) -> int:
     """Write the uncompressed arm64 Image in `src` (gzip'd, as Debian ships it, or already plain) to `dest`,
     decompressed with a size cap; checks the header's magic. Returns its size. Atomic like extract_vmlinux."""
-    try:
-        raw = src.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"kernel {src} does not exist", hint="check the path") from None
-    except OSError as e:
-        raise InvalidInput(f"kernel {src} is not readable: {e.strerror}") from None
+    raw = _read_kernel(src)
     if raw.startswith(MAGIC[Compression.GZIP]):
         d = zlib.decompressobj(wbits=31)
         try:
