@@ -174,3 +174,39 @@ def test_build_minimal_image(tmp_path: Path) -> None:
     forced = subprocess.run([*argv, "--force"], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert forced.returncode == 0, forced.stderr
     assert not (state / "sessions").exists() or not list((state / "sessions").iterdir())
+
+
+@pytest.mark.root
+def test_parallel_builds_of_one_recipe_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two builds of one recipe at once (two sessions, two tests): the second waits on the cache's lock and
+    takes the first one's product instead of building into the same place. The build itself is a stand-in
+    that writes a product: the lock is the subject, not mmdebstrap."""
+    import threading
+    import time
+
+    import dispo.imagebuild as ib
+
+    monkeypatch.setenv("DISPO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(ib, "which", lambda *a, **k: "/bin/true")
+    cfg = make_config(tmp_path / "ws", tmp_path / "state")
+    builds: list[str] = []
+
+    def fake_build(cfg: Config, recipe: recipes.Recipe, final: Path, **kw: object) -> ib.Product:
+        builds.append(final.name)
+        time.sleep(0.5)  # the second caller arrives while this one holds the lock
+        final.mkdir(parents=True)
+        (final / ib.BUILD_META).write_text(json.dumps({"recipe": recipe.name, "key": kw["key"],
+                                                       "kernel_version": "6.1", "seconds": 0.5}))
+        loaded = ib.Product.load(final)
+        assert loaded is not None
+        return loaded
+
+    monkeypatch.setattr(ib, "_build", fake_build)
+    got: list[ib.Product] = []
+    threads = [threading.Thread(target=lambda: got.append(build_product(cfg, recipes.MINIMAL, quiet=True)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(builds) == 1 and len(got) == 2 and got[0].path == got[1].path

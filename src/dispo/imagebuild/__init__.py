@@ -9,12 +9,15 @@ images/.build-<session id>-<recipe>/, journaled before it exists and renamed int
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +81,23 @@ def product_path(recipe: Recipe) -> Path:
     return cache_dir() / "images" / f"{recipe.stem}-{recipe.key(sources.deb822_text(sources.for_suite(recipe.suite)))}"
 
 
+@contextlib.contextmanager
+def _build_lock(root: Path, stem: str, quiet: bool) -> Iterator[None]:
+    """One build of a recipe's architecture at a time in this cache: a second `dispo image build` (another
+    session, a parallel test) waits for the first and then finds its product instead of building it again
+    into the same place."""
+    fd = os.open(root / f".lock-{stem}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another build of {stem} in {root}", quiet)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: bool = False) -> Product:
     """The cached build of `recipe` for the host's current apt sources, building it if needed."""
     apt_sources = sources.deb822_text(sources.for_suite(recipe.suite))
@@ -98,6 +118,15 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
     except OSError as e:
         raise PermissionProblem(f"cannot create the build cache {root}: {e.strerror}",
                                 hint="set DISPO_CACHE_DIR to a writable directory") from None
+    with _build_lock(root, recipe.stem, quiet):
+        if not rebuild and (done := Product.load(final)) is not None:  # built by the one we waited for
+            _say(f"using cached build {final}", quiet)
+            return done
+        return _build(cfg, recipe, final, key=key, apt_sources=apt_sources, quiet=quiet)
+
+
+def _build(cfg: Config, recipe: Recipe, final: Path, *, key: str, apt_sources: str, quiet: bool) -> Product:
+    root = final.parent
     t0 = time.monotonic()
     with transaction(cfg, purpose=f"build image {recipe.name}", image=recipe.name) as tx:
         work = root / f".build-{tx.session_id}-{recipe.name}"
