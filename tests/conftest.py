@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dispo.config import Config, StorageBackend
+from tests.tiers import tier, tier_of
 from tests.worlds import loop_fs, make_config, make_ext4
 
 IS_ROOT = os.geteuid() == 0
@@ -29,25 +30,32 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test gets exactly one tier marker (tests/tiers.py), so `-m fast` and friends select a tier; a test
+    above the fast tier skips without root, saying why."""
     skip_root = pytest.mark.skip(reason="needs root (loop devices, btrfs, namespaces): run the suite with sudo")
     for item in items:
-        if "root" in item.keywords and not IS_ROOT:
+        name = tier_of(item)
+        item.add_marker(getattr(pytest.mark, name))
+        if name != "fast" and not IS_ROOT:
             item.add_marker(skip_root)
 
 
 @pytest.fixture
+@tier("root")
 def btrfs_mnt(tmp_path: Path) -> Iterator[Path]:
     with loop_fs(tmp_path / "btrfs", "btrfs", "2G") as mnt:
         yield mnt
 
 
 @pytest.fixture
+@tier("root")
 def xfs_mnt(tmp_path: Path) -> Iterator[Path]:
     with loop_fs(tmp_path / "xfs", "xfs", "1G") as mnt:
         yield mnt
 
 
 @pytest.fixture
+@tier("root")
 def ext4_mnt(tmp_path: Path) -> Iterator[Path]:
     with loop_fs(tmp_path / "ext4", "ext4", "512M") as mnt:
         yield mnt
@@ -64,6 +72,7 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(params=["btrfs", "reflink", "copy"])
+@tier("root")
 def cfg(request: pytest.FixtureRequest, tmp_path: Path, state_dir: Path) -> Iterator[Config]:
     """A dispo config for each storage backend on a real filesystem: btrfs snapshots and reflinks on a
     loop-mounted btrfs, plain copies on a loop-mounted ext4."""

@@ -18,6 +18,7 @@ import pytest
 
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, net_world
 from tests.test_run import listing, qemu_processes
+from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -26,6 +27,7 @@ IMAGE = "minimal-arm64"
 
 
 @pytest.fixture(scope="module")
+@tier("browser")
 def arm_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")

@@ -26,6 +26,7 @@ import pytest
 from dispo import profiles
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PYTHON, REPO, NetWorld, in_ns, net_world
 from tests.test_run import listing, qemu_processes
+from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -61,6 +62,7 @@ def _build(w: NetWorld, recipe: str) -> None:
 
 
 @pytest.fixture
+@tier("browser")
 def browser_world(tmp_path: Path) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")

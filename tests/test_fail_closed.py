@@ -18,6 +18,7 @@ import pytest
 
 from tests import fakes
 from tests.netns import NetWorld, dispo_links, in_ns, net_world
+from tests.tiers import tier
 
 pytestmark = pytest.mark.root
 
@@ -42,6 +43,7 @@ print(json.dumps({"end_reason": live.end_reason, "error": live.error.one_line() 
 
 
 @pytest.fixture
+@tier("root")
 def world(tmp_path: Path) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces and nftables")

@@ -41,6 +41,7 @@ from tests.fcworld import (
     tiny_elf,
     wait_for,
 )
+from tests.tiers import tier
 from tests.worlds import make_config, make_ext4
 
 FC, WHY = firecracker_or_skip_reason()
@@ -55,6 +56,7 @@ def cfg(tmp_path: Path) -> Config:
 
 
 @pytest.fixture
+@tier("root")
 def netns() -> Iterator[str]:
     with inside_new_netns() as name:
         add_upstream()

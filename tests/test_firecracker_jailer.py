@@ -33,6 +33,7 @@ from tests.fcworld import (
     tiny_elf,
     wait_for,
 )
+from tests.tiers import tier
 from tests.worlds import make_config, make_ext4
 
 PAIR, WHY = jailer_pair_or_skip_reason()
@@ -41,6 +42,7 @@ pytestmark = [pytest.mark.firecracker, pytest.mark.root, pytest.mark.vm,
 
 
 @pytest.fixture
+@tier("root")
 def chroot_base() -> Iterator[Path]:
     # Short, so the API socket path inside the jail fits a unix socket address; on / (not nodev).
     base = Path(tempfile.mkdtemp(prefix="dj-", dir="/tmp"))

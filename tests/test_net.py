@@ -33,6 +33,7 @@ from tests.netns import (
     net_world,
     nft_ruleset,
 )
+from tests.tiers import tier
 
 pytestmark = pytest.mark.root
 
@@ -41,6 +42,7 @@ GUEST_PORT = 8082
 
 
 @pytest.fixture
+@tier("root")
 def world(tmp_path: Path) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root to create network namespaces: run the suite with sudo")

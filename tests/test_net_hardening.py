@@ -36,6 +36,7 @@ from tests.netns import (
     net_world,
     nft_ruleset,
 )
+from tests.tiers import tier
 
 pytestmark = pytest.mark.root
 
@@ -46,6 +47,7 @@ CLIENT_PORT = 40000
 
 
 @pytest.fixture
+@tier("root")
 def world(tmp_path: Path) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root to create network namespaces: run the suite with sudo")

@@ -22,6 +22,7 @@ from dispo.processes import is_same_process
 from dispo.vmm import accel, qemu, registry, sandbox
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import MachineSpec, NetAttachment, Vmm
+from tests.tiers import tier
 
 SID = "0badc0de"
 
@@ -159,6 +160,7 @@ def test_backend_choice() -> None:
 # -- real guests ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
+@tier("vm")
 def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The cached minimal build (built on first use; shared with the other VM tests)."""
     if os.geteuid() != 0:
@@ -173,6 +175,7 @@ def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture
+@tier("root")
 def vm_journal(tmp_path: Path) -> Iterator[Journal]:
     j = Journal.create(tmp_path / "state", SID, {"purpose": "test"})
     yield j

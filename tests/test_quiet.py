@@ -33,6 +33,7 @@ from dispo.net.pool import mac_for
 from tests.netns import INTERNET, INTERNET_OTHER, PYTHON, REPO, NetWorld, in_ns, net_world
 from tests.test_browser import _build, _session_id, _shot, _spawn_run, _viewer_url
 from tests.test_run import listing, qemu_processes
+from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -61,6 +62,7 @@ def _wait_listening(ns: str, proto: str, addr: str, port: int) -> None:
 
 
 @pytest.fixture
+@tier("browser")
 def quiet_world(tmp_path: Path) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")

@@ -67,6 +67,7 @@ def test_an_image_written_during_the_session_is_not_clean(cfg: Config) -> None:
     assert isinstance(live.error, receipt.NotClean) and "image minimal changed" in live.error.message
 
 
+@pytest.mark.root  # gc and verify read the host's nftables
 def test_verify_finds_what_a_killed_owner_left_and_nothing_after_gc(cfg: Config, tmp_path: Path) -> None:
     clean = dispo(tmp_path, "verify")
     assert clean.returncode == 0 and "nothing of dispo's" in clean.stdout, clean.stdout + clean.stderr
@@ -94,6 +95,7 @@ def test_verify_finds_what_a_killed_owner_left_and_nothing_after_gc(cfg: Config,
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.root  # gc and verify read the host's nftables
 def test_verify_finds_a_process_that_names_a_dead_session(cfg: Config, tmp_path: Path) -> None:
     # What a VMM left by an owner that died in a way no parent-death signal covers would look like.
     stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-name", "dispo-0badc0de",

@@ -20,6 +20,7 @@ import pytest
 
 from dispo.runtime import STEPS
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links, net_world, nft_ruleset
+from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -59,6 +60,7 @@ def listing(world: NetWorld) -> dict[str, object]:
 
 
 @pytest.fixture
+@tier("vm")
 def vm_world(tmp_path: Path) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")

@@ -21,6 +21,7 @@ from dispo.vmm.firecracker.probe import GUEST_LINE, tiny_elf
 from tests.fcworld import firecracker_or_skip_reason, processes_mentioning
 from tests.netns import NetWorld, net_world
 from tests.test_run import listing
+from tests.tiers import tier
 from tests.worlds import make_ext4
 
 pytestmark = [pytest.mark.root]
@@ -29,6 +30,7 @@ FC, WHY = firecracker_or_skip_reason()
 
 
 @pytest.fixture
+@tier("vm")
 def fc_world(tmp_path: Path) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")

@@ -281,6 +281,7 @@ def wait_gone(pids: Callable[[], list[int]], timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.root  # gc and verify read the host's nftables
 def test_sessions_of_a_killed_owner_are_reclaimed(cfg: Config, tmp_path: Path) -> None:
     """kill -9 of the process that owns a session: the VMM dies with it (parent-death signal), its journal
     lock is free, and reclaim undoes the rest (here the disk) from the journal."""
@@ -321,6 +322,7 @@ print("the fault switch did not fire", live.status(), flush=True)
 """
 
 
+@pytest.mark.root  # gc and verify read the host's nftables
 @pytest.mark.parametrize("step", [s.name for s in STEPS])
 def test_kill_9_after_every_step_then_the_next_command_reclaims(cfg: Config, tmp_path: Path, step: str) -> None:
     """DISPO_FAULT_KILL_AFTER=<step> makes the owner SIGKILL itself right after that step; the next dispo

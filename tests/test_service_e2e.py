@@ -21,6 +21,7 @@ from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, REPO, NetWorld, ne
 from tests.test_browser import ARTIFACTS, GREEN, SHOW_TIMEOUT_S
 from tests.test_browser import PAGE as COLOUR_PAGE
 from tests.test_run import listing, qemu_processes
+from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -38,6 +39,7 @@ def state_listing(w: NetWorld) -> dict[str, object]:
 
 
 @pytest.fixture
+@tier("vm")
 def world(tmp_path: Path) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")
@@ -134,6 +136,7 @@ def test_kill_9_of_dispod_then_the_next_one_reclaims(world: NetWorld) -> None:
     assert state_listing(w) == before
 
 
+@pytest.mark.browser  # a Chromium guest
 def test_dashboard_start_view_end(world: NetWorld, tmp_path: Path) -> None:
     w = world
     p = subprocess.run([*DISPO, "image", "build", "chromium", "--quiet"], env=w.env(), capture_output=True,
