@@ -486,9 +486,18 @@ def _read_all(s: socket.socket) -> bytes:
     return data
 
 
+def _authenticated(base: str, token: str) -> socket.socket:
+    """A kept-alive connection that has shown the token (one answered request)."""
+    host, port = _address(base)
+    s = socket.create_connection((host, port), timeout=SAFETY_S)
+    s.sendall(f"GET /v1/health HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
+    return s
+
+
 def test_connections_past_the_cap_are_answered_503(cfg: Config) -> None:
     with serving(cfg, limits=Limits(max_connections=3, header_timeout_s=SAFETY_S)) as svc:
-        held = [_half_header(svc.base) for _ in range(3)]
+        held = [_authenticated(svc.base, svc.token) for _ in range(3)]
         try:
             with _half_header(svc.base) as over:
                 assert _read_all(over).startswith(b"HTTP/1.1 503 ")

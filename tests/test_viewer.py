@@ -188,9 +188,13 @@ def test_the_standalone_viewer_has_the_service_guards(tmp_path: Path) -> None:
             slow.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1")
             answer = slow.recv(4096)
             assert answer.startswith(b"HTTP/1.1 408") and slow.recv(4096) == b""
-        # More connections than the cap: the extra ones are answered 503 at once.
-        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+        # More connections than the cap, each of which showed the token: the extra one is answered 503 at once.
+        held: list[socket.socket] = []
         try:
+            for _ in range(4):
+                held.append(s := socket.create_connection(("127.0.0.1", port), timeout=10))
+                s.sendall(f"GET /{viewer.token}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+                assert s.recv(65536).startswith(b"HTTP/1.1 200")  # the page is small: one read has its head
             with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
                 assert extra.recv(4096).startswith(b"HTTP/1.1 503")
         finally:

@@ -76,7 +76,7 @@ class ServiceConfig:
 
     max_sessions: int = 4  # live sessions at once; POST /v1/sessions answers 429 past it
     listen: str = ""  # "HOST:PORT" for TCP (bearer token); "" = the root-only unix socket alone
-    max_connections: int = 64  # open connections per listener; more are answered 503 and closed
+    max_connections: int = 64  # open connections per listener (TCP: half for those without a token yet)
     header_timeout_s: int = 10  # a client must send a request's headers (and a JSON body) within this
     # The warm pool (runtime/pool.py): "NAME=COUNT,..." guests of each template kept restored and paused, and
     # the memory they may hold together (0: a quarter of the host's memory).

@@ -29,10 +29,19 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
-from dispo.errors import NotFound
+from dispo.errors import NotFound, PermissionProblem
 from dispo.runtime.guestio import GuestIO
 from dispo.web import transfers
-from dispo.web.guard import CONNECTIONS, MIDDLEWARES, TOKEN, Connections, Limits, security_headers, token_ok
+from dispo.web.guard import (
+    CONNECTIONS,
+    MIDDLEWARES,
+    TOKEN,
+    Connections,
+    Limits,
+    authenticated,
+    security_headers,
+    token_ok,
+)
 from dispo.web.server import Server, TcpAddress, bind_tcp
 
 log = logging.getLogger(__name__)
@@ -242,8 +251,7 @@ class WebViewer:
         # The same guards as dispod's server (web/guard.py): a cap on connections, a deadline for request
         # heads, Host and Origin checks, bounded bodies and WebSocket messages, the security headers.
         limits = self.limits
-        app = web.Application(client_max_size=limits.max_body, middlewares=MIDDLEWARES, handler_args={
-            "max_line_size": limits.max_header_line, "max_field_size": limits.max_header_line})
+        app = web.Application(client_max_size=limits.max_body, middlewares=MIDDLEWARES)
         app[TOKEN] = self.token
         app[CONNECTIONS] = Connections()
         app.on_response_prepare.append(security_headers)
@@ -261,9 +269,11 @@ class WebViewer:
     # -- requests ---------------------------------------------------------------------------------
     async def _refuse(self, request: web.Request) -> web.StreamResponse:
         self.refused += 1
-        raise web.HTTPForbidden(text="dispo viewer: this URL needs the session's token\n")
+        raise PermissionProblem("this viewer link has a wrong token, or none",
+                                hint="open the viewer URL that 'dispo run' printed for this session")
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         if not token_ok(request.match_info["token"], self.token):
             return await self._refuse(request)
+        authenticated(request)
         return await self.endpoint.handle(request, request.match_info["tail"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,7 +20,7 @@ from dispo.runtime.events import Event, EventKind
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import from_json
 from dispo.web import sse, transfers
-from dispo.web.guard import json_deadline, refuse_body
+from dispo.web.guard import json_deadline, json_value, refuse_body
 from dispo.web.openapi import document
 from dispo.web.problems import HttpProblem
 from dispo.web.service import Service
@@ -57,7 +56,7 @@ async def _body(request: web.Request) -> Any:
         late = InvalidInput(f"{request.method} {request.path}: the body did not arrive in time")
         raise HttpProblem(late, 408) from None
     try:
-        return json.loads(raw)
+        return json_value(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidInput(f"{request.method} {request.path}: the body is not valid JSON: {e}",
                            hint='e.g. {"image": "minimal", "command": ["sh", "-c", "echo hi"]}') from None

@@ -11,8 +11,7 @@ from dispo.web.service import Service
 
 
 def build_app(service: Service, limits: Limits) -> web.Application:
-    app = web.Application(client_max_size=limits.max_body, middlewares=MIDDLEWARES, handler_args={
-        "max_line_size": limits.max_header_line, "max_field_size": limits.max_header_line})
+    app = web.Application(client_max_size=limits.max_body, middlewares=MIDDLEWARES)
     app[api.SERVICE] = service
     app[TOKEN] = service.token
     app[CONNECTIONS] = Connections()

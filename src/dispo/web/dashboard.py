@@ -17,8 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
+from dispo.errors import PermissionProblem
 from dispo.web.api import SERVICE, profile_list
-from dispo.web.guard import token_ok
+from dispo.web.guard import authenticated, token_ok
 
 UI_PREFIX = "/ui"
 _HERE = Path(__file__).parent
@@ -58,7 +59,10 @@ def render(profiles: list[dict[str, Any]]) -> str:
 async def page(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICE]
     if not token_ok(request.match_info["token"], svc.token):
-        raise web.HTTPForbidden(text="dispod: this dashboard URL needs the access token dispod printed\n")
+        raise PermissionProblem("this dashboard link has a wrong or old access token",
+                                hint="open the link dispod printed at its start; the current one is in "
+                                     "<state_dir>/dispod.url (root-only)")
+    authenticated(request)
     tail = request.match_info.get("tail")
     if tail is None:  # /ui/TOKEN: the page's relative links need the slash
         raise web.HTTPPermanentRedirect(f"{UI_PREFIX}/{request.match_info['token']}/")

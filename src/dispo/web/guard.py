@@ -5,7 +5,14 @@ aiohttp has no limit on open connections and no deadline for a request's headers
 connections and sends half a header (slowloris) would hold them forever. Each listening socket therefore
 wraps aiohttp's protocol in `GuardedProtocol`:
 
-- past `max_connections` open connections, a new one is answered 503 and closed at once;
+- on TCP a connection counts as *waiting* until one of its requests proved it knows a token (the API's bearer
+  token, the dashboard's or a viewer's link). Waiting connections have a budget of their own, per listener
+  (`max_waiting`) and per peer address (`max_waiting_per_peer`); past it, the waiting connection of that peer
+  (or of the peer with the most) that has waited longest is closed to make room. So slow clients without a
+  token can never lock out those with one: a new connection, whose request comes at once, always gets in.
+  The unix socket is root-only: its connections never wait;
+- past `max_connections` open connections, a waiting one is closed to make room; with none, the new one is
+  answered 503 and closed at once;
 - a connection must deliver a complete request head within `header_timeout_s` of opening or of its last
   answer (Go's ReadHeaderTimeout, which doubles as the keep-alive idle timeout); otherwise it gets 408 (or,
   idle after an answer, a plain close). The clock stops while a request is being handled, so event streams
@@ -22,21 +29,37 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
+import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+)
 from aiohttp.web_protocol import RequestHandler
 
-from dispo.errors import InvalidInput, PermissionProblem
+from dispo.errors import DispoError, InvalidInput, PermissionProblem
 from dispo.web import problems
 from dispo.web.problems import HttpProblem
 
+log = logging.getLogger(__name__)
+
 
 def token_ok(given: str, expected: str) -> bool:
-    """Constant-time comparison, so response timing says nothing about how much of a token was right."""
+    """Constant-time comparison, so response timing says nothing about how much of a token was right.
+    Tokens are ASCII: anything else (a header's bytes are read as Latin-1) is simply wrong."""
+    if not given.isascii():
+        given = ""
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
@@ -47,15 +70,29 @@ EVENTS_PATH = "/v1/events"
 
 
 
+# On every answer, errors and streams included: tokens live in URLs, so nothing is cached or leaked to another
+# site through a Referer, and nothing is sniffed or embedded elsewhere; and not aiohttp's name and version.
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "SAMEORIGIN",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Server": "dispod",
+}
+
+
 def _raw_answer(status: str, text: str, extra: str = "") -> bytes:
     """A whole HTTP answer for where aiohttp is not involved (a refused or expired connection)."""
     body = f"dispod: {text}\n".encode()
+    headers = "".join(f"{k}: {v}\r\n" for k, v in SECURITY_HEADERS.items())
     return (f"HTTP/1.1 {status}\r\nConnection: close\r\n{extra}Content-Type: text/plain; charset=utf-8\r\n"
-            f"Cache-Control: no-store\r\nReferrer-Policy: no-referrer\r\nX-Content-Type-Options: nosniff\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+            f"{headers}Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
 _REFUSED_503 = _raw_answer("503 Service Unavailable", "too many open connections", "Retry-After: 1\r\n")
+_EVICTED_503 = _raw_answer("503 Service Unavailable", "too many connections are waiting to send a request",
+                           "Retry-After: 1\r\n")
 _TIMEOUT_408 = _raw_answer("408 Request Timeout", "the request head came too slowly")
 
 
@@ -70,6 +107,16 @@ class Limits:
     header_timeout_s: float = 10.0
     max_body: int = 64 * 1024          # JSON bodies; aiohttp answers 413 past it
     max_header_line: int = 8190        # aiohttp's own limits on the request line and each header field
+    max_headers: int = 128             # header fields in one request (aiohttp's default)
+
+    @property
+    def max_waiting(self) -> int:
+        """Connections that have not shown a token yet (TCP): half the cap, so those that have keep the rest."""
+        return max(1, self.max_connections // 2)
+
+    @property
+    def max_waiting_per_peer(self) -> int:
+        return max(1, self.max_connections // 4)
 
 
 class Listener:
@@ -80,11 +127,39 @@ class Listener:
         self.limits = limits
         self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
         self.open: set[GuardedProtocol] = set()
+        self.waiting: dict[GuardedProtocol, None] = {}  # not yet shown a token, longest waiting first
         self.refused = 0     # connections answered 503 (over the cap)
+        self.evicted = 0     # waiting connections closed to make room for a new one
         self.timed_out = 0   # connections closed for a slow or missing request head
 
     def host_ok(self, host: str) -> bool:
         return self.kind is ListenerKind.UNIX or host.lower() in self.allowed_hosts
+
+    def make_room(self, peer: str) -> bool:
+        """Room for one more connection from `peer`, made by closing a waiting one if a budget is full;
+        False if none can be closed (every open connection has shown a token, or is being answered)."""
+        limits, waiting = self.limits, self.waiting
+        victims: list[GuardedProtocol] = []
+        if self.kind is ListenerKind.TCP:
+            if sum(c.peer == peer for c in waiting) >= limits.max_waiting_per_peer:
+                victims = [c for c in waiting if c.peer == peer]
+            elif len(waiting) >= limits.max_waiting:
+                by_peer: dict[str, int] = {}
+                for c in waiting:
+                    by_peer[c.peer] = by_peer.get(c.peer, 0) + 1
+                most = max(by_peer, key=by_peer.__getitem__)
+                victims = [c for c in waiting if c.peer == most]
+        if not victims and len(self.open) >= limits.max_connections:
+            victims = list(waiting)
+            if not victims:
+                return False
+        if not victims:
+            return True
+        idle = next((c for c in victims if not c.busy), None)
+        if idle is None:
+            return False
+        idle.evict()
+        return True
 
 
 def allowed_hosts(host: str, port: int) -> frozenset[str]:
@@ -124,12 +199,19 @@ class GuardedProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._busy = 0          # requests of this connection being handled now
         self._partial = False   # bytes arrived since the last answer (a request head is on its way)
+        self.peer = ""          # the client's address (TCP), for the per-peer budget of waiting connections
+
+    @property
+    def busy(self) -> bool:
+        return self._busy > 0
 
     # -- asyncio.Protocol, delegated to aiohttp's handler ------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        if len(self.listener.open) >= self.listener.limits.max_connections:
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if isinstance(peername, tuple) else ""
+        if not self.listener.make_room(self.peer):
             self.listener.refused += 1
             transport.write(_REFUSED_503)
             # Half-close and read out what the client still sends: closing with unread data would make the
@@ -138,6 +220,8 @@ class GuardedProtocol(asyncio.Protocol):
             self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
             return
         self.listener.open.add(self)
+        if self.listener.kind is ListenerKind.TCP:
+            self.listener.waiting[self] = None
         self._registry.add(transport, self)
         self._inner = self._make_inner()
         self._inner.connection_made(transport)
@@ -156,6 +240,7 @@ class GuardedProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self.listener.open.discard(self)
+        self.listener.waiting.pop(self, None)
         if self._transport is not None:
             self._registry.remove(self._transport)
         if self._inner is not None:
@@ -178,7 +263,25 @@ class GuardedProtocol(asyncio.Protocol):
         self._busy -= 1
         self._partial = False
         if self._busy == 0 and self._transport is not None and not self._transport.is_closing():
+            if self in self.listener.waiting:  # its wait starts anew, like its head deadline
+                del self.listener.waiting[self]
+                self.listener.waiting[self] = None
             self._arm()
+
+    def authenticated(self) -> None:
+        """A request of this connection showed a token: it no longer counts as waiting."""
+        self.listener.waiting.pop(self, None)
+
+    def evict(self) -> None:
+        """Closed to make room for a new connection (see Listener.make_room)."""
+        self.listener.evicted += 1
+        self.listener.open.discard(self)
+        self.listener.waiting.pop(self, None)
+        self._disarm()
+        if self._transport is not None and not self._transport.is_closing():
+            if self._partial:
+                self._transport.write(_EVICTED_503)
+            self._transport.close()
 
     def _arm(self) -> None:
         self._disarm()
@@ -201,6 +304,48 @@ class GuardedProtocol(asyncio.Protocol):
         transport.close()
 
 
+class DispodRequestHandler(RequestHandler):
+    """aiohttp's protocol, but requests its parser rejects (a bad method, an over-long line, a NUL in a header,
+    TLS on the port) are answered like dispod's other errors: one line, the security headers, nothing of the
+    request echoed (aiohttp's own answer repeats the bytes it choked on). Relies on `handle_error`, which
+    aiohttp calls for those and for handler errors no middleware caught; pinned in pyproject.toml."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        log.debug("refused a request from %s: %s", request.remote, type(exc).__name__ if exc else status)
+        if request.writer.output_size > 0:  # an answer is partly sent: all that is left is to close
+            raise ConnectionError("the answer is already under way")
+        if isinstance(exc, HttpProcessingError) or 400 <= status < 500:
+            problem = HttpProblem(InvalidInput(_parse_error_text(exc),
+                                               hint="send one well-formed HTTP/1.1 request (RFC 9112)"), 400)
+        elif exc is not None:
+            problem = problems.convert(exc)  # logged there
+        else:
+            problem = HttpProblem(DispoError(f"the request failed (HTTP {status})", hint="try again"), status)
+        response = problems.response(problem, api=False)
+        response.headers.update(SECURITY_HEADERS)
+        response.force_close()
+        return response
+
+
+def _parse_error_text(exc: BaseException | None) -> str:
+    """What was wrong with a request aiohttp's parser refused, in words that repeat none of its bytes."""
+    if isinstance(exc, BadHttpMethod):
+        return "the request does not start with an HTTP method (TLS or another protocol on a plain HTTP port?)"
+    if isinstance(exc, LineTooLong):
+        return "the request line or a header field is too long"
+    if isinstance(exc, InvalidHeader):
+        return "a header field has a name or value HTTP does not allow"
+    if isinstance(exc, InvalidURLError | BadStatusLine):
+        return "the request line is not valid"
+    # The rest name the fault first ("Duplicate 'Host' header found.", llhttp's "Invalid header value char:
+    # <bytes>"): that part alone, if it is plain words.
+    reason = exc.message.split(":", 1)[0].strip().rstrip(".") if isinstance(exc, HttpProcessingError) else ""
+    if re.fullmatch(r"[\w '`,-]{1,80}", reason):
+        return f"the request is not valid HTTP/1.1: {reason}"
+    return "the request is not valid HTTP/1.1"
+
+
 class GuardedSite(web.BaseSite):
     """An aiohttp site on a socket bound beforehand, its connections guarded."""
 
@@ -220,8 +365,16 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert server is not None
-        inner: Callable[[], RequestHandler] = server
         loop = asyncio.get_running_loop()
+        limits = self._listener.limits
+
+        def inner() -> RequestHandler:
+            # Made here rather than by `server()`, so that it is dispod's subclass; no access log (as the
+            # runner's `access_log=None`, aiohttp's documented off switch, which its annotation lacks).
+            return DispodRequestHandler(server, loop=loop, access_log=None,  # type: ignore[arg-type]
+                                        max_line_size=limits.max_header_line, max_field_size=limits.max_header_line,
+                                        max_headers=limits.max_headers)
+
         self._server = await loop.create_server(
             lambda: GuardedProtocol(inner, self._listener, self._registry), sock=self._sock)
 
@@ -276,16 +429,27 @@ def bearer(request: web.Request) -> str:
     return ""
 
 
+def _one(request: web.Request, name: str) -> str | None:
+    """A header that must not repeat: two Host or Origin headers are read differently by different parsers."""
+    values = request.headers.getall(name, [])
+    if len(values) > 1:
+        raise InvalidInput(f"the request has {len(values)} {name} headers", hint=f"send one {name} header")
+    return values[0] if values else None
+
+
 @web.middleware
 async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Host, Origin and the token, before any handler runs."""
     listener = listener_of(request)
-    host = request.headers.get("Host", "")
-    if not listener.host_ok(host):
-        raise PermissionProblem(f"Host {host[:100]!r} is not this service's address",
-                                hint="use the URL dispod printed (a forwarded port must keep its number)")
+    host = _one(request, "Host") or ""
+    origin = _one(request, "Origin")
+    # An absolute-form target ("GET http://name/path") names the host too, and wins over Host (RFC 9112 3.2.2).
+    authority = request.url.raw_authority if not request.raw_path.startswith("/") else None
+    for name in (host, authority):
+        if name is not None and not listener.host_ok(name):
+            raise PermissionProblem(f"Host {name[:100]!r} is not this service's address",
+                                    hint="use the URL dispod printed (a forwarded port must keep its number)")
     upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-    origin = request.headers.get("Origin")
     if origin is not None and (upgrade or request.method not in SAFE_METHODS) and \
             origin.lower() != f"http://{host}".lower():
         raise PermissionProblem(f"cross-origin request refused (Origin {origin[:100]!r})",
@@ -297,6 +461,7 @@ async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
                                                 hint="send 'Authorization: Bearer TOKEN' (the token is in "
                                                      "<state_dir>/dispod.token, root-only)"),
                               401, {"WWW-Authenticate": 'Bearer realm="dispod"'})
+        authenticated(request)
     return await handler(request)
 
 
@@ -304,15 +469,14 @@ MIDDLEWARES = (tracked, answer_problems, checked)
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """On every answer, errors and streams included: tokens live in URLs, so nothing is cached or leaked
-    to another site through a Referer, and nothing is sniffed or embedded elsewhere."""
-    h = response.headers
-    h["Cache-Control"] = "no-store"
-    h["Referrer-Policy"] = "no-referrer"
-    h["X-Content-Type-Options"] = "nosniff"
-    h["X-Frame-Options"] = "SAMEORIGIN"
-    h["Cross-Origin-Resource-Policy"] = "same-origin"
-    h["Server"] = "dispod"  # not aiohttp's name and version
+    response.headers.update(SECURITY_HEADERS)
+
+
+def authenticated(request: web.Request) -> None:
+    """The request showed a valid token (a dashboard or viewer link): its connection no longer waits."""
+    conn = request.app[CONNECTIONS].find(request.transport)
+    if conn is not None:
+        conn.authenticated()
 
 
 def listener_of(request: web.Request) -> Listener:
@@ -325,6 +489,23 @@ def listener_of(request: web.Request) -> Listener:
 
 def json_deadline(request: web.Request) -> float:
     return listener_of(request).limits.header_timeout_s
+
+
+MAX_JSON_DEPTH = 32  # far more than any request needs; a deeper body would overflow the stack of who reads it
+
+
+def json_value(raw: bytes) -> object:
+    """A JSON body, no deeper than MAX_JSON_DEPTH (ValueError otherwise, like any other bad JSON)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"it nests deeper than {MAX_JSON_DEPTH} levels") from None
+    level: list[object] = [value]
+    for _ in range(MAX_JSON_DEPTH):
+        level = [v for x in level if isinstance(x, dict | list) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return value
+    raise ValueError(f"it nests deeper than {MAX_JSON_DEPTH} levels")
 
 
 def refuse_body(what: str) -> HttpProblem:

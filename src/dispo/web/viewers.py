@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from dispo.display.viewer import WEBSOCKIFY, Target, ViewerEndpoint, find_novnc
+from dispo.errors import PermissionProblem
 from dispo.runtime.app import ENDED_FROM_VIEWER
-from dispo.web.guard import token_ok
+from dispo.web.guard import authenticated, token_ok
 
 if TYPE_CHECKING:
     from dispo.runtime.live import LiveSession
@@ -101,8 +102,10 @@ class ServiceViewers:
         sid, token, tail = (request.match_info[k] for k in ("session_id", "token", "tail"))
         viewer = self.find(sid, token)
         if viewer is None:
-            raise web.HTTPForbidden(text="dispod: this viewer URL is not valid (wrong token, or the session "
-                                         "ended)\n")
+            raise PermissionProblem(f"this viewer link is not valid: its token is wrong, or session {sid[:40]!r} "
+                                    "ended", hint="ask for the current viewer link: the dashboard's, or the "
+                                                  "viewer_url of GET /v1/sessions/ID")
+        authenticated(request)
         live = viewer.live
         if self._novnc is None:
             self._novnc = find_novnc().resolve()  # NotFound (a 404 with the hint) if noVNC is not installed
