@@ -8,7 +8,7 @@ image's size. The workspace then reads:
 
     pool.btrfs      a sparse file as large as the workspace's filesystem: blocks are used only as data is
                     written, so the pool never stops a workspace that still has room
-    pool/           its mount point (loop, nodev, nosuid)
+    pool/           its mount point (loop, nosuid; not nodev: a jail's chroot beside a disk has devices)
     images -> pool/images, sessions -> pool/sessions, templates -> pool/templates   (relative symlinks)
 
 - Made once, journal first: `.pool-<id>.btrfs` is recorded in a transaction before it exists, formatted and
@@ -51,7 +51,8 @@ LABEL = "dispo-pool"
 LAYOUT = ("sessions", "templates", "images")
 MAX_SIZE = (16 << 40) - (64 << 20)  # ext4's largest file (4 KiB blocks), with room to spare
 MIN_SIZE = 256 << 20
-MOUNT_OPTS = "loop,nodev,nosuid"
+# Not nodev: a jailed Firecracker's chroot is made beside the session disk, with device nodes (jail_base).
+MOUNT_OPTS = "loop,nosuid,discard"  # freed blocks are punched out of pool.btrfs: the host gets them back
 
 _said: set[str] = set()
 
