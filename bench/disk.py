@@ -38,10 +38,11 @@ def make_filled_image(path: Path, size: int) -> None:
     root.rmdir()
 
 
-def clone_times(cfg: Config, image: str, repeats: int) -> list[float]:
-    """Time only the disk creation (entering the session); the discard is not timed."""
+def clone_times(cfg: Config, images: list[str], repeats: int) -> dict[str, list[float]]:
+    """Time only the disk creation (entering the session); the discard is not timed. The images take turns,
+    round by round, so the host's other work weighs on each alike."""
 
-    def create_only() -> float:
+    def create_only(image: str) -> float:
         t0 = time.perf_counter()
         ctx = open_session(cfg, image=image)
         ctx.__enter__()
@@ -49,8 +50,14 @@ def clone_times(cfg: Config, image: str, repeats: int) -> list[float]:
         ctx.__exit__(None, None, None)
         return dt
 
-    create_only()  # warm-up
-    return [create_only() for _ in range(repeats)]
+    sh("sync")  # the imports' writeback is not a clone's cost
+    for image in images:
+        create_only(image)  # warm-up: the first session of each image is not "second and later"
+    times: dict[str, list[float]] = {image: [] for image in images}
+    for _ in range(repeats):
+        for image in images:
+            times[image].append(create_only(image))
+    return times
 
 
 def main() -> int:
@@ -89,9 +96,10 @@ def main() -> int:
                 for label, src in srcs.items():
                     print(f"{kind.value}: importing {label}...", file=sys.stderr, flush=True)
                     store.import_(src, f"img{label.lower()}", quiet=True)
-                    reps = args.repeats if kind is not StorageBackend.COPY else max(3, args.repeats // 2)
-                    t = median(clone_times(cfg, f"img{label.lower()}", reps))
-                    results[kind.value][label] = t
+                reps = args.repeats if kind is not StorageBackend.COPY else max(3, args.repeats // 2)
+                times = clone_times(cfg, [f"img{label.lower()}" for label in srcs], reps)
+                for label in srcs:
+                    results[kind.value][label] = median(times[f"img{label.lower()}"])
                 small, big = results[kind.value]["1GiB"], results[kind.value][f"{args.large}GiB"]
                 name = "auto (ext4 + pool)" if kind is StorageBackend.AUTO else kind.value
                 rows.append((name, f"{small * 1000:.1f} ms", f"{big * 1000:.1f} ms", f"{big / small:.2f}"))
