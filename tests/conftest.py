@@ -14,6 +14,10 @@ from tests.worlds import loop_fs, make_config, make_ext4
 
 IS_ROOT = os.geteuid() == 0
 
+# dispo commands the tests run on a scratch workspace in /tmp (ext4) make no storage pool (a loop mount there):
+# tests/test_pool.py asks for one where it tests it.
+os.environ.setdefault("DISPO_STORAGE_POOL", "none")
+
 # The largest VM test holds about 3 GiB in its tmp_path at once; with less free than this the suite would fail
 # as a hundred "not enough space" errors, so it stops before the first test and says why.
 MIN_FREE_GIB = 10

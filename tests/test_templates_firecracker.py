@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dispo.config import Config, FirecrackerConfig, JailMode, StorageBackend, StorageConfig
+from dispo.config import Config, FirecrackerConfig, JailMode, StorageBackend, StorageConfig, StoragePool
 from dispo.images import ImageStore
 from dispo.net import GuestNetwork
 from dispo.runtime import Runtime, build, warm
@@ -74,7 +74,8 @@ class _TinyIdentity(FakeIdentity):
 
 
 def _world(root: Path, firecracker: FirecrackerConfig) -> tuple[Config, Machinery, TinyGuest]:
-    cfg = Config(workspace=root / "ws", state_dir=root / "st", storage=StorageConfig(backend=StorageBackend.AUTO),
+    cfg = Config(workspace=root / "ws", state_dir=root / "st",
+                 storage=StorageConfig(backend=StorageBackend.AUTO, pool=StoragePool.NONE),
                  firecracker=firecracker)
     kernel = tiny_elf(root / "vmlinux")
     disk = make_ext4(root / "root.ext4", "32M", {"home/user/.ssh/.keep": "", "etc/ssh/.keep": ""})

@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from dispo.config import Config, StorageBackend, StorageConfig
+from dispo.config import Config, StorageBackend, StorageConfig, StoragePool
 
 MKFS = {
     "btrfs": ["mkfs.btrfs", "-q", "-f"],
@@ -49,11 +49,33 @@ def loop_fs(where: Path, fstype: str = "btrfs", size: str = "1G") -> Iterator[Pa
         sh("mount", "-o", "loop", backing, mnt)
         yield mnt
     finally:
+        release_mounts_under(mnt)  # a workspace's storage pool inside it, say
         if is_mounted(mnt) and sh("umount", mnt, check=False).returncode != 0:
             sh("umount", "-l", mnt, check=False)
         for dev in loop_devices_for(backing):
             sh("losetup", "-d", dev, check=False)
         backing.unlink(missing_ok=True)
+
+
+def release_mounts_under(root: Path) -> None:
+    """Unmount everything mounted beneath root (deepest first) and detach loop devices on files beneath it."""
+    top = os.path.realpath(root) + "/"
+    with open("/proc/mounts") as f:
+        targets = [line.split()[1] for line in f if line.split()[1].startswith(top)]
+    for target in sorted(targets, key=len, reverse=True):
+        if sh("umount", target, check=False).returncode != 0:
+            sh("umount", "-l", target, check=False)
+    out = sh("losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE", check=False).stdout
+    for line in out.splitlines():
+        name, _, back = line.strip().partition(" ")
+        if back.strip().startswith(top):
+            sh("losetup", "-d", name, check=False)
+
+
+def loop_devices_under(root: Path) -> list[str]:
+    top = os.path.realpath(root) + "/"
+    out = sh("losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE", check=False).stdout
+    return [line for line in out.splitlines() if line.strip().partition(" ")[2].strip().startswith(top)]
 
 
 def make_ext4(path: Path, size: str = "32M", files: dict[str, str] | None = None) -> Path:
@@ -83,8 +105,10 @@ def debugfs_has(image: Path, path: str) -> bool:
     return "Inode:" in sh("debugfs", "-R", f"stat {path}", image, check=False).stdout
 
 
-def make_config(workspace: Path, state_dir: Path, backend: StorageBackend = StorageBackend.AUTO) -> Config:
-    return Config(workspace=workspace, state_dir=state_dir, storage=StorageConfig(backend=backend))
+def make_config(workspace: Path, state_dir: Path, backend: StorageBackend = StorageBackend.AUTO,
+                pool: StoragePool = StoragePool.NONE) -> Config:
+    # No storage pool unless a test asks: a pool is a loop mount inside the test's tmp dir (tests/test_pool.py).
+    return Config(workspace=workspace, state_dir=state_dir, storage=StorageConfig(backend=backend, pool=pool))
 
 
 def dispo_env(workspace: Path, state_dir: Path) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Typed configuration from one TOML file, with environment overrides for the two paths.
 
 Lookup order for the file: --config FILE, then $DISPO_CONFIG, then /etc/dispo/dispo.toml (optional).
-$DISPO_WORKSPACE and $DISPO_STATE_DIR override the paths from any file, so tests can use a scratch btrfs.
+$DISPO_WORKSPACE and $DISPO_STATE_DIR override the paths from any file, so tests can use a scratch btrfs;
+$DISPO_STORAGE_POOL overrides [storage] pool.
 """
 
 from __future__ import annotations
@@ -27,10 +28,18 @@ class StorageBackend(StrEnum):
     COPY = "copy"
 
 
+class StoragePool(StrEnum):
+    # A workspace that can neither snapshot nor reflink (ext4) gets a sparse, loop-mounted btrfs file of its own
+    # (storage/pool.py), so session disks are snapshots there too. "none": keep copying (slow for big images).
+    LOOP_BTRFS = "loop-btrfs"
+    NONE = "none"
+
+
 @dataclass(frozen=True)
 class StorageConfig:
-    # auto probes the workspace: btrfs subvolume snapshots, else reflinks, else plain copies.
+    # auto probes the workspace: btrfs subvolume snapshots, else reflinks, else (with pool) a btrfs pool, else copies.
     backend: StorageBackend = StorageBackend.AUTO
+    pool: StoragePool = StoragePool.LOOP_BTRFS
 
 
 class JailMode(StrEnum):
@@ -178,4 +187,7 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Conf
     for key, var in (("workspace", "DISPO_WORKSPACE"), ("state_dir", "DISPO_STATE_DIR")):
         if env.get(var):
             overrides[key] = _convert(env[var], Path, key, f"${var}")
+    if env.get("DISPO_STORAGE_POOL"):  # tests and one-off runs on a scratch workspace: "none" makes no pool
+        pool = _convert(env["DISPO_STORAGE_POOL"], StoragePool, "storage.pool", "$DISPO_STORAGE_POOL")
+        overrides["storage"] = dataclasses.replace(cfg.storage, pool=pool)
     return dataclasses.replace(cfg, source=source, **overrides)

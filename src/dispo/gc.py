@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 _IMPORT_RE = re.compile(r"^\.import-([0-9a-f]{8})-")
 _DISK_RE = re.compile(r"^[0-9a-f]{8}$")
 _FETCH_RE = re.compile(r"^\.fetch-([0-9a-f]{8})$")             # <workspace>/.fetch-<id> (dispo image fetch)
+_POOL_RE = re.compile(r"^\.pool-([0-9a-f]{8})\.btrfs$")         # <workspace>/.pool-<id>.btrfs: a pool half made
 _BUILD_RE = re.compile(r"^\.(?:build|from)-([0-9a-f]{8})-")  # <cache>/images/.build-<id>-R, .from-<id>-NAME
 
 #: Other layers add functions that remove their own orphans (objects named with a session id that has no
@@ -40,7 +41,19 @@ def _sweep_network(cfg: Config, known: set[str]) -> list[str]:
     return orphans.sweep(cfg.state_dir).removed
 
 
-ORPHAN_SWEEPERS: list[OrphanSweeper] = [_sweep_network]
+def _sweep_pool_loops(cfg: Config, known: set[str]) -> list[str]:
+    # Loop devices left on this workspace's pool files that are not the mounted pool (a deleted pool file, a
+    # half-made one). The mounted pool and its device are the workspace's, not a session's: never swept.
+    from dispo.storage import pool
+
+    removed = []
+    for device, back in pool.stray_loops(cfg):
+        pool.detach(device)
+        removed.append(f"loop device {device} ({back})")
+    return removed
+
+
+ORPHAN_SWEEPERS: list[OrphanSweeper] = [_sweep_pool_loops, _sweep_network]
 
 
 @dataclass
@@ -67,7 +80,8 @@ def sweep_workspace(cfg: Config, known: set[str]) -> list[str]:
     if cfg.images_dir.is_dir():
         candidates += [(m.group(1), p) for p in cfg.images_dir.iterdir() if (m := _IMPORT_RE.match(p.name))]
     if cfg.workspace.is_dir():
-        candidates += [(m.group(1), p) for p in cfg.workspace.iterdir() if (m := _FETCH_RE.match(p.name))]
+        candidates += [(m.group(1), p) for p in cfg.workspace.iterdir()
+                       if (m := _FETCH_RE.match(p.name) or _POOL_RE.match(p.name))]
     builds: list[tuple[str, Path]] = []
     cache = _cache_dir() / "images"
     if cache.is_dir():
@@ -97,6 +111,12 @@ def _cache_dir() -> Path:
 
 def collect(cfg: Config) -> Report:
     report = Report()
+    try:  # after a reboot the workspace's pool (and so its session disks) must be mounted to be swept
+        from dispo.storage import pool
+
+        pool.attach(cfg)
+    except DispoError as e:
+        report.failed.append(e)
     jr = journal.gc(cfg.state_dir)
     report.reclaimed, report.undone = jr.reclaimed, jr.undone
     report.failed.extend(jr.failed)

@@ -22,7 +22,7 @@ from dispo.errors import CommandError, InvalidInput, NotFound, StorageError
 from dispo.names import check_name, format_size
 from dispo.proc import run
 from dispo.progress import Progress
-from dispo.storage import backends, files
+from dispo.storage import backends, files, pool
 from dispo.txn import Transaction, transaction
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class ImageStore:
         self.cfg = cfg
 
     def list(self) -> list[Image]:
+        pool.attach(self.cfg)
         if not self.cfg.images_dir.is_dir():
             return []
         return [Image.load(p) for p in sorted(self.cfg.images_dir.iterdir())
@@ -89,6 +90,7 @@ class ImageStore:
 
     def get(self, name: str) -> Image:
         check_name(name, what="image name")
+        pool.attach(self.cfg)
         path = self.cfg.images_dir / name
         if not (path / META).exists():
             raise NotFound(f"image {name!r} not found in {self.cfg.images_dir}",
@@ -128,7 +130,7 @@ class ImageStore:
             raise InvalidInput(f"image {name!r} already exists", hint=f"remove it first with 'dispo image rm {name}'")
         kind = workspace.storage_backend(self.cfg)
         be = backends.backend(kind)
-        with transaction(self.cfg, purpose=f"import image {name}", join=tx) as t:
+        with pool.in_use(self.cfg), transaction(self.cfg, purpose=f"import image {name}", join=tx) as t:
             tmp = self.cfg.images_dir / f".import-{t.session_id}-{name}"
             entry = t.journal.record(be.undo_kind, path=str(tmp))
             be.make_holder(tmp)

@@ -5,6 +5,7 @@ helper processes. A clean host lists nothing (exit 0); anything found is listed 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from dispo import journal
 from dispo.config import Config
+from dispo.errors import DispoError
 
 _SID = r"([0-9a-f]{8})"
 _PROC_RE = re.compile(rf"\bdispo-{_SID}\b")       # qemu -name dispo-<id>, firecracker --id dispo-<id>
@@ -53,6 +55,19 @@ def _network(cfg: Config, f: Findings) -> None:
         f.add(what)
 
 
+def _pool(cfg: Config, f: Findings) -> None:
+    # The workspace's pool file, its mount and its loop device are the workspace's own (storage/pool.py); a
+    # half-made pool file and a loop device left on a pool file that is not the mounted pool are not.
+    from dispo.storage import pool
+
+    if cfg.workspace.is_dir():
+        for p in cfg.workspace.iterdir():
+            if p.name.startswith(".pool-") and p.name.endswith(".btrfs") and p.name[6:14] not in f.live:
+                f.add(f"half-made storage pool {p}")
+    for device, back in pool.stray_loops(cfg):
+        f.add(f"loop device {device} on {back}")
+
+
 def _env_names(proc: Path, cfg: Config) -> bool:
     """The process's environment names this state dir (a VMM, whose command line holds no path)."""
     try:
@@ -64,6 +79,10 @@ def _env_names(proc: Path, cfg: Config) -> bool:
 
 def scan(cfg: Config, *, network: bool = True) -> Findings:
     f = Findings()
+    from dispo.storage import pool
+
+    with contextlib.suppress(DispoError):  # after a reboot: session disks in the pool are seen once it is mounted
+        pool.attach(cfg)
     infos = list(journal.scan(cfg.state_dir))
     f.live = {i.session_id for i in infos if i.alive}
     for i in infos:
@@ -83,6 +102,7 @@ def scan(cfg: Config, *, network: bool = True) -> Findings:
         for p in cfg.images_dir.iterdir():
             if p.name.startswith(".import-"):
                 f.add(f"half-made image import {p}")
+    _pool(cfg, f)
     _processes(cfg, f)
     if network:
         _network(cfg, f)

@@ -1,4 +1,7 @@
-"""The workspace directory: images/ and sessions/ (per-session disks), and its storage backend."""
+"""The workspace directory: images/ and sessions/ (per-session disks), and its storage backend.
+
+A workspace whose filesystem can neither snapshot nor reflink gets a btrfs pool of its own (storage/pool.py),
+unless [storage] pool = "none" or a backend is forced."""
 
 from __future__ import annotations
 
@@ -6,15 +9,23 @@ import errno
 import os
 from pathlib import Path
 
-from dispo.config import Config, StorageBackend
+from dispo.config import Config, StorageBackend, StoragePool
 from dispo.errors import PermissionProblem
-from dispo.storage import backends
+from dispo.storage import backends, pool
 
 WORKSPACE_HINT = "set DISPO_WORKSPACE (or workspace = in the config) to a writable directory"
 
 
 def ensure(cfg: Config) -> None:
-    """Create the workspace layout, or say why it cannot be used."""
+    """Create the workspace layout (in the pool where there is one, mounted), or say why it cannot be used."""
+    try:
+        cfg.workspace.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unusable(cfg.workspace, e) from None
+    if pool.switched(cfg):
+        pool.attach(cfg)
+    elif wants_pool(cfg):
+        pool.ensure(cfg)
     for d in (cfg.images_dir, cfg.disks_dir):
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -32,9 +43,18 @@ def _unusable(workspace: Path, e: OSError) -> PermissionProblem:
     return PermissionProblem(f"workspace {workspace} {why}", hint=WORKSPACE_HINT)
 
 
+def wants_pool(cfg: Config) -> bool:
+    """Backend 'auto' with the pool on, on a workspace that could only copy."""
+    return (cfg.storage.backend is StorageBackend.AUTO and cfg.storage.pool is StoragePool.LOOP_BTRFS
+            and not os.statvfs(cfg.workspace).f_flag & os.ST_RDONLY
+            and backends.probe(cfg.workspace) is StorageBackend.COPY)
+
+
 def storage_backend(cfg: Config) -> StorageBackend:
-    """The configured backend, checked against the filesystem; or the probed best one for 'auto'."""
+    """The configured backend, checked against the filesystem; or the probed best one for 'auto'. Images live
+    in images/ (in the workspace's pool where it has one), so that is where it is probed."""
+    where = cfg.images_dir if cfg.images_dir.is_dir() else cfg.workspace
     if cfg.storage.backend is StorageBackend.AUTO:
-        return backends.probe(cfg.workspace)
-    backends.check_forced(cfg.storage.backend, cfg.workspace)
+        return backends.probe(where)
+    backends.check_forced(cfg.storage.backend, where)
     return cfg.storage.backend

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dispo import workspace
 from dispo.config import Config
 from dispo.errors import DispoError, InvalidInput, NetworkError, NotFound, StorageError, VmmError
 from dispo.images import Image
@@ -81,6 +82,7 @@ class Step:
 
 def validate(b: Bringup) -> None:
     """The image and its kernel files exist and suit the backend (they may have changed since the request)."""
+    workspace.ensure(b.cfg)  # before the image is read: making the workspace's pool moves its images there
     image = find_image(b.cfg, b.request.image)
     b.image, b.kind = image, choose_backend(b.request.backend, image)
     b.kernel = kernel_for(image, b.kind)
@@ -290,7 +292,8 @@ def _check_space(b: Bringup) -> None:
     """A guest that fills the workspace gets I/O errors (QEMU: werror=report); the session ends with a message
     that says why, instead of an app failing in odd ways or, worse, a VMM paused forever."""
     assert b.disk_dir is not None
-    free = files.free_bytes(b.disk_dir)
+    # In the workspace's pool (a sparse file) the disk's filesystem may claim more room than the host has left.
+    free = min(files.free_bytes(b.disk_dir), files.free_bytes(b.cfg.workspace))
     if free < MIN_FREE:
         raise StorageError(f"the workspace {b.cfg.workspace} is full ({format_size(free)} left): the session was "
                            f"ended", hint="free space in the workspace, or give it a bigger filesystem")

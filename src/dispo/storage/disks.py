@@ -14,7 +14,7 @@ from dispo import images, workspace
 from dispo.config import Config, StorageBackend
 from dispo.journal import Journal
 from dispo.names import check_name
-from dispo.storage import backends
+from dispo.storage import backends, pool
 from dispo.storage.templates import Template
 from dispo.txn import Transaction, transaction
 
@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def clone(tx: Transaction, image: images.Image) -> Path:
     """The session's disk directory (<workspace>/sessions/<id>, holding ROOTFS), recorded before it exists."""
-    return _clone(tx, image.path, image.storage)
+    workspace.ensure(tx.cfg)  # may move the image into the workspace's new pool: its storage is read after
+    return _clone(tx, image.path, images.Image.load(image.path).storage)
 
 
 def clone_template(tx: Transaction, template: Template) -> Path:
@@ -36,10 +37,11 @@ def _clone(tx: Transaction, src: Path, storage: StorageBackend, only: tuple[str,
     t0 = time.monotonic()
     be = backends.backend(storage)
     dest = tx.cfg.disks_dir / tx.session_id
-    tx.journal.record(be.undo_kind, path=str(dest))
-    if os.path.lexists(dest):  # left over by a crash under the same id: delete before create
-        backends.remove_tree(dest)
-    be.clone(src, dest, only)
+    with pool.in_use(tx.cfg):  # the workspace is not switched to its pool under a disk being made
+        tx.journal.record(be.undo_kind, path=str(dest))
+        if os.path.lexists(dest):  # left over by a crash under the same id: delete before create
+            backends.remove_tree(dest)
+        be.clone(src, dest, only)
     log.info("session %s: disk ready in %.3f s (%s)", tx.session_id, time.monotonic() - t0, storage.value)
     return dest
 
@@ -78,7 +80,7 @@ def open_session(cfg: Config, *, image: str, name: str | None = None) -> Iterato
     """A disposable session on `image`: a private copy-on-write disk that is deleted at the end."""
     if name is not None:
         check_name(name, what="session name")
+    workspace.ensure(cfg)  # first: the image may move into the workspace's pool
     img = images.ImageStore(cfg).get(image)
-    workspace.ensure(cfg)
     with transaction(cfg, purpose="session", image=img.name, name=name or "") as tx:
         yield DiskSession(tx, img, clone(tx, img))

@@ -34,7 +34,7 @@ from dispo.config import Config, StorageBackend
 from dispo.errors import NotFound, StorageError
 from dispo.images import ROOTFS, Image
 from dispo.names import check_name, format_size
-from dispo.storage import backends, files
+from dispo.storage import backends, files, pool
 from dispo.txn import Transaction
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ class Template:
 class TemplateStore:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        pool.attach(cfg)  # templates/ points into the workspace's pool where it has one
         self.dir = templates_dir(cfg)
 
     def list(self) -> list[Template]:
