@@ -202,6 +202,8 @@ class GuestCommand:
                 self.proc.wait(5)
             with self._lock:
                 self._done = True
+            self._out.join(ABORT_GRACE_S)  # their pipes are closed below: not under a thread that reads them
+            self._err.join(ABORT_GRACE_S)
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 with contextlib.suppress(OSError):
@@ -225,8 +227,8 @@ class _Capped:
                     return
                 self.data += chunk
 
-    def join(self) -> None:
-        self._thread.join(COMMAND_TIMEOUT_S)
+    def join(self, timeout: float = COMMAND_TIMEOUT_S) -> None:
+        self._thread.join(timeout)
 
 
 class Upload:
