@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispo import config as config_mod
-from dispo import processes
+from dispo import guest, processes
 from dispo.config import Config
 from dispo.errors import VmmError
 from dispo.images import ImageStore
@@ -154,13 +154,34 @@ class FakeVmm:
         raise ConnectionRefusedError("the fake guest has no agent (fakes.machinery() checks none)")
 
 
+# A hostile guest's dispo-files (the real one is guest/files.sh, which tests run through a wrapper): it
+# answers a listing with 1.5 GiB, the clipboard with 1.5 GiB of error message, and counts an upload's bytes
+# without keeping them (three uploads of 300 MB must not fill the host's /tmp).
+FLOOD_BYTES = 1536 << 20
+HOSTILE_FILES = ("sh", "-c", f"""
+case "$1" in
+list) exec head -c {FLOOD_BYTES} /dev/zero ;;
+clip-get) exec head -c {FLOOD_BYTES} /dev/zero >&2 ;;
+put) n=$(wc -c) && [ "$n" -eq "${{3:-$n}}" ] && printf '%s' "$2" ;;
+*) exit 2 ;;
+esac
+""", "dispo-files")
+# A display app that prints this much (lines, on stdout and stderr) and then its last line, before its display
+# comes up.
+APP_FLOOD_BYTES = 256 << 20
+APP_LAST_LINE = "fake app: the last line"
+
+
 @dataclass(frozen=True)
 class FakeChannel:
-    """The "guest" is a directory on the host; commands run there with the host's sh."""
+    """The "guest" is a directory on the host; commands run there with the host's sh. `files`, if given,
+    stands in for the guest's dispo-files; `app_output` bytes are what its display app prints first."""
 
     home: Path
     console: Path
     address: str = "127.0.0.1"
+    files: tuple[str, ...] = ()
+    app_output: int = 0
 
     def wait_ready(self, timeout: float, alive: Callable[[], bool]) -> None:
         deadline = time.monotonic() + timeout
@@ -173,13 +194,18 @@ class FakeChannel:
 
     def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]:
         words = list(argv) or ["sh"]
+        if self.files and words[0] == guest.FILES_PATH:
+            words = [*self.files, *words[1:]]
         return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "fake-guest", str(self.home), *words]
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
                 attach: bool = False) -> list[str]:
-        if vnc_socket is None:
-            return ["sleep", "1000000"]
-        return [sys.executable, "-c", _FAKE_VNC, str(vnc_socket)]
+        argv = [sys.executable, "-c", _FAKE_VNC, str(vnc_socket)] if vnc_socket is not None else ["sleep", "1000000"]
+        if not self.app_output:
+            return argv
+        half = self.app_output // 2
+        return ["sh", "-c", f'yes "fake app: output" | head -c {half}; yes "fake app: errors" | head -c {half} >&2; '
+                f'echo "{APP_LAST_LINE}"; exec "$@"', "fake-app", *argv]
 
     def save(self, state_path: Path) -> None:
         (state_path / "fake-guest.json").write_text(f'{{"home": "{self.home}"}}\n')
@@ -192,15 +218,17 @@ class FakeChannel:
 class FakeIdentity:
     home: Path
     console: Path
+    files: tuple[str, ...] = ()
+    app_output: int = 0
 
     def channel(self, address: str) -> GuestChannel:
-        return FakeChannel(self.home, self.console, address)
+        return FakeChannel(self.home, self.console, address, self.files, self.app_output)
 
 
-def _identity(tx: Transaction, disk: Path) -> Identity:
+def _identity(tx: Transaction, disk: Path, files: tuple[str, ...] = (), app_output: int = 0) -> Identity:
     home = tx.state_path / "guest-home"
     home.mkdir(mode=0o700, exist_ok=True)
-    return FakeIdentity(home, tx.state_path / "console.log")
+    return FakeIdentity(home, tx.state_path / "console.log", files, app_output)
 
 
 def _network(tx: Transaction, policy: NetworkPolicy) -> GuestNetwork:
@@ -209,19 +237,32 @@ def _network(tx: Transaction, policy: NetworkPolicy) -> GuestNetwork:
                         ipaddress.IPv4Interface("127.0.0.1/8"), ipaddress.IPv4Address("127.0.0.1"), ())
 
 
-def machinery(ready_delay: float = 0.0) -> Machinery:
+def machinery(ready_delay: float = 0.0, *, files: tuple[str, ...] = (), app_output: int = 0) -> Machinery:
     def create(cfg: Config, kind: VmmKind, spec: MachineSpec) -> Vmm:
         return FakeVmm(spec, ready_delay=ready_delay)
+
+    def identity(tx: Transaction, disk: Path) -> Identity:
+        return _identity(tx, disk, files, app_output)
 
     def renew(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
               alive: Callable[[], bool]) -> Identity:
         vmm.resume()
-        return _identity(tx, Path())
+        return identity(tx, Path())
 
-    return Machinery(attach_network=_network, create_vmm=create, identity=_identity,
+    return Machinery(attach_network=_network, create_vmm=create, identity=identity,
                      network_missing=lambda tx, net: [], renew_identity=renew,
                      agent_check=lambda vmm, timeout, alive: None,
                      step_clock=lambda vmm, timeout, alive: None, name="fake")
+
+
+def hostile_machinery() -> Machinery:
+    """A guest whose dispo-files is HOSTILE_FILES: floods its answers, swallows uploads."""
+    return machinery(files=HOSTILE_FILES)
+
+
+def chatty_app_machinery() -> Machinery:
+    """A guest whose display app prints APP_FLOOD_BYTES before its display comes up."""
+    return machinery(app_output=APP_FLOOD_BYTES)
 
 
 def slow_machinery() -> Machinery:

@@ -236,9 +236,19 @@ class _StubIO:
 
         return [Download("report <b>x</b>.pdf", 5, True), Download("big.iso", 9, False)]
 
-    def upload(self, name: str, data: bytes) -> str:
-        self.uploaded[name] = data
-        return name
+    def body_limits(self) -> tuple[float, int]:
+        return 30.0, 1 << 16
+
+    def begin_upload(self, name: str, size: int) -> object:
+        from types import SimpleNamespace
+
+        parts: list[bytes] = []
+
+        def finish() -> str:
+            self.uploaded[name] = b"".join(parts)
+            return name
+
+        return SimpleNamespace(write=parts.append, finish=finish, abort=lambda: None)
 
 
 def test_the_viewers_bar_lists_downloads_and_uploads_a_file(vnc_server: Target) -> None:

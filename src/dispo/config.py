@@ -87,6 +87,10 @@ class ServiceConfig:
     listen: str = ""  # "HOST:PORT" for TCP (bearer token); "" = the root-only unix socket alone
     max_connections: int = 64  # open connections per listener (TCP: half for those without a token yet)
     header_timeout_s: int = 10  # a client must send a request's headers (and a JSON body) within this
+    # An upload's or clipboard text's body must arrive within body_timeout_s, plus a second for each
+    # body_min_kib_s KiB it brought: a client that trickles is cut off (408), a fast one never is.
+    body_timeout_s: int = 30
+    body_min_kib_s: int = 64
     # The warm pool (runtime/pool.py): "NAME=COUNT,..." guests of each template kept restored and paused, and
     # the memory they may hold together (0: a quarter of the host's memory).
     pool: str = ""

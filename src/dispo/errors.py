@@ -28,6 +28,7 @@ DispoError            500  every error dispo means to report (one line + a hint)
 ├── Refused           403  the session's profile does not allow this (clipboard, downloads, uploads, sound)
 ├── TooLarge          413  bigger than the profile's cap (an upload, a download, clipboard text)
 ├── GuestIOError      502  the guest did not do what dispo-files was asked (runtime/guestio.py)
+│   └── GuestOverflow 502  the guest answered more than dispo reads (a listing, the clipboard, an error)
 └── ServiceError      503  dispod could not be reached or answered something that is not dispo's
 """
 
@@ -158,6 +159,14 @@ class GuestIOError(DispoError):
     http_status = 502
 
 
+class GuestOverflow(GuestIOError):
+    """The guest answered more than dispo reads of that answer: the command was stopped at the cap. The
+    guest's fault (502), not the caller's (413)."""
+
+    hint = ("the guest printed too much: its dispo-files or the user's shell startup files misbehave (end the "
+            "session), or the guest's clipboard holds more than the profile's [clipboard] max_bytes")
+
+
 class ServiceError(DispoError):
     """dispod could not be reached, or answered with something that is not dispo's."""
 
@@ -167,7 +176,8 @@ class ServiceError(DispoError):
 
 ALL_ERRORS: tuple[type[DispoError], ...] = (
     DispoError, ConfigError, InvalidInput, NotFound, PermissionProblem, CommandError, StorageError, JournalError,
-    TeardownError, VmmError, NetworkError, Busy, Conflict, Cancelled, Refused, TooLarge, GuestIOError, ServiceError,
+    TeardownError, VmmError, NetworkError, Busy, Conflict, Cancelled, Refused, TooLarge, GuestIOError, GuestOverflow,
+    ServiceError,
 )
 
 

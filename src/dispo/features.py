@@ -11,6 +11,8 @@
     [downloads]
     enabled = true                # what the guest's browser downloads can be fetched (API, viewer, --downloads)
     max_mib = 2048                # a bigger download is listed, never handed out
+    total_mib = 8192              # what `--downloads DIR` copies in one session at most; then it stops, saying so
+    total_files = 1000            # the files it copies in one session at most (each name at most 3 times)
 
     [uploads]
     enabled = true                # files may be put into the guest's ~/Uploads (API, viewer)
@@ -35,7 +37,9 @@ _KEEP_PATH_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,3}$")
 _TABLES: dict[str, dict[str, tuple[str, type, int, int]]] = {
     "clipboard": {"to_guest": ("clipboard_to_guest", bool, 0, 1), "from_guest": ("clipboard_from_guest", bool, 0, 1),
                   "max_bytes": ("clipboard_max_bytes", int, 1, 16 * MIB)},
-    "downloads": {"enabled": ("downloads", bool, 0, 1), "max_mib": ("downloads_max_mib", int, 1, 64 * 1024)},
+    "downloads": {"enabled": ("downloads", bool, 0, 1), "max_mib": ("downloads_max_mib", int, 1, 64 * 1024),
+                  "total_mib": ("downloads_total_mib", int, 1, 1024 * 1024),
+                  "total_files": ("downloads_total_files", int, 1, 100_000)},
     "uploads": {"enabled": ("uploads", bool, 0, 1), "max_mib": ("uploads_max_mib", int, 1, 64 * 1024)},
 }
 
@@ -47,6 +51,8 @@ class Features:
     clipboard_max_bytes: int = MIB
     downloads: bool = True
     downloads_max_mib: int = 2048
+    downloads_total_mib: int = 8192     # --downloads DIR: bytes copied per session
+    downloads_total_files: int = 1000   # --downloads DIR: files copied per session (bounds its record too)
     uploads: bool = True
     uploads_max_mib: int = 512
     audio: bool = False
@@ -98,7 +104,8 @@ class Features:
     def to_json(self) -> dict[str, Any]:
         return {"clipboard": {"to_guest": self.clipboard_to_guest, "from_guest": self.clipboard_from_guest,
                               "max_bytes": self.clipboard_max_bytes},
-                "downloads": {"enabled": self.downloads, "max_mib": self.downloads_max_mib},
+                "downloads": {"enabled": self.downloads, "max_mib": self.downloads_max_mib,
+                              "total_mib": self.downloads_total_mib, "total_files": self.downloads_total_files},
                 "uploads": {"enabled": self.uploads, "max_mib": self.uploads_max_mib},
                 "audio": self.audio}
 

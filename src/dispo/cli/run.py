@@ -25,6 +25,7 @@ from dispo.cli.common import Terminated, command, dispod_client, escape_terminal
 from dispo.config import Config
 from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import DispoError, InvalidInput, JournalError, NotFound, VmmError
+from dispo.features import MIB, Features
 from dispo.names import check_session_id
 from dispo.net.capture import describe as describe_request
 from dispo.proc import minimal_env
@@ -269,19 +270,20 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
                            "in-process")
             client = None
         if client is not None:
-            return _run_via_dispod(client, body, printer, saving, req.features.downloads_max_mib << 20)
+            return _run_via_dispod(client, body, printer, saving, req.features)
     return _run_in_process(cfg, req, printer, saving)
 
 
-def _saver(saving: tuple[Path, int], lister: Lister, opener: Opener, max_bytes: int,
+def _saver(saving: tuple[Path, int], lister: Lister, opener: Opener, policy: Features,
            printer: Printer) -> DownloadSaver:
     directory, fd = saving
 
     def saved(name: str, stored: str, size: int) -> None:
         printer.notice(f"download {escape_terminal(name)!r} ({size} bytes) copied to {directory / stored}")
 
-    saver = DownloadSaver(directory, fd, lister=lister, opener=opener, max_bytes=max_bytes, on_saved=saved,
-                          on_error=lambda text: printer.notice(escape_terminal(text)))
+    saver = DownloadSaver(directory, fd, lister=lister, opener=opener, max_bytes=policy.downloads_max_mib * MIB,
+                          total_bytes=policy.downloads_total_mib * MIB, total_files=policy.downloads_total_files,
+                          on_saved=saved, on_error=lambda text: printer.notice(escape_terminal(text)))
     saver.start()
     return saver
 
@@ -312,7 +314,7 @@ def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer,
     if saving is not None:
         saver = _saver(saving, lambda: [d.to_json() for d in live.io.downloads()],
                        lambda name: live.io.open_download(live.io.download(name)),
-                       req.features.downloads_max_mib << 20, printer)
+                       req.features, printer)
     try:
         _wait(live)
     finally:
@@ -322,13 +324,13 @@ def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer,
 
 
 def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer, saving: tuple[Path, int] | None = None,
-                    max_bytes: int = 0) -> int:
+                    policy: Features | None = None) -> int:
     created = client.create_session(body)
     sid = str(created["id"])
     saver = None
     if saving is not None:
-        saver = _saver(saving, lambda: client.downloads(sid), lambda name: client.download(sid, name), max_bytes,
-                       printer)
+        saver = _saver(saving, lambda: client.downloads(sid), lambda name: client.download(sid, name),
+                       policy or Features(), printer)
     try:
         return _follow(client, sid, created, printer)
     finally:

@@ -4,7 +4,8 @@
 # guest is not trusted.
 #   dispo-files list            each regular file in ~/Downloads as "SIZE/NAME\0" (a name has no '/')
 #   dispo-files get NAME        the bytes of ~/Downloads/NAME (a regular file, not a link)
-#   dispo-files put NAME        stdin into ~/Uploads/NAME (or "N-NAME" if taken); prints the name used
+#   dispo-files put NAME [SIZE] stdin into ~/Uploads/NAME (or "N-NAME" if taken); prints the name used. With SIZE,
+#                               a file of another size (an upload the host stopped) is removed, not kept
 #   dispo-files clip-get        the X clipboard (CLIPBOARD selection) of the session's display :1
 #   dispo-files clip-set        stdin becomes the X clipboard (and PRIMARY) of :1
 #   dispo-files sound           the session's sound (PulseAudio's null sink) as raw s16le 48 kHz stereo
@@ -33,6 +34,9 @@ put)
     mkdir -p "$up" || exit 1
     tmp=$(mktemp "$up/.dispo-upload.XXXXXX") || exit 1
     if ! cat > "$tmp"; then rm -f "$tmp"; exit 1; fi
+    if [ -n "${3:-}" ] && [ "$(wc -c < "$tmp")" -ne "$3" ]; then
+        rm -f "$tmp"; echo "dispo-files: the upload ended early" >&2; exit 1
+    fi
     target=$2
     n=1
     while [ -e "$up/$target" ] || [ -L "$up/$target" ]; do target="$n-$2"; n=$((n + 1)); done

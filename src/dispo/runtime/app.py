@@ -33,6 +33,7 @@ APP_LOG = "app.log"
 VNC_SOCKET = "vnc.sock"
 DEFAULT_GEOMETRY = "1280x800"
 OUTPUT_CAP = 16 << 20  # bytes of captured output a session may send; the rest is dropped, with a notice
+LOG_CAP = 4 << 20  # bytes app.log holds at most (it is in the state dir: on tmpfs, host memory)
 SSH_LOST = 255  # ssh's own failure status
 ENDED_FROM_VIEWER = "ended from the viewer"
 
@@ -62,20 +63,31 @@ class AppProcess:
         self._output = output
         out: IO[bytes] | int | None
         err: IO[bytes] | int | None
-        with open(self.log_path, "ab") as log:
-            if terminal:
-                out, err = None, None
-            elif output is not None:
-                out, err = subprocess.PIPE, subprocess.PIPE
-            else:
-                out, err = log, subprocess.STDOUT
-            try:
-                spawned = processes.spawn_recorded(tx.journal, argv, what=what, stdout=out, stderr=err,
-                                                   env=env if env is not None else minimal_env(),
-                                                   keep_stdin=terminal or keep_stdin, new_session=not terminal,
-                                                   term_timeout="3")
-            except processes.SpawnFailed:
-                raise DisplayError(f"{what} exited at once: {_tail(self.log_path, 3)}") from None
+        logged = -1  # the write end of the pipe into app.log, while the child is being started
+        if terminal:
+            out, err = None, None
+        elif output is not None:
+            out, err = subprocess.PIPE, subprocess.PIPE
+        else:
+            # A display app's output: the guest's, so it goes through a pipe into app.log, capped.
+            src, logged = os.pipe()
+            self._pumps.append(pump_log(src, self.log_path))
+            out, err = logged, subprocess.STDOUT
+        try:
+            spawned = processes.spawn_recorded(tx.journal, argv, what=what, stdout=out, stderr=err,
+                                               env=env if env is not None else minimal_env(),
+                                               keep_stdin=terminal or keep_stdin, new_session=not terminal,
+                                               term_timeout="3")
+        except processes.SpawnFailed:
+            if logged >= 0:
+                os.close(logged)
+                logged = -1
+                for t in self._pumps:
+                    t.join(5)
+            raise DisplayError(f"{what} exited at once: {_tail(self.log_path, 3)}") from None
+        finally:
+            if logged >= 0:
+                os.close(logged)
         self.proc, self.start = spawned.proc, spawned.starttime
         tx.stack.callback(self.stop)
         if output is not None:
@@ -118,6 +130,39 @@ class AppProcess:
         log = _tail(self.log_path)
         return DisplayError(f"{message}" + (f"; app output:\n{log}" if log else ""),
                             hint="see the app's messages above; a bigger ready timeout helps under TCG")
+
+
+def pump_log(fd: int, path: Path, cap: int = LOG_CAP) -> threading.Thread:
+    """A thread that copies what arrives on the pipe `fd` into the log `path` and keeps only its last part:
+    the app's output is the guest's to choose, and the log is on tmpfs. When the log would pass `cap`, its
+    older half goes, and its first line says how many bytes were dropped so far. Everything is still read
+    (the app never blocks on its output)."""
+
+    def copy() -> None:
+        dropped = 0
+        marker = b""
+        with contextlib.suppress(OSError, ValueError), open(fd, "rb", buffering=0) as src, \
+                open(path, "a+b", buffering=0) as log:
+            size = log.seek(0, os.SEEK_END)
+            while chunk := src.read(65536):
+                if size + len(chunk) <= cap:
+                    log.write(chunk)
+                    size += len(chunk)
+                    continue
+                # Keep the last quarter of the cap, from a line's start when one is near.
+                kept = os.pread(log.fileno(), size - len(marker), len(marker)) + chunk
+                cut = len(kept) - cap // 4
+                newline = kept.find(b"\n", cut, cut + 4096)
+                cut = newline + 1 if newline >= 0 else cut
+                dropped += cut
+                marker = b"[dispo: %d bytes of the app's output dropped here; app.log keeps the last part]\n" % dropped
+                log.truncate(0)
+                log.write(marker + kept[cut:])
+                size = len(marker) + len(kept) - cut
+
+    t = threading.Thread(target=copy, name="dispo-app-log", daemon=True)
+    t.start()
+    return t
 
 
 def encode_output(data: bytes) -> str:

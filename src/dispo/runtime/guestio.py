@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import subprocess
 import threading
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from dispo import guest
-from dispo.errors import GuestIOError, InvalidInput, NotFound, Refused, TooLarge
+from dispo.errors import Busy, GuestIOError, GuestOverflow, InvalidInput, NotFound, Refused, TooLarge
 from dispo.features import MIB
 from dispo.proc import minimal_env
 
@@ -34,6 +35,10 @@ MAX_LISTED = 1000
 MAX_NAME_BYTES = 255
 COMMAND_TIMEOUT_S = 30.0
 CHUNK = 1 << 16
+UPLOADS_PER_SESSION = 4   # uploads under way at once; each holds a guest command (an SSH channel) and one
+UPLOADS_PER_PROCESS = 16  # chunk of its body at a time, so the bytes in flight are bounded by these
+ERR_CAP = 64 * 1024  # what dispo reads of a guest command's stderr (its error message)
+ABORT_GRACE_S = 2.0  # a stopped command's time to clean up after its stdin ended, before it is killed
 
 
 @dataclass(frozen=True)
@@ -101,12 +106,168 @@ def parse_listing(raw: bytes) -> list[Download]:
     return downloads
 
 
+class GuestCommand:
+    """One `dispo-files` command in the guest, its answer read while it runs and capped while it is read.
+
+    Two threads read its stdout and stderr as they come, each into a buffer of at most its cap: a guest that
+    answers more (a listing of 1.5 GB, an endless error message: the user's shell startup files run before
+    the command) is stopped at once, its pipes closed, and `finish` raises GuestOverflow (502, the guest's
+    fault). stdin is written with a deadline, so a guest that stops reading cannot hold a host thread."""
+
+    def __init__(self, session_id: str, what: str, argv: list[str], *, out_cap: int, err_cap: int = ERR_CAP) -> None:
+        self.session_id, self.what = session_id, what
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=minimal_env())
+        assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
+        os.set_blocking(self.proc.stdin.fileno(), False)
+        self.overflow = ""  # the stream that passed its cap
+        self._lock = threading.Lock()
+        self._done = False
+        self._out = _Capped("stdout", self.proc.stdout, out_cap, self._overflowed)
+        self._err = _Capped("stderr", self.proc.stderr, err_cap, self._overflowed)
+
+    def _overflowed(self, stream: str) -> None:
+        with self._lock:
+            self.overflow = self.overflow or stream
+            if not self._done:
+                self.proc.kill()  # the channel stops here: nothing more of this answer is read
+
+    def write(self, data: bytes, timeout: float) -> None:
+        """All of `data` into the command's stdin; GuestIOError if the guest takes none of it for `timeout`
+        seconds or ended (what it said then is in the error)."""
+        assert self.proc.stdin is not None
+        fd = self.proc.stdin.fileno()
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        while view:
+            if not poller.poll(timeout * 1000):
+                raise GuestIOError(f"session {self.session_id}: the guest took no data for '{self.what}' in "
+                                   f"{timeout:g} s")
+            try:
+                n = os.write(fd, view[:CHUNK])
+            except BlockingIOError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                self.finish(COMMAND_TIMEOUT_S)  # raises what the guest said, else:
+                raise GuestIOError(f"session {self.session_id}: the guest stopped reading") from None
+            view = view[n:]
+
+    def finish(self, timeout: float) -> bytes:
+        """Close stdin, wait for the command; its stdout, or the error it ended with."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            raise GuestIOError(f"session {self.session_id}: the guest did not answer '{self.what}' within "
+                               f"{timeout:g} s") from None
+        finally:
+            with self._lock:
+                self._done = True
+        self._out.join()
+        self._err.join()
+        if self.overflow:
+            cap = self._out.cap if self.overflow == "stdout" else self._err.cap
+            raise GuestOverflow(f"session {self.session_id}: the guest answered '{self.what}' with more than {cap} "
+                                f"bytes on its {self.overflow}; dispo stopped it there")
+        rc = self.proc.returncode
+        if rc != 0:
+            detail = bytes(self._err.data).decode(errors="replace").strip().splitlines()
+            reason = "".join(c if c.isprintable() else "?" for c in (detail[-1] if detail else ""))[:200]
+            if rc == 3:
+                raise NotFound(f"session {self.session_id}: no such file in the guest")
+            raise GuestIOError(f"session {self.session_id}: '{self.what}' failed in the guest "
+                               f"(status {rc}{': ' + reason if reason else ''})",
+                               hint="the image may predate this dispo: rebuild it ('dispo image build NAME --force')")
+        return bytes(self._out.data)
+
+    def abort(self) -> None:
+        """Stop the command if it still runs, and close its pipes (after `finish`, only the pipes). Its stdin
+        ends first: a guest whose upload ends short of its size keeps nothing (files.sh), then it is killed."""
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        with self._lock:
+            running = not self._done
+        if running:
+            try:
+                self.proc.wait(ABORT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                with self._lock:
+                    self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            with self._lock:
+                self._done = True
+            self._out.join(ABORT_GRACE_S)  # their pipes are closed below: not under a thread that reads them
+            self._err.join(ABORT_GRACE_S)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+class _Capped:
+    """A thread that reads one pipe into `data`, `cap` bytes at most; past it, `on_overflow` and no more."""
+
+    def __init__(self, name: str, stream: IO[bytes], cap: int, on_overflow: Callable[[str], None]) -> None:
+        self.name, self.cap, self.data = name, cap, bytearray()
+        self._stream, self._on_overflow = stream, on_overflow
+        self._thread = threading.Thread(target=self._read, name=f"dispo-guest-{name}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while chunk := os.read(self._stream.fileno(), CHUNK):
+                if len(self.data) + len(chunk) > self.cap:
+                    self._on_overflow(self.name)
+                    return
+                self.data += chunk
+
+    def join(self, timeout: float = COMMAND_TIMEOUT_S) -> None:
+        self._thread.join(timeout)
+
+
+class Upload:
+    """One upload under way (GuestIO.begin_upload): the body streamed into the guest's `dispo-files put`."""
+
+    def __init__(self, cmd: GuestCommand, size: int, release: Callable[[], None]) -> None:
+        self._cmd, self.size, self.received = cmd, size, 0
+        self._release: Callable[[], None] | None = release
+
+    def write(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self.size:
+            raise InvalidInput(f"the upload brought more than the {self.size} bytes it announced")
+        self._cmd.write(chunk, COMMAND_TIMEOUT_S)
+
+    def finish(self) -> str:
+        """The name the file got in ~/Uploads, once the guest has all of it."""
+        if self.received != self.size:
+            raise InvalidInput(f"the upload ended after {self.received} of the {self.size} bytes it announced",
+                               hint="send the whole file")
+        try:
+            return self._cmd.finish(COMMAND_TIMEOUT_S).decode(errors="replace")
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop it (the guest keeps nothing of an upload that did not finish); idempotent."""
+        self._cmd.abort()
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 class GuestIO:
     """The operations on one running session (its channel is there once the guest answered)."""
 
     def __init__(self, live: LiveSession) -> None:
         self.live = live
-        self._uploads = threading.Semaphore(2)  # a few uploads at a time; each holds an SSH connection
+        self._uploads = threading.BoundedSemaphore(UPLOADS_PER_SESSION)
 
     # -- plumbing ---------------------------------------------------------------------------------
     def _argv(self, *args: str) -> list[str]:
@@ -117,24 +278,13 @@ class GuestIO:
         return channel.command([guest.FILES_PATH, *args])
 
     def _run(self, *args: str, data: bytes = b"", cap: int = MIB, timeout: float = COMMAND_TIMEOUT_S) -> bytes:
-        argv = self._argv(*args)
+        cmd = GuestCommand(self.live.id, f"dispo-files {args[0]}", self._argv(*args), out_cap=cap)
         try:
-            proc = subprocess.run(argv, input=data, capture_output=True, env=minimal_env(), timeout=timeout,
-                                  check=False)
-        except subprocess.TimeoutExpired:
-            raise GuestIOError(f"session {self.live.id}: the guest did not answer 'dispo-files {args[0]}' within "
-                               f"{timeout:g} s") from None
-        if proc.returncode != 0:
-            detail = proc.stderr.decode(errors="replace").strip().splitlines()
-            reason = "".join(c if c.isprintable() else "?" for c in (detail[-1] if detail else ""))[:200]
-            if proc.returncode == 3:
-                raise NotFound(f"session {self.live.id}: no such file in the guest")
-            raise GuestIOError(f"session {self.live.id}: 'dispo-files {args[0]}' failed in the guest "
-                               f"(status {proc.returncode}{': ' + reason if reason else ''})",
-                               hint="the image may predate this dispo: rebuild it ('dispo image build NAME --force')")
-        if len(proc.stdout) > cap:
-            raise TooLarge(f"session {self.live.id}: the guest's answer is bigger than {cap} bytes")
-        return proc.stdout
+            if data:
+                cmd.write(data, timeout)
+            return cmd.finish(timeout)
+        finally:
+            cmd.abort()
 
     def _policy(self) -> Any:
         self.live.touch()
@@ -190,22 +340,47 @@ class GuestIO:
                 proc.stdout.close()
 
     # -- uploads ----------------------------------------------------------------------------------
-    def upload(self, name: str, data: bytes) -> str:
-        """`data` into the guest's ~/Uploads under `name` (made safe); the name the file got there."""
+    def begin_upload(self, name: str, size: int) -> Upload:
+        """An upload of `size` bytes into the guest's ~/Uploads under `name` (made safe), streamed: the caller
+        `write`s the body as it arrives and `finish`es, or `abort`s. Refused (Busy) past UPLOADS_PER_SESSION
+        uploads at once in this session or UPLOADS_PER_PROCESS in this process: each holds a guest command and
+        up to a chunk of the body, never the body."""
         policy = self._policy()
         if not policy.uploads:
             raise Refused(f"session {self.live.id}: uploads are turned off by its profile",
                           hint="set [uploads] enabled = true in the profile")
-        if len(data) > policy.uploads_max_mib * MIB:
-            raise TooLarge(f"the upload has {len(data)} bytes, more than the profile's [uploads] max_mib "
+        if size > policy.uploads_max_mib * MIB:
+            raise TooLarge(f"the upload has {size} bytes, more than the profile's [uploads] max_mib "
                            f"({policy.uploads_max_mib} MiB)")
         if not isinstance(name, str) or len(name) > 4 * MAX_NAME_BYTES:
             raise InvalidInput("an upload needs a file name of at most 255 bytes")
         safe = host_name(name, "upload")  # a dropped file's name, made one harmless file name
-        with self._uploads:
-            got = self._run("put", safe, data=data, cap=4 * MAX_NAME_BYTES, timeout=max(COMMAND_TIMEOUT_S,
-                                                                                        len(data) / MIB))
-        return got.decode(errors="replace")
+        if not self._uploads.acquire(blocking=False):
+            raise Busy(f"session {self.live.id} has {UPLOADS_PER_SESSION} uploads under way already",
+                       hint="send the file when one of them has finished")
+        if not _ALL_UPLOADS.acquire(blocking=False):
+            self._uploads.release()
+            raise Busy(f"{UPLOADS_PER_PROCESS} uploads are under way already (in all sessions)",
+                       hint="send the file when one of them has finished")
+        try:
+            # The size goes along: a guest whose stdin ends early (an aborted upload) keeps nothing.
+            cmd = GuestCommand(self.live.id, "dispo-files put", self._argv("put", safe, str(size)),
+                               out_cap=4 * MAX_NAME_BYTES)
+        except BaseException:
+            self._uploads.release()
+            _ALL_UPLOADS.release()
+            raise
+        return Upload(cmd, size, self._release_upload)
+
+    def _release_upload(self) -> None:
+        self._uploads.release()
+        _ALL_UPLOADS.release()
+
+    def body_limits(self) -> tuple[float, int]:
+        """(seconds, bytes per second): a request body (an upload, clipboard text) must arrive within the
+        seconds plus one more for each that many bytes it brought ([service] body_timeout_s, body_min_kib_s)."""
+        service = self.live.runtime.cfg.service
+        return float(max(1, service.body_timeout_s)), max(1, service.body_min_kib_s) * 1024
 
     # -- clipboard --------------------------------------------------------------------------------
     def clipboard(self) -> str:
@@ -234,6 +409,8 @@ class GuestIO:
                           hint="set audio = true in the profile")
         return self._argv("sound")
 
+
+_ALL_UPLOADS = threading.BoundedSemaphore(UPLOADS_PER_PROCESS)
 
 SOUND_RATE = 48000
 SOUND_CHANNELS = 2

@@ -12,7 +12,8 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -22,6 +23,7 @@ from dispo.errors import InvalidInput, TooLarge
 from dispo.features import MIB
 from dispo.proc import minimal_env
 from dispo.runtime.guestio import GuestIO, host_name
+from dispo.web.problems import HttpProblem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,22 +58,54 @@ async def get_download(io: GuestIO, name: str, request: web.Request) -> web.Stre
     return response
 
 
+class BodyClock:
+    """The deadline of a request body that is read as it arrives: `timeout_s` from the start, plus a second
+    for every `rate` bytes received, so a client that trickles (1 byte/s) is cut off and a fast one is not."""
+
+    def __init__(self, timeout_s: float, rate: int) -> None:
+        self.start = time.monotonic()
+        self.timeout_s, self.rate = timeout_s, rate
+
+    async def chunks(self, request: web.Request, limit: int) -> AsyncIterator[bytes]:
+        """The body as it arrives; InvalidInput (413) past `limit` bytes, (408) past the deadline."""
+        received = 0
+        while True:
+            left = self.start + self.timeout_s + received / self.rate - time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(request.content.readany(), max(left, 0.0))
+            except TimeoutError:
+                raise HttpProblem(InvalidInput(
+                    f"the request body came too slowly: {received} bytes in "
+                    f"{time.monotonic() - self.start:.0f} s", hint="send the body at once, without pauses"),
+                    408, {"Connection": "close"}) from None
+            if not chunk:
+                return
+            received += len(chunk)
+            if received > limit:
+                raise TooLarge(f"the request body is bigger than {limit} bytes")
+            yield chunk
+
+
 async def post_upload(io: GuestIO, request: web.Request) -> web.Response:
+    """The body goes into the guest as it arrives (a chunk at a time, never held whole), under BodyClock."""
     name = request.query.get("name", "")
     if not name:
         raise InvalidInput("an upload needs ?name=FILENAME", hint="POST the file's bytes as the body")
+    size = request.content_length
+    if size is None:
+        raise HttpProblem(InvalidInput("an upload needs a Content-Length header",
+                                       hint="POST the file's bytes as the body, not chunked"), 411)
     cap = io.live.request.features.uploads_max_mib * MIB
-    if request.content_length is not None and request.content_length > cap:
-        raise TooLarge(f"the upload has {request.content_length} bytes, more than the profile's [uploads] max_mib "
-                       f"({cap // MIB} MiB)")
-    parts = []
-    size = 0
-    while chunk := await request.content.read(1 << 16):
-        size += len(chunk)
-        if size > cap:
-            raise TooLarge(f"the upload is bigger than the profile's [uploads] max_mib ({cap // MIB} MiB)")
-        parts.append(chunk)
-    stored = await _blocking(io.upload, name, b"".join(parts))
+    if size > cap:
+        raise TooLarge(f"the upload has {size} bytes, more than the profile's [uploads] max_mib ({cap // MIB} MiB)")
+    clock = BodyClock(*io.body_limits())
+    upload = await _blocking(io.begin_upload, name, size)
+    try:
+        async for chunk in clock.chunks(request, size):
+            await _blocking(upload.write, chunk)
+        stored = await _blocking(upload.finish)
+    finally:
+        await _blocking(upload.abort)
     return web.json_response({"name": stored, "size": size, "directory": "~/Uploads"}, status=201)
 
 
@@ -81,7 +115,13 @@ async def get_clipboard(io: GuestIO) -> web.Response:
 
 async def put_clipboard(io: GuestIO, request: web.Request) -> web.Response:
     cap = io.live.request.features.clipboard_max_bytes
-    raw = await request.content.read(cap + 64 * 1024 + 1)
+    if request.content_type not in ("application/json", "text/plain"):
+        raise InvalidInput("the clipboard takes text/plain or application/json", hint='{"text": "..."}')
+    limit = cap + 64 * 1024  # room for JSON's quoting; the text itself is checked against cap below
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the clipboard text is bigger than the profile's [clipboard] max_bytes ({cap})")
+    parts = [chunk async for chunk in BodyClock(*io.body_limits()).chunks(request, limit)]
+    raw = b"".join(parts)
     if request.content_type == "application/json":
         try:
             body = json.loads(raw)
@@ -90,10 +130,8 @@ async def put_clipboard(io: GuestIO, request: web.Request) -> web.Response:
         if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
             raise InvalidInput('the body must be {"text": "..."}', hint='{"text": "..."}, or text/plain')
         text = body["text"]
-    elif request.content_type == "text/plain":
-        text = raw.decode(errors="replace")
     else:
-        raise InvalidInput("the clipboard takes text/plain or application/json", hint='{"text": "..."}')
+        text = raw.decode(errors="replace")
     await _blocking(io.set_clipboard, text)
     return web.json_response({"text": text})
 
