@@ -372,3 +372,16 @@ def test_downloads_dir_stops_at_the_sessions_quota_and_its_record_stays_bounded(
     s.poll()
     assert len(list(big.iterdir())) == 2  # 800 KiB of 1 MiB; a third would pass it
     assert "total_mib" in s.stopped and "--downloads stopped" in s.stopped
+
+
+def test_a_deeply_nested_clipboard_body_is_400(cfg: Config, tool: None) -> None:
+    with serving(cfg) as svc:
+        sid = svc.uds.create_session({"profile": "chromium"})["id"]
+        wait_state(svc.uds, sid, "running")
+        data = b"[" * 30000 + b"]" * 30000
+        with _connect(svc.dispod.paths.socket) as s:
+            s.sendall(_head("PUT", f"/v1/sessions/{sid}/clipboard", len(data), "application/json") + data)
+            answer = _answer(s)
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        assert b"application/problem+json" in answer and b"nests deeper" in answer
+        svc.uds.delete(sid, wait=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +22,7 @@ from dispo.errors import InvalidInput, TooLarge
 from dispo.features import MIB
 from dispo.proc import minimal_env
 from dispo.runtime.guestio import GuestIO, host_name
+from dispo.web.guard import json_value
 from dispo.web.problems import HttpProblem
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ async def put_clipboard(io: GuestIO, request: web.Request) -> web.Response:
     raw = b"".join(parts)
     if request.content_type == "application/json":
         try:
-            body = json.loads(raw)
+            body = json_value(raw)  # a depth cap: nested arrays under the size cap are still bad JSON
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidInput(f"the body is not valid JSON: {e}", hint='{"text": "..."}') from None
         if not isinstance(body, dict) or set(body) != {"text"} or not isinstance(body["text"], str):
