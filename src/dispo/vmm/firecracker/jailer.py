@@ -6,8 +6,8 @@ nodes owned by the jail uid, and puts the API socket at /run/firecracker.socket 
 (or reflinks, or copies) the kernel and the session disk in before starting it.
 
 cgroups: --parent-cgroup dispo, so each jail's cgroup is <controller>/dispo/<jail id> (v1) or
-dispo/<jail id> (v2), under the mounts vmm/cgroups.py finds in the mount table. The shared "dispo" parent stays; the per-jail directories are journaled
-(kind "jail-cgroup") and removed after the process is gone.
+dispo/<jail id> (v2), under the mounts vmm/cgroups.py finds in the mount table. The shared "dispo" parent
+stays; the per-jail directories are journaled (kind "jail-cgroup") and removed after the process is gone.
 """
 
 from __future__ import annotations
