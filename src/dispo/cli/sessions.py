@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
     disk = sub.add_parser(
         "disk", help="open a disposable disk of an image and run a host command on it",
         description="Open a private copy-on-write disk of IMAGE, run CMD on the host with $DISPO_DISK set to its "
-                    "path (without CMD: print the path and wait for Ctrl-C), then delete the disk.")
+                    "path (without CMD, on a terminal: print the path and wait for Ctrl-C), then delete the disk.")
     disk.add_argument("--image", required=True)
     disk.add_argument("--name", help="a name for the session (shown by 'dispo ls')")
     disk.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")
@@ -126,6 +126,10 @@ def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_disk(args: argparse.Namespace, cfg: Config) -> int:
     cmd = command(args.cmd, "dispo disk --image NAME -- CMD [ARG ...]")
+    if not cmd and not sys.stdin.isatty():
+        # Without CMD it waits for Ctrl-C, which only a terminal can send: elsewhere it would wait forever.
+        raise InvalidInput("dispo disk needs a command, or a terminal to wait on for Ctrl-C",
+                           hint="give one: dispo disk --image NAME -- CMD [ARG ...]")
     with open_session(cfg, image=args.image, name=args.name) as s:
         print(f"session {s.session_id}: disk {s.disk}", file=sys.stderr, flush=True)
         if not cmd:
