@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from dispo import receipt
 from dispo.config import Config
 from dispo.errors import Busy, Cancelled, InvalidInput, NetworkError, NotFound
 from dispo.net import GuestNetwork
@@ -335,6 +336,15 @@ def test_kill_9_after_every_step_then_the_next_command_reclaims(cfg: Config, tmp
                          capture_output=True, text=True, timeout=60, check=False)
     assert nxt.returncode == 0 and "reclaimed 1 session(s) whose owner died" in nxt.stderr, nxt.stderr
     assert leftovers(cfg) == before
+    # The crash path gets its disposal receipt too: every journaled object checked gone, the image compared.
+    shown = subprocess.run([sys.executable, "-m", "dispo", "receipt", "--last"], env=fakes.env(tmp_path),
+                           cwd=fakes.REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0 and "ended: reclaimed: its owner (dispo, pid " in shown.stdout, shown.stdout
+    assert "image minimal" in shown.stdout and "unchanged" in shown.stdout, shown.stdout
+    last = receipt.find(cfg)
+    assert last is not None and last["clean"] and last["exit_status"] is None
+    assert last["checked"] == len(last["objects"]) + 1  # each journaled object, and the state dir
+    assert step == "validate" or any("path=" in o for o in last["objects"]), last["objects"]
     verify = subprocess.run([sys.executable, "-m", "dispo", "verify"], env=fakes.env(tmp_path), cwd=fakes.REPO,
                             capture_output=True, text=True, timeout=60, check=False)
     assert verify.returncode == 0, verify.stdout

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from dispo import receipt
 from dispo.client import DispodClient
 from dispo.config import Config
 from dispo.daemon.dispod import Dispod, Options
@@ -684,6 +685,9 @@ def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, t
             status = client.session(sid)
             assert status["state"] == "ended"
             assert status["end_reason"] == "reclaimed: its owner (a previous dispod) died"
+            proof = receipt.find(cfg, sid)  # the crash path's disposal receipt
+            assert proof is not None and proof["clean"] and proof["end_reason"] == status["end_reason"], proof
+            assert proof["image_unchanged"] is True and proof["objects"], proof
             assert client.sessions() == []
             other = client.create_session(SLEEP)["id"]
             wait_state(client, other, "running")
