@@ -32,7 +32,7 @@ def test_file_and_env_overrides(tmp_path: Path) -> None:
     ("text", "needle"),
     [
         ('workspce = "/x"\n', "unknown key 'workspce'"),
-        ('[storage]\nbackend = "zfs"\n', "key 'storage.backend' is 'zfs', expected one of: auto, btrfs, reflink, copy"),
+        ('[storage]\nbackend = "zfs"\n', "storage.backend' is \"zfs\", expected one of: auto, btrfs, reflink, copy"),
         ('[storage]\nspeed = 1\n', "unknown key 'storage.speed'"),
         ('workspace = "relative/path"\n', "key 'workspace' must be an absolute path"),
         ("workspace = 3\n", "key 'workspace' must be an absolute path"),
@@ -180,3 +180,11 @@ def test_every_command_refuses_a_bad_value_in_one_line(tmp_path: Path, capsys: p
     assert main(["--config", str(f), "ls"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("dispo: error: ") and "service.max_sessions = -1" in err
+
+
+def test_values_are_shown_as_written_not_as_python_reprs(tmp_path: Path) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text("[service]\nmax_sessions = true\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(f, env={})
+    assert "must be an integer, got true" in e.value.one_line()

@@ -723,6 +723,19 @@ def test_a_second_dispod_on_the_same_state_dir_refuses(cfg: Config, tmp_path: Pa
         _end(first)
 
 
+def test_dispod_says_one_session_not_one_sessions(cfg: Config, tmp_path: Path) -> None:
+    log = tmp_path / "dispod.log"
+    proc = _start(tmp_path, log, "--max-sessions", "1")
+    try:
+        with _ready(cfg, proc, log):
+            pass
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(SAFETY_S) == 0, log.read_text()
+        assert "(max 1 session, machinery" in log.read_text(), log.read_text()
+    finally:
+        _end(proc)
+
+
 def test_dispod_refuses_bad_options_in_one_line(cfg: Config, tmp_path: Path) -> None:
     for argv, words in ((["--listen", "0.0.0.0:8686"], "every address"), (["--listen", "nope"], "HOST:PORT"),
                         (["--max-sessions", "0"], "max_sessions is 0"),

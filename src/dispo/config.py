@@ -126,18 +126,18 @@ def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
         return _build(typ, value, f"{key}.", where)
     if typ is Path:
         if not isinstance(value, str) or not value.startswith("/"):
-            raise ConfigError(f"{where}: key '{key}' must be an absolute path, got {value!r}")
+            raise ConfigError(f"{where}: key '{key}' must be an absolute path, got {show(value)}")
         return Path(value)
     if isinstance(typ, type) and issubclass(typ, StrEnum):
         try:
             return typ(value)
         except ValueError:
             choices = ", ".join(m.value for m in typ)
-            raise ConfigError(f"{where}: key '{key}' is {value!r}, expected one of: {choices}") from None
+            raise ConfigError(f"{where}: key '{key}' is {show(value)}, expected one of: {choices}") from None
     if typ is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f"{where}: key '{key}' must be an integer, got {value!r}")
+        raise ConfigError(f"{where}: key '{key}' must be an integer, got {show(value)}")
     if typ is str and not isinstance(value, str):
-        raise ConfigError(f"{where}: key '{key}' must be a string, got {value!r}")
+        raise ConfigError(f"{where}: key '{key}' must be a string, got {show(value)}")
     return value
 
 
@@ -283,8 +283,8 @@ CHECKS: dict[str, Check] = {
 
 
 def show(value: Any) -> str:
-    """A value as it is written in the TOML file."""
-    return json.dumps(value) if isinstance(value, str) else str(value)
+    """A value as a person wrote it (TOML and JSON alike: "text", 5, true), never a Python repr (True, None)."""
+    return json.dumps(value, default=str, ensure_ascii=False)
 
 
 def check_values(cfg: Config, where: str) -> None:

@@ -106,9 +106,19 @@ def cmd_receipt(args: argparse.Namespace, cfg: Config) -> int:
         if isinstance(requests, dict):  # --log-requests
             counts = ", ".join(f"{n} {kind}" for kind, n in sorted(requests.items())) or "none"
             print(f"  requests the guest made: {counts}")
-        print(f"  ended: {found.get('end_reason') or '-'}; exit status {found.get('exit_status')}; teardown "
-              f"{found.get('teardown_s')} s; check {found.get('check_s')} s")
+        print("  " + "; ".join(_ended(found)))
     return 0 if found.get("clean") else 1
+
+
+def _ended(found: dict[str, Any]) -> list[str]:
+    """How a receipt's session ended, in words: what is not known is left out, never shown as None."""
+    parts = [f"ended: {found.get('end_reason') or 'no reason recorded'}"]
+    status = found.get("exit_status")
+    parts.append(f"exit status {status}" if isinstance(status, int) else "no exit status")
+    for key, what in (("teardown_s", "teardown"), ("check_s", "check")):
+        if isinstance(found.get(key), int | float):
+            parts.append(f"{what} {found[key]} s")
+    return parts
 
 
 def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
