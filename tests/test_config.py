@@ -140,7 +140,8 @@ def test_every_error_class_is_listed_in_the_exception_tree() -> None:
         ("[service]\npool_memory_mib = -1\n", "service.pool_memory_mib = -1 is not allowed"),
         ('[net]\npool = "172.20.0.1/16"\n', "net.pool = \"172.20.0.1/16\" is not allowed; allowed: an IPv4 network"),
         ("[net]\nprefix = 31\n", "net.prefix = 31 is not allowed; allowed: a per-session subnet size from 24 to 30"),
-        ('[net]\npool = "10.0.0.0/28"\nprefix = 24\n', "no smaller than net.pool's own prefix (/28)"),
+        ('[net]\npool = "10.0.0.0/28"\nprefix = 24\n', "net.pool = \"10.0.0.0/28\" is not allowed; allowed: a "
+                                                   "network of /24 or larger (this one is too small"),
         ('[net]\ndns = "127.0.0.53"\n', 'net.dns = "127.0.0.53" is not allowed; allowed: "auto", "none"'),
         ('[net]\ndns = "1.1.1.1,nope"\n', 'net.dns = "1.1.1.1,nope" is not allowed'),
     ],

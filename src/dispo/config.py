@@ -194,21 +194,19 @@ def _release_url(value: Any, cfg: Config) -> str | None:
     return _url(value, cfg, ("version", "arch"))
 
 
-def _pool(value: Any, _cfg: Config) -> str | None:
+def _pool(value: Any, cfg: Config) -> str | None:
     try:
-        ipaddress.IPv4Network(value, strict=True)
+        network = ipaddress.IPv4Network(value, strict=True)
     except ValueError:
         return "an IPv4 network in CIDR form with no host bits set, e.g. 172.20.0.0/16"
+    prefix = cfg.net.prefix
+    if _prefix(prefix, cfg) is None and network.prefixlen > prefix:
+        return f"a network of /{prefix} or larger (this one is too small for one /{prefix} session subnet)"
     return None
 
 
-def _prefix(value: Any, cfg: Config) -> str | None:
-    if not 24 <= value <= 30:
-        return "a per-session subnet size from 24 to 30"
-    with_pool = _pool(cfg.net.pool, cfg) is None
-    if with_pool and ipaddress.IPv4Network(cfg.net.pool).prefixlen > value:
-        return f"no smaller than net.pool's own prefix (/{ipaddress.IPv4Network(cfg.net.pool).prefixlen})"
-    return None
+def _prefix(value: Any, _cfg: Config) -> str | None:
+    return None if 24 <= value <= 30 else "a per-session subnet size from 24 to 30"
 
 
 def _upstream(value: Any, _cfg: Config) -> str | None:
