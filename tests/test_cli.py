@@ -51,7 +51,7 @@ def test_bad_config_is_one_line(tmp_path: Path) -> None:
 
 def test_unknown_image_is_one_line(tmp_path: Path) -> None:
     env = dispo_env(tmp_path / "ws", tmp_path / "state")
-    line = one_line_error(dispo(env, "disk", "--image", "nope", check=False))
+    line = one_line_error(dispo(env, "disk", "--image", "nope", "--", "true", check=False))
     assert "image 'nope' not found" in line and "dispo image ls" in line
     assert not (tmp_path / "state" / "sessions").exists() or not any((tmp_path / "state" / "sessions").iterdir())
 
@@ -85,14 +85,46 @@ def test_cli_bad_size_and_file(world: tuple[dict[str, str], Path, Path], tmp_pat
 
 
 def _start_disk_session(env: dict[str, str], image: str) -> tuple[subprocess.Popen[str], str, Path]:
-    child = subprocess.Popen([*DISPO, "disk", "--image", image], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    """`dispo disk` without CMD waits for Ctrl-C, so it wants a terminal: its stdin is a pseudo-terminal."""
+    controller, terminal = os.openpty()
+    try:
+        child = subprocess.Popen([*DISPO, "disk", "--image", image], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, stdin=terminal)
+    finally:
+        os.close(terminal)
+    _TERMINALS[child.pid] = controller  # closed with the test's process table (never read)
     assert child.stderr is not None and child.stdout is not None
     line = child.stderr.readline()
     assert line.startswith("session "), line + child.stderr.read()
     sid = line.split()[1].rstrip(":")
     disk = Path(child.stdout.readline().strip())
     return child, sid, disk
+
+
+_TERMINALS: dict[int, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def _close_terminals() -> Iterator[None]:
+    yield
+    while _TERMINALS:
+        os.close(_TERMINALS.popitem()[1])
+
+
+@pytest.mark.root
+def test_disk_without_a_command_or_a_terminal_says_so(world: tuple[dict[str, str], Path, Path],
+                                                      tmp_path: Path) -> None:
+    """With no CMD it would wait for a Ctrl-C nobody can send: one line instead, and nothing made."""
+    env, ws, state = world
+    dispo(env, "image", "import", str(make_ext4(tmp_path / "i.ext4")), "--name", "base", "--quiet")
+    before = host_objects(ws, state)
+    try:
+        proc = dispo(env, "disk", "--image", "base", check=False)  # stdin /dev/null, output to pipes
+    except subprocess.TimeoutExpired:
+        raise AssertionError("dispo disk without a command or a terminal waited") from None
+    line = one_line_error(proc)
+    assert "needs a command, or a terminal" in line and "-- CMD" in line
+    assert host_objects(ws, state) == before
 
 
 @pytest.mark.root

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +141,27 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         build_product(cfg, broken, quiet=True)
     assert _leftovers(tmp_path / "cache", cfg) == []
     assert not mounts_under(tmp_path)
+
+
+@pytest.mark.root
+def test_unreachable_sources_say_so_not_install_mmdebstrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build whose package source is a closed port on loopback: the error names the sources and apt's last
+    lines, and does not tell the user to install the mmdebstrap they have."""
+    if os.geteuid() != 0 or not shutil.which("mmdebstrap"):
+        pytest.skip("needs root and mmdebstrap")
+    with socket.socket() as s:  # a port nothing listens on: bound, then closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}/debian"
+    monkeypatch.setattr(sources, "for_suite", lambda suite: [sources.AptSource(uri, (suite,), ("main",))])
+    monkeypatch.setenv("DISPO_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = make_config(tmp_path / "ws", tmp_path / "state")
+    with pytest.raises(CommandError) as e:
+        build_product(cfg, recipes.MINIMAL, quiet=True)
+    line = e.value.one_line()
+    assert f"the package sources ({uri}) could not be read: " in line and "apt-get update" in line, line
+    assert "install mmdebstrap" not in line and "\n" not in line
+    assert _leftovers(tmp_path / "cache", cfg) == []
 
 
 @pytest.mark.root

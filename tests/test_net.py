@@ -261,7 +261,7 @@ def test_bad_input_is_one_line_and_creates_nothing(world: NetWorld) -> None:
     bad_policy.write_text('allow = ["10.0.0.300/8"]\n')
     cases: list[tuple[dict[str, str | int], tuple[str, ...], str]] = [
         ({"pool": "172.20.0.0/31"}, (), "too small"),
-        ({"pool": "172.20.0.0/16", "prefix": 20}, (), "out of range"),
+        ({"pool": "172.20.0.0/16", "prefix": 20}, (), "net.prefix = 20 is not allowed"),
         ({"pool": "203.0.113.0/25"}, (), "overlaps 203.0.113.0/24 on up0"),
         ({"pool": "198.51.0.0/16"}, (), "overlaps 198.51.100.0/24 on lan0"),
         ({"upstream": "nope0"}, (), "upstream interface 'nope0' does not exist"),

@@ -37,6 +37,7 @@ def test_user_profile_overrides_builtin(tmp_path: Path) -> None:
         ('image = "../etc"\n', "invalid image name"),
         ('image = "x"\nmemory_mib = 12\n', "key 'memory_mib' must be an integer from 64"),
         ('image = "x"\nvcpus = "2"\n', "key 'vcpus' must be an integer"),
+        ('image = "x"\nvcpus = true\n', "key 'vcpus' must be an integer from 1 to 64, got true"),
         ('image = "x"\ncommand = "firefox --new"\n', "key 'command' must be a non-empty list"),
         ('image = "x"\ndisplay = "vnc"\n', "key 'display' is 'vnc', expected one of: web, x11, none"),
         ('image = "x"\nbackend = "kvmtool"\n', "key 'backend' is 'kvmtool'"),

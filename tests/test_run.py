@@ -96,6 +96,22 @@ def test_run_end_to_end(vm_world: NetWorld) -> None:
     assert listing(w) == before
 
 
+def test_under_ip_netns_exec_it_works_or_fails_in_one_line(vm_world: NetWorld) -> None:
+    """`ip netns exec` gives dispo a fresh /sys without the cgroup mounts: the VMM's limits cannot be set
+    there. dispo must say so in one line (not "internal error") and leave nothing behind."""
+    w = vm_world
+    before = listing(w)
+    p = subprocess.run(["ip", "netns", "exec", w.host, *DISPO, "run", "--image", "minimal", "--", "true"],
+                       env=w.env(), capture_output=True, text=True, timeout=300, check=False,
+                       stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        errors = [line for line in p.stderr.splitlines() if line.startswith("dispo: error: ")]
+        assert len(errors) == 1, p.stderr
+        assert "internal error" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert "cgroup" in errors[0] and "hint:" in errors[0], p.stderr
+    assert listing(w) == before
+
+
 def test_the_command_reads_the_callers_stdin(vm_world: NetWorld) -> None:
     w = vm_world
     p = subprocess.run(w.dispo_argv("run", "--", "sh", "-c", "tr a-z A-Z; exit 4"), env=w.env(), input="piped in\n",

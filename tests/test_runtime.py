@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from dispo import receipt
 from dispo.config import Config
 from dispo.errors import Busy, Cancelled, InvalidInput, NetworkError, NotFound
 from dispo.net import GuestNetwork
@@ -217,10 +218,24 @@ def test_max_sessions_is_busy(cfg: Config) -> None:
         assert rt.shutdown("test over", timeout=30) == []
 
 
+def test_busy_at_one_session_says_one_session(cfg: Config) -> None:
+    rt = Runtime(cfg, machinery=fakes.machinery(), max_sessions=1)
+    try:
+        rt.start(build(cfg, command=["sleep", "600"]))
+        with pytest.raises(Busy) as e:
+            rt.start(build(cfg, command=["true"]))
+        assert e.value.message.startswith("1 session is running, the most"), e.value.message
+    finally:
+        assert rt.shutdown("test over", timeout=30) == []
+
+
 @pytest.mark.parametrize(("kwargs", "text"), [
     ({"command": ["true"], "memory_mib": 1 << 24}, "memory_mib 16777216 is out of range"),
     ({"command": ["true"], "vcpus": 0}, "vcpus 0 is out of range"),
     ({"command": ["true"], "idle_timeout_s": -1}, "idle_timeout_s -1 is out of range"),
+    # A bool is not a number, and messages show values as people write them, not Python reprs.
+    ({"command": ["true"], "vcpus": True}, "vcpus true is not an integer: give an integer from 1 to 64"),
+    ({"command": ["true"], "ready_timeout_s": "5"}, 'ready_timeout_s "5" is not a number of seconds'),
     ({"command": ["true"], "url": "http://x/"}, "a URL goes with a profile"),
     ({"profile": "chromium", "url": "javascript:alert(1)"}, "invalid URL"),
     ({"profile": "chromium", "url": "http://a b/"}, "invalid URL"),
@@ -337,6 +352,16 @@ def test_kill_9_after_every_step_then_the_next_command_reclaims(cfg: Config, tmp
                          capture_output=True, text=True, timeout=60, check=False)
     assert nxt.returncode == 0 and "reclaimed 1 session(s) whose owner died" in nxt.stderr, nxt.stderr
     assert leftovers(cfg) == before
+    # The crash path gets its disposal receipt too: every journaled object checked gone, the image compared.
+    shown = subprocess.run([sys.executable, "-m", "dispo", "receipt", "--last"], env=fakes.env(tmp_path),
+                           cwd=fakes.REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert shown.returncode == 0 and "ended: reclaimed: its owner (dispo, pid " in shown.stdout, shown.stdout
+    assert "image minimal" in shown.stdout and "unchanged" in shown.stdout, shown.stdout
+    assert "no exit status" in shown.stdout and "None" not in shown.stdout, shown.stdout
+    last = receipt.find(cfg)
+    assert last is not None and last["clean"] and last["exit_status"] is None
+    assert last["checked"] == len(last["objects"]) + 1  # each journaled object, and the state dir
+    assert step == "validate" or any("path=" in o for o in last["objects"]), last["objects"]
     verify = subprocess.run([sys.executable, "-m", "dispo", "verify"], env=fakes.env(tmp_path), cwd=fakes.REPO,
                             capture_output=True, text=True, timeout=60, check=False)
     assert verify.returncode == 0, verify.stdout

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from dispo import receipt
 from dispo.client import DispodClient
 from dispo.config import Config
 from dispo.daemon.dispod import Dispod, Options
@@ -693,6 +694,9 @@ def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, t
             status = client.session(sid)
             assert status["state"] == "ended"
             assert status["end_reason"] == "reclaimed: its owner (a previous dispod) died"
+            proof = receipt.find(cfg, sid)  # the crash path's disposal receipt
+            assert proof is not None and proof["clean"] and proof["end_reason"] == status["end_reason"], proof
+            assert proof["image_unchanged"] is True and proof["objects"], proof
             assert client.sessions() == []
             other = client.create_session(SLEEP)["id"]
             wait_state(client, other, "running")
@@ -726,6 +730,19 @@ def test_a_second_dispod_on_the_same_state_dir_refuses(cfg: Config, tmp_path: Pa
         assert first.wait(SAFETY_S) == 0
     finally:
         _end(first)
+
+
+def test_dispod_says_one_session_not_one_sessions(cfg: Config, tmp_path: Path) -> None:
+    log = tmp_path / "dispod.log"
+    proc = _start(tmp_path, log, "--max-sessions", "1")
+    try:
+        with _ready(cfg, proc, log):
+            pass
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(SAFETY_S) == 0, log.read_text()
+        assert "(max 1 session, machinery" in log.read_text(), log.read_text()
+    finally:
+        _end(proc)
 
 
 def test_dispod_refuses_bad_options_in_one_line(cfg: Config, tmp_path: Path) -> None:

@@ -8,9 +8,12 @@ $DISPO_STORAGE_POOL overrides [storage] pool.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import json
 import os
+import string
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -136,18 +139,18 @@ def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
         return _build(typ, value, f"{key}.", where)
     if typ is Path:
         if not isinstance(value, str) or not value.startswith("/"):
-            raise ConfigError(f"{where}: key '{key}' must be an absolute path, got {value!r}")
+            raise ConfigError(f"{where}: key '{key}' must be an absolute path, got {show(value)}")
         return Path(value)
     if isinstance(typ, type) and issubclass(typ, StrEnum):
         try:
             return typ(value)
         except ValueError:
             choices = ", ".join(m.value for m in typ)
-            raise ConfigError(f"{where}: key '{key}' is {value!r}, expected one of: {choices}") from None
+            raise ConfigError(f"{where}: key '{key}' is {show(value)}, expected one of: {choices}") from None
     if typ is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f"{where}: key '{key}' must be an integer, got {value!r}")
+        raise ConfigError(f"{where}: key '{key}' must be an integer, got {show(value)}")
     if typ is str and not isinstance(value, str):
-        raise ConfigError(f"{where}: key '{key}' must be a string, got {value!r}")
+        raise ConfigError(f"{where}: key '{key}' must be a string, got {show(value)}")
     return value
 
 
@@ -166,6 +169,144 @@ def _resolve_type(cls: Any, f: dataclasses.Field[Any]) -> Any:
     import typing
 
     return typing.get_type_hints(cls)[f.name]
+
+
+# -- values: every key's allowed values, checked once at load, for every command ------------------------------
+# A check returns None for a good value, else what is allowed (the error names the key and the value).
+Check = Callable[[Any, "Config"], "str | None"]
+MAX_ID = 2**32 - 2  # the largest uid/gid (2**32 - 1 is "no id")
+IFNAMSIZ = 15
+
+
+def _in_range(low: int, high: int, what: str = "") -> Check:
+    def check(value: Any, _cfg: Config) -> str | None:
+        return None if low <= value <= high else f"a whole number from {low} to {high}{what}"
+    return check
+
+
+def _program(value: Any, _cfg: Config) -> str | None:
+    return None if value == "" or value.startswith("/") else '"" (find it) or an absolute path to the binary'
+
+
+def _jail_id(value: Any, _cfg: Config) -> str | None:
+    return None if 0 <= value <= MAX_ID else f"0 (a uid/gid of its own per session) or an id from 1 to {MAX_ID}"
+
+
+def _url(value: Any, _cfg: Config, fields: tuple[str, ...] = ()) -> str | None:
+    allowed = "an http:// or https:// URL" + (f" that may use {{{'}, {'.join(fields)}}}" if fields else "")
+    if not value.startswith(("https://", "http://")) or any(c.isspace() for c in value):
+        return allowed
+    try:
+        used = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError:
+        return allowed
+    return allowed if used - set(fields) else None
+
+
+def _release_url(value: Any, cfg: Config) -> str | None:
+    return _url(value, cfg, ("version", "arch"))
+
+
+def _pool(value: Any, cfg: Config) -> str | None:
+    try:
+        network = ipaddress.IPv4Network(value, strict=True)
+    except ValueError:
+        return "an IPv4 network in CIDR form with no host bits set, e.g. 172.20.0.0/16"
+    prefix = cfg.net.prefix
+    if _prefix(prefix, cfg) is None and network.prefixlen > prefix:
+        return f"a network of /{prefix} or larger (this one is too small for one /{prefix} session subnet)"
+    return None
+
+
+def _prefix(value: Any, _cfg: Config) -> str | None:
+    return None if 24 <= value <= 30 else "a per-session subnet size from 24 to 30"
+
+
+def _upstream(value: Any, _cfg: Config) -> str | None:
+    if value == "":
+        return None
+    if value == "lo":
+        return ('the interface that leads out of this host, e.g. "eth0" (loopback carries nothing out), '
+                'or "" for the interface of the default route')
+    if len(value) > IFNAMSIZ or any(c in value for c in '/:"\\') or any(c.isspace() or not c.isprintable()
+                                                                      for c in value):
+        return f'an interface name (at most {IFNAMSIZ} characters, no "/", ":" or spaces), or ""'
+    return None
+
+
+def _dns(value: Any, _cfg: Config) -> str | None:
+    allowed = '"auto", "none", or IPv4 addresses a guest can reach, comma-separated, e.g. "1.1.1.1,9.9.9.9"'
+    if value in ("auto", "none"):
+        return None
+    for item in value.split(","):
+        try:
+            addr = ipaddress.IPv4Address(item.strip())
+        except ValueError:
+            return allowed
+        if addr.is_loopback or addr.is_unspecified or addr.is_multicast:
+            return allowed
+    return None
+
+
+def _listen(value: Any, _cfg: Config) -> str | None:
+    """Like dispod's --listen (web/server.py parse_listen): one IP address and a port; never a wildcard,
+    since dispod checks the Host header against the one address it listens on (DNS rebinding)."""
+    if value == "":
+        return None
+    allowed = '"" (the unix socket alone) or one address and port, e.g. "127.0.0.1:8686" (not a wildcard)'
+    host, sep, port = value.strip().rpartition(":")
+    host = "127.0.0.1" if host == "localhost" else host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+        ok = bool(sep) and port.isdigit() and 0 <= int(port) <= 65535
+    except ValueError:
+        return allowed
+    return None if ok and not ip.is_unspecified else allowed
+
+
+def _pool_targets(value: Any, _cfg: Config) -> str | None:
+    try:
+        pool_targets(value)
+    except ConfigError:
+        return '"" or NAME=COUNT pairs with COUNT 0 to 64, comma-separated, e.g. "chromium=1,minimal=2"'
+    return None
+
+
+CHECKS: dict[str, Check] = {
+    "firecracker.binary": _program,
+    "firecracker.jailer": _program,
+    "firecracker.jailer_firecracker": _program,
+    "firecracker.jail_uid": _jail_id,
+    "firecracker.jail_gid": _jail_id,
+    "firecracker.release_url": _release_url,
+    "firecracker.artifacts_url": _url,
+    "net.pool": _pool,
+    "net.prefix": _prefix,
+    "net.upstream": _upstream,
+    "net.dns": _dns,
+    "service.max_sessions": _in_range(1, 100_000),
+    "service.max_connections": _in_range(1, 100_000),
+    "service.header_timeout_s": _in_range(1, 100_000, " (seconds)"),
+    "service.listen": _listen,
+    "service.pool": _pool_targets,
+    "service.pool_memory_mib": _in_range(0, 1 << 30, " (0: a quarter of the host's memory)"),
+}
+
+
+def show(value: Any) -> str:
+    """A value as a person wrote it (TOML and JSON alike: "text", 5, true), never a Python repr (True, None)."""
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def check_values(cfg: Config, where: str) -> None:
+    """Every key's value against what it allows; the first bad one is a one-line ConfigError."""
+    for key, check in CHECKS.items():
+        table, _, name = key.partition(".")
+        value = getattr(getattr(cfg, table), name)
+        allowed = check(value, cfg)
+        if allowed is not None:
+            raise ConfigError(f"{where}: {key} = {show(value)} is not allowed; allowed: {allowed}",
+                              hint=f"fix [{table}] {name} in {where}")
 
 
 def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -187,6 +328,7 @@ def load(path: Path | None = None, env: Mapping[str, str] | None = None) -> Conf
             raise ConfigError(f"{file}: not valid TOML: {e}") from None
         source = str(file)
     cfg: Config = _build(Config, data, "", str(file))
+    check_values(cfg, str(file))
     overrides: dict[str, Any] = {}
     for key, var in (("workspace", "DISPO_WORKSPACE"), ("state_dir", "DISPO_STATE_DIR")):
         if env.get(var):

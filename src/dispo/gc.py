@@ -109,6 +109,28 @@ def _cache_dir() -> Path:
     return cache_dir()
 
 
+def reclaim_journals(cfg: Config) -> journal.GcReport:
+    """The journal pass (dispo gc, dispod's start, every acting command): unwind what dead owners recorded,
+    then give each reclaimed session its disposal receipt, so the crash path gets its proof like every other
+    end. A receipt that is not clean, or that cannot be written, is one of the report's failures."""
+    from dispo import receipt
+
+    jr = journal.gc(cfg.state_dir)
+    for done in jr.sessions:
+        if done.meta.get("purpose") != "session":  # builds, imports and fetches are not sessions
+            continue
+        try:
+            r = receipt.issue_reclaimed(cfg, session_id=done.session_id, meta=done.meta,
+                                        entries=list(done.entries), state_path=done.path, teardown_s=done.teardown_s)
+        except OSError as e:
+            jr.failed.append(DispoError(f"session {done.session_id}: reclaimed, but its disposal receipt could not "
+                                        f"be written: {e.strerror or e}"))
+            continue
+        if not r.clean:
+            jr.failed.append(receipt.NotClean(done.session_id, r.leftovers))
+    return jr
+
+
 def collect(cfg: Config) -> Report:
     report = Report()
     try:  # after a reboot the workspace's pool (and so its session disks) must be mounted to be swept
@@ -117,7 +139,7 @@ def collect(cfg: Config) -> Report:
         pool.attach(cfg)
     except DispoError as e:
         report.failed.append(e)
-    jr = journal.gc(cfg.state_dir)
+    jr = reclaim_journals(cfg)
     report.reclaimed, report.undone = jr.reclaimed, jr.undone
     report.failed.extend(jr.failed)
     known = known_session_ids(cfg)

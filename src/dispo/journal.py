@@ -131,6 +131,12 @@ class Journal:
         self._write()
         return entry
 
+    def set_meta(self, **values: Any) -> None:
+        """Add to what the journal says about its session (e.g. the image's proof, for a reclaim's receipt)."""
+        self._require_lock()
+        self.meta.update(values)
+        self._write()
+
     def forget(self, entry: Entry) -> None:
         """The object now belongs to someone else (a committed image): stop tracking it."""
         self._require_lock()
@@ -239,11 +245,23 @@ def scan(state_dir: Path) -> Iterator[JournalInfo]:
         yield JournalInfo(j.session_id, path, alive, j.meta, tuple(j.entries))
 
 
+@dataclass(frozen=True)
+class Reclaimed:
+    """A dead owner's journal gc unwound: what the disposal receipt of a reclaimed session is made from."""
+
+    session_id: str
+    path: Path
+    meta: Mapping[str, Any]
+    entries: tuple[Entry, ...]
+    teardown_s: float
+
+
 @dataclass
 class GcReport:
     reclaimed: list[str] = field(default_factory=list)
     undone: list[str] = field(default_factory=list)
     failed: list[DispoError] = field(default_factory=list)
+    sessions: list[Reclaimed] = field(default_factory=list)  # one per id in `reclaimed`
 
 
 def gc(state_dir: Path) -> GcReport:
@@ -269,6 +287,7 @@ def gc(state_dir: Path) -> GcReport:
         if not j.try_lock():
             continue
         described = [e.describe() for e in j.entries]
+        entries, t0 = tuple(j.entries), time.monotonic()
         try:
             j.unwind()
         except TeardownError as e:
@@ -276,6 +295,7 @@ def gc(state_dir: Path) -> GcReport:
         else:
             report.reclaimed.append(j.session_id)
             report.undone.extend(described)
+            report.sessions.append(Reclaimed(j.session_id, path, j.meta, entries, time.monotonic() - t0))
     return report
 
 

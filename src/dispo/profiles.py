@@ -13,6 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dispo.config import show
 from dispo.errors import InvalidInput, NotFound
 from dispo.features import PROFILE_KEYS as FEATURE_KEYS
 from dispo.features import Features
@@ -76,7 +77,7 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
             v = data[key]
             lo, hi = int(SETTINGS[key].lo), int(limit_hi(key))
             if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise _bad(where, key, f"must be an integer from {lo} to {hi}, got {v!r}")
+                raise _bad(where, key, f"must be an integer from {lo} to {hi}, got {show(v)}")
             kwargs[key] = v
     if "command" in data:
         cmd = data["command"]
@@ -100,7 +101,7 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
             secs = data[key]
             s_lo, s_hi = SETTINGS[key].lo, SETTINGS[key].hi
             if not isinstance(secs, int | float) or isinstance(secs, bool) or not s_lo <= secs <= s_hi:
-                raise _bad(where, key, f"must be a number of seconds from {s_lo:g} to {s_hi:g}, got {secs!r}")
+                raise _bad(where, key, f"must be a number of seconds from {s_lo:g} to {s_hi:g}, got {show(secs)}")
             kwargs[key] = float(secs)
     if "network" in data:
         if not isinstance(data["network"], dict):

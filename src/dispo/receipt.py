@@ -157,6 +157,7 @@ class Receipt:
     kept: list[str] = field(default_factory=list)  # objects kept on purpose (a --keep volume)
     # With --log-requests: the requests the guest made, by kind ({"dns": 2, "tcp": 3}); None when not logged.
     requests: dict[str, int] | None = None
+    objects: list[str] = field(default_factory=list)  # what was checked: each journaled object, described
 
     def summary(self) -> dict[str, Any]:
         return {"clean": self.clean, "leftovers": self.leftovers, "checked": self.checked,
@@ -197,6 +198,7 @@ def issue(cfg: Config, *, session_id: str, recorded: list[Entry], state_path: Pa
                 {"name": image.name, "sha256": image.sha256} if image else {}, unchanged, started, time.time(),
                 round(teardown_s, 3) if teardown_s is not None else None, 0.0, exit_status, end_reason)
     r.kept = list(kept or [])
+    r.objects = [entry.describe() for entry in recorded]
     if requests is not None:
         r.requests = {}
         for req in requests:
@@ -204,6 +206,37 @@ def issue(cfg: Config, *, session_id: str, recorded: list[Entry], state_path: Pa
     r.check_s = round(time.monotonic() - t0, 4)
     append(cfg, r)
     return r
+
+
+def owner_died(meta: Mapping[str, Any]) -> str:
+    """The end reason of a session reclaimed from a dead owner's journal."""
+    owner = meta.get("owner")
+    if owner == "dispod":
+        return "reclaimed: its owner (a previous dispod) died"
+    pid = meta.get("owner_pid")
+    who = f"{owner or 'dispo'}, pid {pid}" if isinstance(pid, int) else str(owner or "dispo")
+    return f"reclaimed: its owner ({who}) died"
+
+
+def issue_reclaimed(cfg: Config, *, session_id: str, meta: Mapping[str, Any], entries: list[Entry],
+                    state_path: Path, teardown_s: float) -> Receipt:
+    """The receipt of a session whose owner died (SIGKILL, power loss) and that gc or dispod's start tore down
+    from its journal: the same checks, object by object, as after a normal end. The image is compared with the
+    proof the owner wrote into the journal once it had validated the image (none: not checked)."""
+    image: Image | None = None
+    proof = meta.get("image_proof")
+    if isinstance(proof, dict) and isinstance(meta.get("image"), str):
+        from dispo.images import ImageStore
+
+        try:
+            image = ImageStore(cfg).get(meta["image"])
+        except DispoError:
+            image, proof = None, None
+    created = meta.get("created")
+    return issue(cfg, session_id=session_id, recorded=entries, state_path=state_path, image=image,
+                 proof_before=proof if image is not None and isinstance(proof, dict) else None,
+                 started=float(created) if isinstance(created, int | float) else 0.0, teardown_s=teardown_s,
+                 exit_status=None, end_reason=owner_died(meta))
 
 
 def receipts_path(cfg: Config) -> Path:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from dispo import __version__, config, journal, progress
+from dispo import __version__, config, gc, progress
 from dispo.cli import demo, firecracker, images, net, opener, pool, run, sessions, templates, volumes
 from dispo.cli.common import Terminated
 from dispo.errors import DispoError
@@ -33,7 +33,7 @@ def _sweep_dead(cfg: config.Config) -> None:
     """Every acting command first undoes what sessions of dead owners left (a `dispo run` or dispod killed
     with -9: their VMMs died with them, their taps, rules, leases and disks are still recorded)."""
     try:
-        report = journal.gc(cfg.state_dir)
+        report = gc.reclaim_journals(cfg)  # with a disposal receipt for each reclaimed session
     except (OSError, DispoError) as e:  # not root, no state dir yet: nothing this command can sweep
         logging.getLogger(__name__).debug("sweep of dead sessions skipped: %s", e)
         return

@@ -199,8 +199,9 @@ class Printer:
             r = e.fields["receipt"]
             if r.get("clean"):
                 image = {True: ", image unchanged", False: ", IMAGE CHANGED", None: ""}[r.get("image_unchanged")]
-                self._say(f"session {sid}: disposal receipt clean: {r.get('checked')} host objects checked gone"
-                          f"{image} ('dispo receipt {sid}')")
+                n = r.get("checked")
+                self._say(f"session {sid}: disposal receipt clean: {n} host object{'s' if n != 1 else ''} checked "
+                          f"gone{image} ('dispo receipt {sid}')")
             for what in r.get("kept") or []:
                 self._say(f"session {sid}: kept {what}")
         elif e.kind is EventKind.STATE and e.fields.get("state") == "stopping":

@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
     disk = sub.add_parser(
         "disk", help="open a disposable disk of an image and run a host command on it",
         description="Open a private copy-on-write disk of IMAGE, run CMD on the host with $DISPO_DISK set to its "
-                    "path (without CMD: print the path and wait for Ctrl-C), then delete the disk.")
+                    "path (without CMD, on a terminal: print the path and wait for Ctrl-C), then delete the disk.")
     disk.add_argument("--image", required=True)
     disk.add_argument("--name", help="a name for the session (shown by 'dispo ls')")
     disk.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG ...]")
@@ -106,9 +106,19 @@ def cmd_receipt(args: argparse.Namespace, cfg: Config) -> int:
         if isinstance(requests, dict):  # --log-requests
             counts = ", ".join(f"{n} {kind}" for kind, n in sorted(requests.items())) or "none"
             print(f"  requests the guest made: {counts}")
-        print(f"  ended: {found.get('end_reason') or '-'}; exit status {found.get('exit_status')}; teardown "
-              f"{found.get('teardown_s')} s; check {found.get('check_s')} s")
+        print("  " + "; ".join(_ended(found)))
     return 0 if found.get("clean") else 1
+
+
+def _ended(found: dict[str, Any]) -> list[str]:
+    """How a receipt's session ended, in words: what is not known is left out, never shown as None."""
+    parts = [f"ended: {found.get('end_reason') or 'no reason recorded'}"]
+    status = found.get("exit_status")
+    parts.append(f"exit status {status}" if isinstance(status, int) else "no exit status")
+    for key, what in (("teardown_s", "teardown"), ("check_s", "check")):
+        if isinstance(found.get(key), int | float):
+            parts.append(f"{what} {found[key]} s")
+    return parts
 
 
 def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
@@ -126,6 +136,10 @@ def cmd_verify(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_disk(args: argparse.Namespace, cfg: Config) -> int:
     cmd = command(args.cmd, "dispo disk --image NAME -- CMD [ARG ...]")
+    if not cmd and not sys.stdin.isatty():
+        # Without CMD it waits for Ctrl-C, which only a terminal can send: elsewhere it would wait forever.
+        raise InvalidInput("dispo disk needs a command, or a terminal to wait on for Ctrl-C",
+                           hint="give one: dispo disk --image NAME -- CMD [ARG ...]")
     with open_session(cfg, image=args.image, name=args.name) as s:
         print(f"session {s.session_id}: disk {s.disk}", file=sys.stderr, flush=True)
         if not cmd:

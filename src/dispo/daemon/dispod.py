@@ -175,7 +175,8 @@ class Dispod:
             _write_private(self.paths.token, self.token + "\n")
             _write_private(self.paths.url, self.dashboard_url + "\n")
             where = f"unix:{self.paths.socket}" + (f" and {server.base_url}" if server.base_url else "")
-            self.say(f"listening on {where} (max {self.options.max_sessions} sessions, "
+            most = self.options.max_sessions
+            self.say(f"listening on {where} (max {most} session{'s' if most != 1 else ''}, "
                      f"machinery {self.options.machinery.name})")
             if server.base_url:
                 self.say(f"dashboard: {self.dashboard_url}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from dispo import arch as arches
 from dispo import guest, kernels, progress
 from dispo.config import Config
-from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
+from dispo.errors import CommandError, InvalidInput, NotFound, PermissionProblem, StorageError
 from dispo.imagebuild import recipes, sources
 from dispo.imagebuild.owner import mark_owner
 from dispo.imagebuild.recipes import Recipe
@@ -137,7 +137,7 @@ def _build(cfg: Config, recipe: Recipe, final: Path, *, key: str, apt_sources: s
         _write_overlay(work / "overlay", recipe)
         tree = work / "root"
         _say(f"mmdebstrap {recipe.suite} ({', '.join(recipe.packages)})", quiet)
-        run(["mmdebstrap", "--mode=root", "--format=directory", "--variant=minbase",
+        _mmdebstrap(["mmdebstrap", "--mode=root", "--format=directory", "--variant=minbase",
              f"--architectures={recipe.arch}", f"--include={','.join(recipe.packages)}",
              # Documentation and translations are dead weight in a disposable guest.
              "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-include=/usr/share/doc/*/copyright",
@@ -146,8 +146,7 @@ def _build(cfg: Config, recipe: Recipe, final: Path, *, key: str, apt_sources: s
              # Before the kernel package runs update-initramfs, so the one initrd it makes is the right one.
              f"--essential-hook=sync-in {work / 'overlay'} /",
              "--quiet" if quiet else "--verbose",
-             recipe.suite, tree, work / "apt.sources"],
-            timeout=BUILD_TIMEOUT_S, hint=MMDEBSTRAP_HINT)
+             recipe.suite, tree, work / "apt.sources"], apt_sources)
         out = work / "out"
         out.mkdir()
         kernel_version = _customize(tree, out)
@@ -174,6 +173,40 @@ def _build(cfg: Config, recipe: Recipe, final: Path, *, key: str, apt_sources: s
         raise StorageError(f"build product {final} is incomplete")
     _say(f"built {recipe.name} in {seconds:.1f} s (kernel {kernel_version})", quiet)
     return product
+
+
+def _mmdebstrap(argv: list[str | Path], apt_sources: str) -> None:
+    """Run mmdebstrap; a failure says what failed (MMDEBSTRAP_HINT only when it is not installed)."""
+    try:
+        run(argv, timeout=BUILD_TIMEOUT_S, hint=MMDEBSTRAP_HINT)
+    except CommandError as e:
+        raise mmdebstrap_failure(e, apt_sources) from None
+
+
+# apt's words for a source it could not read: no connection, no name, no route, no Release file, a bad signature.
+_UNREACHABLE = re.compile(r"apt-get update .*failed|Failed to fetch|Could not connect|Could not resolve|"
+                          r"Temporary failure resolving|Connection refused|Network is unreachable|No route to host|"
+                          r"does not have a Release file|is not signed|NO_PUBKEY")
+_NOISE = ("E: mmdebstrap failed to run", "I: main() received signal")
+LAST_LINES, LAST_CHARS = 3, 600
+
+
+def mmdebstrap_failure(e: CommandError, apt_sources: str) -> CommandError:
+    """A failed mmdebstrap as one line: what failed (the package sources, when apt could not read them) and its
+    last error lines. Its whole output stays in the error's `stderr`."""
+    if e.returncode == -1:  # proc.run's timeout
+        return CommandError(e.argv, e.returncode, e.stderr,
+                            hint="the package sources may be slow or unreachable: check them with 'apt-get update'")
+    lines = [ln.strip() for ln in e.stderr.splitlines() if ln.strip() and not ln.strip().startswith(_NOISE)]
+    errors = [ln for ln in lines if ln.startswith(("E:", "W:", "Err:"))] or lines
+    last = " | ".join(errors[-LAST_LINES:])[-LAST_CHARS:] or "no output"
+    if _UNREACHABLE.search(e.stderr):
+        uris = ", ".join(dict.fromkeys(s.uri for s in sources.parse_deb822(apt_sources))) or "none"
+        return CommandError(e.argv, e.returncode, f"{e.stderr}\nthe package sources ({uris}) could not be read: {last}",
+                            hint="check that this host reaches them (network, proxy, DNS; 'apt-get update' shows "
+                                 "it): builds use the host's apt sources")
+    return CommandError(e.argv, e.returncode, f"{e.stderr}\n{last}",
+                        hint="its last lines say why; -vv shows all of its output")
 
 
 def older_builds(root: Path, stem: str, final: Path) -> list[Path]:

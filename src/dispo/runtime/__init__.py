@@ -103,7 +103,7 @@ class Runtime:
     def _check_room_locked(self) -> None:
         users = sum(1 for s in self._live.values() if not s.pool_name)
         if self.max_sessions and users >= self.max_sessions:
-            raise Busy(f"{users} sessions are running, the most this service allows "
+            raise Busy(f"{users} session{'s are' if users != 1 else ' is'} running, the most this service allows "
                        f"(max_sessions = {self.max_sessions})")
 
     def _handed_out(self, live: LiveSession) -> LiveSession:

@@ -231,6 +231,7 @@ class LiveSession:
                         step.run(b)
                         if step.name in ("validate", "template.validate") and b.image is not None:
                             self._image, self._proof = b.image, receipt.image_proof(b.image)
+                            tx.journal.set_meta(image_proof=self._proof)  # for a receipt if this owner dies
                     except DispoError:
                         self.cancel.check()  # stopped meanwhile: say so rather than the step's error
                         raise

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from dispo import profiles
-from dispo.config import Config
+from dispo.config import Config, show
 from dispo.errors import InvalidInput, NotFound
 from dispo.features import Features
 from dispo.imagebuild.recipes import RECIPES
@@ -116,7 +116,8 @@ def _number(key: str, value: Any, where: str) -> int | float:
     if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
         what = "an integer" if integer else "a number of seconds"
         extra = " (this host's memory)" if key == "memory_mib" and hi < s.hi else ""
-        raise InvalidInput(f"{where}{key} {value!r} is out of range: give {what} from {lo:g} to {hi:g}{extra}",
+        problem = "is out of range" if ok_type and not isinstance(value, bool) else f"is not {what}"
+        raise InvalidInput(f"{where}{key} {show(value)} {problem}: give {what} from {lo:g} to {hi:g}{extra}",
                            hint=s.help)
     return int(value) if integer else float(value)
 

@@ -120,31 +120,32 @@ def limit(journal: Journal, name: str, *, memory_mib: int, cpus: float) -> list[
     """A cgroup of its own for one VMM (memory, CPU, pids limits), journaled (kind "jail-cgroup", the undo
     that removes cgroups) before it exists; a leftover of the same name is removed first. Returns the
     directories whose `cgroup.procs` the VMM's pid goes into (`place`), before the VMM runs."""
-    from dispo.vmm.firecracker.jailer import CGROUP_ROOT, PARENT_CGROUP, cgroup_version, remove_cgroups
+    from dispo.vmm.cgroups import find_hierarchy
+    from dispo.vmm.firecracker.jailer import PARENT_CGROUP, remove_cgroups
 
-    version = cgroup_version()
+    hierarchy = find_hierarchy()  # one line naming what is missing when no hierarchy is mounted here
+    version = hierarchy.version
     period = 100_000
     values = {"memory": {"memory.max" if version == 2 else "memory.limit_in_bytes": str(memory_mib << 20)},
               "cpu": ({"cpu.max": f"{int(cpus * period)} {period}"} if version == 2 else
                       {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": str(int(cpus * period))}),
               "pids": {"pids.max": str(PIDS_MAX)}}
+    dirs = hierarchy.dirs(f"{PARENT_CGROUP}/{name}", values)
     if version == 2:
-        dirs = [CGROUP_ROOT / PARENT_CGROUP / name]
         settings = [{k: v for group in values.values() for k, v in group.items()}]
     else:
-        dirs = [CGROUP_ROOT / c / PARENT_CGROUP / name for c in values]
         settings = list(values.values())
     journal.record("jail-cgroup", dirs=":".join(str(d) for d in dirs))
     remove_cgroups(dirs)
     for d, wanted in zip(dirs, settings, strict=True):
         if version == 2:
-            for parent in (CGROUP_ROOT, CGROUP_ROOT / PARENT_CGROUP):
+            for parent in (hierarchy.root, hierarchy.root / PARENT_CGROUP):
                 parent.mkdir(exist_ok=True)
                 with contextlib.suppress(OSError):  # controllers a parent cannot give are refused below
                     (parent / "cgroup.subtree_control").write_text("+memory +cpu +pids")
-        d.mkdir(parents=True, exist_ok=True)
         for key, value in wanted.items():
             try:
+                d.mkdir(parents=True, exist_ok=True)
                 (d / key).write_text(value)
             except OSError as e:
                 raise PermissionProblem(f"cannot set {key} for the VMM's cgroup {d}: {e.strerror}",

@@ -6,8 +6,8 @@ nodes owned by the jail uid, and puts the API socket at /run/firecracker.socket 
 (or reflinks, or copies) the kernel and the session disk in before starting it.
 
 cgroups: --parent-cgroup dispo, so each jail's cgroup is <controller>/dispo/<jail id> (v1) or
-dispo/<jail id> (v2). The shared "dispo" parent stays; the per-jail directories are journaled
-(kind "jail-cgroup") and removed after the process is gone.
+dispo/<jail id> (v2), under the mounts vmm/cgroups.py finds in the mount table. The shared "dispo" parent
+stays; the per-jail directories are journaled (kind "jail-cgroup") and removed after the process is gone.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from dispo.errors import VmmError
 from dispo.journal import Entry, Journal
 from dispo.storage import backends, files
 from dispo.undo import undoer
-from dispo.vmm import sandbox
+from dispo.vmm import cgroups, sandbox
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # the usual place; the code asks cgroups.find_hierarchy() where it is
 PARENT_CGROUP = "dispo"
 SOCKET_INSIDE = Path("/run/firecracker.socket")
 
@@ -48,7 +48,13 @@ class JailSpec:
 
 
 def cgroup_version() -> int:
-    return 2 if (CGROUP_ROOT / "cgroup.controllers").exists() else 1
+    return cgroups.find_hierarchy().version
+
+
+def limited_controllers(spec: JailSpec) -> list[str]:
+    """The cgroup controllers the jail's limits use."""
+    return [c for c, used in (("memory", spec.memory_limit_mib is not None), ("cpu", spec.cpu_quota is not None))
+            if used]
 
 
 def cgroup_args(spec: JailSpec, version: int) -> list[str]:
@@ -66,19 +72,16 @@ def cgroup_args(spec: JailSpec, version: int) -> list[str]:
     return [a for arg in args for a in ("--cgroup", arg)]
 
 
-def cgroup_dirs(jail_id: str, version: int, controllers: Sequence[str]) -> list[Path]:
-    if version == 2:
-        return [CGROUP_ROOT / PARENT_CGROUP / jail_id]
-    return [CGROUP_ROOT / c / PARENT_CGROUP / jail_id for c in controllers]
-
-
 class Jail:
     def __init__(self, spec: JailSpec, session_id: str) -> None:
         self.spec = spec
         self.id = f"dispo-{session_id}"
         self.base_dir = spec.chroot_base / spec.firecracker.name / self.id
         self.root = self.base_dir / "root"
-        self.version = cgroup_version()
+        # Limits need the hierarchy found (or a one-line error now, before anything exists); none: any version.
+        controllers = limited_controllers(spec)
+        self.hierarchy = cgroups.find_hierarchy(controllers) if controllers else None
+        self.version = self.hierarchy.version if self.hierarchy else 2
         self.cgroup_args = cgroup_args(spec, self.version)
 
     @property
@@ -101,9 +104,8 @@ class Jail:
             raise VmmError(f"the jailer only runs a file named like 'firecracker*', not {self.spec.firecracker.name}",
                            hint="rename or link the binary, e.g. firecracker-v1.7.0")
         entries = [journal.record("path", path=str(self.base_dir))]
-        controllers = sorted({a.split(".", 1)[0] for a in self.cgroup_args[1::2]})
-        dirs = cgroup_dirs(self.id, self.version, controllers)
-        if dirs and controllers:
+        if self.hierarchy is not None:
+            dirs = self.hierarchy.dirs(f"{PARENT_CGROUP}/{self.id}", limited_controllers(self.spec))
             entries.append(journal.record("jail-cgroup", dirs=":".join(str(d) for d in dirs)))
             remove_cgroups(dirs)
         backends.remove_tree(self.base_dir)
