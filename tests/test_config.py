@@ -133,6 +133,8 @@ def test_every_error_class_is_listed_in_the_exception_tree() -> None:
         ("[service]\nmax_sessions = -1\n", "service.max_sessions = -1 is not allowed; allowed: a whole number from 1"),
         ("[service]\nmax_connections = 0\n", "service.max_connections = 0 is not allowed"),
         ("[service]\nheader_timeout_s = 0\n", "service.header_timeout_s = 0 is not allowed"),
+        ("[service]\nbody_timeout_s = 0\n", "service.body_timeout_s = 0 is not allowed"),
+        ("[service]\nbody_min_kib_s = -1\n", "service.body_min_kib_s = -1 is not allowed"),
         ('[service]\nlisten = "0.0.0.0"\n', 'service.listen = "0.0.0.0" is not allowed; allowed: "" (the unix'),
         ('[service]\nlisten = "0.0.0.0:8686"\n', "(not a wildcard)"),
         ('[service]\nlisten = "[::]:8686"\n', "(not a wildcard)"),

@@ -287,6 +287,8 @@ CHECKS: dict[str, Check] = {
     "service.max_sessions": _in_range(1, 100_000),
     "service.max_connections": _in_range(1, 100_000),
     "service.header_timeout_s": _in_range(1, 100_000, " (seconds)"),
+    "service.body_timeout_s": _in_range(1, 100_000, " (seconds)"),
+    "service.body_min_kib_s": _in_range(1, 1 << 30, " (KiB a second)"),
     "service.listen": _listen,
     "service.pool": _pool_targets,
     "service.pool_memory_mib": _in_range(0, 1 << 30, " (0: a quarter of the host's memory)"),
