@@ -14,8 +14,18 @@ import pytest
 from dispo import guest, undo
 from dispo.config import Config
 from dispo.errors import CommandError, InvalidInput
-from dispo.imagebuild import INITRD, KERNEL, Product, build_image, build_product, cache_dir, import_product, into
-from dispo.imagebuild import recipes, sources
+from dispo.imagebuild import (
+    INITRD,
+    KERNEL,
+    Product,
+    build_image,
+    build_product,
+    cache_dir,
+    import_product,
+    into,
+    recipes,
+    sources,
+)
 from dispo.imagebuild.undoers import mounts_under
 from dispo.images import ImageStore, Provenance
 from tests.worlds import make_config, sh

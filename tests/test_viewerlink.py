@@ -27,7 +27,7 @@ from dispo.runtime import Event, EventKind
 pytestmark = pytest.mark.root
 
 NOBODY = 65534
-TOKEN = "s3cr3t-t0ken-0123456789abcdef"
+TOKEN = "s3cr3t-t0ken-0123456789abcdef"  # noqa: S105 - a stand-in viewer token
 URL = f"http://127.0.0.1:8123/viewer/0badc0de/{TOKEN}/"
 
 STANDIN = f"""#!{sys.executable}
