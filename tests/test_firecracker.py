@@ -372,3 +372,48 @@ def test_firecracker_vmm_implements_the_vmm_interface(cfg: Config, tmp_path: Pat
         vmm.stop()  # idempotent: nothing left to stop, nothing raised
         assert processes_mentioning(f"dispo-{s.session_id}") == []
         assert [e.kind for e in s.journal.entries if e.kind == "process"] == []
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def test_without_a_jailer_firecracker_runs_in_dispos_own_sandbox(cfg: Config, netns: str, tmp_path: Path) -> None:
+    """No jailer of its version: firecracker gets QEMU's sandbox (its own uid/gid, no capabilities, no new
+    privileges, a mount namespace of its own with a private /dev, cgroups of its own), and the guest runs."""
+    from dispo.vmm.firecracker.jailer import JailSpec
+
+    assert FC is not None
+    with transaction(cfg, purpose="firecracker test") as s:
+        sid = s.session_id
+        spec = machine(s, tmp_path, taps=(make_tap(f"dsq-{sid}"),))
+        jail = JailSpec(jailer=tmp_path / "no-jailer", firecracker=FC, chroot_base=tmp_path / "jail",
+                        memory_limit_mib=spec.memory_mib + 256, cpu_quota=1.0, own=True)
+        vmm = FirecrackerVmm(spec, options(jail=jail, vsock_cid=3))
+        vmm.start(s.journal)  # the jail's path is longer than a socket address: dispo connects through an fd
+        assert vmm.pid is not None and vmm.jail is not None and len(str(vmm.jail.socket)) > 108
+        assert console_has(vmm, GUEST_LINE), vmm.console_tail()
+        uid = vmm.jail.ids[0]
+        st = _status(vmm.pid)
+        assert st["Uid"].split() == [str(uid)] * 4 and st["Gid"].split() == [str(uid)] * 4
+        assert uid >= 1 << 30 and st["Groups"] == ""
+        assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0 and int(st["CapPrm"], 16) == 0
+        assert st["NoNewPrivs"] == "1"
+        assert os.readlink(f"/proc/{vmm.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        assert f"/dispo/dispo-{sid}" in Path(f"/proc/{vmm.pid}/cgroup").read_text()
+        assert vmm.jail.cgroups and all(str(vmm.pid) in (d / "cgroup.procs").read_text().split()
+                                        for d in vmm.jail.cgroups)
+        # What it sees of the host: its own /dev, none of the host's data directories.
+        root = Path(f"/proc/{vmm.pid}/root")
+        assert sorted(p.name for p in (root / "dev").iterdir()) == ["kvm", "net", "null", "urandom"]
+        assert (root / "dev/kvm").stat().st_uid == uid
+        assert list((root / "tmp").iterdir()) == []
+        assert vmm.api is not None  # it opened its tap (owned by its uid) by name, without CAP_NET_ADMIN
+        assert vmm.api.get_vm_config()["network-interfaces"][0]["host_dev_name"] == f"dsq-{sid}"
+        snap = vmm.snapshot(s.state_path / "snap")  # written where it may write, taken out by dispo
+        assert snap.mem.stat().st_size == 32 << 20 and snap.mem.stat().st_uid == 0
+        vmm.stop(timeout=4)
+        assert processes_mentioning(f"dispo-{sid}") == []
+        assert not vmm.jail.base_dir.exists() and not any(d.exists() for d in vmm.jail.cgroups)
+    assert leftovers(cfg, sid)["journals"] == []

@@ -185,15 +185,12 @@ def test_dead_socket_is_a_one_line_error(tmp_path: Path) -> None:
         api.describe_instance()
 
 
-def test_no_jailer_refuses_a_browser_and_warns_otherwise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """jail = "auto" and no jailer of the firecracker's version: a session with an app on a display (what dispo
-    exists to contain) is refused with a way out; a command session runs, with a warning; jail = "off" is
-    the explicit acceptance."""
+def test_no_jailer_means_dispos_own_sandbox_not_root(tmp_path: Path) -> None:
+    """jail = "auto" and no jailer of the firecracker's version: every session (a browser or a command) gets
+    dispo's own sandbox (test_firecracker.py runs it for real); jail = "off" is the explicit acceptance of root."""
     import dataclasses
-    import logging
 
     from dispo.config import Config, FirecrackerConfig, JailMode
-    from dispo.errors import PermissionProblem
     from dispo.vmm.base import MachineSpec
     from dispo.vmm.firecracker import backend
 
@@ -204,11 +201,9 @@ def test_no_jailer_refuses_a_browser_and_warns_otherwise(tmp_path: Path, caplog:
         binary=str(fake_binary), jailer=str(tmp_path / "no-jailer"), jail=JailMode.AUTO))
     spec = MachineSpec("0badc0de", tmp_path / "vmlinux", tmp_path / "disk", tmp_path)
     browser = dataclasses.replace(spec, extra={"untrusted_app": "1"})
-    with pytest.raises(PermissionProblem, match="would run firecracker as root") as e:
-        backend.create(cfg, browser)
-    assert 'jail = "off"' in e.value.hint
-    with caplog.at_level(logging.WARNING):
-        assert backend.create(cfg, spec).jail is None
-    assert "runs as root without the jailer" in caplog.text
+    for s in (spec, browser):  # never root: dispo's own sandbox (its uid, no capabilities, namespace, cgroups)
+        jail = backend.create(cfg, s).jail
+        assert jail is not None and jail.spec.own and jail.executable == fake_binary
+        assert jail.spec.memory_limit_mib == s.memory_mib + backend.MEMORY_OVERHEAD_MIB
     off = dataclasses.replace(cfg, firecracker=dataclasses.replace(cfg.firecracker, jail=JailMode.OFF))
     assert backend.create(off, browser).jail is None

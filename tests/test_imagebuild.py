@@ -15,9 +15,20 @@ import pytest
 from dispo import guest, undo
 from dispo.config import Config
 from dispo.errors import CommandError, InvalidInput
-from dispo.imagebuild import build_image, build_product, cache_dir, recipes, sources
+from dispo.imagebuild import (
+    INITRD,
+    KERNEL,
+    Product,
+    build_image,
+    build_product,
+    cache_dir,
+    import_product,
+    into,
+    recipes,
+    sources,
+)
 from dispo.imagebuild.undoers import mounts_under
-from dispo.images import ImageStore
+from dispo.images import ImageStore, Provenance
 from tests.worlds import make_config, sh
 
 DEB822 = """\
@@ -233,3 +244,77 @@ def test_parallel_builds_of_one_recipe_build_once(tmp_path: Path, monkeypatch: p
     for t in threads:
         t.join(30)
     assert len(builds) == 1 and len(got) == 2 and got[0].path == got[1].path
+
+
+def _hostile_rootfs(tmp_path: Path, marker: Path) -> Path:
+    """An ext4 root whose apt-get escapes a chroot to the host, as the attack in issue 20 did: the chroot has the
+    host's /proc, and /proc/$PPID/root is the host's / for the parent dispo started it from."""
+    root = tmp_path / "evil.root"
+    for binary in ("/bin/sh", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"):
+        (root / binary.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(binary, root / binary.lstrip("/"))
+    apt = root / "usr/bin/apt-get"
+    apt.parent.mkdir(parents=True)
+    apt.write_text(f"#!/bin/sh\necho owned > /proc/$PPID/root{marker}\n")
+    apt.chmod(0o755)
+    (root / "etc/ssh/sshd_config.d").mkdir(parents=True)
+    sh("mkfs.ext4", "-q", "-F", "-d", root, tmp_path / "evil.ext4", "32M")
+    return tmp_path / "evil.ext4"
+
+
+@pytest.mark.root
+def test_from_refuses_an_imported_image_and_runs_none_of_its_code(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop mount, chroot)")
+    monkeypatch.setenv("DISPO_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = make_config(tmp_path / "ws", tmp_path / "state")
+    marker = tmp_path / "written-by-the-image"
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"a kernel file")
+    store = ImageStore(cfg)
+    # Imported with everything a bootable image has, and an attempt to claim it was built: the import's own
+    # provenance wins over any metadata it is handed.
+    store.import_(_hostile_rootfs(tmp_path, marker), "evil", quiet=True, extra_files={"vmlinuz": kernel},
+                  extra_meta={"kernel": "vmlinuz", "arch": "x86_64", "vmms": ["qemu"], "provenance": "built"})
+    assert store.get("evil").provenance is Provenance.IMPORTED
+    with pytest.raises(InvalidInput, match="'evil' was imported, not built or fetched by dispo") as e:
+        into.build_from(cfg, "chromium", "evil", quiet=True)
+    assert "\n" not in e.value.one_line() and "(hint: " in e.value.one_line()
+    assert not marker.exists()  # nothing of the image ran
+    assert _leftovers(tmp_path / "cache", cfg) == []
+    assert [i.name for i in store.list()] == ["evil"]
+    assert not mounts_under(tmp_path)
+
+
+class _AtTheChroot(Exception):
+    pass
+
+
+@pytest.mark.root
+def test_from_accepts_a_dispo_built_image_up_to_running_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop mount, chroot)")
+    monkeypatch.setenv("DISPO_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = make_config(tmp_path / "ws", tmp_path / "state")
+    marker = tmp_path / "written-by-the-image"
+    product = tmp_path / "product"
+    product.mkdir()
+    shutil.copy(_hostile_rootfs(tmp_path, marker), product / "rootfs.ext4")
+    for f in (KERNEL, INITRD):
+        (product / f).write_bytes(b"from the build")
+    import_product(cfg, recipes.MINIMAL, Product(product, "minimal", "0" * 16, "6.1.0", 1.0), "built", quiet=True)
+    assert ImageStore(cfg).get("built").provenance is Provenance.BUILT
+    ran: list[tuple[str, ...]] = []
+
+    def chroot(tree: Path, *argv: str, timeout: float = 0) -> None:
+        ran.append(argv)
+        raise _AtTheChroot  # the point where the image's code would run: the real path got this far
+
+    monkeypatch.setattr(into, "_chroot", chroot)
+    with pytest.raises(_AtTheChroot):
+        into.build_from(cfg, "chromium", "built", quiet=True)
+    assert ran == [("apt-get", "update", "-q")]
+    assert not marker.exists()
+    assert _leftovers(tmp_path / "cache", cfg) == []
+    assert not mounts_under(tmp_path)

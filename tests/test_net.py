@@ -179,10 +179,11 @@ def test_policy_allow_and_deny(world: NetWorld) -> None:
 
 # A reader on the real tap, doing what a VMM does: open it by name (IFF_TAP | IFF_NO_PI), then speak
 # Ethernet as the guest: ARP for the gateway, ping the gateway (allowed), ping a host address on another
-# interface (refused by the firewall: no answer).
+# interface (refused by the firewall: no answer), ARP for the host's other addresses (the host's uplink and
+# LAN addresses: no answer, so the guest learns only its gateway).
 TAP_READER = r'''
 import fcntl, os, select, socket, struct, sys, json
-name, mac, ip, gw, lan, out = sys.argv[1:7]
+name, mac, ip, gw, lan, up, out = sys.argv[1:8]
 fd = os.open("/dev/net/tun", os.O_RDWR)
 fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", name.encode(), 0x0002 | 0x1000))
 gmac = bytes.fromhex(mac.replace(":", ""))
@@ -196,16 +197,19 @@ def csum(b):
     if len(b) % 2: b += b"\0"
     s = sum(struct.unpack(f"!{len(b)//2}H", b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16
     return (~s) & 0xFFFF
-arp = b"\xff" * 6 + gmac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + gmac + gip + b"\0" * 6 + gwip
-gwmac = None
-for attempt in range(6):  # a guest retries ARP too: the first frame may race the link coming up
-    os.write(fd, arp)
-    for f in frames(0.5):
-        if f[12:14] == b"\x08\x06" and struct.unpack("!H", f[20:22])[0] == 2 and f[28:32] == gwip:
-            gwmac = f[22:28]; break
-    if gwmac:
-        break
+def arp_for(target, tries):
+    arp = b"\xff" * 6 + gmac + b"\x08\x06" + struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + gmac + gip + b"\0" * 6 + target
+    for attempt in range(tries):  # a guest retries ARP too: the first frame may race the link coming up
+        os.write(fd, arp)
+        for f in frames(0.5):
+            if f[12:14] == b"\x08\x06" and struct.unpack("!H", f[20:22])[0] == 2 and f[28:32] == target:
+                return f[22:28]
+    return None
+gwmac = arp_for(gwip, 6)
 res = {"arp": gwmac is not None}
+if gwmac:  # the link is up and answering: now ask for the host's other addresses
+    res["arp_host_lan"] = arp_for(lanip, 2) is not None
+    res["arp_host_up"] = arp_for(socket.inet_aton(up), 2) is not None
 def ping(dst, ident):
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, 1) + b"dispo"
     icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
@@ -233,7 +237,7 @@ def test_real_tap_is_created_journaled_usable_and_removed(world: NetWorld) -> No
     cmd = (f'cp "{w.state_dir}/sessions/$DISPO_SESSION/state.json" "{snap}"; '
            f'ip -j -d addr show dev "$DISPO_TAP" > "{link_json}"; '
            f'{sys.executable} "{script}" "$DISPO_TAP" "$DISPO_MAC" "$DISPO_GUEST_IP" "$DISPO_GATEWAY" '
-           f'{HOST_LAN} "{out}"; echo "$DISPO_KERNEL_ARGS"')
+           f'{HOST_LAN} {HOST_UP} "{out}"; echo "$DISPO_KERNEL_ARGS"')
     proc = w.dispo("net", "run", "--", "sh", "-c", cmd)
     assert proc.returncode == 0, proc.stderr
     # Journal: every object recorded (they were recorded before creation: see the order).
@@ -249,7 +253,8 @@ def test_real_tap_is_created_journaled_usable_and_removed(world: NetWorld) -> No
     assert f"dispo session {sid}" in link["ifalias"]
     assert [a["local"] for a in link["addr_info"] if a["family"] == "inet"] == ["172.20.0.1"]
     assert not [a for a in link["addr_info"] if a["family"] == "inet6"]  # IPv6 is off on the tap
-    assert json.loads(out.read_text()) == {"arp": True, "ping_gateway": True, "ping_host_lan": False}
+    assert json.loads(out.read_text()) == {"arp": True, "arp_host_lan": False, "arp_host_up": False,
+                                               "ping_gateway": True, "ping_host_lan": False}
     assert proc.stdout.split() == ["dispo.ip=172.20.0.2/30", "dispo.gw=172.20.0.1", "dispo.dns=192.0.2.53",
                                    "dispo.mac=06:00:ac:14:00:02"]
     assert_nothing_left(w, set())

@@ -30,7 +30,7 @@ from dispo import arch as arches
 from dispo import kernels, treefs, workspace
 from dispo.config import Config
 from dispo.errors import DispoError, InvalidInput, NotFound, StorageError
-from dispo.images import Image, ImageStore
+from dispo.images import Image, ImageStore, Provenance
 from dispo.names import check_name
 from dispo.proc import run
 from dispo.progress import Progress
@@ -304,5 +304,5 @@ def fetch_image(cfg: Config, name: str, *, base: str | None = None, arch: str | 
                         "ssh_key": "ssh_key", "ssh_user": "root",
                         "upstream": {"base": base, "folder": art.folder, "kernel": art.kernel,
                                      "rootfs": art.rootfs, "ssh_key": art.ssh_key}},
-            tx=tx)
+            tx=tx, provenance=Provenance.FETCHED)
     return image

@@ -3,6 +3,10 @@
 images/<name>/ holds rootfs.ext4 and image.json, sealed read-only by the storage backend. An import
 builds in images/.import-<session-id>-<name>/, recorded in a journal before it exists, and is renamed
 into place only when complete, so a failed or killed import leaves nothing that looks like an image.
+
+image.json records the image's provenance, written by dispo itself and sealed with the image: "built" (`dispo
+image build`, a recipe or `--from`), "fetched" (`dispo image fetch`) or "imported" (`dispo image import`: a file
+the user handed in). Only a built or fetched image's code may ever run on the host (`--from`, imagebuild/into.py).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,29 @@ META = "image.json"
 E2FS_HINT = "install e2fsprogs"
 
 
+class Provenance(StrEnum):
+    BUILT = "built"        # dispo image build: dispo made the tree from a recipe (or from a trusted image)
+    FETCHED = "fetched"    # dispo image fetch: Firecracker's CI artifacts, checksums checked
+    IMPORTED = "imported"  # dispo image import: a file the user handed in, whatever it contains
+
+    @property
+    def trusted(self) -> bool:
+        """Whether dispo made or fetched it: the only images whose code dispo may run on the host."""
+        return self is not Provenance.IMPORTED
+
+
+def _provenance(meta: Mapping[str, Any]) -> Provenance:
+    if "provenance" in meta:
+        return Provenance(meta["provenance"])
+    # image.json from before provenance was recorded: the keys only a build or a fetch ever wrote (an import
+    # writes none of them), sealed with the image all the same.
+    if "recipe" in meta:
+        return Provenance.BUILT
+    if "upstream" in meta:
+        return Provenance.FETCHED
+    return Provenance.IMPORTED
+
+
 @dataclass(frozen=True)
 class Image:
     name: str
@@ -49,6 +77,7 @@ class Image:
     arch: str = "x86_64"
     vmms: tuple[str, ...] = ()
     vmlinux: str = ""  # the kernel as an ELF vmlinux, for Firecracker on x86_64 (when `kernel` is a bzImage)
+    provenance: Provenance = Provenance.IMPORTED
 
     @property
     def rootfs(self) -> Path:
@@ -71,7 +100,7 @@ class Image:
                        source=meta.get("source", ""), kernel=str(meta.get("kernel", "")),
                        initrd=str(meta.get("initrd", "")), cmdline=tuple(map(str, meta.get("cmdline", ()))),
                        arch=str(meta.get("arch", "x86_64")), vmms=tuple(map(str, meta.get("vmms", ()))),
-                       vmlinux=str(meta.get("vmlinux", "")))
+                       vmlinux=str(meta.get("vmlinux", "")), provenance=_provenance(meta))
         except (OSError, ValueError, KeyError) as e:
             raise StorageError(f"image at {path} has no valid {META}: {e}",
                                hint=f"remove it with 'dispo image rm {path.name}' and import it again") from None
@@ -107,12 +136,13 @@ class ImageStore:
 
     def import_(self, src: Path, name: str, size: int | None = None, *, quiet: bool = False,
                 extra_files: Mapping[str, Path] | None = None, extra_meta: Mapping[str, Any] | None = None,
-                tx: Transaction | None = None) -> Image:
+                tx: Transaction | None = None, provenance: Provenance = Provenance.IMPORTED) -> Image:
         """Import a raw ext4 filesystem as image `name`, optionally grown to `size` bytes.
 
         `extra_files` (file name in the image -> source) carries a kernel and initrd; `extra_meta` adds
         keys such as kernel, initrd, cmdline, arch and vmms to image.json (never the core keys). With `tx`, the
-        import joins the caller's transaction (a fetch or a build): one journal, undone by the caller's unwind."""
+        import joins the caller's transaction (a fetch or a build): one journal, undone by the caller's unwind.
+        `provenance` is a core key: only dispo's build and fetch say anything but "imported"."""
         check_name(name, what="image name")
         src = Path(src)
         if not src.exists():
@@ -148,6 +178,7 @@ class ImageStore:
                 **(extra_meta or {}),
                 "name": name, "size": (tmp / ROOTFS).stat().st_size, "sha256": digest, "storage": kind.value,
                 "created": time.time(), "source": str(src.resolve()), "format": 1,
+                "provenance": provenance.value,
             }
             (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
             be.seal(tmp)

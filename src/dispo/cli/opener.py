@@ -14,14 +14,14 @@ import argparse
 import os
 from typing import Any
 
-from dispo.cli import run
+from dispo.cli import run, viewerlink
 from dispo.config import Config
 from dispo.errors import InvalidInput
 from dispo.profiles import DisplayMode
 from dispo.runtime.request import check_url
 
 DEFAULT_PROFILE = "chromium"
-LOOP_ENV = "DISPO_OPENING"  # set while `dispo open` opens its viewer: a nested `dispo open` is a loop
+LOOP_ENV = viewerlink.LOOP_ENV  # set while `dispo open` opens its viewer: a nested `dispo open` is a loop
 
 
 def register(sub: Any) -> None:

@@ -16,12 +16,12 @@ import signal
 import subprocess
 import sys
 import time
-import webbrowser
 from pathlib import Path
 from typing import Any, TextIO
 
 from dispo import errors, journal, ssh
 from dispo.cli.common import Terminated, command, dispod_client, escape_terminal
+from dispo.cli.viewerlink import ViewerLink
 from dispo.config import Config
 from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import DispoError, InvalidInput, JournalError, NotFound, VmmError
@@ -167,8 +167,8 @@ def _request(args: argparse.Namespace, cfg: Config) -> tuple[SessionRequest, dic
 class Printer:
     """Turns a session's events into the CLI's lines; the same for an in-process session and dispod's."""
 
-    def __init__(self, *, open_viewer: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
-        self.open_viewer = open_viewer
+    def __init__(self, *, link: ViewerLink | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        self.link = link  # --open: the viewer goes to the desktop's browser through this redirect file
         self.out, self.err = out, err
         self.t0 = time.monotonic()
 
@@ -182,8 +182,8 @@ class Printer:
             url = str(e.fields.get("url", ""))
             self._say(f"session {sid}: viewer at {url}")
             print(url, file=self.out, flush=True)
-            if self.open_viewer:
-                _open(url, self.err)
+            if self.link is not None and not self.link.open(url):
+                self._say("no browser to open the viewer with; open the URL above")
         elif e.kind is EventKind.OUTPUT:
             stream = self.out if e.fields.get("stream") == "stdout" else self.err
             data = base64.b64decode(str(e.fields.get("data", "")))
@@ -225,20 +225,6 @@ class Printer:
         print(f"dispo: {text}", file=self.err, flush=True)
 
 
-def _open(url: str, err: TextIO) -> None:
-    # As root, a desktop browser is usually not wanted or not allowed; say so instead of failing. The marker
-    # lets a `dispo open` that the desktop starts for this very URL (dispo as its http handler) see the loop.
-    os.environ["DISPO_OPENING"] = "1"
-    try:
-        if webbrowser.open(url):
-            return
-    except webbrowser.Error:
-        pass
-    finally:
-        del os.environ["DISPO_OPENING"]
-    print("dispo: no browser to open the viewer with; open the URL above", file=err)
-
-
 def show_console(text: str, path: Path | None = None) -> None:
     from dispo.vmm.base import tail
 
@@ -259,7 +245,13 @@ def _outcome(exit_status: int | None, error: DispoError | None) -> int:
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     req, body, cli = _request(args, cfg)
-    printer = Printer(open_viewer=cli["open"])
+    with contextlib.ExitStack() as stack:
+        # --open: the redirect file lives as long as the session (and this command) does.
+        link = stack.enter_context(ViewerLink(cfg)) if cli["open"] else None
+        return _run(cfg, req, body, cli, Printer(link=link))
+
+
+def _run(cfg: Config, req: SessionRequest, body: dict[str, Any], cli: dict[str, Any], printer: Printer) -> int:
     saving: tuple[Path, int] | None = None
     if cli["downloads"] is not None:
         saving = (cli["downloads"], open_directory(cli["downloads"]))  # checked before anything starts

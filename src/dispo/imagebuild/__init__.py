@@ -28,7 +28,7 @@ from dispo.errors import CommandError, InvalidInput, NotFound, PermissionProblem
 from dispo.imagebuild import recipes, sources
 from dispo.imagebuild.owner import mark_owner
 from dispo.imagebuild.recipes import Recipe
-from dispo.images import Image, ImageStore
+from dispo.images import Image, ImageStore, Provenance
 from dispo.names import check_name, format_size
 from dispo.proc import run, which
 from dispo.txn import transaction
@@ -331,6 +331,7 @@ def import_product(cfg: Config, recipe: Recipe, product: Product, name: str, *, 
             raise NotFound(f"build product file {f} is missing", hint="rebuild with --rebuild")
     if exists:
         store.remove(name)
-    image = store.import_(product.rootfs, name, quiet=quiet, extra_files=extra_files, extra_meta=extra_meta)
+    image = store.import_(product.rootfs, name, quiet=quiet, extra_files=extra_files, extra_meta=extra_meta,
+                          provenance=Provenance.BUILT)
     _say(f"image {image.name}: {format_size(image.size)} root filesystem, kernel {product.kernel_version}", quiet)
     return image

@@ -7,6 +7,12 @@ chroot there with the host's resolver, then `mkfs.ext4 -d` makes the new root fi
 the source image's kernel, initrd and command line. The source image's own apt sources decide where the
 packages come from, so they must offer the recipe's package names (Debian does; Ubuntu ships its browsers
 as snaps, which need a running snapd and cannot be installed this way).
+
+The source image's own programs (apt-get, dpkg, maintainer scripts) run as root in that chroot, which is no
+boundary for root: they could reach the host (through /proc/PID/root, for one). So `--from` takes only images
+dispo itself built or fetched (images.Provenance, recorded and sealed by dispo at build or fetch time); an
+imported image is refused before anything exists. (Running the install in a disposable guest instead would
+lift that limit.)
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem
 from dispo.imagebuild import BUILD_TIMEOUT_S, _fs_size_mib, _say, cache_dir, recipes
 from dispo.imagebuild.owner import mark_owner
-from dispo.images import Image, ImageStore
+from dispo.images import Image, ImageStore, Provenance
 from dispo.names import check_name, format_size
 from dispo.proc import minimal_env, run, which
 from dispo.txn import transaction
@@ -38,6 +44,11 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
                quiet: bool = False) -> Image:
     store = ImageStore(cfg)
     src = store.get(src_name)
+    if not src.provenance.trusted:
+        raise InvalidInput(f"image {src.name!r} was imported, not built or fetched by dispo: --from would run its "
+                           f"programs (apt-get, dpkg, maintainer scripts) as root on this host",
+                           hint="install into an image from 'dispo image build' or 'dispo image fetch', or build "
+                                "the recipe on its own: 'dispo image build RECIPE'")
     # The recipe for the source image's architecture (its kernel packages are the source's own).
     recipe = recipes.get(recipe_name, src.arch)
     name = check_name(name or f"{src.name}-{recipe.name}", what="image name")
@@ -96,7 +107,7 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
         if exists:
             store.remove(name)
         image = store.import_(out / "rootfs.ext4", name, quiet=quiet, extra_files=extra_files, extra_meta=meta,
-                              tx=tx)
+                              tx=tx, provenance=Provenance.BUILT)
     _say(f"image {image.name}: {recipe.name} installed into {src.name} in {time.monotonic() - t0:.1f} s "
          f"({format_size(image.size)} root filesystem)", quiet)
     return image
@@ -105,7 +116,7 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
 def _install(tree: Path, packages: tuple[str, ...], quiet: bool) -> None:
     """apt-get install in a chroot with a fresh proc and sysfs, a minimal /dev of its own (never the host's)
     and the host's resolver; all unmounted after (and by the build-dir undoer if dispo dies meanwhile). The
-    source image's code runs as root in that chroot: `--from` is for images you trust."""
+    source image's code runs as root in that chroot: build_from lets only dispo's own images get here."""
     # The tree is the source image's: every write below goes through treefs (no link is followed).
     saved = treefs.rename(tree, "etc/resolv.conf", ".resolv.conf.dispo-saved")
     treefs.write_file(tree, "etc/resolv.conf", Path("/etc/resolv.conf").read_bytes())

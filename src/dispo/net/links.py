@@ -9,6 +9,11 @@ device in a test stand-in namespace.
 Every link gets strict reverse-path filtering (`rp_filter=1`) when it is made. The kernel applies the larger
 of the link's value and `all`'s, so a host with loose filtering (`all` = 2) keeps it loose: the firewall's
 prerouting rule (firewall.py) is what holds there; the sysctl is the second wall where the host allows it.
+
+Every link also answers ARP only for its own address, and only to its own subnet (`arp_ignore=2`), and names
+only its own address in the ARP requests it sends (`arp_announce=2`): by default Linux answers for all of the
+host's addresses on any link, which would tell a guest the host's LAN and uplink addresses. The kernel applies
+the larger of the link's value and `all`'s, so these never loosen a stricter host.
 """
 
 from __future__ import annotations
@@ -202,6 +207,15 @@ def _strict_rp_filter(name: str) -> None:
         raise NetworkError(f"cannot set strict reverse-path filtering on {name}: {e.strerror}") from None
 
 
+def _quiet_arp(name: str) -> None:
+    # See the module docstring: the guest learns only its gateway's address from ARP.
+    for key, value in (("arp_ignore", "2"), ("arp_announce", "2")):
+        try:
+            Path(f"/proc/sys/net/ipv4/conf/{name}/{key}").write_text(f"{value}\n")
+        except OSError as e:
+            raise NetworkError(f"cannot set {key} on {name}: {e.strerror}") from None
+
+
 def rp_filter(name: str) -> int | None:
     """The link's own net.ipv4.conf.<name>.rp_filter, or None when there is no such link."""
     try:
@@ -249,6 +263,7 @@ def _configure_host_side(ipr: IPRoute, name: str, gateway: ipaddress.IPv4Interfa
     ipr.link("set", index=index, ifalias=alias)
     _disable_ipv6(name)
     _strict_rp_filter(name)
+    _quiet_arp(name)
     ipr.addr("add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
     ipr.link("set", index=index, state="up")
 

@@ -95,6 +95,26 @@ def hide_host(extra: tuple[str, ...] = ()) -> list[str]:
             *HIDDEN, *extra, "--"]
 
 
+# A /dev of the VMM's own (a wrapper after hide_host, still root): an empty tmpfs over the host's /dev with only
+# the nodes a VMM that opens its devices by path needs (Firecracker: /dev/kvm, /dev/net/tun), owned by its uid,
+# and the harmless /dev/null and /dev/urandom. The host's nodes stay root-only; nothing else of /dev is seen.
+_DEV = ('mount -t tmpfs -o mode=755,nosuid,noexec,size=64k dispo-dev /dev && mkdir /dev/net || exit 96; '
+        'while [ "$1" != -- ]; do mknod -m "$2" "$1" c "$3" "$4" && chown "$5:$5" "$1" || exit 96; '
+        'shift 5; done; shift; exec "$@"')
+_PRIVATE_DEVICES = (("/dev/null", "666", False), ("/dev/urandom", "444", False), ("/dev/kvm", "600", True),
+                    ("/dev/net/tun", "600", True))
+
+
+def private_dev(uid: int) -> list[str]:
+    """A wrapper (inside hide_host's namespace, before privileges are dropped) that gives the VMM a /dev of its
+    own: the devices it needs, `uid`'s alone where they grant anything (kvm, tun), then execs its argv."""
+    nodes: list[str] = []
+    for path, mode, owned in _PRIVATE_DEVICES:
+        rdev = os.stat(path).st_rdev
+        nodes += [path, mode, str(os.major(rdev)), str(os.minor(rdev)), str(uid if owned else 0)]
+    return ["/bin/sh", "-c", _DEV, "private-dev", *nodes, "--"]
+
+
 def open_file(path: Path, *, write: bool = False) -> int:
     """An O_NOFOLLOW descriptor of path for the VMM (closed in dispo once handed over)."""
     flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC

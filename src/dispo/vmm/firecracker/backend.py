@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dispo.config import Config, JailMode
-from dispo.errors import PermissionProblem
 from dispo.vmm.base import MachineSpec
 from dispo.vmm.firecracker.api import Request
 from dispo.vmm.firecracker.binaries import find_firecracker, jail_pair
@@ -40,13 +39,11 @@ def create(cfg: Config, spec: MachineSpec, *, on_request: Callable[[Request], No
     else:
         binary = find_firecracker(cfg)
         if cfg.firecracker.jail is JailMode.AUTO:
-            if spec.extra.get("untrusted_app"):
-                raise PermissionProblem(
-                    "no jailer of the firecracker's version: a browser session would run firecracker as root",
-                    hint="install a matching jailer ('dispo firecracker install'), or accept it with "
-                         "[firecracker] jail = \"off\" in the config")
-            log.warning("firecracker runs as root without the jailer (none of its version found); "
-                        "set [firecracker] jail = \"off\" to say that is intended")
+            # No jailer of its version: never root all the same, but dispo's own sandbox (jailer.py).
+            jail = JailSpec(jailer=Path(), firecracker=binary, chroot_base=jail_base(spec),
+                            memory_limit_mib=spec.memory_mib + MEMORY_OVERHEAD_MIB, cpu_quota=float(spec.vcpus),
+                            own=True)
+            log.info("no jailer of the firecracker's version: firecracker runs in dispo's own sandbox")
     if vsock_cid is None and spec.extra.get("agent"):
         vsock_cid = 3  # the identity agent's channel; every guest has its own vsock, so the same CID is fine
     options = FirecrackerOptions(binary=binary, jail=jail, vsock_cid=vsock_cid, entropy=True,

@@ -8,6 +8,13 @@ nodes owned by the jail uid, and puts the API socket at /run/firecracker.socket 
 cgroups: --parent-cgroup dispo, so each jail's cgroup is <controller>/dispo/<jail id> (v1) or
 dispo/<jail id> (v2), under the mounts vmm/cgroups.py finds in the mount table. The shared "dispo" parent
 stays; the per-jail directories are journaled (kind "jail-cgroup") and removed after the process is gone.
+
+Without a jailer of the firecracker's version (JailSpec.own), dispo jails firecracker itself with QEMU's
+sandbox (vmm/sandbox.py): the same per-session directory, files and uid, but instead of a chroot a mount
+namespace of its own (the host's data directories under empty tmpfs, a /dev with only its devices, owned by its
+uid), setpriv (its uid/gid, no capabilities, no new privileges) and cgroups of its own (`sandbox.limit`). Its
+working directory is the jail directory and every path it is given is relative to it, so it reaches exactly the
+files placed there.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class JailSpec:
     memory_limit_mib: int | None = None   # hard limit for the whole VMM process (guest RAM + overhead)
     cpu_quota: float | None = None        # in CPUs, e.g. 1.5
     netns: Path | None = None             # a network namespace file (/run/netns/NAME) to join
+    own: bool = False  # no jailer: dispo's own sandbox (module docstring); `jailer` is then not run
 
 
 def cgroup_version() -> int:
@@ -79,18 +87,31 @@ class Jail:
         self.base_dir = spec.chroot_base / spec.firecracker.name / self.id
         self.root = self.base_dir / "root"
         # Limits need the hierarchy found (or a one-line error now, before anything exists); none: any version.
-        controllers = limited_controllers(spec)
+        # Own sandbox: sandbox.limit finds it when it makes the cgroups.
+        controllers = [] if spec.own else limited_controllers(spec)
         self.hierarchy = cgroups.find_hierarchy(controllers) if controllers else None
         self.version = self.hierarchy.version if self.hierarchy else 2
-        self.cgroup_args = cgroup_args(spec, self.version)
+        self.cgroup_args = [] if spec.own else cgroup_args(spec, self.version)
+        self.cgroups: list[Path] = []  # own: the cgroups the process goes into (sandbox.limit)
+        self._root_fd = -1  # own: the jail directory, for short socket addresses (connect_path)
+
+    @property
+    def executable(self) -> Path:
+        """What runs first: the jailer, or firecracker itself in dispo's own sandbox."""
+        return self.spec.firecracker if self.spec.own else self.spec.jailer
 
     @property
     def socket(self) -> Path:
-        return self.host(SOCKET_INSIDE)
+        return self.host(self.inside(SOCKET_INSIDE.name) if self.spec.own else SOCKET_INSIDE)
+
+    def inside(self, name: str) -> Path:
+        """How firecracker names the jail's file `name`: /name in the jailer's chroot, name relative to its
+        working directory in dispo's own sandbox."""
+        return Path(name) if self.spec.own else Path("/") / name
 
     def host(self, inside: Path) -> Path:
-        """The host path of a path as firecracker sees it inside the chroot."""
-        return self.root / inside.relative_to("/")
+        """The host path of a path as firecracker sees it inside the chroot (or its working directory)."""
+        return self.root / (inside.relative_to("/") if inside.is_absolute() else inside)
 
     @property
     def ids(self) -> tuple[int, int]:
@@ -100,7 +121,7 @@ class Jail:
 
     def prepare(self, journal: Journal) -> list[Entry]:
         """Record the jail directory and cgroups, then make the (empty) chroot; delete leftovers first."""
-        if "firecracker" not in self.spec.firecracker.name:
+        if not self.spec.own and "firecracker" not in self.spec.firecracker.name:
             raise VmmError(f"the jailer only runs a file named like 'firecracker*', not {self.spec.firecracker.name}",
                            hint="rename or link the binary, e.g. firecracker-v1.7.0")
         entries = [journal.record("path", path=str(self.base_dir))]
@@ -114,7 +135,33 @@ class Jail:
             uid = sandbox.allocate_id(journal, journal.path.parent.parent, journal.session_id)
             self.spec = dataclasses.replace(self.spec, uid=uid, gid=uid)
         os.chown(self.root, *self.ids)
+        if self.spec.own:
+            # Unset limits: the whole host (still a cgroup of its own, with the pids cap).
+            memory = self.spec.memory_limit_mib or (os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20)
+            cpus = self.spec.cpu_quota or float(os.cpu_count() or 1)
+            self.cgroups = sandbox.limit(journal, self.id, memory_mib=memory, cpus=cpus)
+            entries.append(journal.entries[-1])  # the "jail-cgroup" entry limit() recorded
+            self.close()
+            self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         return entries
+
+    def connect_path(self, name: str) -> Path:
+        """Where dispo reaches the socket `name` firecracker bound in its working directory: through a
+        descriptor of the jail directory, so the address fits a unix socket's 108 bytes however deep the
+        workspace is (firecracker itself binds the short relative name)."""
+        if self._root_fd < 0:
+            return self.root / name
+        return Path(f"/proc/self/fd/{self._root_fd}") / name
+
+    def close(self) -> None:
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def sandbox_args(self) -> tuple[list[str], list[str]]:
+        """Dispo's own sandbox: (setpriv options, the wrapper run as root before them)."""
+        uid = self.ids[0]
+        return sandbox.drop_args(uid, kvm=False), [*sandbox.hide_host(), *sandbox.private_dev(uid)]
 
     def place(self, src: Path, name: str, *, writable: bool) -> Path:
         """Put `src` into the chroot as /name, readable (or writable) by the jail user; return /name.
@@ -132,7 +179,7 @@ class Jail:
             try:
                 os.link(src, dest, follow_symlinks=False)
                 self._own(dest, 0o600)
-                return Path("/") / name
+                return self.inside(name)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
@@ -149,7 +196,7 @@ class Jail:
             os.fchmod(fd, 0o600 if writable else 0o400)
         finally:
             os.close(fd)
-        return Path("/") / name
+        return self.inside(name)
 
     def make_file(self, inside: Path) -> Path:
         """An empty file for firecracker to write (its log, metrics), made fresh and handed to the jail user
@@ -197,6 +244,9 @@ class Jail:
             os.close(fd)
 
     def argv(self, firecracker_args: Sequence[str]) -> list[str]:
+        if self.spec.own:  # firecracker itself, run from the jail directory (see sandbox_args)
+            return [str(self.spec.firecracker), "--api-sock", str(self.inside(SOCKET_INSIDE.name)), "--id", self.id,
+                    *firecracker_args]
         argv = [str(self.spec.jailer), "--id", self.id, "--exec-file", str(self.spec.firecracker),
                 "--uid", str(self.ids[0]), "--gid", str(self.ids[1]),
                 "--chroot-base-dir", str(self.spec.chroot_base),

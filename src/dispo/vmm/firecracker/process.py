@@ -32,6 +32,7 @@ from pathlib import Path
 from dispo import kernels, processes
 from dispo.errors import NotFound, PermissionProblem, VmmError
 from dispo.journal import Entry, Journal
+from dispo.vmm import sandbox
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_console, tail
 from dispo.vmm.firecracker.api import ApiError, FirecrackerApi, LogLevel, NetworkOverride, Request, SnapshotType
@@ -144,7 +145,7 @@ class FirecrackerVmm:
 
     def check(self) -> None:
         """Binary, /dev/kvm, kernel and disk usable: one clear error before anything is created."""
-        binary = self.options.jail.jailer if self.options.jail else self.options.binary
+        binary = self.jail.executable if self.jail else self.options.binary
         if not (binary.is_file() and os.access(binary, os.X_OK)):
             raise NotFound(f"firecracker binary {binary} is missing or not executable",
                            hint="install one with 'dispo firecracker install' or set $DISPO_FIRECRACKER")
@@ -205,7 +206,8 @@ class FirecrackerVmm:
                 # before anything is loaded, so retry binding the vsock where the snapshot had it.
                 if "vsock_override" not in e.fault or snapshot.vsock is None:
                     raise
-                old = self.jail.host(snapshot.vsock) if self.jail else snapshot.vsock
+                old = (self.jail.connect_path(snapshot.vsock.name) if self.jail and self.jail.spec.own
+                       else self.jail.host(snapshot.vsock) if self.jail else snapshot.vsock)
                 if not self.jail:
                     self._record_path(old)
                     old.unlink(missing_ok=True)
@@ -267,7 +269,7 @@ class FirecrackerVmm:
         dest.mkdir(parents=True, exist_ok=True)
         state, mem = dest / "snapshot.state", dest / f"snapshot.mem.{kind.value.lower()}"
         if self.jail:
-            state_in, mem_in = Path("/") / state.name, Path("/") / mem.name
+            state_in, mem_in = self.jail.inside(state.name), self.jail.inside(mem.name)
         else:
             state_in, mem_in = state, mem
         api.snapshot_create(state_in, mem_in, snapshot_type=kind)
@@ -330,7 +332,7 @@ class FirecrackerVmm:
             return Path(host.name)
         if self.jail is None:
             return host
-        return Path("/") / host.name
+        return self.jail.inside(host.name)
 
     def _link_disk(self) -> Path:
         """rootfs.ext4 in the (root-only) state dir, pointing at the session's disk: the relative name firecracker
@@ -346,18 +348,21 @@ class FirecrackerVmm:
         self._entries.append(self._journal.record("path", path=str(path)))
 
     def _launch(self, journal: Journal) -> None:
-        binary = self.options.jail.jailer if self.options.jail else self.options.binary
+        binary = self.jail.executable if self.jail else self.options.binary
         if not (binary.is_file() and os.access(binary, os.X_OK)):
             raise NotFound(f"firecracker binary {binary} is missing or not executable",
                            hint="install one with 'dispo firecracker install' or set $DISPO_FIRECRACKER")
         check_kvm()
-        if len(str(self.socket)) > _SUN_PATH_MAX:
+        if not (self.jail and self.jail.spec.own) and len(str(self.socket)) > _SUN_PATH_MAX:
             raise VmmError(f"API socket path {self.socket} is longer than a unix socket allows",
                            hint="use a shorter jail chroot base")
         self._journal = journal
         self.spec.workdir.mkdir(parents=True, exist_ok=True)
         if self.jail:
             self._entries += self.jail.prepare(journal)
+            if self.jail.spec.own:  # firecracker binds relative names; dispo connects through a short path
+                self.socket = self.jail.connect_path(self.socket.name)
+                self.vsock_path = self.jail.connect_path(self.vsock_path.name)
         else:
             self._record_path(self.socket)
             self.socket.unlink(missing_ok=True)  # a stale socket makes firecracker exit 1
@@ -375,13 +380,20 @@ class FirecrackerVmm:
 
     def _set_proc(self, proc: subprocess.Popen[bytes]) -> None:
         self._proc = proc
+        if self.jail is not None and self.jail.cgroups:
+            # Still the gate (before exec): into its cgroups before firecracker runs a single instruction.
+            sandbox.place(self.jail.cgroups, proc.pid)
 
     def _spawn(self, journal: Journal, argv: list[str]) -> None:
+        own = self.jail if self.jail is not None and self.jail.spec.own else None
+        setpriv, outer = own.sandbox_args() if own is not None else ([], [])
+        cwd = own.root if own is not None else self.spec.workdir  # own sandbox: every path is relative to it
         try:
             # Its stdout is the guest's serial console: pumped into console.log, capped.
             self.spec.console_log.touch(mode=0o600)
             spawned = processes.spawn_recorded(journal, argv, what="firecracker", stdout=subprocess.PIPE,
-                                               cwd=self.spec.workdir, on_spawn=self._set_proc)
+                                               cwd=cwd,
+                                               on_spawn=self._set_proc, setpriv=setpriv, outer=outer)
         except processes.SpawnFailed:
             raise VmmError(f"firecracker launcher exited at once: {self.console_tail(3)}") from None
         self._starttime = spawned.starttime
@@ -478,6 +490,8 @@ class FirecrackerVmm:
                 continue  # left for the session's unwind, so the console can still be read after stop
             self._journal.undo_entry(entry)
         self._entries = [e for e in self._entries if e.kind == "path" and Path(e.args["path"]) in keep]
+        if self.jail is not None:
+            self.jail.close()
         if self.api is not None:
             self.api.close()
             self.api = None
