@@ -86,7 +86,9 @@ def _build_lock(root: Path, stem: str, quiet: bool) -> Iterator[None]:
     """One build of a recipe's architecture at a time in this cache: a second `dispo image build` (another
     session, a parallel test) waits for the first and then finds its product instead of building it again
     into the same place."""
-    fd = os.open(root / f".lock-{stem}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    locks = root.parent / "locks"  # beside the products, not among them: a lock file stays, like apt's
+    locks.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(locks / f"build-{stem}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
