@@ -114,7 +114,7 @@ def _line(text: str) -> str:
     """The first line of `text`, whitespace collapsed, capped: an error's message may go on with the app's
     output (the guest's words), which the page does not need."""
     first = text.strip().splitlines()[0] if text.strip() else ""
-    return " ".join(first.split())[:MAX_TEXT]
+    return " ".join(first.split())[:MAX_TEXT].rstrip(" ;:")
 
 
 def progress(live: LiveSession | None, *, display: bool) -> dict[str, Any]:
