@@ -300,7 +300,7 @@ def fake_runtime(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any
         viewers.close(grace_s=0)
 
 
-@pytest.mark.parametrize("fake_runtime", [3.0], indirect=True)
+@pytest.mark.parametrize("fake_runtime", [5.0], indirect=True)
 def test_the_page_says_what_happens_until_the_display_is_up(fake_runtime: Any) -> None:
     """Opened while the session starts (as `dispo run` prints the URL at once), the page says in words what
     happens (at least two different steps), then shows the guest's display."""

@@ -29,6 +29,7 @@
     frame.remove();  // no more reconnecting to a display that is gone
     stopSound();
     $("end").disabled = true;
+    ["downloads", "upload-label", "sound", "panel"].forEach(function (id) { $(id).hidden = true; });
     progress.hidden = false;
     tell(text);
     $("problem-message").textContent = error ? error.message : "";
@@ -191,13 +192,12 @@
 
   fetch("features", {credentials: "same-origin"}).then(function (r) { return r.ok ? r.json() : null; })
     .then(function (f) {
-      if (!f) { return; }
+      if (!f || finished) { return; }
       $("downloads").hidden = !f.downloads.enabled;
       $("upload-label").hidden = !f.uploads.enabled;
       $("sound").hidden = !f.audio;
       if (f.uploads.enabled) {
         dropTarget(document);
-        var frame = $("vnc");
         var hook = function () { try { dropTarget(frame.contentDocument); } catch (e) { /* not loaded */ } };
         frame.addEventListener("load", hook);
         hook();
