@@ -28,6 +28,7 @@ from dispo.proc import minimal_env
 from dispo.txn import Transaction
 
 if TYPE_CHECKING:
+    from dispo.display.viewer import WebViewer
     from dispo.runtime.live import LiveSession
 
 APP_LOG = "app.log"
@@ -158,25 +159,23 @@ class StandaloneViewers:
         self._cls = WebViewer
         self._viewers: dict[str, WebViewer] = {}
 
+    def _start(self, live: LiveSession) -> WebViewer:
+        viewer = self._cls(None, session_id=live.id, on_stop=lambda: live.stop(ENDED_FROM_VIEWER),
+                           on_activity=live.touch, io=live.io, live=live)
+        viewer.start()
+        self._viewers[live.id] = viewer
+        return viewer
+
     def reserve(self, live: LiveSession) -> str | None:
         try:
-            viewer = self._cls(None, session_id=live.id, on_stop=lambda: live.stop(ENDED_FROM_VIEWER),
-                               on_activity=live.touch, io=live.io, live=live)
-            viewer.start()
+            return self._start(live).url
         except (DispoError, OSError):
             return None  # no noVNC, no port: `publish` tries again and the session fails with the reason
-        self._viewers[live.id] = viewer
-        return viewer.url
 
     def publish(self, live: LiveSession, vnc_socket: Path) -> str:
         from dispo.display.viewer import Target
 
-        viewer = self._viewers.get(live.id)
-        if viewer is None:
-            viewer = self._cls(None, session_id=live.id, on_stop=lambda: live.stop(ENDED_FROM_VIEWER),
-                               on_activity=live.touch, io=live.io, live=live)
-            viewer.start()
-            self._viewers[live.id] = viewer
+        viewer = self._viewers.get(live.id) or self._start(live)
         viewer.publish(Target(unix=str(vnc_socket)))
         return viewer.url
 
