@@ -263,8 +263,10 @@ class WebViewer:
         self.token = secrets.token_urlsafe(24)
         self.live = live
         self.gone = False  # withdrawn: only the status still answers
+        self._on_stop = on_stop
         self.endpoint = ViewerEndpoint(session_id, f"{self.token}/{WEBSOCKIFY}", self._connect,
-                                       (novnc or find_novnc()).resolve(), on_stop, on_activity, io, self._status)
+                                       (novnc or find_novnc()).resolve(), self._stop_pressed, on_activity, io,
+                                       self._status)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None  # set (on the loop) at publish and withdraw
         self._server: Server | None = None
@@ -333,6 +335,11 @@ class WebViewer:
         self._polled = time.monotonic()
         self._told_end = self._told_end or bool(answer["done"])
         return answer
+
+    def _stop_pressed(self) -> None:
+        self._told_end = True  # the page that pressed "End session" says so itself and asks nothing more
+        if self._on_stop is not None:
+            self._on_stop()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The guest's VNC, once published (a page opened early waits for it, up to the session's ready
