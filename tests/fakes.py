@@ -53,16 +53,32 @@ while True:
     time.sleep(3600)
 """
 
-# The fake web display: a VNC server that only greets, on the socket the real channel would forward to.
+# The fake web display, on the socket the real channel would forward to: a VNC server that does RFB 3.8's
+# handshake (no security, a 64x48 screen) so a viewer connects, and then never draws.
 _FAKE_VNC = """
-import os, signal, socket, sys, threading
+import os, signal, socket, struct, sys, threading
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 path = sys.argv[1]
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.bind(path); s.listen(8)
+def read(c, n):
+    data = b""
+    while len(data) < n:
+        chunk = c.recv(n - len(data))
+        if not chunk:
+            raise OSError("closed")
+        data += chunk
+    return data
 def serve(c):
     try:
         c.sendall(b"RFB 003.008\\n")
+        read(c, 12)                      # the client's version
+        c.sendall(bytes([1, 1]))         # one security type: None
+        read(c, 1)
+        c.sendall(struct.pack(">I", 0))  # security result: OK
+        read(c, 1)                       # ClientInit
+        pixels = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+        c.sendall(struct.pack(">HH", 64, 48) + pixels + struct.pack(">I", 4) + b"fake")
         while c.recv(65536):
             pass
     except OSError:

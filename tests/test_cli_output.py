@@ -38,3 +38,17 @@ def test_output_into_a_terminal_is_escaped() -> None:
         os.close(slave)
     assert "\x1b" not in shown and "\x07" not in shown
     assert "\\x1b]0;owned title\\x07\\x1b[2Jclear" in shown and "ok" in shown
+
+
+def test_the_viewer_url_is_printed_once_as_soon_as_known() -> None:
+    """`dispo run` prints the viewer's URL when the session starts (its page shows the progress); the `viewer`
+    event (the display is up) then says so instead of printing the URL again."""
+    out, err = io.StringIO(), io.StringIO()
+    printer = Printer(out=out, err=err)
+    url = "http://127.0.0.1:4242/token/"
+    printer.viewer("0badc0de", url)
+    assert out.getvalue() == url + "\n"
+    printer(Event(EventKind.VIEWER, "0badc0de", f"viewer at {url}", {"url": url}))
+    assert out.getvalue() == url + "\n"
+    assert err.getvalue().splitlines() == [f"dispo: session 0badc0de: viewer at {url}",
+                                           "dispo: session 0badc0de: the display is up"]

@@ -34,9 +34,11 @@ def cfg(tmp_path: Path) -> Config:
 
 @pytest.fixture
 def rt(cfg: Config) -> Iterator[Runtime]:
-    runtime = Runtime(cfg, machinery=fakes.machinery(), viewers=StandaloneViewers())
+    viewers = StandaloneViewers()
+    runtime = Runtime(cfg, machinery=fakes.machinery(), viewers=viewers)
     yield runtime
     assert runtime.shutdown("test over", timeout=30) == []
+    viewers.close()
 
 
 def leftovers(cfg: Config) -> dict[str, list[str]]:
@@ -122,8 +124,9 @@ def test_web_display_viewer_then_stop(rt: Runtime, cfg: Config) -> None:
     before = leftovers(cfg)
     rec = Recorder()
     live = rt.start(build(cfg, profile="chromium", url="http://example.test/page"), sink=rec)
+    assert live.viewer_url is not None  # served from the start, before the display is up
     deadline = time.monotonic() + 20
-    while live.viewer_url is None:
+    while not rec.kinds(EventKind.VIEWER):
         assert time.monotonic() < deadline and not live.ended, live.status()
         time.sleep(0.02)
     assert live.request.command == ("fake-browser", "http://example.test/page")
@@ -133,8 +136,14 @@ def test_web_display_viewer_then_stop(rt: Runtime, cfg: Config) -> None:
     rt.stop(live.id, "ended from the viewer")
     run_to_end(rt, live)
     assert live.end_reason == "ended from the viewer"
+    # The session's viewer is closed, but an open page still learns how the session ended ...
+    assert httpx.get(live.viewer_url, timeout=5).status_code == 403
+    status = httpx.get(live.viewer_url + "status", timeout=5).json()
+    assert status["done"] and status["text"] == "The session ended: ended from the viewer."
+    assert isinstance(rt.viewers, StandaloneViewers)
+    rt.viewers.close()
     with pytest.raises(httpx.ConnectError):
-        httpx.get(live.viewer_url, timeout=5)  # the viewer went with the session
+        httpx.get(live.viewer_url, timeout=5)  # ... until `dispo run` closes its viewers
     assert leftovers(cfg) == before
 
 

@@ -587,6 +587,10 @@ def test_viewer_route_token_bridge_and_end_session(cfg: Config) -> None:
         token = url.rstrip("/").rsplit("/", 1)[1]
         assert len(token) >= 32 and token != svc.token
         ws = url.replace("http://", "ws://") + "websockify"
+        with svc.tcp(auth=False) as http:  # the page's words while the session starts (viewer.js polls them)
+            early = http.get(url + "status").json()
+            assert early["state"] == "starting" and not early["display"] and not early["done"], early
+            assert early["text"].endswith("…") and early["error"] is None
         # Opened while the session starts: the bridge waits for the display, then greets; browser input
         # counts as use (the idle timer starts again).
         hello = asyncio.run(_greeting(ws, svc.base, svc.dispod.rt.get(sid)))
@@ -612,6 +616,10 @@ def test_viewer_route_token_bridge_and_end_session(cfg: Config) -> None:
         assert ended["end_reason"] == "ended from the viewer"
         with svc.tcp(auth=False) as http:
             assert http.get(url).status_code == 403  # the session and its viewer are gone
+            # ... but a page that was open still learns how the session ended
+            final = http.get(url + "status").json()
+            assert final["done"] and final["text"] == "The session ended: ended from the viewer.", final
+            assert http.get(url.replace(token, token[:-2] + "xx") + "status").status_code == 403
 
 
 def test_without_tcp_urls_name_the_unix_socket(cfg: Config) -> None:

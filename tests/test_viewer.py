@@ -283,3 +283,106 @@ def test_the_viewers_bar_lists_downloads_and_uploads_a_file(vnc_server: Target) 
             assert page.locator("#sound").is_visible()
         finally:
             browser.close()
+
+
+# -- the page while the session comes up, and when it fails (the fake machinery: no guest) -------------------
+# Every text the page's progress line showed, in order, recorded in the page as it changes.
+_RECORD_PROGRESS = """
+window.__progress = [];
+new MutationObserver(function () {
+  var box = document.getElementById("progress"), line = document.getElementById("progress-text");
+  if (!box || box.hidden || !line) { return; }
+  var seen = window.__progress, text = line.textContent;
+  if (text && seen[seen.length - 1] !== text) { seen.push(text); }
+}).observe(document, {subtree: true, childList: true, characterData: true, attributes: true});
+"""
+
+
+@pytest.fixture
+def fake_runtime(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A Runtime on the fakes (tests/fakes.py) with `dispo run`'s own viewers; the guest is ready after
+    `ready_delay` seconds (the test's parameter)."""
+    from dispo.runtime import Runtime, StandaloneViewers
+    from tests import fakes
+
+    viewers = StandaloneViewers()
+    rt = Runtime(fakes.config(tmp_path), machinery=fakes.machinery(ready_delay=request.param), viewers=viewers)
+    try:
+        yield rt
+    finally:
+        assert rt.shutdown("test over", timeout=30) == []
+        viewers.close(grace_s=0)
+
+
+@pytest.mark.parametrize("fake_runtime", [5.0], indirect=True)
+def test_the_page_says_what_happens_until_the_display_is_up(fake_runtime: Any) -> None:
+    """Opened while the session starts (as `dispo run` prints the URL at once), the page says in words what
+    happens (at least two different steps), then shows the guest's display."""
+    if not shutil.which("chromium"):
+        pytest.skip("needs Debian package chromium")
+    from playwright.sync_api import sync_playwright
+
+    from dispo.runtime import build
+
+    with sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 800, "height": 600})
+            page.add_init_script(_RECORD_PROGRESS)
+            live = fake_runtime.start(build(fake_runtime.cfg, profile="chromium", url="http://example.test/"))
+            assert live.viewer_url is not None, "the viewer is only served once the display is up"
+            page.goto(live.viewer_url)
+            line = page.locator("#progress-text")
+            assert line.get_attribute("role") == "status" and line.get_attribute("aria-live") == "polite"
+            page.frame_locator("#vnc").locator("html.noVNC_connected").wait_for(state="attached", timeout=20000)
+            page.locator("#progress").wait_for(state="hidden", timeout=5000)
+            seen = page.evaluate("window.__progress")
+            assert "Waiting for the guest to boot…" in seen and "Connecting to the display…" in seen, seen
+            assert seen.index("Waiting for the guest to boot…") < seen.index("Connecting to the display…"), seen
+            assert page.locator("#vnc").is_visible()
+            live.stop("test over")
+            # The session ended: the page says so, and the display (noVNC's reconnecting) is gone.
+            page.locator("#progress-text").filter(has_text="The session ended: test over.").wait_for(timeout=20000)
+            assert page.locator("#vnc").count() == 0
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize("fake_runtime", [60.0], indirect=True)
+def test_the_page_shows_why_the_start_failed(fake_runtime: Any) -> None:
+    """The guest dies while the page waits for it: the page says the session failed, with the error's line and
+    hint as text, and stops asking."""
+    if not shutil.which("chromium"):
+        pytest.skip("needs Debian package chromium")
+    import os
+    import signal
+
+    from playwright.sync_api import sync_playwright
+
+    from dispo.runtime import build
+    from tests import fakes
+
+    with sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 800, "height": 600})
+            live = fake_runtime.start(build(fake_runtime.cfg, profile="chromium", url="http://example.test/"))
+            assert live.viewer_url is not None, "the viewer is only served once the display is up"
+            page.goto(live.viewer_url)
+            page.locator("#progress-text").filter(has_text="Waiting for the guest to boot…").wait_for(timeout=20000)
+            (pid,) = fakes.fake_vmm_pids(live.id, fake_runtime.cfg.state_dir)
+            os.kill(pid, signal.SIGKILL)  # the fake VMM this test's session started
+            assert live.wait(30) and live.error is not None
+            problem = page.locator("#problem")
+            problem.filter(has_text="the guest stopped before it was ready").wait_for(timeout=20000)
+            assert page.locator("#progress-text").inner_text() == "The session failed."
+            assert page.locator("#problem-hint").inner_text() == "Hint: a fake VMM: see the test"
+            assert problem.get_attribute("role") == "alert"
+            assert "GuestFailure" not in problem.inner_text()  # words, not a Python repr
+            assert page.locator("#vnc").count() == 0 and page.locator("#end").is_disabled()
+            polls: list[str] = []
+            page.on("request", lambda r: polls.append(r.url))
+            page.wait_for_timeout(2500)  # more than two polling periods: the page asked nothing more
+            assert polls == []
+        finally:
+            browser.close()

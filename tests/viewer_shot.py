@@ -43,7 +43,14 @@ def close(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
 def watch_colour(page: Page, out: Path, want: tuple[int, ...], t0: float, timeout: float) -> dict[str, object]:
     """Screenshot the viewer page until the guest's screen shows `want` at points spread over its lower middle
     (below the guest browser's own toolbar), or `timeout` seconds after t0."""
-    page.frame_locator("#vnc").locator("canvas").wait_for(state="visible", timeout=timeout * 1000)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.frame_locator("#vnc").locator("canvas").wait_for(state="visible", timeout=timeout * 1000)
+    except PlaywrightTimeout:  # no display: what the viewer page says instead (the session's step or error)
+        page.screenshot(path=str(out))
+        says = page.locator("#progress").inner_text() if page.locator("#progress").count() else ""
+        return {"seen": False, "no_display": True, "page_says": says, "seconds": round(time.monotonic() - t0, 1)}
     points = [(640, 500), (400, 600), (880, 600), (640, 700)]
     got: list[tuple[int, ...]] = []
     seen: dict[str, object] = {"seen": False}

@@ -171,6 +171,7 @@ class Printer:
         self.link = link  # --open: the viewer goes to the desktop's browser through this redirect file
         self.out, self.err = out, err
         self.t0 = time.monotonic()
+        self._shown: set[str] = set()  # viewer URLs already printed (and opened)
 
     def __call__(self, e: Event) -> None:
         sid = e.session_id
@@ -180,10 +181,10 @@ class Printer:
             self._say(e.message)
         elif e.kind is EventKind.VIEWER:
             url = str(e.fields.get("url", ""))
-            self._say(f"session {sid}: viewer at {url}")
-            print(url, file=self.out, flush=True)
-            if self.link is not None and not self.link.open(url):
-                self._say("no browser to open the viewer with; open the URL above")
+            if url in self._shown:
+                self._say(f"session {sid}: the display is up")
+            else:
+                self.viewer(sid, url)
         elif e.kind is EventKind.OUTPUT:
             stream = self.out if e.fields.get("stream") == "stdout" else self.err
             data = base64.b64decode(str(e.fields.get("data", "")))
@@ -207,6 +208,17 @@ class Printer:
         elif e.kind is EventKind.STATE and e.fields.get("state") == "stopping":
             self._say(f"session {sid}: {e.fields.get('end_reason') or 'stopping'} after "
                       f"{time.monotonic() - self.t0:.1f} s; tearing down")
+
+    def viewer(self, sid: str, url: str) -> None:
+        """The viewer's URL, once: given as soon as the session has one (its page shows the progress until the
+        display is up), and again by the `viewer` event only if it was not."""
+        if url in self._shown:
+            return
+        self._shown.add(url)
+        self._say(f"session {sid}: viewer at {url}")
+        print(url, file=self.out, flush=True)
+        if self.link is not None and not self.link.open(url):
+            self._say("no browser to open the viewer with; open the URL above")
 
     def notice(self, text: str) -> None:
         self._say(text)
@@ -301,8 +313,15 @@ def _wait(live: LiveSession) -> None:
 
 def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer,
                     saving: tuple[Path, int] | None = None) -> int:
-    rt = Runtime(cfg, viewers=StandaloneViewers(), owner=f"dispo run (pid {os.getpid()})")
-    live = rt.start(req, sink=printer)
+    viewers = StandaloneViewers()
+    rt = Runtime(cfg, viewers=viewers, owner=f"dispo run (pid {os.getpid()})")
+    try:
+        live = rt.start(req, sink=printer)
+    except BaseException:
+        viewers.close()
+        raise
+    if live.viewer_url:  # served from the start: its page says what happens while the guest boots
+        printer.viewer(live.id, live.viewer_url)
     saver = None
     if saving is not None:
         saver = _saver(saving, lambda: [d.to_json() for d in live.io.downloads()],
@@ -313,6 +332,7 @@ def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer,
     finally:
         if saver is not None:
             saver.stop()
+        viewers.close()  # once an open viewer page was told how the session ended
     return _outcome(live.exit_status, live.error)
 
 
@@ -334,6 +354,8 @@ def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer, saving:
 def _follow(client: Any, sid: str, created: dict[str, Any], printer: Printer) -> int:
     if created.get("start_reason"):  # said before this client could follow the session's events
         printer.notice(str(created["start_reason"]))
+    if created.get("viewer_url"):  # served from the start: its page says what happens while the guest boots
+        printer.viewer(sid, str(created["viewer_url"]))
     ended: dict[str, Any] = {}
     deleting = False
     pending: BaseException | None = None

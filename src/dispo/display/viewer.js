@@ -1,11 +1,75 @@
-// The viewer's bar: "End session", and what the session's profile allows (GET features): the Downloads
-// panel, Upload (a file chooser, or a file dropped on the screen), Sound. Every request goes to a path beside
-// this page (same origin, below the session's token); the server checks the profile's policy again.
+// The viewer: the session's progress in words until its display is up (GET status, once a second), then
+// noVNC in the frame; how the session ended once it did. The bar: "End session", and what the session's
+// profile allows (GET features): the Downloads panel, Upload (a file chooser, or a file dropped on the screen),
+// Sound. Every request goes to a path beside this page (same origin, below the session's token); the server
+// checks the profile's policy again. Strings from the session go in as text, never as markup.
 (function () {
   "use strict";
   var $ = function (id) { return document.getElementById(id); };
   var status = $("status");
   var say = function (text) { status.textContent = text; };
+
+  // -- progress: what happens until the display is up, and how the session ended ---------------------
+  var POLL_MS = 1000, GIVE_UP = 5;  // 5 unanswered polls in a row: the viewer is gone
+  var frame = $("vnc"), progress = $("progress"), finished = false, misses = 0;
+  function tell(text) {
+    if ($("progress-text").textContent !== text) { $("progress-text").textContent = text; }
+  }
+  function connected() {  // noVNC (same origin) marks its page once it talks to the guest's VNC server
+    try {
+      return frame.contentDocument.documentElement.classList.contains("noVNC_connected");
+    } catch (e) { return false; }
+  }
+  function showDisplay() {
+    if (!frame.getAttribute("src")) { frame.src = frame.getAttribute("data-src"); frame.hidden = false; }
+    if (connected()) { progress.hidden = true; }
+  }
+  function finish(text, error) {
+    finished = true;
+    frame.remove();  // no more reconnecting to a display that is gone
+    stopSound();
+    $("end").disabled = true;
+    ["downloads", "upload-label", "sound", "panel"].forEach(function (id) { $(id).hidden = true; });
+    progress.hidden = false;
+    tell(text);
+    $("problem-message").textContent = error ? error.message : "";
+    $("problem-hint").textContent = error && error.hint ? "Hint: " + error.hint : "";
+  }
+  function poll() {
+    if (finished) { return; }
+    fetch("status", {credentials: "same-origin", cache: "no-store"}).then(function (r) {
+      if (r.status === 403) {
+        return {done: true, text: "This viewer is closed: its session ended (or the link is not valid)."};
+      }
+      if (!r.ok) { throw new Error("HTTP " + r.status); }
+      return r.json();
+    }).then(function (s) {
+      misses = 0;
+      if (finished) { return; }
+      if (s.done) { finish(String(s.text), s.error); return; }
+      if (s.display) {
+        showDisplay();
+        if (!connected()) { tell(String(s.text)); }
+      } else {
+        progress.hidden = false;
+        tell(String(s.text));
+      }
+      setTimeout(poll, POLL_MS);
+    }).catch(function () {
+      misses += 1;
+      if (misses >= GIVE_UP) {
+        finish("The viewer stopped answering: the session ended, or dispo was stopped.", null);
+        return;
+      }
+      if (!progress.hidden) { tell("No answer from dispo; trying again…"); }
+      setTimeout(poll, POLL_MS);
+    });
+  }
+  // Hide the words as soon as noVNC connects, rather than at the next poll.
+  setInterval(function () {
+    if (!finished && frame.getAttribute("src") && !progress.hidden && connected()) { progress.hidden = true; }
+  }, 200);
+  poll();
 
   $("end").addEventListener("click", function () {
     var button = $("end");
@@ -14,6 +78,7 @@
     fetch("stop", {method: "POST", credentials: "same-origin"}).then(function (r) {
       if (!r.ok) { throw new Error("HTTP " + r.status); }
       stopSound();
+      finished = true;
       var p = document.createElement("p");
       p.className = "ended";
       p.textContent = "Session ended.";
@@ -127,13 +192,12 @@
 
   fetch("features", {credentials: "same-origin"}).then(function (r) { return r.ok ? r.json() : null; })
     .then(function (f) {
-      if (!f) { return; }
+      if (!f || finished) { return; }
       $("downloads").hidden = !f.downloads.enabled;
       $("upload-label").hidden = !f.uploads.enabled;
       $("sound").hidden = !f.audio;
       if (f.uploads.enabled) {
         dropTarget(document);
-        var frame = $("vnc");
         var hook = function () { try { dropTarget(frame.contentDocument); } catch (e) { /* not loaded */ } };
         frame.addEventListener("load", hook);
         hook();

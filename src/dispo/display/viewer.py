@@ -5,7 +5,9 @@ starts in-process), and dispod's one server, whose routes /viewer/<id>/<token>/ 
 (web/viewers.py). The pieces are here, once:
 
 - `ViewerEndpoint.handle(request, tail)`: everything under a viewer's token path: the page (`""`), its script
-  and style, the WebSocket bridge (`websockify`), "End session" (`stop`, POST only) and noVNC's own files.
+  and style, the session's progress in words (`status`, polled by the page until the display is up and while it
+  shows, so it can say what happens and how the session ended), the WebSocket bridge (`websockify`), "End session"
+  (`stop`, POST only) and noVNC's own files.
 - `static_file`: a file below noVNC's directory; anything that resolves outside it is refused.
 - `bridge`: WebSocket (binary frames, bounded size) <-> a stream to the guest's VNC server.
 
@@ -23,9 +25,11 @@ import mimetypes
 import secrets
 import string
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
@@ -44,6 +48,9 @@ from dispo.web.guard import (
 )
 from dispo.web.server import Server, TcpAddress, bind_tcp
 
+if TYPE_CHECKING:
+    from dispo.runtime.live import LiveSession
+
 log = logging.getLogger(__name__)
 
 NOVNC_DIRS = (Path("/usr/share/novnc"),)
@@ -51,6 +58,27 @@ MAX_WS_MESSAGE = 1 << 20  # a VNC client sends input events and clipboard text: 
 CONNECT_TIMEOUT_S = 10.0
 WEBSOCKIFY = "websockify"
 STOP = "stop"
+STATUS = "status"
+POLL_S = 1.0       # how often the page asks for the status (viewer.js has the same number)
+MAX_TEXT = 400     # characters of an error's line or hint the page is sent
+
+# What the page says while a session comes up, by step (runtime/steps.py, runtime/warm.py, runtime/pool.py).
+STEP_TEXT = {
+    "validate": "Checking the image…",
+    "template.validate": "Checking the template…",
+    "disk": "Preparing the session's disk…",
+    "template.disk": "Preparing the session's disk…",
+    "volume": "Attaching the kept volume…",
+    "identity": "Making the session's keys…",
+    "network": "Setting up the session's network…",
+    "vmm.start": "Starting the virtual machine…",
+    "vmm.restore": "Restoring the virtual machine…",
+    "guest.identity": "Giving the guest its identity…",
+    "guest.ready": "Waiting for the guest to boot…",
+    "pool.hold": "Taking a guest from the warm pool…",
+    "app": "Starting the browser…",
+}
+CONNECTING = "Connecting to the display…"
 
 _HERE = Path(__file__).parent
 _PAGE = string.Template((_HERE / "viewer.html").read_text())
@@ -89,6 +117,37 @@ class Target:
             return await asyncio.wait_for(opening, timeout=CONNECT_TIMEOUT_S)
 
         return connect
+
+
+def _line(text: str) -> str:
+    """The first line of `text`, whitespace collapsed, capped: an error's message may go on with the app's
+    output (the guest's words), which the page does not need."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return " ".join(first.split())[:MAX_TEXT].rstrip(" ;:")
+
+
+def progress(live: LiveSession | None, *, display: bool) -> dict[str, Any]:
+    """What the viewer page shows: the session's state in words, whether its display can be connected to,
+    and once it ended (`done`: the page stops asking) the error's one line and hint. Only this session's own
+    state; the page puts every string in as text, never as markup."""
+    answer: dict[str, Any] = {"state": "running", "step": "", "display": display, "done": False, "error": None,
+                              "text": CONNECTING if display else "Waiting for the session…"}
+    if live is None:  # a viewer of a bare VNC target (no session behind it)
+        return answer
+    state = live.state.value
+    answer.update(state=state, step=live.step)
+    if live.ended:
+        answer.update(display=False, done=True)
+        if live.error is not None:
+            answer["text"] = "The session failed."
+            answer["error"] = {"message": _line(live.error.message), "hint": _line(live.error.hint)}
+        else:
+            answer["text"] = f"The session ended: {_line(live.end_reason) or 'done'}."
+    elif state == "stopping" or live.cancel.is_set():
+        answer.update(display=False, text=f"The session is ending ({_line(live.cancel.reason or live.end_reason)})…")
+    elif not display:
+        answer["text"] = STEP_TEXT.get(live.step, "Starting the session…")
+    return answer
 
 
 def page(session_id: str, ws_path: str) -> web.Response:
@@ -163,6 +222,7 @@ class ViewerEndpoint:
     on_stop: Callable[[], object] | None = None
     on_activity: Callable[[], None] | None = None
     io: GuestIO | None = None                     # the session's downloads, uploads, clipboard and sound
+    status: Callable[[], dict[str, Any]] | None = None  # `progress()` of the session behind it
 
     async def handle(self, request: web.Request, tail: str) -> web.StreamResponse:
         """Answer `tail`, the path below the (already checked) token."""
@@ -178,31 +238,50 @@ class ViewerEndpoint:
             return web.Response(text="stopping\n")
         if request.method not in ("GET", "HEAD"):
             raise web.HTTPMethodNotAllowed(request.method, ["GET"])
+        if tail in ("", STATUS) or tail in _ASSETS:
+            return self._own(tail)
+        return static_file(self.novnc, tail)
+
+    def _own(self, tail: str) -> web.Response:
+        """The viewer's own answers: its page, the page's script and style, and the session's status."""
         if tail == "":
             return page(self.session_id, self.ws_path)
-        if tail in _ASSETS:
-            name, content_type = _ASSETS[tail]
-            return web.Response(body=(_HERE / name).read_bytes(), content_type=content_type)
-        return static_file(self.novnc, tail)
+        if tail == STATUS:
+            answer = self.status() if self.status is not None else progress(None, display=True)
+            return web.json_response(answer, headers={"Cache-Control": "no-store"})
+        name, content_type = _ASSETS[tail]
+        return web.Response(body=(_HERE / name).read_bytes(), content_type=content_type)
 
 
 class WebViewer:
-    """A token-protected noVNC viewer of one session, serving in a background thread until stop()."""
+    """A token-protected noVNC viewer of one session, serving in a background thread until stop().
 
-    def __init__(self, target: Target, *, session_id: str = "", on_stop: Callable[[], object] | None = None,
+    With `target=None` it serves before the session's display exists (`dispo run` starts it before the guest
+    boots, so the page can say what happens); `publish(target)` then lets the bridge through, and `withdraw()`
+    closes it again while the page can still learn how the session ended (`status`)."""
+
+    def __init__(self, target: Target | None, *, session_id: str = "", on_stop: Callable[[], object] | None = None,
                  on_activity: Callable[[], None] | None = None, bind: str = "127.0.0.1", port: int = 0,
-                 novnc: Path | None = None, limits: Limits | None = None, io: GuestIO | None = None) -> None:
+                 novnc: Path | None = None, limits: Limits | None = None, io: GuestIO | None = None,
+                 live: LiveSession | None = None) -> None:
         self.target = target
         self.limits = limits or Limits()
         self.session_id = session_id
         self.bind = bind
         self.port = port
         self.token = secrets.token_urlsafe(24)
-        self.endpoint = ViewerEndpoint(session_id, f"{self.token}/{WEBSOCKIFY}", target.connector(),
-                                       (novnc or find_novnc()).resolve(), on_stop, on_activity, io)
+        self.live = live
+        self.gone = False  # withdrawn: only the status still answers
+        self._on_stop = on_stop
+        self.endpoint = ViewerEndpoint(session_id, f"{self.token}/{WEBSOCKIFY}", self._connect,
+                                       (novnc or find_novnc()).resolve(), self._stop_pressed, on_activity, io,
+                                       self._status)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None  # set (on the loop) at publish and withdraw
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
+        self._polled = 0.0     # when a page last asked for the status (monotonic)
+        self._told_end = False  # a page was told the session is over
         self.refused = 0  # requests turned away for a missing or wrong token
 
     @property
@@ -240,6 +319,49 @@ class WebViewer:
             self._thread.join(10)
             self._thread = None
 
+    def publish(self, target: Target) -> None:
+        """The session's display is up: the bridge connects to `target` (from any thread)."""
+        self.target = target
+        self._wake()
+
+    def withdraw(self) -> None:
+        """The session is ending: no more page, files or bridge, but the page still learns how it ended."""
+        self.gone = True
+        self._wake()
+
+    def page_waiting(self) -> bool:
+        """A page asked for the status lately and was not yet told the session is over."""
+        return not self._told_end and time.monotonic() - self._polled < 3 * POLL_S
+
+    def _wake(self) -> None:
+        loop, changed = self._loop, self._changed
+        if loop is not None and changed is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(changed.set)
+
+    def _status(self) -> dict[str, Any]:
+        answer = progress(self.live, display=self.target is not None and not self.gone)
+        self._polled = time.monotonic()
+        self._told_end = self._told_end or bool(answer["done"])
+        return answer
+
+    def _stop_pressed(self) -> None:
+        self._told_end = True  # the page that pressed "End session" says so itself and asks nothing more
+        if self._on_stop is not None:
+            self._on_stop()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The guest's VNC, once published (a page opened early waits for it, up to the session's ready
+        timeout)."""
+        if self.target is None and not self.gone and self._changed is not None:
+            wait_s = self.live.request.ready_timeout_s if self.live is not None else CONNECT_TIMEOUT_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), wait_s)
+        target = self.target
+        if target is None or self.gone or (self.live is not None and self.live.ended):
+            raise ConnectionError(f"session {self.session_id} has no display (it ended, or its display is not up)")
+        return await target.connector()()
+
     def __enter__(self) -> WebViewer:
         self.start()
         return self
@@ -251,6 +373,7 @@ class WebViewer:
         # The same guards as dispod's server (web/guard.py): a cap on connections, a deadline for request
         # heads, Host and Origin checks, bounded bodies and WebSocket messages, the security headers.
         limits = self.limits
+        self._changed = asyncio.Event()
         app = web.Application(client_max_size=limits.max_body, middlewares=MIDDLEWARES)
         app[TOKEN] = self.token
         app[CONNECTIONS] = Connections()
@@ -276,4 +399,8 @@ class WebViewer:
         if not token_ok(request.match_info["token"], self.token):
             return await self._refuse(request)
         authenticated(request)
-        return await self.endpoint.handle(request, request.match_info["tail"])
+        tail = request.match_info["tail"]
+        if self.gone and tail != STATUS:
+            raise PermissionProblem("this session has ended; its viewer shows only how it ended",
+                                    hint="start a new session for a new viewer")
+        return await self.endpoint.handle(request, tail)

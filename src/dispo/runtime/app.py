@@ -17,16 +17,18 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from dispo import processes
-from dispo.errors import VmmError
+from dispo.errors import DispoError, VmmError
 from dispo.proc import minimal_env
 from dispo.txn import Transaction
 
 if TYPE_CHECKING:
+    from dispo.display.viewer import WebViewer
     from dispo.runtime.live import LiveSession
 
 APP_LOG = "app.log"
@@ -193,7 +195,8 @@ class ViewerHost(Protocol):
 
 
 class StandaloneViewers:
-    """One WebViewer (its own port and token) per session: what `dispo run` uses in-process."""
+    """One WebViewer (its own port and token) per session: what `dispo run` uses in-process. It serves from
+    the session's start (so its page says what happens while the guest boots) until `close()`."""
 
     def __init__(self) -> None:
         from dispo.display.viewer import WebViewer
@@ -201,22 +204,39 @@ class StandaloneViewers:
         self._cls = WebViewer
         self._viewers: dict[str, WebViewer] = {}
 
+    def _start(self, live: LiveSession) -> WebViewer:
+        viewer = self._cls(None, session_id=live.id, on_stop=lambda: live.stop(ENDED_FROM_VIEWER),
+                           on_activity=live.touch, io=live.io, live=live)
+        viewer.start()
+        self._viewers[live.id] = viewer
+        return viewer
+
     def reserve(self, live: LiveSession) -> str | None:
-        return None
+        try:
+            return self._start(live).url
+        except (DispoError, OSError):
+            return None  # no noVNC, no port: `publish` tries again and the session fails with the reason
 
     def publish(self, live: LiveSession, vnc_socket: Path) -> str:
         from dispo.display.viewer import Target
 
-        viewer = self._cls(Target(unix=str(vnc_socket)), session_id=live.id,
-                           on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch, io=live.io)
-        viewer.start()
-        self._viewers[live.id] = viewer
+        viewer = self._viewers.get(live.id) or self._start(live)
+        viewer.publish(Target(unix=str(vnc_socket)))
         return viewer.url
 
     def withdraw(self, session_id: str) -> None:
-        viewer = self._viewers.pop(session_id, None)
+        viewer = self._viewers.get(session_id)
         if viewer is not None:
-            viewer.stop()
+            viewer.withdraw()  # still serves the status, so an open page can say how the session ended
+
+    def close(self, grace_s: float = 2.0) -> None:
+        """Stop every viewer, once an open page was told its session ended (at most `grace_s` later)."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(
+                v.live is not None and v.live.ended and v.page_waiting() for v in self._viewers.values()):
+            time.sleep(0.05)
+        while self._viewers:
+            self._viewers.popitem()[1].stop()
 
 
 def app_env(x11: bool) -> dict[str, str]:

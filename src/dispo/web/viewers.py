@@ -5,12 +5,14 @@
 once the guest's display answers) tells the bridge where the VNC socket is; `withdraw` (on teardown) forgets
 it. A viewer opened before the display is up is served at once: its WebSocket waits for `publish`, up to the
 request's ready timeout. Page, noVNC files and bridge are display/viewer.py's, shared with `dispo run`'s
-standalone viewer.
+standalone viewer. Once a session ended, its viewer answers 403 except for `status`, which still says how it
+ended (for the last `KEEP_ENDED` sessions), so a page that was open can tell its user.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import secrets
 import threading
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from dispo.display.viewer import WEBSOCKIFY, Target, ViewerEndpoint, find_novnc
+from dispo.display.viewer import STATUS, WEBSOCKIFY, Target, ViewerEndpoint, find_novnc, progress
 from dispo.errors import PermissionProblem
 from dispo.runtime.app import ENDED_FROM_VIEWER
 from dispo.web.guard import authenticated, token_ok
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 VIEWER_PREFIX = "/viewer"
 _NO_TOKEN = secrets.token_urlsafe(24)  # compared against when the session is unknown: same work, same answer
+KEEP_ENDED = 100  # withdrawn viewers whose status still answers (as the runtime keeps its ended sessions)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class ServiceViewers:
         self._novnc = novnc
         self._loop: asyncio.AbstractEventLoop | None = None
         self._viewers: dict[str, _Viewer] = {}
+        self._ended: collections.OrderedDict[str, _Viewer] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def bind(self, loop: asyncio.AbstractEventLoop, base: str) -> None:
@@ -76,6 +80,10 @@ class ServiceViewers:
     def withdraw(self, session_id: str) -> None:
         with self._lock:
             viewer = self._viewers.pop(session_id, None)
+            if viewer is not None:
+                self._ended[session_id] = viewer
+                while len(self._ended) > KEEP_ENDED:
+                    self._ended.popitem(last=False)
         if viewer is not None:
             viewer.gone = True
             self._wake(viewer)
@@ -86,21 +94,26 @@ class ServiceViewers:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
                 self._loop.call_soon_threadsafe(viewer.changed.set)
 
-    def find(self, session_id: str, token: str) -> _Viewer | None:
+    def find(self, session_id: str, token: str, *, ended: bool = False) -> _Viewer | None:
+        """The session's viewer if `token` is its own; with `ended`, also one whose session ended."""
         with self._lock:
             viewer = self._viewers.get(session_id)
+            if viewer is None and ended:
+                viewer = self._ended.get(session_id)
         ok = token_ok(token, viewer.token if viewer is not None else _NO_TOKEN)
-        if viewer is None or not ok or viewer.gone:
+        if viewer is None or not ok:
             return None
+        if viewer.gone:
+            return viewer if ended else None
         if viewer.live.ended:  # ended before its display came up: withdraw was never called for it
             self.withdraw(session_id)
-            return None
+            return viewer if ended else None
         return viewer
 
     # -- the route --------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         sid, token, tail = (request.match_info[k] for k in ("session_id", "token", "tail"))
-        viewer = self.find(sid, token)
+        viewer = self.find(sid, token, ended=tail == STATUS)
         if viewer is None:
             raise PermissionProblem(f"this viewer link is not valid: its token is wrong, or session {sid[:40]!r} "
                                     "ended", hint="ask for the current viewer link: the dashboard's, or the "
@@ -111,8 +124,10 @@ class ServiceViewers:
             self._novnc = find_novnc().resolve()  # NotFound (a 404 with the hint) if noVNC is not installed
         endpoint = ViewerEndpoint(sid, f"{VIEWER_PREFIX.lstrip('/')}/{sid}/{token}/{WEBSOCKIFY}",
                                   lambda: self._connect(viewer), self._novnc,
-                                  on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch, io=live.io)
-        live.touch()
+                                  on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch, io=live.io,
+                                  status=lambda: progress(live, display=viewer.socket is not None and not viewer.gone))
+        if tail != STATUS:  # the page asks for its status while it is open: that alone is no use of the session
+            live.touch()
         return await endpoint.handle(request, tail)
 
     async def _connect(self, viewer: _Viewer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
