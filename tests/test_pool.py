@@ -14,6 +14,7 @@ import pytest
 from dispo.config import Config, pool_targets
 from dispo.errors import ConfigError, InvalidInput, NotFound
 from dispo.runtime import Runtime, build
+from dispo.runtime.plan import Origin, plan
 from dispo.runtime.pool import Pool
 from tests import fakes
 from tests.test_runtime import cfg, leftovers, rt
@@ -62,7 +63,9 @@ def test_fill_hand_out_once_refill_and_drain(rt: Runtime, cfg: Config) -> None:
 
     _until(lambda: _ready(pool, "minimal") == 1, "no refill")
     # A session that logs its requests is watched from its first frame: never a guest that waited unwatched.
-    assert pool.acquire(build(cfg, image="minimal", command=["true"], log_requests=True), None) is None
+    logged = plan(cfg, build(cfg, image="minimal", command=["true"], log_requests=True), pool)
+    assert logged.origin is Origin.RESTORE and logged.guests == ()
+    assert plan(cfg, build(cfg, image="minimal", command=["true"]), pool).origin is Origin.POOL
     stopped = pool.drain("minimal")
     assert len(stopped) == 1
     _until(lambda: rt.sessions(pooled=True) == [], "drain did not stop the guest")

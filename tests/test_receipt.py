@@ -58,8 +58,7 @@ def test_an_image_written_during_the_session_is_not_clean(cfg: Config) -> None:
             f.seek(4096)
             f.write(b"tampered")
 
-    steps = tuple(s for s in STEPS if s.name != "app")
-    steps = (*steps[:2], Step("tamper", tamper), *steps[2:], next(s for s in STEPS if s.name == "app"))
+    steps = STEPS.insert_after("disk", Step("tamper", tamper))
     rt = Runtime(cfg, machinery=fakes.machinery())
     live = rt.start(build(cfg, command=["true"]), steps=steps)
     assert live.wait(30)

@@ -208,7 +208,7 @@ def test_a_step_is_swapped_not_a_second_path(rt: Runtime, cfg: Config) -> None:
         ran.append(b.tx.session_id)
         start.run(b)
 
-    steps = tuple(Step("vmm.restore", restore) if s.name == "vmm.start" else s for s in STEPS)
+    steps = STEPS.swap("vmm.start", Step("vmm.restore", restore))
     rec = Recorder()
     live = run_to_end(rt, rt.start(build(cfg, command=["true"]), steps=steps, sink=rec))
     assert live.exit_status == 0 and ran == [live.id]

@@ -16,6 +16,7 @@ from dispo.config import Config, FirecrackerConfig, JailMode, StorageBackend, St
 from dispo.images import ImageStore
 from dispo.net import GuestNetwork
 from dispo.runtime import Runtime, build, warm
+from dispo.runtime import plan as planning
 from dispo.runtime.machinery import REAL, Identity, Machinery
 from dispo.storage.templates import TemplateKind, TemplateStore
 from dispo.txn import Transaction
@@ -112,7 +113,7 @@ def test_firecracker_template_then_restore_through_the_runtime(chroot_base: Path
         assert t.stale_reason(ImageStore(cfg).get("fcprobe")) is None
         assert made.receipt is not None and made.receipt.clean
 
-        plan = warm.plan(cfg, req)
+        plan = planning.plan(cfg, req)
         assert plan.template is not None and plan.why.startswith("restoring from template image-fcprobe")
         for _ in range(2):  # the template is only read: it restores again
             events: list[str] = []

@@ -17,6 +17,7 @@ from dispo.errors import InvalidInput
 from dispo.guest import agent
 from dispo.images import ImageStore
 from dispo.runtime import Event, EventKind, Runtime, build, warm
+from dispo.runtime.plan import plan
 from dispo.storage import templates
 from dispo.storage.templates import TemplateKind, TemplateStore
 from tests.test_runtime import cfg, leftovers, rt
@@ -33,10 +34,10 @@ def _template(rt: Runtime, name: str = "minimal", kind: str = "auto") -> None:
 
 def test_no_template_boots_cold_and_says_why(cfg: Config) -> None:
     req = build(cfg, image="minimal", command=["true"])
-    plan = warm.plan(cfg, req)
-    assert plan.template is None and plan.why.startswith("booting cold: no template of image 'minimal'")
+    chosen = plan(cfg, req)
+    assert chosen.template is None and chosen.why.startswith("booting cold: no template of image 'minimal'")
     with pytest.raises(InvalidInput, match="cannot start warm: no template"):
-        warm.plan(cfg, build(cfg, image="minimal", command=["true"], start="warm"))
+        plan(cfg, build(cfg, image="minimal", command=["true"], start="warm"))
 
 
 def test_a_template_is_restored_by_default_and_never_by_cold(rt: Runtime, cfg: Config) -> None:
@@ -68,24 +69,24 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     _template(rt)
     req = build(cfg, image="minimal", command=["true"])
-    assert warm.plan(cfg, req).template is not None
+    assert plan(cfg, req).template is not None
     bigger = build(cfg, image="minimal", command=["true"], memory_mib=1024)
-    assert "does not fit: memory_mib 1024 (template: 512)" in warm.plan(cfg, bigger).why
+    assert "does not fit: memory_mib 1024 (template: 512)" in plan(cfg, bigger).why
     more_shm = build(cfg, image="minimal", command=["true"], shm_mib=256)  # booted with it: a clone cannot change it
-    assert "does not fit: shm_mib 256 (template: 0)" in warm.plan(cfg, more_shm).why
+    assert "does not fit: shm_mib 256 (template: 0)" in plan(cfg, more_shm).why
     # The time zone and language the guest took at boot (docs/quiet.md) stay with its clones.
     monkeypatch.setenv("TZ", "Pacific/Auckland")
     elsewhere = build(cfg, image="minimal", command=["true"])
-    assert "guest settings dispo.tz=Pacific/Auckland" in warm.plan(cfg, elsewhere).why
+    assert "guest settings dispo.tz=Pacific/Auckland" in plan(cfg, elsewhere).why
     monkeypatch.undo()
 
     monkeypatch.setattr(templates, "agent_hash", lambda: "another-agent")
-    assert "carries another version of dispo's guest agent" in warm.plan(cfg, req).why
+    assert "carries another version of dispo's guest agent" in plan(cfg, req).why
     monkeypatch.undo()
     t = TemplateStore(cfg).find(TemplateKind.IMAGE, "minimal")
     assert t is not None and t.vmm_version.startswith("qemu QEMU emulator version")  # recorded at the save
     monkeypatch.setattr(warm, "vmm_version", lambda cfg, kind: "qemu QEMU emulator version 99.0")
-    assert f"it was saved by {t.vmm_version}, this host has qemu QEMU emulator version 99.0" in warm.plan(cfg, req).why
+    assert f"it was saved by {t.vmm_version}, this host has qemu QEMU emulator version 99.0" in plan(cfg, req).why
     monkeypatch.undo()
 
     t = TemplateStore(cfg).find(TemplateKind.IMAGE, "minimal")
@@ -94,25 +95,25 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
     os.chmod(mem, 0o600)
     with open(mem, "a") as f:  # someone wrote into a sealed template
         f.write("tampered\n")
-    assert "its file memory.fake changed after it was sealed" in warm.plan(cfg, req).why
+    assert "its file memory.fake changed after it was sealed" in plan(cfg, req).why
 
     _template(rt)  # a rebuild replaces it
-    assert warm.plan(cfg, req).template is not None
+    assert plan(cfg, req).template is not None
     store = ImageStore(cfg)
     image = store.get("minimal")
     store.remove("minimal")
     store.import_(image.path.parent.parent.parent / "minimal.ext4", "minimal", quiet=True)
-    why = warm.plan(cfg, req).why
+    why = plan(cfg, req).why
     assert why.startswith("booting cold: template image-minimal is stale: its image 'minimal' changed"), why
     with pytest.raises(InvalidInput, match="cannot start warm: template image-minimal is stale"):
-        warm.plan(cfg, build(cfg, image="minimal", command=["true"], start="warm"))
+        plan(cfg, build(cfg, image="minimal", command=["true"], start="warm"))
 
 
 def test_profile_templates_take_the_profile_and_image_ones_the_image(rt: Runtime, cfg: Config) -> None:
     _template(rt, "chromium")  # fakes.config's chromium profile: a fake browser on a fake display
     assert TemplateStore(cfg).find(TemplateKind.PROFILE, "chromium") is not None
-    assert warm.plan(cfg, build(cfg, profile="chromium")).template is not None
-    assert warm.plan(cfg, build(cfg, image="minimal", command=["true"])).template is None
+    assert plan(cfg, build(cfg, profile="chromium")).template is not None
+    assert plan(cfg, build(cfg, image="minimal", command=["true"])).template is None
     assert [t.key for t in TemplateStore(cfg).list()] == ["profile-chromium"]
     TemplateStore(cfg).remove("chromium")
     assert TemplateStore(cfg).list() == []

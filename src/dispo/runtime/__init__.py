@@ -20,28 +20,33 @@ from dispo import gc
 from dispo.config import Config
 from dispo.errors import Busy, NotFound
 from dispo.names import check_session_id, new_session_id
-from dispo.runtime import warm
+from dispo.runtime import plan as planning
 from dispo.runtime.app import StandaloneViewers, ViewerHost
 from dispo.runtime.events import Event, EventKind, EventSink, Fanout
 from dispo.runtime.live import LiveSession, SessionState, join_all
 from dispo.runtime.machinery import REAL, Machinery
+from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.pool import Pool
 from dispo.runtime.request import SessionRequest, Stdio, build, from_json
-from dispo.runtime.steps import STEPS, Step
+from dispo.runtime.steps import BOOT, STEPS, Step, Steps
 
 __all__ = [
+    "BOOT",
     "STEPS",
     "Event",
     "EventKind",
     "EventSink",
     "LiveSession",
     "Machinery",
+    "Origin",
+    "Plan",
     "Runtime",
     "SessionRequest",
     "SessionState",
     "StandaloneViewers",
     "Stdio",
     "Step",
+    "Steps",
     "ViewerHost",
     "build",
     "from_json",
@@ -66,34 +71,34 @@ class Runtime:
         self._lock = threading.Lock()
         self.pool: Pool | None = None  # dispod's warm pool (runtime/pool.py), when it keeps one
 
-    def start(self, request: SessionRequest, *, steps: tuple[Step, ...] | None = None,
+    def start(self, request: SessionRequest, *, steps: Steps | None = None, plan: Plan | None = None,
               sink: EventSink | None = None, pooled: str = "") -> LiveSession:
-        """Begin a session (returns at once, state `starting`); Busy past max_sessions. Without `steps`, the
-        session is a guest from the warm pool when one waits, else restores from a current template that fits,
-        else boots (runtime/warm.py says which and why). `pooled`: a guest for the pool (runtime/pool.py)."""
-        how = ""
-        if steps is None:
+        """Begin a session (returns at once, state `starting`); Busy past max_sessions. Without `steps` or a
+        `plan`, runtime/plan.py decides where its guest comes from (a guest waiting in the warm pool, a
+        restore from a current template that fits, or a boot) and says why; this follows it. `steps`: the
+        caller's own list (a template build). `pooled`: a guest for the pool (runtime/pool.py)."""
+        if plan is None and steps is not None:
+            plan = planning.given(steps)
+        elif plan is None:
             self._check_room()
-            if self.pool is not None and (live := self.pool.acquire(request, sink)) is not None:
-                return self._handed_out(live)
-            chosen = warm.plan(self.cfg, request)
-            steps, how = chosen.steps, chosen.why
+            plan = planning.plan(self.cfg, request, self.pool)
+        if plan.origin is Origin.POOL:
+            assert self.pool is not None
+            live = next((g for g in plan.guests if self.pool.hand_out(g, request, sink)), None)
+            if live is not None:
+                return self._announce(live, plan)
+            assert plan.otherwise is not None  # every waiting guest was taken meanwhile
+            plan = plan.otherwise
         with self._lock:
             if not pooled:
                 self._check_room_locked()
             sid = new_session_id()
             while sid in self._live or sid in self._ended:
                 sid = new_session_id()
-            live = LiveSession(self, request, sid, steps=steps, sink=sink)
+            live = LiveSession(self, request, sid, plan=plan, sink=sink)
             live.pool_name = pooled
             self._live[sid] = live
-        if self.viewers is not None and request.display.value == "web" and not pooled:
-            live.viewer_url = self.viewers.reserve(live)
-        live.emit(EventKind.STATE, "starting", **live.status())
-        if how:
-            live.warm, live.start_reason = how.startswith("restoring"), how
-            live.emit(EventKind.NOTICE, how, start="restore" if live.warm else "boot")
-        live.start()
+        self._announce(live, plan, reserve=not pooled).start()
         return live
 
     def _check_room(self) -> None:
@@ -106,14 +111,16 @@ class Runtime:
             raise Busy(f"{users} session{'s are' if users != 1 else ' is'} running, the most this service allows "
                        f"(max_sessions = {self.max_sessions})")
 
-    def _handed_out(self, live: LiveSession) -> LiveSession:
-        """A pooled guest just claimed by a request: it is now that request's session."""
-        if self.viewers is not None and live.request.display.value == "web":
+    def _announce(self, live: LiveSession, plan: Plan, *, reserve: bool = True) -> LiveSession:
+        """A session now a request's (new, or a pooled guest just handed out): its viewer URL, and the events
+        that say it starts and how."""
+        if reserve and self.viewers is not None and live.request.display.value == "web":
             live.viewer_url = self.viewers.reserve(live)
-        live.warm = True
-        live.start_reason = f"handed a guest from the warm pool (restored from template {live.template}, never used)"
+        live.origin, live.start_reason = plan.origin, plan.why
         live.emit(EventKind.STATE, "starting", **live.status())
-        live.emit(EventKind.NOTICE, live.start_reason, start="pool", template=live.template)
+        if plan.why:
+            extra = {"template": live.template} if plan.origin is Origin.POOL else {}
+            live.emit(EventKind.NOTICE, plan.why, start=plan.origin.value, **extra)
         return live
 
     def get(self, session_id: str) -> LiveSession:

@@ -4,6 +4,10 @@ States: starting -> running -> stopping -> ended (or starting -> stopping -> end
 stopped while it starts). Stopping is explicit: `stop(reason)` sets a cancel token that the steps and
 the supervisor check; no exception is raised into the session by a signal handler. The session's journal
 lock is held by this process from the first step until everything is undone.
+
+The session runs the steps of its plan (runtime/plan.py) over one bring-up record (steps.Bringup) and
+reads what they found from it (its guest's address and channel, its VMM, its viewer URL, what it keeps);
+no step writes into the session.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispo import receipt
@@ -25,10 +30,10 @@ from dispo.runtime.app import encode_output
 from dispo.runtime.events import Event, EventKind, EventSink
 from dispo.runtime.guestio import GuestIO
 from dispo.runtime.machinery import GuestChannel
+from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.request import SessionRequest
-from dispo.runtime.steps import STEPS, Bringup, Step, supervise
+from dispo.runtime.steps import Bringup, Handover, supervise
 from dispo.txn import Transaction, transaction
-from dispo.vmm.base import Vmm
 
 if TYPE_CHECKING:
     from dispo.runtime import Runtime
@@ -77,34 +82,29 @@ def problem(error: BaseException) -> dict[str, Any]:
 
 
 class LiveSession:
-    def __init__(self, runtime: Runtime, request: SessionRequest, session_id: str, *,
-                 steps: tuple[Step, ...] = STEPS, sink: EventSink | None = None) -> None:
+    def __init__(self, runtime: Runtime, request: SessionRequest, session_id: str, *, plan: Plan,
+                 sink: EventSink | None = None) -> None:
         self.runtime = runtime
         self.request = request
         self.id = session_id
-        self.steps = steps
+        self.steps = plan.steps
         self.created = time.time()
         self.state = SessionState.STARTING
         self.exit_status: int | None = None
         self.end_reason = ""
         self.error: DispoError | None = None
-        self.viewer_url: str | None = None
-        self.address = ""
-        self.backend = request.backend
-        self.accel = ""
         self.step = ""
-        self.warm = False  # restored from a template rather than booted
-        self.template = ""  # the template's key when restored
-        self.start_reason = ""  # how its guest comes, and why (one line: the CLI prints it)
+        self.origin = plan.origin  # where its guest comes from: booted, restored, or handed from the pool
+        self.template = plan.template.key if plan.template is not None else ""  # restored from it
+        self.start_reason = plan.why  # how its guest comes, and why (one line: the CLI prints it)
         self.pool_name = ""  # while it waits in the warm pool (runtime/pool.py): the name it waits for
-        self.claimed = threading.Event()
+        self.handover = Handover()  # a pooled guest's: given by claim(), awaited by the pool.hold step
         self.last_activity = time.monotonic()
         self.cancel = CancelToken()
         self.receipt: receipt.Receipt | None = None
-        self.request_log: RequestLog | None = None  # with request.log_requests: the guest's requests
-        self.channel: GuestChannel | None = None  # the way into the guest, once it answered
-        self.kept: list[str] = []  # what the session keeps on purpose (a --keep volume), for the receipt
         self.io = GuestIO(self)  # its downloads, uploads, clipboard and sound (runtime/guestio.py)
+        self._reserved_url: str | None = None  # the viewer URL the runtime reserved before the app published
+        self._bringup: Bringup | None = None  # what the steps found and made (read here, written by them)
         self._tx: Transaction | None = None
         self._image: Image | None = None
         self._proof: dict[str, Any] | None = None
@@ -136,7 +136,7 @@ class LiveSession:
                 return False
             self.request, self._sink, self.pool_name = request, sink, ""
             self.created = time.time()
-            self.claimed.set()
+            self.handover.give(request)
         return True
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -151,6 +151,51 @@ class LiveSession:
     def ended(self) -> bool:
         return self._done.is_set()
 
+    # -- what the steps found (the bring-up record) ---------------------------------------------------
+    @property
+    def warm(self) -> bool:
+        """Restored from a template (or handed from the pool, restored too) rather than booted."""
+        return self.origin is not Origin.BOOT
+
+    @property
+    def channel(self) -> GuestChannel | None:
+        """The way into the guest, once it answered."""
+        return self._bringup.channel if self._bringup is not None else None
+
+    @property
+    def address(self) -> str:
+        return self.channel.address if self.channel is not None else ""
+
+    @property
+    def backend(self) -> str:
+        vmm = self._bringup.vmm if self._bringup is not None else None
+        return vmm.kind.value if vmm is not None else self.request.backend
+
+    @property
+    def accel(self) -> str:
+        vmm = self._bringup.vmm if self._bringup is not None else None
+        return vmm.accel.value if vmm is not None else ""
+
+    @property
+    def request_log(self) -> RequestLog | None:
+        """With request.log_requests: the guest's requests."""
+        return self._bringup.request_log if self._bringup is not None else None
+
+    @property
+    def kept(self) -> list[str]:
+        """What the session keeps on purpose (a --keep volume), for the receipt."""
+        return list(self._bringup.kept) if self._bringup is not None else []
+
+    @property
+    def viewer_url(self) -> str | None:
+        published = self._bringup.viewer_url if self._bringup is not None else None
+        return published or self._reserved_url
+
+    @viewer_url.setter
+    def viewer_url(self, url: str | None) -> None:
+        """The URL the viewer host reserved for this session before its app publishes a display."""
+        self._reserved_url = url
+
     def status(self) -> dict[str, Any]:
         r = self.request
         return {"id": self.id, "name": r.name or None, "profile": r.profile or None, "image": r.image,
@@ -159,7 +204,7 @@ class LiveSession:
                 "exit_status": self.exit_status, "end_reason": self.end_reason or None,
                 "viewer_url": self.viewer_url, "address": self.address or None, "backend": self.backend,
                 "accel": self.accel or None, "error": problem(self.error) if self.error else None,
-                "start": "pool" if self.claimed.is_set() else "restore" if self.warm else "boot",
+                "start": self.origin.value,
                 "pooled": bool(self.pool_name), "template": self.template or None,
                 "start_reason": self.start_reason or None,
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s,
@@ -176,9 +221,6 @@ class LiveSession:
     def output(self, stream: str, data: bytes) -> None:
         self.touch()
         self.emit(EventKind.OUTPUT, "", stream=stream, data=encode_output(data))
-
-    def note_vmm(self, vmm: Vmm) -> None:
-        self.backend, self.accel = vmm.kind.value, vmm.accel.value
 
     # -- the session's thread ---------------------------------------------------------------------
     def _set_state(self, state: SessionState, reason: str = "") -> None:
@@ -221,15 +263,18 @@ class LiveSession:
         with transaction(self.runtime.cfg, purpose="session", session_id=self.id, **meta) as tx:
             self._tx = tx
             try:
-                b = Bringup(self.runtime.cfg, self.runtime.machinery, r, tx, self, self.cancel, self.emit,
-                            self.runtime.viewers)
+                viewers = self.runtime.viewers
+                b = self._bringup = Bringup(
+                    self.runtime.cfg, self.runtime.machinery, r, tx, self.cancel, self.emit, viewers,
+                    publish=self._publish, output=self.output, status=self.status,
+                    handover=self.handover)
                 for step in self.steps:
                     self.cancel.check()
                     self.step = step.name
                     t = time.monotonic()
                     try:
                         step.run(b)
-                        if step.name in ("validate", "template.validate") and b.image is not None:
+                        if self._proof is None and b.image is not None:  # the image as the session found it
                             self._image, self._proof = b.image, receipt.image_proof(b.image)
                             tx.journal.set_meta(image_proof=self._proof)  # for a receipt if this owner dies
                     except DispoError:
@@ -242,12 +287,17 @@ class LiveSession:
                     if self.state is SessionState.STARTING:
                         self._set_state(SessionState.RUNNING)
                 # A step list may end the session itself (a template build ends once it is saved).
-                self.exit_status, self.end_reason = (0, b.finished) if b.finished else supervise(b)
+                self.exit_status, self.end_reason = ((0, b.finished) if b.finished
+                                                     else supervise(b, lambda: self.last_activity))
                 with self._lock:
                     if self.state is not SessionState.STOPPING:
                         self._set_state(SessionState.STOPPING, self.end_reason)
             finally:
                 self._stopping_at = time.monotonic()  # the teardown starts now
+
+    def _publish(self, vnc_socket: Path) -> str:
+        assert self.runtime.viewers is not None
+        return self.runtime.viewers.publish(self, vnc_socket)
 
     def _dispose(self) -> None:
         """After the teardown, however it went: check object by object that all is gone; write the receipt.

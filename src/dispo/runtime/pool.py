@@ -1,13 +1,14 @@
 """The warm pool (dispod): per template, a target count of guests restored from it and held paused, handed
 to one session each and never reused; refilled in the background within a memory budget.
 
-A pooled guest is an ordinary session whose steps are the restore steps with `pool.hold` before `app`: it
-is restored (disk clone, network, memory), given its own identity by its agent (entropy and RNG reseed,
-hostname, SSH keys, address: none of it depends on who will use it), checked ready over SSH, and then waits
-with its vCPUs paused. `acquire(request)` gives a waiting one to a request that its template fits: the
-session takes the caller's request, the guest resumes with its clock stepped to the host's (it stood still
-while paused), and goes on with `app`. So a pooled guest has never seen any user's traffic, and every
-hand-out is a clone nobody used.
+A pooled guest is an ordinary session whose steps are the restore steps (BOOT edited, runtime/warm.py) with
+`pool.hold` inserted after `guest.ready`: it is restored (disk clone, network, memory), given its own
+identity by its agent (entropy and RNG reseed, hostname, SSH keys, address: none of it depends on who will
+use it), checked ready over SSH, and then waits with its vCPUs paused. runtime/plan.py decides that a
+request takes one (`waiting`: the guests of the template that fits it) and `hand_out` gives it: the session
+takes the caller's request, the guest resumes with its clock stepped to the host's (it stood still while
+paused), and goes on with `app`. So a pooled guest has never seen any user's traffic, and every hand-out is
+a clone nobody used.
 
 The pool is drained (its guests stopped and torn down like any session) on `drain`, on shutdown, and when a
 template changes (rebuilt or stale): a guest of an older template is never handed out.
@@ -24,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 from dispo.errors import InvalidInput, NotFound
 from dispo.runtime import warm
 from dispo.runtime.events import EventKind, EventSink
-from dispo.runtime.request import SessionRequest, StartMode
-from dispo.runtime.steps import Bringup, Step
+from dispo.runtime.plan import Origin, Plan
+from dispo.runtime.request import SessionRequest
+from dispo.runtime.steps import Bringup, Step, Steps
 from dispo.settings import host_memory_mib
 from dispo.storage.templates import Template, TemplateStore
 
@@ -48,30 +50,32 @@ def default_budget_mib() -> int:
 def hold(b: Bringup) -> None:
     """Wait, ready and paused, until a session claims this guest (or the pool stops it); then resume it with
     its clock stepped to the host's."""
-    live = b.live
-    vmm = b.vmm
-    assert vmm is not None
+    vmm, channel = b.vmm, b.channel
+    assert vmm is not None and channel is not None
     vmm.pause()  # a waiting guest takes no CPU
-    live.emit(EventKind.STATE, "pooled", **live.status())
-    while not live.claimed.wait(0.2):
+    b.emit(EventKind.STATE, "pooled", **b.status())
+    while not b.handover.given.wait(0.2):
         b.cancel.check()
         if not vmm.running():
             raise vmm.failure("the pooled guest's VMM exited while it waited")
     b.cancel.check()
-    b.request = live.request  # the caller's: its URL, command, name, limits
+    assert b.handover.request is not None
+    b.request = b.handover.request  # the caller's: its URL, command, name, limits
     vmm.resume()
     b.machinery.step_clock(vmm, b.request.ready_timeout_s, b.alive)
     # Ready was said while it filled, to nobody: say it again to the session's owner.
-    took = max(0.0, time.time() - live.created)
-    b.emit(EventKind.READY, f"ready in {took:.1f} s (guest {live.address}, {vmm.kind.value}/{vmm.accel.value}, "
-                            f"from the warm pool)", address=live.address, backend=vmm.kind.value,
+    took = max(0.0, time.time() - b.handover.at)
+    b.emit(EventKind.READY, f"ready in {took:.1f} s (guest {channel.address}, {vmm.kind.value}/{vmm.accel.value}, "
+                            f"from the warm pool)", address=channel.address, backend=vmm.kind.value,
            accel=vmm.accel.value, ready_s=round(took, 3), start="pool")
 
 
-def pool_steps(t: Template) -> tuple[Step, ...]:
-    steps = list(warm.restore_steps(t))
-    steps.insert([s.name for s in steps].index("app"), Step("pool.hold", hold))
-    return tuple(steps)
+HOLD = Step("pool.hold", hold)
+
+
+def pool_steps(t: Template) -> Steps:
+    """The restore from `t` held, ready, before its app: the app is the claiming request's."""
+    return warm.restore_steps(t).insert_after("guest.ready", HOLD)
 
 
 @dataclass
@@ -86,7 +90,7 @@ class Slot:
     retry_at: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        held = [g for g in self.guests if g.step == "pool.hold"]
+        held = [g for g in self.guests if g.step == HOLD.name]
         return {"name": self.name, "target": self.target, "ready": len(held),
                 "starting": len(self.guests) - len(held),
                 "template": self.template.key if self.template else None,
@@ -148,27 +152,27 @@ class Pool:
             slots = [s.summary() for s in self._slots.values() if name is None or s.name == name]
             return {"budget_mib": self.budget_mib, "used_mib": self._used(), "slots": slots}
 
-    def acquire(self, request: SessionRequest, sink: EventSink | None) -> LiveSession | None:
-        """A waiting guest for `request`, claimed by it, or None (then the caller plans as usual)."""
-        if request.start is StartMode.COLD or request.log_requests or request.keep:
-            return None  # a pooled guest's traffic was not watched from its start; a volume mounts at boot
-        name = request.profile or request.image
+    def waiting(self, request: SessionRequest, t: Template) -> list[LiveSession]:
+        """The guests of template `t` (as it is now) waiting for a request like `request`, ready ones first.
+        Whether the request should take one is runtime/plan.py's to say."""
         with self._lock:
-            slot = self._slots.get(name)
-            if slot is None or slot.template is None:
-                return None
-            t, _ = warm.template_for(self.rt.cfg, request)
-            if t is None or t.key != slot.template.key or t.created != slot.template.created:
-                return None  # the request does not fit, or the template changed: the loop drains the old
-            waiting = sorted((g for g in slot.guests if g.pool_name and not g.cancel.is_set()),
-                             key=lambda g: g.step != "pool.hold")  # ready ones first
-            for g in waiting:
-                g.template = slot.template.key  # known before its own validate step may have run
-                if g.request.policy == request.policy and g.claim(request, sink):
-                    slot.guests.remove(g)
-                    self._wake.set()  # refill
-                    return g
-        return None
+            slot = self._slots.get(request.profile or request.image)
+            if slot is None or slot.template is None or (slot.template.key, slot.template.created) != (
+                    t.key, t.created):
+                return []  # the template changed: the loop drains the old one's guests
+            return sorted((g for g in slot.guests if g.pool_name and not g.cancel.is_set()
+                           and g.request.policy == request.policy), key=lambda g: g.step != HOLD.name)
+
+    def hand_out(self, guest: LiveSession, request: SessionRequest, sink: EventSink | None) -> bool:
+        """`guest` claimed by `request`, out of the pool for good; False when it is no longer waiting."""
+        with self._lock:
+            if not guest.claim(request, sink):
+                return False
+            for slot in self._slots.values():
+                if guest in slot.guests:
+                    slot.guests.remove(guest)
+            self._wake.set()  # refill
+        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -226,10 +230,10 @@ class Pool:
                     slot.last_error = (f"the pool's memory budget ({self.budget_mib} MiB) is used up "
                                        f"({self._used()} MiB held)")
                     continue
-                live = self.rt.start(req, steps=pool_steps(t), pooled=slot.name)
+                live = self.rt.start(req, plan=Plan(Origin.RESTORE, pool_steps(t), t), pooled=slot.name)
                 slot.guests.append(live)
                 self._wake.set()  # one at a time, then look again
                 return
 
 
-__all__ = ["Pool", "default_budget_mib", "hold", "pool_steps"]
+__all__ = ["HOLD", "Pool", "default_budget_mib", "hold", "pool_steps"]

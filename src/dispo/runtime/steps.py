@@ -1,18 +1,24 @@
 """A session's bring-up as a named, ordered list of steps, and its supervision once it runs.
 
-    validate -> disk -> volume -> identity -> network -> vmm.start -> guest.ready -> app
+    BOOT:  validate -> disk -> volume -> identity -> network -> vmm.start -> guest.ready -> app
 
-Each step reads and fills one `Bringup` and records every host object in the session's journal before it
-creates it (through the layer that owns it). Restoring from a snapshot instead of booting is one step
-swapped (`vmm.start` for a `vmm.restore`), not a second path: `STEPS` is a tuple a caller may rebuild.
-The runtime checks for cancellation between steps and inside the waits.
+`BOOT` is the one step list. Every other way to bring a guest up is an edit of it (`swap`, `drop`,
+`insert_after`, as firecracker-go-sdk's handler lists), never a list written out again: a restore from a
+template (runtime/warm.py `restore_steps`), a template build (`template_steps`), a guest held in the warm
+pool (runtime/pool.py `pool_steps`).
+
+Each step reads and fills one `Bringup`, the bring-up record, and records every host object in the
+session's journal before it creates it (through the layer that owns it). Steps never touch the live
+session: it reads what they recorded (its guest's address, VMM, channel, kept volume, viewer URL). The
+runtime checks for cancellation between steps and inside the waits.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,25 +42,43 @@ from dispo.vmm.base import GuestFailure, MachineSpec, NetAttachment, Vmm, VmmKin
 from dispo.vmm.registry import choose_backend, kernel_for
 
 if TYPE_CHECKING:
-    from dispo.runtime.live import CancelToken, LiveSession
+    from dispo.runtime.live import CancelToken
 
 POLL_S = 0.2
 RULES_EVERY = 5  # polls: the session's firewall rules and the workspace's free space are checked once a second
 MIN_FREE = 32 << 20  # bytes left in the workspace under which a session ends rather than fail in odd ways
 
 
+class Handover:
+    """How a guest held in the warm pool is given to the request that claims it: `LiveSession.claim` gives,
+    the `pool.hold` step waits for it."""
+
+    def __init__(self) -> None:
+        self.given = threading.Event()
+        self.request: SessionRequest | None = None
+        self.at = 0.0  # when it was given (time.time())
+
+    def give(self, request: SessionRequest) -> None:
+        self.request, self.at = request, time.time()
+        self.given.set()
+
+
 @dataclass
 class Bringup:
-    """What the steps of one session share; filled in step by step."""
+    """The bring-up record: what the steps of one session share, filled in step by step. The inputs come
+    first; the rest is what the steps found and made, which the live session reads (and nothing else)."""
 
     cfg: Config
     machinery: Machinery
     request: SessionRequest
     tx: Transaction
-    live: LiveSession
     cancel: CancelToken
     emit: Callable[..., None]          # emit(kind, message, **fields)
     viewers: ViewerHost | None
+    publish: Callable[[Path], str]     # the viewer host's publish, bound to this session
+    output: Callable[[str, bytes], None]  # where a captured app's output goes (stream, data)
+    status: Callable[[], dict[str, Any]]  # the session's status, for events that carry it
+    handover: Handover = field(default_factory=Handover)
     t0: float = field(default_factory=time.monotonic)
     image: Image | None = None
     kind: VmmKind = VmmKind.QEMU
@@ -67,6 +91,9 @@ class Bringup:
     app: AppProcess | None = None
     template: Template | None = None   # the template this session restores from (runtime/warm.py)
     volume: Path | None = None         # a volume kept on purpose (--keep), attached after the root disk
+    kept: list[str] = field(default_factory=list)  # what the session keeps on purpose, for the receipt
+    request_log: RequestLog | None = None  # with --log-requests: the guest's requests, from its first frame
+    viewer_url: str | None = None      # where the app's display was published
     finished: str = ""                 # set by a last step that ends the session itself (a template build)
 
     def alive(self) -> bool:
@@ -78,6 +105,50 @@ class Bringup:
 class Step:
     name: str
     run: Callable[[Bringup], None]
+
+
+@dataclass(frozen=True)
+class Steps:
+    """A named, ordered step list, and the edits that make a variant of it (each returns a new list). An
+    edit names a step that is not there, or makes a name appear twice: ValueError, at import time."""
+
+    steps: tuple[Step, ...]
+
+    def __post_init__(self) -> None:
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"step names appear twice in {self.names}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.steps)
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, name: str) -> Step:
+        return self.steps[self._index(name)]
+
+    def _index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(f"no step {name!r} in {self.names}") from None
+
+    def swap(self, name: str, step: Step) -> Steps:
+        """`step` in the place of the step `name`."""
+        i = self._index(name)
+        return replace(self, steps=(*self.steps[:i], step, *self.steps[i + 1:]))
+
+    def drop(self, name: str) -> Steps:
+        i = self._index(name)
+        return replace(self, steps=(*self.steps[:i], *self.steps[i + 1:]))
+
+    def insert_after(self, name: str, step: Step) -> Steps:
+        i = self._index(name) + 1
+        return replace(self, steps=(*self.steps[:i], step, *self.steps[i:]))
 
 
 def validate(b: Bringup) -> None:
@@ -104,7 +175,7 @@ def volume(b: Bringup) -> None:
     """The volume the session keeps on purpose (--keep NAME), made on first use and locked while it runs."""
     if b.request.keep:
         b.volume = volumes.attach(b.tx, b.request.keep)
-        b.live.kept.append(volumes.describe(b.volume))
+        b.kept.append(volumes.describe(b.volume))
 
 
 def identity(b: Bringup) -> None:
@@ -129,7 +200,7 @@ def _log_requests(b: Bringup, tap: str) -> None:
         raise NetworkError(f"cannot watch {tap} for --log-requests: {e.strerror or e}",
                            hint="logging requests needs CAP_NET_RAW (run dispo as root)") from None
     b.tx.stack.callback(log.stop)
-    b.live.request_log = log
+    b.request_log = log
 
 
 def machine_spec(b: Bringup, *, agent: bool = False) -> MachineSpec:
@@ -154,17 +225,17 @@ def machine_spec(b: Bringup, *, agent: bool = False) -> MachineSpec:
 
 
 def new_vmm(b: Bringup, spec: MachineSpec) -> Vmm:
+    """A checked VMM, its stop registered; `b.vmm` once it runs (the session's backend and accelerator)."""
     vmm = b.machinery.create_vmm(b.cfg, b.kind, spec)
     vmm.check()
     b.tx.stack.callback(vmm.stop)  # runs before the journal unwinds the network and the disk
-    b.vmm = vmm
     return vmm
 
 
 def vmm_start(b: Bringup, *, agent: bool = False) -> None:
     vmm = new_vmm(b, machine_spec(b, agent=agent))
     vmm.start(b.tx.journal)
-    b.live.note_vmm(vmm)
+    b.vmm = vmm
 
 
 def guest_ready(b: Bringup) -> None:
@@ -183,9 +254,7 @@ def guest_ready(b: Bringup) -> None:
         raise vmm.failure(f"{e.message}: {vmm.kind.value} exited with status {vmm.wait_exit(0)}") from None
     channel.save(b.tx.state_path)
     b.channel = channel
-    b.live.channel = channel
     now = time.monotonic()
-    b.live.address = channel.address
     b.emit(EventKind.READY, f"ready in {now - b.t0:.1f} s (guest {channel.address}, {vmm.kind.value}/"
                             f"{vmm.accel.value})",
            address=channel.address, backend=vmm.kind.value, accel=vmm.accel.value, ready_s=round(now - b.t0, 3),
@@ -214,7 +283,7 @@ def app(b: Bringup) -> None:
         interactive = r.stdio is Stdio.TERMINAL and r.tty
         argv = b.channel.command(r.command, tty=r.tty)
         b.app = AppProcess(b.tx, argv, what="command-ssh", terminal=interactive,
-                           output=None if interactive else b.live.output, keep_stdin=r.stdio is Stdio.TERMINAL)
+                           output=None if interactive else b.output, keep_stdin=r.stdio is Stdio.TERMINAL)
 
 
 def _web(b: Bringup, *, attach: bool = False) -> None:
@@ -236,25 +305,27 @@ def _web(b: Bringup, *, attach: bool = False) -> None:
             raise app.failure(f"no VNC display from the guest after {b.request.ready_timeout_s:.0f} s")
         time.sleep(0.3)
     if b.viewers is not None:
-        url = b.viewers.publish(b.live, sock)
+        url = b.publish(sock)
         b.tx.stack.callback(b.viewers.withdraw, b.tx.session_id)
         (b.tx.state_path / "viewer.url").write_text(url + "\n")
-        b.live.viewer_url = url
+        b.viewer_url = url
         b.emit(EventKind.VIEWER, f"viewer at {url}", url=url)
 
 
-STEPS: tuple[Step, ...] = (
+BOOT = Steps((
     Step("validate", validate), Step("disk", disk), Step("volume", volume), Step("identity", identity),
     Step("network", network),
     Step("vmm.start", vmm_start), Step("guest.ready", guest_ready), Step("app", app),
-)
+))
+STEPS = BOOT  # the name tests, bench and callers knew it by
 
 
-def supervise(b: Bringup) -> tuple[int | None, str]:
-    """Until the session ends: (exit status or None, why). Raises when the guest dies under the app."""
+def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | None, str]:
+    """Until the session ends: (exit status or None, why). Raises when the guest dies under the app.
+    `last_activity`: when someone last used the session (monotonic), for the idle timeout."""
     assert b.app is not None and b.vmm is not None
     assert b.net is not None
-    r, live = b.request, b.live
+    r = b.request
     started = time.monotonic()
     what = "the command" if r.display is DisplayMode.NONE and not r.profile else f"{r.profile or 'the app'}"
     polls = 0
@@ -284,7 +355,7 @@ def supervise(b: Bringup) -> tuple[int | None, str]:
         now = time.monotonic()
         if r.max_lifetime_s and now - started >= r.max_lifetime_s:
             return None, f"maximum lifetime of {r.max_lifetime_s:g} s reached"
-        if r.idle_timeout_s and now - live.last_activity >= r.idle_timeout_s:
+        if r.idle_timeout_s and now - last_activity() >= r.idle_timeout_s:
             return None, f"idle for {r.idle_timeout_s:g} s (no viewer and no input)"
 
 
@@ -299,5 +370,5 @@ def _check_space(b: Bringup) -> None:
                            f"ended", hint="free space in the workspace, or give it a bigger filesystem")
 
 
-def describe(steps: tuple[Step, ...]) -> list[dict[str, Any]]:
+def describe(steps: Steps) -> list[dict[str, Any]]:
     return [{"name": s.name} for s in steps]

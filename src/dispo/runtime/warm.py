@@ -1,23 +1,26 @@
 """Warm starts: make a template from a session, and restore sessions from templates instead of booting.
 
-Both are step lists for the same runtime (steps.py), not a second path:
+Both are edits of the one step list, `BOOT` (steps.py), for the same runtime, not a second path:
 
-    template build:  validate, disk, identity, network, vmm.start(agent), guest.ready, [app.template,]
-                     template.save
-    restore:         template.validate, template.disk, network, vmm.restore, guest.identity, guest.ready, app
+    restore:         BOOT with validate, disk, vmm.start and app swapped for their template versions,
+                     volume and identity dropped, guest.identity inserted after vmm.restore
+                     -> template.validate, template.disk, network, vmm.restore, guest.identity, guest.ready, app
+    template build:  BOOT with volume dropped, vmm.start swapped for one with the agent's channel, app
+                     swapped for template.save (a profile's: app.template, then template.save)
+                     -> validate, disk, identity, network, vmm.start, guest.ready, [app.template,] template.save
 
 `vmm.restore` loads the template's memory into a new VMM and leaves the guest paused; `guest.identity`
 resumes it and has the in-guest agent give it a fresh identity (entropy and RNG reseed, clock, hostname,
 SSH keys, its own address) before anything else talks to it. For a profile, the template holds the app
 already running on its display on a blank page; the clone's app step hands it the session's URL.
 
-`plan(cfg, request)` decides which list a request gets and says why, for the event the CLI prints.
+`template_for(cfg, request)` finds the template a request could restore from; which start a request gets
+is decided in runtime/plan.py.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,20 +33,16 @@ from dispo.proc import run
 from dispo.profiles import DisplayMode
 from dispo.runtime.app import DEFAULT_GEOMETRY
 from dispo.runtime.events import EventKind
-from dispo.runtime.request import SessionRequest, StartMode, find_image
+from dispo.runtime.request import SessionRequest, find_image
 from dispo.runtime.steps import (
-    STEPS,
+    BOOT,
     Bringup,
     Step,
+    Steps,
     _web,
     app,
-    disk,
-    guest_ready,
-    identity,
     machine_spec,
-    network,
     new_vmm,
-    validate,
     vmm_start,
 )
 from dispo.storage import disks, templates
@@ -52,14 +51,6 @@ from dispo.vmm.base import Capability, VmmKind
 from dispo.vmm.registry import kernel_for, vmm_version
 
 SETTLE_S = 120          # at most this long for a profile's app to finish starting before its template is saved
-
-
-# -- which steps a request gets ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Plan:
-    steps: tuple[Step, ...]
-    template: Template | None
-    why: str            # one line: what was chosen and why
 
 
 def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None, str]:
@@ -93,28 +84,18 @@ def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None,
     return t, ""
 
 
-def plan(cfg: Config, request: SessionRequest) -> Plan:
-    """Restore when a current template fits (unless --cold), else boot; --warm makes "no template" an error."""
-    if request.start is StartMode.COLD:
-        return Plan(STEPS, None, "booting cold (--cold)")
-    t, why = template_for(cfg, request)
-    if t is None:
-        if request.start is StartMode.WARM:
-            raise InvalidInput(f"cannot start warm: {why}", hint="drop --warm to boot cold")
-        return Plan(STEPS, None, f"booting cold: {why}")
-    return Plan(restore_steps(t), t, f"restoring from template {t.key} (made {_age(t.created)} ago)")
-
-
-def _age(created: float) -> str:
-    s = max(0.0, time.time() - created)
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
 # -- restore ----------------------------------------------------------------------------------------
-def restore_steps(t: Template) -> tuple[Step, ...]:
-    return (Step("template.validate", partial(validate_template, t)), Step("template.disk", disk_from_template),
-            Step("network", network), Step("vmm.restore", vmm_restore), Step("guest.identity", guest_identity),
-            Step("guest.ready", guest_ready), Step("app", app_restored))
+def restore_steps(t: Template) -> Steps:
+    """BOOT, restoring from `t`: the disk is the template's, the memory too; the guest's identity is renewed
+    by its agent after the restore instead of written into the disk before the boot; a --keep volume is
+    never restored (template_for sends such a request to BOOT)."""
+    return (BOOT.swap("validate", Step("template.validate", partial(validate_template, t)))
+            .swap("disk", Step("template.disk", disk_from_template))
+            .drop("volume")
+            .drop("identity")
+            .swap("vmm.start", Step("vmm.restore", vmm_restore))
+            .insert_after("vmm.restore", Step("guest.identity", guest_identity))
+            .swap("app", Step("app", app_restored)))
 
 
 def validate_template(t: Template, b: Bringup) -> None:
@@ -123,7 +104,6 @@ def validate_template(t: Template, b: Bringup) -> None:
         raise InvalidInput(f"template {t.key} is stale: {stale}",
                            hint=f"rebuild it with 'dispo template build {t.name}', or start with --cold")
     b.image, b.kind, b.template = image, VmmKind(t.backend), t
-    b.live.template = t.key
     b.kernel = kernel_for(image, b.kind)
     if b.kernel is None or not b.kernel.is_file():
         raise NotFound(f"image {image.name!r} has no kernel file for {t.backend}", hint="rebuild the image")
@@ -141,7 +121,7 @@ def vmm_restore(b: Bringup) -> None:
     if Capability.SNAPSHOT not in vmm.capabilities:
         raise VmmError(f"the {vmm.kind.value} backend cannot restore templates", hint="start with --cold")
     vmm.load_state(b.tx.journal, b.template.path)
-    b.live.note_vmm(vmm)
+    b.vmm = vmm
 
 
 def guest_identity(b: Bringup) -> None:
@@ -157,14 +137,15 @@ def app_restored(b: Bringup) -> None:
 
 
 # -- template build ---------------------------------------------------------------------------------
-def template_steps(kind: TemplateKind, name: str) -> tuple[Step, ...]:
-    steps = [Step("validate", validate), Step("disk", disk), Step("identity", identity),
-             Step("network", network), Step("vmm.start", partial(vmm_start, agent=True)),
-             Step("guest.ready", guest_ready)]
+def template_steps(kind: TemplateKind, name: str) -> Steps:
+    """BOOT, saved as template NAME once ready: with the agent's channel (its clones need it), no volume
+    (a template is of an image or a profile, never of a kept volume), and for a profile its app started on
+    its display before the save."""
+    save = Step("template.save", partial(save_template, kind, name))
+    steps = BOOT.drop("volume").swap("vmm.start", Step("vmm.start", partial(vmm_start, agent=True)))
     if kind is TemplateKind.PROFILE:
-        steps.append(Step("app.template", app_template))
-    steps.append(Step("template.save", partial(save_template, kind, name)))
-    return tuple(steps)
+        return steps.swap("app", Step("app.template", app_template)).insert_after("app.template", save)
+    return steps.swap("app", save)
 
 
 def app_template(b: Bringup) -> None:
@@ -235,4 +216,4 @@ def build_request(cfg: Config, name: str, *, kind: str = "auto", backend: str | 
     return req, chosen
 
 
-__all__ = ["Plan", "build_request", "plan", "restore_steps", "template_for", "template_steps"]
+__all__ = ["build_request", "restore_steps", "template_for", "template_steps"]
