@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispo import config as config_mod
-from dispo import processes
+from dispo import guest, processes
 from dispo.config import Config
 from dispo.errors import VmmError
 from dispo.images import ImageStore
@@ -71,6 +71,19 @@ def serve(c):
 while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+# The fake guest's dispo-files is the real one (guest/files.sh), run in its home directory; its X clipboard is
+# a file there, so it never touches an X display of the host.
+GUEST_FILES = guest.FILES_PATH
+FILES_SH = Path(guest.__file__).parent / "files.sh"
+FAKE_XCLIP = """#!/bin/sh
+case " $* " in
+*" -o "*) exec cat "$HOME/.clipboard" 2>/dev/null ;;
+*" -i "*) for f; do :; done; exec cp -- "$f" "$HOME/.clipboard" ;;
+esac
+exit 2
 """
 
 
@@ -173,6 +186,9 @@ class FakeChannel:
 
     def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]:
         words = list(argv) or ["sh"]
+        if words[0] == GUEST_FILES:  # the guest's real dispo-files, its X clipboard a file (FAKE_XCLIP)
+            return ["sh", "-c", 'cd "$1" && shift && HOME=$PWD PATH="$PWD/.fake-bin:$PATH" exec sh "$@"',
+                    "fake-guest", str(self.home), str(FILES_SH), *words[1:]]
         return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "fake-guest", str(self.home), *words]
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
@@ -197,9 +213,18 @@ class FakeIdentity:
         return FakeChannel(self.home, self.console, address)
 
 
-def _identity(tx: Transaction, disk: Path) -> Identity:
-    home = tx.state_path / "guest-home"
+def guest_home(home: Path) -> Path:
+    """The fake guest's home directory, with the fake xclip its dispo-files uses."""
     home.mkdir(mode=0o700, exist_ok=True)
+    (home / ".fake-bin").mkdir(exist_ok=True)
+    xclip = home / ".fake-bin" / "xclip"
+    xclip.write_text(FAKE_XCLIP)
+    xclip.chmod(0o755)
+    return home
+
+
+def _identity(tx: Transaction, disk: Path) -> Identity:
+    home = guest_home(tx.state_path / "guest-home")
     return FakeIdentity(home, tx.state_path / "console.log")
 
 

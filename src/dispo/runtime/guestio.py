@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dispo import guest
-from dispo.errors import GuestIOError, InvalidInput, NotFound, Refused, TooLarge
+from dispo.errors import Conflict, GuestIOError, InvalidInput, NotFound, Refused, TooLarge
 from dispo.features import MIB
 from dispo.proc import minimal_env
 
@@ -109,11 +109,21 @@ class GuestIO:
         self._uploads = threading.Semaphore(2)  # a few uploads at a time; each holds an SSH connection
 
     # -- plumbing ---------------------------------------------------------------------------------
+    def _ending(self) -> bool:
+        """Asked to end (DELETE, a timeout), or its app ended: its guest is going away."""
+        return self.live.ended or self.live.cancel.is_set() or self.live.state in ("stopping", "ended")
+
+    def _gone(self) -> Conflict:
+        return Conflict(f"session {self.live.id} is ending: its guest takes no more requests",
+                        hint="start a new session")
+
     def _argv(self, *args: str) -> list[str]:
         channel = self.live.channel
-        if channel is None or self.live.ended:
-            raise NotFound(f"session {self.live.id} has no running guest (yet, or any more)",
-                           hint="wait until the session is ready")
+        # The session exists and its state does not allow this: 409 (a 404 would say there is no session).
+        if self._ending():
+            raise self._gone()
+        if channel is None:
+            raise Conflict(f"session {self.live.id} has no running guest yet", hint="wait until the session is ready")
         return channel.command([guest.FILES_PATH, *args])
 
     def _run(self, *args: str, data: bytes = b"", cap: int = MIB, timeout: float = COMMAND_TIMEOUT_S) -> bytes:
@@ -122,6 +132,8 @@ class GuestIO:
             proc = subprocess.run(argv, input=data, capture_output=True, env=minimal_env(), timeout=timeout,
                                   check=False)
         except subprocess.TimeoutExpired:
+            if self._ending():
+                raise self._gone() from None
             raise GuestIOError(f"session {self.live.id}: the guest did not answer 'dispo-files {args[0]}' within "
                                f"{timeout:g} s") from None
         if proc.returncode != 0:
@@ -129,6 +141,8 @@ class GuestIO:
             reason = "".join(c if c.isprintable() else "?" for c in (detail[-1] if detail else ""))[:200]
             if proc.returncode == 3:
                 raise NotFound(f"session {self.live.id}: no such file in the guest")
+            if self._ending():  # it went away while it was asked: not the guest's failure
+                raise self._gone()
             raise GuestIOError(f"session {self.live.id}: 'dispo-files {args[0]}' failed in the guest "
                                f"(status {proc.returncode}{': ' + reason if reason else ''})",
                                hint="the image may predate this dispo: rebuild it ('dispo image build NAME --force')")
@@ -199,8 +213,9 @@ class GuestIO:
         if len(data) > policy.uploads_max_mib * MIB:
             raise TooLarge(f"the upload has {len(data)} bytes, more than the profile's [uploads] max_mib "
                            f"({policy.uploads_max_mib} MiB)")
-        if not isinstance(name, str) or len(name) > 4 * MAX_NAME_BYTES:
-            raise InvalidInput("an upload needs a file name of at most 255 bytes")
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_BYTES:  # as openapi.UPLOAD_NAME says
+            raise InvalidInput(f"an upload needs a file name of 1 to {MAX_NAME_BYTES} characters",
+                               hint="POST the file's bytes as the body, with ?name=FILENAME")
         safe = host_name(name, "upload")  # a dropped file's name, made one harmless file name
         with self._uploads:
             got = self._run("put", safe, data=data, cap=4 * MAX_NAME_BYTES, timeout=max(COMMAND_TIMEOUT_S,
