@@ -300,3 +300,14 @@ def test_an_upload_name_is_1_to_255_characters(tmp_path: Path, name: str) -> Non
     with pytest.raises(InvalidInput, match="1 to 255 characters"):
         io.upload(name, b"a")
     assert io.upload("x" * 255, b"a") == "x" * 200  # host_name keeps 200 bytes
+
+
+def test_a_download_name_too_long_to_exist_is_not_found(tmp_path: Path) -> None:
+    """The document counts a name's characters (JSON Schema cannot count bytes): 255 of them that are more
+    than 255 bytes name no file the guest can have, so that is a 404, not a refusal of a valid request."""
+    io = guestio.GuestIO(_live(tmp_path, guest=True))  # type: ignore[arg-type]
+    with pytest.raises(NotFound, match="no download named"):
+        io.download("é" * 200)
+    for bad in ("", "..", "a/b", "a\0b"):
+        with pytest.raises(InvalidInput, match="invalid file name"):
+            io.download(bad)

@@ -256,6 +256,7 @@ def test_max_sessions_answers_429_past_it(cfg: Config) -> None:
     ({"profile": "chromium", "keep": "vol1"}, 409, "Conflict", "names nothing to keep"),
     ({"image": "minimal", "command": ["true"], "backend": "firecracker"}, 409, "Conflict",
      "is not built for firecracker"),
+    ({"image": "minimal", "command": ["true"], "start": "warm"}, 409, "Conflict", "cannot start warm: no template"),
 ])
 def test_bad_input_is_a_problem_with_the_one_line_message(svc: Running, body: Any, status: int, title: str,
                                                           detail: str) -> None:

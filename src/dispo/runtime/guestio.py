@@ -163,7 +163,15 @@ class GuestIO:
 
     def download(self, name: str) -> Download:
         """One listed download, complete and within the cap (else NotFound, Refused or TooLarge)."""
-        check_guest_name(name)
+        try:
+            check_guest_name(name)
+        except InvalidInput:
+            if not name or name in (".", "..") or "/" in name or "\0" in name:
+                raise
+            # Only longer than 255 bytes: a file name, but none the guest can have (the API's schema counts
+            # characters, not bytes).
+            raise NotFound(f"session {self.live.id} has no download named {name[:80]!r}",
+                           hint=f"list them: GET /v1/sessions/{self.live.id}/downloads") from None
         for d in self.downloads():
             if d.name == name:
                 if not d.complete:

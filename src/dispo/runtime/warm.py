@@ -23,7 +23,7 @@ from typing import Any
 
 from dispo import workspace
 from dispo.config import Config
-from dispo.errors import InvalidInput, NotFound, VmmError
+from dispo.errors import Conflict, InvalidInput, NotFound, VmmError
 from dispo.images import ROOTFS, ImageStore
 from dispo.names import format_size
 from dispo.proc import run
@@ -100,7 +100,8 @@ def plan(cfg: Config, request: SessionRequest) -> Plan:
     t, why = template_for(cfg, request)
     if t is None:
         if request.start is StartMode.WARM:
-            raise InvalidInput(f"cannot start warm: {why}", hint="drop --warm to boot cold")
+            # A fine request that the templates at hand cannot serve: 409, not 400.
+            raise Conflict(f"cannot start warm: {why}", hint="drop --warm to boot cold")
         return Plan(STEPS, None, f"booting cold: {why}")
     return Plan(restore_steps(t), t, f"restoring from template {t.key} (made {_age(t.created)} ago)")
 

@@ -330,7 +330,8 @@ PATHS: dict[str, Any] = {
                 "401": _AUTH, "403": _problem("a foreign Origin or Host"),
                 "404": _problem("the profile or image does not exist"),
                 "409": _problem("the profile or image cannot serve it (a profile without keep_path for `keep`, an "
-                                "image not built for `backend`, a volume in use)"),
+                                "image not built for `backend`, no template that fits for start warm, a volume in "
+                                "use)"),
                 "413": _problem("the body is larger than 64 KiB"), "415": _problem("the body is not JSON"),
                 "429": {**_problem("max_sessions sessions are running", BUSY_EXAMPLE),
                         "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
