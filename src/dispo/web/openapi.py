@@ -1,7 +1,8 @@
-"""The OpenAPI 3.1 document of dispod's REST API, written by hand and served at GET /v1/openapi.json.
+"""The OpenAPI 3.2 document of dispod's REST API, written by hand and served at GET /v1/openapi.json.
 
 tests/test_openapi.py checks that its (method, path) pairs are exactly the app's routes under /v1, that every
-example validates against its schema, and that real answers of a running service validate too.
+example validates against its schema, and that real answers of a running service validate too;
+tests/test_fuzz_api.py runs schemathesis against it (it must say what dispod refuses, too).
 """
 
 from __future__ import annotations
@@ -460,7 +461,7 @@ PATHS: dict[str, Any] = {
                       "400": _BAD_ID, "401": _AUTH, "404": _UNKNOWN}}},
     "/v1/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document",
-        "responses": {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}},
+        "responses": {"200": {"description": "OpenAPI 3.2", "content": {JSON: {"schema": {"type": "object"}}}},
                       "401": _AUTH}}},
     "/v1/health": {"get": {
         "operationId": "health", "summary": "dispod answers",
