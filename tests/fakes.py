@@ -90,6 +90,19 @@ while True:
 """
 
 
+# The fake guest's dispo-files is the real one (guest/files.sh), run in its home directory; its X clipboard is
+# a file there, so it never touches an X display of the host.
+GUEST_FILES = guest.FILES_PATH
+FILES_SH = Path(guest.__file__).parent / "files.sh"
+FAKE_XCLIP = """#!/bin/sh
+case " $* " in
+*" -o "*) exec cat "$HOME/.clipboard" 2>/dev/null ;;
+*" -i "*) for f; do :; done; exec cp -- "$f" "$HOME/.clipboard" ;;
+esac
+exit 2
+"""
+
+
 @dataclass
 class FakeVmm:
     """Implements dispo.vmm.base.Vmm with a real, journaled, gated process that sleeps."""
@@ -212,6 +225,9 @@ class FakeChannel:
         words = list(argv) or ["sh"]
         if self.files and words[0] == guest.FILES_PATH:
             words = [*self.files, *words[1:]]
+        elif words[0] == GUEST_FILES:  # the guest's real dispo-files, its X clipboard a file (FAKE_XCLIP)
+            return ["sh", "-c", 'cd "$1" && shift && HOME=$PWD PATH="$PWD/.fake-bin:$PATH" exec sh "$@"',
+                    "fake-guest", str(self.home), str(FILES_SH), *words[1:]]
         return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "fake-guest", str(self.home), *words]
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
@@ -241,9 +257,18 @@ class FakeIdentity:
         return FakeChannel(self.home, self.console, address, self.files, self.app_output)
 
 
-def _identity(tx: Transaction, disk: Path, files: tuple[str, ...] = (), app_output: int = 0) -> Identity:
-    home = tx.state_path / "guest-home"
+def guest_home(home: Path) -> Path:
+    """The fake guest's home directory, with the fake xclip its dispo-files uses."""
     home.mkdir(mode=0o700, exist_ok=True)
+    (home / ".fake-bin").mkdir(exist_ok=True)
+    xclip = home / ".fake-bin" / "xclip"
+    xclip.write_text(FAKE_XCLIP)
+    xclip.chmod(0o755)
+    return home
+
+
+def _identity(tx: Transaction, disk: Path, files: tuple[str, ...] = (), app_output: int = 0) -> Identity:
+    home = guest_home(tx.state_path / "guest-home")
     return FakeIdentity(home, tx.state_path / "console.log", files, app_output)
 
 

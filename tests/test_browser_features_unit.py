@@ -10,6 +10,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from dispo.errors import Conflict, InvalidInput, NotFound, Refused, TooLarge
 from dispo.features import Features
 from dispo.runtime import guestio
 from dispo.runtime.guestio import check_guest_name, host_name, parse_listing
+from dispo.runtime.live import CancelToken, SessionState
 from dispo.runtime.request import build, from_json
 from dispo.runtime.saver import DownloadSaver, open_directory
 from dispo.storage import volumes
@@ -260,3 +262,62 @@ def test_dispo_open_refuses_a_loop_and_what_is_not_a_web_link(cfg: Config, monke
     for bad in ("file:///etc/passwd", "about:blank", "javascript:alert(1)"):
         with pytest.raises(InvalidInput):
             opener.cmd_open(argparse.Namespace(url=bad, profile="chromium"), cfg)
+
+
+
+def _live(tmp_path: Path, *, guest: bool) -> SimpleNamespace:
+    """What GuestIO reads of a LiveSession: a running one, with the fake guest or (guest=False) none yet."""
+    channel = fakes.FakeChannel(fakes.guest_home(tmp_path / "home"), tmp_path / "console.log") if guest else None
+    return SimpleNamespace(id="1a2b3c4d", channel=channel, ended=False, cancel=CancelToken(),
+                           state=SessionState.RUNNING if guest else SessionState.STARTING,
+                           request=SimpleNamespace(features=Features()), touch=lambda: None)
+
+
+def test_guest_io_answers_409_while_there_is_no_guest_to_ask(tmp_path: Path) -> None:
+    """A session that exists but has no guest yet, or is ending, answers 409 (not 404, which says "no such
+    session", and not the guest's failure): nothing is sent to a guest that is going away."""
+    live = _live(tmp_path, guest=False)
+    io = guestio.GuestIO(live)  # type: ignore[arg-type]
+    with pytest.raises(Conflict, match="no running guest yet"):
+        io.clipboard()
+    live.channel, live.state = _live(tmp_path, guest=True).channel, SessionState.RUNNING
+    io.set_clipboard("copied")
+    assert io.clipboard() == "copied"
+    live.state = SessionState.STOPPING  # its app ended, or DELETE: the guest is going away
+    for call in (io.clipboard, io.downloads, lambda: _upload(io, "a.txt", b"a"), lambda: io.set_clipboard("x")):
+        with pytest.raises(Conflict, match="is ending"):
+            call()
+    assert not (tmp_path / "home" / "Uploads").exists()
+    live.state = SessionState.RUNNING
+    live.cancel.set("stopped through the API (DELETE)")  # asked to end, before its state says so
+    with pytest.raises(Conflict, match="is ending"):
+        io.clipboard()
+
+
+def _upload(io: guestio.GuestIO, name: str, data: bytes) -> str:
+    """An upload as dispod streams one: begun with its size, written, finished."""
+    up = io.begin_upload(name, len(data))
+    try:
+        up.write(data)
+        return up.finish()
+    finally:
+        up.abort()
+
+
+@pytest.mark.parametrize("name", ["", "x" * 256])
+def test_an_upload_name_is_1_to_255_characters(tmp_path: Path, name: str) -> None:
+    io = guestio.GuestIO(_live(tmp_path, guest=True))  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="1 to 255 characters"):
+        _upload(io, name, b"a")
+    assert _upload(io, "x" * 255, b"a") == "x" * 200  # host_name keeps 200 bytes
+
+
+def test_a_download_name_too_long_to_exist_is_not_found(tmp_path: Path) -> None:
+    """The document counts a name's characters (JSON Schema cannot count bytes): 255 of them that are more
+    than 255 bytes name no file the guest can have, so that is a 404, not a refusal of a valid request."""
+    io = guestio.GuestIO(_live(tmp_path, guest=True))  # type: ignore[arg-type]
+    with pytest.raises(NotFound, match="no download named"):
+        io.download("é" * 200)
+    for bad in ("", "..", "a/b", "a\0b"):
+        with pytest.raises(InvalidInput, match="invalid file name"):
+            io.download(bad)

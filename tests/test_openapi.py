@@ -15,8 +15,9 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from dispo.config import Config
-from dispo.runtime import Runtime
+from dispo.runtime import Runtime, guestio
 from dispo.runtime.request import API_KEYS
+from dispo.web.api import FLAG_VALUES
 from dispo.web.app import build_app
 from dispo.web.guard import Limits
 from dispo.web.openapi import document
@@ -115,6 +116,47 @@ def test_the_schemas_refuse_what_they_should(doc: dict[str, Any]) -> None:
     assert not listing.is_valid({"sessions": [{"id": "1a2b3c4d"}]})
 
 
+def test_the_document_says_what_dispod_refuses(doc: dict[str, Any]) -> None:
+    """Each refusal of runtime/request.py and the handlers that does not depend on what exists is in the
+    document, so a client (or a fuzzer) that follows it is not refused, and one that does not, is."""
+    create = validator(doc, schema_pointer("SessionCreate"))
+    for good in ({"profile": "chromium"}, {"profile": "chromium", "url": "about:blank", "display": "web",
+                                           "keep": "vol1"},
+                 {"image": "minimal", "command": ["true"], "display": "none", "memory_mib": 256.0}):
+        assert create.is_valid(good), good
+    for bad in ({"profile": "chromium", "command": ["true"]}, {"profile": "chromium", "command": []},
+                {"image": "minimal"}, {"image": "minimal", "command": ["true"], "url": "https://example.org/"},
+                {"image": "minimal", "command": ["true"], "display": "web"},
+                {"image": "minimal", "command": ["true"], "keep": "vol1"}, {"image": "minimal", "command": ["a\0b"]},
+                {"profile": "chromium", "url": "https://exa mple.org/"}, {"profile": None, "command": ["true"]},
+                {"image": "", "command": ["true"]}, {"image": "minimal", "command": ["true"], "vcpus": 1.5}):
+        assert not create.is_valid(bad), bad
+    ops = doc["paths"]
+    for path, method, name in (("/v1/sessions", "get", "all"), ("/v1/sessions/{id}", "delete", "wait")):
+        (flag,) = [p for p in ops[path][method]["parameters"] if p["name"] == name]
+        assert set(flag["schema"]["enum"]) == set(FLAG_VALUES)
+        assert "400" in ops[path][method]["responses"]
+    (upload,) = ops["/v1/sessions/{id}/uploads"]["post"]["parameters"]
+    assert upload["schema"]["minLength"] == 1 and upload["schema"]["maxLength"] == guestio.MAX_NAME_BYTES
+    pool = validator(doc, schema_pointer("PoolFill"))
+    assert pool.is_valid({"count": 3}) and pool.is_valid({"count": 3.0}) and not pool.is_valid({"count": 3.5})
+
+
+def test_the_event_stream_is_described_message_by_message(doc: dict[str, Any]) -> None:
+    media = doc["paths"]["/v1/events"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+    assert doc["openapi"].startswith("3.2.") and set(media) == {"itemSchema"}
+    message = validator(doc, schema_pointer("SseMessage"))
+    assert message.is_valid({"event": "state", "data": "{}"})
+    assert not message.is_valid({"event": "state"}) and not message.is_valid({"event": "nope", "data": "{}"})
+    event = validator(doc, schema_pointer("Event"))
+    output = {"kind": "output", "session_id": "1a2b3c4d", "message": "", "time": 1.0,
+              "fields": {"stream": "stdout", "data": "aGkK"}}
+    assert event.is_valid(output)
+    assert not event.is_valid({**output, "fields": {"stream": "stdin", "data": "aGkK"}})
+    assert not event.is_valid({**output, "kind": "ready"})  # a ready event has an address, backend, accel
+    assert not event.is_valid({**output, "kind": "state"})  # a state event's fields are the session's status
+
+
 def test_a_reclaimed_session_is_answered_as_a_session(doc: dict[str, Any]) -> None:
     meta = {"image": "minimal", "created": 1735689600.0, "owner": "dispod",
             "request": {"display": "none", "backend": "qemu", "idle_timeout_s": 0.0, "max_lifetime_s": 0.0}}
@@ -166,6 +208,7 @@ def test_real_answers_validate(svc: Running, doc: dict[str, Any]) -> None:
     frames = [f for f in raw.split("\n\n") if f.strip()]
     for frame in frames:
         kind, data = frame.splitlines()
+        check("SseMessage", {"event": kind.removeprefix("event: "), "data": data.removeprefix("data: ")})
         check("Event", json.loads(data.removeprefix("data: ")))
         assert kind == "event: " + json.loads(data.removeprefix("data: "))["kind"]
     sleeping = svc.uds.create_session(SLEEP)

@@ -34,7 +34,7 @@ from dispo.client import DispodClient
 from dispo.config import Config
 from dispo.daemon.dispod import Dispod, Options
 from dispo.daemon.paths import ServicePaths
-from dispo.errors import Busy, InvalidInput, NotFound, ServiceError
+from dispo.errors import Busy, Conflict, InvalidInput, NotFound, ServiceError
 from dispo.runtime.events import Event, EventKind
 from dispo.runtime.machinery import Machinery
 from dispo.web.guard import Limits, ListenerKind
@@ -247,6 +247,17 @@ def test_max_sessions_answers_429_past_it(cfg: Config) -> None:
     ({"image": "minimal", "command": ["true"], "memory_mib": 1}, 400, "InvalidInput", "memory_mib 1 is out of range"),
     ({"image": "../etc", "command": ["true"]}, 400, "InvalidInput", "invalid image name"),
     ([1, 2], 400, "InvalidInput", "the body must be a JSON object"),
+    # What the OpenAPI document refuses, dispod refuses: a profile brings its own command; a key given is a
+    # value of its type (null is not "not given").
+    ({"profile": "chromium", "command": []}, 400, "InvalidInput", "no shell), not empty"),
+    ({"profile": None, "image": "minimal", "command": ["true"]}, 400, "InvalidInput", "profile must be a string"),
+    ({"image": "", "command": ["true"]}, 400, "InvalidInput", "image must be a string (not empty)"),
+    ({"image": "minimal", "command": ["true"], "vcpus": None}, 400, "InvalidInput", "vcpus must be a number"),
+    # A fine request that what it names cannot serve: 409, not 400.
+    ({"profile": "chromium", "keep": "vol1"}, 409, "Conflict", "names nothing to keep"),
+    ({"image": "minimal", "command": ["true"], "backend": "firecracker"}, 409, "Conflict",
+     "is not built for firecracker"),
+    ({"image": "minimal", "command": ["true"], "start": "warm"}, 409, "Conflict", "cannot start warm: no template"),
 ])
 def test_bad_input_is_a_problem_with_the_one_line_message(svc: Running, body: Any, status: int, title: str,
                                                           detail: str) -> None:
@@ -259,11 +270,45 @@ def test_bad_input_is_a_problem_with_the_one_line_message(svc: Running, body: An
     assert problem["type"].endswith("/" + title)
     assert detail in problem["detail"] and "\n" not in problem["detail"]
     assert "hint" in problem
-    with pytest.raises((InvalidInput, NotFound)) as err:  # the client raises the same class, with message and hint
+    with pytest.raises((InvalidInput, NotFound, Conflict)) as err:  # the client raises the same class and words
         svc.uds.create_session(body)
     assert type(err.value).__name__ == title and detail in err.value.message
     assert err.value.hint == problem["hint"]
     assert svc.uds.sessions() == []  # nothing was started
+
+
+def test_query_flags_take_exactly_the_documented_values(svc: Running) -> None:
+    sid = svc.uds.create_session(SLEEP)["id"]
+    wait_state(svc.uds, sid, "running")
+    with svc.raw_uds() as http:
+        for query in ("all=yes", "all=", "all=TRUE", "all=1&all=1", "all=null"):
+            r = http.get(f"/v1/sessions?{query}")
+            assert r.status_code == 400, query
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert "is not a flag value" in r.json()["detail"] and "1, true, 0, false" in r.json()["hint"]
+        r = http.delete(f"/v1/sessions/{sid}?wait=maybe")
+        assert r.status_code == 400 and "?wait=maybe" in r.json()["detail"]
+        assert svc.uds.session(sid)["state"] == "running"  # a bad flag stopped nothing
+        assert [s["id"] for s in http.get("/v1/sessions?all=false").json()["sessions"]] == [sid]
+        assert http.get("/v1/sessions?all=1").status_code == 200
+        r = http.delete(f"/v1/sessions/{sid}?wait=true")
+        assert r.status_code == 200 and r.json()["state"] == "ended"
+
+
+def test_a_whole_number_written_with_a_point_is_that_number(svc: Running) -> None:
+    """JSON has one number type, and the document's "integer" (JSON Schema) takes 256.0: so does dispod."""
+    with svc.raw_uds() as http:
+        r = http.post("/v1/sessions", json={**SLEEP, "memory_mib": 256.0, "vcpus": 1.0})
+        assert r.status_code == 201, r.text
+        svc.uds.delete(r.json()["id"], wait=True)
+        r = http.post("/v1/sessions", json={**SLEEP, "memory_mib": 256.5})
+        assert r.status_code == 400 and "memory_mib 256.5 is not an integer" in r.json()["detail"]
+        r = http.put("/v1/pool/chromium", json={"count": 1.0})  # a good count; there is no template to fill from
+        assert r.status_code == 404 and "no template" in r.json()["detail"]
+        for bad in (1.5, True, "1", None):
+            r = http.put("/v1/pool/chromium", json={"count": bad})
+            assert r.status_code == 400 and "whole number" in r.json()["detail"], bad
+    assert svc.uds.sessions() == []
 
 
 def test_bodies_that_are_not_json_or_too_large(svc: Running) -> None:

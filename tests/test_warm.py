@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dispo.config import Config
-from dispo.errors import InvalidInput
+from dispo.errors import Conflict
 from dispo.guest import agent
 from dispo.images import ImageStore
 from dispo.runtime import Event, EventKind, Runtime, build, warm
@@ -36,7 +36,7 @@ def test_no_template_boots_cold_and_says_why(cfg: Config) -> None:
     req = build(cfg, image="minimal", command=["true"])
     chosen = plan(cfg, req)
     assert chosen.template is None and chosen.why.startswith("booting cold: no template of image 'minimal'")
-    with pytest.raises(InvalidInput, match="cannot start warm: no template"):
+    with pytest.raises(Conflict, match="cannot start warm: no template"):
         plan(cfg, build(cfg, image="minimal", command=["true"], start="warm"))
 
 
@@ -105,7 +105,7 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
     store.import_(image.path.parent.parent.parent / "minimal.ext4", "minimal", quiet=True)
     why = plan(cfg, req).why
     assert why.startswith("booting cold: template image-minimal is stale: its image 'minimal' changed"), why
-    with pytest.raises(InvalidInput, match="cannot start warm: template image-minimal is stale"):
+    with pytest.raises(Conflict, match="cannot start warm: template image-minimal is stale"):
         plan(cfg, build(cfg, image="minimal", command=["true"], start="warm"))
 
 

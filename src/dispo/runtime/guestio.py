@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from dispo import guest
-from dispo.errors import Busy, GuestIOError, GuestOverflow, InvalidInput, NotFound, Refused, TooLarge
+from dispo.errors import Busy, Conflict, GuestIOError, GuestOverflow, InvalidInput, NotFound, Refused, TooLarge
 from dispo.features import MIB
 from dispo.proc import minimal_env
 
@@ -270,11 +270,21 @@ class GuestIO:
         self._uploads = threading.BoundedSemaphore(UPLOADS_PER_SESSION)
 
     # -- plumbing ---------------------------------------------------------------------------------
+    def _ending(self) -> bool:
+        """Asked to end (DELETE, a timeout), or its app ended: its guest is going away."""
+        return self.live.ended or self.live.cancel.is_set() or self.live.state in ("stopping", "ended")
+
+    def _gone(self) -> Conflict:
+        return Conflict(f"session {self.live.id} is ending: its guest takes no more requests",
+                        hint="start a new session")
+
     def _argv(self, *args: str) -> list[str]:
         channel = self.live.channel
-        if channel is None or self.live.ended:
-            raise NotFound(f"session {self.live.id} has no running guest (yet, or any more)",
-                           hint="wait until the session is ready")
+        # The session exists and its state does not allow this: 409 (a 404 would say there is no session).
+        if self._ending():
+            raise self._gone()
+        if channel is None:
+            raise Conflict(f"session {self.live.id} has no running guest yet", hint="wait until the session is ready")
         return channel.command([guest.FILES_PATH, *args])
 
     def _run(self, *args: str, data: bytes = b"", cap: int = MIB, timeout: float = COMMAND_TIMEOUT_S) -> bytes:
@@ -283,6 +293,12 @@ class GuestIO:
             if data:
                 cmd.write(data, timeout)
             return cmd.finish(timeout)
+        except GuestOverflow:
+            raise
+        except GuestIOError:
+            if self._ending():  # it went away while it was asked: not the guest's failure (409)
+                raise self._gone() from None
+            raise
         finally:
             cmd.abort()
 
@@ -299,7 +315,15 @@ class GuestIO:
 
     def download(self, name: str) -> Download:
         """One listed download, complete and within the cap (else NotFound, Refused or TooLarge)."""
-        check_guest_name(name)
+        try:
+            check_guest_name(name)
+        except InvalidInput:
+            if not name or name in (".", "..") or "/" in name or "\0" in name:
+                raise
+            # Only longer than 255 bytes: a file name, but none the guest can have (the API's schema counts
+            # characters, not bytes).
+            raise NotFound(f"session {self.live.id} has no download named {name[:80]!r}",
+                           hint=f"list them: GET /v1/sessions/{self.live.id}/downloads") from None
         for d in self.downloads():
             if d.name == name:
                 if not d.complete:
@@ -352,8 +376,9 @@ class GuestIO:
         if size > policy.uploads_max_mib * MIB:
             raise TooLarge(f"the upload has {size} bytes, more than the profile's [uploads] max_mib "
                            f"({policy.uploads_max_mib} MiB)")
-        if not isinstance(name, str) or len(name) > 4 * MAX_NAME_BYTES:
-            raise InvalidInput("an upload needs a file name of at most 255 bytes")
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_BYTES:  # as openapi.UPLOAD_NAME says
+            raise InvalidInput(f"an upload needs a file name of 1 to {MAX_NAME_BYTES} characters",
+                               hint="POST the file's bytes as the body, with ?name=FILENAME")
         safe = host_name(name, "upload")  # a dropped file's name, made one harmless file name
         if not self._uploads.acquire(blocking=False):
             raise Busy(f"session {self.live.id} has {UPLOADS_PER_SESSION} uploads under way already",

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from dispo.config import Config
-from dispo.errors import InvalidInput
+from dispo.errors import Conflict
 from dispo.runtime.request import SessionRequest, StartMode
 from dispo.runtime.steps import BOOT, Steps
 from dispo.runtime.warm import restore_steps, template_for
@@ -58,7 +58,8 @@ def plan(cfg: Config, request: SessionRequest, pool: Pool | None = None) -> Plan
     t, why = template_for(cfg, request)
     if t is None:
         if request.start is StartMode.WARM:
-            raise InvalidInput(f"cannot start warm: {why}", hint="drop --warm to boot cold")
+            # A fine request that the templates at hand cannot serve: 409, not 400.
+            raise Conflict(f"cannot start warm: {why}", hint="drop --warm to boot cold")
         return Plan(Origin.BOOT, BOOT, why=f"booting cold: {why}")
     restore = Plan(Origin.RESTORE, restore_steps(t), t, f"restoring from template {t.key} (made {_age(t.created)} ago)")
     # A pooled guest's traffic was not watched from its first frame: a request that logs it gets its own.

@@ -18,7 +18,7 @@ from typing import Any
 
 from dispo import profiles
 from dispo.config import Config, show
-from dispo.errors import InvalidInput, NotFound
+from dispo.errors import Conflict, InvalidInput, NotFound
 from dispo.features import Features
 from dispo.imagebuild.recipes import RECIPES
 from dispo.images import Image, ImageStore
@@ -112,6 +112,8 @@ def _number(key: str, value: Any, where: str) -> int | float:
     s = SETTINGS[key]
     lo, hi = s.lo, limit_hi(key)
     integer = key in INT_SETTINGS
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 512.0 is 512 (as JSON Schema's "integer" says)
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
         what = "an integer" if integer else "a number of seconds"
@@ -189,13 +191,15 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
     if name:
         fields["name"] = check_name(name, what="session name")
     if keep:
+        fields["keep"] = check_name(keep, what="volume name")
         features = fields.get("features")
         if features is None or not features.keep_path:
             what = f"profile {profile!r}" if profile else "a command"
-            raise InvalidInput(f"{where}--keep keeps an app's profile, and {what} names nothing to keep",
-                               hint='use a browser profile (dispo run chromium --keep NAME), or add keep_path = '
-                                    '"DIR" to the profile')
-        fields["keep"] = check_name(keep, what="volume name")
+            # Without a profile the request is wrong (400); with one, the profile's content is in the way (409).
+            error = Conflict if profile else InvalidInput
+            raise error(f"{where}--keep keeps an app's profile, and {what} names nothing to keep",
+                        hint='use a browser profile (dispo run chromium --keep NAME), or add keep_path = '
+                             '"DIR" to the profile')
     if backend:
         fields["backend"] = backend
     cmd = tuple(fields.get("command", ()))
@@ -224,26 +228,30 @@ def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/se
     unknown = sorted(set(body) - set(API_KEYS))
     if unknown:
         raise InvalidInput(f"{where}unknown key(s): {', '.join(unknown)}", hint=f"known keys: {', '.join(API_KEYS)}")
-    strings = {k: body.get(k) for k in ("profile", "image", "url", "display", "name", "backend", "start")}
+    # A key that is given has a value of its type (null is not "not given": the OpenAPI schema says so too).
+    strings = {k: body.get(k) for k in ("profile", "image", "url", "display", "name", "backend", "start", "keep")}
     for k, v in strings.items():
-        if v is not None and not isinstance(v, str):
-            raise InvalidInput(f"{where}{k} must be a string")
-    command = body.get("command") or []
-    if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
-        raise InvalidInput(f"{where}command must be a list of strings (an argv, no shell)")
+        if k in body and (not isinstance(v, str) or not v):
+            raise InvalidInput(f"{where}{k} must be a string (not empty)")
+    command = body.get("command", [])
+    if not isinstance(command, list) or not all(isinstance(c, str) for c in command) \
+            or ("command" in body and not command):
+        raise InvalidInput(f"{where}command must be a list of strings (an argv, no shell), not empty",
+                           hint='e.g. "command": ["sh", "-c", "echo hi"]')
     if strings["display"] == DisplayMode.X11.value:
         raise InvalidInput(f"{where}the service shows apps in its web viewer; x11 needs 'dispo run' in-process",
                            hint="use display web or none")
     log_requests = body.get("log_requests", False)
     if not isinstance(log_requests, bool):
         raise InvalidInput(f"{where}log_requests must be true or false")
-    keep = body.get("keep")
-    if keep is not None and not isinstance(keep, str):
-        raise InvalidInput(f"{where}keep must be a string (a volume name)")
     numbers: dict[str, Any] = {k: body.get(k) for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
+    for k, v in numbers.items():
+        if k in body and v is None:
+            raise InvalidInput(f"{where}{k} must be a number", hint=SETTINGS[k].help)
     return build(cfg, command=command, where=where, stdio=Stdio.CAPTURE, profile=strings["profile"],
                  image=strings["image"], url=strings["url"], display=strings["display"], name=strings["name"],
-                 backend=strings["backend"], start=strings["start"], log_requests=log_requests, keep=keep, **numbers)
+                 backend=strings["backend"], start=strings["start"], log_requests=log_requests, keep=strings["keep"],
+                 **numbers)
 
 
 def replace(req: SessionRequest, **changes: Any) -> SessionRequest:

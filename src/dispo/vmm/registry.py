@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dispo import arch as arches
 from dispo.config import Config
-from dispo.errors import DispoError, InvalidInput, NotFound
+from dispo.errors import Conflict, DispoError, InvalidInput, NotFound
 from dispo.images import Image
 from dispo.vmm.base import MachineSpec, Vmm, VmmKind
 
@@ -24,9 +24,9 @@ def choose_backend(requested: str | None, image: Image) -> VmmKind:
             raise InvalidInput(f"unknown backend {requested!r}", hint="use qemu or firecracker") from None
     else:
         kind = VmmKind(image.vmms[0]) if image.vmms else VmmKind.QEMU
-    if image.vmms and kind.value not in image.vmms:
-        raise InvalidInput(f"image {image.name!r} is not built for {kind.value} (it suits {', '.join(image.vmms)})",
-                           hint=f"use --backend {image.vmms[0]} or an image built for {kind.value}")
+    if image.vmms and kind.value not in image.vmms:  # a fine request this image cannot serve: 409, not 400
+        raise Conflict(f"image {image.name!r} is not built for {kind.value} (it suits {', '.join(image.vmms)})",
+                       hint=f"use --backend {image.vmms[0]} or an image built for {kind.value}")
     check_arch(image, kind)
     return kind
 

@@ -34,8 +34,20 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return web.json_response(data, status=status, headers=headers)
 
 
+FLAG_VALUES = {"1": True, "true": True, "0": False, "false": False}  # what openapi.FLAG documents
+
+
 def _flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "").lower() in ("1", "true", "yes")
+    """A boolean query flag: absent is false; one of FLAG_VALUES, given once, else 400 (a typo such as
+    ?wait=yes must not silently mean "don't wait")."""
+    given = request.query.getall(name, [])
+    if not given:
+        return False
+    if len(given) > 1 or given[0] not in FLAG_VALUES:
+        shown = "&".join(f"{name}={v}" for v in given)[:80]
+        raise InvalidInput(f"{request.method} {request.path}: ?{shown} is not a flag value",
+                           hint=f"give ?{name}= once, as one of {', '.join(FLAG_VALUES)}")
+    return FLAG_VALUES[given[0]]
 
 
 T = TypeVar("T")
@@ -107,6 +119,7 @@ async def until_ended(svc: Service, live: LiveSession, timeout: float) -> bool:
 async def delete_session(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     sid = request.match_info["id"]
+    wait = _flag(request, "wait")  # a bad flag stops nothing
     try:
         live = svc.live(sid)
     except NotFound:
@@ -114,7 +127,7 @@ async def delete_session(request: web.Request) -> web.Response:
             return _json(svc.reclaimed[sid])
         raise
     live.stop(DELETE_REASON)
-    if _flag(request, "wait"):
+    if wait:
         await until_ended(svc, live, WAIT_MAX_S)
     return _json(live.status(), 200 if live.ended else 202)
 
@@ -189,11 +202,14 @@ async def get_pool(request: web.Request) -> web.Response:
 async def fill_pool(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     body = await _body(request)
-    if not isinstance(body, dict) or set(body) != {"count"} or not isinstance(body["count"], int) \
-            or isinstance(body["count"], bool):
-        raise InvalidInput(f"PUT {request.path}: the body must be {{\"count\": N}}", hint='e.g. {"count": 1}')
+    count = body.get("count") if isinstance(body, dict) else None
+    if isinstance(count, float) and count.is_integer():
+        count = int(count)  # JSON has one number type: 3.0 is 3 (as the schema's "integer" says)
+    if not isinstance(body, dict) or set(body) != {"count"} or not isinstance(count, int) or isinstance(count, bool):
+        raise InvalidInput(f"PUT {request.path}: the body must be {{\"count\": N}} with N a whole number",
+                           hint='e.g. {"count": 1}')
     pool = _pool(svc)
-    await _blocking(pool.fill, request.match_info["name"], body["count"])
+    await _blocking(pool.fill, request.match_info["name"], count)
     return _json(await _blocking(pool.status))
 
 

@@ -1,7 +1,8 @@
-"""The OpenAPI 3.1 document of dispod's REST API, written by hand and served at GET /v1/openapi.json.
+"""The OpenAPI 3.2 document of dispod's REST API, written by hand and served at GET /v1/openapi.json.
 
 tests/test_openapi.py checks that its (method, path) pairs are exactly the app's routes under /v1, that every
-example validates against its schema, and that real answers of a running service validate too.
+example validates against its schema, and that real answers of a running service validate too;
+tests/test_fuzz_api.py runs schemathesis against it (it must say what dispod refuses, too).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from dispo import __version__
 from dispo.runtime.events import EventKind
-from dispo.settings import SETTINGS
+from dispo.settings import SETTINGS, limit_hi
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -35,13 +36,25 @@ def _problem(description: str, example: dict[str, Any] | None = None) -> dict[st
 
 def _setting(key: str, integer: bool) -> dict[str, Any]:
     s = SETTINGS[key]
-    return {"type": "integer" if integer else "number", "minimum": s.lo, "maximum": s.hi,
+    # limit_hi: memory_mib is also bounded by this host's memory, so this document says what this dispod takes.
+    # JSON has one number type: 512.0 is the integer 512 (runtime/request.py reads it so).
+    return {"type": "integer" if integer else "number", "minimum": s.lo, "maximum": limit_hi(key),
             "description": f"{s.help} (default {s.default}{' ' + s.unit if s.unit else ''}; a profile may set "
                            "its own)"}
 
 
 SESSION_ID = {"type": "string", "pattern": "^[0-9a-f]{8}$", "description": "8 hex digits"}
 NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$"}
+# A boolean query flag (web/api.py FLAG_VALUES): given once, exactly one of these; anything else is a 400.
+FLAG = {"type": "string", "enum": ["1", "true", "0", "false"]}
+# A file name in the guest (runtime/guestio.py check_guest_name): one path component, at most 255 bytes.
+GUEST_FILE = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[^/\\x00]+$",
+              "not": {"enum": [".", ".."]},
+              "description": "one file name: no '/' or NUL, not '.' or '..', at most 255 bytes in UTF-8"}
+# An upload's name (runtime/guestio.py upload): any text, made one harmless file name in the guest.
+UPLOAD_NAME = {"type": "string", "minLength": 1, "maxLength": 255,
+               "description": "the file's name, 1 to 255 characters (made safe: '/' and control characters become "
+                              "'_'; at most 200 bytes are kept)"}
 
 SESSION_EXAMPLE: dict[str, Any] = {
     "id": "1a2b3c4d", "name": None, "profile": "chromium", "image": "chromium", "display": "web", "state": "running",
@@ -63,6 +76,31 @@ BUSY_EXAMPLE: dict[str, Any] = {
     "detail": "4 sessions are running, the most this service allows (max_sessions = 4)",
     "hint": "wait for a session to end, or raise max_sessions in the config"}
 
+def _fields(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+# What each kind of event carries in `fields` (the emitters: runtime/live.py, steps.py, pool.py, __init__.py).
+EVENT_FIELDS: dict[str, dict[str, Any]] = {
+    EventKind.STEP.value: _fields(["step", "seconds"], {"step": {"type": "string"}, "seconds": {"type": "number"}}),
+    EventKind.NOTICE.value: _fields([], {"start": {"enum": ["boot", "restore", "pool"]},
+                                         "template": _nullable({"type": "string"})}),
+    EventKind.READY.value: _fields(["address", "backend", "accel", "ready_s"], {
+        "address": {"type": "string"}, "backend": {"type": "string"}, "accel": {"type": "string"},
+        "ready_s": {"type": "number"}, "boot_s": {"type": "number"}, "start": {"const": "pool"}}),
+    EventKind.VIEWER.value: _fields(["url"], {"url": {"type": "string"}}),
+    EventKind.OUTPUT.value: _fields(["stream", "data"], {
+        "stream": {"enum": ["stdout", "stderr"]},
+        "data": {"type": "string", "contentEncoding": "base64", "description": "the bytes, base64"}}),
+    EventKind.STATE.value: {"$ref": "#/components/schemas/Session",
+                            "description": "the session's status, as GET /v1/sessions/{id} answers"},
+    EventKind.ENDED.value: _fields(["exit_status", "end_reason", "error"], {
+        "exit_status": _nullable({"type": "integer"}), "end_reason": {"type": "string"},
+        "error": _nullable({"$ref": "#/components/schemas/SessionError"}), "console_tail": {"type": "string"},
+        "receipt": _nullable({"type": "object", "description": "the disposal receipt's summary (receipt.py)"}),
+        "requests": _nullable({"type": "array", "items": {"$ref": "#/components/schemas/GuestRequest"}})}),
+}
+
 SCHEMAS: dict[str, Any] = {
     "SessionCreate": {
         "type": "object", "additionalProperties": False,
@@ -70,10 +108,13 @@ SCHEMAS: dict[str, Any] = {
                        "from the profile, then from dispo's settings.",
         "properties": {
             "profile": {**NAME, "description": "a profile name (GET /v1/profiles)"},
-            "url": {"type": "string", "maxLength": 4096, "description": "with a profile: the page to open"},
+            "url": {"type": "string", "maxLength": 4096,
+                    "pattern": "^(https?://[^\\s\\x00-\\x1f\\x7f]+|about:[a-z-]+)$",
+                    "description": "with a profile: the page to open (http://, https:// or about:, no spaces)"},
             "image": {**NAME, "description": "an image name (GET /v1/images); overrides the profile's"},
-            "command": {"type": "array", "items": {"type": "string"},
-                        "description": "without a profile: the argv to run in the guest as `user` (no shell)"},
+            "command": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^[^\\x00]*$"},
+                        "description": "without a profile: the argv to run in the guest as `user` (no shell; "
+                                       "no NUL; 64 KiB at most)"},
             "display": {"enum": ["web", "none"], "description": "x11 needs 'dispo run' in-process"},
             "name": {**NAME, "description": "a name for people"},
             "backend": {"enum": ["auto", "qemu", "firecracker"]},
@@ -91,6 +132,12 @@ SCHEMAS: dict[str, Any] = {
             "keep": {**NAME, "description": "keep the app's profile on this volume (made on first use, kept after "
                                             "the session; 'dispo volume ls|rm'); the profile must name a keep_path"},
         },
+        # What runtime/request.py build() refuses with a 400, said here: a profile brings its own command (and
+        # is what a URL, a web display and a kept volume go with); without one, a command is needed.
+        "if": {"required": ["profile"]},
+        "then": {"not": {"required": ["command"]}},
+        "else": {"required": ["command"], "properties": {"display": {"const": "none"}},
+                 "allOf": [{"not": {"required": ["url"]}}, {"not": {"required": ["keep"]}}]},
         "examples": [{"profile": "chromium", "url": "https://example.org/"},
                      {"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"], "idle_timeout_s": 60}],
     },
@@ -201,14 +248,26 @@ SCHEMAS: dict[str, Any] = {
                                             "arch": "x86_64", "vmms": ["qemu", "firecracker"]}]}]},
     "Event": {
         "type": "object", "required": ["kind", "session_id", "message", "fields", "time"],
-        "description": "one SSE message's data; the SSE event name is the kind",
+        "additionalProperties": False,
+        "description": "one SSE message's data (runtime/events.py); the SSE event name is the kind, and the kind "
+                       "says what `fields` holds",
         "properties": {"kind": {"enum": [k.value for k in EventKind]}, "session_id": SESSION_ID,
-                       "message": {"type": "string"}, "fields": {"type": "object"}, "time": {"type": "number"}},
+                       "message": {"type": "string", "description": "one line for people"},
+                       "fields": {"type": "object"}, "time": {"type": "number", "description": "seconds since the "
+                                                                                               "epoch"}},
+        "allOf": [{"if": {"properties": {"kind": {"const": kind}}}, "then": {"properties": {"fields": fields}}}
+                  for kind, fields in EVENT_FIELDS.items()],
         "examples": [{"kind": "state", "session_id": "5e6f7a8b", "message": "ended: the command exited with status 7",
                       "fields": ENDED_EXAMPLE, "time": 1735689612.5},
                      {"kind": "ended", "session_id": "5e6f7a8b", "message": "the command exited with status 7",
                       "fields": {"exit_status": 7, "end_reason": "the command exited with status 7", "error": None,
                                  "console_tail": ""}, "time": 1735689612.5}],
+    },
+    "SseMessage": {
+        "type": "object", "required": ["event", "data"], "additionalProperties": False,
+        "description": "one message of the event stream (OpenAPI 3.2 itemSchema): `event: KIND`, `data: JSON`",
+        "properties": {"event": {"enum": [k.value for k in EventKind]},
+                       "data": {"type": "string", "contentMediaType": JSON, "contentSchema": _ref("Event")}},
     },
     "Health": {
         "type": "object", "required": ["status", "version", "sessions", "max_sessions"],
@@ -236,7 +295,8 @@ SCHEMAS: dict[str, Any] = {
              "memory_mib": 2048, "last_error": None}]}],
     },
     "PoolFill": {"type": "object", "additionalProperties": False, "required": ["count"],
-                 "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 64}},
+                 "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 64,
+                                          "description": "a whole number (3.0 is 3; 3.5 is refused)"}},
                  "examples": [{"count": 1}]},
     "Problem": {
         "type": "object", "required": ["type", "title", "status", "detail", "hint"],
@@ -252,6 +312,8 @@ _ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": SESSION_ID}
 _AUTH = _problem("no or a wrong token (TCP only); WWW-Authenticate: Bearer")
 _BAD_ID = _problem("not a session id")
 _UNKNOWN = _problem("no such session")
+_NOT_NOW = _problem("the session has no running guest yet, or is ending")
+_BAD_FLAG = "?FLAG= not given once as 1, true, 0 or false"
 
 PATHS: dict[str, Any] = {
     "/v1/sessions": {
@@ -270,6 +332,9 @@ PATHS: dict[str, Any] = {
                                 PROBLEM_EXAMPLE),
                 "401": _AUTH, "403": _problem("a foreign Origin or Host"),
                 "404": _problem("the profile or image does not exist"),
+                "409": _problem("the profile or image cannot serve it (a profile without keep_path for `keep`, an "
+                                "image not built for `backend`, no template that fits for start warm, a volume in "
+                                "use)"),
                 "413": _problem("the body is larger than 64 KiB"), "415": _problem("the body is not JSON"),
                 "429": {**_problem("max_sessions sessions are running", BUSY_EXAMPLE),
                         "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
@@ -277,9 +342,10 @@ PATHS: dict[str, Any] = {
         },
         "get": {
             "operationId": "listSessions", "summary": "The live sessions (?all=1: also recently ended ones)",
-            "parameters": [{"name": "all", "in": "query", "schema": {"enum": ["0", "1", "true", "false"]}}],
+            "parameters": [{"name": "all", "in": "query", "schema": FLAG,
+                            "description": "1 or true: also the sessions that ended recently (absent: 0)"}],
             "responses": {"200": {"description": "oldest first", "content": {JSON: {"schema": _ref("SessionList")}}},
-                          "401": _AUTH},
+                          "400": _problem(_BAD_FLAG.replace("FLAG", "all")), "401": _AUTH},
         },
     },
     "/v1/sessions/{id}": {
@@ -292,12 +358,14 @@ PATHS: dict[str, Any] = {
         },
         "delete": {
             "operationId": "deleteSession", "summary": "End the session; everything it made is removed",
-            "parameters": [{"name": "wait", "in": "query", "schema": {"enum": ["0", "1", "true", "false"]},
-                            "description": "1: answer once the session ended and its teardown is done"}],
+            "parameters": [{"name": "wait", "in": "query", "schema": FLAG,
+                            "description": "1 or true: answer once the session ended and its teardown is done "
+                                           "(absent: 0)"}],
             "responses": {
                 "200": {"description": "it has ended", "content": {JSON: {"schema": _ref("Session")}}},
                 "202": {"description": "it is ending (state stopping)", "content": {JSON: {"schema": _ref("Session")}}},
-                "400": _BAD_ID, "401": _AUTH, "403": _problem("a foreign Origin"), "404": _UNKNOWN},
+                "400": _problem("not a session id, or " + _BAD_FLAG.replace("FLAG", "wait")), "401": _AUTH,
+                "403": _problem("a foreign Origin"), "404": _UNKNOWN},
         },
     },
     "/v1/sessions/{id}/downloads": {
@@ -306,17 +374,18 @@ PATHS: dict[str, Any] = {
             "operationId": "listDownloads", "summary": "What the guest's browser downloaded (~/Downloads)",
             "responses": {"200": {"description": "the downloads", "content": {JSON: {"schema": _ref("DownloadList")}}},
                           "400": _BAD_ID, "401": _AUTH, "403": _problem("downloads are off in the profile"),
-                          "404": _UNKNOWN, "502": _problem("the guest did not answer, or answered too much")},
+                          "404": _UNKNOWN, "409": _NOT_NOW,
+                          "502": _problem("the guest did not answer, or answered too much")},
         },
     },
     "/v1/sessions/{id}/downloads/{name}": {
-        "parameters": [_ID_PARAM, {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "parameters": [_ID_PARAM, {"name": "name", "in": "path", "required": True, "schema": GUEST_FILE}],
         "get": {
             "operationId": "getDownload", "summary": "A complete download's bytes (Content-Disposition: attachment)",
             "responses": {"200": {"description": "the file", "content": {"application/octet-stream": {}}},
                           "400": _problem("not a file name"), "401": _AUTH,
                           "403": _problem("downloads are off in the profile"),
-                          "404": _problem("no such download, or not complete yet"),
+                          "404": _problem("no such download, or not complete yet"), "409": _NOT_NOW,
                           "413": _problem("bigger than the profile's [downloads] max_mib"),
                           "502": _problem("the guest did not answer")},
         },
@@ -325,12 +394,13 @@ PATHS: dict[str, Any] = {
         "parameters": [_ID_PARAM],
         "post": {
             "operationId": "upload", "summary": "Put the body into the guest's ~/Uploads as ?name=FILENAME",
-            "parameters": [{"name": "name", "in": "query", "required": True, "schema": {"type": "string"}}],
+            "parameters": [{"name": "name", "in": "query", "required": True, "schema": UPLOAD_NAME}],
             "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
             "responses": {"201": {"description": "stored", "content": {JSON: {"schema": _ref("Upload")}}},
                           "400": _problem("no or a bad name"), "401": _AUTH,
                           "403": _problem("uploads are off in the profile, or a foreign Origin"),
-                          "404": _UNKNOWN, "408": _problem("the body came too slowly ([service] body_timeout_s)"),
+                          "404": _UNKNOWN, "409": _NOT_NOW,
+                          "408": _problem("the body came too slowly ([service] body_timeout_s)"),
                           "411": _problem("no Content-Length"),
                           "413": _problem("bigger than the profile's [uploads] max_mib"),
                           "429": _problem("too many uploads under way (in the session, or in dispod)"),
@@ -344,7 +414,8 @@ PATHS: dict[str, Any] = {
             "responses": {"200": {"description": "the text", "content": {JSON: {"schema": _ref("Clipboard")}}},
                           "400": _BAD_ID, "401": _AUTH,
                           "403": _problem("the profile keeps the clipboard in the guest ([clipboard] from_guest)"),
-                          "404": _UNKNOWN, "502": _problem("the guest did not answer, or answered too much")},
+                          "404": _UNKNOWN, "409": _NOT_NOW,
+                          "502": _problem("the guest did not answer, or answered too much")},
         },
         "put": {
             "operationId": "setClipboard", "summary": "Set the guest's X clipboard (JSON {text} or text/plain)",
@@ -352,7 +423,8 @@ PATHS: dict[str, Any] = {
             "responses": {"200": {"description": "set", "content": {JSON: {"schema": _ref("Clipboard")}}},
                           "400": _problem("not text"), "401": _AUTH,
                           "403": _problem("the profile keeps the clipboard out ([clipboard] to_guest)"),
-                          "404": _UNKNOWN, "408": _problem("the body came too slowly ([service] body_timeout_s)"),
+                          "404": _UNKNOWN, "409": _NOT_NOW,
+                          "408": _problem("the body came too slowly ([service] body_timeout_s)"),
                           "413": _problem("longer than [clipboard] max_bytes"),
                           "502": _problem("the guest did not take it")},
         },
@@ -394,12 +466,11 @@ PATHS: dict[str, Any] = {
                        "headers).",
         "parameters": [{"name": "session", "in": "query", "schema": SESSION_ID},
                        {"name": "access_token", "in": "query", "schema": {"type": "string"}}],
-        "responses": {"200": {"description": "the stream", "content": {SSE: {"schema": {"type": "string"},
-                                                                            "itemSchema": _ref("Event")}}},
+        "responses": {"200": {"description": "the stream", "content": {SSE: {"itemSchema": _ref("SseMessage")}}},
                       "400": _BAD_ID, "401": _AUTH, "404": _UNKNOWN}}},
     "/v1/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document",
-        "responses": {"200": {"description": "OpenAPI 3.1", "content": {JSON: {"schema": {"type": "object"}}}},
+        "responses": {"200": {"description": "OpenAPI 3.2", "content": {JSON: {"schema": {"type": "object"}}}},
                       "401": _AUTH}}},
     "/v1/health": {"get": {
         "operationId": "health", "summary": "dispod answers",
@@ -407,7 +478,7 @@ PATHS: dict[str, Any] = {
 }
 
 DOCUMENT: dict[str, Any] = {
-    "openapi": "3.1.0",
+    "openapi": "3.2.0",  # 3.2: itemSchema describes each message of the event stream
     "info": {"title": "dispod", "version": __version__,
              "description": "Disposable sessions in microVMs. On the unix socket <state_dir>/dispod.sock (root-only) "
                             "no token is needed; on TCP every /v1 call needs `Authorization: Bearer TOKEN`. Errors "
