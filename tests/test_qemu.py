@@ -15,7 +15,7 @@ import pytest
 from dispo import journal as journal_mod
 from dispo import ssh
 from dispo.config import StorageBackend
-from dispo.errors import InvalidInput, NotFound
+from dispo.errors import Conflict, InvalidInput, NotFound
 from dispo.images import Image
 from dispo.journal import Journal
 from dispo.processes import is_same_process
@@ -151,7 +151,7 @@ def _image(**kw: object) -> Image:
 def test_backend_choice() -> None:
     assert registry.choose_backend(None, _image()).value == "qemu"
     assert registry.choose_backend("auto", _image(vmms=())).value == "qemu"
-    with pytest.raises(InvalidInput, match="not built for firecracker"):
+    with pytest.raises(Conflict, match="not built for firecracker"):
         registry.choose_backend("firecracker", _image())
     with pytest.raises(InvalidInput, match="unknown backend"):
         registry.choose_backend("bhyve", _image())
