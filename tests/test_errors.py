@@ -86,18 +86,18 @@ def svc(tmp_path: Path) -> Iterator[Running]:
 
 def test_each_error_raised_in_dispod_reaches_the_client_as_itself(svc: Running,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for cls in ALL_ERRORS:
-        sent = example(cls)
+    with svc.raw_uds() as raw:  # one connection for every class
+        for cls in ALL_ERRORS:
+            sent = example(cls)
 
-        def fail(_svc: object, error: DispoError = sent) -> list[object]:
-            raise error
+            def fail(_svc: object, error: DispoError = sent) -> list[object]:
+                raise error
 
-        monkeypatch.setattr(api, "profile_list", fail)  # GET /v1/profiles raises it in dispod
-        with pytest.raises(DispoError) as e:
-            svc.uds.profiles()
-        assert_same(e.value, sent)
-        with svc.raw_uds() as http:
-            assert http.get("/v1/profiles").status_code == cls.http_status, cls.__name__
+            monkeypatch.setattr(api, "profile_list", fail)  # GET /v1/profiles raises it in dispod
+            with pytest.raises(DispoError) as e:
+                svc.uds.profiles()
+            assert_same(e.value, sent)
+            assert raw.get("/v1/profiles").status_code == cls.http_status, cls.__name__
 
 
 def test_a_guest_failure_in_dispod_ends_the_session_with_its_console(svc: Running) -> None:
