@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from dispo import processes
-from dispo.errors import DispoError, DisplayError, SpawnFailed
+from dispo.errors import DisplayError, DispoError, SpawnFailed
 from dispo.proc import minimal_env
 from dispo.txn import Transaction
 
