@@ -28,13 +28,13 @@ from pathlib import Path
 from dispo import config as config_mod
 from dispo import guest, processes
 from dispo.config import Config
-from dispo.errors import VmmError
+from dispo.errors import GuestFailure, VmmError
 from dispo.images import ImageStore
 from dispo.net import GuestNetwork, NetworkPolicy
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.txn import Transaction
 from dispo.vmm.accel import Accel
-from dispo.vmm.base import Capability, GuestFailure, MachineSpec, Vmm, VmmKind, tail
+from dispo.vmm.base import Capability, MachineSpec, Vmm, VmmKind, tail
 from tests.worlds import make_ext4
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from dispo.config import Config, StorageBackend
-from dispo.errors import NotFound
-from dispo.fetch import Cache, FetchError, fetch_image, resolve
+from dispo.errors import FetchError, NotFound
+from dispo.fetch import Cache, fetch_image, resolve
 from dispo.images import ImageStore
 from tests.fcworld import tiny_elf
 from tests.s3world import Bucket, serve

@@ -20,12 +20,11 @@ import pytest
 
 from dispo import journal as journal_mod
 from dispo.config import Config
-from dispo.errors import DispoError, InvalidInput, NotFound, PermissionProblem, VmmError
+from dispo.errors import ApiError, DispoError, InvalidInput, NotFound, PermissionProblem, VmmError
 from dispo.net import attach_network
 from dispo.processes import GATE_EOF_EXIT
 from dispo.txn import Transaction, transaction
 from dispo.vmm.base import MachineSpec, NetAttachment
-from dispo.vmm.firecracker.api import ApiError
 from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm, Snapshot
 from tests.fcworld import (
     GUEST_BYE,

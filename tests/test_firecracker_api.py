@@ -15,10 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from dispo.errors import VmmError
+from dispo.errors import ApiError, ApiUnreachable, VmmError
 from dispo.vmm.firecracker.api import (
-    ApiError,
-    ApiUnreachable,
     CacheType,
     FirecrackerApi,
     IoEngine,
@@ -166,7 +164,7 @@ def test_fault_message_becomes_a_typed_error_naming_the_call(contract: Contract)
     api = client(contract, seen, Recorder(400, {"fault_message": "The kernel file cannot be opened"}))
     with pytest.raises(ApiError) as e:
         api.put_boot_source(P / "vmlinux")
-    assert e.value.operation == "putGuestBootSource" and e.value.status == 400
+    assert e.value.operation == "putGuestBootSource" and e.value.api_status == 400
     assert "putGuestBootSource (PUT /boot-source)" in e.value.one_line()
     assert "The kernel file cannot be opened" in e.value.one_line()
     assert "\n" not in e.value.one_line()

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from dispo.config import Config
-from dispo.errors import InvalidInput
+from dispo.errors import InstallError, InvalidInput
 from dispo.vmm.firecracker.binaries import find_firecracker, version_of
-from dispo.vmm.firecracker.install import InstallError, install
+from dispo.vmm.firecracker.install import install
 from tests.fcworld import firecracker_or_skip_reason, jailer_pair_or_skip_reason
 from tests.s3world import Bucket, serve
 from tests.worlds import dispo_env, make_config

@@ -14,6 +14,7 @@ import pytest
 
 from dispo import receipt
 from dispo.config import Config
+from dispo.errors import NotClean
 from dispo.runtime import STEPS, Runtime, Step, build
 from dispo.runtime.steps import Bringup
 from tests import fakes
@@ -63,7 +64,7 @@ def test_an_image_written_during_the_session_is_not_clean(cfg: Config) -> None:
     live = rt.start(build(cfg, command=["true"]), steps=steps)
     assert live.wait(30)
     assert live.receipt is not None and not live.receipt.clean and live.receipt.image_unchanged is False
-    assert isinstance(live.error, receipt.NotClean) and "image minimal changed" in live.error.message
+    assert isinstance(live.error, NotClean) and "image minimal changed" in live.error.message
 
 
 @pytest.mark.root  # gc and verify read the host's nftables

@@ -18,12 +18,11 @@ import pytest
 
 from dispo import receipt
 from dispo.config import Config
-from dispo.errors import Busy, Cancelled, InvalidInput, NetworkError, NotFound
+from dispo.errors import Busy, Cancelled, GuestFailure, InvalidInput, NetworkError, NotFound
 from dispo.net import GuestNetwork
 from dispo.runtime import STEPS, Event, EventKind, Runtime, SessionState, StandaloneViewers, Step, build
 from dispo.runtime.live import LiveSession
 from dispo.runtime.steps import Bringup
-from dispo.vmm.base import GuestFailure
 from tests import fakes
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dispo.config import Config
-from dispo.errors import Conflict
+from dispo.errors import AgentError, Conflict
 from dispo.guest import agent
 from dispo.images import ImageStore
 from dispo.runtime import Event, EventKind, Runtime, build, warm
@@ -160,8 +160,8 @@ def test_the_host_side_caps_and_checks_what_the_guest_says() -> None:
     agent.AgentLink(ok.host).hello(5, lambda: True)
     for bad, why in ((b"x" * 2000, "over-long"), (b"ok \x1b[2Jboom\n", "not printable")):
         fake = _FakeAgent(bad)
-        with pytest.raises(agent.AgentError, match=why):
+        with pytest.raises(AgentError, match=why):
             agent.AgentLink(fake.host).hello(5, lambda: True)
     refused = _FakeAgent(b"err bad hostname\n")
-    with pytest.raises(agent.AgentError, match="refused 'hostname': err bad hostname"):
+    with pytest.raises(AgentError, match="refused 'hostname': err bad hostname"):
         agent.AgentLink(refused.host).request("hostname x")

@@ -29,7 +29,7 @@ import httpx
 from dispo import arch as arches
 from dispo import kernels, treefs, workspace
 from dispo.config import Config
-from dispo.errors import DispoError, InvalidInput, NotFound, StorageError
+from dispo.errors import FetchError, InvalidInput, NotFound, StorageError
 from dispo.images import Image, ImageStore, Provenance
 from dispo.names import check_name
 from dispo.proc import run
@@ -49,10 +49,6 @@ _VFOLDER_RE = re.compile(r"^v(\d+)\.(\d+)$")
 _DATED_RE = re.compile(r"^(\d{8})")
 
 ProgressFn = Callable[[int, int], None]
-
-
-class FetchError(DispoError):
-    hint = "check the URL (firecracker.artifacts_url in the config) and the network; run again to resume"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dispo import journal, undo
 from dispo.config import Config
-from dispo.errors import DispoError
+from dispo.errors import DispoError, NotClean
 from dispo.storage.backends import remove_tree
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def reclaim_journals(cfg: Config) -> journal.GcReport:
                                         f"be written: {e.strerror or e}"))
             continue
         if not r.clean:
-            jr.failed.append(receipt.NotClean(done.session_id, r.leftovers))
+            jr.failed.append(NotClean(done.session_id, r.leftovers))
     return jr
 
 

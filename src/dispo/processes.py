@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from dispo.errors import DispoError
+from dispo.errors import DispoError, SpawnFailed
 from dispo.proc import minimal_env
 from dispo.undo import undoer
 
@@ -35,10 +35,6 @@ GATE_EOF_EXIT = 97
 SETPRIV = "/usr/bin/setpriv"
 _GATE = f'read -r _ || exit {GATE_EOF_EXIT}; exec "$0" "$@" </dev/null'
 _GATE_FD = f'fd=$1; shift; read -r _ <&"$fd" || exit {GATE_EOF_EXIT}; eval "exec $fd<&-"; exec "$@"'
-
-
-class SpawnFailed(DispoError):
-    """The child exited before it could be recorded (its program could not even be started)."""
 
 
 @dataclass(frozen=True)

@@ -36,18 +36,6 @@ Checker = Callable[[Mapping[str, str]], str | None]  # None: gone; else what is 
 CHECKERS: dict[str, Checker] = {}
 
 
-class NotClean(DispoError):
-    """The teardown ran but the receipt found objects of the session still on the host."""
-
-    hint = "run 'dispo gc' to retry the teardown, then 'dispo verify'"
-
-    def __init__(self, session_id: str, leftovers: list[str]) -> None:
-        self.session_id = session_id
-        self.leftovers = leftovers
-        super().__init__(f"session {session_id}: disposal receipt not clean, {len(leftovers)} object(s) left: "
-                         + "; ".join(leftovers))
-
-
 def checker(kind: str) -> Callable[[Checker], Checker]:
     def register(fn: Checker) -> Checker:
         CHECKERS[kind] = fn

@@ -379,10 +379,7 @@ def _follow(client: Any, sid: str, created: dict[str, Any], printer: Printer) ->
     if pending is not None:
         raise pending
     err = ended.get("error")
-    error = errors.from_problem(err) if err else None
-    if error is not None and ended.get("console_tail"):
-        error.console_tail = ended["console_tail"]  # type: ignore[attr-defined]
-    return _outcome(ended.get("exit_status"), error)
+    return _outcome(ended.get("exit_status"), errors.from_problem(err) if err else None)
 
 
 def _live(cfg: Config, session_id: str) -> journal.JournalInfo:

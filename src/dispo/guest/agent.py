@@ -16,15 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dispo.errors import VmmError
+from dispo.errors import AgentError
 
 MAX_REPLY = 512          # bytes of one reply line
 ENTROPY_BYTES = 64       # host entropy handed to each clone (credited, then the CRNG is reseeded)
 HELLO_EVERY_S = 0.5      # a hello is resent this often until the agent answers (the port may not be open yet)
-
-
-class AgentError(VmmError):
-    """The in-guest agent did not answer, or refused a request."""
 
 
 @dataclass

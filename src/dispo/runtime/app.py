@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
 from dispo import processes
-from dispo.errors import DispoError, VmmError
+from dispo.errors import DisplayError, DispoError, SpawnFailed
 from dispo.proc import minimal_env
 from dispo.txn import Transaction
 
@@ -38,10 +38,6 @@ OUTPUT_CAP = 16 << 20  # bytes of captured output a session may send; the rest i
 LOG_CAP = 4 << 20  # bytes app.log holds at most (it is in the state dir: on tmpfs, host memory)
 SSH_LOST = 255  # ssh's own failure status
 ENDED_FROM_VIEWER = "ended from the viewer"
-
-
-class DisplayError(VmmError):
-    """The app or its display did not come up."""
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -80,7 +76,7 @@ class AppProcess:
                                                env=env if env is not None else minimal_env(),
                                                keep_stdin=terminal or keep_stdin, new_session=not terminal,
                                                term_timeout="3")
-        except processes.SpawnFailed:
+        except SpawnFailed:
             if logged >= 0:
                 os.close(logged)
                 logged = -1

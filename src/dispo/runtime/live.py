@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dispo import receipt
-from dispo.errors import Cancelled, DispoError, TeardownError
+from dispo.errors import Cancelled, DispoError, NotClean, TeardownError, to_problem
 from dispo.images import Image
 from dispo.net.capture import RequestLog
 from dispo.runtime.app import encode_output
@@ -71,14 +71,6 @@ class CancelToken:
     def check(self) -> None:
         if self._event.is_set():
             raise Cancelled(self.reason)
-
-
-def problem(error: BaseException) -> dict[str, Any]:
-    """An error as data (for events and the API): type, one-line message, hint, console tail."""
-    if isinstance(error, DispoError):
-        return {"type": type(error).__name__, "message": " ".join(error.message.split()), "hint": error.hint,
-                "status": error.http_status, "console_tail": getattr(error, "console_tail", "")}
-    return {"type": type(error).__name__, "message": str(error), "hint": "", "status": 500, "console_tail": ""}
 
 
 class LiveSession:
@@ -203,7 +195,7 @@ class LiveSession:
                 "created": self.created, "age_s": round(time.time() - self.created, 1),
                 "exit_status": self.exit_status, "end_reason": self.end_reason or None,
                 "viewer_url": self.viewer_url, "address": self.address or None, "backend": self.backend,
-                "accel": self.accel or None, "error": problem(self.error) if self.error else None,
+                "accel": self.accel or None, "error": to_problem(self.error) if self.error else None,
                 "start": self.origin.value,
                 "pooled": bool(self.pool_name), "template": self.template or None,
                 "start_reason": self.start_reason or None,
@@ -248,7 +240,7 @@ class LiveSession:
             with self._lock:
                 self.state = SessionState.ENDED
             self.emit(EventKind.ENDED, self.end_reason, exit_status=self.exit_status, end_reason=self.end_reason,
-                      error=problem(self.error) if self.error else None,
+                      error=to_problem(self.error) if self.error else None,
                       console_tail=getattr(self.error, "console_tail", "") if self.error else "",
                       receipt=self.receipt.summary() if self.receipt else None,
                       requests=self.request_log.requests() if self.request_log is not None else None)
@@ -312,7 +304,7 @@ class LiveSession:
             exit_status=self.exit_status, end_reason=self.end_reason or (self.error.one_line() if self.error else ""),
             requests=self.request_log.requests() if self.request_log is not None else None, kept=self.kept)
         if not self.receipt.clean and self.error is None:
-            self.error = receipt.NotClean(self.id, self.receipt.leftovers)
+            self.error = NotClean(self.id, self.receipt.leftovers)
 
 
 FAULT_ENV = "DISPO_FAULT_KILL_AFTER"
@@ -339,4 +331,4 @@ def join_all(sessions: list[LiveSession], timeout: float, on_wait: Callable[[Liv
     return left
 
 
-__all__ = ["CancelToken", "LiveSession", "SessionState", "TeardownError", "join_all", "problem"]
+__all__ = ["CancelToken", "LiveSession", "SessionState", "TeardownError", "join_all"]

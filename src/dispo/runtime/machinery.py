@@ -17,6 +17,7 @@ from typing import Protocol
 from dispo import guest as guest_files
 from dispo import ssh
 from dispo.config import Config
+from dispo.errors import AgentError
 from dispo.guest import agent
 from dispo.net import GuestNetwork, NetworkPolicy, attach_network, missing_rules
 from dispo.txn import Transaction
@@ -157,7 +158,7 @@ def agent_answers(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> None:
     try:
         link = agent.AgentLink(vmm.agent(timeout=5.0))
     except OSError as e:
-        raise agent.AgentError(f"the guest's agent channel cannot be opened ({e})",
+        raise AgentError(f"the guest's agent channel cannot be opened ({e})",
                                hint="rebuild the image with this dispo ('dispo image build NAME --force')") from None
     try:
         link.hello(timeout, alive)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispo import workspace
 from dispo.config import Config
-from dispo.errors import DispoError, InvalidInput, NetworkError, NotFound, StorageError, VmmError
+from dispo.errors import DispoError, GuestFailure, InvalidInput, NetworkError, NotFound, StorageError, VmmError
 from dispo.images import Image
 from dispo.names import format_size
 from dispo.net import GuestNetwork, rules_gone_reason
@@ -38,7 +38,7 @@ from dispo.storage import disks, files, volumes
 from dispo.storage.templates import Template
 from dispo.txn import Transaction
 from dispo.vmm.accel import Accel
-from dispo.vmm.base import GuestFailure, MachineSpec, NetAttachment, Vmm, VmmKind
+from dispo.vmm.base import MachineSpec, NetAttachment, Vmm, VmmKind
 from dispo.vmm.registry import choose_backend, kernel_for
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO, Protocol
 
-from dispo.errors import VmmError
+from dispo.errors import GuestFailure
 from dispo.journal import Journal
 from dispo.vmm.accel import Accel
 
@@ -112,18 +112,6 @@ class Vmm(Protocol):
 
     def agent(self, timeout: float = 5.0) -> socket.socket:
         """A connected stream to the in-guest identity agent (guest/agent.pl) over the host-only channel."""
-
-
-class Unsupported(VmmError):
-    """The backend cannot do this (see its `capabilities`)."""
-
-
-class GuestFailure(VmmError):
-    """The VMM or its guest failed; carries the console tail for the CLI to show above the one-line error."""
-
-    def __init__(self, message: str, *, hint: str = "", console_tail: str = "") -> None:
-        super().__init__(message, hint=hint)
-        self.console_tail = console_tail
 
 
 CONSOLE_CAP = 8 << 20  # bytes of a guest's serial console kept on the host

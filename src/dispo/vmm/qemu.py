@@ -37,12 +37,12 @@ from typing import Any
 
 from dispo import arch as arches
 from dispo import kernels, processes
-from dispo.errors import NotFound, VmmError
+from dispo.errors import GuestFailure, NotFound, SpawnFailed, VmmError
 from dispo.journal import Journal
 from dispo.proc import minimal_env, which
 from dispo.vmm import sandbox
 from dispo.vmm.accel import Accel, host_tsc_khz
-from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_console, tail
+from dispo.vmm.base import Capability, MachineSpec, VmmKind, pump_console, tail
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class QemuVmm:
                     setpriv=sandbox.drop_args(self.uid, kvm=self.accel is Accel.KVM), outer=sandbox.hide_host())
             assert spawned.proc.stdout is not None
             pump_console(spawned.proc.stdout, self.spec.console_log)
-        except processes.SpawnFailed:
+        except SpawnFailed:
             raise VmmError(f"QEMU launcher exited at once: {tail(self.log_path, 3)}") from None
         except OSError as e:
             raise self.failure(f"QEMU could not be started ({e.strerror})") from None

@@ -143,7 +143,8 @@ SCHEMAS: dict[str, Any] = {
     },
     "SessionError": {
         "type": "object", "required": ["type", "message", "hint", "status"],
-        "description": "why a session failed: the error's class, one-line message and hint",
+        "description": "why a session failed: the error's class, one-line message and hint, and the fields of "
+                       "that class (docs/api.md)",
         "properties": {"type": {"type": "string"}, "message": {"type": "string"}, "hint": {"type": "string"},
                        "status": {"type": "integer"}, "console_tail": {"type": "string"}},
     },
@@ -301,7 +302,8 @@ SCHEMAS: dict[str, Any] = {
     "Problem": {
         "type": "object", "required": ["type", "title", "status", "detail", "hint"],
         "description": "RFC 9457. `title` names the error's class in dispo's exception tree; `detail` is its "
-                       "one-line message and `hint` how to fix it.",
+                       "one-line message and `hint` how to fix it. Classes with fields add them as extension "
+                       "members (docs/api.md).",
         "properties": {"type": {"type": "string", "format": "uri"}, "title": {"type": "string"},
                        "status": {"type": "integer"}, "detail": {"type": "string"}, "hint": {"type": "string"}},
         "examples": [PROBLEM_EXAMPLE, BUSY_EXAMPLE],

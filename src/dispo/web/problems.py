@@ -7,6 +7,7 @@ viewers' pages are read by people).
 
 `title` is always the name of a class in errors.ALL_ERRORS, so a client (client.py, `errors.from_problem`)
 raises the same class with the same message and hint. `type` identifies the class; nothing is served there.
+A class's `problem_fields` (NotClean's leftovers, ApiError's fault, ...) follow as extension members.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def from_http(exc: web.HTTPException) -> HttpProblem:
 def body(error: DispoError, status: int) -> dict[str, object]:
     name = type(error).__name__
     return {"type": TYPE_BASE + name, "title": name, "status": status, "detail": " ".join(error.message.split()),
-            "hint": " ".join(error.hint.split())}
+            "hint": " ".join(error.hint.split()), **error.members()}
 
 
 def response(problem: HttpProblem, *, api: bool) -> web.Response:

@@ -21,26 +21,10 @@ from typing import Any
 
 import httpx
 
-from dispo.errors import VmmError
+from dispo.errors import ApiError, ApiUnreachable, VmmError
 
 Json = dict[str, Any]
 log = logging.getLogger(__name__)
-
-
-class ApiError(VmmError):
-    """Firecracker refused a request: `operation` is the spec's operationId, `fault` its fault_message."""
-
-    hint = "the request is logged with -vv; the firecracker log in the session directory has details"
-
-    def __init__(self, operation: str, method: str, path: str, status: int, fault: str) -> None:
-        self.operation = operation
-        self.status = status
-        self.fault = fault
-        super().__init__(f"firecracker {operation} ({method} {path}) failed with HTTP {status}: {fault}")
-
-
-class ApiUnreachable(VmmError):
-    hint = "the firecracker process may have exited; see its log and console in the session directory"
 
 
 class LogLevel(StrEnum):

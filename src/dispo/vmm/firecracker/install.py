@@ -18,15 +18,11 @@ from pathlib import Path
 import httpx
 
 from dispo.config import Config
-from dispo.errors import DispoError, InvalidInput
+from dispo.errors import InstallError, InvalidInput
 from dispo.progress import Progress
 from dispo.vmm.firecracker.binaries import install_dir, version_of
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
-
-
-class InstallError(DispoError):
-    hint = "check --url/--version (firecracker.release_url in the config) and the network"
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispo import kernels, processes
-from dispo.errors import NotFound, PermissionProblem, VmmError
+from dispo.errors import ApiError, GuestFailure, NotFound, PermissionProblem, SpawnFailed, VmmError
 from dispo.journal import Entry, Journal
 from dispo.vmm import sandbox
 from dispo.vmm.accel import Accel
-from dispo.vmm.base import Capability, GuestFailure, MachineSpec, VmmKind, pump_console, tail
-from dispo.vmm.firecracker.api import ApiError, FirecrackerApi, LogLevel, NetworkOverride, Request, SnapshotType
+from dispo.vmm.base import Capability, MachineSpec, VmmKind, pump_console, tail
+from dispo.vmm.firecracker.api import FirecrackerApi, LogLevel, NetworkOverride, Request, SnapshotType
 from dispo.vmm.firecracker.jailer import Jail, JailSpec, set_tap_owner
 
 log = logging.getLogger(__name__)
@@ -394,7 +394,7 @@ class FirecrackerVmm:
             spawned = processes.spawn_recorded(journal, argv, what="firecracker", stdout=subprocess.PIPE,
                                                cwd=cwd,
                                                on_spawn=self._set_proc, setpriv=setpriv, outer=outer)
-        except processes.SpawnFailed:
+        except SpawnFailed:
             raise VmmError(f"firecracker launcher exited at once: {self.console_tail(3)}") from None
         self._starttime = spawned.starttime
         self._entries.append(spawned.entry)
