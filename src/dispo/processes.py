@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -90,7 +91,34 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
         if r >= 0:
             os.close(r)
         os.close(w)
+    if die_with_parent:
+        _wait_until_tied(proc.pid, str(argv[0]))
     return Spawned(proc, start, entry)
+
+
+def _wait_until_tied(pid: int, program: str, timeout: float = 2.0) -> None:
+    """Wait until the child runs `program` itself, past setpriv: only then is its parent-death signal set. A
+    caller that died between the gate's "go" and setpriv's prctl would otherwise leave the program running
+    with no one to kill it (the kernel sends the signal only to children that asked for it before the parent
+    died). Bounded: a program that is a script, or that exits at once, is not waited for longer."""
+    found = shutil.which(program)
+    if found is None:
+        return
+    want = os.path.realpath(found)
+    try:
+        with open(want, "rb") as f:
+            if f.read(2) == b"#!":
+                return  # a script runs as its interpreter: there is no exe of its own to wait for
+    except OSError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.readlink(f"/proc/{pid}/exe") == want:
+                return
+        except OSError:
+            return  # gone (or a zombie): nothing left to tie
+        time.sleep(0.001)
 
 
 def starttime(pid: int) -> str | None:
