@@ -306,6 +306,18 @@ def chatty_app_machinery() -> Machinery:
     return machinery(app_output=APP_FLOOD_BYTES)
 
 
+# A guest whose dispo-files plays "sound": it sends SOUND_BYTES and then holds the stream open, as the same
+# process (for the tests that look for it in the journal and in /proc).
+SOUND_BYTES = b"fake sound"
+SOUND_FILES = ("sh", "-c", f'case "$1" in sound) printf "{SOUND_BYTES.decode()}"; exec sleep 600 ;; *) exit 2 ;; esac',
+               "dispo-files")
+
+
+def sound_machinery() -> Machinery:
+    """A guest whose sound stream is SOUND_FILES's."""
+    return machinery(files=SOUND_FILES)
+
+
 def slow_machinery() -> Machinery:
     """A guest that takes 30 s to be ready: for stopping sessions while they start."""
     return machinery(ready_delay=30.0)

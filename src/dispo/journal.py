@@ -59,6 +59,11 @@ class Journal:
     recorded: list[Entry] = field(default_factory=list)
     _lock_fd: int | None = None
     _next_seq: int = 1
+    # A running session's guest commands (runtime/guestio.py) record and drop their processes from other
+    # threads than the session's, also while it unwinds: the entries and the file change under this lock,
+    # and nothing new is recorded once the unwind has taken its list.
+    _mutex: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    _closing: bool = False
 
     # -- creation and discovery -------------------------------------------------------------------
     @classmethod
@@ -122,34 +127,49 @@ class Journal:
     # -- recording --------------------------------------------------------------------------------
     def record(self, kind: str, **args: str) -> Entry:
         """Write down (kind, args) *before* the caller creates the object. Raises if the kind has no undo."""
-        self._require_lock()
         undo.lookup(kind)
-        entry = Entry(self._next_seq, kind, {k: str(v) for k, v in args.items()})
-        self._next_seq += 1
-        self.entries.append(entry)
-        self.recorded.append(entry)
-        self._write()
+        with self._mutex:
+            self._require_lock()
+            if self._closing:
+                raise JournalError(f"session {self.session_id} is ending: nothing new is made for it")
+            entry = Entry(self._next_seq, kind, {k: str(v) for k, v in args.items()})
+            self._next_seq += 1
+            self.entries.append(entry)
+            self.recorded.append(entry)
+            self._write()
         return entry
 
     def set_meta(self, **values: Any) -> None:
         """Add to what the journal says about its session (e.g. the image's proof, for a reclaim's receipt)."""
-        self._require_lock()
-        self.meta.update(values)
-        self._write()
+        with self._mutex:
+            self._require_lock()
+            self.meta.update(values)
+            self._write()
 
     def forget(self, entry: Entry) -> None:
         """The object now belongs to someone else (a committed image): stop tracking it."""
-        self._require_lock()
-        self.entries = [e for e in self.entries if e.seq != entry.seq]
-        self.recorded = [e for e in self.recorded if e.seq != entry.seq]
-        self._write()
+        with self._mutex:
+            self._require_lock()
+            self.entries = [e for e in self.entries if e.seq != entry.seq]
+            self.recorded = [e for e in self.recorded if e.seq != entry.seq]
+            self._write()
+
+    def gone(self, entry: Entry) -> None:
+        """The object no longer exists and its owner saw it end (a child it reaped): stop tracking it, also
+        for the receipt, so a session's many short guest commands do not pile up in it. Quietly nothing
+        once the session's unwind has the journal (it undoes the entry, idempotently)."""
+        with self._mutex:
+            if self._lock_fd is None or self._closing:
+                return
+            self.forget(entry)
 
     def undo_entry(self, entry: Entry) -> None:
         """Undo one object now (before the session ends) and drop it from the journal."""
         undo.lookup(entry.kind)(entry.args)
-        self._require_lock()
-        self.entries = [e for e in self.entries if e.seq != entry.seq]  # still in `recorded`: it must be gone
-        self._write()
+        with self._mutex:
+            self._require_lock()
+            self.entries = [e for e in self.entries if e.seq != entry.seq]  # still in `recorded`: it must be gone
+            self._write()
 
     # -- teardown ---------------------------------------------------------------------------------
     def unwind(self) -> None:
@@ -167,16 +187,20 @@ class Journal:
 
     def _unwind(self) -> None:
         errors: list[tuple[str, BaseException]] = []
-        for entry in reversed(list(self.entries)):
+        with self._mutex:
+            self._closing = True
+            todo = list(self.entries)
+        for entry in reversed(todo):
             try:
                 undo.lookup(entry.kind)(entry.args)
             except Exception as e:  # keep going, report all
                 log.warning("undo %s failed: %s", entry.describe(), e)
                 errors.append((entry.describe(), e))
                 continue
-            self.entries.remove(entry)
             try:
-                self._write()
+                with self._mutex:
+                    self.entries = [e for e in self.entries if e.seq != entry.seq]
+                    self._write()
             except OSError as e:
                 # A full disk or no file descriptors left must not stop the rest of the teardown: the undo
                 # steps are idempotent, so a journal that still lists this entry is only redone by gc.

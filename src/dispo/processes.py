@@ -35,6 +35,8 @@ GATE_EOF_EXIT = 97
 # leave on the host (tap, rules, lease, disk) is then reclaimed from the journal by the next dispod or dispo.
 SETPRIV = "/usr/bin/setpriv"
 _GATE = f'read -r _ || exit {GATE_EOF_EXIT}; exec "$0" "$@" </dev/null'
+# The shell reads its line one byte at a time, so with `stdin_pipe` what follows it is the program's.
+_GATE_PIPE = f'read -r _ || exit {GATE_EOF_EXIT}; exec "$0" "$@"'
 _GATE_FD = f'fd=$1; shift; read -r _ <&"$fd" || exit {GATE_EOF_EXIT}; eval "exec $fd<&-"; exec "$@"'
 
 
@@ -48,21 +50,25 @@ class Spawned:
 def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, stdout: IO[bytes] | int | None,
                    cwd: Path | None = None, on_spawn: Callable[[subprocess.Popen[bytes]], None] | None = None,
                    env: Mapping[str, str] | None = None, stderr: IO[bytes] | int | None = subprocess.STDOUT,
-                   keep_stdin: bool = False, new_session: bool = True, die_with_parent: bool = True,
+                   keep_stdin: bool = False, stdin_pipe: bool = False, new_session: bool = True,
+                   die_with_parent: bool = True,
                    setpriv: Sequence[str] = (), pass_fds: Sequence[int] = (), outer: Sequence[str] = (),
                    **record: str) -> Spawned:
-    """Start a long-lived child (a VMM, an ssh tunnel) whose pid is journaled before its program runs.
+    """Start a child (a VMM, an ssh tunnel, a guest command) whose pid is journaled before its program runs.
 
     Popen, not proc.run(): its stdout goes to a log. A new session keeps the terminal's Ctrl-C away from it:
     dispo stops it itself, in order. `on_spawn` gets the child before it is recorded, so a caller can still
     reap it if recording fails (the gate then exits with GATE_EOF_EXIT without running the program).
-    `stdout`/`stderr` None inherit the caller's; `keep_stdin` keeps its stdin; `new_session=False` keeps
+    `stdout`/`stderr` None inherit the caller's; `keep_stdin` keeps its stdin; `stdin_pipe` gives it a pipe
+    from the caller (`proc.stdin`, which then carries the gate's line first); `new_session=False` keeps
     the caller's terminal (an interactive shell). `die_with_parent` (the default) SIGKILLs the child when the
     calling thread dies: call this from the thread that owns the child for its whole life. `setpriv` adds
     options of util-linux's setpriv (drop to a uid, no capabilities); `pass_fds` are handed to the program;
     `outer` is a wrapper that runs with root's privileges before those are dropped (and must exec its argv,
     keeping the pid)."""
     r, w = os.pipe()
+    proc: subprocess.Popen[bytes] | None = None
+    went = False  # the gate got its line
     try:
         words = [str(a) for a in argv]
         if die_with_parent or setpriv:
@@ -72,8 +78,14 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
             pdeath = ["--pdeathsig", "KILL"] if die_with_parent else []
             words = [SETPRIV, *pdeath, *setpriv, "--", *words]
         words = [*outer, *words]
-        gate = ["/bin/sh", "-c", _GATE_FD, "gate", str(r), *words] if keep_stdin else ["/bin/sh", "-c", _GATE, *words]
-        proc = subprocess.Popen(gate, stdin=None if keep_stdin else r, stdout=stdout, stderr=stderr,
+        gate_stdin: int | None = r
+        if stdin_pipe:
+            gate, gate_stdin = ["/bin/sh", "-c", _GATE_PIPE, *words], subprocess.PIPE
+        elif keep_stdin:
+            gate, gate_stdin = ["/bin/sh", "-c", _GATE_FD, "gate", str(r), *words], None
+        else:
+            gate = ["/bin/sh", "-c", _GATE, *words]
+        proc = subprocess.Popen(gate, stdin=gate_stdin, stdout=stdout, stderr=stderr,
                                 env=dict(env) if env is not None else minimal_env(), cwd=cwd,
                                 start_new_session=new_session,
                                 pass_fds=(*((r,) if keep_stdin else ()), *pass_fds))
@@ -86,11 +98,19 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
             proc.wait()
             raise SpawnFailed(f"{what} exited at once (status {proc.returncode})")
         entry = journal.record("process", pid=str(proc.pid), starttime=start, what=what, **record)
-        os.write(w, b"go\n")
+        if stdin_pipe:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")  # into an empty pipe: never blocks
+            proc.stdin.flush()
+        else:
+            os.write(w, b"go\n")
+        went = True
     finally:
         if r >= 0:
             os.close(r)
         os.close(w)
+        if stdin_pipe and not went and proc is not None and proc.stdin is not None:
+            proc.stdin.close()  # the gate's end of file: it exits without running the program
     if die_with_parent:
         _wait_until_tied(proc.pid, str(argv[0]))
     return Spawned(proc, start, entry)

@@ -7,25 +7,37 @@ before the guest is asked. The guest is hostile, so what it answers is parsed st
 read is capped, and names meant for the host's file system go through `host_name`.
 
 The CLI (`--downloads DIR`), the viewer and dispod's API all call these; none of them talks to the guest
-itself.
+itself. Each guest command's host process is spawned like every child of dispo's (processes.spawn_recorded):
+recorded in the session's journal before it runs, killed with the thread that started it, and dropped from
+the journal once it has been reaped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import subprocess
 import threading
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from dispo import guest
-from dispo.errors import Busy, Conflict, GuestIOError, GuestOverflow, InvalidInput, NotFound, Refused, TooLarge
+from dispo import guest, processes
+from dispo.errors import (
+    Busy,
+    Conflict,
+    GuestIOError,
+    GuestOverflow,
+    InvalidInput,
+    JournalError,
+    NotFound,
+    Refused,
+    TooLarge,
+)
 from dispo.features import MIB
-from dispo.proc import minimal_env
 
 if TYPE_CHECKING:
     from dispo.runtime.live import LiveSession
@@ -39,6 +51,9 @@ UPLOADS_PER_SESSION = 4   # uploads under way at once; each holds a guest comman
 UPLOADS_PER_PROCESS = 16  # chunk of its body at a time, so the bytes in flight are bounded by these
 ERR_CAP = 64 * 1024  # what dispo reads of a guest command's stderr (its error message)
 ABORT_GRACE_S = 2.0  # a stopped command's time to clean up after its stdin ended, before it is killed
+SOUND_FRAME = 4800 * 4  # what a sound stream hands on at most at once: 50 ms of s16le stereo at 48 kHz
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,10 +129,11 @@ class GuestCommand:
     the command) is stopped at once, its pipes closed, and `finish` raises GuestOverflow (502, the guest's
     fault). stdin is written with a deadline, so a guest that stops reading cannot hold a host thread."""
 
-    def __init__(self, session_id: str, what: str, argv: list[str], *, out_cap: int, err_cap: int = ERR_CAP) -> None:
-        self.session_id, self.what = session_id, what
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     env=minimal_env())
+    def __init__(self, io: GuestIO, args: Sequence[str], *, out_cap: int, err_cap: int = ERR_CAP) -> None:
+        self.session_id, self.what = io.live.id, f"dispo-files {args[0]}"
+        self._io = io
+        self._child = io.spawn(self.what, args, stdin_pipe=True, stderr=subprocess.PIPE)
+        self.proc = self._child.proc
         assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
         os.set_blocking(self.proc.stdin.fileno(), False)
         self.overflow = ""  # the stream that passed its cap
@@ -208,6 +224,7 @@ class GuestCommand:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+        self._io.reaped(self._child)
 
 
 class _Capped:
@@ -283,12 +300,34 @@ class GuestIO:
         # The session exists and its state does not allow this: 409 (a 404 would say there is no session).
         if self._ending():
             raise self._gone()
-        if channel is None:
+        if channel is None or self.live.journal is None:
             raise Conflict(f"session {self.live.id} has no running guest yet", hint="wait until the session is ready")
         return channel.command([guest.FILES_PATH, *args])
 
+    def spawn(self, what: str, args: Sequence[str], *, stdin_pipe: bool, stderr: int) -> processes.Spawned:
+        """The host process of one guest command (`dispo-files ARGS`), its stdout a pipe, its stdin a pipe or
+        /dev/null. It dies with the thread that starts it: dispod's event loop or a worker of its pool, the
+        CLI's downloads thread, or a sound stream's own thread; each outlives the command. So a dispod killed
+        with -9 leaves none."""
+        argv, journal = self._argv(*args), self.live.journal
+        assert journal is not None  # _argv checked it
+        started: list[subprocess.Popen[bytes]] = []
+        try:
+            return processes.spawn_recorded(journal, argv, what=what, stdin_pipe=stdin_pipe, stdout=subprocess.PIPE,
+                                            stderr=stderr, on_spawn=started.append, term_timeout="1")
+        except JournalError:  # the session is ending: the gate exits without running the command
+            for proc in started:
+                end_child(proc)
+            raise self._gone() from None
+
+    def reaped(self, child: processes.Spawned) -> None:
+        """A guest command's process has ended and been reaped: it leaves the session's journal."""
+        journal = self.live.journal
+        if journal is not None and child.proc.returncode is not None:
+            journal.gone(child.entry)
+
     def _run(self, *args: str, data: bytes = b"", cap: int = MIB, timeout: float = COMMAND_TIMEOUT_S) -> bytes:
-        cmd = GuestCommand(self.live.id, f"dispo-files {args[0]}", self._argv(*args), out_cap=cap)
+        cmd = GuestCommand(self, args, out_cap=cap)
         try:
             if data:
                 cmd.write(data, timeout)
@@ -341,8 +380,8 @@ class GuestIO:
     def open_download(self, d: Download) -> Iterator[Iterator[bytes]]:
         """The bytes of a (checked) download, in chunks; never more than its listed size (a guest that
         grows the file meanwhile is cut off), and an error if fewer arrive."""
-        proc = subprocess.Popen(self._argv("get", d.name), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, env=minimal_env())
+        child = self.spawn("dispo-files get", ("get", d.name), stdin_pipe=False, stderr=subprocess.DEVNULL)
+        proc = child.proc
 
         def chunks() -> Iterator[bytes]:
             assert proc.stdout is not None
@@ -358,10 +397,8 @@ class GuestIO:
         try:
             yield chunks()
         finally:
-            proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            end_child(proc)
+            self.reaped(child)
 
     # -- uploads ----------------------------------------------------------------------------------
     def begin_upload(self, name: str, size: int) -> Upload:
@@ -389,8 +426,7 @@ class GuestIO:
                        hint="send the file when one of them has finished")
         try:
             # The size goes along: a guest whose stdin ends early (an aborted upload) keeps nothing.
-            cmd = GuestCommand(self.live.id, "dispo-files put", self._argv("put", safe, str(size)),
-                               out_cap=4 * MAX_NAME_BYTES)
+            cmd = GuestCommand(self, ("put", safe, str(size)), out_cap=4 * MAX_NAME_BYTES)
         except BaseException:
             self._uploads.release()
             _ALL_UPLOADS.release()
@@ -427,15 +463,86 @@ class GuestIO:
         self._run("clip-set", data=data, cap=0)
 
     # -- sound ------------------------------------------------------------------------------------
-    def sound_argv(self) -> list[str]:
-        """The host argv whose stdout is the guest's sound (s16le, 48 kHz, stereo) while it runs."""
+    def sound(self) -> SoundStream:
+        """The guest's sound (s16le, 48 kHz, stereo), not started yet; Refused when the profile has none,
+        Conflict without a running guest."""
         if not self._policy().audio:
             raise Refused(f"session {self.live.id} has no sound: its profile says audio = false",
                           hint="set audio = true in the profile")
-        return self._argv("sound")
+        self._argv("sound")  # the same checks as every guest command, before the listener is answered
+        return SoundStream(self)
 
 
 _ALL_UPLOADS = threading.BoundedSemaphore(UPLOADS_PER_PROCESS)
 
-SOUND_RATE = 48000
-SOUND_CHANNELS = 2
+
+def end_child(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a guest command's process if it still runs, reap it, close its pipes."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+class SoundStream:
+    """The guest's `dispo-files sound` while someone listens. Its process may run for hours, so a thread of its
+    own starts it and owns it for its whole life (the process dies with that thread, and with dispod), reads
+    it and hands each chunk to `deliver`, at the listener's pace. A `deliver` that raises (the listener left)
+    ends the stream; `ended` is called once it is over, however it ends."""
+
+    def __init__(self, io: GuestIO) -> None:
+        self._io = io
+        self._lock = threading.Lock()
+        self._child: processes.Spawned | None = None
+        self._closed = False
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, deliver: Callable[[bytes], None], ended: Callable[[], None]) -> None:
+        """Once its process runs (journaled); Conflict when the guest is gone meanwhile."""
+        self._thread = threading.Thread(target=self._run, args=(deliver, ended), daemon=True,
+                                        name=f"dispo-sound-{self._io.live.id}")
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, deliver: Callable[[bytes], None], ended: Callable[[], None]) -> None:
+        try:
+            child = self._io.spawn("dispo-files sound", ("sound",), stdin_pipe=False,
+                                   stderr=subprocess.DEVNULL)
+        except BaseException as e:  # handed to start(), in the caller's thread
+            self._error = e
+            self._started.set()
+            ended()
+            return
+        with self._lock:
+            self._child = child
+            closed = self._closed
+        self._started.set()
+        try:
+            assert child.proc.stdout is not None
+            fd = child.proc.stdout.fileno()
+            while not closed and (data := os.read(fd, SOUND_FRAME)):
+                deliver(data)
+        except Exception as e:  # the listener left (or its connection broke): the stream ends
+            log.debug("session %s: sound stream ended: %s", self._io.live.id, e)
+        finally:
+            end_child(child.proc)
+            self._io.reaped(child)
+            ended()
+
+    def close(self) -> None:
+        """Stop it (its process is killed) and wait for its thread; idempotent."""
+        with self._lock:
+            self._closed = True
+            child = self._child
+        if child is not None and child.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.kill()  # its thread reaps it
+        if self._thread is not None:
+            self._thread.join(COMMAND_TIMEOUT_S)

@@ -36,6 +36,7 @@ from dispo.runtime.steps import Bringup, Handover, supervise
 from dispo.txn import Transaction, transaction
 
 if TYPE_CHECKING:
+    from dispo.journal import Journal
     from dispo.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,12 @@ class LiveSession:
     def touch(self) -> None:
         """Someone used the session (viewer input, output, an API call): the idle timer starts again."""
         self.last_activity = time.monotonic()
+
+    @property
+    def journal(self) -> Journal | None:
+        """The session's journal once its first step runs: what is made for it on demand (a guest command's
+        process, runtime/guestio.py) is recorded there too, and undone with the session."""
+        return self._tx.journal if self._tx is not None else None
 
     @property
     def ended(self) -> bool:

@@ -20,14 +20,13 @@ from aiohttp import WSMsgType, web
 
 from dispo.errors import InvalidInput, TooLarge
 from dispo.features import MIB
-from dispo.proc import minimal_env
 from dispo.runtime.guestio import GuestIO, host_name
 from dispo.web.guard import json_value
 from dispo.web.problems import HttpProblem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SOUND_FRAME = 4800 * 4  # 50 ms of s16le stereo at 48 kHz per WebSocket message (at most)
+SEND_TIMEOUT_S = 30.0  # a viewer that takes no sound for this long ends its stream
 
 
 async def _blocking(fn: Callable[..., T], *args: Any) -> T:
@@ -137,32 +136,30 @@ async def put_clipboard(io: GuestIO, request: web.Request) -> web.Response:
 
 
 async def sound(io: GuestIO, request: web.Request) -> web.WebSocketResponse:
-    """The guest's sound as binary WebSocket messages of raw s16le 48 kHz stereo, while the socket is open."""
-    argv = await _blocking(io.sound_argv)
+    """The guest's sound as binary WebSocket messages of raw s16le 48 kHz stereo, while the socket is open.
+
+    The stream's own thread reads the guest (guestio.SoundStream, its process journaled in the session) and
+    waits here for each message to be sent, so a viewer that reads slowly slows the guest's side down."""
+    stream = await _blocking(io.sound)  # Refused or NotFound: still an HTTP answer
     ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=4096)
     await ws.prepare(request)
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.DEVNULL, env=minimal_env())
+    loop = asyncio.get_running_loop()
 
-    async def pump() -> None:
-        assert proc.stdout is not None
-        with contextlib.suppress(ConnectionError):
-            while data := await proc.stdout.read(SOUND_FRAME):
-                await ws.send_bytes(data)
-        await ws.close()
+    def deliver(data: bytes) -> None:  # in the stream's thread
+        asyncio.run_coroutine_threadsafe(ws.send_bytes(data), loop).result(SEND_TIMEOUT_S)
 
-    task = asyncio.create_task(pump())
+    def ended() -> None:  # in the stream's thread: the viewer learns that the sound is over
+        with contextlib.suppress(RuntimeError):  # the loop is closed: dispod is going
+            asyncio.run_coroutine_threadsafe(ws.close(), loop)
+
     try:
+        await _blocking(stream.start, deliver, ended)
         async for msg in ws:  # nothing is expected from the viewer; reading notices the close
             if msg.type is WSMsgType.ERROR:
                 break
             io.live.touch()
     finally:
-        task.cancel()
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        await _blocking(stream.close)
     return ws
 
 
