@@ -34,7 +34,6 @@ ALLOWANCES = ("safe_browsing",)  # quiet settings a profile may turn back on; ea
 _TZ_RE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+){0,2}$")
 _LANG_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$")
 _POSIX_LANG_RE = re.compile(r"^([a-z]{2,3})(_([A-Z]{2}))?([.@].*)?$")
-ZONEINFO = Path("/usr/share/zoneinfo")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from dispo.cli.common import Terminated
 from dispo.errors import DispoError
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 COMMAND_MODULES = (images, templates, pool, sessions, net, run, opener, volumes, firecracker, demo)
 

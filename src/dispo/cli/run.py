@@ -248,7 +248,8 @@ def show_console(text: str, path: Path | None = None) -> None:
         sys.stderr.flush()
 
 
-def _outcome(exit_status: int | None, error: DispoError | None) -> int:
+def exit_code(exit_status: int | None, error: DispoError | None) -> int:
+    """A finished session's exit code for the shell; its error (with the console's last lines) is raised."""
     if error is not None:
         show_console(getattr(error, "console_tail", ""))
         raise error
@@ -293,7 +294,7 @@ def _saver(saving: tuple[Path, int], lister: Lister, opener: Opener, policy: Fea
     return saver
 
 
-def _wait(live: LiveSession) -> None:
+def wait_until_ended(live: LiveSession) -> None:
     """Until the session ended; a signal stops it, teardown still completes, then the signal goes on."""
     pending: BaseException | None = None
     while True:
@@ -328,12 +329,12 @@ def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer,
                        lambda name: live.io.open_download(live.io.download(name)),
                        req.features, printer)
     try:
-        _wait(live)
+        wait_until_ended(live)
     finally:
         if saver is not None:
             saver.stop()
         viewers.close()  # once an open viewer page was told how the session ended
-    return _outcome(live.exit_status, live.error)
+    return exit_code(live.exit_status, live.error)
 
 
 def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer, saving: tuple[Path, int] | None = None,
@@ -379,7 +380,7 @@ def _follow(client: Any, sid: str, created: dict[str, Any], printer: Printer) ->
     if pending is not None:
         raise pending
     err = ended.get("error")
-    return _outcome(ended.get("exit_status"), errors.from_problem(err) if err else None)
+    return exit_code(ended.get("exit_status"), errors.from_problem(err) if err else None)
 
 
 def _live(cfg: Config, session_id: str) -> journal.JournalInfo:

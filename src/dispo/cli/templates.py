@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from dispo.cli.common import print_table
-from dispo.cli.run import Printer, _outcome, _wait
+from dispo.cli.run import Printer, exit_code, wait_until_ended
 from dispo.config import Config
 from dispo.errors import NotFound
 from dispo.images import ImageStore
@@ -61,8 +61,8 @@ def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
                    f"{req.vcpus} vCPU, {req.backend}); it boots once, then every session restores it")
     rt = Runtime(cfg, owner=f"dispo template build (pid {os.getpid()})")
     live = rt.start(req, steps=warm.template_steps(kind, args.name), sink=printer)
-    _wait(live)
-    rc = _outcome(live.exit_status, live.error)
+    wait_until_ended(live)
+    rc = exit_code(live.exit_status, live.error)
     t = TemplateStore(cfg).find(kind, args.name)
     if t is not None:
         print(f"template {t.key}: {format_size(t.size)}, built in {t.build_s:.1f} s")

@@ -70,7 +70,7 @@ class Product:
             return None
 
 
-def _say(msg: str, quiet: bool) -> None:
+def say(msg: str, quiet: bool) -> None:
     """A step of a long build, for the person waiting: the CLI shows the progress log (progress.LOG)."""
     if not quiet:
         progress.LOG.info(msg)
@@ -93,7 +93,7 @@ def _build_lock(root: Path, stem: str, quiet: bool) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _say(f"waiting for another build of {stem} in {root}", quiet)
+            say(f"waiting for another build of {stem} in {root}", quiet)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -107,14 +107,14 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
     root = cache_dir() / "images"
     final = root / f"{recipe.stem}-{key}"
     if not rebuild and (done := Product.load(final)) is not None:
-        _say(f"using cached build {final}", quiet)
+        say(f"using cached build {final}", quiet)
         return done
     if os.geteuid() != 0:
         raise PermissionProblem("building an image needs root (mmdebstrap --mode=root, chroot, device nodes)")
     which("mmdebstrap", hint=MMDEBSTRAP_HINT)
     # Another architecture's maintainer scripts run through qemu-user (binfmt_misc): there or a clear error.
     if did := arches.ensure_foreign_exec(arches.get(recipe.arch)):
-        _say(f"{recipe.arch} build on this {arches.host().debian} host: {did}", quiet)
+        say(f"{recipe.arch} build on this {arches.host().debian} host: {did}", quiet)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -122,7 +122,7 @@ def build_product(cfg: Config, recipe: Recipe, *, rebuild: bool = False, quiet: 
                                 hint="set DISPO_CACHE_DIR to a writable directory") from None
     with _build_lock(root, recipe.stem, quiet):
         if not rebuild and (done := Product.load(final)) is not None:  # built by the one we waited for
-            _say(f"using cached build {final}", quiet)
+            say(f"using cached build {final}", quiet)
             return done
         return _build(cfg, recipe, final, key=key, apt_sources=apt_sources, quiet=quiet)
 
@@ -138,7 +138,7 @@ def _build(cfg: Config, recipe: Recipe, final: Path, *, key: str, apt_sources: s
         (work / "apt.sources").write_text(apt_sources)
         _write_overlay(work / "overlay", recipe)
         tree = work / "root"
-        _say(f"mmdebstrap {recipe.suite} ({', '.join(recipe.packages)})", quiet)
+        say(f"mmdebstrap {recipe.suite} ({', '.join(recipe.packages)})", quiet)
         _mmdebstrap(["mmdebstrap", "--mode=root", "--format=directory", "--variant=minbase",
              f"--architectures={recipe.arch}", f"--include={','.join(recipe.packages)}",
              # Documentation and translations are dead weight in a disposable guest.
@@ -157,8 +157,8 @@ def _build(cfg: Config, recipe: Recipe, final: Path, *, key: str, apt_sources: s
             kernels.extract_vmlinux(out / KERNEL, out / VMLINUX)
         if recipe.arch == arches.ARM64.debian:
             kernels.arm64_image(out / KERNEL, out / ARM64_IMAGE)
-        size_mib = _fs_size_mib(tree, recipe.headroom_mib)
-        _say(f"mkfs.ext4 -d: {size_mib} MiB root filesystem", quiet)
+        size_mib = fs_size_mib(tree, recipe.headroom_mib)
+        say(f"mkfs.ext4 -d: {size_mib} MiB root filesystem", quiet)
         run(["mkfs.ext4", "-q", "-F", "-L", f"dispo-{recipe.name}", "-d", tree, out / "rootfs.ext4", f"{size_mib}M"],
             hint="install e2fsprogs")
         seconds = time.monotonic() - t0
@@ -173,7 +173,7 @@ def _build(cfg: Config, recipe: Recipe, final: Path, *, key: str, apt_sources: s
     product = Product.load(final)
     if product is None:
         raise StorageError(f"build product {final} is incomplete")
-    _say(f"built {recipe.name} in {seconds:.1f} s (kernel {kernel_version})", quiet)
+    say(f"built {recipe.name} in {seconds:.1f} s (kernel {kernel_version})", quiet)
     return product
 
 
@@ -284,7 +284,7 @@ def _prune_modules(tree: Path, version: str, prune: tuple[str, ...]) -> None:
     run(["chroot", tree, "/sbin/depmod", version], hint="the recipe must install kmod")
 
 
-def _fs_size_mib(tree: Path, headroom_mib: int) -> int:
+def fs_size_mib(tree: Path, headroom_mib: int) -> int:
     used = int(run(["du", "-s", "--block-size=1M", "-x", tree]).stdout.split()[0])
     # ext4 metadata and the journal need ~15 %; round to 64 MiB so sizes stay readable.
     size = int(used * 1.15) + headroom_mib
@@ -335,5 +335,5 @@ def import_product(cfg: Config, recipe: Recipe, product: Product, name: str, *, 
         store.remove(name)
     image = store.import_(product.rootfs, name, quiet=quiet, extra_files=extra_files, extra_meta=extra_meta,
                           provenance=Provenance.BUILT)
-    _say(f"image {image.name}: {format_size(image.size)} root filesystem, kernel {product.kernel_version}", quiet)
+    say(f"image {image.name}: {format_size(image.size)} root filesystem, kernel {product.kernel_version}", quiet)
     return image

@@ -25,7 +25,7 @@ from pathlib import Path
 from dispo import guest, treefs
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem
-from dispo.imagebuild import BUILD_TIMEOUT_S, _fs_size_mib, _say, cache_dir, recipes
+from dispo.imagebuild import BUILD_TIMEOUT_S, cache_dir, fs_size_mib, recipes, say
 from dispo.imagebuild.owner import mark_owner
 from dispo.images import Image, ImageStore, Provenance
 from dispo.names import check_name, format_size
@@ -83,7 +83,7 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
         mnt, tree, out = work / "src", work / "root", work / "out"
         for d in (mnt, tree, out):
             d.mkdir()
-        _say(f"copying image {src.name} ({format_size(src.size)})", quiet)
+        say(f"copying image {src.name} ({format_size(src.size)})", quiet)
         run(["mount", "-o", "loop,ro", src.rootfs, mnt], hint="the source image must be an ext4 root filesystem")
         try:
             run(["cp", "-a", f"{mnt}/.", tree], timeout=BUILD_TIMEOUT_S)
@@ -91,8 +91,8 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
             run(["umount", mnt], check=False)
         _install(tree, packages, quiet)
         _finish_tree(tree, recipe)
-        size_mib = _fs_size_mib(tree, recipe.headroom_mib)
-        _say(f"mkfs.ext4 -d: {size_mib} MiB root filesystem", quiet)
+        size_mib = fs_size_mib(tree, recipe.headroom_mib)
+        say(f"mkfs.ext4 -d: {size_mib} MiB root filesystem", quiet)
         run(["mkfs.ext4", "-q", "-F", "-L", f"dispo-{name}"[:16], "-d", tree, out / "rootfs.ext4", f"{size_mib}M"],
             hint="install e2fsprogs")
         extra_files = {src.kernel: src.kernel_path}
@@ -108,7 +108,7 @@ def build_from(cfg: Config, recipe_name: str, src_name: str, *, name: str | None
             store.remove(name)
         image = store.import_(out / "rootfs.ext4", name, quiet=quiet, extra_files=extra_files, extra_meta=meta,
                               tx=tx, provenance=Provenance.BUILT)
-    _say(f"image {image.name}: {recipe.name} installed into {src.name} in {time.monotonic() - t0:.1f} s "
+    say(f"image {image.name}: {recipe.name} installed into {src.name} in {time.monotonic() - t0:.1f} s "
          f"({format_size(image.size)} root filesystem)", quiet)
     return image
 
@@ -133,7 +133,7 @@ def _install(tree: Path, packages: tuple[str, ...], quiet: bool) -> None:
                 run(["mount", *opts, f"/proc/{os.getpid()}/fd/{fd}"])
             done.append(tree / rel)
         _minimal_dev(tree / "dev")
-        _say(f"apt-get install {' '.join(packages)}", quiet)
+        say(f"apt-get install {' '.join(packages)}", quiet)
         _chroot(tree, "apt-get", "update", "-q")
         _chroot(tree, "apt-get", "install", "-y", "-q", "--no-install-recommends", *packages)
         _chroot(tree, "apt-get", "clean")

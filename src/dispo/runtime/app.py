@@ -26,6 +26,7 @@ from dispo import processes
 from dispo.errors import DisplayError, DispoError, SpawnFailed
 from dispo.proc import minimal_env
 from dispo.txn import Transaction
+from dispo.vmm.base import tail
 
 if TYPE_CHECKING:
     from dispo.display.viewer import WebViewer
@@ -38,13 +39,6 @@ OUTPUT_CAP = 16 << 20  # bytes of captured output a session may send; the rest i
 LOG_CAP = 4 << 20  # bytes app.log holds at most (it is in the state dir: on tmpfs, host memory)
 SSH_LOST = 255  # ssh's own failure status
 ENDED_FROM_VIEWER = "ended from the viewer"
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_bytes()[-16384:].decode(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 OutputSink = Callable[[str, bytes], None]  # (stream name, bytes)
@@ -82,7 +76,7 @@ class AppProcess:
                 logged = -1
                 for t in self._pumps:
                     t.join(5)
-            raise DisplayError(f"{what} exited at once: {_tail(self.log_path, 3)}") from None
+            raise DisplayError(f"{what} exited at once: {tail(self.log_path, 3)}") from None
         finally:
             if logged >= 0:
                 os.close(logged)
@@ -125,7 +119,7 @@ class AppProcess:
                     stream.close()
 
     def failure(self, message: str) -> DisplayError:
-        log = _tail(self.log_path)
+        log = tail(self.log_path, 15)
         return DisplayError(f"{message}" + (f"; app output:\n{log}" if log else ""),
                             hint="see the app's messages above; a bigger ready timeout helps under TCG")
 

@@ -8,7 +8,6 @@ URL, the image and the backend. A request that passes `build()` only fails later
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -252,7 +251,3 @@ def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/se
                  image=strings["image"], url=strings["url"], display=strings["display"], name=strings["name"],
                  backend=strings["backend"], start=strings["start"], log_requests=log_requests, keep=strings["keep"],
                  **numbers)
-
-
-def replace(req: SessionRequest, **changes: Any) -> SessionRequest:
-    return dataclasses.replace(req, **changes)

@@ -268,7 +268,7 @@ def app(b: Bringup) -> None:
     assert b.channel is not None and b.vmm is not None
     r = b.request
     if r.display is DisplayMode.WEB:
-        _web(b)
+        web_display(b)
     elif r.display is DisplayMode.X11:
         argv = b.channel.display(r.command, vnc_socket=None, geometry=DEFAULT_GEOMETRY)
         b.app = AppProcess(b.tx, argv, what="app-ssh", env=app_env(x11=True))
@@ -286,7 +286,7 @@ def app(b: Bringup) -> None:
                            output=None if interactive else b.output, keep_stdin=r.stdio is Stdio.TERMINAL)
 
 
-def _web(b: Bringup, *, attach: bool = False) -> None:
+def web_display(b: Bringup, *, attach: bool = False) -> None:
     """The app on the guest's private display, forwarded to a socket and published to the viewer; with
     `attach`, the app already runs there (a clone of a template) and is handed the session's URL."""
     assert b.channel is not None and b.vmm is not None
@@ -368,7 +368,3 @@ def _check_space(b: Bringup) -> None:
     if free < MIN_FREE:
         raise StorageError(f"the workspace {b.cfg.workspace} is full ({format_size(free)} left): the session was "
                            f"ended", hint="free space in the workspace, or give it a bigger filesystem")
-
-
-def describe(steps: Steps) -> list[dict[str, Any]]:
-    return [{"name": s.name} for s in steps]

@@ -39,11 +39,11 @@ from dispo.runtime.steps import (
     Bringup,
     Step,
     Steps,
-    _web,
     app,
     machine_spec,
     new_vmm,
     vmm_start,
+    web_display,
 )
 from dispo.storage import disks, templates
 from dispo.storage.templates import Template, TemplateKind, TemplateStore
@@ -131,7 +131,7 @@ def guest_identity(b: Bringup) -> None:
 
 def app_restored(b: Bringup) -> None:
     if b.request.display is DisplayMode.WEB:
-        _web(b, attach=True)
+        web_display(b, attach=True)
     else:
         app(b)
 

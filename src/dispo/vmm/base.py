@@ -141,7 +141,7 @@ def pump_console(src: IO[bytes], path: Path, cap: int = CONSOLE_CAP) -> threadin
 
 
 def tail(path: Path, lines: int = 20) -> str:
-    """The last lines of a console log, tolerant of binary noise and carriage returns."""
+    """The last lines of a console log (or an app's), tolerant of binary noise and carriage returns."""
     try:
         text = path.read_bytes()[-64 * 1024:].decode(errors="replace")
     except OSError:

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -21,6 +19,7 @@ from dispo.runtime.live import LiveSession
 from dispo.runtime.request import from_json
 from dispo.web import sse, transfers
 from dispo.web.guard import json_deadline, json_value, refuse_body
+from dispo.web.offloop import blocking
 from dispo.web.openapi import document
 from dispo.web.problems import HttpProblem
 from dispo.web.service import Service
@@ -50,14 +49,6 @@ def _flag(request: web.Request, name: str) -> bool:
     return FLAG_VALUES[given[0]]
 
 
-T = TypeVar("T")
-
-
-async def _blocking(fn: Callable[..., T], *args: Any) -> T:
-    """Run file-system work (profiles, images, starting a session's thread) off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
-
-
 async def _body(request: web.Request) -> Any:
     if request.content_type != "application/json":
         raise refuse_body(f"{request.method} {request.path}: the body must be JSON (Content-Type: application/json)")
@@ -79,8 +70,8 @@ async def create_session(request: web.Request) -> web.Response:
     if svc.stopping:
         raise ServiceError("dispod is stopping and starts no more sessions", hint="try again once it runs again")
     body = await _body(request)
-    req = await _blocking(from_json, svc.cfg, body)
-    live = await _blocking(svc.rt.start, req)
+    req = await blocking(from_json, svc.cfg, body)
+    live = await blocking(svc.rt.start, req)
     return _json(live.status(), 201, {"Location": f"/v1/sessions/{live.id}"})
 
 
@@ -110,7 +101,7 @@ async def until_ended(svc: Service, live: LiveSession, timeout: float) -> bool:
                 await asyncio.wait_for(done.wait(), timeout)
         if not live.ended:  # the ENDED event is sent just before the session counts as ended
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_blocking(live.wait, 5.0), 6.0)
+                await asyncio.wait_for(blocking(live.wait, 5.0), 6.0)
         return live.ended
     finally:
         unsubscribe()
@@ -160,7 +151,7 @@ def profile_list(svc: Service) -> list[dict[str, Any]]:
 
 
 async def list_profiles(request: web.Request) -> web.Response:
-    return _json({"profiles": await _blocking(profile_list, request.app[SERVICE])})
+    return _json({"profiles": await blocking(profile_list, request.app[SERVICE])})
 
 
 def _images(svc: Service) -> list[dict[str, Any]]:
@@ -169,7 +160,7 @@ def _images(svc: Service) -> list[dict[str, Any]]:
 
 
 async def list_images(request: web.Request) -> web.Response:
-    return _json({"images": await _blocking(_images, request.app[SERVICE])})
+    return _json({"images": await blocking(_images, request.app[SERVICE])})
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -196,7 +187,7 @@ def _pool(svc: Service) -> Any:
 
 
 async def get_pool(request: web.Request) -> web.Response:
-    return _json(await _blocking(_pool(request.app[SERVICE]).status))
+    return _json(await blocking(_pool(request.app[SERVICE]).status))
 
 
 async def fill_pool(request: web.Request) -> web.Response:
@@ -209,14 +200,14 @@ async def fill_pool(request: web.Request) -> web.Response:
         raise InvalidInput(f"PUT {request.path}: the body must be {{\"count\": N}} with N a whole number",
                            hint='e.g. {"count": 1}')
     pool = _pool(svc)
-    await _blocking(pool.fill, request.match_info["name"], count)
-    return _json(await _blocking(pool.status))
+    await blocking(pool.fill, request.match_info["name"], count)
+    return _json(await blocking(pool.status))
 
 
 async def drain_pool(request: web.Request) -> web.Response:
     pool = _pool(request.app[SERVICE])
-    await _blocking(pool.drain, request.match_info["name"])
-    return _json(await _blocking(pool.status))
+    await blocking(pool.drain, request.match_info["name"])
+    return _json(await blocking(pool.status))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -9,7 +9,6 @@ EventSource cannot give headers).
 
 from __future__ import annotations
 
-import asyncio
 import string
 from html import escape
 from pathlib import Path
@@ -20,6 +19,7 @@ from aiohttp import web
 from dispo.errors import PermissionProblem
 from dispo.web.api import SERVICE, profile_list
 from dispo.web.guard import authenticated, token_ok
+from dispo.web.offloop import blocking
 
 UI_PREFIX = "/ui"
 _HERE = Path(__file__).parent
@@ -67,7 +67,7 @@ async def page(request: web.Request) -> web.StreamResponse:
     if tail is None:  # /ui/TOKEN: the page's relative links need the slash
         raise web.HTTPPermanentRedirect(f"{UI_PREFIX}/{request.match_info['token']}/")
     if tail == "":
-        profiles = await asyncio.get_running_loop().run_in_executor(None, profile_list, svc)
+        profiles = await blocking(profile_list, svc)
         return web.Response(text=render(profiles), content_type="text/html", headers={"Content-Security-Policy": CSP})
     if tail in _ASSETS:
         return web.Response(body=(_HERE / tail).read_bytes(), content_type=_ASSETS[tail])

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
 from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
@@ -22,24 +20,20 @@ from dispo.errors import InvalidInput, TooLarge
 from dispo.features import MIB
 from dispo.runtime.guestio import GuestIO, host_name
 from dispo.web.guard import json_value
+from dispo.web.offloop import blocking
 from dispo.web.problems import HttpProblem
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 SEND_TIMEOUT_S = 30.0  # a viewer that takes no sound for this long ends its stream
 
 
-async def _blocking(fn: Callable[..., T], *args: Any) -> T:
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
-
-
 async def list_downloads(io: GuestIO) -> web.Response:
-    found = await _blocking(io.downloads)
+    found = await blocking(io.downloads)
     return web.json_response({"downloads": [d.to_json() for d in found]})
 
 
 async def get_download(io: GuestIO, name: str, request: web.Request) -> web.StreamResponse:
-    d = await _blocking(io.download, name)
+    d = await blocking(io.download, name)
     safe = host_name(d.name)
     ascii_name = safe.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
     response = web.StreamResponse(headers={
@@ -47,12 +41,12 @@ async def get_download(io: GuestIO, name: str, request: web.Request) -> web.Stre
         "Content-Disposition": f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(safe, safe='')}",
         "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
     with io.open_download(d) as chunks:
-        first = await _blocking(next, chunks, b"")  # a guest that fails at once still gets a proper error
+        first = await blocking(next, chunks, b"")  # a guest that fails at once still gets a proper error
         await response.prepare(request)
         data = first
         while data:
             await response.write(data)
-            data = await _blocking(next, chunks, b"")
+            data = await blocking(next, chunks, b"")
     await response.write_eof()
     return response
 
@@ -98,18 +92,18 @@ async def post_upload(io: GuestIO, request: web.Request) -> web.Response:
     if size > cap:
         raise TooLarge(f"the upload has {size} bytes, more than the profile's [uploads] max_mib ({cap // MIB} MiB)")
     clock = BodyClock(*io.body_limits())
-    upload = await _blocking(io.begin_upload, name, size)
+    upload = await blocking(io.begin_upload, name, size)
     try:
         async for chunk in clock.chunks(request, size):
-            await _blocking(upload.write, chunk)
-        stored = await _blocking(upload.finish)
+            await blocking(upload.write, chunk)
+        stored = await blocking(upload.finish)
     finally:
-        await _blocking(upload.abort)
+        await blocking(upload.abort)
     return web.json_response({"name": stored, "size": size, "directory": "~/Uploads"}, status=201)
 
 
 async def get_clipboard(io: GuestIO) -> web.Response:
-    return web.json_response({"text": await _blocking(io.clipboard)})
+    return web.json_response({"text": await blocking(io.clipboard)})
 
 
 async def put_clipboard(io: GuestIO, request: web.Request) -> web.Response:
@@ -131,7 +125,7 @@ async def put_clipboard(io: GuestIO, request: web.Request) -> web.Response:
         text = body["text"]
     else:
         text = raw.decode(errors="replace")
-    await _blocking(io.set_clipboard, text)
+    await blocking(io.set_clipboard, text)
     return web.json_response({"text": text})
 
 
@@ -140,7 +134,7 @@ async def sound(io: GuestIO, request: web.Request) -> web.WebSocketResponse:
 
     The stream's own thread reads the guest (guestio.SoundStream, its process journaled in the session) and
     waits here for each message to be sent, so a viewer that reads slowly slows the guest's side down."""
-    stream = await _blocking(io.sound)  # Refused or NotFound: still an HTTP answer
+    stream = await blocking(io.sound)  # Refused or NotFound: still an HTTP answer
     ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=4096)
     await ws.prepare(request)
     loop = asyncio.get_running_loop()
@@ -153,13 +147,13 @@ async def sound(io: GuestIO, request: web.Request) -> web.WebSocketResponse:
             asyncio.run_coroutine_threadsafe(ws.close(), loop)
 
     try:
-        await _blocking(stream.start, deliver, ended)
+        await blocking(stream.start, deliver, ended)
         async for msg in ws:  # nothing is expected from the viewer; reading notices the close
             if msg.type is WSMsgType.ERROR:
                 break
             io.live.touch()
     finally:
-        await _blocking(stream.close)
+        await blocking(stream.close)
     return ws
 
 
