@@ -1,21 +1,13 @@
-"""Shared bits for benchmarks: timing, a results table, the JSON artifact."""
+"""Shared bits for benchmarks: the median, a results table, the JSON artifact."""
 
 from __future__ import annotations
 
 import json
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def median(xs: list[float]) -> float:

@@ -216,14 +216,6 @@ def _quiet_arp(name: str) -> None:
             raise NetworkError(f"cannot set {key} on {name}: {e.strerror}") from None
 
 
-def rp_filter(name: str) -> int | None:
-    """The link's own net.ipv4.conf.<name>.rp_filter, or None when there is no such link."""
-    try:
-        return int(Path(f"/proc/sys/net/ipv4/conf/{name}/rp_filter").read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def create_tap(name: str, gateway: ipaddress.IPv4Interface, alias: str) -> None:
     """A persistent tap owned by root, single queue, no packet info header, with the gateway address."""
     delete_link(name)  # a leftover from a crash under the same session id
