@@ -133,6 +133,7 @@ def wait_ready(keys: SessionKeys, address: str, *, timeout: float, alive: Callab
             last = "port 22 not open yet"
             continue
         try:
+            # A probe bounded by its timeout, in the caller's thread; not journaled: it ends before this does.
             proc = subprocess.run([*ssh_argv(keys, address, connect_timeout=max(1, min(3, int(left)))), "true"],
                                   stdin=subprocess.DEVNULL, capture_output=True, text=True, env=minimal_env(),
                                   timeout=max(left, 1) + 2, check=False)

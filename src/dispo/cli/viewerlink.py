@@ -117,6 +117,8 @@ class ViewerLink:
         if os.geteuid() == 0 and self.user.uid != 0:
             argv = [SETPRIV, f"--reuid={self.user.uid}", f"--regid={self.user.gid}", *self._groups(),
                     "--inh-caps=-all", "--", *argv]
+        # Not processes.spawn_recorded: the opener hands the page to the user's browser, which is the user's
+        # and outlives the session (and dispo), so it must not die with this process nor be undone.
         try:
             child = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)

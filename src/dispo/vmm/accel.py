@@ -78,6 +78,8 @@ def probe_kvm(kernel: Path, qemu: str = QEMU, timeout: float = PROBE_TIMEOUT_S) 
                 "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(kernel),
                 "-append", f"console={console_dev} panic=-1 root=/dev/dispo-probe-none",
                 "-chardev", f"file,id=con0,path={console}", "-serial", "chardev:con0"]
+        # Not processes.spawn_recorded: no session (no journal) exists yet, and the probe guest ends by itself
+        # (its kernel panics at once: panic=-1 with -no-reboot) or is killed below within `timeout`.
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=minimal_env())
         try:
