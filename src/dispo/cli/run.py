@@ -32,6 +32,7 @@ from dispo.proc import minimal_env
 from dispo.profiles import DisplayMode
 from dispo.runtime import Event, EventKind, Runtime, SessionRequest, StandaloneViewers, Stdio, build
 from dispo.runtime.live import LiveSession
+from dispo.runtime.request import API_WHERE
 from dispo.runtime.saver import DownloadSaver, Lister, Opener, open_directory
 from dispo.settings import SETTINGS
 
@@ -133,8 +134,9 @@ def _profile_args(args: argparse.Namespace) -> tuple[dict[str, Any], str, str | 
     return given, args.cmd[0], (words[0] if words else None)
 
 
-def _request(args: argparse.Namespace, cfg: Config) -> tuple[SessionRequest, dict[str, Any], dict[str, Any]]:
-    """The checked request, the API body that asks dispod for the same, and the CLI-only options."""
+def _request(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The request as the API's body, unchecked, and the CLI-only options: it is checked once, where the
+    session is made (dispod, or `build` in this process)."""
     body: dict[str, Any] = {}
     if args.cmd and args.cmd[0] != "--":
         given, profile, url = _profile_args(args)
@@ -152,16 +154,28 @@ def _request(args: argparse.Namespace, cfg: Config) -> tuple[SessionRequest, dic
     for flag, key in _FLAGS.items():
         if given.get(flag) is not None:
             body[key] = given[flag]
-    tty = not cmd and "profile" not in body and sys.stdin.isatty()
-    values = {k: v for k, v in body.items() if k != "command"}
-    req = build(cfg, command=cmd, stdio=Stdio.TERMINAL, tty=tty, **values)
-    if given.get("downloads") is not None and not req.features.downloads:
-        raise InvalidInput(f"--downloads: the profile {req.profile or '(none)'} turns downloads off",
-                           hint="set [downloads] enabled = true in the profile")
-    if given.get("downloads") is not None and req.display is DisplayMode.NONE:
+    if given.get("downloads") is not None and "profile" not in body:
         raise InvalidInput("--downloads goes with a browser profile", hint="dispo run chromium URL --downloads DIR")
-    return req, body, {"open": bool(given.get("open")), "in_process": bool(given.get("in_process")),
-                       "downloads": given.get("downloads")}
+    tty = not cmd and "profile" not in body and sys.stdin.isatty()
+    return body, {"open": bool(given.get("open")), "in_process": bool(given.get("in_process")),
+                  "downloads": given.get("downloads"), "tty": tty}
+
+
+def _build(cfg: Config, body: dict[str, Any], cli: dict[str, Any]) -> SessionRequest:
+    """The request checked here, for a session in this process."""
+    values = {k: v for k, v in body.items() if k != "command"}
+    req = build(cfg, command=body.get("command", []), stdio=Stdio.TERMINAL, tty=cli["tty"], **values)
+    if cli["downloads"] is not None:
+        _check_downloads(req.profile, req.features, req.display)
+    return req
+
+
+def _check_downloads(profile: str, features: Features, display: DisplayMode) -> None:
+    if not features.downloads:
+        raise InvalidInput(f"--downloads: the profile {profile or '(none)'} turns downloads off",
+                           hint="set [downloads] enabled = true in the profile")
+    if display is DisplayMode.NONE:
+        raise InvalidInput("--downloads goes with a browser profile", hint="dispo run chromium URL --downloads DIR")
 
 
 class Printer:
@@ -257,27 +271,44 @@ def exit_code(exit_status: int | None, error: DispoError | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    req, body, cli = _request(args, cfg)
+    body, cli = _request(args)
     with contextlib.ExitStack() as stack:
         # --open: the redirect file lives as long as the session (and this command) does.
         link = stack.enter_context(ViewerLink(cfg)) if cli["open"] else None
-        return _run(cfg, req, body, cli, Printer(link=link))
+        return _run(cfg, body, cli, Printer(link=link))
 
 
-def _run(cfg: Config, req: SessionRequest, body: dict[str, Any], cli: dict[str, Any], printer: Printer) -> int:
+def _run(cfg: Config, body: dict[str, Any], cli: dict[str, Any], printer: Printer) -> int:
+    """Through dispod when it answers (it checks the request), else in this process (checked here). An
+    interactive shell and an X11 display always run here: they need this terminal, this $DISPLAY."""
+    client, notice = None, ""
+    if not (cli["in_process"] or cli["tty"] or body.get("display") == DisplayMode.X11.value):
+        client = dispod_client(cfg)
+        display = _served_display(client, body) if client is not None else None
+        if display == DisplayMode.X11.value:
+            client = None
+        elif client is not None and display == DisplayMode.WEB.value and not client.health().get("viewers"):
+            notice = "dispod serves no viewers (it listens on its unix socket only): this session runs in-process"
+            client = None
+    req = _build(cfg, body, cli) if client is None else None
+    if notice:  # once the request passed: bad input is one line
+        printer.notice(notice)
     saving: tuple[Path, int] | None = None
     if cli["downloads"] is not None:
         saving = (cli["downloads"], open_directory(cli["downloads"]))  # checked before anything starts
-    in_process = cli["in_process"] or req.tty or req.display is DisplayMode.X11
-    if not in_process:
-        client = dispod_client(cfg)
-        if client is not None and req.display is DisplayMode.WEB and not client.health().get("viewers"):
-            printer.notice("dispod serves no viewers (it listens on its unix socket only): this session runs "
-                           "in-process")
-            client = None
-        if client is not None:
-            return _run_via_dispod(client, body, printer, saving, req.features)
+    if req is None:
+        return _run_via_dispod(client, body, printer, saving)
     return _run_in_process(cfg, req, printer, saving)
+
+
+def _served_display(client: Any, body: dict[str, Any]) -> str | None:
+    """Where the session would show its app, as dispod's profiles say (None: dispod will say what is wrong)."""
+    if "display" in body or "profile" not in body:
+        return str(body.get("display") or DisplayMode.NONE.value)
+    for p in client.profiles():
+        if p.get("name") == body["profile"]:
+            return str(p["display"]) if p.get("display") else None
+    return None
 
 
 def _saver(saving: tuple[Path, int], lister: Lister, opener: Opener, policy: Features,
@@ -337,14 +368,24 @@ def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer,
     return exit_code(live.exit_status, live.error)
 
 
-def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer, saving: tuple[Path, int] | None = None,
-                    policy: Features | None = None) -> int:
-    created = client.create_session(body)
+def _run_via_dispod(client: Any, body: dict[str, Any], printer: Printer,
+                    saving: tuple[Path, int] | None = None) -> int:
+    try:
+        created = client.create_session(body)
+    except InvalidInput as e:  # the user typed `dispo run`, not a POST: the same line as in-process
+        raise type(e)(e.message.removeprefix(API_WHERE), hint=e.hint) from None
     sid = str(created["id"])
     saver = None
     if saving is not None:
+        # The session's features as dispod made them: its JSON has the profile's tables (Features.to_json).
+        policy = Features.from_profile(created["features"], where="dispod's answer")
+        try:
+            _check_downloads(str(created.get("profile") or ""), policy, DisplayMode(created["display"]))
+        except InvalidInput:
+            client.delete(sid, wait=True)  # its profile says what dispod's check could not: nothing stays
+            raise
         saver = _saver(saving, lambda: client.downloads(sid), lambda name: client.download(sid, name),
-                       policy or Features(), printer)
+                       policy, printer)
     try:
         return _follow(client, sid, created, printer)
     finally:

@@ -220,7 +220,10 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
                           log_requests=bool(log_requests))
 
 
-def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = "POST /v1/sessions: ") -> SessionRequest:
+API_WHERE = "POST /v1/sessions: "  # what the API's messages about a request body start with
+
+
+def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = API_WHERE) -> SessionRequest:
     """A request from an API body: {"profile": "chromium", "url": ...} or {"image": ..., "command": [...]}."""
     if not isinstance(body, Mapping):
         raise InvalidInput(f"{where}the body must be a JSON object")
