@@ -114,7 +114,6 @@ class FakeVmm:
     capabilities: frozenset[Capability] = frozenset({Capability.PAUSE, Capability.SNAPSHOT})
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _start: str = ""
-    restored_from: Path | None = None
 
     @property
     def pid(self) -> int | None:
@@ -175,7 +174,6 @@ class FakeVmm:
     def load_state(self, journal: object, src: Path) -> None:
         if not (src / "memory.fake").is_file():
             raise VmmError(f"no fake memory in {src}")
-        self.restored_from = src
         self.start(journal)
         self.pause()
 
