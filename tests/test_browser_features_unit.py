@@ -20,6 +20,8 @@ from dispo.cli import opener
 from dispo.config import Config
 from dispo.errors import Conflict, InvalidInput, NotFound, Refused, TooLarge
 from dispo.features import Features
+from dispo.journal import Journal
+from dispo.names import new_session_id
 from dispo.runtime import guestio
 from dispo.runtime.guestio import check_guest_name, host_name, parse_listing
 from dispo.runtime.live import CancelToken, SessionState
@@ -266,9 +268,11 @@ def test_dispo_open_refuses_a_loop_and_what_is_not_a_web_link(cfg: Config, monke
 
 
 def _live(tmp_path: Path, *, guest: bool) -> SimpleNamespace:
-    """What GuestIO reads of a LiveSession: a running one, with the fake guest or (guest=False) none yet."""
+    """What GuestIO reads of a LiveSession: a running one, with the fake guest or (guest=False) none yet, and its
+    journal (where each guest command's process is recorded while it runs)."""
     channel = fakes.FakeChannel(fakes.guest_home(tmp_path / "home"), tmp_path / "console.log") if guest else None
-    return SimpleNamespace(id="1a2b3c4d", channel=channel, ended=False, cancel=CancelToken(),
+    journal = Journal.create(tmp_path / "state", new_session_id(), {})
+    return SimpleNamespace(id="1a2b3c4d", channel=channel, journal=journal, ended=False, cancel=CancelToken(),
                            state=SessionState.RUNNING if guest else SessionState.STARTING,
                            request=SimpleNamespace(features=Features()), touch=lambda: None)
 

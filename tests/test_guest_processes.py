@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -20,6 +21,11 @@ import pytest
 from dispo import journal, processes
 from dispo.client import DispodClient
 from dispo.config import Config
+from dispo.features import Features
+from dispo.journal import Journal
+from dispo.names import new_session_id
+from dispo.runtime import guestio
+from dispo.runtime.live import CancelToken, SessionState
 from tests import fakes
 from tests.test_service import SAFETY_S, wait_state
 
@@ -89,3 +95,27 @@ def test_a_sound_stream_is_journaled_and_dies_with_a_killed_dispod(cfg: Config, 
         if dispod.poll() is None:
             os.kill(dispod.pid, signal.SIGKILL)
             dispod.wait(SAFETY_S)
+
+
+def test_a_guest_commands_process_is_in_the_journal_while_it_runs_and_leaves_it_once_reaped(tmp_path: Path) -> None:
+    """An upload holds its guest command (`dispo-files put`) open: its process is journaled, and once it has
+    ended and been reaped it is dropped from the journal and from what the receipt checks (a session's many
+    short commands do not pile up there)."""
+    home = fakes.guest_home(tmp_path / "home")
+    journal = Journal.create(tmp_path / "state", new_session_id(), {})
+    live = SimpleNamespace(id="1a2b3c4d", channel=fakes.FakeChannel(home, tmp_path / "console.log"), journal=journal,
+                           ended=False, cancel=CancelToken(), state=SessionState.RUNNING,
+                           request=SimpleNamespace(features=Features()), touch=lambda: None)
+    io = guestio.GuestIO(live)  # type: ignore[arg-type]
+    upload = io.begin_upload("a.txt", 2)
+    try:
+        [entry] = journal.entries
+        assert entry.kind == "process" and entry.args["what"] == "dispo-files put"
+        assert processes.is_same_process(int(entry.args["pid"]), entry.args["starttime"])
+        upload.write(b"hi")
+        assert upload.finish() == "a.txt"
+    finally:
+        upload.abort()
+    assert (home / "Uploads" / "a.txt").read_bytes() == b"hi"
+    assert journal.entries == [] and journal.recorded == []
+    journal.unwind()
