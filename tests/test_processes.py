@@ -48,3 +48,24 @@ def test_a_child_dies_with_an_owner_killed_right_after_the_spawn(tmp_path: Path)
             survivors.append(pid)
             os.kill(pid, signal.SIGKILL)
     assert survivors == []
+
+
+def test_a_gate_on_a_high_descriptor_still_runs_its_program(tmp_path: Path) -> None:
+    """keep_stdin: the gate's pipe is another descriptor, whatever number was free (dash took only 0-9)."""
+    from dispo import processes
+    from dispo.journal import Journal
+    from dispo.names import new_session_id
+
+    j = Journal.create(tmp_path, new_session_id(), {"purpose": "test"})
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(12)]  # the pipe lands above fd 9
+    try:
+        out = tmp_path / "out"
+        with out.open("wb") as f:
+            s = processes.spawn_recorded(j, ["echo", "ran"], what="echo", stdout=f, keep_stdin=True,
+                                         new_session=True)
+            assert s.proc.wait(30) == 0
+        assert out.read_text() == "ran\n"
+    finally:
+        for fd in held:
+            os.close(fd)
+        j.unwind()

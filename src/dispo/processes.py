@@ -37,6 +37,8 @@ SETPRIV = "/usr/bin/setpriv"
 _GATE = f'read -r _ || exit {GATE_EOF_EXIT}; exec "$0" "$@" </dev/null'
 # The shell reads its line one byte at a time, so with `stdin_pipe` what follows it is the program's.
 _GATE_PIPE = f'read -r _ || exit {GATE_EOF_EXIT}; exec "$0" "$@"'
+# bash, not sh: dash takes only one-digit descriptors in a redirection, and the pipe's number is whatever was
+# free in the caller (10 or more in dispod, or in a CLI with many files open).
 _GATE_FD = f'fd=$1; shift; read -r _ <&"$fd" || exit {GATE_EOF_EXIT}; eval "exec $fd<&-"; exec "$@"'
 
 
@@ -82,7 +84,7 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
         if stdin_pipe:
             gate, gate_stdin = ["/bin/sh", "-c", _GATE_PIPE, *words], subprocess.PIPE
         elif keep_stdin:
-            gate, gate_stdin = ["/bin/sh", "-c", _GATE_FD, "gate", str(r), *words], None
+            gate, gate_stdin = ["/bin/bash", "-c", _GATE_FD, "gate", str(r), *words], None
         else:
             gate = ["/bin/sh", "-c", _GATE, *words]
         proc = subprocess.Popen(gate, stdin=gate_stdin, stdout=stdout, stderr=stderr,
