@@ -18,8 +18,9 @@ from dispo.net import attach_network
 from dispo.txn import transaction
 from dispo.vmm import sandbox
 from dispo.vmm.base import MachineSpec, NetAttachment
+from dispo.vmm.cgroups import PARENT_CGROUP
 from dispo.vmm.firecracker import backend
-from dispo.vmm.firecracker.jailer import CGROUP_ROOT, PARENT_CGROUP, JailSpec, cgroup_version
+from dispo.vmm.firecracker.jailer import CGROUP_ROOT, JailSpec, cgroup_version
 from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm
 from tests.fcworld import (
     GUEST_BYE,

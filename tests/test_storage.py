@@ -12,7 +12,7 @@ from dispo import images as images_mod
 from dispo.config import Config, StorageBackend
 from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
 from dispo.images import ImageStore
-from dispo.storage import backends
+from dispo.storage import backends, layout
 from dispo.storage.disks import open_session
 from tests.worlds import (
     debugfs_has,
@@ -256,7 +256,7 @@ def test_private_extra_file_stays_private(cfg: Config, src_image: Path, tmp_path
 
 def test_image_metadata(cfg: Config, src_image: Path) -> None:
     image = ImageStore(cfg).import_(src_image, "meta", quiet=True)
-    meta = json.loads((image.path / images_mod.META).read_text())
+    meta = json.loads((image.path / layout.META).read_text())
     assert meta["name"] == "meta" and meta["sha256"] == image.sha256 and meta["storage"] == cfg.storage.backend.value
     assert meta["source"] == str(src_image)
 

@@ -28,12 +28,11 @@ from dispo.names import check_name, format_size
 from dispo.proc import run
 from dispo.progress import Progress
 from dispo.storage import backends, files, pool
+from dispo.storage.layout import META, ROOTFS
 from dispo.txn import Transaction, transaction
 
 log = logging.getLogger(__name__)
 
-ROOTFS = "rootfs.ext4"
-META = "image.json"
 E2FS_HINT = "install e2fsprogs"
 
 

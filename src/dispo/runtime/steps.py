@@ -180,7 +180,7 @@ def volume(b: Bringup) -> None:
 
 def identity(b: Bringup) -> None:
     assert b.disk_dir is not None
-    from dispo.images import ROOTFS
+    from dispo.storage.layout import ROOTFS
 
     b.identity = b.machinery.identity(b.tx, b.disk_dir / ROOTFS)
 
@@ -207,7 +207,7 @@ def machine_spec(b: Bringup, *, agent: bool = False) -> MachineSpec:
     """The machine of this session; `agent`: with the identity agent's channel (templates and their clones;
     QEMU guests always have it)."""
     assert b.image is not None and b.kernel is not None and b.net is not None and b.disk_dir is not None
-    from dispo.images import ROOTFS
+    from dispo.storage.layout import ROOTFS
 
     r, image, net = b.request, b.image, b.net
     extra: dict[str, str] = {}

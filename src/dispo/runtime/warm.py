@@ -27,7 +27,7 @@ from typing import Any
 from dispo import workspace
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, VmmError
-from dispo.images import ROOTFS, ImageStore
+from dispo.images import ImageStore
 from dispo.names import format_size
 from dispo.proc import run
 from dispo.profiles import DisplayMode
@@ -46,6 +46,7 @@ from dispo.runtime.steps import (
     web_display,
 )
 from dispo.storage import disks, templates
+from dispo.storage.layout import ROOTFS
 from dispo.storage.templates import Template, TemplateKind, TemplateStore
 from dispo.vmm.base import Capability, VmmKind
 from dispo.vmm.registry import kernel_for, vmm_version

@@ -14,7 +14,7 @@ from dispo import images, workspace
 from dispo.config import Config, StorageBackend
 from dispo.journal import Journal
 from dispo.names import check_name
-from dispo.storage import backends, pool
+from dispo.storage import backends, layout, pool
 from dispo.storage.templates import Template
 from dispo.txn import Transaction, transaction
 
@@ -29,7 +29,7 @@ def clone(tx: Transaction, image: images.Image) -> Path:
 
 def clone_template(tx: Transaction, template: Template) -> Path:
     """The same from a template: its disk only (the memory is read, never copied for a session)."""
-    return _clone(tx, template.path, template.storage, only=(images.ROOTFS,))
+    return _clone(tx, template.path, template.storage, only=(layout.ROOTFS,))
 
 
 def _clone(tx: Transaction, src: Path, storage: StorageBackend, only: tuple[str, ...] | None = None) -> Path:
@@ -56,7 +56,7 @@ class DiskSession:
 
     @property
     def disk(self) -> Path:
-        return self.disk_dir / images.ROOTFS
+        return self.disk_dir / layout.ROOTFS
 
     @property
     def session_id(self) -> str:

@@ -40,6 +40,7 @@ from dispo.errors import CommandError, DispoError, StorageError
 from dispo.names import format_size
 from dispo.proc import run
 from dispo.storage import backends, files
+from dispo.storage.layout import META, ROOTFS
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,6 @@ def _busy(cfg: Config) -> str:
 
 def _move_images(old: Path, new: Path) -> None:
     """Each image of the old layout into a read-only subvolume of the pool, checked against its sha256."""
-    from dispo.images import META, ROOTFS
-
     be = backends.BtrfsBackend()
     for src in sorted(old.iterdir()):
         if src.name.startswith(".") or not (src / META).is_file() or (new / src.name / META).exists():

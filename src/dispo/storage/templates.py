@@ -32,9 +32,10 @@ from typing import Any
 from dispo import guest
 from dispo.config import Config, StorageBackend
 from dispo.errors import NotFound, StorageError
-from dispo.images import ROOTFS, Image
+from dispo.images import Image
 from dispo.names import check_name, format_size
 from dispo.storage import backends, files, pool
+from dispo.storage.layout import ROOTFS
 from dispo.txn import Transaction
 
 log = logging.getLogger(__name__)

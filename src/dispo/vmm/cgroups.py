@@ -9,6 +9,8 @@ that says what is missing and how to get it. vmm/sandbox.py (QEMU's limits) and 
 
 from __future__ import annotations
 
+import errno
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from dispo.errors import VmmError
 MOUNTINFO = Path("/proc/self/mountinfo")
 MOUNTINFO_CAP = 1 << 20  # a mount table far past any real one is not read further
 CONTROLLERS = ("memory", "cpu", "pids")
+PARENT_CGROUP = "dispo"  # every VMM's cgroup is <hierarchy>/dispo/<name>; the parent stays
 
 MOUNT_HINT = ("mount the cgroup hierarchy in this mount namespace (e.g. 'mount -t cgroup2 none /sys/fs/cgroup', "
               "or bind-mount the host's /sys/fs/cgroup), or run dispo outside 'ip netns exec' and 'unshare -m'")
@@ -96,3 +99,23 @@ def find_hierarchy(controllers: Sequence[str] = CONTROLLERS, mountinfo: Path = M
         raise VmmError(f"cannot read {mountinfo} to find the cgroup hierarchy: {e.strerror}",
                        hint="dispo needs /proc mounted") from None
     return choose(*parse_mountinfo(text), controllers)
+
+
+def remove_cgroups(dirs: Sequence[Path], timeout: float = 3.0) -> None:
+    """rmdir each cgroup directory (only possible once its processes are gone); missing ones are fine.
+
+    Right after the last task exits, the kernel may still report the cgroup busy for a moment: retry.
+    """
+    deadline = time.monotonic() + timeout
+    for d in dirs:
+        while True:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                raise
+            break

@@ -21,6 +21,7 @@ from pathlib import Path
 from dispo.errors import PermissionProblem
 from dispo.journal import Journal
 from dispo.undo import undoer
+from dispo.vmm.cgroups import PARENT_CGROUP, find_hierarchy, remove_cgroups
 
 UID_BASE = 1 << 30          # far above any user or system account (and below 2^31: ioctls take a signed int)
 SLOTS = 1 << 20
@@ -140,9 +141,6 @@ def limit(journal: Journal, name: str, *, memory_mib: int, cpus: float) -> list[
     """A cgroup of its own for one VMM (memory, CPU, pids limits), journaled (kind "jail-cgroup", the undo
     that removes cgroups) before it exists; a leftover of the same name is removed first. Returns the
     directories whose `cgroup.procs` the VMM's pid goes into (`place`), before the VMM runs."""
-    from dispo.vmm.cgroups import find_hierarchy
-    from dispo.vmm.firecracker.jailer import PARENT_CGROUP, remove_cgroups
-
     hierarchy = find_hierarchy()  # one line naming what is missing when no hierarchy is mounted here
     version = hierarchy.version
     period = 100_000

@@ -26,7 +26,6 @@ import os
 import shutil
 import stat
 import struct
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +35,9 @@ from dispo.journal import Entry, Journal
 from dispo.storage import backends, files
 from dispo.undo import undoer
 from dispo.vmm import cgroups, sandbox
+from dispo.vmm.cgroups import PARENT_CGROUP, remove_cgroups
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # the usual place; the code asks cgroups.find_hierarchy() where it is
-PARENT_CGROUP = "dispo"
 SOCKET_INSIDE = Path("/run/firecracker.socket")
 
 
@@ -276,26 +275,6 @@ def set_tap_owner(tap: str, uid: int, gid: int) -> None:
                        hint="the tap must exist, be a tap (not tun) and not be in use") from None
     finally:
         os.close(fd)
-
-
-def remove_cgroups(dirs: Sequence[Path], timeout: float = 3.0) -> None:
-    """rmdir each cgroup directory (only possible once its processes are gone); missing ones are fine.
-
-    Right after the last task exits, the kernel may still report the cgroup busy for a moment: retry.
-    """
-    deadline = time.monotonic() + timeout
-    for d in dirs:
-        while True:
-            try:
-                d.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                if e.errno == errno.EBUSY and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                    continue
-                raise
-            break
 
 
 @undoer("jail-cgroup")
