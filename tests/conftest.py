@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dispo.config import Config, StorageBackend
-from tests.tiers import tier, tier_of
+from tests.tiers import marker, tier, tier_of
 from tests.worlds import loop_fs, make_config, make_ext4
 
 IS_ROOT = os.geteuid() == 0
@@ -34,12 +34,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test gets exactly one tier marker (tests/tiers.py), so `-m fast` and friends select a tier; a test
+    """Each test gets exactly one tier marker (tests/tiers.py), so `-m tier_fast` and friends select a tier; a test
     above the fast tier skips without root, saying why."""
     skip_root = pytest.mark.skip(reason="needs root (loop devices, btrfs, namespaces): run the suite with sudo")
     for item in items:
         name = tier_of(item)
-        item.add_marker(getattr(pytest.mark, name))
+        item.add_marker(getattr(pytest.mark, marker(name)))
         if name != "fast" and not IS_ROOT:
             item.add_marker(skip_root)
 

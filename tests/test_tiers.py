@@ -13,12 +13,12 @@ REPO = Path(__file__).resolve().parent.parent
 # Collects the given paths in a pytest of its own and prints each test's tier marker, as conftest set it.
 _COLLECT = """
 import json, sys, pytest
-from tests.tiers import TIERS
+from tests.tiers import TIERS, marker
 found = {}
 class Tiers:
     def pytest_collection_finish(self, session):
         for item in session.items:
-            found[item.name.split("[")[0]] = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+            found[item.name.split("[")[0]] = sorted(t for t in TIERS if item.get_closest_marker(marker(t)))
 pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *sys.argv[1:]], plugins=[Tiers()])
 print("TIERS=" + json.dumps(found))
 """

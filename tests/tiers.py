@@ -39,6 +39,13 @@ def tier(name: str) -> Callable[[_F], _F]:
     return mark
 
 
+def marker(name: str) -> str:
+    """The marker conftest gives each test of tier `name`, which `-m` selects on. Not the tier's own name:
+    `root` and `vm` are also markers that modules put on their tests, and a `-m root` would select a VM test
+    that carries both."""
+    return f"tier_{name}"
+
+
 def tier_of(item: pytest.Item) -> str:
     """The costliest tier among the item's own markers and the fixtures it uses (transitively)."""
     found = {m.name for m in item.iter_markers() if m.name in TIERS}
@@ -84,7 +91,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="dispo-tiers-") as tmp:
         for name in names or list(TIERS):
             junit = Path(tmp) / f"{name}.xml"
-            cmd = [sys.executable, "-m", "pytest", "-m", name, "--durations=10", f"--junitxml={junit}", *extra]
+            cmd = [sys.executable, "-m", "pytest", "-m", marker(name), "--durations=10", f"--junitxml={junit}",
+                   *extra]
             if name in PARALLEL:
                 cmd += ["-n", PARALLEL[name]]
             print(f"\n=== tier {name}: {' '.join(cmd[1:])}", flush=True)
