@@ -64,7 +64,11 @@ async def _listen_then_kill(cfg: Config, sid: str, viewer_url: str, dispod: subp
         [entry] = entries
         pid, start = int(entry["pid"]), entry["starttime"]
         assert processes.is_same_process(pid, start)
-        assert b"sleep" in Path(f"/proc/{pid}/cmdline").read_bytes()  # the guest command itself, not its gate
+        # The guest command itself, not its gate. Its cmdline reads empty for the instant of an exec (the new
+        # image has no arguments yet), so wait for it to settle rather than read it once.
+        while b"sleep" not in (cmdline := Path(f"/proc/{pid}/cmdline").read_bytes()):
+            assert time.monotonic() < deadline and processes.is_same_process(pid, start), cmdline
+            await asyncio.sleep(0.01)
         dispod.send_signal(signal.SIGKILL)
         dispod.wait(SAFETY_S)
         deadline = time.monotonic() + SAFETY_S
