@@ -2,7 +2,9 @@
 
 Lookup: <profiles_dir>/NAME.toml (config `profiles_dir`, default /etc/dispo/profiles) first, then the
 built-in profiles shipped in dispo/builtin_profiles/ (firefox, chromium). Unknown keys and bad values are
-errors naming the key and the file.
+errors naming the key and the file. The session settings a profile may set, their limits and the default of
+one it leaves out are settings.py's (a profile must name its image, though: that default is for a plain
+`dispo run -- CMD`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dispo.features import Features
 from dispo.names import check_name
 from dispo.net.policy import NetworkPolicy
 from dispo.privacy import Privacy
-from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, limit_hi
+from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, accepts, limits_text
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_profiles"
 DEFAULT_PROFILES_DIR = Path("/etc/dispo/profiles")
@@ -37,8 +39,8 @@ class Profile:
     name: str
     image: str
     command: tuple[str, ...] = ()
-    memory_mib: int = 1024
-    vcpus: int = 1
+    memory_mib: int = int(SETTINGS["memory_mib"].default)
+    vcpus: int = int(SETTINGS["vcpus"].default)
     shm_mib: int = int(SETTINGS["shm_mib"].default)
     start_page: str = ""
     display: DisplayMode = DisplayMode.NONE
@@ -75,9 +77,8 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
     for key in INT_SETTINGS:
         if key in data:
             v = data[key]
-            lo, hi = int(SETTINGS[key].lo), int(limit_hi(key))
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                raise _bad(where, key, f"must be an integer from {lo} to {hi}, got {show(v)}")
+            if not isinstance(v, int) or isinstance(v, bool) or not accepts(key, v):
+                raise _bad(where, key, f"must be an integer from {limits_text(key)}, got {show(v)}")
             kwargs[key] = v
     if "command" in data:
         cmd = data["command"]
@@ -89,8 +90,9 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
             if not isinstance(data[key], str):
                 raise _bad(where, key, "must be a string")
             kwargs[key] = data[key]
-    if kwargs.get("backend", "auto") not in ("auto", "qemu", "firecracker"):
-        raise _bad(where, "backend", f"is {kwargs['backend']!r}, expected one of: auto, qemu, firecracker")
+    backends = SETTINGS["backend"].choices
+    if kwargs.get("backend", SETTINGS["backend"].default) not in backends:
+        raise _bad(where, "backend", f"is {kwargs['backend']!r}, expected one of: {', '.join(backends)}")
     if "display" in data:
         try:
             kwargs["display"] = DisplayMode(data["display"])
@@ -99,9 +101,8 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
     for key in SECONDS_SETTINGS:
         if key in data:
             secs = data[key]
-            s_lo, s_hi = SETTINGS[key].lo, SETTINGS[key].hi
-            if not isinstance(secs, int | float) or isinstance(secs, bool) or not s_lo <= secs <= s_hi:
-                raise _bad(where, key, f"must be a number of seconds from {s_lo:g} to {s_hi:g}, got {show(secs)}")
+            if not isinstance(secs, int | float) or isinstance(secs, bool) or not accepts(key, secs):
+                raise _bad(where, key, f"must be a number of seconds from {limits_text(key)}, got {show(secs)}")
             kwargs[key] = float(secs)
     if "network" in data:
         if not isinstance(data["network"], dict):

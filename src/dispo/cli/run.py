@@ -34,7 +34,7 @@ from dispo.runtime import Event, EventKind, Runtime, SessionRequest, StandaloneV
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import API_WHERE
 from dispo.runtime.saver import DownloadSaver, Lister, Opener, open_directory
-from dispo.settings import SETTINGS
+from dispo.settings import SETTINGS, describe
 
 STOP_TIMEOUT_S = 60.0
 
@@ -66,24 +66,23 @@ def register(sub: Any) -> None:
     stop.set_defaults(func=cmd_stop)
 
 
+def setting_flag(key: str) -> str:
+    """The option of a session setting: its key without the unit (memory_mib: --memory, ready_timeout_s:
+    --ready-timeout), the unit being the metavar's."""
+    unit = SETTINGS[key].unit
+    stem = key.removesuffix(f"_{unit.lower()}") if unit else key
+    return stem.replace("_", "-")
+
+
 def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
     """The options of `dispo run`, given before PROFILE or after it (argparse's REMAINDER takes all that
     follows the first word, so the words after PROFILE are parsed again with these)."""
-    p.add_argument("--image", default=default, help=f"image to boot (default: {SETTINGS['image'].default}, or the "
-                                                    f"profile's)")
-    p.add_argument("--backend", choices=("auto", "qemu", "firecracker"), default=default)
-    p.add_argument("--memory", type=int, default=default, metavar="MiB",
-                   help=f"guest memory (default {SETTINGS['memory_mib'].default}, or the profile's)")
-    p.add_argument("--vcpus", type=int, default=default, metavar="N",
-                   help=f"guest vCPUs (default {SETTINGS['vcpus'].default}, or the profile's)")
+    for key, s in SETTINGS.items():
+        number: dict[str, Any] = {"type": int if s.integer else float,
+                                  "metavar": {"MiB": "MiB", "s": "S"}.get(s.unit, "N")} if s.number else {}
+        p.add_argument(f"--{setting_flag(key)}", choices=s.choices or None, default=default, help=describe(key),
+                       **number)
     p.add_argument("--name", default=default, help="a name for the session (shown by 'dispo ls')")
-    p.add_argument("--ready-timeout", type=float, default=default, metavar="S",
-                   help=f"seconds to wait for the guest's SSH, and for the app's display "
-                        f"(default {SETTINGS['ready_timeout_s'].default:.0f}, or the profile's)")
-    p.add_argument("--idle-timeout", type=float, default=default, metavar="S",
-                   help="end the session after S seconds without use (default: the profile's, else never)")
-    p.add_argument("--max-lifetime", type=float, default=default, metavar="S",
-                   help="end the session S seconds after it started (default: the profile's, else never)")
     p.add_argument("--display", choices=[m.value for m in DisplayMode], default=default,
                    help="with PROFILE: where the app shows (default: the profile's)")
     p.add_argument("--open", action="store_true", default=default,
@@ -105,9 +104,9 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
 
 
 PROFILE_USAGE = "dispo run PROFILE [URL] [--display web|x11|none] [--open]"
-_FLAGS = {"image": "image", "backend": "backend", "name": "name", "display": "display", "memory": "memory_mib",
-          "vcpus": "vcpus", "ready_timeout": "ready_timeout_s", "idle_timeout": "idle_timeout_s",
-          "max_lifetime": "max_lifetime_s", "start": "start", "log_requests": "log_requests", "keep": "keep"}
+# Each option's argparse dest and the request key it gives.
+_FLAGS = {**{setting_flag(k).replace("-", "_"): k for k in SETTINGS},
+          **{k: k for k in ("name", "display", "start", "log_requests", "keep")}}
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

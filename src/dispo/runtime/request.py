@@ -25,7 +25,7 @@ from dispo.names import check_name
 from dispo.net.policy import NetworkPolicy
 from dispo.privacy import Privacy, resolve
 from dispo.profiles import DisplayMode
-from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, limit_hi
+from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, accepts, limit_hi, limits_text
 from dispo.vmm.base import VmmKind
 from dispo.vmm.registry import choose_backend
 
@@ -57,13 +57,14 @@ class SessionRequest:
     url: str = ""
     display: DisplayMode = DisplayMode.NONE
     name: str = ""
-    backend: str = "auto"
-    memory_mib: int = 512
-    vcpus: int = 1
-    shm_mib: int = 0                   # 0: the guest's default /dev/shm
-    ready_timeout_s: float = 120.0
-    idle_timeout_s: float = 0.0        # 0: never
-    max_lifetime_s: float = 0.0        # 0: never
+    # The session settings: defaults, limits and what a 0 means are settings.py's.
+    backend: str = str(SETTINGS["backend"].default)
+    memory_mib: int = int(SETTINGS["memory_mib"].default)
+    vcpus: int = int(SETTINGS["vcpus"].default)
+    shm_mib: int = int(SETTINGS["shm_mib"].default)
+    ready_timeout_s: float = float(SETTINGS["ready_timeout_s"].default)
+    idle_timeout_s: float = float(SETTINGS["idle_timeout_s"].default)
+    max_lifetime_s: float = float(SETTINGS["max_lifetime_s"].default)
     policy: NetworkPolicy = field(default_factory=NetworkPolicy)
     stdio: Stdio = Stdio.CAPTURE
     tty: bool = False                  # with Stdio.TERMINAL: an interactive terminal
@@ -83,7 +84,7 @@ class SessionRequest:
 
     def cmdline(self) -> tuple[str, ...]:
         """Kernel arguments this request adds for the guest's init (and browser-setup.sh)."""
-        args = [f"dispo.shm={self.shm_mib}"] if self.shm_mib else []
+        args = [f"dispo.shm={self.shm_mib}"] if self.shm_mib else []  # 0: the guest's own (settings.py)
         if self.timezone:
             args.append(f"dispo.tz={self.timezone}")
         if self.language:
@@ -109,16 +110,15 @@ class SessionRequest:
 
 def _number(key: str, value: Any, where: str) -> int | float:
     s = SETTINGS[key]
-    lo, hi = s.lo, limit_hi(key)
-    integer = key in INT_SETTINGS
+    integer = s.integer
     if integer and isinstance(value, float) and value.is_integer():
         value = int(value)  # JSON has one number type: 512.0 is 512 (as JSON Schema's "integer" says)
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if isinstance(value, bool) or not ok_type or not lo <= value <= hi:
+    if isinstance(value, bool) or not ok_type or not accepts(key, value):
         what = "an integer" if integer else "a number of seconds"
-        extra = " (this host's memory)" if key == "memory_mib" and hi < s.hi else ""
+        extra = " (this host's memory)" if key == "memory_mib" and limit_hi(key) < s.hi else ""
         problem = "is out of range" if ok_type and not isinstance(value, bool) else f"is not {what}"
-        raise InvalidInput(f"{where}{key} {show(value)} {problem}: give {what} from {lo:g} to {hi:g}{extra}",
+        raise InvalidInput(f"{where}{key} {show(value)} {problem}: give {what} from {limits_text(key)}{extra}",
                            hint=s.help)
     return int(value) if integer else float(value)
 
@@ -152,7 +152,6 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
         raise InvalidInput(f"{where}unknown setting(s): {', '.join(sorted(unknown))}")
     given = {k: v for k, v in numbers.items() if v is not None}
     values: dict[str, Any] = {k: SETTINGS[k].default for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
-    values["shm_mib"] = 0
     fields: dict[str, Any] = {}
     privacy = Privacy()
     if profile:

@@ -22,6 +22,7 @@ from typing import IO, Protocol
 
 from dispo.errors import GuestFailure
 from dispo.journal import Journal
+from dispo.settings import SETTINGS
 from dispo.vmm.accel import Accel
 
 
@@ -44,8 +45,8 @@ class MachineSpec:
     workdir: Path                  # per-session directory (state dir) for sockets, logs, pid files
     cmdline: tuple[str, ...] = ()  # kernel command line arguments
     initrd: Path | None = None
-    memory_mib: int = 512
-    vcpus: int = 1
+    memory_mib: int = int(SETTINGS["memory_mib"].default)
+    vcpus: int = int(SETTINGS["vcpus"].default)
     nets: tuple[NetAttachment, ...] = ()
     # Disks kept on purpose (storage/volumes.py), read-write after the root disk; written through, not cached.
     volumes: tuple[Path, ...] = ()

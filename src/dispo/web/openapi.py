@@ -12,7 +12,7 @@ from typing import Any
 
 from dispo import __version__
 from dispo.runtime.events import EventKind
-from dispo.settings import SETTINGS, limit_hi
+from dispo.settings import SETTINGS, describe, limit_hi
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -34,15 +34,6 @@ def _problem(description: str, example: dict[str, Any] | None = None) -> dict[st
     return {"description": description, "content": {PROBLEM: content}}
 
 
-def _setting(key: str, integer: bool) -> dict[str, Any]:
-    s = SETTINGS[key]
-    # limit_hi: memory_mib is also bounded by this host's memory, so this document says what this dispod takes.
-    # JSON has one number type: 512.0 is the integer 512 (runtime/request.py reads it so).
-    return {"type": "integer" if integer else "number", "minimum": s.lo, "maximum": limit_hi(key),
-            "description": f"{s.help} (default {s.default}{' ' + s.unit if s.unit else ''}; a profile may set "
-                           "its own)"}
-
-
 SESSION_ID = {"type": "string", "pattern": "^[0-9a-f]{8}$", "description": "8 hex digits"}
 NAME = {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,31}$"}
 # A boolean query flag (web/api.py FLAG_VALUES): given once, exactly one of these; anything else is a 400.
@@ -55,6 +46,27 @@ GUEST_FILE = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[
 UPLOAD_NAME = {"type": "string", "minLength": 1, "maxLength": 255,
                "description": "the file's name, 1 to 255 characters (made safe: '/' and control characters become "
                               "'_'; at most 200 bytes are kept)"}
+
+
+def _setting(key: str) -> dict[str, Any]:
+    """A session setting's schema, all of it from settings.py: type, default, limits, description."""
+    s = SETTINGS[key]
+    schema: dict[str, Any] = {"default": s.default, "description": describe(key, limits=False)}
+    if s.choices:
+        return {"enum": list(s.choices), **schema}
+    if not s.number:
+        return {**NAME, **schema}
+    # JSON has one number type: 512.0 is the integer 512 (runtime/request.py reads it so).
+    schema["type"] = "integer" if s.integer else "number"
+    # limit_hi: memory_mib is also bounded by this host's memory, so this document says what this dispod takes.
+    limits = {"minimum": s.lo, "maximum": limit_hi(key)}
+    if s.zero and s.lo > 0:  # 0 has a meaning of its own, below the limits (shm_mib: the guest's default)
+        return {**schema, "anyOf": [limits, {"const": 0, "description": s.zero}]}
+    return {**schema, **limits}
+
+
+SETTING_SCHEMAS = {key: _setting(key) for key in SETTINGS}
+SETTING_SCHEMAS["image"]["description"] += "; GET /v1/images lists them"
 
 SESSION_EXAMPLE: dict[str, Any] = {
     "id": "1a2b3c4d", "name": None, "profile": "chromium", "image": "chromium", "display": "web", "state": "running",
@@ -111,16 +123,12 @@ SCHEMAS: dict[str, Any] = {
             "url": {"type": "string", "maxLength": 4096,
                     "pattern": "^(https?://[^\\s\\x00-\\x1f\\x7f]+|about:[a-z-]+)$",
                     "description": "with a profile: the page to open (http://, https:// or about:, no spaces)"},
-            "image": {**NAME, "description": "an image name (GET /v1/images); overrides the profile's"},
             "command": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^[^\\x00]*$"},
                         "description": "without a profile: the argv to run in the guest as `user` (no shell; "
                                        "no NUL; 64 KiB at most)"},
             "display": {"enum": ["web", "none"], "description": "x11 needs 'dispo run' in-process"},
             "name": {**NAME, "description": "a name for people"},
-            "backend": {"enum": ["auto", "qemu", "firecracker"]},
-            "memory_mib": _setting("memory_mib", True), "vcpus": _setting("vcpus", True),
-            "shm_mib": _setting("shm_mib", True), "ready_timeout_s": _setting("ready_timeout_s", False),
-            "idle_timeout_s": _setting("idle_timeout_s", False), "max_lifetime_s": _setting("max_lifetime_s", False),
+            **SETTING_SCHEMAS,
             "start": {"enum": ["auto", "cold", "warm"],
                       "description": "auto (default): a guest from the warm pool, else a restore from a current "
                                      "template that fits, else a boot; cold: always boot; warm: fail rather than "
