@@ -19,8 +19,8 @@ from tests.worlds import loop_fs, make_config, sh
 
 from bench.common import median, report
 from dispo.config import Config, StorageBackend, StoragePool
-from dispo.images import ImageStore
 from dispo.storage.disks import open_session
+from dispo.storage.images import ImageStore
 
 GiB = 1 << 30
 

@@ -30,7 +30,7 @@ from tests.fcworld import (
 from tests.worlds import make_config, make_ext4
 
 from bench.common import median, report
-from dispo.txn import transaction
+from dispo.infra.txn import transaction
 from dispo.vmm.base import MachineSpec, NetAttachment
 from dispo.vmm.firecracker.jailer import JailSpec
 from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm

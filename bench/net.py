@@ -29,8 +29,8 @@ from tests.netns import INTERNET, net_world
 
 from bench.common import report
 from dispo.config import Config, NetConfig, NetLink
+from dispo.infra.txn import transaction
 from dispo.net import attach_network, missing_rules
-from dispo.txn import transaction
 
 TCP_PORT, UDP_PORT = 5201, 5202
 TRAFFIC_MIB, UDP_ROUNDS, WATCH_CALLS = 512, 2000, 30

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispo import config as config_mod
-from dispo import guest, processes
+from dispo import guest
 from dispo.config import Config
 from dispo.errors import GuestFailure, VmmError
-from dispo.images import ImageStore
+from dispo.infra import processes
+from dispo.infra.txn import Transaction
 from dispo.net import GuestNetwork, NetworkPolicy
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
-from dispo.txn import Transaction
+from dispo.storage.images import ImageStore
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import Capability, MachineSpec, Vmm, VmmKind, tail
 from tests.worlds import make_ext4
@@ -123,7 +124,7 @@ class FakeVmm:
         pass
 
     def start(self, journal: object) -> None:
-        from dispo.journal import Journal
+        from dispo.infra.journal import Journal
 
         assert isinstance(journal, Journal)
         with open(self.spec.console_log, "ab") as console:

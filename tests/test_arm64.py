@@ -24,7 +24,7 @@ from dispo.config import Config, StorageBackend
 from dispo.errors import InvalidInput, NotFound
 from dispo.fetch import fetch_image, resolve
 from dispo.imagebuild import recipes
-from dispo.images import Image
+from dispo.storage.images import Image
 from dispo.vmm import qemu, registry
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import MachineSpec, NetAttachment, VmmKind
@@ -216,7 +216,7 @@ def test_firecracker_aarch64_configuration_matches_the_spec(tmp_path: Path, monk
 def test_firecracker_aarch64_stop_sends_no_ctrl_alt_del(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No i8042 on aarch64: stop goes straight to SIGTERM; on x86_64 it presses Ctrl-Alt-Del first (a real
     process stands in for firecracker, a recorder for its API)."""
-    from dispo import processes
+    from dispo.infra import processes
 
     for machine, pressed in (("aarch64", False), ("x86_64", True)):
         monkeypatch.setattr(fc, "_arch", lambda m=machine: m)

@@ -20,7 +20,8 @@ from dispo.cli import opener
 from dispo.config import Config
 from dispo.errors import Conflict, InvalidInput, NotFound, Refused, TooLarge
 from dispo.features import Features
-from dispo.journal import Journal
+from dispo.infra.journal import Journal
+from dispo.infra.txn import transaction
 from dispo.names import new_session_id
 from dispo.runtime import guestio
 from dispo.runtime.guestio import check_guest_name, host_name, parse_listing
@@ -28,7 +29,6 @@ from dispo.runtime.live import CancelToken, SessionState
 from dispo.runtime.request import build, from_json
 from dispo.runtime.saver import DownloadSaver, open_directory
 from dispo.storage import volumes
-from dispo.txn import transaction
 from tests import fakes
 from tests.test_service import Running, serving, wait_state
 

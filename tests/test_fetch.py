@@ -15,7 +15,7 @@ import pytest
 from dispo.config import Config, StorageBackend
 from dispo.errors import FetchError, NotFound
 from dispo.fetch import Cache, fetch_image, resolve
-from dispo.images import ImageStore
+from dispo.storage.images import ImageStore
 from tests.fcworld import tiny_elf
 from tests.s3world import Bucket, serve
 from tests.worlds import make_config, sh

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from dispo import journal as journal_mod
 from dispo.config import Config
 from dispo.errors import ApiError, DispoError, InvalidInput, NotFound, PermissionProblem, VmmError
+from dispo.infra import journal as journal_mod
+from dispo.infra.processes import GATE_EOF_EXIT
+from dispo.infra.txn import Transaction, transaction
 from dispo.net import attach_network
-from dispo.processes import GATE_EOF_EXIT
-from dispo.txn import Transaction, transaction
 from dispo.vmm.base import MachineSpec, NetAttachment
 from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm, Snapshot
 from tests.fcworld import (
@@ -289,7 +289,7 @@ from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 from tests.fcworld import tiny_elf
 from tests.worlds import make_config
-from dispo.txn import transaction
+from dispo.infra.txn import transaction
 from dispo.vmm.base import MachineSpec
 from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm
 cfg = make_config(Path({str(cfg.workspace)!r}), Path({str(cfg.state_dir)!r}))

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from dispo import journal as journal_mod
 from dispo.config import Config, FirecrackerConfig, JailMode
+from dispo.infra import journal as journal_mod
+from dispo.infra.txn import transaction
 from dispo.names import new_session_id
 from dispo.net import attach_network
-from dispo.txn import transaction
 from dispo.vmm import sandbox
 from dispo.vmm.base import MachineSpec, NetAttachment
 from dispo.vmm.cgroups import PARENT_CGROUP

@@ -18,11 +18,11 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-from dispo import journal, processes
 from dispo.client import DispodClient
 from dispo.config import Config
 from dispo.features import Features
-from dispo.journal import Journal
+from dispo.infra import journal, processes
+from dispo.infra.journal import Journal
 from dispo.names import new_session_id
 from dispo.runtime import guestio
 from dispo.runtime.live import CancelToken, SessionState

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dispo import guest, undo
+from dispo import guest
 from dispo.config import Config
 from dispo.errors import CommandError, InvalidInput
 from dispo.imagebuild import (
@@ -28,7 +28,8 @@ from dispo.imagebuild import (
     sources,
 )
 from dispo.imagebuild.undoers import mounts_under
-from dispo.images import ImageStore, Provenance
+from dispo.infra import undo
+from dispo.storage.images import ImageStore, Provenance
 from tests.worlds import make_config, sh
 
 DEB822 = """\

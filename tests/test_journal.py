@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from dispo import journal
 from dispo.errors import InvalidInput, JournalError, TeardownError
-from dispo.journal import Journal
+from dispo.infra import journal
+from dispo.infra.journal import Journal
+from dispo.infra.undo import undoer
 from dispo.names import new_session_id
-from dispo.undo import undoer
 
 ORDER: list[str] = []
 
@@ -106,7 +106,7 @@ def test_live_session_is_not_collected(tmp_path: Path) -> None:
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from dispo.journal import Journal
+    from dispo.infra.journal import Journal
     state, work, sid = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     j = Journal.create(state, sid, {"purpose": "crash-test"})
     for i in range(3):

@@ -145,7 +145,7 @@ FC, WHY = firecracker_or_skip_reason()
 @pytest.mark.skipif(FC is None, reason=WHY)
 def test_firecracker_accepts_the_extracted_debian_kernel(tmp_path: Path) -> None:
     """boot-source succeeds and InstanceStart returns (the guest itself does not boot under this KVM)."""
-    from dispo.txn import transaction
+    from dispo.infra.txn import transaction
     from dispo.vmm.base import MachineSpec
     from dispo.vmm.firecracker.process import FirecrackerOptions, FirecrackerVmm
     from tests.fcworld import Contract, processes_mentioning

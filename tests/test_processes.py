@@ -14,9 +14,9 @@ from pathlib import Path
 _OWNER = """
 import os, signal, sys
 from pathlib import Path
-from dispo.journal import Journal
+from dispo.infra.journal import Journal
 from dispo.names import new_session_id
-from dispo import processes
+from dispo.infra import processes
 j = Journal.create(Path(sys.argv[1]), new_session_id(), {"purpose": "test"})
 s = processes.spawn_recorded(j, [sys.executable, "-c", "import time; time.sleep(600)"], what="sleeper",
                              stdout=None)
@@ -52,8 +52,8 @@ def test_a_child_dies_with_an_owner_killed_right_after_the_spawn(tmp_path: Path)
 
 def test_a_gate_on_a_high_descriptor_still_runs_its_program(tmp_path: Path) -> None:
     """keep_stdin: the gate's pipe is another descriptor, whatever number was free (dash took only 0-9)."""
-    from dispo import processes
-    from dispo.journal import Journal
+    from dispo.infra import processes
+    from dispo.infra.journal import Journal
     from dispo.names import new_session_id
 
     j = Journal.create(tmp_path, new_session_id(), {"purpose": "test"})

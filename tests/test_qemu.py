@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from dispo import journal as journal_mod
 from dispo import ssh
 from dispo.config import StorageBackend
 from dispo.errors import Conflict, InvalidInput, NotFound
-from dispo.images import Image
-from dispo.journal import Journal
-from dispo.processes import is_same_process
+from dispo.infra import journal as journal_mod
+from dispo.infra.journal import Journal
+from dispo.infra.processes import is_same_process
+from dispo.storage.images import Image
 from dispo.vmm import accel, qemu, registry, sandbox
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import MachineSpec, NetAttachment, Vmm

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dispo import config
-from dispo.images import ImageStore
+from dispo.storage.images import ImageStore
 from tests.netns import NetWorld
 from tests.test_run import listing, qemu_processes, vm_world
 

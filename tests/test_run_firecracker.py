@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dispo import config
-from dispo.images import ImageStore
+from dispo.storage.images import ImageStore
 from dispo.vmm.firecracker.probe import GUEST_LINE, tiny_elf
 from tests.fcworld import firecracker_or_skip_reason, processes_mentioning
 from tests.netns import NetWorld, net_world

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dispo import images as images_mod
 from dispo.config import Config, StorageBackend
 from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
-from dispo.images import ImageStore
 from dispo.storage import backends, layout
+from dispo.storage import images as images_mod
 from dispo.storage.disks import open_session
+from dispo.storage.images import ImageStore
 from tests.worlds import (
     debugfs_has,
     debugfs_write,

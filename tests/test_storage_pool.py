@@ -12,9 +12,9 @@ import pytest
 
 from dispo import gc, verify
 from dispo.config import Config, StorageBackend, StorageConfig, StoragePool
-from dispo.images import ImageStore
 from dispo.storage import backends, pool
 from dispo.storage.disks import open_session
+from dispo.storage.images import ImageStore
 from tests.worlds import is_mounted, loop_devices_under, loop_fs, make_config, release_mounts_under, sh, sha256
 
 pytestmark = pytest.mark.root

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from dispo.config import Config, FirecrackerConfig, JailMode, StorageBackend, StorageConfig, StoragePool
-from dispo.images import ImageStore
+from dispo.infra.txn import Transaction
 from dispo.net import GuestNetwork
 from dispo.runtime import Runtime, build, warm
 from dispo.runtime import plan as planning
 from dispo.runtime.machinery import REAL, Identity, Machinery
+from dispo.storage.images import ImageStore
 from dispo.storage.templates import TemplateKind, TemplateStore
-from dispo.txn import Transaction
 from dispo.vmm.base import Vmm
 from dispo.vmm.firecracker.probe import GUEST_LINE, tiny_elf
 from tests.fakes import FakeIdentity

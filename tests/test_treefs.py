@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dispo import treefs
 from dispo.errors import StorageError
+from dispo.storage import treefs
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from dispo import config as config_mod
-from dispo import journal
 from dispo.cli.run import Printer
 from dispo.cli.viewerlink import ViewerLink
 from dispo.config import Config
+from dispo.infra import journal
 from dispo.runtime import Event, EventKind
 
 pytestmark = pytest.mark.root

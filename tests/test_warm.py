@@ -15,10 +15,10 @@ import pytest
 from dispo.config import Config
 from dispo.errors import AgentError, Conflict
 from dispo.guest import agent
-from dispo.images import ImageStore
 from dispo.runtime import Event, EventKind, Runtime, build, warm
 from dispo.runtime.plan import plan
 from dispo.storage import templates
+from dispo.storage.images import ImageStore
 from dispo.storage.templates import TemplateKind, TemplateStore
 from tests.test_runtime import cfg, leftovers, rt
 

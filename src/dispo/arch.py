@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispo.errors import InvalidInput, NotFound, PermissionProblem
-from dispo.proc import run
+from dispo.infra.proc import run
 
 log = logging.getLogger(__name__)
 

@@ -27,15 +27,15 @@ from urllib.parse import quote
 import httpx
 
 from dispo import arch as arches
-from dispo import kernels, treefs, workspace
+from dispo import kernels
 from dispo.config import Config
 from dispo.errors import FetchError, InvalidInput, NotFound, StorageError
-from dispo.images import Image, ImageStore, Provenance
+from dispo.infra.proc import run
+from dispo.infra.progress import Progress
+from dispo.infra.txn import transaction
 from dispo.names import check_name
-from dispo.proc import run
-from dispo.progress import Progress
-from dispo.storage import files
-from dispo.txn import transaction
+from dispo.storage import files, treefs, workspace
+from dispo.storage.images import Image, ImageStore, Provenance
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispo import journal, undo
 from dispo.config import Config
 from dispo.errors import DispoError, NotClean
+from dispo.infra import journal, undo
 from dispo.storage.backends import remove_tree
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from dispo.errors import CommandError, InvalidInput, NotFound
-from dispo.proc import run
+from dispo.infra.proc import run
 
 ELF_MAGIC = b"\x7fELF"
 EM_X86_64 = 0x3E

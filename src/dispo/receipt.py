@@ -23,9 +23,9 @@ from typing import Any
 
 from dispo.config import Config
 from dispo.errors import DispoError
-from dispo.images import Image
-from dispo.journal import Entry
-from dispo.proc import run
+from dispo.infra.journal import Entry
+from dispo.infra.proc import run
+from dispo.storage.images import Image
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def checker(kind: str) -> Callable[[Checker], Checker]:
 
 @checker("process")
 def _process(a: Mapping[str, str]) -> str | None:
-    from dispo.processes import is_same_process
+    from dispo.infra.processes import is_same_process
 
     pid = int(a["pid"])
     return f"process {pid} ({a.get('what', '?')})" if is_same_process(pid, a["starttime"]) else None
@@ -214,7 +214,7 @@ def issue_reclaimed(cfg: Config, *, session_id: str, meta: Mapping[str, Any], en
     image: Image | None = None
     proof = meta.get("image_proof")
     if isinstance(proof, dict) and isinstance(meta.get("image"), str):
-        from dispo.images import ImageStore
+        from dispo.storage.images import ImageStore
 
         try:
             image = ImageStore(cfg).get(meta["image"])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dispo import guest
 from dispo.errors import StorageError, VmmError
-from dispo.proc import minimal_env, run
+from dispo.infra.proc import minimal_env, run
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispo import journal
 from dispo.config import Config
 from dispo.errors import DispoError
+from dispo.infra import journal
 
 _SID = r"([0-9a-f]{8})"
 _PROC_RE = re.compile(rf"\bdispo-{_SID}\b")       # qemu -name dispo-<id>, firecracker --id dispo-<id>

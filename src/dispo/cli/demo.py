@@ -10,9 +10,9 @@ from typing import Any
 
 from dispo.config import Config
 from dispo.errors import NotFound
-from dispo.images import ImageStore
-from dispo.proc import run
+from dispo.infra.proc import run
 from dispo.storage.disks import open_session
+from dispo.storage.images import ImageStore
 
 DEMO_IMAGE = "dispo-demo"
 MARKER = "/written-in-session.txt"

@@ -9,9 +9,9 @@ from typing import Any
 
 from dispo.cli.common import print_table
 from dispo.config import Config
-from dispo.images import ImageStore
+from dispo.infra.progress import Progress
 from dispo.names import format_size, parse_size
-from dispo.progress import Progress
+from dispo.storage.images import ImageStore
 
 
 def register(sub: Any) -> None:

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from dispo import __version__, config, gc, progress
+from dispo import __version__, config, gc
 from dispo.cli import demo, firecracker, images, net, opener, pool, run, sessions, templates, volumes
 from dispo.cli.common import Terminated
 from dispo.errors import DispoError
+from dispo.infra import progress
 
 EXIT_ERROR = 1
 

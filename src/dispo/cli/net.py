@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dispo import journal
 from dispo.cli.common import command, print_table, run_host_command
 from dispo.config import Config
+from dispo.infra import journal
+from dispo.infra.txn import transaction
 from dispo.net import NetworkPolicy, attach_network, links, pool
-from dispo.txn import transaction
 
 
 def register(sub: Any) -> None:

@@ -19,16 +19,17 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from dispo import errors, journal, ssh
+from dispo import errors, ssh
 from dispo.cli.common import Terminated, command, dispod_client, escape_terminal
 from dispo.cli.viewerlink import ViewerLink
 from dispo.config import Config
 from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import DispoError, InvalidInput, JournalError, NotFound, VmmError
 from dispo.features import MIB, Features
+from dispo.infra import journal
+from dispo.infra.proc import minimal_env
 from dispo.names import check_session_id
 from dispo.net.capture import describe as describe_request
-from dispo.proc import minimal_env
 from dispo.profiles import DisplayMode
 from dispo.runtime import Event, EventKind, Runtime, SessionRequest, StandaloneViewers, Stdio, build
 from dispo.runtime.live import LiveSession

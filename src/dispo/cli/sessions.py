@@ -9,11 +9,12 @@ import sys
 import time
 from typing import Any
 
-from dispo import gc, journal
+from dispo import gc
 from dispo.cli.common import command, dispod_client, print_table, run_host_command
 from dispo.config import Config
 from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import InvalidInput, NotFound
+from dispo.infra import journal
 from dispo.storage.disks import open_session
 
 

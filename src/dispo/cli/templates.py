@@ -11,9 +11,9 @@ from dispo.cli.common import print_table
 from dispo.cli.run import Printer, exit_code, wait_until_ended
 from dispo.config import Config
 from dispo.errors import NotFound
-from dispo.images import ImageStore
 from dispo.names import format_size
 from dispo.runtime import Event, EventKind, Runtime, warm
+from dispo.storage.images import ImageStore
 from dispo.storage.templates import TemplateStore
 from dispo.vmm.base import VmmKind
 from dispo.vmm.registry import vmm_version

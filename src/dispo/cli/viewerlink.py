@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispo.config import Config
-from dispo.processes import SETPRIV
-from dispo.txn import Transaction, transaction
+from dispo.infra.processes import SETPRIV
+from dispo.infra.txn import Transaction, transaction
 
 LOOP_ENV = "DISPO_OPENING"  # set for the opener: a `dispo open` it starts (dispo as http handler) is a loop
 FILE_NAME = "open-viewer.html"

@@ -23,10 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispo import journal
 from dispo.config import Config, pool_targets
 from dispo.daemon.paths import OWNER, ServicePaths
 from dispo.errors import Conflict, InvalidInput, PermissionProblem
+from dispo.infra import journal
 from dispo.runtime import Runtime
 from dispo.runtime.events import Event, EventKind
 from dispo.runtime.machinery import REAL, Machinery

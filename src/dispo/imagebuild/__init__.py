@@ -22,16 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispo import arch as arches
-from dispo import guest, kernels, progress
+from dispo import guest, kernels
 from dispo.config import Config
 from dispo.errors import CommandError, InvalidInput, NotFound, PermissionProblem, StorageError
 from dispo.imagebuild import recipes, sources
 from dispo.imagebuild.owner import mark_owner
 from dispo.imagebuild.recipes import Recipe
-from dispo.images import Image, ImageStore, Provenance
+from dispo.infra import progress
+from dispo.infra.proc import run, which
+from dispo.infra.txn import transaction
 from dispo.names import check_name, format_size
-from dispo.proc import run, which
-from dispo.txn import transaction
+from dispo.storage.images import Image, ImageStore, Provenance
 
 log = logging.getLogger(__name__)
 

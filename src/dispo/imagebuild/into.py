@@ -22,15 +22,16 @@ import stat
 import time
 from pathlib import Path
 
-from dispo import guest, treefs
+from dispo import guest
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, PermissionProblem
 from dispo.imagebuild import BUILD_TIMEOUT_S, cache_dir, fs_size_mib, recipes, say
 from dispo.imagebuild.owner import mark_owner
-from dispo.images import Image, ImageStore, Provenance
+from dispo.infra.proc import minimal_env, run, which
+from dispo.infra.txn import transaction
 from dispo.names import check_name, format_size
-from dispo.proc import minimal_env, run, which
-from dispo.txn import transaction
+from dispo.storage import treefs
+from dispo.storage.images import Image, ImageStore, Provenance
 
 APT_HINT = "check the source image's apt sources (they must offer the packages) and the host's network"
 

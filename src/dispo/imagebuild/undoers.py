@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dispo.errors import StorageError
-from dispo.proc import run
+from dispo.infra.proc import run
+from dispo.infra.undo import undoer
 from dispo.storage.backends import remove_tree
-from dispo.undo import undoer
 
 
 def mounts_under(path: Path) -> list[str]:

@@ -32,7 +32,7 @@ from dispo.net.pool import Pool, allocate, mac_for, net_lock
 from dispo.net.watch import RULES_GONE, leftover_rules, missing_rules, rules_gone_reason
 
 if TYPE_CHECKING:
-    from dispo.txn import Transaction
+    from dispo.infra.txn import Transaction
 
 __all__ = ["RULES_GONE", "GuestNetwork", "NetworkPolicy", "attach_network", "check_network_config", "leftover_rules",
            "missing_rules", "rules_gone_reason"]

@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from dispo.errors import CommandError, NetworkError
+from dispo.infra.proc import run
 from dispo.net.links import LINK_PREFIX, link_name
 from dispo.net.policy import PRIVATE_RANGES, NetworkPolicy
 from dispo.net.pool import net_lock
-from dispo.proc import run
 
 TABLE = "dispo"
 FAMILY = "inet"

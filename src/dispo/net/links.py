@@ -34,7 +34,7 @@ from pyroute2 import IPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
 
 from dispo.errors import NetworkError, PermissionProblem
-from dispo.proc import run
+from dispo.infra.proc import run
 
 LINK_PREFIX = "dsp-"
 STANDIN_NETNS_PREFIX = "dispo-vmstandin-"

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispo import journal
+from dispo.infra import journal
 from dispo.net import firewall, links, pool
 
 # A lease file that could not be parsed is only swept when older than this (it may be being written).

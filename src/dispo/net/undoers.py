@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dispo.errors import NetworkError
+from dispo.infra.undo import undoer
 from dispo.net import firewall, links, pool
-from dispo.undo import undoer
 
 
 def _in_recorded_netns(args: Mapping[str, str]) -> bool:

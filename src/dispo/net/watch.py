@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dispo import journal
 from dispo.errors import JournalError, NetworkError
+from dispo.infra import journal
 from dispo.net import firewall, links
 from dispo.net.nfnl import NftReader
 

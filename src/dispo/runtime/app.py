@@ -22,10 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
-from dispo import processes
 from dispo.errors import DisplayError, DispoError, SpawnFailed
-from dispo.proc import minimal_env
-from dispo.txn import Transaction
+from dispo.infra import processes
+from dispo.infra.proc import minimal_env
+from dispo.infra.txn import Transaction
 from dispo.vmm.base import tail
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from dispo import guest, processes
+from dispo import guest
 from dispo.errors import (
     Busy,
     Conflict,
@@ -38,6 +38,7 @@ from dispo.errors import (
     TooLarge,
 )
 from dispo.features import MIB
+from dispo.infra import processes
 
 if TYPE_CHECKING:
     from dispo.runtime.live import LiveSession

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispo import receipt
 from dispo.errors import Cancelled, DispoError, NotClean, TeardownError, to_problem
-from dispo.images import Image
+from dispo.infra.txn import Transaction, transaction
 from dispo.net.capture import RequestLog
 from dispo.runtime.app import encode_output
 from dispo.runtime.events import Event, EventKind, EventSink
@@ -33,10 +33,10 @@ from dispo.runtime.machinery import GuestChannel
 from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.request import SessionRequest
 from dispo.runtime.steps import Bringup, Handover, supervise
-from dispo.txn import Transaction, transaction
+from dispo.storage.images import Image
 
 if TYPE_CHECKING:
-    from dispo.journal import Journal
+    from dispo.infra.journal import Journal
     from dispo.runtime import Runtime
 
 log = logging.getLogger(__name__)

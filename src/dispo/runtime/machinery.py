@@ -19,8 +19,8 @@ from dispo import ssh
 from dispo.config import Config
 from dispo.errors import AgentError
 from dispo.guest import agent
+from dispo.infra.txn import Transaction
 from dispo.net import GuestNetwork, NetworkPolicy, attach_network, missing_rules
-from dispo.txn import Transaction
 from dispo.vmm import registry
 from dispo.vmm.base import MachineSpec, Vmm, VmmKind
 

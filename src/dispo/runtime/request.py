@@ -20,12 +20,12 @@ from dispo.config import Config, show
 from dispo.errors import Conflict, InvalidInput, NotFound
 from dispo.features import Features
 from dispo.imagebuild.recipes import RECIPES
-from dispo.images import Image, ImageStore
 from dispo.names import check_name
 from dispo.net.policy import NetworkPolicy
 from dispo.privacy import Privacy, resolve
 from dispo.profiles import DisplayMode
 from dispo.settings import INT_SETTINGS, SECONDS_SETTINGS, SETTINGS, accepts, limit_hi, limits_text
+from dispo.storage.images import Image, ImageStore
 from dispo.vmm.base import VmmKind
 from dispo.vmm.registry import choose_backend
 

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dispo import workspace
 from dispo.config import Config
 from dispo.errors import DispoError, GuestFailure, InvalidInput, NetworkError, NotFound, StorageError, VmmError
-from dispo.images import Image
+from dispo.infra.txn import Transaction
 from dispo.names import format_size
 from dispo.net import GuestNetwork, rules_gone_reason
 from dispo.net.capture import RequestLog
@@ -34,9 +33,9 @@ from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess
 from dispo.runtime.events import EventKind
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.runtime.request import SessionRequest, Stdio, find_image
-from dispo.storage import disks, files, volumes
+from dispo.storage import disks, files, volumes, workspace
+from dispo.storage.images import Image
 from dispo.storage.templates import Template
-from dispo.txn import Transaction
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import MachineSpec, NetAttachment, Vmm, VmmKind
 from dispo.vmm.registry import choose_backend, kernel_for

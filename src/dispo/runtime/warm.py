@@ -24,12 +24,10 @@ import time
 from functools import partial
 from typing import Any
 
-from dispo import workspace
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound, VmmError
-from dispo.images import ImageStore
+from dispo.infra.proc import run
 from dispo.names import format_size
-from dispo.proc import run
 from dispo.profiles import DisplayMode
 from dispo.runtime.app import DEFAULT_GEOMETRY
 from dispo.runtime.events import EventKind
@@ -45,7 +43,8 @@ from dispo.runtime.steps import (
     vmm_start,
     web_display,
 )
-from dispo.storage import disks, templates
+from dispo.storage import disks, templates, workspace
+from dispo.storage.images import ImageStore
 from dispo.storage.layout import ROOTFS
 from dispo.storage.templates import Template, TemplateKind, TemplateStore
 from dispo.vmm.base import Capability, VmmKind

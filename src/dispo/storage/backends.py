@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from dispo.config import StorageBackend
 from dispo.errors import CommandError, StorageError
-from dispo.proc import run
+from dispo.infra.proc import run
 from dispo.storage import files
 
 log = logging.getLogger(__name__)

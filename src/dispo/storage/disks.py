@@ -10,13 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dispo import images, workspace
 from dispo.config import Config, StorageBackend
-from dispo.journal import Journal
+from dispo.infra.journal import Journal
+from dispo.infra.txn import Transaction, transaction
 from dispo.names import check_name
-from dispo.storage import backends, layout, pool
+from dispo.storage import backends, images, layout, pool, workspace
 from dispo.storage.templates import Template
-from dispo.txn import Transaction, transaction
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from dispo.config import Config, StorageBackend
 from dispo.errors import CommandError, DispoError, StorageError
+from dispo.infra.proc import run
 from dispo.names import format_size
-from dispo.proc import run
 from dispo.storage import backends, files
 from dispo.storage.layout import META, ROOTFS
 
@@ -153,7 +153,7 @@ def _size(cfg: Config) -> int:
 
 def _make(cfg: Config) -> None:
     """pool.btrfs, made under a journaled temporary name and renamed into place only when formatted."""
-    from dispo.txn import transaction
+    from dispo.infra.txn import transaction
 
     size = _size(cfg)
     if size < MIN_SIZE:

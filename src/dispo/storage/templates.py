@@ -32,11 +32,11 @@ from typing import Any
 from dispo import guest
 from dispo.config import Config, StorageBackend
 from dispo.errors import NotFound, StorageError
-from dispo.images import Image
+from dispo.infra.txn import Transaction
 from dispo.names import check_name, format_size
 from dispo.storage import backends, files, pool
+from dispo.storage.images import Image
 from dispo.storage.layout import ROOTFS
-from dispo.txn import Transaction
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from dispo.infra.undo import undoer
 from dispo.storage.backends import remove_tree
-from dispo.undo import undoer
 
 
 @undoer("btrfs-subvolume")

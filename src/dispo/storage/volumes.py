@@ -23,9 +23,9 @@ from typing import Any
 from dispo import guest
 from dispo.config import Config
 from dispo.errors import Conflict, InvalidInput, NotFound
+from dispo.infra.proc import run
+from dispo.infra.txn import Transaction
 from dispo.names import check_name
-from dispo.proc import run
-from dispo.txn import Transaction
 
 SUFFIX = ".ext4"
 LABEL = "dispo-keep"

@@ -17,7 +17,7 @@ import time
 from enum import StrEnum
 from pathlib import Path
 
-from dispo.proc import minimal_env, run
+from dispo.infra.proc import minimal_env, run
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from dispo.errors import GuestFailure
-from dispo.journal import Journal
+from dispo.infra.journal import Journal
 from dispo.settings import SETTINGS
 from dispo.vmm.accel import Accel
 

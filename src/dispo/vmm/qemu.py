@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from dispo import arch as arches
-from dispo import kernels, processes
+from dispo import kernels
 from dispo.errors import GuestFailure, NotFound, SpawnFailed, VmmError
-from dispo.journal import Journal
-from dispo.proc import minimal_env, which
+from dispo.infra import processes
+from dispo.infra.journal import Journal
+from dispo.infra.proc import minimal_env, which
 from dispo.vmm import sandbox
 from dispo.vmm.accel import Accel, host_tsc_khz
 from dispo.vmm.base import Capability, MachineSpec, VmmKind, pump_console, tail

@@ -11,7 +11,7 @@ from pathlib import Path
 from dispo import arch as arches
 from dispo.config import Config
 from dispo.errors import Conflict, DispoError, InvalidInput, NotFound
-from dispo.images import Image
+from dispo.storage.images import Image
 from dispo.vmm.base import MachineSpec, Vmm, VmmKind
 
 
@@ -82,7 +82,7 @@ def vmm_version(cfg: Config, kind: VmmKind) -> str:
             pair = jail_pair(cfg)
             binary = pair[1] if pair else find_firecracker(cfg)
         else:
-            from dispo.proc import which
+            from dispo.infra.proc import which
             from dispo.vmm.accel import QEMU
 
             binary = Path(which(QEMU))
@@ -94,7 +94,7 @@ def vmm_version(cfg: Config, kind: VmmKind) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _version(kind: VmmKind, binary: str, mtime_ns: int, size: int) -> str:
-    from dispo.proc import run
+    from dispo.infra.proc import run
 
     proc = run([binary, "--version"], check=False, timeout=10)
     first = (proc.stdout or proc.stderr or "").strip().splitlines()

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dispo.errors import PermissionProblem
-from dispo.journal import Journal
-from dispo.undo import undoer
+from dispo.infra.journal import Journal
+from dispo.infra.undo import undoer
 from dispo.vmm.cgroups import PARENT_CGROUP, find_hierarchy, remove_cgroups
 
 UID_BASE = 1 << 30          # far above any user or system account (and below 2^31: ioctls take a signed int)

@@ -13,10 +13,10 @@ from aiohttp import web
 
 from dispo import __version__, profiles
 from dispo.errors import DispoError, InvalidInput, NotFound, ServiceError
-from dispo.images import ImageStore
 from dispo.runtime.events import Event, EventKind
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import from_json
+from dispo.storage.images import ImageStore
 from dispo.web import sse, transfers
 from dispo.web.guard import json_deadline, json_value, refuse_body
 from dispo.web.offloop import blocking

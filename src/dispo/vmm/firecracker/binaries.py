@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dispo.config import Config, JailMode
 from dispo.errors import NotFound, VmmError
-from dispo.proc import minimal_env, run
+from dispo.infra.proc import minimal_env, run
 
 INSTALL_HINT = ("install one with 'dispo firecracker install', set firecracker.binary in the config "
                 "or $DISPO_FIRECRACKER")

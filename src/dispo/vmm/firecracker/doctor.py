@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dispo.config import Config
 from dispo.errors import DispoError
-from dispo.txn import transaction
+from dispo.infra.txn import transaction
 from dispo.vmm.base import MachineSpec
 from dispo.vmm.firecracker.binaries import find_firecracker, find_jailer, jail_pair, version_of
 from dispo.vmm.firecracker.probe import GUEST_LINE, tiny_elf

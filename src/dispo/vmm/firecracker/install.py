@@ -19,7 +19,7 @@ import httpx
 
 from dispo.config import Config
 from dispo.errors import InstallError, InvalidInput
-from dispo.progress import Progress
+from dispo.infra.progress import Progress
 from dispo.vmm.firecracker.binaries import install_dir, version_of
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dispo.errors import VmmError
-from dispo.journal import Entry, Journal
+from dispo.infra.journal import Entry, Journal
+from dispo.infra.undo import undoer
 from dispo.storage import backends, files
-from dispo.undo import undoer
 from dispo.vmm import cgroups, sandbox
 from dispo.vmm.cgroups import PARENT_CGROUP, remove_cgroups
 

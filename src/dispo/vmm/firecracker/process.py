@@ -29,9 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dispo import kernels, processes
+from dispo import kernels
 from dispo.errors import ApiError, GuestFailure, NotFound, PermissionProblem, SpawnFailed, VmmError
-from dispo.journal import Entry, Journal
+from dispo.infra import processes
+from dispo.infra.journal import Entry, Journal
 from dispo.vmm import sandbox
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import Capability, MachineSpec, VmmKind, pump_console, tail

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from dispo.errors import DispoError, SpawnFailed
-from dispo.proc import minimal_env
-from dispo.undo import undoer
+from dispo.infra.proc import minimal_env
+from dispo.infra.undo import undoer
 
 if TYPE_CHECKING:  # the journal imports the undo registry, which imports this module
-    from dispo.journal import Entry, Journal
+    from dispo.infra.journal import Entry, Journal
 
 # The gate: the child is a shell that waits for one line on a pipe and then execs the real program with the
 # same pid. dispo writes that line only after the journal holds (pid, starttime); if dispo dies first, the

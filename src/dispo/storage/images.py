@@ -21,15 +21,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dispo import workspace
 from dispo.config import Config, StorageBackend
 from dispo.errors import CommandError, InvalidInput, NotFound, StorageError
+from dispo.infra.proc import run
+from dispo.infra.progress import Progress
+from dispo.infra.txn import Transaction, transaction
 from dispo.names import check_name, format_size
-from dispo.proc import run
-from dispo.progress import Progress
-from dispo.storage import backends, files, pool
+from dispo.storage import backends, files, pool, workspace
 from dispo.storage.layout import META, ROOTFS
-from dispo.txn import Transaction, transaction
 
 log = logging.getLogger(__name__)
 

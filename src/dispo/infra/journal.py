@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dispo import undo
 from dispo.errors import DispoError, JournalError, PermissionProblem, TeardownError
+from dispo.infra import undo
 from dispo.names import check_session_id
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ UndoFn = Callable[[Mapping[str, str]], None]
 _UNDOERS: dict[str, UndoFn] = {}
 
 # Modules that register undoers; imported before a journal written by another process is unwound.
-PROVIDERS = ("dispo.storage.undoers", "dispo.processes", "dispo.net.undoers", "dispo.imagebuild.undoers",
+PROVIDERS = ("dispo.storage.undoers", "dispo.infra.processes", "dispo.net.undoers", "dispo.imagebuild.undoers",
              "dispo.vmm.firecracker.jailer", "dispo.vmm.sandbox")
 
 

@@ -13,7 +13,7 @@ from dispo.names import format_size
 # Work this small is over before a log line would help; only a terminal shows it.
 _QUIET_BELOW = 256 << 20
 
-LOG = logging.getLogger("dispo.progress")
+LOG = logging.getLogger("dispo.infra.progress")
 
 
 def show_on(stream: TextIO) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dispo.config import Config
-from dispo.journal import Journal
+from dispo.infra.journal import Journal
 from dispo.names import new_session_id
 
 
