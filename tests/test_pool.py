@@ -3,6 +3,7 @@ the memory budget, a changed template, and the API and CLI over it. Without root
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dispo.client import pool_fill_call
 from dispo.config import Config, pool_targets
 from dispo.errors import ConfigError, InvalidInput, NotFound
 from dispo.runtime import Runtime, build
@@ -122,7 +124,7 @@ def test_the_pool_through_the_api_and_the_cli(cfg: Config, tmp_path: Path) -> No
         drained = client.pool_drain("minimal")
         assert drained["slots"][0]["target"] == 0
         with pytest.raises(InvalidInput, match="count"):
-            client._json("PUT", "/v1/pool/minimal", json={"count": "one"})
+            client.send(dataclasses.replace(pool_fill_call("minimal", 1), json={"count": "one"}))
     assert leftovers(cfg) == before
 
 
