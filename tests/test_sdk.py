@@ -127,6 +127,45 @@ def test_async_session_ends_on_exit_even_when_the_block_raises(svc: Running, cfg
         assert one.receipt()["clean"] is True
 
 
+def test_an_error_while_ending_rides_along_with_the_blocks_own(svc: Running, cfg: Config,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise ServiceError("dispod went away")
+
+    with dispo.connect(config=cfg) as d:
+        with pytest.raises(RuntimeError, match="the program's own failure") as raised, d.session("chromium") as s:
+            monkeypatch.setattr(d.api, "delete", unreachable)
+            raise RuntimeError("the program's own failure")
+        assert raised.value.__notes__ == [f"ending session {s.id} failed too: ServiceError: dispod went away"]
+        assert not s.ended
+        monkeypatch.undo()
+    gone(svc, cfg, s.id)  # the client's close ended what the block could not
+
+
+def test_a_session_ended_while_it_starts(cfg: Config) -> None:
+    with serving(cfg, machinery=fakes.slow_machinery()) as svc, dispo.connect(config=cfg) as d:
+        with d.session("chromium") as s:
+            assert s.state == "starting"
+        assert svc.uds.session(s.id)["state"] == "ended"
+        assert s.receipt()["clean"] is True and fakes.fake_vmm_pids(s.id) == []
+
+
+def test_async_sessions_side_by_side(svc: Running, cfg: Config) -> None:
+    async def program() -> list[str]:
+        async with dispo.AsyncClient(config=cfg) as d:
+            async def one(n: int) -> str:
+                async with d.session("chromium", name=f"side-{n}") as s:
+                    await s.wait_ready()
+                    assert len(await d.sessions()) >= 1
+                    return s.id
+            return await asyncio.gather(*(one(n) for n in range(3)))
+
+    ids = asyncio.run(program())
+    assert len(set(ids)) == 3
+    for sid in ids:
+        gone(svc, cfg, sid)
+
+
 def test_async_session_ends_when_its_task_is_cancelled(svc: Running, cfg: Config) -> None:
     async def program() -> str:
         started = asyncio.Event()
