@@ -55,7 +55,7 @@ class Receipt(TypedDict, total=False):
     image_unchanged: bool | None
     teardown_s: float | None
     check_s: float
-    requests: int | None
+    requests: dict[str, int] | None  # with log_requests: the requests the guest made, by kind
     kept: list[str]
 
 
@@ -107,9 +107,8 @@ def _body(**given: Any) -> dict[str, Any]:
 class _Tracked:
     """A session as the last answer or event about it says."""
 
-    def __init__(self, status: dict[str, Any], *, owned: bool) -> None:
+    def __init__(self, status: dict[str, Any]) -> None:
         self._status = dict(status)
-        self.owned = owned  # started through this client: its close() ends it if the program did not
         self._receipt: Receipt | None = None
         self._final: dict[str, Any] | None = None
 
@@ -145,7 +144,7 @@ class _Tracked:
 
     @property
     def ended(self) -> bool:
-        return self._final is not None or self.state == "ended"
+        return self.state == "ended"
 
     def receipt(self) -> Receipt:
         """The disposal receipt of a session that ended while this object followed it (end(), the with block,
@@ -182,13 +181,14 @@ class _Tracked:
                         hint="its end_reason says why")
 
     def _finish(self, final: dict[str, Any] | None) -> dict[str, Any]:
-        """Record the session's last status; raise if its disposal failed."""
-        self._status = {**self._status, **(final or {}), "state": "ended"}
-        self._final = dict(self._status)
+        """Record the session's last status (None: dispod no longer knows it); raise if its disposal failed."""
+        self._status = {**self._status, **(final or {"state": "ended"})}
+        if self.ended:
+            self._final = dict(self._status)
         error = self._status.get("error")
         if isinstance(error, dict) and error.get("type") in DISPOSAL_FAILURES:
             raise errors.from_problem(error)
-        return dict(self._final)
+        return self.status
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.state}>"
@@ -203,7 +203,11 @@ def _destination(name: str, to: str | os.PathLike[str]) -> Path:
 def _partial(dest: Path) -> tuple[IO[bytes], Path]:
     """A file beside `dest` to write into, renamed to it only once complete: a half-written download never
     has the name of a finished one."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:100]}.", suffix=".part")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name[:100]}.", suffix=".part")
+    except OSError as e:
+        raise InvalidInput(f"cannot write into {dest.parent}: {e.strerror}",
+                           hint="download to an existing directory, or a file in one") from None
     return os.fdopen(fd, "wb"), Path(tmp)
 
 
@@ -223,8 +227,8 @@ def _source(data: str | os.PathLike[str] | bytes, name: str | None) -> tuple[str
 class Session(_Tracked):
     """One disposable session. As a context manager it is ended on exit, whatever happens in the block."""
 
-    def __init__(self, client: Client, status: dict[str, Any], *, owned: bool) -> None:
-        super().__init__(status, owned=owned)
+    def __init__(self, client: Client, status: dict[str, Any]) -> None:
+        super().__init__(status)
         self._client = client
 
     def refresh(self) -> dict[str, Any]:
@@ -243,11 +247,12 @@ class Session(_Tracked):
         the session's own ready_timeout_s."""
         if self.state == "running":
             return self
-        for _ in self.events():
-            if self.state == "running":
-                return self
-            if self.ended:
-                raise self._not_ready()
+        with contextlib.closing(self.events()) as stream:
+            for _ in stream:
+                if self.state == "running":
+                    return self
+                if self.ended:
+                    raise self._not_ready()
         if self.refresh()["state"] == "running":  # the stream ended early (dispod stopping)
             return self
         raise self._not_ready()
@@ -258,21 +263,17 @@ class Session(_Tracked):
         if self._final is not None:
             return dict(self._final)
         api = self._client.api
-        try:
-            with contextlib.closing(self.events()) as stream:
-                next(stream, None)  # the stream is open: it will see the end, and the receipt with it
-                if not self.ended:
-                    api.delete(self.id)
-                    for _ in stream:
-                        pass
-        except NotFound:
-            pass  # dispod no longer knows it: it ended long ago
-        except ServiceError:
-            api.delete(self.id, wait=True)  # the stream broke: the end is still waited for
-        try:
-            final: dict[str, Any] | None = api.session(self.id)
-        except NotFound:
-            final = None
+        # NotFound: dispod forgot it (it ended long ago); ServiceError: the stream broke (waited for below).
+        with contextlib.suppress(NotFound, ServiceError), contextlib.closing(self.events()) as stream:
+            next(stream, None)  # the stream is open: it will see the end, and the receipt with it
+            if not self.ended:
+                api.delete(self.id)
+                for _ in stream:
+                    pass
+        final: dict[str, Any] | None = None
+        with contextlib.suppress(NotFound):
+            # The stream broke or closed before the end (dispod stopping): wait for the end without it.
+            final = api.session(self.id) if self.ended else api.delete(self.id, wait=True)
         self._client._open.pop(self.id, None)
         return self._finish(final)
 
@@ -352,16 +353,16 @@ class Client:
         """Start a session (POST /v1/sessions; any other key of its body as a keyword). It is starting:
         wait_ready() waits for it. Use it as a context manager to end it on exit."""
         body = _body(profile=profile, url=url, image=image, command=command, name=name, **options)
-        s = Session(self, self.api.create_session(body), owned=True)
+        s = Session(self, self.api.create_session(body))
         self._open[s.id] = s
         return s
 
     def attach(self, session_id: str) -> Session:
         """A session that exists already (this client will not end it unless told to)."""
-        return Session(self, self.api.session(session_id), owned=False)
+        return Session(self, self.api.session(session_id))
 
     def sessions(self, all: bool = False) -> list[Session]:
-        return [Session(self, s, owned=False) for s in self.api.sessions(all)]
+        return [Session(self, s) for s in self.api.sessions(all)]
 
     def profiles(self) -> list[dict[str, Any]]:
         return self.api.profiles()
@@ -411,8 +412,8 @@ def connect(url: str | os.PathLike[str] | None = None, *, token: str | None = No
 class AsyncSession(_Tracked):
     """Session with awaitable calls; `async with` ends it on exit, whatever happens in the block."""
 
-    def __init__(self, client: AsyncClient, status: dict[str, Any], *, owned: bool) -> None:
-        super().__init__(status, owned=owned)
+    def __init__(self, client: AsyncClient, status: dict[str, Any]) -> None:
+        super().__init__(status)
         self._client = client
 
     async def refresh(self) -> dict[str, Any]:
@@ -442,21 +443,16 @@ class AsyncSession(_Tracked):
         if self._final is not None:
             return dict(self._final)
         api = self._client.api
-        try:
+        with contextlib.suppress(NotFound, ServiceError):
             async with contextlib.aclosing(self.events()) as stream:
                 await anext(stream, None)
                 if not self.ended:
                     await api.delete(self.id)
                     async for _ in stream:
                         pass
-        except NotFound:
-            pass
-        except ServiceError:
-            await api.delete(self.id, wait=True)
-        try:
-            final: dict[str, Any] | None = await api.session(self.id)
-        except NotFound:
-            final = None
+        final: dict[str, Any] | None = None
+        with contextlib.suppress(NotFound):
+            final = await (api.session(self.id) if self.ended else api.delete(self.id, wait=True))
         self._client._open.pop(self.id, None)
         return self._finish(final)
 
@@ -515,7 +511,7 @@ class _Starting:
         self._session: AsyncSession | None = None
 
     async def _start(self) -> AsyncSession:
-        s = AsyncSession(self._client, await self._client.api.create_session(self._body), owned=True)
+        s = AsyncSession(self._client, await self._client.api.create_session(self._body))
         self._client._open[s.id] = s
         return s
 
@@ -553,10 +549,10 @@ class AsyncClient:
         return _Starting(self, _body(profile=profile, url=url, image=image, command=command, name=name, **options))
 
     async def attach(self, session_id: str) -> AsyncSession:
-        return AsyncSession(self, await self.api.session(session_id), owned=False)
+        return AsyncSession(self, await self.api.session(session_id))
 
     async def sessions(self, all: bool = False) -> list[AsyncSession]:
-        return [AsyncSession(self, s, owned=False) for s in await self.api.sessions(all)]
+        return [AsyncSession(self, s) for s in await self.api.sessions(all)]
 
     async def profiles(self) -> list[dict[str, Any]]:
         return await self.api.profiles()
