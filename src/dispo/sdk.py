@@ -264,12 +264,13 @@ class Session(_Tracked):
             return dict(self._final)
         api = self._client.api
         # NotFound: dispod forgot it (it ended long ago); ServiceError: the stream broke (waited for below).
-        with contextlib.suppress(NotFound, ServiceError), contextlib.closing(self.events()) as stream:
-            next(stream, None)  # the stream is open: it will see the end, and the receipt with it
-            if not self.ended:
-                api.delete(self.id)
-                for _ in stream:
-                    pass
+        if not self.ended:  # (a wait_ready() may have seen it end)
+            with contextlib.suppress(NotFound, ServiceError), contextlib.closing(self.events()) as stream:
+                next(stream, None)  # the stream is open: it will see the end, and the receipt with it
+                if not self.ended:
+                    api.delete(self.id)
+                    for _ in stream:
+                        pass
         final: dict[str, Any] | None = None
         with contextlib.suppress(NotFound):
             # The stream broke or closed before the end (dispod stopping): wait for the end without it.
@@ -443,13 +444,14 @@ class AsyncSession(_Tracked):
         if self._final is not None:
             return dict(self._final)
         api = self._client.api
-        with contextlib.suppress(NotFound, ServiceError):
-            async with contextlib.aclosing(self.events()) as stream:
-                await anext(stream, None)
-                if not self.ended:
-                    await api.delete(self.id)
-                    async for _ in stream:
-                        pass
+        if not self.ended:
+            with contextlib.suppress(NotFound, ServiceError):
+                async with contextlib.aclosing(self.events()) as stream:
+                    await anext(stream, None)
+                    if not self.ended:
+                        await api.delete(self.id)
+                        async for _ in stream:
+                            pass
         final: dict[str, Any] | None = None
         with contextlib.suppress(NotFound):
             final = await (api.session(self.id) if self.ended else api.delete(self.id, wait=True))
