@@ -33,10 +33,11 @@ from tests.worlds import loop_fs
 
 from bench.common import ARTIFACTS, median, report
 from dispo import config
-from dispo.runtime import Event, EventKind, Runtime, StandaloneViewers, build, warm
+from dispo.runtime import Event, EventKind, Runtime, build, warm
 from dispo.runtime.live import LiveSession
 from dispo.runtime.pool import Pool
 from dispo.storage.templates import TemplateKind, TemplateStore
+from dispo.web.viewers import StandaloneViewers
 
 COLOUR = "1e90ff"
 PAGE = (f'<!doctype html><title>bench</title><body style="margin:0"><div style="position:fixed;inset:0;'

@@ -281,7 +281,7 @@ def test_guest_io_answers_409_while_there_is_no_guest_to_ask(tmp_path: Path) -> 
     """A session that exists but has no guest yet, or is ending, answers 409 (not 404, which says "no such
     session", and not the guest's failure): nothing is sent to a guest that is going away."""
     live = _live(tmp_path, guest=False)
-    io = guestio.GuestIO(live)  # type: ignore[arg-type]
+    io = guestio.GuestIO(live)
     with pytest.raises(Conflict, match="no running guest yet"):
         io.clipboard()
     live.channel, live.state = _live(tmp_path, guest=True).channel, SessionState.RUNNING
@@ -310,7 +310,7 @@ def _upload(io: guestio.GuestIO, name: str, data: bytes) -> str:
 
 @pytest.mark.parametrize("name", ["", "x" * 256])
 def test_an_upload_name_is_1_to_255_characters(tmp_path: Path, name: str) -> None:
-    io = guestio.GuestIO(_live(tmp_path, guest=True))  # type: ignore[arg-type]
+    io = guestio.GuestIO(_live(tmp_path, guest=True))
     with pytest.raises(InvalidInput, match="1 to 255 characters"):
         _upload(io, name, b"a")
     assert _upload(io, "x" * 255, b"a") == "x" * 200  # host_name keeps 200 bytes
@@ -319,7 +319,7 @@ def test_an_upload_name_is_1_to_255_characters(tmp_path: Path, name: str) -> Non
 def test_a_download_name_too_long_to_exist_is_not_found(tmp_path: Path) -> None:
     """The document counts a name's characters (JSON Schema cannot count bytes): 255 of them that are more
     than 255 bytes name no file the guest can have, so that is a 404, not a refusal of a valid request."""
-    io = guestio.GuestIO(_live(tmp_path, guest=True))  # type: ignore[arg-type]
+    io = guestio.GuestIO(_live(tmp_path, guest=True))
     with pytest.raises(NotFound, match="no download named"):
         io.download("é" * 200)
     for bad in ("", "..", "a/b", "a\0b"):

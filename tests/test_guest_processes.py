@@ -110,7 +110,7 @@ def test_a_guest_commands_process_is_in_the_journal_while_it_runs_and_leaves_it_
     live = SimpleNamespace(id="1a2b3c4d", channel=fakes.FakeChannel(home, tmp_path / "console.log"), journal=journal,
                            ended=False, cancel=CancelToken(), state=SessionState.RUNNING,
                            request=SimpleNamespace(features=Features()), touch=lambda: None)
-    io = guestio.GuestIO(live)  # type: ignore[arg-type]
+    io = guestio.GuestIO(live)
     upload = io.begin_upload("a.txt", 2)
     try:
         [entry] = journal.entries

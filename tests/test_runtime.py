@@ -20,9 +20,10 @@ from dispo import receipt
 from dispo.config import Config
 from dispo.errors import Busy, Cancelled, GuestFailure, InvalidInput, NetworkError, NotFound
 from dispo.net import GuestNetwork
-from dispo.runtime import STEPS, Event, EventKind, Runtime, SessionState, StandaloneViewers, Step, build
+from dispo.runtime import STEPS, Event, EventKind, Runtime, SessionState, Step, build
 from dispo.runtime.live import LiveSession
 from dispo.runtime.steps import Bringup
+from dispo.web.viewers import StandaloneViewers
 from tests import fakes
 
 

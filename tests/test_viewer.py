@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from dispo.display.viewer import Target, WebViewer
+from dispo.web.viewer import Target, WebViewer
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("Xvnc") and shutil.which("xsetroot") and Path("/usr/share/novnc/vnc.html").exists()),
@@ -302,7 +302,8 @@ new MutationObserver(function () {
 def fake_runtime(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     """A Runtime on the fakes (tests/fakes.py) with `dispo run`'s own viewers; the guest is ready after
     `ready_delay` seconds (the test's parameter)."""
-    from dispo.runtime import Runtime, StandaloneViewers
+    from dispo.runtime import Runtime
+    from dispo.web.viewers import StandaloneViewers
     from tests import fakes
 
     viewers = StandaloneViewers()

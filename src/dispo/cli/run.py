@@ -31,7 +31,7 @@ from dispo.infra.proc import minimal_env
 from dispo.names import check_session_id
 from dispo.net.capture import describe as describe_request
 from dispo.profiles import DisplayMode
-from dispo.runtime import Event, EventKind, Runtime, SessionRequest, StandaloneViewers, Stdio, build
+from dispo.runtime import Event, EventKind, Runtime, SessionRequest, Stdio, build
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import API_WHERE
 from dispo.runtime.saver import DownloadSaver, Lister, Opener, open_directory
@@ -345,6 +345,8 @@ def wait_until_ended(live: LiveSession) -> None:
 
 def _run_in_process(cfg: Config, req: SessionRequest, printer: Printer,
                     saving: tuple[Path, int] | None = None) -> int:
+    from dispo.web.viewers import StandaloneViewers  # the web server's code, loaded only where a session runs
+
     viewers = StandaloneViewers()
     rt = Runtime(cfg, viewers=viewers, owner=f"dispo run (pid {os.getpid()})")
     try:

@@ -1,12 +1,15 @@
 """The session runtime: the one thing the CLI and dispod call to run sessions.
 
-    rt = Runtime(cfg)                        # machinery=REAL, viewers=StandaloneViewers() or dispod's
+    rt = Runtime(cfg)                        # machinery=REAL, viewers=None (web/viewers.py has the CLI's and dispod's)
     live = rt.start(request.build(cfg, profile="chromium", url=URL))
     live.wait(); live.exit_status, live.end_reason
     rt.stop(live.id, "reason")               # or live.stop(reason); rt.shutdown(reason) ends them all
 
 The runtime prints nothing: it emits `Event`s to `rt.events` (subscribe a sink) and to the per-session
 sink given to `start`. Each session runs on its own thread and holds its own journal lock.
+
+The runtime imports nothing above it: whoever serves a web display is handed in (`viewers`, a `ViewerHost`),
+so running a session never loads the web server.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ from dispo.config import Config
 from dispo.errors import Busy, NotFound
 from dispo.names import check_session_id, new_session_id
 from dispo.runtime import plan as planning
-from dispo.runtime.app import StandaloneViewers, ViewerHost
 from dispo.runtime.events import Event, EventKind, EventSink, Fanout
-from dispo.runtime.live import LiveSession, SessionState, join_all
+from dispo.runtime.live import LiveSession, SessionState, ViewerHost, join_all
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.pool import Pool
@@ -43,7 +45,6 @@ __all__ = [
     "Runtime",
     "SessionRequest",
     "SessionState",
-    "StandaloneViewers",
     "Stdio",
     "Step",
     "Steps",
@@ -95,7 +96,8 @@ class Runtime:
             sid = new_session_id()
             while sid in self._live or sid in self._ended:
                 sid = new_session_id()
-            live = LiveSession(self, request, sid, plan=plan, sink=sink)
+            live = LiveSession(self, request, sid, steps=plan.steps, origin=plan.origin, template=plan.template,
+                               why=plan.why, sink=sink)
             live.pool_name = pooled
             self._live[sid] = live
         self._announce(live, plan, reserve=not pooled).start()

@@ -5,32 +5,26 @@ gate as the VMM, and stopped before the VMM on unwind. Its output is either the 
 (`Stdio.TERMINAL`, `dispo run` in-process) or captured into OUTPUT events, capped, for the service.
 
 Web displays: the guest's Xvnc listens on the guest's loopback only; the channel forwards it to `vnc.sock`
-in the root-only state dir, and a `ViewerHost` serves it behind a token: one WebViewer per session for
-the CLI (`StandaloneViewers`), or routes of dispod's one server.
+in the root-only state dir, and the session's `ViewerHost` (runtime/live.py; the CLI's or dispod's, from
+web/viewers.py) serves it behind a token.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO
 
-from dispo.errors import DisplayError, DispoError, SpawnFailed
+from dispo.errors import DisplayError, SpawnFailed
 from dispo.infra import processes
 from dispo.infra.proc import minimal_env
 from dispo.infra.txn import Transaction
 from dispo.vmm.base import tail
-
-if TYPE_CHECKING:
-    from dispo.display.viewer import WebViewer
-    from dispo.runtime.live import LiveSession
 
 APP_LOG = "app.log"
 VNC_SOCKET = "vnc.sock"
@@ -38,7 +32,6 @@ DEFAULT_GEOMETRY = "1280x800"
 OUTPUT_CAP = 16 << 20  # bytes of captured output a session may send; the rest is dropped, with a notice
 LOG_CAP = 4 << 20  # bytes app.log holds at most (it is in the state dir: on tmpfs, host memory)
 SSH_LOST = 255  # ssh's own failure status
-ENDED_FROM_VIEWER = "ended from the viewer"
 
 
 OutputSink = Callable[[str, bytes], None]  # (stream name, bytes)
@@ -157,10 +150,6 @@ def pump_log(fd: int, path: Path, cap: int = LOG_CAP) -> threading.Thread:
     return t
 
 
-def encode_output(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def vnc_greeting(path: Path) -> bool:
     """True once a VNC server answers through the forward (ssh accepts on the socket before Xvnc is up,
     then closes the connection: no greeting yet)."""
@@ -171,62 +160,6 @@ def vnc_greeting(path: Path) -> bool:
             return sock.recv(12).startswith(b"RFB ")
     except OSError:
         return False
-
-
-class ViewerHost(Protocol):
-    """Who serves a session's web display. `reserve` may give the URL before the display is up (dispod
-    does, so POST /v1/sessions answers with it); `publish` serves it and returns the URL."""
-
-    def reserve(self, live: LiveSession) -> str | None: ...
-
-    def publish(self, live: LiveSession, vnc_socket: Path) -> str: ...
-
-    def withdraw(self, session_id: str) -> None: ...
-
-
-class StandaloneViewers:
-    """One WebViewer (its own port and token) per session: what `dispo run` uses in-process. It serves from
-    the session's start (so its page says what happens while the guest boots) until `close()`."""
-
-    def __init__(self) -> None:
-        from dispo.display.viewer import WebViewer
-
-        self._cls = WebViewer
-        self._viewers: dict[str, WebViewer] = {}
-
-    def _start(self, live: LiveSession) -> WebViewer:
-        viewer = self._cls(None, session_id=live.id, on_stop=lambda: live.stop(ENDED_FROM_VIEWER),
-                           on_activity=live.touch, io=live.io, live=live)
-        viewer.start()
-        self._viewers[live.id] = viewer
-        return viewer
-
-    def reserve(self, live: LiveSession) -> str | None:
-        try:
-            return self._start(live).url
-        except (DispoError, OSError):
-            return None  # no noVNC, no port: `publish` tries again and the session fails with the reason
-
-    def publish(self, live: LiveSession, vnc_socket: Path) -> str:
-        from dispo.display.viewer import Target
-
-        viewer = self._viewers.get(live.id) or self._start(live)
-        viewer.publish(Target(unix=str(vnc_socket)))
-        return viewer.url
-
-    def withdraw(self, session_id: str) -> None:
-        viewer = self._viewers.get(session_id)
-        if viewer is not None:
-            viewer.withdraw()  # still serves the status, so an open page can say how the session ended
-
-    def close(self, grace_s: float = 2.0) -> None:
-        """Stop every viewer, once an open page was told its session ended (at most `grace_s` later)."""
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(
-                v.live is not None and v.live.ended and v.page_waiting() for v in self._viewers.values()):
-            time.sleep(0.05)
-        while self._viewers:
-            self._viewers.popitem()[1].stop()
 
 
 def app_env(x11: bool) -> dict[str, str]:

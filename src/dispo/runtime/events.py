@@ -7,6 +7,7 @@ dispod's event stream, and the CLI prints both the same way.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -47,6 +48,11 @@ class Event:
 
 
 EventSink = Callable[[Event], None]
+
+
+def encode_output(data: bytes) -> str:
+    """An OUTPUT event's `data` field: the bytes as base64 (the command's output need not be text)."""
+    return base64.b64encode(data).decode()
 
 
 class Fanout:

@@ -23,9 +23,10 @@ import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 from dispo import guest
+from dispo.config import ServiceConfig
 from dispo.errors import (
     Busy,
     Conflict,
@@ -37,11 +38,10 @@ from dispo.errors import (
     Refused,
     TooLarge,
 )
-from dispo.features import MIB
+from dispo.features import MIB, Features
 from dispo.infra import processes
-
-if TYPE_CHECKING:
-    from dispo.runtime.live import LiveSession
+from dispo.infra.journal import Journal
+from dispo.runtime.cancel import CancelToken
 
 PARTIAL_SUFFIXES = (".crdownload", ".part")  # Chromium's and Firefox's files of a download under way
 MAX_LISTED = 1000
@@ -280,11 +280,54 @@ class Upload:
             release()
 
 
-class GuestIO:
-    """The operations on one running session (its channel is there once the guest answered)."""
+class Channel(Protocol):
+    """What GuestIO needs of the way into the guest (runtime/machinery.py's GuestChannel): a host argv."""
 
-    def __init__(self, live: LiveSession) -> None:
+    def command(self, argv: Sequence[str], *, tty: bool = False) -> list[str]: ...
+
+
+class Policy(Protocol):
+    """What GuestIO reads of the session's request: the features its profile allows."""
+
+    @property
+    def features(self) -> Features: ...
+
+
+class Session(Protocol):
+    """What GuestIO reads of its session (runtime/live.py's LiveSession, which makes it), and no more: so this
+    module knows nothing of how a session runs, and a test can stand in for one."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def request(self) -> Policy: ...
+
+    @property
+    def channel(self) -> Channel | None: ...  # once the guest answered
+
+    @property
+    def journal(self) -> Journal | None: ...  # where each guest command's process is recorded while it runs
+
+    @property
+    def cancel(self) -> CancelToken: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def ended(self) -> bool: ...
+
+    def touch(self) -> None: ...  # someone used the session: its idle timer starts again
+
+
+class GuestIO:
+    """The operations on one running session (its channel is there once the guest answered). `service`: the
+    [service] settings that bound a request body's pace (dispod's, or the defaults)."""
+
+    def __init__(self, live: Session, service: ServiceConfig | None = None) -> None:
         self.live = live
+        self._service = service or ServiceConfig()
         self._uploads = threading.BoundedSemaphore(UPLOADS_PER_SESSION)
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -342,7 +385,7 @@ class GuestIO:
         finally:
             cmd.abort()
 
-    def _policy(self) -> Any:
+    def _policy(self) -> Features:
         self.live.touch()
         return self.live.request.features
 
@@ -441,7 +484,7 @@ class GuestIO:
     def body_limits(self) -> tuple[float, int]:
         """(seconds, bytes per second): a request body (an upload, clipboard text) must arrive within the
         seconds plus one more for each that many bytes it brought ([service] body_timeout_s, body_min_kib_s)."""
-        service = self.live.runtime.cfg.service
+        service = self._service
         return float(max(1, service.body_timeout_s)), max(1, service.body_min_kib_s) * 1024
 
     # -- clipboard --------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ lock is held by this process from the first step until everything is undone.
 The session runs the steps of its plan (runtime/plan.py) over one bring-up record (steps.Bringup) and
 reads what they found from it (its guest's address and channel, its VMM, its viewer URL, what it keeps);
 no step writes into the session.
+
+What a session needs of the runtime that runs it (`Host`) and of whoever serves its web display
+(`ViewerHost`) are protocols here: the runtime (dispo.runtime's Runtime) implements the first, the CLI and
+dispod hand in the second (web/viewers.py), and neither is imported by this module.
 """
 
 from __future__ import annotations
@@ -20,24 +24,22 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from dispo import receipt
+from dispo.config import Config
 from dispo.errors import Cancelled, DispoError, NotClean, TeardownError, to_problem
+from dispo.infra.journal import Journal
 from dispo.infra.txn import Transaction, transaction
 from dispo.net.capture import RequestLog
-from dispo.runtime.app import encode_output
-from dispo.runtime.events import Event, EventKind, EventSink
+from dispo.runtime.cancel import CancelToken
+from dispo.runtime.events import Event, EventKind, EventSink, encode_output
 from dispo.runtime.guestio import GuestIO
-from dispo.runtime.machinery import GuestChannel
-from dispo.runtime.plan import Origin, Plan
+from dispo.runtime.machinery import GuestChannel, Machinery
 from dispo.runtime.request import SessionRequest
-from dispo.runtime.steps import Bringup, Handover, supervise
+from dispo.runtime.steps import Bringup, Handover, Origin, Steps, supervise
 from dispo.storage.images import Image
-
-if TYPE_CHECKING:
-    from dispo.infra.journal import Journal
-    from dispo.runtime import Runtime
+from dispo.storage.templates import Template
 
 log = logging.getLogger(__name__)
 
@@ -49,53 +51,62 @@ class SessionState(StrEnum):
     ENDED = "ended"
 
 
-class CancelToken:
-    """Set once, with the first reason; waits wake at once."""
+class ViewerHost(Protocol):
+    """Who serves a session's web display (web/viewers.py: `dispo run`'s own viewers, or dispod's routes).
+    `reserve` may give the URL before the display is up (dispod does, so POST /v1/sessions answers with it);
+    `publish` serves it and returns the URL; `withdraw` stops serving it (a page may still ask how it ended)."""
 
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason = ""
+    def reserve(self, live: LiveSession) -> str | None: ...
 
-    def set(self, reason: str) -> bool:
-        if self._event.is_set():
-            return False
-        self.reason = reason
-        self._event.set()
-        return True
+    def publish(self, live: LiveSession, vnc_socket: Path) -> str: ...
 
-    def is_set(self) -> bool:
-        return self._event.is_set()
+    def withdraw(self, session_id: str) -> None: ...
 
-    def wait(self, timeout: float) -> bool:
-        return self._event.wait(timeout)
 
-    def check(self) -> None:
-        if self._event.is_set():
-            raise Cancelled(self.reason)
+class Host(Protocol):
+    """What a session needs of the runtime that runs it (dispo.runtime's Runtime)."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def machinery(self) -> Machinery: ...
+
+    @property
+    def viewers(self) -> ViewerHost | None: ...
+
+    @property
+    def owner(self) -> str: ...  # who runs it, for the journal (a dead owner's sessions are reclaimed)
+
+    def events(self, event: Event) -> None: ...  # every session's events, to the runtime's subscribers
+
+    def forget(self, live: LiveSession) -> None: ...  # it ended: kept a while for its exit status
 
 
 class LiveSession:
-    def __init__(self, runtime: Runtime, request: SessionRequest, session_id: str, *, plan: Plan,
+    def __init__(self, runtime: Host, request: SessionRequest, session_id: str, *, steps: Steps,
+                 origin: Origin = Origin.BOOT, template: Template | None = None, why: str = "",
                  sink: EventSink | None = None) -> None:
+        """`steps`, `origin`, `template` and `why`: the session's plan (runtime/plan.py), which the runtime made."""
         self.runtime = runtime
         self.request = request
         self.id = session_id
-        self.steps = plan.steps
+        self.steps = steps
         self.created = time.time()
         self.state = SessionState.STARTING
         self.exit_status: int | None = None
         self.end_reason = ""
         self.error: DispoError | None = None
         self.step = ""
-        self.origin = plan.origin  # where its guest comes from: booted, restored, or handed from the pool
-        self.template = plan.template.key if plan.template is not None else ""  # restored from it
-        self.start_reason = plan.why  # how its guest comes, and why (one line: the CLI prints it)
+        self.origin = origin  # where its guest comes from: booted, restored, or handed from the pool
+        self.template = template.key if template is not None else ""  # restored from it
+        self.start_reason = why  # how its guest comes, and why (one line: the CLI prints it)
         self.pool_name = ""  # while it waits in the warm pool (runtime/pool.py): the name it waits for
         self.handover = Handover()  # a pooled guest's: given by claim(), awaited by the pool.hold step
         self.last_activity = time.monotonic()
         self.cancel = CancelToken()
         self.receipt: receipt.Receipt | None = None
-        self.io = GuestIO(self)  # its downloads, uploads, clipboard and sound (runtime/guestio.py)
+        self.io = GuestIO(self, runtime.cfg.service)  # its downloads, uploads, clipboard and sound (runtime/guestio.py)
         self._reserved_url: str | None = None  # the viewer URL the runtime reserved before the app published
         self._bringup: Bringup | None = None  # what the steps found and made (read here, written by them)
         self._tx: Transaction | None = None
@@ -264,9 +275,9 @@ class LiveSession:
             try:
                 viewers = self.runtime.viewers
                 b = self._bringup = Bringup(
-                    self.runtime.cfg, self.runtime.machinery, r, tx, self.cancel, self.emit, viewers,
-                    publish=self._publish, output=self.output, status=self.status,
-                    handover=self.handover)
+                    self.runtime.cfg, self.runtime.machinery, r, tx, self.cancel, self.emit,
+                    publish=self._publish if viewers is not None else None, withdraw=self._withdraw,
+                    output=self.output, status=self.status, handover=self.handover)
                 for step in self.steps:
                     self.cancel.check()
                     self.step = step.name
@@ -297,6 +308,10 @@ class LiveSession:
     def _publish(self, vnc_socket: Path) -> str:
         assert self.runtime.viewers is not None
         return self.runtime.viewers.publish(self, vnc_socket)
+
+    def _withdraw(self) -> None:
+        if self.runtime.viewers is not None:
+            self.runtime.viewers.withdraw(self.id)
 
     def _dispose(self) -> None:
         """After the teardown, however it went: check object by object that all is gone; write the receipt.
@@ -338,4 +353,4 @@ def join_all(sessions: list[LiveSession], timeout: float, on_wait: Callable[[Liv
     return left
 
 
-__all__ = ["CancelToken", "LiveSession", "SessionState", "TeardownError", "join_all"]
+__all__ = ["CancelToken", "Host", "LiveSession", "SessionState", "TeardownError", "ViewerHost", "join_all"]

@@ -11,28 +11,24 @@ the session keeps its `origin` as a field. `--warm` makes "no template" an error
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from dispo.config import Config
 from dispo.errors import Conflict
+from dispo.runtime.live import LiveSession
 from dispo.runtime.request import SessionRequest, StartMode
-from dispo.runtime.steps import BOOT, Steps
+from dispo.runtime.steps import BOOT, Origin, Steps
 from dispo.runtime.warm import restore_steps, template_for
 from dispo.storage.templates import Template
 
-if TYPE_CHECKING:
-    from dispo.runtime.live import LiveSession
-    from dispo.runtime.pool import Pool
 
+class Waiting(Protocol):
+    """What a plan asks of the warm pool (runtime/pool.py's Pool, which starts its guests through the runtime
+    and so sits above this module)."""
 
-class Origin(StrEnum):
-    """Where a session's guest comes from (its status' `start`)."""
-
-    BOOT = "boot"
-    RESTORE = "restore"
-    POOL = "pool"
+    def waiting(self, request: SessionRequest, t: Template) -> Sequence[LiveSession]: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +46,7 @@ def given(steps: Steps) -> Plan:
     return Plan(Origin.BOOT, steps)
 
 
-def plan(cfg: Config, request: SessionRequest, pool: Pool | None = None) -> Plan:
+def plan(cfg: Config, request: SessionRequest, pool: Waiting | None = None) -> Plan:
     """A guest from the pool when one of a fitting template waits, else a restore when a current template
     fits (unless --cold), else a boot; --warm makes "no template" an error."""
     if request.start is StartMode.COLD:

@@ -20,20 +20,18 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound
 from dispo.runtime import warm
 from dispo.runtime.events import EventKind, EventSink
+from dispo.runtime.live import LiveSession
 from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.request import SessionRequest
 from dispo.runtime.steps import Bringup, Step, Steps
 from dispo.settings import host_memory_mib
 from dispo.storage.templates import Template, TemplateStore
-
-if TYPE_CHECKING:
-    from dispo.runtime import Runtime
-    from dispo.runtime.live import LiveSession
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +95,18 @@ class Slot:
                 "memory_mib": sum(g.request.memory_mib for g in self.guests), "last_error": self.last_error or None}
 
 
+class Starter(Protocol):
+    """What the pool needs of the runtime (dispo.runtime's Runtime, which holds the pool): its config, and
+    sessions started on the pool's plan."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    def start(self, request: SessionRequest, *, plan: Plan, pooled: str) -> LiveSession: ...
+
+
 class Pool:
-    def __init__(self, runtime: Runtime, *, budget_mib: int | None = None,
+    def __init__(self, runtime: Starter, *, budget_mib: int | None = None,
                  targets: dict[str, int] | None = None) -> None:
         self.rt = runtime
         self.budget_mib = default_budget_mib() if budget_mib is None else budget_mib
@@ -236,4 +244,4 @@ class Pool:
                 return
 
 
-__all__ = ["HOLD", "Pool", "default_budget_mib", "hold", "pool_steps"]
+__all__ = ["HOLD", "Pool", "Starter", "default_budget_mib", "hold", "pool_steps"]

@@ -19,8 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dispo.config import Config
 from dispo.errors import DispoError, GuestFailure, InvalidInput, NetworkError, NotFound, StorageError, VmmError
@@ -29,7 +30,8 @@ from dispo.names import format_size
 from dispo.net import GuestNetwork, rules_gone_reason
 from dispo.net.capture import RequestLog
 from dispo.profiles import DisplayMode
-from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess, ViewerHost, app_env, vnc_greeting
+from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess, app_env, vnc_greeting
+from dispo.runtime.cancel import CancelToken
 from dispo.runtime.events import EventKind
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.runtime.request import SessionRequest, Stdio, find_image
@@ -39,9 +41,6 @@ from dispo.storage.templates import Template
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import MachineSpec, NetAttachment, Vmm, VmmKind
 from dispo.vmm.registry import choose_backend, kernel_for
-
-if TYPE_CHECKING:
-    from dispo.runtime.live import CancelToken
 
 POLL_S = 0.2
 RULES_EVERY = 5  # polls: the session's firewall rules and the workspace's free space are checked once a second
@@ -73,8 +72,9 @@ class Bringup:
     tx: Transaction
     cancel: CancelToken
     emit: Callable[..., None]          # emit(kind, message, **fields)
-    viewers: ViewerHost | None
-    publish: Callable[[Path], str]     # the viewer host's publish, bound to this session
+    # The session's viewer host (runtime/live.py ViewerHost), bound to this session; None when it has none.
+    publish: Callable[[Path], str] | None  # serve the display forwarded to this VNC socket: its URL
+    withdraw: Callable[[], None]       # stop serving it (on unwind)
     output: Callable[[str, bytes], None]  # where a captured app's output goes (stream, data)
     status: Callable[[], dict[str, Any]]  # the session's status, for events that carry it
     handover: Handover = field(default_factory=Handover)
@@ -98,6 +98,15 @@ class Bringup:
     def alive(self) -> bool:
         """The VMM runs and nobody asked the session to stop: what every wait checks."""
         return self.vmm is not None and self.vmm.running() and not self.cancel.is_set()
+
+
+class Origin(StrEnum):
+    """Where a session's guest comes from (its status' `start`), and so which edit of BOOT it runs:
+    runtime/plan.py chooses."""
+
+    BOOT = "boot"
+    RESTORE = "restore"   # runtime/warm.py restore_steps
+    POOL = "pool"         # restored, then held in the warm pool (runtime/pool.py pool_steps)
 
 
 @dataclass(frozen=True)
@@ -303,9 +312,9 @@ def web_display(b: Bringup, *, attach: bool = False) -> None:
         if time.monotonic() > deadline:
             raise app.failure(f"no VNC display from the guest after {b.request.ready_timeout_s:.0f} s")
         time.sleep(0.3)
-    if b.viewers is not None:
+    if b.publish is not None:
         url = b.publish(sock)
-        b.tx.stack.callback(b.viewers.withdraw, b.tx.session_id)
+        b.tx.stack.callback(b.withdraw)
         (b.tx.state_path / "viewer.url").write_text(url + "\n")
         b.viewer_url = url
         b.emit(EventKind.VIEWER, f"viewer at {url}", url=url)

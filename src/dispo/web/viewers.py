@@ -1,12 +1,17 @@
-"""Every session's web viewer as routes of dispod's one server: /viewer/<id>/<token>/...
+"""The runtime's `ViewerHost` (runtime/live.py), twice: who serves a session's web viewer (web/viewer.py).
 
-`ServiceViewers` is the runtime's `ViewerHost` for dispod. `reserve` (called by `Runtime.start`, so POST
-/v1/sessions answers with the URL) makes the session's random token; `publish` (from the session's thread,
-once the guest's display answers) tells the bridge where the VNC socket is; `withdraw` (on teardown) forgets
-it. A viewer opened before the display is up is served at once: its WebSocket waits for `publish`, up to the
-request's ready timeout. Page, noVNC files and bridge are display/viewer.py's, shared with `dispo run`'s
-standalone viewer. Once a session ended, its viewer answers 403 except for `status`, which still says how it
-ended (for the last `KEEP_ENDED` sessions), so a page that was open can tell its user.
+`StandaloneViewers` is `dispo run`'s (in-process): one `WebViewer`, with its own port and token, per session,
+serving from the session's start (so its page says what happens while the guest boots) until `close()`.
+
+`ServiceViewers` is dispod's: every session's viewer as routes of its one server, /viewer/<id>/<token>/...
+`reserve` (called by `Runtime.start`, so POST /v1/sessions answers with the URL) makes the session's random
+token; `publish` (from the session's thread, once the guest's display answers) tells the bridge where the VNC
+socket is; `withdraw` (on teardown) forgets it. A viewer opened before the display is up is served at once:
+its WebSocket waits for `publish`, up to the request's ready timeout. Once a session ended, its viewer answers
+403 except for `status`, which still says how it ended (for the last `KEEP_ENDED` sessions), so a page that
+was open can tell its user.
+
+The runtime never imports this module: the CLI and dispod hand it a host (`Runtime(cfg, viewers=...)`).
 """
 
 from __future__ import annotations
@@ -16,16 +21,25 @@ import collections
 import contextlib
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from dispo.display.viewer import STATUS, WEBSOCKIFY, Target, ViewerEndpoint, find_novnc, progress
-from dispo.errors import PermissionProblem
-from dispo.runtime.app import ENDED_FROM_VIEWER
+from dispo.errors import DispoError, PermissionProblem
 from dispo.web.guard import authenticated, token_ok
+from dispo.web.viewer import (
+    ENDED_FROM_VIEWER,
+    STATUS,
+    WEBSOCKIFY,
+    Target,
+    ViewerEndpoint,
+    WebViewer,
+    find_novnc,
+    progress,
+)
 
 if TYPE_CHECKING:
     from dispo.runtime.live import LiveSession
@@ -33,6 +47,46 @@ if TYPE_CHECKING:
 VIEWER_PREFIX = "/viewer"
 _NO_TOKEN = secrets.token_urlsafe(24)  # compared against when the session is unknown: same work, same answer
 KEEP_ENDED = 100  # withdrawn viewers whose status still answers (as the runtime keeps its ended sessions)
+
+
+class StandaloneViewers:
+    """`dispo run`'s `ViewerHost`: one WebViewer (its own port and token) per session, in this process. It serves
+    from the session's start (so its page says what happens while the guest boots) until `close()`."""
+
+    def __init__(self) -> None:
+        self._viewers: dict[str, WebViewer] = {}
+
+    def _start(self, live: LiveSession) -> WebViewer:
+        viewer = WebViewer(None, session_id=live.id, on_stop=lambda: live.stop(ENDED_FROM_VIEWER),
+                           on_activity=live.touch, io=live.io, live=live)
+        viewer.start()
+        self._viewers[live.id] = viewer
+        return viewer
+
+    def reserve(self, live: LiveSession) -> str | None:
+        try:
+            return self._start(live).url
+        except (DispoError, OSError):
+            return None  # no noVNC, no port: `publish` tries again and the session fails with the reason
+
+    def publish(self, live: LiveSession, vnc_socket: Path) -> str:
+        viewer = self._viewers.get(live.id) or self._start(live)
+        viewer.publish(Target(unix=str(vnc_socket)))
+        return viewer.url
+
+    def withdraw(self, session_id: str) -> None:
+        viewer = self._viewers.get(session_id)
+        if viewer is not None:
+            viewer.withdraw()  # still serves the status, so an open page can say how the session ended
+
+    def close(self, grace_s: float = 2.0) -> None:
+        """Stop every viewer, once an open page was told its session ended (at most `grace_s` later)."""
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(
+                v.live is not None and v.live.ended and v.page_waiting() for v in self._viewers.values()):
+            time.sleep(0.05)
+        while self._viewers:
+            self._viewers.popitem()[1].stop()
 
 
 @dataclass

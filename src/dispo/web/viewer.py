@@ -1,8 +1,8 @@
 """The web viewer: noVNC behind a random per-session token in the path, bridged to the guest's VNC.
 
 Two servers use the same pieces: `WebViewer`, one small server per session on 127.0.0.1 (what `dispo run`
-starts in-process), and dispod's one server, whose routes /viewer/<id>/<token>/ serve every session
-(web/viewers.py). The pieces are here, once:
+starts in-process), and dispod's one server, whose routes /viewer/<id>/<token>/ serve every session. Both
+are hosts of the runtime's `ViewerHost` in web/viewers.py. The pieces are here, once:
 
 - `ViewerEndpoint.handle(request, tail)`: everything under a viewer's token path: the page (`""`), its script
   and style, the session's progress in words (`status`, polled by the page until the display is up and while it
@@ -59,6 +59,7 @@ CONNECT_TIMEOUT_S = 10.0
 WEBSOCKIFY = "websockify"
 STOP = "stop"
 STATUS = "status"
+ENDED_FROM_VIEWER = "ended from the viewer"  # the end reason of a session whose page's "End session" was pressed
 POLL_S = 1.0       # how often the page asks for the status (viewer.js has the same number)
 MAX_TEXT = 400     # characters of an error's line or hint the page is sent
 
