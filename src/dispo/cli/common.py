@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dispo.config import Config
 from dispo.errors import InvalidInput
+from dispo.settings import SETTINGS, describe
 
 if TYPE_CHECKING:
     from dispo.client import DispodClient
@@ -64,3 +66,21 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     for row in (header, *rows):
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def setting_flag(key: str) -> str:
+    """The option of a session setting: its key without the unit (memory_mib: --memory, ready_timeout_s:
+    --ready-timeout), the unit being the metavar's."""
+    unit = SETTINGS[key].unit
+    stem = key.removesuffix(f"_{unit.lower()}") if unit else key
+    return stem.replace("_", "-")
+
+
+def add_setting_option(p: argparse.ArgumentParser, key: str, default: Any) -> None:
+    """The option of the session setting `key`, made from settings.py's table: its type, metavar, choices, and
+    a help text with the table's default and limits."""
+    s = SETTINGS[key]
+    number: dict[str, Any] = {"type": int if s.integer else float,
+                              "metavar": {"MiB": "MiB", "s": "S"}.get(s.unit, "N")} if s.number else {}
+    p.add_argument(f"--{setting_flag(key)}", choices=s.choices or None, default=default, help=describe(key),
+                   **number)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dispo import errors, ssh
-from dispo.cli.common import Terminated, command, dispod_client, escape_terminal
+from dispo.cli.common import Terminated, add_setting_option, command, dispod_client, escape_terminal, setting_flag
 from dispo.cli.viewerlink import ViewerLink
 from dispo.config import Config
 from dispo.daemon.paths import OWNER as DISPOD_OWNER
@@ -35,7 +35,7 @@ from dispo.runtime import Event, EventKind, Runtime, SessionRequest, Stdio, buil
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import API_WHERE
 from dispo.runtime.saver import DownloadSaver, Lister, Opener, open_directory
-from dispo.settings import SETTINGS, describe
+from dispo.settings import SETTINGS
 
 STOP_TIMEOUT_S = 60.0
 
@@ -67,22 +67,11 @@ def register(sub: Any) -> None:
     stop.set_defaults(func=cmd_stop)
 
 
-def setting_flag(key: str) -> str:
-    """The option of a session setting: its key without the unit (memory_mib: --memory, ready_timeout_s:
-    --ready-timeout), the unit being the metavar's."""
-    unit = SETTINGS[key].unit
-    stem = key.removesuffix(f"_{unit.lower()}") if unit else key
-    return stem.replace("_", "-")
-
-
 def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
     """The options of `dispo run`, given before PROFILE or after it (argparse's REMAINDER takes all that
     follows the first word, so the words after PROFILE are parsed again with these)."""
-    for key, s in SETTINGS.items():
-        number: dict[str, Any] = {"type": int if s.integer else float,
-                                  "metavar": {"MiB": "MiB", "s": "S"}.get(s.unit, "N")} if s.number else {}
-        p.add_argument(f"--{setting_flag(key)}", choices=s.choices or None, default=default, help=describe(key),
-                       **number)
+    for key in SETTINGS:
+        add_setting_option(p, key, default)
     p.add_argument("--name", default=default, help="a name for the session (shown by 'dispo ls')")
     p.add_argument("--display", choices=[m.value for m in DisplayMode], default=default,
                    help="with PROFILE: where the app shows (default: the profile's)")

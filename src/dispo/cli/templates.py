@@ -7,7 +7,7 @@ import os
 import time
 from typing import Any
 
-from dispo.cli.common import print_table
+from dispo.cli.common import add_setting_option, print_table
 from dispo.cli.run import Printer, exit_code, wait_until_ended
 from dispo.config import Config
 from dispo.errors import NotFound
@@ -24,13 +24,13 @@ def register(sub: Any) -> None:
     tsub = p.add_subparsers(dest="template_command", metavar="ACTION", required=True)
 
     b = tsub.add_parser("build", help="boot NAME (a profile: up to its app on a blank page; an image: to a "
-                                      "shell), then save it as a template; 'dispo run' restores from it")
+                                      "shell), then save it as a template; 'dispo run' restores from it, with "
+                                      "the template's backend, memory and vCPUs")
     b.add_argument("name", metavar="NAME", help="a profile or an image")
     b.add_argument("--image", dest="kind", action="store_const", const="image", default="auto",
                    help="NAME is an image even if a profile has that name")
-    b.add_argument("--backend", choices=("auto", "qemu", "firecracker"), default=None)
-    b.add_argument("--memory", type=int, default=None, metavar="MiB", help="guest memory (clones get the same)")
-    b.add_argument("--vcpus", type=int, default=None, metavar="N", help="guest vCPUs (clones get the same)")
+    for key in ("backend", "memory_mib", "vcpus"):  # every clone gets the template's
+        add_setting_option(b, key, None)
     b.set_defaults(func=cmd_build)
 
     ls = tsub.add_parser("ls", help="list templates, and whether each is current")
