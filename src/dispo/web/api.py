@@ -148,7 +148,8 @@ async def create_token(request: web.Request) -> web.Response:
     sid = _known_session(request)
     body = await _body(request)
     scopes = ", ".join(s.value for s in Scope)
-    if not isinstance(body, dict) or set(body) != {"scope"} or body["scope"] not in {s.value for s in Scope}:
+    if (not isinstance(body, dict) or set(body) != {"scope"} or not isinstance(body["scope"], str)
+            or body["scope"] not in {s.value for s in Scope}):
         raise InvalidInput(f"POST {request.path}: the body must be {{\"scope\": S}} with S one of {scopes}",
                            hint='e.g. {"scope": "view"}: watch only')
     grant = viewers.mint(sid, Scope(body["scope"]))

@@ -439,7 +439,8 @@ PATHS: dict[str, Any] = {
         "post": {
             "operationId": "upload", "summary": "Put the body into the guest's ~/Uploads as ?name=FILENAME",
             "parameters": [{"name": "name", "in": "query", "required": True, "schema": UPLOAD_NAME}],
-            "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
+            # Not required: no body is an empty file (Content-Length: 0), which is a file like any other.
+            "requestBody": {"required": False, "content": {"application/octet-stream": {}}},
             "responses": {"201": {"description": "stored", "content": {JSON: {"schema": _ref("Upload")}}},
                           "400": _problem("no or a bad name"), "401": _AUTH,
                           "403": _problem("uploads are off in the profile, or a foreign Origin"),
