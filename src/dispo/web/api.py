@@ -23,6 +23,7 @@ from dispo.web.offloop import blocking
 from dispo.web.openapi import document
 from dispo.web.problems import HttpProblem
 from dispo.web.service import Service
+from dispo.web.viewer import Scope
 
 SERVICE = web.AppKey("service", Service)
 DELETE_REASON = "stopped through the API (DELETE)"
@@ -133,6 +134,42 @@ async def session_io(request: web.Request) -> web.StreamResponse:
     return answer
 
 
+def _known_session(request: web.Request) -> str:
+    """The id of a session this dispod runs or ran lately (400 for a bad id, 404 for an unknown one). Not
+    touched: handing out or revoking links is no use of the session."""
+    sid = request.match_info["id"]
+    request.app[SERVICE].rt.get(sid)
+    return sid
+
+
+async def create_token(request: web.Request) -> web.Response:
+    """A new token of the session, of the scope asked for (view, interact or automate)."""
+    viewers = request.app[SERVICE].viewers
+    sid = _known_session(request)
+    body = await _body(request)
+    scopes = ", ".join(s.value for s in Scope)
+    if (not isinstance(body, dict) or set(body) != {"scope"} or not isinstance(body["scope"], str)
+            or body["scope"] not in {s.value for s in Scope}):
+        raise InvalidInput(f"POST {request.path}: the body must be {{\"scope\": S}} with S one of {scopes}",
+                           hint='e.g. {"scope": "view"}: watch only')
+    grant = viewers.mint(sid, Scope(body["scope"]))
+    return _json({"id": grant.id, "token": grant.secret, "scope": grant.scope.value,
+                  "url": viewers.url_of(sid, grant)}, 201)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    viewers = request.app[SERVICE].viewers
+    sid = _known_session(request)
+    return _json({"tokens": [g.to_json() for g in viewers.tokens(sid)]})
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    """Forget a token (by its id or itself) and close the WebSockets opened with it, before answering."""
+    viewers = request.app[SERVICE].viewers
+    sid = _known_session(request)
+    return _json(await viewers.revoke(sid, request.match_info["token"]))
+
+
 def _profile(svc: Service, name: str) -> dict[str, Any]:
     try:
         p = profiles.find(name, svc.cfg.profiles_dir)
@@ -235,6 +272,9 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/sessions/{id}/uploads", session_io),
         web.get("/v1/sessions/{id}/clipboard", session_io, allow_head=False),
         web.put("/v1/sessions/{id}/clipboard", session_io),
+        web.post("/v1/sessions/{id}/tokens", create_token),
+        web.get("/v1/sessions/{id}/tokens", list_tokens, allow_head=False),
+        web.delete("/v1/sessions/{id}/tokens/{token}", revoke_token),
         web.get("/v1/pool", get_pool, allow_head=False),
         web.put("/v1/pool/{name}", fill_pool),
         web.delete("/v1/pool/{name}", drain_pool),

@@ -27,13 +27,14 @@ so it needs no token and its Host is not checked (no browser reaches it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import re
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -61,6 +62,49 @@ def token_ok(given: str, expected: str) -> bool:
     if not given.isascii():
         given = ""
     return hmac.compare_digest(given.encode(), expected.encode())
+
+
+class OpenSockets:
+    """The WebSockets opened with one viewer token (the VNC bridge, the sound), so that revoking the token
+    closes them at once. A request carries its token's set as `request[OPEN_SOCKETS]`."""
+
+    REVOKED = 4403  # the close code a revoked link's page sees (4000-4999: the application's own)
+
+    def __init__(self) -> None:
+        self._open: set[web.WebSocketResponse] = set()
+        self.revoked = False
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @contextlib.asynccontextmanager
+    async def holding(self, ws: web.WebSocketResponse) -> AsyncIterator[None]:
+        """While `ws` (prepared) is open; one opened after the revocation is closed at once. The check and the
+        add have no await between them, so no socket slips past `close_all`."""
+        if self.revoked:
+            await ws.close(code=self.REVOKED, message=b"this link was revoked")
+        self._open.add(ws)
+        try:
+            yield
+        finally:
+            self._open.discard(ws)
+
+    async def close_all(self, timeout_s: float = 2.0) -> None:
+        """Revoked: close every open socket (each with a close frame; a client that does not answer it within
+        `timeout_s` is cut off by aiohttp's own close timeout)."""
+        self.revoked = True
+        closing = [ws.close(code=self.REVOKED, message=b"this link was revoked") for ws in list(self._open)]
+        if closing:
+            await asyncio.wait([asyncio.ensure_future(c) for c in closing], timeout=timeout_s)
+
+
+OPEN_SOCKETS = web.RequestKey("open_sockets", OpenSockets)
+
+
+def holding(request: web.Request, ws: web.WebSocketResponse) -> contextlib.AbstractAsyncContextManager[None]:
+    """`ws` counted as open under its request's token, if the route tracks them (dispod's viewers)."""
+    sockets = request.get(OPEN_SOCKETS)
+    return sockets.holding(ws) if sockets is not None else contextlib.nullcontext()
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

@@ -48,6 +48,16 @@ UPLOAD_NAME = {"type": "string", "minLength": 1, "maxLength": 255,
                               "'_'; at most 200 bytes are kept)"}
 
 
+SCOPE = {"enum": ["view", "interact", "automate"],
+         "description": "view: watch the viewer (no input, clipboard, files, sound or End session); interact: the "
+                        "whole viewer (what viewer_url gives); automate: the automation endpoint alone (the viewer "
+                        "refuses it)"}
+TOKEN_ID = {"type": "string", "pattern": "^[0-9a-f]{12}$", "description": "a token's public id (12 hex digits)"}
+# DELETE's {token}: a token's id or the token itself (web/viewers.py revoke)
+TOKEN_OR_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$",
+               "description": "the token's id (as listed) or the token itself"}
+
+
 def _setting(key: str) -> dict[str, Any]:
     """A session setting's schema, all of it from settings.py: type, default, limits, description."""
     s = SETTINGS[key]
@@ -307,6 +317,29 @@ SCHEMAS: dict[str, Any] = {
                  "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 64,
                                           "description": "a whole number (3.0 is 3; 3.5 is refused)"}},
                  "examples": [{"count": 1}]},
+    "TokenCreate": {"type": "object", "additionalProperties": False, "required": ["scope"],
+                    "properties": {"scope": SCOPE}, "examples": [{"scope": "view"}]},
+    "TokenCreated": {
+        "type": "object", "required": ["id", "token", "scope", "url"],
+        "description": "the token itself is shown here once; the listing names it by its id alone",
+        "properties": {"id": TOKEN_ID, "token": {"type": "string", "description": "the secret: in the link, or "
+                                                                                  "as the automation endpoint's"},
+                       "scope": SCOPE,
+                       "url": _nullable({"type": "string", "description": "view and interact: the viewer link; "
+                                                                          "automate: null (its endpoint is not "
+                                                                          "served yet)"})},
+        "examples": [{"id": "0a1b2c3d4e5f", "token": "q9Vb3kTn0xW2gk3N1yQmU8rA1B2c3D4e", "scope": "view",
+                      "url": "http://127.0.0.1:8686/viewer/1a2b3c4d/q9Vb3kTn0xW2gk3N1yQmU8rA1B2c3D4e/"}],
+    },
+    "Token": {
+        "type": "object", "required": ["id", "scope", "created", "connections"],
+        "properties": {"id": TOKEN_ID, "scope": SCOPE, "created": {"type": "number",
+                                                                   "description": "seconds since the epoch"},
+                       "connections": {"type": "integer", "description": "WebSockets open with it now"}},
+        "examples": [{"id": "0a1b2c3d4e5f", "scope": "interact", "created": 1735689600.0, "connections": 1}],
+    },
+    "TokenList": {"type": "object", "required": ["tokens"],
+                  "properties": {"tokens": {"type": "array", "items": _ref("Token")}}},
     "Problem": {
         "type": "object", "required": ["type", "title", "status", "detail", "hint"],
         "description": "RFC 9457. `title` names the error's class in dispo's exception tree; `detail` is its "
@@ -324,6 +357,7 @@ _BAD_ID = _problem("not a session id")
 _UNKNOWN = _problem("no such session")
 _NOT_NOW = _problem("the session has no running guest yet, or is ending")
 _BAD_FLAG = "?FLAG= not given once as 1, true, 0 or false"
+_NO_VIEWER = _problem("the session has no viewer (no web display), or (POST) it ended")
 
 PATHS: dict[str, Any] = {
     "/v1/sessions": {
@@ -405,7 +439,8 @@ PATHS: dict[str, Any] = {
         "post": {
             "operationId": "upload", "summary": "Put the body into the guest's ~/Uploads as ?name=FILENAME",
             "parameters": [{"name": "name", "in": "query", "required": True, "schema": UPLOAD_NAME}],
-            "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
+            # Not required: no body is an empty file (Content-Length: 0), which is a file like any other.
+            "requestBody": {"required": False, "content": {"application/octet-stream": {}}},
             "responses": {"201": {"description": "stored", "content": {JSON: {"schema": _ref("Upload")}}},
                           "400": _problem("no or a bad name"), "401": _AUTH,
                           "403": _problem("uploads are off in the profile, or a foreign Origin"),
@@ -437,6 +472,39 @@ PATHS: dict[str, Any] = {
                           "408": _problem("the body came too slowly ([service] body_timeout_s)"),
                           "413": _problem("longer than [clipboard] max_bytes"),
                           "502": _problem("the guest did not take it")},
+        },
+    },
+    "/v1/sessions/{id}/tokens": {
+        "parameters": [_ID_PARAM],
+        "post": {
+            "operationId": "createToken", "summary": "A new token of the session, of one scope (view, interact, "
+                                                     "automate)",
+            "requestBody": {"required": True, "content": {JSON: {"schema": _ref("TokenCreate")}}},
+            "responses": {"201": {"description": "the token, shown this once",
+                                  "content": {JSON: {"schema": _ref("TokenCreated")}}},
+                          "400": _problem("not a session id, or not {\"scope\": S}"), "401": _AUTH,
+                          "403": _problem("a foreign Origin"), "404": _UNKNOWN, "409": _NO_VIEWER,
+                          "413": _problem("the body is larger than 64 KiB"), "415": _problem("the body is not JSON"),
+                          "429": {**_problem("the session has 32 tokens already"),
+                                  "headers": {"Retry-After": {"schema": {"type": "integer"}}}}},
+        },
+        "get": {
+            "operationId": "listTokens", "summary": "The session's tokens, by id and scope (never the secrets)",
+            "responses": {"200": {"description": "oldest first; the first is viewer_url's unless revoked",
+                                  "content": {JSON: {"schema": _ref("TokenList")}}},
+                          "400": _BAD_ID, "401": _AUTH, "404": _UNKNOWN, "409": _NO_VIEWER},
+        },
+    },
+    "/v1/sessions/{id}/tokens/{token}": {
+        "parameters": [_ID_PARAM, {"name": "token", "in": "path", "required": True, "schema": TOKEN_OR_ID}],
+        "delete": {
+            "operationId": "revokeToken", "summary": "Revoke a token at once: refused from now on, and the "
+                                                     "WebSockets opened with it are closed before the answer",
+            "responses": {"200": {"description": "revoked; `connections`: the WebSockets it closed",
+                                  "content": {JSON: {"schema": _ref("Token")}}},
+                          "400": _problem("not a session id, or not a token or id"), "401": _AUTH,
+                          "403": _problem("a foreign Origin"), "404": _problem("no such session, or no such token"),
+                          "409": _NO_VIEWER},
         },
     },
     "/v1/pool": {"get": {

@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 from dispo.errors import InvalidInput, TooLarge
 from dispo.features import MIB
 from dispo.runtime.guestio import GuestIO, host_name
-from dispo.web.guard import json_value
+from dispo.web.guard import holding, json_value
 from dispo.web.offloop import blocking
 from dispo.web.problems import HttpProblem
 
@@ -147,11 +147,13 @@ async def sound(io: GuestIO, request: web.Request) -> web.WebSocketResponse:
             asyncio.run_coroutine_threadsafe(ws.close(), loop)
 
     try:
-        await blocking(stream.start, deliver, ended)
-        async for msg in ws:  # nothing is expected from the viewer; reading notices the close
-            if msg.type is WSMsgType.ERROR:
-                break
-            io.live.touch()
+        async with holding(request, ws):  # revoking the viewer's link closes it
+            if not ws.closed:
+                await blocking(stream.start, deliver, ended)
+            async for msg in ws:  # nothing is expected from the viewer; reading notices the close
+                if msg.type is WSMsgType.ERROR:
+                    break
+                io.live.touch()
     finally:
         await blocking(stream.close)
     return ws
@@ -170,6 +172,11 @@ _ROUTES: dict[tuple[str, str], Callable[[GuestIO, web.Request], Awaitable[web.St
 async def features(io: GuestIO) -> web.Response:
     """What the session's profile allows (the viewer shows its buttons accordingly)."""
     return web.json_response(io.live.request.features.to_json())
+
+
+def is_route(tail: str) -> bool:
+    """`tail` is one of this module's paths (a view link is refused all of them)."""
+    return tail.startswith("downloads/") or any(t == tail for _, t in _ROUTES)
 
 
 async def dispatch(io: GuestIO, tail: str, request: web.Request) -> web.StreamResponse | None:

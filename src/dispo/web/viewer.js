@@ -71,6 +71,12 @@
   }, 200);
   poll();
 
+  // A view link watches: no "End session" (the server refuses it, and the files, clipboard and sound, too).
+  if (document.body.getAttribute("data-scope") === "view") {
+    $("end").hidden = true;
+    say("View only");
+  }
+
   $("end").addEventListener("click", function () {
     var button = $("end");
     button.disabled = true;

@@ -9,7 +9,13 @@ are hosts of the runtime's `ViewerHost` in web/viewers.py. The pieces are here, 
   shows, so it can say what happens and how the session ended), the WebSocket bridge (`websockify`), "End session"
   (`stop`, POST only) and noVNC's own files.
 - `static_file`: a file below noVNC's directory; anything that resolves outside it is refused.
-- `bridge`: WebSocket (binary frames, bounded size) <-> a stream to the guest's VNC server.
+- `bridge`: WebSocket (binary frames, bounded size) <-> a stream to the guest's VNC server; for a view link,
+  what the browser sends goes through web/rfb.py's `InputFilter` (no keyboard, mouse or clipboard reaches the
+  guest).
+
+A link has a `Scope` (dispod hands out several per session, web/viewers.py): `view` gets the page, the status
+and the display, watch-only; `interact` is the whole viewer (the page's files, clipboard, sound, "End
+session"); `automate` is for the automation endpoint and gets nothing here.
 
 A missing or wrong token gets 403 before any file is read or any connection to the guest is made. noVNC itself
 comes from Debian's `novnc` package; the WebSocket-to-VNC bridge is ours (websockify's job), so the token
@@ -28,6 +34,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +42,7 @@ from aiohttp import WSMsgType, web
 
 from dispo.errors import NotFound, PermissionProblem
 from dispo.runtime.guestio import GuestIO
-from dispo.web import transfers
+from dispo.web import rfb, transfers
 from dispo.web.guard import (
     CONNECTIONS,
     MIDDLEWARES,
@@ -43,6 +50,7 @@ from dispo.web.guard import (
     Connections,
     Limits,
     authenticated,
+    holding,
     security_headers,
     token_ok,
 )
@@ -90,6 +98,21 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
             "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 
 Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+class Scope(StrEnum):
+    """What a viewer link may do (POST /v1/sessions/{id}/tokens)."""
+
+    VIEW = "view"          # watch: the page, the status and the display; no input, files, clipboard or sound
+    INTERACT = "interact"  # the whole viewer: what a session's viewer_url gives
+    AUTOMATE = "automate"  # the automation endpoint alone: the viewer refuses it
+
+
+VIEW_ONLY = ("this is a view link: it shows the session's screen but cannot type, click, use the clipboard or "
+             "files, play sound or end the session")
+VIEW_ONLY_HINT = 'for that, ask for an interact link: POST /v1/sessions/ID/tokens {"scope": "interact"}'
+AUTOMATE_HERE = "this is an automate token: it serves the session's automation endpoint, not its viewer"
+AUTOMATE_HINT = 'for the viewer, ask for a view or interact link: POST /v1/sessions/ID/tokens {"scope": "view"}'
 
 
 def find_novnc() -> Path:
@@ -151,12 +174,16 @@ def progress(live: LiveSession | None, *, display: bool) -> dict[str, Any]:
     return answer
 
 
-def page(session_id: str, ws_path: str) -> web.Response:
+def page(session_id: str, ws_path: str, scope: Scope = Scope.INTERACT) -> web.Response:
     """The viewer page: noVNC in a frame plus an "End session" button. `ws_path` is the bridge's path from
-    the server's root, without the leading slash (noVNC's `path` parameter)."""
+    the server's root, without the leading slash (noVNC's `path` parameter). A view link's page asks noVNC
+    for view_only and a scaled screen (not resize=remote, which asks the guest to change its size); the bridge
+    drops input whatever the page asks."""
     from html import escape
 
-    body = _PAGE.substitute(sid=escape(session_id), wspath=escape(ws_path))
+    mode = "view_only=1&resize=scale" if scope is Scope.VIEW else "resize=remote"
+    body = _PAGE.substitute(sid=escape(session_id), wspath=escape(ws_path), mode=escape(mode),
+                            scope=escape(scope.value))
     return web.Response(text=body, content_type="text/html", headers={"Content-Security-Policy": PAGE_CSP})
 
 
@@ -172,14 +199,23 @@ def static_file(root: Path, tail: str) -> web.Response:
     return web.Response(body=path.read_bytes(), content_type=content_type)
 
 
-async def bridge(request: web.Request, connect: Connector, *, on_activity: Callable[[], None] | None = None
-                 ) -> web.WebSocketResponse:
-    """WebSocket (binary frames) <-> the guest's VNC server through `connect`.
+async def bridge(request: web.Request, connect: Connector, *, on_activity: Callable[[], None] | None = None,
+                 watch_only: bool = False) -> web.WebSocketResponse:
+    """WebSocket (binary frames) <-> the guest's VNC server through `connect`; `watch_only`: the browser's side
+    is parsed as RFB and its input dropped (web/rfb.py).
 
     The WebSocket is accepted first and `connect` awaited after, so a connector that waits for a display still
     coming up (dispod) keeps the browser's connection open meanwhile."""
     ws = web.WebSocketResponse(protocols=("binary",), max_msg_size=MAX_WS_MESSAGE)
     await ws.prepare(request)
+    async with holding(request, ws):
+        return await _relay(ws, connect, on_activity, rfb.InputFilter() if watch_only else None)
+
+
+async def _relay(ws: web.WebSocketResponse, connect: Connector, on_activity: Callable[[], None] | None,
+                 screen: rfb.InputFilter | None) -> web.WebSocketResponse:
+    if ws.closed:  # its link was revoked meanwhile
+        return ws
     try:
         reader, writer = await connect()
     except (OSError, TimeoutError) as e:
@@ -198,11 +234,18 @@ async def bridge(request: web.Request, connect: Connector, *, on_activity: Calla
         async for msg in ws:
             if on_activity is not None:
                 on_activity()  # the viewer asks for frames while it is open: the session is in use
-            if msg.type is WSMsgType.BINARY:
-                writer.write(msg.data)
-                await writer.drain()
-            elif msg.type is WSMsgType.TEXT:
-                writer.write(msg.data.encode())
+            if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                continue
+            data = msg.data if msg.type is WSMsgType.BINARY else msg.data.encode()
+            if screen is not None:
+                try:
+                    data = screen.feed(data)
+                except rfb.ProtocolViolation as e:
+                    log.warning("viewer: a view link's client sent what it may not (%s): closed", e)
+                    await ws.close(code=1008, message=b"not a watch-only VNC client")
+                    break
+            if data:
+                writer.write(data)
                 await writer.drain()
     finally:
         pump.cancel()
@@ -224,11 +267,17 @@ class ViewerEndpoint:
     on_activity: Callable[[], None] | None = None
     io: GuestIO | None = None                     # the session's downloads, uploads, clipboard and sound
     status: Callable[[], dict[str, Any]] | None = None  # `progress()` of the session behind it
+    scope: Scope = Scope.INTERACT                 # what the link that reached it may do
 
     async def handle(self, request: web.Request, tail: str) -> web.StreamResponse:
         """Answer `tail`, the path below the (already checked) token."""
+        if self.scope is Scope.AUTOMATE:  # dispod's viewers refuse it before; this holds wherever it is mounted
+            raise PermissionProblem(AUTOMATE_HERE, hint=AUTOMATE_HINT)
         if tail == WEBSOCKIFY:
-            return await bridge(request, self.connect, on_activity=self.on_activity)
+            return await bridge(request, self.connect, on_activity=self.on_activity,
+                                watch_only=self.scope is Scope.VIEW)
+        if self.scope is Scope.VIEW and (tail == STOP or transfers.is_route(tail)):
+            raise PermissionProblem(VIEW_ONLY, hint=VIEW_ONLY_HINT)
         if self.io is not None and (answer := await transfers.dispatch(self.io, tail, request)) is not None:
             return answer
         if tail == STOP:
@@ -246,7 +295,7 @@ class ViewerEndpoint:
     def _own(self, tail: str) -> web.Response:
         """The viewer's own answers: its page, the page's script and style, and the session's status."""
         if tail == "":
-            return page(self.session_id, self.ws_path)
+            return page(self.session_id, self.ws_path, self.scope)
         if tail == STATUS:
             answer = self.status() if self.status is not None else progress(None, display=True)
             return web.json_response(answer, headers={"Cache-Control": "no-store"})

@@ -4,8 +4,12 @@
 serving from the session's start (so its page says what happens while the guest boots) until `close()`.
 
 `ServiceViewers` is dispod's: every session's viewer as routes of its one server, /viewer/<id>/<token>/...
-`reserve` (called by `Runtime.start`, so POST /v1/sessions answers with the URL) makes the session's random
-token; `publish` (from the session's thread, once the guest's display answers) tells the bridge where the VNC
+`reserve` (called by `Runtime.start`, so POST /v1/sessions answers with the URL) makes the session's first
+token, an interact one (its viewer_url); `mint` makes more, each with its scope (view, interact, automate:
+web/viewer.py `Scope`), `tokens` lists them (by id, without the secret) and `revoke` forgets one and closes
+the WebSockets opened with it. A token is good for its own session and scope alone.
+
+`publish` (from the session's thread, once the guest's display answers) tells the bridge where the VNC
 socket is; `withdraw` (on teardown) forgets it. A viewer opened before the display is up is served at once:
 its WebSocket waits for `publish`, up to the request's ready timeout. Once a session ended, its viewer answers
 403 except for `status`, which still says how it ended (for the last `KEEP_ENDED` sessions), so a page that
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import secrets
 import threading
 import time
@@ -28,12 +33,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from dispo.errors import DispoError, PermissionProblem
-from dispo.web.guard import authenticated, token_ok
+from dispo.errors import Busy, Conflict, DispoError, InvalidInput, NotFound, PermissionProblem
+from dispo.web.guard import OPEN_SOCKETS, OpenSockets, authenticated, token_ok
 from dispo.web.viewer import (
+    AUTOMATE_HERE,
+    AUTOMATE_HINT,
     ENDED_FROM_VIEWER,
     STATUS,
     WEBSOCKIFY,
+    Scope,
     Target,
     ViewerEndpoint,
     WebViewer,
@@ -47,6 +55,9 @@ if TYPE_CHECKING:
 VIEWER_PREFIX = "/viewer"
 _NO_TOKEN = secrets.token_urlsafe(24)  # compared against when the session is unknown: same work, same answer
 KEEP_ENDED = 100  # withdrawn viewers whose status still answers (as the runtime keeps its ended sessions)
+MAX_TOKENS = 32   # per session: minting is cheap, so a cap keeps a loop of POSTs from growing dispod
+_TOKEN_OR_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what DELETE .../tokens/{token} takes (openapi.py)
+TOKEN_ID_HEX = 12  # a token's public id: what the listing shows and DELETE takes (besides the token itself)
 
 
 class StandaloneViewers:
@@ -90,16 +101,38 @@ class StandaloneViewers:
 
 
 @dataclass
+class Grant:
+    """One token of a session: its secret (in the link), its public id, its scope and its open WebSockets."""
+
+    scope: Scope
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    id: str = field(default_factory=lambda: secrets.token_hex(TOKEN_ID_HEX // 2))
+    created: float = field(default_factory=time.time)
+    sockets: OpenSockets = field(default_factory=OpenSockets)
+
+    def to_json(self) -> dict[str, object]:
+        """What GET /v1/sessions/{id}/tokens lists: never the secret."""
+        return {"id": self.id, "scope": self.scope.value, "created": round(self.created, 3),
+                "connections": len(self.sockets)}
+
+
+@dataclass
 class _Viewer:
     live: LiveSession
-    token: str
+    grants: list[Grant]  # the first is the session's viewer_url (interact), unless revoked
     socket: Path | None = None
     gone: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) at publish or withdraw
+    first: str = ""      # the viewer_url's token, kept for publish's answer even once revoked
+
+    @classmethod
+    def new(cls, live: LiveSession) -> _Viewer:
+        grant = Grant(Scope.INTERACT)
+        return cls(live, [grant], first=grant.secret)
 
 
 class ServiceViewers:
-    """dispod's `ViewerHost`: one token per session, all served by the one server."""
+    """dispod's `ViewerHost`: every session's tokens, all served by the one server."""
 
     def __init__(self, novnc: Path | None = None) -> None:
         self.base = ""                      # "http://127.0.0.1:8686", set once the listeners are bound
@@ -117,19 +150,19 @@ class ServiceViewers:
 
     # -- ViewerHost (called from request handlers and session threads) ------------------------------
     def reserve(self, live: LiveSession) -> str:
-        viewer = _Viewer(live, secrets.token_urlsafe(24))
+        viewer = _Viewer.new(live)
         with self._lock:
             self._viewers[live.id] = viewer
-        return self.url(live.id, viewer.token)
+        return self.url(live.id, viewer.first)
 
     def publish(self, live: LiveSession, vnc_socket: Path) -> str:
         with self._lock:
             viewer = self._viewers.get(live.id)
             if viewer is None:
-                viewer = self._viewers[live.id] = _Viewer(live, secrets.token_urlsafe(24))
+                viewer = self._viewers[live.id] = _Viewer.new(live)
             viewer.socket = vnc_socket
         self._wake(viewer)
-        return self.url(live.id, viewer.token)
+        return self.url(live.id, viewer.first)
 
     def withdraw(self, session_id: str) -> None:
         with self._lock:
@@ -148,38 +181,95 @@ class ServiceViewers:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
                 self._loop.call_soon_threadsafe(viewer.changed.set)
 
-    def find(self, session_id: str, token: str, *, ended: bool = False) -> _Viewer | None:
-        """The session's viewer if `token` is its own; with `ended`, also one whose session ended."""
+    def find(self, session_id: str, token: str, *, ended: bool = False) -> tuple[_Viewer, Grant] | None:
+        """The session's viewer and the grant `token` is, if it is one of its own; with `ended`, also of a
+        session that ended. Every grant's secret is compared (in constant time), so the time taken says nothing
+        about which one matched."""
         with self._lock:
             viewer = self._viewers.get(session_id)
             if viewer is None and ended:
                 viewer = self._ended.get(session_id)
-        ok = token_ok(token, viewer.token if viewer is not None else _NO_TOKEN)
-        if viewer is None or not ok:
+            grants = list(viewer.grants) if viewer is not None else []
+        found = None
+        for grant in grants or [Grant(Scope.VIEW, secret=_NO_TOKEN)]:
+            if token_ok(token, grant.secret) and viewer is not None:
+                found = grant
+        if viewer is None or found is None:
             return None
         if viewer.gone:
-            return viewer if ended else None
+            return (viewer, found) if ended else None
         if viewer.live.ended:  # ended before its display came up: withdraw was never called for it
             self.withdraw(session_id)
-            return viewer if ended else None
+            return (viewer, found) if ended else None
+        return viewer, found
+
+    # -- the tokens (POST, GET and DELETE /v1/sessions/{id}/tokens, from the loop) ----------------
+    def _of(self, session_id: str, *, ended: bool) -> _Viewer:
+        with self._lock:
+            viewer = self._viewers.get(session_id) or (self._ended.get(session_id) if ended else None)
+        if viewer is None or (not ended and (viewer.gone or viewer.live.ended)):
+            raise Conflict(f"session {session_id} has no viewer: it has no web display, or it ended",
+                           hint="tokens are for running sessions started with a web display (a browser profile)")
         return viewer
+
+    def mint(self, session_id: str, scope: Scope) -> Grant:
+        """A new token of `scope` for the (running) session."""
+        viewer = self._of(session_id, ended=False)
+        with self._lock:
+            if len(viewer.grants) >= MAX_TOKENS:
+                raise Busy(f"session {session_id} has {len(viewer.grants)} tokens, the most one session has",
+                           hint="revoke one: DELETE /v1/sessions/ID/tokens/TOKEN")
+            grant = Grant(scope)
+            viewer.grants.append(grant)
+        return grant
+
+    def tokens(self, session_id: str) -> list[Grant]:
+        viewer = self._of(session_id, ended=True)
+        with self._lock:
+            return list(viewer.grants)
+
+    async def revoke(self, session_id: str, token: str) -> dict[str, object]:
+        """Forget the token (`token` is its id or its secret): refused from now on, its WebSockets closed."""
+        if not _TOKEN_OR_ID.fullmatch(token):
+            raise InvalidInput(f"{token[:64]!r} is not a token or a token id",
+                               hint="GET /v1/sessions/ID/tokens lists the ids")
+        viewer = self._of(session_id, ended=True)
+        with self._lock:
+            match = [g for g in viewer.grants if token_ok(token, g.secret) or token_ok(token, g.id)]
+            for grant in match:
+                viewer.grants.remove(grant)
+        if not match:  # the secret is not repeated back: the answer names what was asked by its length alone
+            raise NotFound(f"session {session_id} has no such token (asked for {len(token)} characters)",
+                           hint="GET /v1/sessions/ID/tokens lists the ids; a revoked token is gone")
+        answer = match[0].to_json()  # before closing: `connections` says how many it closed
+        await match[0].sockets.close_all()
+        return answer
+
+    def url_of(self, session_id: str, grant: Grant) -> str | None:
+        """Where the grant is used: the viewer for view and interact; automate's endpoint is not dispod's yet."""
+        return None if grant.scope is Scope.AUTOMATE else self.url(session_id, grant.secret)
 
     # -- the route --------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         sid, token, tail = (request.match_info[k] for k in ("session_id", "token", "tail"))
-        viewer = self.find(sid, token, ended=tail == STATUS)
-        if viewer is None:
-            raise PermissionProblem(f"this viewer link is not valid: its token is wrong, or session {sid[:40]!r} "
-                                    "ended", hint="ask for the current viewer link: the dashboard's, or the "
-                                                  "viewer_url of GET /v1/sessions/ID")
+        found = self.find(sid, token, ended=tail == STATUS)
+        if found is None:
+            raise PermissionProblem(f"this viewer link is not valid: its token is wrong or revoked, or session "
+                                    f"{sid[:40]!r} ended", hint="ask for the current viewer link: the "
+                                    "dashboard's, or the viewer_url of GET /v1/sessions/ID")
+        viewer, grant = found
+        if grant.scope is Scope.AUTOMATE:
+            raise PermissionProblem(AUTOMATE_HERE, hint=AUTOMATE_HINT)
         authenticated(request)
+        request[OPEN_SOCKETS] = grant.sockets
         live = viewer.live
         if self._novnc is None:
             self._novnc = find_novnc().resolve()  # NotFound (a 404 with the hint) if noVNC is not installed
         endpoint = ViewerEndpoint(sid, f"{VIEWER_PREFIX.lstrip('/')}/{sid}/{token}/{WEBSOCKIFY}",
                                   lambda: self._connect(viewer), self._novnc,
                                   on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch, io=live.io,
-                                  status=lambda: progress(live, display=viewer.socket is not None and not viewer.gone))
+                                  status=lambda: progress(live, display=viewer.socket is not None and not viewer.gone),
+                                  scope=grant.scope)
         if tail != STATUS:  # the page asks for its status while it is open: that alone is no use of the session
             live.touch()
         return await endpoint.handle(request, tail)
