@@ -23,6 +23,7 @@ import pytest
 from aiohttp import WSMsgType, web
 
 from dispo import guest
+from dispo.cli import run as run_cli
 from dispo.config import Config
 from dispo.errors import Conflict, GuestIOError, InvalidInput
 from dispo.runtime import build, from_json
@@ -31,6 +32,7 @@ from dispo.runtime.steps import Origin
 from dispo.web import automation
 from tests import fakes
 from tests.test_service import SAFETY_S, Running, leftovers, serving, wait_state
+from tests.test_settings import run_parser
 
 
 @pytest.fixture
@@ -292,3 +294,10 @@ def test_requests_automation_cannot_serve_are_refused(cfg: Config, body: dict[st
     (cfg.profiles_dir / "noauto.toml").write_text('image = "minimal"\ncommand = ["app"]\ndisplay = "web"\n')
     with pytest.raises(error, match=words):
         from_json(cfg, body)
+
+
+def test_dispo_run_automation_asks_dispod_for_it(cfg: Config) -> None:
+    body, cli = run_cli._request(run_parser().parse_args(["chromium", "--automation"]))
+    assert body == {"profile": "chromium", "automation": True}
+    with pytest.raises(InvalidInput, match="served by dispod"):  # in-process there is no relay
+        run_cli._run(cfg, body, {**cli, "in_process": True}, run_cli.Printer())
