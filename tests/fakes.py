@@ -36,6 +36,7 @@ from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.storage.images import ImageStore
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import Capability, MachineSpec, Vmm, VmmKind, tail
+from tests.fakecdp import FAKE_CDP
 from tests.worlds import make_ext4
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,8 +231,10 @@ class FakeChannel:
         return ["sh", "-c", 'cd "$1" && shift && exec "$@"', "fake-guest", str(self.home), *words]
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
-                attach: bool = False) -> list[str]:
+                attach: bool = False, forwards: Sequence[tuple[Path, int]] = ()) -> list[str]:
         argv = [sys.executable, "-c", _FAKE_VNC, str(vnc_socket)] if vnc_socket is not None else ["sleep", "1000000"]
+        if vnc_socket is not None and forwards:  # a fake browser's debugging endpoint too (tests/fakecdp.py)
+            argv = [sys.executable, "-c", FAKE_CDP + _FAKE_VNC, str(vnc_socket), *(str(f) for f, _ in forwards)]
         if not self.app_output:
             return argv
         half = self.app_output // 2
@@ -329,6 +332,7 @@ command = ["fake-browser"]
 start_page = "about:blank"
 display = "web"
 ready_timeout_s = 30
+automation = "cdp"
 """
 
 

@@ -51,12 +51,18 @@ class Profile:
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     privacy: Privacy = field(default_factory=Privacy)
     features: Features = field(default_factory=Features)  # clipboard, downloads, uploads, audio, keep_path
+    # The debugging protocol the app speaks when a session asks for automation (one of AUTOMATION); "" = none.
+    automation: str = ""
     source: str = ""
 
-    def argv(self, url: str | None = None) -> tuple[str, ...]:
-        """The command to run in the guest, with the URL (or the start page) appended."""
+    def argv(self, url: str | None = None, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The command to run in the guest, with `extra` options and the URL (or the start page) appended."""
         target = url or self.start_page
-        return (*self.command, target) if target else self.command
+        return (*self.command, *extra, target) if target else (*self.command, *extra)
+
+
+# The protocols an app's profile may name as its `automation`: Chromium's DevTools protocol, WebDriver BiDi.
+AUTOMATION = ("cdp", "bidi")
 
 
 
@@ -85,7 +91,7 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
         if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) and c for c in cmd):
             raise _bad(where, "command", "must be a non-empty list of strings (argv, no shell)")
         kwargs["command"] = tuple(cmd)
-    for key in ("start_page", "backend"):
+    for key in ("start_page", "backend", "automation"):
         if key in data:
             if not isinstance(data[key], str):
                 raise _bad(where, key, "must be a string")
@@ -93,6 +99,8 @@ def parse(name: str, data: dict[str, Any], where: str) -> Profile:
     backends = SETTINGS["backend"].choices
     if kwargs.get("backend", SETTINGS["backend"].default) not in backends:
         raise _bad(where, "backend", f"is {kwargs['backend']!r}, expected one of: {', '.join(backends)}")
+    if kwargs.get("automation", "") not in ("", *AUTOMATION):
+        raise _bad(where, "automation", f"is {kwargs['automation']!r}, expected one of: {', '.join(AUTOMATION)}")
     if "display" in data:
         try:
             kwargs["display"] = DisplayMode(data["display"])

@@ -84,6 +84,9 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("--log-requests", action="store_true", default=default,
                    help="record every connection and DNS query the guest makes (seen on the host side of its "
                         "network) and list them when the session ends")
+    p.add_argument("--automation", action="store_true", default=default,
+                   help="with a browser profile: let programs drive it (Playwright, Puppeteer); dispod prints its "
+                        "cdp_url (or bidi_url for Firefox)")
     p.add_argument("--downloads", type=Path, default=default, metavar="DIR",
                    help="copy each finished download of the session's browser into DIR (an existing directory)")
     p.add_argument("--keep", default=default, metavar="NAME",
@@ -96,7 +99,7 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
 PROFILE_USAGE = "dispo run PROFILE [URL] [--display web|x11|none] [--open]"
 # Each option's argparse dest and the request key it gives.
 _FLAGS = {**{setting_flag(k).replace("-", "_"): k for k in SETTINGS},
-          **{k: k for k in ("name", "display", "start", "log_requests", "keep")}}
+          **{k: k for k in ("name", "display", "start", "log_requests", "keep", "automation")}}
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
@@ -279,6 +282,10 @@ def _run(cfg: Config, body: dict[str, Any], cli: dict[str, Any], printer: Printe
         elif client is not None and display == DisplayMode.WEB.value and not client.health().get("viewers"):
             notice = "dispod serves no viewers (it listens on its unix socket only): this session runs in-process"
             client = None
+    if body.get("automation") and client is None:
+        raise InvalidInput("--automation is served by dispod, and no dispod that listens on TCP answers"
+                           + (" (or --in-process was given)" if cli["in_process"] else ""),
+                           hint="start dispod with --listen 127.0.0.1:8686 (or [service] listen in the config)")
     req = _build(cfg, body, cli) if client is None else None
     if notice:  # once the request passed: bad input is one line
         printer.notice(notice)
@@ -389,6 +396,10 @@ def _follow(client: Any, sid: str, created: dict[str, Any], printer: Printer) ->
         printer.notice(str(created["start_reason"]))
     if created.get("viewer_url"):  # served from the start: its page says what happens while the guest boots
         printer.viewer(sid, str(created["viewer_url"]))
+    for key, what in (("cdp_url", "CDP"), ("bidi_url", "WebDriver BiDi")):
+        if created.get(key):  # a program connects once the session runs (the relay waits for the browser)
+            printer.notice(f"session {sid}: automation ({what}) at {created[key]}")
+            print(created[key], file=printer.out, flush=True)
     ended: dict[str, Any] = {}
     deleting = False
     pending: BaseException | None = None

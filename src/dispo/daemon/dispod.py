@@ -32,6 +32,7 @@ from dispo.runtime.events import Event, EventKind
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.pool import Pool
 from dispo.web.app import build_app
+from dispo.web.automation import ServiceAutomation
 from dispo.web.guard import Limits
 from dispo.web.server import Server, TcpAddress, bind_tcp, bind_unix, parse_listen, unix_base
 from dispo.web.service import RECLAIMED_BY_DISPOD, Service, reclaimed_status
@@ -86,7 +87,8 @@ class Dispod:
         self.tcp: TcpAddress | None = parse_listen(options.listen) if options.listen else None
         self.token = secrets.token_urlsafe(32)
         self.viewers = ServiceViewers()
-        self.rt = Runtime(cfg, machinery=options.machinery, viewers=self.viewers,
+        self.automation = ServiceAutomation()
+        self.rt = Runtime(cfg, machinery=options.machinery, viewers=self.viewers, automation=self.automation,
                           max_sessions=options.max_sessions, owner=OWNER)
         self.service: Service | None = None
         self.server: Server | None = None
@@ -105,7 +107,8 @@ class Dispod:
         # The warm pool starts once what dead owners left is gone (its guests are sessions like any other).
         svc = self.cfg.service
         self.rt.pool = Pool(self.rt, budget_mib=svc.pool_memory_mib or None, targets=pool_targets(svc.pool))
-        self.service = Service(self.cfg, self.rt, token=self.token, viewers=self.viewers, reclaimed=reclaimed)
+        self.service = Service(self.cfg, self.rt, token=self.token, viewers=self.viewers, reclaimed=reclaimed,
+                               automation=self.automation)
         self.rt.events.subscribe(self._report)
 
     def _lock(self) -> None:
@@ -169,6 +172,7 @@ class Dispod:
                                       unix=unix, tcp=tcp)
         base = server.base_url or unix_base(self.paths.socket)
         self.viewers.bind(loop, base)
+        self.automation.bind(loop, base)
         self.dashboard_url = f"{base}/ui/{self.token}/"
         try:
             await server.start()

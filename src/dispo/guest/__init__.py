@@ -10,6 +10,9 @@ AGENT_PATH = "/usr/lib/dispo/agent"         # the identity agent (agent.pl), sta
 OPEN_PATH = "/usr/local/bin/dispo-open"     # hands a URL to the running Chromium (open.pl), browser images
 SETUP_PATH = "/usr/lib/dispo/browser-setup"  # per-session browser settings at boot (browser-setup.sh)
 FILES_PATH = "/usr/lib/dispo/files"         # downloads, uploads, clipboard, sound for the host (files.sh)
+# An automation session's browser listens for its debugging protocol (CDP, WebDriver BiDi) on this port of the
+# guest's loopback only; dispo reaches it through the session's SSH (a forward to a socket in the state dir).
+DEBUG_PORT = 9222
 USER = "user"                               # the unprivileged account sessions run as
 USER_UID = 1000
 USER_HOME = f"/home/{USER}"

@@ -25,7 +25,7 @@ from dispo.errors import Busy, NotFound
 from dispo.names import check_session_id, new_session_id
 from dispo.runtime import plan as planning
 from dispo.runtime.events import Event, EventKind, EventSink, Fanout
-from dispo.runtime.live import LiveSession, SessionState, ViewerHost, join_all
+from dispo.runtime.live import AutomationHost, LiveSession, SessionState, ViewerHost, join_all
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.pool import Pool
@@ -35,6 +35,7 @@ from dispo.runtime.steps import BOOT, STEPS, Step, Steps
 __all__ = [
     "BOOT",
     "STEPS",
+    "AutomationHost",
     "Event",
     "EventKind",
     "EventSink",
@@ -60,10 +61,11 @@ KEEP_ENDED = 100  # ended sessions kept for GET /v1/sessions/{id} (exit status, 
 
 class Runtime:
     def __init__(self, cfg: Config, *, machinery: Machinery = REAL, viewers: ViewerHost | None = None,
-                 max_sessions: int = 0, owner: str = "dispo") -> None:
+                 automation: AutomationHost | None = None, max_sessions: int = 0, owner: str = "dispo") -> None:
         self.cfg = cfg
         self.machinery = machinery
         self.viewers = viewers
+        self.automation = automation  # who relays automation sessions' endpoints (dispod's web/automation.py)
         self.max_sessions = max_sessions
         self.owner = owner
         self.events = Fanout()
@@ -118,6 +120,8 @@ class Runtime:
         that say it starts and how."""
         if reserve and self.viewers is not None and live.request.display.value == "web":
             live.viewer_url = self.viewers.reserve(live)
+        if reserve and self.automation is not None and live.request.automation:
+            live.automation_url = self.automation.reserve(live)
         live.origin, live.start_reason = plan.origin, plan.why
         live.emit(EventKind.STATE, "starting", **live.status())
         if plan.why:

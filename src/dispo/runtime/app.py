@@ -28,6 +28,7 @@ from dispo.vmm.base import tail
 
 APP_LOG = "app.log"
 VNC_SOCKET = "vnc.sock"
+AUTOMATION_SOCKET = "automation.sock"  # an automation session's debugging port, forwarded like the display
 DEFAULT_GEOMETRY = "1280x800"
 OUTPUT_CAP = 16 << 20  # bytes of captured output a session may send; the rest is dropped, with a notice
 LOG_CAP = 4 << 20  # bytes app.log holds at most (it is in the state dir: on tmpfs, host memory)

@@ -63,6 +63,16 @@ class ViewerHost(Protocol):
     def withdraw(self, session_id: str) -> None: ...
 
 
+class AutomationHost(Protocol):
+    """Who serves a session's automation endpoint (web/automation.py: dispod's relay). `reserve` gives its URL
+    when the session is announced (POST /v1/sessions answers with it); `withdraw` ends it and every
+    connection it relays."""
+
+    def reserve(self, live: LiveSession) -> str | None: ...
+
+    def withdraw(self, session_id: str) -> None: ...
+
+
 class Host(Protocol):
     """What a session needs of the runtime that runs it (dispo.runtime's Runtime)."""
 
@@ -74,6 +84,9 @@ class Host(Protocol):
 
     @property
     def viewers(self) -> ViewerHost | None: ...
+
+    @property
+    def automation(self) -> AutomationHost | None: ...
 
     @property
     def owner(self) -> str: ...  # who runs it, for the journal (a dead owner's sessions are reclaimed)
@@ -108,6 +121,7 @@ class LiveSession:
         self.receipt: receipt.Receipt | None = None
         self.io = GuestIO(self, runtime.cfg.service)  # its downloads, uploads, clipboard and sound (runtime/guestio.py)
         self._reserved_url: str | None = None  # the viewer URL the runtime reserved before the app published
+        self.automation_url: str | None = None  # with request.automation: its endpoint, reserved by the runtime
         self._bringup: Bringup | None = None  # what the steps found and made (read here, written by them)
         self._tx: Transaction | None = None
         self._image: Image | None = None
@@ -206,8 +220,14 @@ class LiveSession:
         """The URL the viewer host reserved for this session before its app publishes a display."""
         self._reserved_url = url
 
+    @property
+    def automation_socket(self) -> Path | None:
+        """With request.automation, once the app runs: its debugging port, forwarded to this unix socket."""
+        return self._bringup.automation_socket if self._bringup is not None else None
+
     def status(self) -> dict[str, Any]:
         r = self.request
+        url = self.automation_url if r.automation else None
         return {"id": self.id, "name": r.name or None, "profile": r.profile or None, "image": r.image,
                 "display": r.display.value, "state": self.state.value, "step": self.step,
                 "created": self.created, "age_s": round(time.time() - self.created, 1),
@@ -219,7 +239,9 @@ class LiveSession:
                 "start_reason": self.start_reason or None,
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s,
                 "features": r.features.to_json(), "keep": r.keep or None,
-                "requests": self.request_log.requests() if self.request_log is not None else None}
+                "requests": self.request_log.requests() if self.request_log is not None else None,
+                "cdp_url": url if r.automation == "cdp" else None,
+                "bidi_url": url if r.automation == "bidi" else None}
 
     # -- for the steps ----------------------------------------------------------------------------
     def emit(self, kind: EventKind, message: str = "", **fields: Any) -> None:
@@ -264,6 +286,8 @@ class LiveSession:
                       requests=self.request_log.requests() if self.request_log is not None else None)
             self.emit(EventKind.STATE, f"ended: {self.end_reason}", **self.status())
             self._done.set()
+            if self.runtime.automation is not None and self.request.automation:
+                self.runtime.automation.withdraw(self.id)
             self.runtime.forget(self)
 
     def _life(self) -> None:
@@ -353,4 +377,5 @@ def join_all(sessions: list[LiveSession], timeout: float, on_wait: Callable[[Liv
     return left
 
 
-__all__ = ["CancelToken", "Host", "LiveSession", "SessionState", "TeardownError", "ViewerHost", "join_all"]
+__all__ = ["AutomationHost", "CancelToken", "Host", "LiveSession", "SessionState", "TeardownError", "ViewerHost",
+           "join_all"]

@@ -41,10 +41,12 @@ class GuestChannel(Protocol):
         """A host argv that runs `argv` in the guest as the unprivileged user, with its stdio."""
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
-                attach: bool = False) -> list[str]:
+                attach: bool = False, forwards: Sequence[tuple[Path, int]] = ()) -> list[str]:
         """A host argv that runs `app` on a display: with vnc_socket, the guest's private VNC display
         forwarded to that unix socket; without, the host's $DISPLAY (X11 forwarding). With `attach`, the
-        app already runs on the guest's display (a restored clone): it is handed `app` (the URL)."""
+        app already runs on the guest's display (a restored clone): it is handed `app` (the URL).
+        `forwards`: more (unix socket, port on the guest's loopback) forwards for as long as the app runs
+        (an automation session's debugging port)."""
 
     def save(self, state_path: Path) -> None:
         """Leave what `dispo ssh ID` needs in the session's state dir."""
@@ -84,7 +86,7 @@ class SshChannel:
         return [*base, ssh.remote_command(argv)] if argv else base
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
-                attach: bool = False) -> list[str]:
+                attach: bool = False, forwards: Sequence[tuple[Path, int]] = ()) -> list[str]:
         base = ssh.ssh_argv(self.keys, self.address)
         if vnc_socket is not None:
             remote = [guest_files.APP_PATH, *(("attach",) if attach else ("web", geometry)), "--", *app]
@@ -94,6 +96,9 @@ class SshChannel:
             remote = [guest_files.APP_PATH, "x11", "--", *app]
             # -X is untrusted forwarding: the guest's clients cannot read other windows or the keyboard.
             options = ["-X", "-o", "ForwardX11Trusted=no", "-o", "ForwardX11Timeout=0"]
+        for sock, port in forwards:
+            options += ["-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindMask=0177",
+                        "-L", f"{sock}:127.0.0.1:{port}"]
         if self.mux is not None:
             # The app's connection is the session's master connection (see `mux`); it ends with the app.
             options += ["-o", "ControlMaster=yes", "-o", f"ControlPath={self.mux}"]

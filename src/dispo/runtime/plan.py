@@ -51,6 +51,13 @@ def plan(cfg: Config, request: SessionRequest, pool: Waiting | None = None) -> P
     fits (unless --cold), else a boot; --warm makes "no template" an error."""
     if request.start is StartMode.COLD:
         return Plan(Origin.BOOT, BOOT, why="booting cold (--cold)")
+    if request.automation:
+        # A template's browser was started without its debugging port (no clone should carry one open), and
+        # a running browser cannot open it later: an automation session's browser starts with it, in a boot.
+        why = "an automation session's browser is started with its debugging port, which a template's is not"
+        if request.start is StartMode.WARM:
+            raise Conflict(f"cannot start warm: {why}", hint="drop --warm to boot cold")
+        return Plan(Origin.BOOT, BOOT, why=f"booting cold: {why}")
     t, why = template_for(cfg, request)
     if t is None:
         if request.start is StartMode.WARM:

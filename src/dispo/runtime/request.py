@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from dispo import profiles
+from dispo import guest, profiles
 from dispo.config import Config, show
 from dispo.errors import Conflict, InvalidInput, NotFound
 from dispo.features import Features
@@ -46,7 +46,13 @@ MAX_COMMAND_BYTES = 64 * 1024
 _URL_RE = re.compile(r"^(https?://[^\s]+|about:[a-z-]+)$")
 # Keys a JSON body (POST /v1/sessions) may carry; the rest of SessionRequest is the server's to decide.
 API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", "start", "log_requests", "keep",
-            *INT_SETTINGS, *SECONDS_SETTINGS)
+            "automation", *INT_SETTINGS, *SECONDS_SETTINGS)
+# What the app is started with when a session asks for automation, by the protocol its profile names. Both
+# browsers listen on the guest's loopback only by default (Chromium ignores --remote-debugging-address unless
+# headless; Firefox binds "localhost"), so nothing on any network reaches the port: dispod reaches it through
+# the session's SSH (runtime/steps.py web_display).
+AUTOMATION_OPTIONS = {"cdp": (f"--remote-debugging-port={guest.DEBUG_PORT}",),
+                      "bidi": (f"--remote-debugging-port={guest.DEBUG_PORT}",)}
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class SessionRequest:
     log_requests: bool = False         # record every connection and DNS query of the guest (net/capture.py)
     features: Features = field(default_factory=Features)  # what may cross: clipboard, files, sound (features.py)
     keep: str = ""                     # the volume that keeps the app's profile (storage/volumes.py); "" = none
+    automation: str = ""               # the protocol of the app's debugging endpoint (profiles.AUTOMATION); "" = off
 
     @property
     def kind(self) -> VmmKind:
@@ -105,7 +112,8 @@ class SessionRequest:
                 "ready_timeout_s": self.ready_timeout_s, "idle_timeout_s": self.idle_timeout_s,
                 "max_lifetime_s": self.max_lifetime_s, "start": self.start.value, "timezone": self.timezone,
                 "language": self.language, "quiet": self.quiet, "allow": list(self.allow),
-                "log_requests": self.log_requests, "features": self.features.to_json(), "keep": self.keep or None}
+                "log_requests": self.log_requests, "features": self.features.to_json(), "keep": self.keep or None,
+                "automation": self.automation or None}
 
 
 def _number(key: str, value: Any, where: str) -> int | float:
@@ -142,7 +150,8 @@ def find_image(cfg: Config, name: str) -> Image:
 def build(cfg: Config, *, profile: str | None = None, image: str | None = None, command: Sequence[str] = (),
           url: str | None = None, display: str | None = None, name: str | None = None, backend: str | None = None,
           stdio: Stdio = Stdio.CAPTURE, tty: bool = False, where: str = "", start: str | None = None,
-          log_requests: bool = False, keep: str | None = None, **numbers: Any) -> SessionRequest:
+          log_requests: bool = False, keep: str | None = None, automation: bool = False,
+          **numbers: Any) -> SessionRequest:
     """Defaults, then the profile, then the caller's values; every check before anything is created.
 
     `numbers` are the numeric settings (memory_mib, vcpus, shm_mib, *_timeout_s, max_lifetime_s); None
@@ -166,11 +175,19 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
         values.update(memory_mib=p.memory_mib, vcpus=p.vcpus, shm_mib=p.shm_mib, ready_timeout_s=p.ready_timeout_s,
                       idle_timeout_s=p.idle_timeout_s, max_lifetime_s=p.max_lifetime_s)
         target = check_url(url) if url else ""
-        fields.update(profile=p.name, image=p.image, command=p.argv(target or None), url=target,
+        if automation and not p.automation:
+            raise Conflict(f"{where}profile {profile!r} names no automation protocol",
+                           hint=f'add automation = "cdp" (Chromium) or "bidi" (Firefox) to {p.source}')
+        extra = AUTOMATION_OPTIONS[p.automation] if automation else ()
+        fields.update(profile=p.name, image=p.image, command=p.argv(target or None, extra), url=target,
+                      automation=p.automation if automation else "",
                       display=p.display, backend=p.backend, policy=p.network)
     else:
         if url:
             raise InvalidInput(f"{where}a URL goes with a profile", hint="dispo run chromium URL")
+        if automation:
+            raise InvalidInput(f"{where}automation drives a browser: it goes with a profile",
+                               hint="dispo run chromium --automation")
         if display not in (None, DisplayMode.NONE.value):
             raise InvalidInput(f"{where}a display goes with a profile", hint="dispo run chromium --display web")
         fields.update(image=str(SETTINGS["image"].default), command=tuple(command))
@@ -183,6 +200,9 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
             fields["display"] = DisplayMode(display)
         except ValueError:
             raise InvalidInput(f"{where}unknown display {display!r}", hint="use web, x11 or none") from None
+    if automation and fields.get("display") is not DisplayMode.WEB:
+        raise InvalidInput(f"{where}automation needs the app on its web display (the browser runs there)",
+                           hint="drop the display option, or give display web")
     if fields.get("display") is DisplayMode.X11 and not os.environ.get("DISPLAY"):
         raise InvalidInput("--display x11 needs an X display, and $DISPLAY is not set",
                            hint="run from an X session (or ssh -X), or use --display web")
@@ -242,14 +262,15 @@ def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = API_WHERE) -
     if strings["display"] == DisplayMode.X11.value:
         raise InvalidInput(f"{where}the service shows apps in its web viewer; x11 needs 'dispo run' in-process",
                            hint="use display web or none")
-    log_requests = body.get("log_requests", False)
-    if not isinstance(log_requests, bool):
-        raise InvalidInput(f"{where}log_requests must be true or false")
+    flags = {k: body.get(k, False) for k in ("log_requests", "automation")}
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise InvalidInput(f"{where}{k} must be true or false")
     numbers: dict[str, Any] = {k: body.get(k) for k in (*INT_SETTINGS, *SECONDS_SETTINGS)}
     for k, v in numbers.items():
         if k in body and v is None:
             raise InvalidInput(f"{where}{k} must be a number", hint=SETTINGS[k].help)
     return build(cfg, command=command, where=where, stdio=Stdio.CAPTURE, profile=strings["profile"],
                  image=strings["image"], url=strings["url"], display=strings["display"], name=strings["name"],
-                 backend=strings["backend"], start=strings["start"], log_requests=log_requests, keep=strings["keep"],
-                 **numbers)
+                 backend=strings["backend"], start=strings["start"], keep=strings["keep"],
+                 **flags, **numbers)

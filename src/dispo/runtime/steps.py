@@ -23,6 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dispo import guest
 from dispo.config import Config
 from dispo.errors import DispoError, GuestFailure, InvalidInput, NetworkError, NotFound, StorageError, VmmError
 from dispo.infra.txn import Transaction
@@ -30,7 +31,15 @@ from dispo.names import format_size
 from dispo.net import GuestNetwork, rules_gone_reason
 from dispo.net.capture import RequestLog
 from dispo.profiles import DisplayMode
-from dispo.runtime.app import DEFAULT_GEOMETRY, SSH_LOST, VNC_SOCKET, AppProcess, app_env, vnc_greeting
+from dispo.runtime.app import (
+    AUTOMATION_SOCKET,
+    DEFAULT_GEOMETRY,
+    SSH_LOST,
+    VNC_SOCKET,
+    AppProcess,
+    app_env,
+    vnc_greeting,
+)
 from dispo.runtime.cancel import CancelToken
 from dispo.runtime.events import EventKind
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
@@ -93,6 +102,7 @@ class Bringup:
     kept: list[str] = field(default_factory=list)  # what the session keeps on purpose, for the receipt
     request_log: RequestLog | None = None  # with --log-requests: the guest's requests, from its first frame
     viewer_url: str | None = None      # where the app's display was published
+    automation_socket: Path | None = None  # with request.automation: the app's debugging port, forwarded here
     finished: str = ""                 # set by a last step that ends the session itself (a template build)
 
     def alive(self) -> bool:
@@ -300,7 +310,13 @@ def web_display(b: Bringup, *, attach: bool = False) -> None:
     assert b.channel is not None and b.vmm is not None
     sock = b.tx.state_path / VNC_SOCKET
     sock.unlink(missing_ok=True)
-    argv = b.channel.display(b.request.command, vnc_socket=sock, geometry=DEFAULT_GEOMETRY, attach=attach)
+    forwards: tuple[tuple[Path, int], ...] = ()
+    if b.request.automation:
+        debug = b.tx.state_path / AUTOMATION_SOCKET
+        debug.unlink(missing_ok=True)
+        forwards = ((debug, guest.DEBUG_PORT),)
+    argv = b.channel.display(b.request.command, vnc_socket=sock, geometry=DEFAULT_GEOMETRY, attach=attach,
+                             forwards=forwards)
     app = b.app = AppProcess(b.tx, argv, what="app-ssh")
     deadline = time.monotonic() + b.request.ready_timeout_s
     while not vnc_greeting(sock):
@@ -312,6 +328,8 @@ def web_display(b: Bringup, *, attach: bool = False) -> None:
         if time.monotonic() > deadline:
             raise app.failure(f"no VNC display from the guest after {b.request.ready_timeout_s:.0f} s")
         time.sleep(0.3)
+    if forwards:  # the forward is up with the display's (ExitOnForwardFailure); the browser answers on it later
+        b.automation_socket = forwards[0][0]
     if b.publish is not None:
         url = b.publish(sock)
         b.tx.stack.callback(b.withdraw)

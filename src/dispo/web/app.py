@@ -1,5 +1,5 @@
-"""dispod's one aiohttp application: the REST API (/v1), the dashboard (/ui/TOKEN/) and every session's
-viewer (/viewer/ID/TOKEN/), behind the guards of guard.py."""
+"""dispod's one aiohttp application: the REST API (/v1), the dashboard (/ui/TOKEN/), every session's viewer
+(/viewer/ID/TOKEN/) and automation endpoint (/automation/ID/TOKEN/cdp), behind the guards of guard.py."""
 
 from __future__ import annotations
 
@@ -19,4 +19,6 @@ def build_app(service: Service, limits: Limits) -> web.Application:
     app.add_routes(api.routes())
     app.add_routes(dashboard.routes())
     app.add_routes(service.viewers.routes())
+    app.add_routes(service.automation.routes())
+    app.on_shutdown.append(service.automation.close)
     return app

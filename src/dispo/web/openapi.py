@@ -92,6 +92,7 @@ PROBLEM_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/InvalidInput", "title": "InvalidInput", "status": 400,
     "detail": "POST /v1/sessions: unknown key(s): colour",
     "hint": "known keys: profile, image, command, url, display, name, backend, start, log_requests, keep, "
+            "automation, "
             "memory_mib, vcpus, shm_mib, ready_timeout_s, idle_timeout_s, max_lifetime_s"}
 BUSY_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/Busy", "title": "Busy", "status": 429,
@@ -149,12 +150,17 @@ SCHEMAS: dict[str, Any] = {
                                             "its disposal receipt list them (docs/quiet.md)"},
             "keep": {**NAME, "description": "keep the app's profile on this volume (made on first use, kept after "
                                             "the session; 'dispo volume ls|rm'); the profile must name a keep_path"},
+            "automation": {"type": "boolean",
+                           "description": "with a browser profile on its web display: let programs drive the browser "
+                                          "through the session's cdp_url (Chromium: Playwright's connect_over_cdp, "
+                                          "Puppeteer's browserWSEndpoint) or bidi_url (Firefox: WebDriver BiDi). "
+                                          "Always a boot: no template or pooled guest serves it (docs/api.md)"},
         },
         # What runtime/request.py build() refuses with a 400, said here: a profile brings its own command (and
         # is what a URL, a web display and a kept volume go with); without one, a command is needed.
         "if": {"required": ["profile"]},
         "then": {"not": {"required": ["command"]}},
-        "else": {"required": ["command"], "properties": {"display": {"const": "none"}},
+        "else": {"required": ["command"], "properties": {"display": {"const": "none"}, "automation": {"const": False}},
                  "allOf": [{"not": {"required": ["url"]}}, {"not": {"required": ["keep"]}}]},
         "examples": [{"profile": "chromium", "url": "https://example.org/"},
                      {"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"], "idle_timeout_s": 60}],
@@ -191,6 +197,12 @@ SCHEMAS: dict[str, Any] = {
                                    "description": "with log_requests: what the guest asked for so far"}),
             "features": _ref("Features"),
             "keep": _nullable({"type": "string", "description": "the volume it keeps (--keep)"}),
+            "cdp_url": _nullable({"type": "string", "pattern": "^ws://",
+                                  "description": "with automation (Chromium): the WebSocket a CDP client connects to, "
+                                                 "from the start (it waits for the browser); null otherwise"}),
+            "bidi_url": _nullable({"type": "string", "pattern": "^ws://",
+                                   "description": "with automation (Firefox): the WebDriver BiDi WebSocket; null "
+                                                  "otherwise"}),
         },
         "examples": [SESSION_EXAMPLE, ENDED_EXAMPLE],
     },

@@ -13,6 +13,7 @@ from dispo.names import check_session_id
 from dispo.runtime import Runtime
 from dispo.runtime.events import Event, EventKind
 from dispo.runtime.live import LiveSession
+from dispo.web.automation import ServiceAutomation
 from dispo.web.sse import Streams
 from dispo.web.viewers import ServiceViewers
 
@@ -31,16 +32,18 @@ def reclaimed_status(session_id: str, meta: Mapping[str, Any], owner_gone: str) 
             "exit_status": None, "end_reason": owner_gone, "viewer_url": None, "address": None,
             "backend": str(req.get("backend") or ""), "accel": None, "error": None,
             "idle_timeout_s": float(req.get("idle_timeout_s") or 0),
-            "max_lifetime_s": float(req.get("max_lifetime_s") or 0)}
+            "max_lifetime_s": float(req.get("max_lifetime_s") or 0), "cdp_url": None, "bidi_url": None}
 
 
 class Service:
     def __init__(self, cfg: Config, rt: Runtime, *, token: str, viewers: ServiceViewers,
-                 reclaimed: Mapping[str, dict[str, Any]] | None = None) -> None:
+                 reclaimed: Mapping[str, dict[str, Any]] | None = None,
+                 automation: ServiceAutomation | None = None) -> None:
         self.cfg = cfg
         self.rt = rt
         self.token = token
         self.viewers = viewers
+        self.automation = automation or ServiceAutomation()  # the automation endpoints (web/automation.py)
         self.reclaimed = dict(reclaimed or {})
         self.streams = Streams()
         self.started = time.time()

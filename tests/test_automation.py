@@ -1,0 +1,303 @@
+"""The automation endpoint (web/automation.py) on fake machinery: dispod served from a thread, its fake guest's
+display process also serving a fake browser's debugging endpoint on the forwarded socket (tests/fakecdp.py).
+
+What is held: a session with automation answers with a cdp_url that relays both ways and takes several clients;
+a session without has none and its route answers 404, as do a wrong token and an unknown session; messages over
+the cap, either way, end that connection on both sides; connections per session are bounded; a client that
+leaves closes its browser side; the session's end closes every relay and the URL then answers 404; the
+browser's /json/version answer is the guest's and is read capped; the request's checks and the plan (a boot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import WSMsgType, web
+
+from dispo import guest
+from dispo.cli import run as run_cli
+from dispo.config import Config
+from dispo.errors import Conflict, GuestIOError, InvalidInput
+from dispo.runtime import build, from_json
+from dispo.runtime import plan as planning
+from dispo.runtime.steps import Origin
+from dispo.web import automation
+from tests import fakes
+from tests.test_service import SAFETY_S, Running, leftovers, serving, wait_state
+from tests.test_settings import run_parser
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return fakes.config(tmp_path)
+
+
+@pytest.fixture
+def svc(cfg: Config) -> Iterator[Running]:
+    before = leftovers(cfg)
+    with serving(cfg) as running:
+        yield running
+    assert leftovers(cfg) == before
+
+
+def start(svc: Running, **body: Any) -> dict[str, Any]:
+    created = svc.uds.create_session({"profile": "chromium", **body})
+    wait_state(svc.uds, created["id"], "running")
+    return created
+
+
+async def ask(ws: aiohttp.ClientWebSocketResponse, text: str) -> str:
+    await ws.send_str(text)
+    msg = await ws.receive(SAFETY_S)
+    assert msg.type is WSMsgType.TEXT, msg
+    return str(msg.data)
+
+
+async def until_open(ws: aiohttp.ClientWebSocketResponse, count: int) -> None:
+    """Until the fake browser has `count` connections open (a relay closes its browser side just after its
+    client's)."""
+    deadline = time.monotonic() + SAFETY_S
+    while (got := await ask(ws, "open?")) != str(count):
+        assert time.monotonic() < deadline, f"{got} browser connections open, not {count}"
+        await asyncio.sleep(0.05)
+
+
+async def connect(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
+    """A connection once a slot is free (a client that just left frees its own a moment later)."""
+    deadline = time.monotonic() + SAFETY_S
+    while True:
+        try:
+            return await http.ws_connect(url)
+        except aiohttp.WSServerHandshakeError as e:
+            assert e.status == 429 and time.monotonic() < deadline, e
+            await asyncio.sleep(0.05)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, SAFETY_S))
+
+
+def test_a_session_with_automation_relays_to_its_browser_for_several_clients(svc: Running) -> None:
+    created = start(svc, automation=True)
+    url = created["cdp_url"]
+    assert url.startswith(f"ws://{svc.base.removeprefix('http://')}/automation/{created['id']}/")
+    assert svc.uds.session(created["id"])["cdp_url"] == url and created["bidi_url"] is None
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(url) as one, http.ws_connect(url) as two:
+                assert await ask(one, '{"id": 1, "method": "Browser.getVersion"}') == \
+                    '{"id": 1, "method": "Browser.getVersion"}'
+                await two.send_bytes(b"\x00\x01")
+                assert (await two.receive(SAFETY_S)).data == b"\x00\x01"
+                assert await ask(one, "open?") == "2"  # each client has its own connection to the browser
+            # Both left: their browser sides are closed too. A client that comes back finds the browser.
+            async with http.ws_connect(url) as again:
+                await until_open(again, 1)
+
+    run(clients())
+
+
+def test_a_session_without_automation_has_no_url_and_its_route_is_404(svc: Running) -> None:
+    created = start(svc)
+    assert created["cdp_url"] is None and created["bidi_url"] is None
+    with svc.tcp(auth=False) as http:
+        for path in (f"/automation/{created['id']}/{'x' * 32}/cdp", "/automation/0123abcd/nothing/cdp"):
+            answer = http.get(path, headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                             "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                             "Sec-WebSocket-Version": "13"})
+            assert answer.status_code == 404, answer.text
+            assert "no automation endpoint" in answer.text
+
+
+def test_a_wrong_token_or_protocol_is_refused_and_reaches_no_browser(svc: Running) -> None:
+    created = start(svc, automation=True)
+    url = created["cdp_url"]
+    token = url.split("/")[-2]
+    wrong = [url.replace(token, token[:-1] + ("A" if token[-1] != "A" else "B")), url[:-3] + "bidi"]
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http:
+            for bad in wrong:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(bad)
+                assert refused.value.status == 404
+            async with http.ws_connect(url) as ws:
+                assert await ask(ws, "open?") == "1"  # the refused ones reached no browser
+            # Not a WebSocket: said so, in one line.
+            async with http.get(url.replace("ws://", "http://")) as plain:
+                assert plain.status == 400 and "WebSocket endpoint" in await plain.text()
+
+    run(clients())
+
+
+def test_messages_over_the_cap_end_the_connection_on_both_sides(svc: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(automation, "MAX_MESSAGE_BYTES", 1 << 20)
+    url = start(svc, automation=True)["cdp_url"]
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as watcher:
+            # The client sends too much: dispod stops reading at the cap and closes both sides.
+            async with http.ws_connect(url, max_msg_size=0) as big:
+                assert await ask(big, "x" * 1000) == "x" * 1000  # under the cap: relayed
+                await big.send_str("x" * (2 << 20))
+                msg = await big.receive(SAFETY_S)
+                assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), msg
+            await until_open(watcher, 1)
+            # The guest sends too much: the same.
+            async with http.ws_connect(url, max_msg_size=0) as victim:
+                await victim.send_str(f"big {2 << 20}")
+                msg = await victim.receive(SAFETY_S)
+                assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), msg
+            await until_open(watcher, 1)
+            assert len(await ask(watcher, f"big {(1 << 20) - 100}")) == (1 << 20) - 100
+
+    run(clients())
+
+
+def test_connections_per_session_are_bounded(svc: Running, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(automation, "MAX_CLIENTS", 2)
+    url = start(svc, automation=True)["cdp_url"]
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(url) as one, http.ws_connect(url) as two:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(url)
+                assert refused.value.status == 429
+                assert await ask(one, "open?") == "2" and await ask(two, "ping") == "ping"
+            async with await connect(http, url) as three:  # a slot is free again once a client left
+                await until_open(three, 1)
+
+    run(clients())
+
+
+def test_the_browser_closing_closes_the_client(svc: Running) -> None:
+    url = start(svc, automation=True)["cdp_url"]
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(url) as ws:
+            await ws.send_str("close")
+            msg = await ws.receive(SAFETY_S)
+            assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), msg
+
+    run(clients())
+
+
+def test_the_sessions_end_closes_every_relay_and_its_url(svc: Running) -> None:
+    created = start(svc, automation=True)
+    url, sid = created["cdp_url"], created["id"]
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(url) as one, http.ws_connect(url) as two:
+                assert await ask(one, "open?") == "2"
+                await asyncio.to_thread(svc.uds.delete, sid, True)
+                for ws in (one, two):
+                    msg = await ws.receive(SAFETY_S)
+                    assert msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), msg
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(url)
+            assert refused.value.status == 404
+        assert svc.dispod.automation.open_connections(sid) == 0
+
+    run(clients())
+    assert svc.uds.session(sid)["state"] == "ended"
+
+
+def test_automation_traffic_keeps_an_idle_session_alive(svc: Running) -> None:
+    created = start(svc, automation=True, idle_timeout_s=2)
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(created["cdp_url"]) as ws:
+            for _ in range(8):  # twice the idle timeout, used all along
+                assert await ask(ws, "ping") == "ping"
+                await asyncio.sleep(0.5)
+                assert (await asyncio.to_thread(state_of, svc, created["id"]))["state"] == "running"
+
+    run(client())
+    # Left alone, it ends idle (asked through the listing, which is no use of a session: GET /v1/sessions/ID is).
+    deadline = time.monotonic() + SAFETY_S
+    while (status := state_of(svc, created["id"]))["state"] != "ended":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert "idle" in status["end_reason"]
+
+
+def state_of(svc: Running, sid: str) -> dict[str, Any]:
+    """A session's status without touching it (the listing; GET /v1/sessions/ID counts as use)."""
+    return next(s for s in svc.uds.sessions(all=True) if s["id"] == sid)
+
+
+# -- the guest's answers -----------------------------------------------------------------------------
+async def _browser_path(body: bytes) -> str:
+    """What the relay makes of a /json/version answer with `body`, served on a unix socket as the forward is."""
+    async def version(request: web.Request) -> web.Response:
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.add_routes([web.get("/json/version", version)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    with tempfile.TemporaryDirectory() as d:
+        sock = str(Path(d) / "s")
+        await web.UnixSite(runner, sock).start()
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as session:
+                return await automation.ServiceAutomation()._browser_path(session)
+        finally:
+            await runner.cleanup()
+
+
+def test_the_browsers_version_answer_is_checked_and_read_capped() -> None:
+    good = {"webSocketDebuggerUrl": f"ws://127.0.0.1:{guest.DEBUG_PORT}/devtools/browser/ab-12"}
+    assert run(_browser_path(json.dumps(good).encode())) == "/devtools/browser/ab-12"
+    hostile = [b"x" * (automation.VERSION_CAP + 10), b"[" * 100000, b"not json",
+               json.dumps({"webSocketDebuggerUrl": "ws://evil/devtools/page/1"}).encode(),
+               json.dumps({"webSocketDebuggerUrl": "ws://h/devtools/browser/../../json"}).encode(),
+               json.dumps({"webSocketDebuggerUrl": 7}).encode()]
+    for body in hostile:
+        with pytest.raises(GuestIOError):
+            run(_browser_path(body))
+
+
+# -- the request -----------------------------------------------------------------------------------
+def test_the_request_asks_the_profiles_protocol_and_the_browser_gets_the_loopback_port(cfg: Config) -> None:
+    req = from_json(cfg, {"profile": "chromium", "automation": True, "url": "https://example.org/"})
+    assert req.automation == "cdp"
+    assert req.command == ("fake-browser", f"--remote-debugging-port={guest.DEBUG_PORT}", "https://example.org/")
+    assert req.to_json()["automation"] == "cdp"
+    plain = from_json(cfg, {"profile": "chromium"})
+    assert plain.automation == "" and not any("remote-debugging" in c for c in plain.command)
+    # Always a boot: a template's browser has no debugging port, and --warm says so.
+    assert planning.plan(cfg, req).origin is Origin.BOOT
+    with pytest.raises(Conflict, match="debugging port"):
+        planning.plan(cfg, build(cfg, profile="chromium", automation=True, start="warm"))
+
+
+@pytest.mark.parametrize(("body", "error", "words"), [
+    ({"image": "minimal", "command": ["true"], "automation": True}, InvalidInput, "goes with a profile"),
+    ({"profile": "chromium", "automation": "yes"}, InvalidInput, "automation must be true or false"),
+    ({"profile": "chromium", "automation": True, "display": "none"}, InvalidInput, "web display"),
+    ({"profile": "noauto", "automation": True}, Conflict, "names no automation protocol"),
+])
+def test_requests_automation_cannot_serve_are_refused(cfg: Config, body: dict[str, Any],
+                                                      error: type[Exception], words: str) -> None:
+    (cfg.profiles_dir / "noauto.toml").write_text('image = "minimal"\ncommand = ["app"]\ndisplay = "web"\n')
+    with pytest.raises(error, match=words):
+        from_json(cfg, body)
+
+
+def test_dispo_run_automation_asks_dispod_for_it(cfg: Config) -> None:
+    body, cli = run_cli._request(run_parser().parse_args(["chromium", "--automation"]))
+    assert body == {"profile": "chromium", "automation": True}
+    with pytest.raises(InvalidInput, match="served by dispod"):  # in-process there is no relay
+        run_cli._run(cfg, body, {**cli, "in_process": True}, run_cli.Printer())
