@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.guests import listing, qemu_processes
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, net_world
-from tests.test_run import listing, qemu_processes
 from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]

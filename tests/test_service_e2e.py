@@ -17,25 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.dispodworld import Dispod, start_dispod, stop_dispod
+from tests.guests import ARTIFACTS, COLOUR_PAGE, GREEN, SHOW_TIMEOUT_S, qemu_processes, state_listing
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, REPO, NetWorld, net_world
-from tests.test_browser import ARTIFACTS, GREEN, SHOW_TIMEOUT_S
-from tests.test_browser import PAGE as COLOUR_PAGE
-from tests.test_run import listing, qemu_processes
 from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
-DISPOD_FILES = {"dispod.sock", "dispod.url", "dispod.token", "dispod.lock"}
-
-
-def state_listing(w: NetWorld) -> dict[str, object]:
-    """listing() without dispod's own files (they live as long as dispod, not as a session)."""
-    found = listing(w)
-    state = found["state"]
-    assert isinstance(state, list)
-    found["state"] = [p for p in state if p not in DISPOD_FILES]
-    return found
 
 
 @pytest.fixture
