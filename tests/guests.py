@@ -8,6 +8,7 @@ from each other.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -33,8 +34,11 @@ from tests.netns import (
     nft_ruleset,
 )
 from tests.tiers import tier
+from tests.worlds import loop_fs, sh
 
-POOL_FILES = {"net", "net/leases", "net/lock", "vmm-ids"}  # made once, like the address pool
+# Made once by the first command, like the address pool (a session's own files are inside them). The journals'
+# root too: a test's world makes it at its first session (its images come from the run's store, not an import).
+POOL_FILES = {"net", "net/leases", "net/lock", "vmm-ids", "sessions"}
 
 
 def qemu_processes(world: NetWorld) -> list[str]:
@@ -55,7 +59,7 @@ def qemu_processes(world: NetWorld) -> list[str]:
 
 def listing(world: NetWorld) -> dict[str, object]:
     """What a session may leave behind, listed without asking dispo."""
-    ws = world.root / "ws"
+    ws = world.workspace
     state = world.state_dir
     return {
         "links": dispo_links(world.host),
@@ -68,23 +72,93 @@ def listing(world: NetWorld) -> dict[str, object]:
     }
 
 
+class GuestImages:
+    """The images a test run boots, each imported once, on one loop-mounted btrfs (per pytest process: an
+    xdist worker has its own). A test's workspace lives on the same filesystem and gets the images it asks for
+    as read-only snapshots, as an import would leave them: no copy and no hash per test (an import from the
+    build cache copies and hashes up to 1.2 GiB), and its sessions' disks are snapshots too (on /tmp's ext4
+    each session copied its image). The test's state dir, namespaces and listings stay its own."""
+
+    def __init__(self, mnt: Path) -> None:
+        self.mnt = mnt
+        self.store = mnt / "store"  # the workspace the images are imported into, never one a test runs in
+        self.imported: set[str] = set()
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, DISPO_CONFIG="", DISPO_WORKSPACE=str(self.store),
+                    DISPO_STATE_DIR=str(self.mnt / "store-state"))
+
+    @contextlib.contextmanager
+    def workspace(self, w: NetWorld) -> Iterator[Path]:
+        """A fresh workspace for world `w` on the store's filesystem, removed (its subvolumes too) after."""
+        ws = self.mnt / f"ws-{w.suffix}"
+        (ws / "images").mkdir(parents=True)
+        w.ws = ws
+        try:
+            yield ws
+        finally:
+            remove_workspace(ws)
+
+    def give(self, w: NetWorld, recipe: str) -> None:
+        """Image `recipe` in w's workspace, as `dispo image build RECIPE` would import it there."""
+        if recipe not in self.imported:
+            # In the machine's own namespace, where apt reaches the mirror (a test's host namespace has no way
+            # out), and cached in DISPO_CACHE_DIR (default /var/cache/dispo): built once per machine.
+            p = subprocess.run([*DISPO, "image", "build", recipe, "--quiet"], env=self.env(), capture_output=True,
+                               text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
+            assert p.returncode == 0, p.stderr
+            self.imported.add(recipe)
+        assert w.ws is not None and w.ws.parent == self.mnt, "give() needs a workspace from workspace()"
+        sh("btrfs", "subvolume", "snapshot", "-r", self.store / "images" / recipe, w.ws / "images" / recipe)
+
+
+def remove_workspace(ws: Path) -> None:
+    """rm -r for a workspace on btrfs: its images and session disks are subvolumes, removed deepest first."""
+    subvolumes = [Path(d) / n for d, names, _ in os.walk(ws) for n in names
+                  if not (Path(d) / n).is_symlink() and (Path(d) / n).stat().st_ino == 256]
+    for sub in sorted(subvolumes, key=lambda p: len(p.parts), reverse=True):
+        sh("btrfs", "property", "set", "-ts", sub, "ro", "false", check=False)
+        sh("btrfs", "subvolume", "delete", sub, check=False)
+    shutil.rmtree(ws, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+@tier("vm")
+def guest_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestImages]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a loop-mounted btrfs")
+    # Sparse: it holds what the run's images and sessions write (a few GiB), not its size.
+    with loop_fs(tmp_path_factory.mktemp("guest-images"), "btrfs", "40G") as mnt:
+        yield GuestImages(mnt)
+
+
+@contextlib.contextmanager
+def guest_world(root: Path, images: GuestImages, *recipes: str) -> Iterator[NetWorld]:
+    """The namespaces of tests/netns.py with a tap config and a workspace holding `recipes`' images; a guest
+    a failed test left running is killed before the workspace goes."""
+    with net_world(root) as w, images.workspace(w):
+        w.write_config(link="tap", dns="none")
+        for recipe in recipes:
+            images.give(w, recipe)
+        try:
+            yield w
+        finally:
+            for line in qemu_processes(w):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while qemu_processes(w) and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+
 @pytest.fixture
 @tier("vm")
-def vm_world(tmp_path: Path) -> Iterator[NetWorld]:
+def vm_world(tmp_path: Path, guest_images: GuestImages) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")
     if shutil.which("qemu-system-x86_64") is None or shutil.which("mmdebstrap") is None:
         pytest.skip("needs qemu-system-x86 and mmdebstrap")
-    with net_world(tmp_path / "w") as w:
-        w.write_config(link="tap", dns="none")
-        # Built in the machine's own namespace, where apt reaches the mirror (the test's host namespace has
-        # no way out), and cached in DISPO_CACHE_DIR (default /var/cache/dispo): built once per machine.
-        p = subprocess.run([*DISPO, "image", "build", "minimal", "--quiet"], env=w.env(), capture_output=True,
-                           text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
-        assert p.returncode == 0, p.stderr
+    with guest_world(tmp_path / "w", guest_images, "minimal") as w:
         yield w
-        for line in qemu_processes(w):  # a failed test must not leave a guest running
-            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def wait_ready(w: NetWorld, procs: list[subprocess.Popen[str]], n: int, timeout: float = 240) -> list[str]:
@@ -140,28 +214,17 @@ if (location.search === "?set") {
 SHOW_TIMEOUT_S = 150
 
 
-def build_image(w: NetWorld, recipe: str) -> None:
-    # In the machine's own namespace (apt reaches the mirror there), cached in DISPO_CACHE_DIR: once per machine.
-    p = subprocess.run([*DISPO, "image", "build", recipe, "--quiet"], env=w.env(), capture_output=True,
-                       text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
-    assert p.returncode == 0, p.stderr
-
-
 @pytest.fixture
 @tier("browser")
-def browser_world(tmp_path: Path) -> Iterator[NetWorld]:
+def browser_world(tmp_path: Path, guest_images: GuestImages) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")
     for tool in ("qemu-system-x86_64", "mmdebstrap", "chromium", "convert"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool}")
-    with net_world(tmp_path / "w") as w:
-        w.write_config(link="tap", dns="none")
+    with guest_world(tmp_path / "w", guest_images, "chromium") as w:
         (w.root / "www-inet" / "page.html").write_text(COLOUR_PAGE)
-        build_image(w, "chromium")
         yield w
-        for line in qemu_processes(w):  # a failed test must not leave a guest running
-            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def spawn_run(w: NetWorld, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

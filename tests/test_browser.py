@@ -28,7 +28,7 @@ from tests.guests import (
     PAGE_URL,
     RED,
     SHOW_TIMEOUT_S,
-    build_image,
+    GuestImages,
     listing,
     session_id,
     shot,
@@ -54,9 +54,9 @@ def _guest_address(w: NetWorld, sid: str) -> str:
     return str(json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"])
 
 
-def test_web_viewer_two_sessions(browser_world: NetWorld, tmp_path: Path) -> None:
+def test_web_viewer_two_sessions(browser_world: NetWorld, guest_images: GuestImages, tmp_path: Path) -> None:
     w = browser_world
-    build_image(w, "minimal")
+    guest_images.give(w, "minimal")
     before = listing(w)
 
     # Session 1: storage works within a session (RED), the token guards the viewer, VNC stays in the guest.
@@ -131,7 +131,7 @@ def _chromium_window(display: str) -> tuple[int, int, int, int] | None:
     return best
 
 
-def test_x11_forwarding_to_host_display(browser_world: NetWorld, tmp_path: Path) -> None:
+def test_x11_forwarding_to_host_display(browser_world: NetWorld, guest_images: GuestImages, tmp_path: Path) -> None:
     for tool in ("Xvfb", "xwininfo", "xdotool", "import", "xauth"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (Debian: xvfb, x11-utils, xdotool, imagemagick, xauth)")
@@ -140,7 +140,7 @@ def test_x11_forwarding_to_host_display(browser_world: NetWorld, tmp_path: Path)
     w = browser_world
     # The browser installed into the minimal image (`--from`, as the seed does by hand inside a VM): this
     # test also proves such an image boots and shows the browser.
-    build_image(w, "minimal")
+    guest_images.give(w, "minimal")
     p = subprocess.run([*DISPO, "image", "build", "chromium", "--from", "minimal", "--name", "minimal-chromium",
                         "--quiet"], env=w.env(), capture_output=True, text=True, timeout=1800, check=False,
                        stdin=subprocess.DEVNULL)

@@ -30,8 +30,17 @@ import pytest
 
 from dispo import profiles
 from dispo.net.pool import mac_for
-from tests.guests import build_image, listing, qemu_processes, session_id, shot, spawn_run, viewer_url, wait_listening
-from tests.netns import INTERNET, INTERNET_OTHER, PYTHON, REPO, NetWorld, in_ns, net_world
+from tests.guests import (
+    GuestImages,
+    guest_world,
+    listing,
+    session_id,
+    shot,
+    spawn_run,
+    viewer_url,
+    wait_listening,
+)
+from tests.netns import INTERNET, INTERNET_OTHER, PYTHON, REPO, NetWorld, in_ns
 from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -55,13 +64,13 @@ DEVTOOLS_PORT = 9222
 
 @pytest.fixture
 @tier("browser")
-def quiet_world(tmp_path: Path) -> Iterator[NetWorld]:
+def quiet_world(tmp_path: Path, guest_images: GuestImages) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")
     for tool in ("qemu-system-x86_64", "mmdebstrap", "chromium", "convert", "tcpdump"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool}")
-    with net_world(tmp_path / "w") as w:
+    with guest_world(tmp_path / "w", guest_images) as w:
         # No IPv6 in the host netns: then every IPv6 packet captured there is the guest's.
         for key in ("all", "default", "lo", "up0", "lan0"):
             in_ns(w.host, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}.disable_ipv6=1")
@@ -80,8 +89,6 @@ def quiet_world(tmp_path: Path) -> Iterator[NetWorld]:
         profiles_dir.mkdir()
         w.config.write_text(f'profiles_dir = "{profiles_dir}"\n[net]\nlink = "tap"\ndns = "{DNS}"\n')
         yield w
-        for line in qemu_processes(w):  # a failed test must not leave a guest running
-            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def _log_lines(path: Path) -> list[dict[str, object]]:
@@ -144,9 +151,9 @@ def _tabs(w: NetWorld, sid: str, browser: str) -> list[str]:
 
 
 @pytest.mark.parametrize("browser", ["chromium", "firefox"])
-def test_quiet_browser(quiet_world: NetWorld, tmp_path: Path, browser: str) -> None:
+def test_quiet_browser(quiet_world: NetWorld, guest_images: GuestImages, tmp_path: Path, browser: str) -> None:
     w = quiet_world
-    build_image(w, browser)
+    guest_images.give(w, browser)
     if browser == "chromium":
         # The built-in profile plus DevTools on the guest's loopback, to ask Chromium for its tabs (Chromium
         # serves DevTools only for a user-data-dir of its own: a fresh one, as every session's is).

@@ -60,7 +60,7 @@ def tier_of(item: pytest.Item) -> str:
 # What each tier may take on the 2-core CI machine with a warm image cache; a tier over it is named at the end
 # (the machine is noisy, so it is a note for people, not a failure).
 BUDGET_S = {"fast": 120, "root": 420, "vm": 900, "browser": 900}
-PARALLEL = {"fast": "2"}  # pytest-xdist workers: only the fast tier's tests share nothing with each other
+PARALLEL = {"fast": "2", "vm": "2"}  # pytest-xdist workers (tests share no namespace, state dir or workspace)
 
 
 def _counts(junit: Path) -> dict[str, int]:
