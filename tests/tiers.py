@@ -12,6 +12,7 @@ it, directly or through another fixture, is in that tier (or a costlier one).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,12 +94,21 @@ def main(argv: list[str]) -> int:
             junit = Path(tmp) / f"{name}.xml"
             cmd = [sys.executable, "-m", "pytest", "-m", marker(name), "--durations=10", f"--junitxml={junit}",
                    *extra]
+            short = ""
             if name in PARALLEL:
-                cmd += ["-n", PARALLEL[name]]
+                # xdist puts each worker's tmp_path under popen-gwN/; from a short base, a session's socket
+                # paths (state dir of a test's tmp_path, then sessions/ID/NAME.sock) stay as short as in a run
+                # without workers, under the 107 bytes of a unix socket address.
+                short = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
+                cmd += ["-n", PARALLEL[name], f"--basetemp={short}"]
             print(f"\n=== tier {name}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.monotonic()
             rc = subprocess.call(cmd)
             rows.append((name, time.monotonic() - t0, _counts(junit), rc))
+            if short and rc in (0, 5):
+                shutil.rmtree(short, ignore_errors=True)
+            elif short:
+                print(f"tests.tiers: the {name} tier's tmp paths are kept in {short}", flush=True)
     print("\n=== tiers")
     total = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     worst = 0
