@@ -100,7 +100,9 @@ def main(argv: list[str]) -> int:
                 # paths (state dir of a test's tmp_path, then sessions/ID/NAME.sock) stay as short as in a run
                 # without workers, under the 107 bytes of a unix socket address.
                 short = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
-                cmd += ["-n", PARALLEL[name], f"--basetemp={short}"]
+                # worksteal: an idle worker takes tests queued on the other, so one long test (the API fuzzer in
+                # fast, a two-guest test in vm) does not end the tier alone on one core.
+                cmd += ["-n", PARALLEL[name], "--dist", "worksteal", f"--basetemp={short}"]
             print(f"\n=== tier {name}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.monotonic()
             rc = subprocess.call(cmd)
