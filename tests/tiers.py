@@ -59,8 +59,9 @@ def tier_of(item: pytest.Item) -> str:
 
 # -- running the tiers (scripts/dev test) --------------------------------------------------------------------
 # What each tier may take on the 2-core CI machine with a warm image cache; a tier over it is named at the end
-# (the machine is noisy, so it is a note for people, not a failure).
-BUDGET_S = {"fast": 120, "root": 420, "vm": 900, "browser": 900}
+# (the machine is noisy, so it is a note for people, not a failure). Together under 25 minutes with lint and the
+# images (issue 21); the browser tier does not fit its share yet (about 1060 s).
+BUDGET_S = {"fast": 120, "root": 240, "vm": 540, "browser": 900}
 PARALLEL = {"fast": "2", "vm": "2"}  # pytest-xdist workers (tests share no namespace, state dir or workspace)
 
 
