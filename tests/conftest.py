@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 
 from dispo.config import Config, StorageBackend
+from tests.guests import browser_world, guest_images, vm_world
 from tests.tiers import marker, tier, tier_of
 from tests.worlds import loop_fs, make_config, make_ext4
+
+# The worlds with real guests, for every module (tests/guests.py); pytest finds fixtures by name.
+__all__ = ["browser_world", "guest_images", "vm_world"]
 
 IS_ROOT = os.geteuid() == 0
 
@@ -86,3 +90,14 @@ def cfg(request: pytest.FixtureRequest, tmp_path: Path, state_dir: Path) -> Iter
     fstype = "ext4" if kind is StorageBackend.COPY else "btrfs"
     with loop_fs(tmp_path / fstype, fstype, "2G" if fstype == "btrfs" else "512M") as mnt:
         yield make_config(mnt / "dispo", state_dir, kind)
+
+
+@pytest.fixture
+@tier("root")
+def chroot_base() -> Iterator[Path]:
+    # Short, so the API socket path inside the jail fits a unix socket address; on / (not nodev).
+    base = Path(tempfile.mkdtemp(prefix="dj-", dir="/tmp"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

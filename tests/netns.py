@@ -87,6 +87,12 @@ class NetWorld:
     host: str = ""
     internet: str = ""
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    # The workspace, when not root/ws: tests/guests.py puts it on the test run's image store (a btrfs).
+    ws: Path | None = None
+
+    @property
+    def workspace(self) -> Path:
+        return self.ws or self.root / "ws"
 
     @property
     def state_dir(self) -> Path:
@@ -102,7 +108,7 @@ class NetWorld:
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, DISPO_CONFIG=str(self.config), DISPO_STATE_DIR=str(self.state_dir),
-                    DISPO_WORKSPACE=str(self.root / "ws"))
+                    DISPO_WORKSPACE=str(self.workspace))
 
     def dispo_argv(self, *args: str | Path) -> list[str]:
         return ["nsenter", f"--net=/run/netns/{self.host}", *DISPO, *(str(a) for a in args)]

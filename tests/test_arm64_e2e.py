@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.guests import listing, qemu_processes
 from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, net_world
-from tests.test_run import listing, qemu_processes
 from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -50,10 +50,10 @@ def test_the_image_records_its_architecture(arm_world: NetWorld) -> None:
     w = arm_world
     ls = w.dispo("image", "ls", timeout=60)
     assert ls.returncode == 0, ls.stderr
-    meta = (w.root / "ws" / "images" / IMAGE / "image.json").read_text()
+    meta = (w.workspace / "images" / IMAGE / "image.json").read_text()
     assert '"arch": "aarch64"' in meta and '"kernel": "Image"' in meta
     # The kernel both VMMs boot: an uncompressed arm64 Image.
-    head = (w.root / "ws" / "images" / IMAGE / "Image").read_bytes()[:64]
+    head = (w.workspace / "images" / IMAGE / "Image").read_bytes()[:64]
     assert head[0x38:0x3C] == b"ARM\x64"
 
 

@@ -13,110 +13,31 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dispo import profiles
-from tests.netns import DISPO, INTERNET, INTERNET_PORT, PYTHON, REPO, NetWorld, in_ns, net_world
-from tests.test_run import listing, qemu_processes
-from tests.tiers import tier
+from tests.guests import (
+    ARTIFACTS,
+    GREEN,
+    PAGE_URL,
+    RED,
+    SHOW_TIMEOUT_S,
+    GuestImages,
+    listing,
+    session_id,
+    shot,
+    spawn_run,
+    viewer_url,
+)
+from tests.netns import DISPO, NetWorld, in_ns
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
-
-ARTIFACTS = REPO / "artifacts"
-RED, GREEN = "ff0000", "00c853"
-PAGE_URL = f"http://{INTERNET}:{INTERNET_PORT}/page.html"
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>dispo-test-page</title></head>
-<body style="margin:0">
-<div id="b" style="position:fixed;inset:0;background:#808080;font:64px sans-serif;padding:40px">dispo test page</div>
-<script>
-if (location.search === "?set") {
-  localStorage.setItem("dispo-test", "session one was here");
-  document.cookie = "dispotest=1; max-age=86400; path=/";
-  location.replace("page.html?check");
-} else {
-  var seen = localStorage.getItem("dispo-test") !== null || document.cookie.indexOf("dispotest=1") >= 0;
-  var b = document.getElementById("b");
-  b.style.background = seen ? "#ff0000" : "#00c853";
-  b.textContent = seen ? "SEEN: session one's storage is here" : "FRESH: no storage from before";
-}
-</script></body></html>
-"""
-# A browser's first page under TCG takes ~30 s after the guest answers SSH; leave room for a busy CI box.
-SHOW_TIMEOUT_S = 150
-
-
-def _build(w: NetWorld, recipe: str) -> None:
-    # In the machine's own namespace (apt reaches the mirror there), cached in DISPO_CACHE_DIR: once per machine.
-    p = subprocess.run([*DISPO, "image", "build", recipe, "--quiet"], env=w.env(), capture_output=True,
-                       text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
-    assert p.returncode == 0, p.stderr
-
-
-@pytest.fixture
-@tier("browser")
-def browser_world(tmp_path: Path) -> Iterator[NetWorld]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: namespaces, taps, nftables")
-    for tool in ("qemu-system-x86_64", "mmdebstrap", "chromium", "convert"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
-    with net_world(tmp_path / "w") as w:
-        w.write_config(link="tap", dns="none")
-        (w.root / "www-inet" / "page.html").write_text(PAGE)
-        _build(w, "chromium")
-        yield w
-        for line in qemu_processes(w):  # a failed test must not leave a guest running
-            os.kill(int(line.split()[0]), signal.SIGKILL)
-
-
-def _spawn_run(w: NetWorld, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return w.spawn(w.dispo_argv("run", *args), env=env or w.env(), stdout=subprocess.PIPE, stderr=log.open("w"))
-
-
-def _session_id(w: NetWorld, proc: subprocess.Popen[str], log: Path, timeout: float = 240) -> str:
-    """The id of the (only) session whose guest answers SSH."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ready = [p.parent.name for p in (w.state_dir / "sessions").glob("*/ssh.json")]
-        if ready:
-            return ready[0]
-        assert proc.poll() is None, f"dispo run exited {proc.returncode}: {log.read_text()}"
-        assert time.monotonic() < deadline, f"no session ready: {log.read_text()}"
-        time.sleep(0.3)
-
-
-def _viewer_url(proc: subprocess.Popen[str], log: Path, timeout: float = 300) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1)
-        if ready:
-            line = proc.stdout.readline()
-            assert line, f"dispo run ended without a viewer URL: {log.read_text()}"
-            if line.startswith("http://127.0.0.1:"):
-                return line.strip()
-        assert proc.poll() is None, f"dispo run exited {proc.returncode}: {log.read_text()}"
-    raise AssertionError(f"no viewer URL after {timeout} s: {log.read_text()}")
-
-
-def _shot(w: NetWorld, url: str, name: str, colour: str, *, end: bool = False, grid: bool = False) -> dict[str, object]:
-    ARTIFACTS.mkdir(exist_ok=True)
-    argv = [str(PYTHON), "-m", "tests.viewer_shot", url, str(ARTIFACTS / name), colour, str(SHOW_TIMEOUT_S)]
-    flags = [*(["--end"] if end else []), *(["--grid"] if grid else [])]
-    p = subprocess.run(["nsenter", f"--net=/run/netns/{w.host}", *argv, *flags],
-                       capture_output=True, text=True, cwd=REPO, timeout=SHOW_TIMEOUT_S + 60, check=False)
-    assert p.returncode == 0, p.stderr
-    result: dict[str, object] = json.loads(p.stdout.strip().splitlines()[-1])
-    return result
 
 
 def _status(w: NetWorld, url: str) -> str:
@@ -133,18 +54,18 @@ def _guest_address(w: NetWorld, sid: str) -> str:
     return str(json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"])
 
 
-def test_web_viewer_two_sessions(browser_world: NetWorld, tmp_path: Path) -> None:
+def test_web_viewer_two_sessions(browser_world: NetWorld, guest_images: GuestImages, tmp_path: Path) -> None:
     w = browser_world
-    _build(w, "minimal")
+    guest_images.give(w, "minimal")
     before = listing(w)
 
     # Session 1: storage works within a session (RED), the token guards the viewer, VNC stays in the guest.
     log1 = tmp_path / "run1.log"
-    one = _spawn_run(w, "chromium", "--display", "web", f"{PAGE_URL}?set", log=log1)
-    url = _viewer_url(one, log1)
-    sid = _session_id(w, one, log1)
+    one = spawn_run(w, "chromium", "--display", "web", f"{PAGE_URL}?set", log=log1)
+    url = viewer_url(one, log1)
+    sid = session_id(w, one, log1)
     address = _guest_address(w, sid)
-    seen = _shot(w, url, "browser-web-session1.png", RED)
+    seen = shot(w, url, "browser-web-session1.png", RED)
     assert seen["seen"], f"session 1 did not show RED through the viewer: {seen}"
 
     base = url.rsplit("/", 2)[0]  # http://127.0.0.1:PORT
@@ -165,7 +86,7 @@ def test_web_viewer_two_sessions(browser_world: NetWorld, tmp_path: Path) -> Non
     assert "ready in" in other.stderr, other.stderr  # it really ran in a second guest
 
     # The viewer's End-session button ends the session and tears it all down.
-    ended = _shot(w, url, "browser-web-session1-end.png", RED, end=True)
+    ended = shot(w, url, "browser-web-session1-end.png", RED, end=True)
     assert ended.get("ended"), ended
     assert one.wait(120) == 0, log1.read_text()
     assert listing(w) == before
@@ -173,10 +94,10 @@ def test_web_viewer_two_sessions(browser_world: NetWorld, tmp_path: Path) -> Non
 
     # Session 2: nothing of session 1's browser profile is left (GREEN); closing the browser ends it.
     log2 = tmp_path / "run2.log"
-    two = _spawn_run(w, "chromium", f"{PAGE_URL}?check", log=log2)  # the profile's display: web
-    url2 = _viewer_url(two, log2)
-    sid2 = _session_id(w, two, log2)
-    fresh = _shot(w, url2, "browser-web-session2.png", GREEN)
+    two = spawn_run(w, "chromium", f"{PAGE_URL}?check", log=log2)  # the profile's display: web
+    url2 = viewer_url(two, log2)
+    sid2 = session_id(w, two, log2)
+    fresh = shot(w, url2, "browser-web-session2.png", GREEN)
     assert fresh["seen"], f"session 2 did not show GREEN (a fresh profile): {fresh}"
     w.dispo("ssh", sid2, "--", "pkill", "-TERM", "-x", "chromium", timeout=60)
     two.wait(120)
@@ -210,7 +131,7 @@ def _chromium_window(display: str) -> tuple[int, int, int, int] | None:
     return best
 
 
-def test_x11_forwarding_to_host_display(browser_world: NetWorld, tmp_path: Path) -> None:
+def test_x11_forwarding_to_host_display(browser_world: NetWorld, guest_images: GuestImages, tmp_path: Path) -> None:
     for tool in ("Xvfb", "xwininfo", "xdotool", "import", "xauth"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (Debian: xvfb, x11-utils, xdotool, imagemagick, xauth)")
@@ -219,7 +140,7 @@ def test_x11_forwarding_to_host_display(browser_world: NetWorld, tmp_path: Path)
     w = browser_world
     # The browser installed into the minimal image (`--from`, as the seed does by hand inside a VM): this
     # test also proves such an image boots and shows the browser.
-    _build(w, "minimal")
+    guest_images.give(w, "minimal")
     p = subprocess.run([*DISPO, "image", "build", "chromium", "--from", "minimal", "--name", "minimal-chromium",
                         "--quiet"], env=w.env(), capture_output=True, text=True, timeout=1800, check=False,
                        stdin=subprocess.DEVNULL)
@@ -236,7 +157,7 @@ def test_x11_forwarding_to_host_display(browser_world: NetWorld, tmp_path: Path)
         before = listing(w)
         env = dict(w.env(), DISPLAY=display, XAUTHORITY=str(tmp_path / "Xauthority"))
         log = tmp_path / "run.log"
-        proc = _spawn_run(w, "chromium", "--image", "minimal-chromium", "--display", "x11", f"{PAGE_URL}?check",
+        proc = spawn_run(w, "chromium", "--image", "minimal-chromium", "--display", "x11", f"{PAGE_URL}?check",
                           log=log, env=env)
         deadline = time.monotonic() + 240 + SHOW_TIMEOUT_S
         shot = ARTIFACTS / "browser-x11.png"
@@ -259,7 +180,7 @@ def test_x11_forwarding_to_host_display(browser_world: NetWorld, tmp_path: Path)
         assert geo is not None, f"no chromium window on the host display: {tree}"
         assert close(rgb, tuple(int(GREEN[i:i + 2], 16) for i in (0, 2, 4))), f"window centre {rgb}, expected GREEN"
         # The window says it is a disposable session's: "[dispo ID] " before its title.
-        sid = _session_id(w, proc, log)
+        sid = session_id(w, proc, log)
         titles: list[str] = []
         for _ in range(30):
             wids = subprocess.run(["xdotool", "search", "--onlyvisible", "--name", "."], capture_output=True,

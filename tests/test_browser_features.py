@@ -20,12 +20,8 @@ import subprocess
 from pathlib import Path
 
 from dispo import profiles
+from tests.guests import GREEN, PAGE_URL, RED, listing, session_id, shot, spawn_run, viewer_url, wait_listening
 from tests.netns import INTERNET, PYTHON, REPO, NetWorld, in_ns
-from tests.test_browser import GREEN, PAGE_URL, RED, _session_id, _shot, _spawn_run, _viewer_url, browser_world
-from tests.test_quiet import _wait_listening
-from tests.test_run import listing
-
-__all__ = ["browser_world"]  # the fixture, imported for pytest
 
 FILES_PORT = 8091
 HOSTILE_NAME = "../../escape me.bin"
@@ -82,10 +78,10 @@ def _run_page(w: NetWorld, tmp_path: Path, tag: str, query: str, colour: str, *a
               ) -> tuple[str, str, Path]:
     """A `feat` session on page.html?QUERY, seen in the viewer with `colour`: (viewer URL, session id, log)."""
     log = tmp_path / f"run-{tag}.log"
-    run = _spawn_run(w, "feat", f"{PAGE_URL}?{query}", *args, log=log)
-    viewer = _viewer_url(run, log)
-    sid = _session_id(w, run, log)
-    seen = _shot(w, viewer, f"features-{tag}.png", colour)
+    run = spawn_run(w, "feat", f"{PAGE_URL}?{query}", *args, log=log)
+    viewer = viewer_url(run, log)
+    sid = session_id(w, run, log)
+    seen = shot(w, viewer, f"features-{tag}.png", colour)
     assert seen["seen"], f"session {tag}: the page did not show {colour}: {seen}"
     _RUNS[sid] = run
     return viewer, sid, log
@@ -96,7 +92,7 @@ _RUNS: dict[str, subprocess.Popen[str]] = {}
 
 def _end(w: NetWorld, viewer: str, sid: str, log: Path, *, tag: str, colour: str) -> None:
     """End the session with the viewer's button; its dispo run exits 0."""
-    ended = _shot(w, viewer, f"features-{tag}-end.png", colour, end=True)
+    ended = shot(w, viewer, f"features-{tag}-end.png", colour, end=True)
     assert ended.get("ended"), ended
     assert _RUNS.pop(sid).wait(120) == 0, log.read_text()
 
@@ -139,7 +135,7 @@ def _features(w: NetWorld, tmp_path: Path, before: dict[str, object]) -> None:
     (www / "payload.bin").write_bytes(payload)
     w.spawn(["nsenter", f"--net=/run/netns/{w.internet}", PYTHON, "-m", "tests.logging_servers", "http",
              INTERNET, str(FILES_PORT), www, w.root / "files.log"], cwd=REPO, stderr=(w.root / "files.err").open("w"))
-    _wait_listening(w.internet, "t", INTERNET, FILES_PORT)
+    wait_listening(w.internet, "t", INTERNET, FILES_PORT)
     out = tmp_path / "downloads"
     out.mkdir()
     (tmp_path / "marker").write_text("outside DIR")

@@ -30,7 +30,14 @@ from dispo.runtime.request import build, from_json
 from dispo.runtime.saver import DownloadSaver, open_directory
 from dispo.storage import volumes
 from tests import fakes
-from tests.test_service import Running, serving, wait_state
+from tests.fakeworld import (
+    Running,
+    cfg,
+    serving,
+    wait_state,
+)
+
+__all__ = ["cfg"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 GUEST_TOOL = Path(guest.__file__).parent / "files.sh"
 
@@ -77,11 +84,6 @@ def test_keep_needs_a_profile_that_names_what_to_keep(cfg: Config) -> None:
         build(cfg, profile="kp", keep="../x")
     req = build(cfg, profile="kp", keep="vol1")
     assert req.keep == "vol1" and "dispo.keep=.config/app" in req.cmdline()
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
 
 
 # -- guest answers ------------------------------------------------------------------------------------------
@@ -264,7 +266,6 @@ def test_dispo_open_refuses_a_loop_and_what_is_not_a_web_link(cfg: Config, monke
     for bad in ("file:///etc/passwd", "about:blank", "javascript:alert(1)"):
         with pytest.raises(InvalidInput):
             opener.cmd_open(argparse.Namespace(url=bad, profile="chromium"), cfg)
-
 
 
 def _live(tmp_path: Path, *, guest: bool) -> SimpleNamespace:

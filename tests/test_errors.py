@@ -8,8 +8,7 @@ import importlib
 import os
 import pkgutil
 import signal
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -18,7 +17,9 @@ from dispo import errors
 from dispo.errors import ALL_ERRORS, DispoError
 from dispo.web import api
 from tests import fakes
-from tests.test_service import SLEEP, Running, serving, until_ended, wait_state
+from tests.fakeworld import SLEEP, Running, cfg, svc, until_ended, wait_state
+
+__all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 # Classes whose constructor takes more than (message, hint=...): an example each, with every field set.
 SPECIAL: dict[type[DispoError], Callable[[], DispoError]] = {
@@ -76,12 +77,6 @@ def test_session_error_form_rebuilds_the_same_class(cls: type[DispoError]) -> No
     """What a session's status and its `ended` event carry (`dispo run` through dispod reads the latter)."""
     sent = example(cls)
     assert_same(errors.from_problem(errors.to_problem(sent)), sent)
-
-
-@pytest.fixture
-def svc(tmp_path: Path) -> Iterator[Running]:
-    with serving(fakes.config(tmp_path)) as running:
-        yield running
 
 
 def test_each_error_raised_in_dispod_reaches_the_client_as_itself(svc: Running,

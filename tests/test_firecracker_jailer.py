@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,23 +31,11 @@ from tests.fcworld import (
     tiny_elf,
     wait_for,
 )
-from tests.tiers import tier
 from tests.worlds import make_config, make_ext4
 
 PAIR, WHY = jailer_pair_or_skip_reason()
 pytestmark = [pytest.mark.firecracker, pytest.mark.root, pytest.mark.vm,
               pytest.mark.skipif(PAIR is None, reason=WHY)]
-
-
-@pytest.fixture
-@tier("root")
-def chroot_base() -> Iterator[Path]:
-    # Short, so the API socket path inside the jail fits a unix socket address; on / (not nodev).
-    base = Path(tempfile.mkdtemp(prefix="dj-", dir="/tmp"))
-    try:
-        yield base
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def jail_cgroups(sid: str) -> list[Path]:

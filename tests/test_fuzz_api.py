@@ -19,7 +19,7 @@ import pytest
 
 from dispo.daemon.paths import ServicePaths
 from tests import fakes
-from tests.test_service import SAFETY_S, _end, _ready, _start, leftovers
+from tests.fakeworld import SAFETY_S, dispod_ready, end_dispod, leftovers, spawn_dispod
 
 SCHEMATHESIS = "schemathesis==4.32.5"  # also in scripts/dev
 VENV = fakes.REPO / ".venv-fuzz"
@@ -68,9 +68,9 @@ def test_schemathesis_finds_no_failure(tmp_path: Path) -> None:
     cfg = fakes.config(tmp_path)
     before = leftovers(cfg)
     log = tmp_path / "dispod.log"
-    proc = _start(tmp_path, log, "--listen", "127.0.0.1:0")
+    proc = spawn_dispod(tmp_path, log, "--listen", "127.0.0.1:0")
     try:
-        _ready(cfg, proc, log).close()
+        dispod_ready(cfg, proc, log).close()
         paths = ServicePaths(cfg.state_dir)
         base = paths.url.read_text().split("/ui/")[0]
         token = paths.token.read_text().strip()
@@ -87,6 +87,6 @@ def test_schemathesis_finds_no_failure(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)  # dispod ends every session the fuzzer started
         assert proc.wait(SAFETY_S) == 0, log.read_text()
     finally:
-        _end(proc)
+        end_dispod(proc)
     assert leftovers(cfg) == before, log.read_text()
 

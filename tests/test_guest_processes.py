@@ -16,7 +16,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import aiohttp
-import pytest
 
 from dispo.client import DispodClient
 from dispo.config import Config
@@ -27,14 +26,15 @@ from dispo.names import new_session_id
 from dispo.runtime import guestio
 from dispo.runtime.live import CancelToken, SessionState
 from tests import fakes
-from tests.test_service import SAFETY_S, wait_state
+from tests.fakeworld import (
+    SAFETY_S,
+    cfg,
+    wait_state,
+)
+
+__all__ = ["cfg"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 LOUD = fakes.CHROMIUM_PROFILE + "audio = true\n"
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
 
 
 def _journaled(cfg: Config, sid: str, what: str) -> list[dict[str, str]]:

@@ -30,16 +30,18 @@ from dispo.features import Features
 from dispo.runtime import app, guestio, saver
 from dispo.runtime.saver import DownloadSaver, open_directory
 from tests import fakes
-from tests.test_service import SAFETY_S, serving, wait_state
+from tests.fakeworld import (
+    SAFETY_S,
+    cfg,
+    serving,
+    wait_state,
+)
+
+__all__ = ["cfg"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 MIB = 1 << 20
 RSS_BUDGET = 64 * MIB
 UPLOAD_BYTES = 300 * 1000 * 1000
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
 
 
 def _with_service(root: Path, text: str) -> Config:

@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.guests import listing
 from tests.netns import INTERNET, INTERNET_PORT, REPO, NetWorld
-from tests.test_run import listing, vm_world
-
-__all__ = ["vm_world"]
 
 PROFILE = """image = "minimal"
 command = ["sh", "-c", "echo opened-in-dispo \\"$0\\""]

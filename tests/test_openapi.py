@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +23,9 @@ from dispo.web.openapi import document
 from dispo.web.service import RECLAIMED_BY_DISPOD, Service, reclaimed_status
 from dispo.web.viewers import ServiceViewers
 from tests import fakes
-from tests.test_service import SLEEP, Running, serving, until_ended, wait_state
+from tests.fakeworld import SLEEP, Running, cfg, svc, until_ended, wait_state
+
+__all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 DOC_URI = "urn:dispod:openapi"
 METHODS = ("get", "put", "post", "delete", "patch", "head", "options")
@@ -163,17 +164,6 @@ def test_a_reclaimed_session_is_answered_as_a_session(doc: dict[str, Any]) -> No
     status = reclaimed_status("1a2b3c4d", meta, RECLAIMED_BY_DISPOD)
     assert validator(doc, schema_pointer("Session")).is_valid(status)
     assert validator(doc, schema_pointer("Session")).is_valid(reclaimed_status("1a2b3c4d", {}, "reclaimed"))
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
-
-
-@pytest.fixture
-def svc(cfg: Config) -> Iterator[Running]:
-    with serving(cfg) as running:
-        yield running
 
 
 def test_real_answers_validate(svc: Running, doc: dict[str, Any]) -> None:

@@ -19,11 +19,9 @@ from dispo.runtime import Runtime, build
 from dispo.runtime.plan import Origin, plan
 from dispo.runtime.pool import Pool
 from tests import fakes
-from tests.test_runtime import cfg, leftovers, rt
-from tests.test_service import Running, serving
-from tests.test_warm import _template
+from tests.fakeworld import Running, cfg, leftovers, make_template, rt, serving
 
-__all__ = ["cfg", "rt"]  # fixtures from test_runtime (pytest finds them by name)
+__all__ = ["cfg", "rt"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 SAFETY_S = 30.0
 
@@ -42,7 +40,7 @@ def _ready(pool: Pool, name: str) -> int:
 
 def test_fill_hand_out_once_refill_and_drain(rt: Runtime, cfg: Config) -> None:
     before = leftovers(cfg)
-    _template(rt)
+    make_template(rt)
     rt.pool = pool = Pool(rt, budget_mib=4096)
     with pytest.raises(NotFound, match="no template of profile 'chromium'"):
         pool.fill("chromium", 1)
@@ -77,7 +75,7 @@ def test_fill_hand_out_once_refill_and_drain(rt: Runtime, cfg: Config) -> None:
 
 
 def test_the_budget_and_a_changed_template(rt: Runtime, cfg: Config) -> None:
-    _template(rt)
+    make_template(rt)
     rt.pool = pool = Pool(rt, budget_mib=256)
     with pytest.raises(InvalidInput, match="needs 512 MiB, over the pool's budget of 256 MiB"):
         pool.fill("minimal", 1)
@@ -90,7 +88,7 @@ def test_the_budget_and_a_changed_template(rt: Runtime, cfg: Config) -> None:
     slot = status["slots"][0]
     assert slot["ready"] == 2 and "memory budget (1024 MiB) is used up" in slot["last_error"]
     old = {s.id for s in rt.sessions(pooled=True)}
-    _template(rt)  # rebuilt: the waiting guests of the old one must never be handed out
+    make_template(rt)  # rebuilt: the waiting guests of the old one must never be handed out
     _until(lambda: old.isdisjoint({s.id for s in rt.sessions(pooled=True)}) and _ready(pool, "minimal") == 2,
            "the pool did not move to the new template")
     pool.close()
@@ -106,7 +104,7 @@ def test_pool_setting_is_checked() -> None:
 
 def test_the_pool_through_the_api_and_the_cli(cfg: Config, tmp_path: Path) -> None:
     rt = Runtime(cfg, machinery=fakes.machinery())
-    _template(rt)
+    make_template(rt)
     before = leftovers(cfg)
     with serving(cfg) as svc:
         client = svc.tcp_client()

@@ -30,9 +30,17 @@ import pytest
 
 from dispo import profiles
 from dispo.net.pool import mac_for
-from tests.netns import INTERNET, INTERNET_OTHER, PYTHON, REPO, NetWorld, in_ns, net_world
-from tests.test_browser import _build, _session_id, _shot, _spawn_run, _viewer_url
-from tests.test_run import listing, qemu_processes
+from tests.guests import (
+    GuestImages,
+    guest_world,
+    listing,
+    session_id,
+    shot,
+    spawn_run,
+    viewer_url,
+    wait_listening,
+)
+from tests.netns import INTERNET, INTERNET_OTHER, PYTHON, REPO, NetWorld, in_ns
 from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -54,22 +62,15 @@ HOST_TZ, HOST_LANG = "America/Denver", "de_DE.UTF-8"  # the "host's" settings di
 DEVTOOLS_PORT = 9222
 
 
-def _wait_listening(ns: str, proto: str, addr: str, port: int) -> None:
-    deadline = time.monotonic() + 10
-    while f"{addr}:{port}" not in in_ns(ns, "ss", "-H", "-ln", f"-{proto}").stdout:
-        assert time.monotonic() < deadline, f"nothing listens on {addr}:{port} ({proto}) in {ns}"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 @tier("browser")
-def quiet_world(tmp_path: Path) -> Iterator[NetWorld]:
+def quiet_world(tmp_path: Path, guest_images: GuestImages) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")
     for tool in ("qemu-system-x86_64", "mmdebstrap", "chromium", "convert", "tcpdump"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool}")
-    with net_world(tmp_path / "w") as w:
+    with guest_world(tmp_path / "w", guest_images) as w:
         # No IPv6 in the host netns: then every IPv6 packet captured there is the guest's.
         for key in ("all", "default", "lo", "up0", "lan0"):
             in_ns(w.host, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}.disable_ipv6=1")
@@ -81,15 +82,13 @@ def quiet_world(tmp_path: Path) -> Iterator[NetWorld]:
         w.spawn(["nsenter", f"--net=/run/netns/{w.internet}", PYTHON, "-m", "tests.logging_servers", "http",
                  INTERNET, str(PAGE_PORT), www, w.root / "http.log"], cwd=REPO,
                 stderr=(w.root / "http.err").open("w"))
-        _wait_listening(w.internet, "u", DNS, 53)
-        _wait_listening(w.internet, "t", INTERNET, PAGE_PORT)
+        wait_listening(w.internet, "u", DNS, 53)
+        wait_listening(w.internet, "t", INTERNET, PAGE_PORT)
         # The session's one resolver is the logging DNS server; profiles here may override the built-in ones.
         profiles_dir = w.root / "profiles"
         profiles_dir.mkdir()
         w.config.write_text(f'profiles_dir = "{profiles_dir}"\n[net]\nlink = "tap"\ndns = "{DNS}"\n')
         yield w
-        for line in qemu_processes(w):  # a failed test must not leave a guest running
-            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def _log_lines(path: Path) -> list[dict[str, object]]:
@@ -152,9 +151,9 @@ def _tabs(w: NetWorld, sid: str, browser: str) -> list[str]:
 
 
 @pytest.mark.parametrize("browser", ["chromium", "firefox"])
-def test_quiet_browser(quiet_world: NetWorld, tmp_path: Path, browser: str) -> None:
+def test_quiet_browser(quiet_world: NetWorld, guest_images: GuestImages, tmp_path: Path, browser: str) -> None:
     w = quiet_world
-    _build(w, browser)
+    guest_images.give(w, browser)
     if browser == "chromium":
         # The built-in profile plus DevTools on the guest's loopback, to ask Chromium for its tabs (Chromium
         # serves DevTools only for a user-data-dir of its own: a fresh one, as every session's is).
@@ -175,14 +174,14 @@ def test_quiet_browser(quiet_world: NetWorld, tmp_path: Path, browser: str) -> N
     url = f"http://{PAGE_HOST}:{PAGE_PORT}/quiet.html"
     log = tmp_path / "run.log"
     env = dict(w.env(), TZ=HOST_TZ, LANG=HOST_LANG, LC_ALL="", LC_MESSAGES="")
-    run = _spawn_run(w, browser, url, "--log-requests", log=log, env=env)
-    viewer = _viewer_url(run, log)
-    sid = _session_id(w, run, log)
+    run = spawn_run(w, browser, url, "--log-requests", log=log, env=env)
+    viewer = viewer_url(run, log)
+    sid = session_id(w, run, log)
     guest = str(json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"])
-    seen = _shot(w, viewer, f"quiet-{browser}.png", BLUE)
+    seen = shot(w, viewer, f"quiet-{browser}.png", BLUE)
     assert seen["seen"], f"the page did not show in the viewer: {seen}"
     time.sleep(QUIET_S)
-    late = _shot(w, viewer, f"quiet-{browser}-60s.png", BLUE, grid=True)
+    late = shot(w, viewer, f"quiet-{browser}-60s.png", BLUE, grid=True)
     tabs = _tabs(w, sid, browser)
     # Nothing of the host's identity: the guest's name is the session's, its user dispo's.
     who = w.dispo("ssh", sid, "--", "sh", "-c", "hostname; id -un", timeout=60)

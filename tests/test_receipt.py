@@ -18,12 +18,12 @@ from dispo.errors import NotClean
 from dispo.runtime import STEPS, Runtime, Step, build
 from dispo.runtime.steps import Bringup
 from tests import fakes
-from tests.test_runtime import _OWNER
+from tests.fakeworld import (
+    OWNER_SCRIPT,
+    cfg,
+)
 
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
+__all__ = ["cfg"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 
 def dispo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -71,7 +71,8 @@ def test_an_image_written_during_the_session_is_not_clean(cfg: Config) -> None:
 def test_verify_finds_what_a_killed_owner_left_and_nothing_after_gc(cfg: Config, tmp_path: Path) -> None:
     clean = dispo(tmp_path, "verify")
     assert clean.returncode == 0 and "nothing of dispo's" in clean.stdout, clean.stdout + clean.stderr
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(fakes.config_file(tmp_path))], stdout=subprocess.PIPE,
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT, str(fakes.config_file(tmp_path))],
+                             stdout=subprocess.PIPE,
                              text=True, cwd=fakes.REPO, env=fakes.env(tmp_path))
     try:
         assert owner.stdout is not None

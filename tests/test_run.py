@@ -9,73 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from dispo.runtime import STEPS
-from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links, net_world, nft_ruleset
-from tests.tiers import tier
+from tests.guests import listing, qemu_processes, tcp_banner, wait_ready
+from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
-POOL_FILES = {"net", "net/leases", "net/lock", "vmm-ids"}  # made once, like the address pool
 URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
-
-
-def qemu_processes(world: NetWorld) -> list[str]:
-    """QEMU processes of this world's sessions: their environment names its state dir (their command line
-    holds no path: QEMU gets descriptors)."""
-    out = subprocess.run(["pgrep", "-a", "-f", "qemu-system.*dispo-"], capture_output=True, text=True,
-                         check=False).stdout
-    mine = f"DISPO_STATE_DIR={world.state_dir}".encode()
-    found = []
-    for line in out.splitlines():
-        try:
-            if mine in Path(f"/proc/{line.split()[0]}/environ").read_bytes().split(b"\0"):
-                found.append(line)
-        except OSError:
-            continue
-    return found
-
-
-def listing(world: NetWorld) -> dict[str, object]:
-    """What a session may leave behind, listed without asking dispo."""
-    ws = world.root / "ws"
-    state = world.state_dir
-    return {
-        "links": dispo_links(world.host),
-        "nft": nft_ruleset(world.host),
-        "disks": sorted(p.name for p in (ws / "sessions").iterdir()) if (ws / "sessions").exists() else [],
-        # net/, net/leases/ and net/lock are the address pool's own files, made once; a lease inside is not.
-        "state": sorted(str(p.relative_to(state)) for p in state.rglob("*")
-                        if str(p.relative_to(state)) not in POOL_FILES) if state.exists() else [],
-        "qemu": qemu_processes(world),
-    }
-
-
-@pytest.fixture
-@tier("vm")
-def vm_world(tmp_path: Path) -> Iterator[NetWorld]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: namespaces, taps, nftables")
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("mmdebstrap") is None:
-        pytest.skip("needs qemu-system-x86 and mmdebstrap")
-    with net_world(tmp_path / "w") as w:
-        w.write_config(link="tap", dns="none")
-        # Built in the machine's own namespace, where apt reaches the mirror (the test's host namespace has
-        # no way out), and cached in DISPO_CACHE_DIR (default /var/cache/dispo): built once per machine.
-        p = subprocess.run([*DISPO, "image", "build", "minimal", "--quiet"], env=w.env(), capture_output=True,
-                           text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
-        assert p.returncode == 0, p.stderr
-        yield w
-        for line in qemu_processes(w):  # a failed test must not leave a guest running
-            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def test_run_end_to_end(vm_world: NetWorld) -> None:
@@ -139,33 +84,12 @@ def test_profile_network_policy_reaches_the_guest(vm_world: NetWorld) -> None:
     assert listing(w) == before
 
 
-def _wait_ready(w: NetWorld, procs: list[subprocess.Popen[str]], n: int, timeout: float = 240) -> list[str]:
-    """Ids of the n sessions whose guest answers SSH (they write ssh.json once ready)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        ready = sorted(p.parent.name for p in (w.state_dir / "sessions").glob("*/ssh.json"))
-        if len(ready) == n:
-            return ready
-        for p in procs:
-            if p.poll() is not None:
-                raise AssertionError(f"dispo run exited {p.returncode}: {p.communicate()[1]}")
-        assert time.monotonic() < deadline, "sessions not ready in time"
-        time.sleep(0.2)
-
-
-def _tcp_banner(w: NetWorld, sid: str, address: str) -> str:
-    # bash's /dev/tcp: connects and reads what the other side says first (sshd says "SSH-2.0-...").
-    probe = f"exec 3<>/dev/tcp/{address}/22 && head -c 4 <&3"
-    p = w.dispo("ssh", sid, "--", "timeout", "5", "bash", "-c", probe, timeout=60)
-    return p.stdout
-
-
 def test_two_sessions_at_once_isolated_then_stopped(vm_world: NetWorld) -> None:
     w = vm_world
     before = listing(w)
     procs = [w.spawn(w.dispo_argv("run", "--name", name, "--", "sleep", "600"), env=w.env(),
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("one", "two")]
-    a, b = _wait_ready(w, procs, 2)
+    a, b = wait_ready(w, procs, 2)
     assert len(qemu_processes(w)) == 2  # the listing's probe sees this world's guests
     addr = {sid: json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"] for sid in (a, b)}
     name = {sid: json.loads((w.state_dir / "sessions" / sid / "state.json").read_text())["meta"]["name"]
@@ -177,9 +101,9 @@ def test_two_sessions_at_once_isolated_then_stopped(vm_world: NetWorld) -> None:
         got = w.dispo("ssh", sid, "--", "curl", "-sS", "--max-time", "20", URL, timeout=60)
         assert got.returncode == 0 and got.stdout == PAGE, got.stderr
     # The probe works (a guest reaches its own sshd) and neither guest reaches the other's.
-    assert _tcp_banner(w, a, addr[a]) == "SSH-"
-    assert _tcp_banner(w, a, addr[b]) == ""
-    assert _tcp_banner(w, b, addr[a]) == ""
+    assert tcp_banner(w, a, addr[a]) == "SSH-"
+    assert tcp_banner(w, a, addr[b]) == ""
+    assert tcp_banner(w, b, addr[a]) == ""
 
     stopped = w.dispo("stop", a, timeout=120)
     assert stopped.returncode == 0 and f"stopped {a}" in stopped.stdout, stopped.stderr
@@ -221,8 +145,14 @@ def test_interactive_shell_on_a_terminal(vm_world: NetWorld) -> None:
     assert listing(w) == before
 
 
-@pytest.mark.parametrize("step", [s.name for s in STEPS])
-def test_kill_9_after_each_step_then_the_next_command_reclaims(vm_world: NetWorld, step: str) -> None:
+# Every step is killed after with the fakes (tests/test_runtime.py::test_kill_9_after_every_step_...); with a real
+# guest, two stand for the rest: the last one before the VMM starts (every host object made, no QEMU yet) and
+# the one after which the guest is up (QEMU must die with its owner).
+REAL_KILL_STEPS = ("network", "guest.ready")
+
+
+@pytest.mark.parametrize("step", REAL_KILL_STEPS)
+def test_kill_9_after_a_step_then_the_next_command_reclaims(vm_world: NetWorld, step: str) -> None:
     """`dispo run` SIGKILLs itself right after STEP (DISPO_FAULT_KILL_AFTER): its QEMU dies with it, and the
     next dispo command of any kind (here `dispo image ls`) undoes the rest from the journal."""
     w = vm_world

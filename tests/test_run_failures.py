@@ -13,11 +13,10 @@ import pytest
 
 from dispo import config
 from dispo.storage.images import ImageStore
+from tests.guests import listing, qemu_processes
 from tests.netns import NetWorld
-from tests.test_run import listing, qemu_processes, vm_world
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
-__all__ = ["vm_world"]  # the fixture, shared with test_run.py
 
 
 def error_lines(stderr: str) -> list[str]:

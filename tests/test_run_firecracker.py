@@ -19,8 +19,8 @@ from dispo import config
 from dispo.storage.images import ImageStore
 from dispo.vmm.firecracker.probe import GUEST_LINE, tiny_elf
 from tests.fcworld import firecracker_or_skip_reason, processes_mentioning
+from tests.guests import listing
 from tests.netns import NetWorld, net_world
-from tests.test_run import listing
 from tests.tiers import tier
 from tests.worlds import make_ext4
 

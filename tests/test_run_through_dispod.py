@@ -17,14 +17,14 @@ import pytest
 from dispo.client import DispodClient
 from dispo.config import Config
 from tests import fakes
-from tests.test_service import SAFETY_S
+from tests.fakeworld import (
+    SAFETY_S,
+    cfg,
+)
+
+__all__ = ["cfg"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 DISPO = [sys.executable, "-m", "dispo.cli.main"]
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
 
 
 @pytest.fixture

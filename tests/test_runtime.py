@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,28 +25,9 @@ from dispo.runtime.live import LiveSession
 from dispo.runtime.steps import Bringup
 from dispo.web.viewers import StandaloneViewers
 from tests import fakes
+from tests.fakeworld import OWNER_SCRIPT, cfg, leftovers, rt
 
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
-
-
-@pytest.fixture
-def rt(cfg: Config) -> Iterator[Runtime]:
-    viewers = StandaloneViewers()
-    runtime = Runtime(cfg, machinery=fakes.machinery(), viewers=viewers)
-    yield runtime
-    assert runtime.shutdown("test over", timeout=30) == []
-    viewers.close()
-
-
-def leftovers(cfg: Config) -> dict[str, list[str]]:
-    """What a session may leave, listed without asking dispo."""
-    sessions = cfg.state_dir / "sessions"
-    return {"journals": sorted(p.name for p in sessions.iterdir()) if sessions.exists() else [],
-            "disks": sorted(p.name for p in cfg.disks_dir.iterdir()) if cfg.disks_dir.exists() else [],
-            "fake_vmms": [str(p) for p in fakes.fake_vmm_pids(state_dir=cfg.state_dir)]}
+__all__ = ["cfg", "rt"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 
 class Recorder:
@@ -281,23 +262,6 @@ def test_cancel_token_checks(cfg: Config) -> None:
         token.check()
 
 
-_OWNER = """
-import sys, time
-from pathlib import Path
-from typing import Any
-from dispo import config
-from dispo.runtime import Runtime, build
-from tests import fakes
-cfg = config.load(Path(sys.argv[1]), env={})
-rt = Runtime(cfg, machinery=fakes.machinery())
-live = rt.start(build(cfg, command=["sleep", "600"]))
-while live.state.value != "running":
-    time.sleep(0.02)
-print(live.id, flush=True)
-time.sleep(600)
-"""
-
-
 def wait_gone(pids: Callable[[], list[int]], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while pids():
@@ -310,7 +274,8 @@ def test_sessions_of_a_killed_owner_are_reclaimed(cfg: Config, tmp_path: Path) -
     """kill -9 of the process that owns a session: the VMM dies with it (parent-death signal), its journal
     lock is free, and reclaim undoes the rest (here the disk) from the journal."""
     before = leftovers(cfg)
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(fakes.config_file(tmp_path))], stdout=subprocess.PIPE,
+    owner = subprocess.Popen([sys.executable, "-c", OWNER_SCRIPT, str(fakes.config_file(tmp_path))],
+                             stdout=subprocess.PIPE,
                              text=True, cwd=fakes.REPO, env=fakes.env(tmp_path))
     try:
         assert owner.stdout is not None

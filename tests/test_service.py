@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import queue
@@ -21,7 +20,6 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,148 +30,33 @@ import pytest
 from dispo import receipt
 from dispo.client import DispodClient
 from dispo.config import Config
-from dispo.daemon.dispod import Dispod, Options
 from dispo.daemon.paths import ServicePaths
 from dispo.errors import Busy, Conflict, InvalidInput, NotFound, ServiceError
 from dispo.runtime.events import Event, EventKind
-from dispo.runtime.machinery import Machinery
 from dispo.web.guard import Limits, ListenerKind
 from tests import fakes
+from tests.fakeworld import (
+    SAFETY_S,
+    SLEEP,
+    Running,
+    cfg,
+    dispod_ready,
+    end_dispod,
+    fake_vmms_of,
+    leftovers,
+    serving,
+    spawn_dispod,
+    svc,
+    until_ended,
+    wait_state,
+)
 
-SAFETY_S = 60.0  # a bound so a broken test fails instead of hanging; never an assertion about speed
-
-
-# -- the world -----------------------------------------------------------------------------------------
-def fake_vmms_of(cfg: Config) -> list[int]:
-    """This world's fake VMM processes (their console, stdout, is in its state dir); not those of other tests
-    that may run at the same time on this machine."""
-    mine = []
-    for pid in fakes.fake_vmm_pids():
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/1").startswith(f"{cfg.state_dir}/"):
-                mine.append(pid)
-    return mine
-
-
-def leftovers(cfg: Config) -> dict[str, list[str]]:
-    """What sessions may leave, listed without asking dispo."""
-    sessions = cfg.state_dir / "sessions"
-    return {"journals": sorted(p.name for p in sessions.iterdir()) if sessions.exists() else [],
-            "disks": sorted(p.name for p in cfg.disks_dir.iterdir()) if cfg.disks_dir.exists() else [],
-            "fake_vmms": [str(p) for p in fake_vmms_of(cfg)]}
-
-
-class Running:
-    """A dispod served from a thread of this process, with clients for its two listeners."""
-
-    def __init__(self, dispod: Dispod, lines: list[str]) -> None:
-        self.dispod = dispod
-        self.lines = lines
-        self.uds = DispodClient(uds=dispod.paths.socket)
-
-    @property
-    def base(self) -> str:
-        assert self.dispod.server is not None
-        return self.dispod.server.base_url
-
-    @property
-    def token(self) -> str:
-        return self.dispod.token
-
-    def tcp(self, *, auth: bool = True) -> httpx.Client:
-        """A raw HTTP client on TCP, with the bearer token or without."""
-        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
-        return httpx.Client(base_url=self.base, headers=headers, timeout=30)
-
-    def raw_uds(self) -> httpx.Client:
-        return httpx.Client(base_url="http://dispod", transport=httpx.HTTPTransport(uds=str(self.dispod.paths.socket)),
-                            timeout=30)
-
-    def tcp_client(self) -> DispodClient:
-        return DispodClient(base_url=self.base, token=self.token)
-
-
-@contextlib.contextmanager
-def serving(cfg: Config, *, listen: str = "127.0.0.1:0", max_sessions: int = 4, limits: Limits | None = None,
-            machinery: Machinery | None = None) -> Iterator[Running]:
-    lines: list[str] = []
-    options = Options(listen=listen, max_sessions=max_sessions, limits=limits or Limits(),
-                      machinery=machinery or fakes.machinery())
-    dispod = Dispod(cfg, options, lines.append)
-    dispod.open()
-    loop_box: list[asyncio.AbstractEventLoop] = []
-    stop_box: list[asyncio.Event] = []
-    failure: list[BaseException] = []
-
-    async def serve() -> None:
-        loop_box.append(asyncio.get_running_loop())
-        stop = asyncio.Event()
-        stop_box.append(stop)
-        await dispod.serve(stop)
-
-    def run() -> None:
-        try:
-            asyncio.run(serve())
-        except BaseException as e:
-            failure.append(e)
-
-    thread = threading.Thread(target=run, name="dispod-under-test", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + SAFETY_S
-    while not dispod.paths.url.exists():  # written once both listeners accept
-        assert not failure, failure
-        assert time.monotonic() < deadline, "dispod did not start"
-        time.sleep(0.02)
-    running = Running(dispod, lines)
-    try:
-        yield running
-    finally:
-        running.uds.close()
-        if loop_box and stop_box:
-            loop_box[0].call_soon_threadsafe(stop_box[0].set)
-        thread.join(SAFETY_S)
-        dispod.close()
-        assert not thread.is_alive(), "dispod did not stop"
-        assert not failure, failure
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
-
-
-@pytest.fixture
-def svc(cfg: Config) -> Iterator[Running]:
-    before = leftovers(cfg)
-    with serving(cfg) as running:
-        yield running
-    assert leftovers(cfg) == before  # dispod's stop ended every session and removed all they made
-
-
-def wait_state(client: DispodClient, sid: str, state: str) -> dict[str, Any]:
-    deadline = time.monotonic() + SAFETY_S
-    while True:
-        status = client.session(sid)
-        if status["state"] == state:
-            return status
-        assert status["state"] != "ended" or state == "ended", status
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
-
-
-def until_ended(client: DispodClient, sid: str) -> list[Event]:
-    """One session's events until its `ended` event (what `dispo run` through dispod reads)."""
-    events = list(client.events(session=sid))
-    assert events and events[-1].kind is EventKind.ENDED, events
-    return events
+__all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 
 def output(events: list[Event], stream: str = "stdout") -> bytes:
     return b"".join(base64.b64decode(e.fields["data"]) for e in events
                     if e.kind is EventKind.OUTPUT and e.fields["stream"] == stream)
-
-
-SLEEP = {"image": "minimal", "command": ["sleep", "600"]}
 
 
 # -- sessions through the API --------------------------------------------------------------------------
@@ -699,35 +582,15 @@ def test_dashboard_page(svc: Running) -> None:
 
 
 # -- dispod as a process ---------------------------------------------------------------------------------
-def _start(root: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "dispo.daemon.main", "--machinery", "tests.fakes:machinery",
-                                 *extra], env=fakes.env(root), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=fakes.REPO)
-
-
-def _ready(cfg: Config, proc: subprocess.Popen[bytes], log: Path) -> DispodClient:
-    deadline = time.monotonic() + SAFETY_S
-    while (client := DispodClient.available(cfg)) is None:
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    return client
-
-
-def _end(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(SAFETY_S)
 
 
 def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, tmp_path: Path) -> None:
     before = leftovers(cfg)
     log = tmp_path / "dispod.log"
-    first = _start(tmp_path, log)
+    first = spawn_dispod(tmp_path, log)
     second: subprocess.Popen[bytes] | None = None
     try:
-        with _ready(cfg, first, log) as client:
+        with dispod_ready(cfg, first, log) as client:
             sid = client.create_session(SLEEP)["id"]
             wait_state(client, sid, "running")
         vmm = fakes.fake_vmm_pids(sid)
@@ -739,8 +602,8 @@ def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, t
             assert time.monotonic() < deadline, fakes.fake_vmm_pids(sid)
             time.sleep(0.05)
         assert (cfg.state_dir / "sessions" / sid).is_dir()  # the rest waits for the next dispod
-        second = _start(tmp_path, log)
-        with _ready(cfg, second, log) as client:
+        second = spawn_dispod(tmp_path, log)
+        with dispod_ready(cfg, second, log) as client:
             assert f"reclaimed session {sid}" in log.read_text()
             assert fakes.fake_vmm_pids(sid) == []
             assert not (cfg.state_dir / "sessions" / sid).exists() and not (cfg.disks_dir / sid).exists()
@@ -760,16 +623,16 @@ def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, t
         paths = ServicePaths(cfg.state_dir)
         assert not paths.socket.exists() and not paths.token.exists() and not paths.url.exists()
     finally:
-        _end(first)
+        end_dispod(first)
         if second is not None:
-            _end(second)
+            end_dispod(second)
 
 
 def test_a_second_dispod_on_the_same_state_dir_refuses(cfg: Config, tmp_path: Path) -> None:
     log = tmp_path / "dispod.log"
-    first = _start(tmp_path, log)
+    first = spawn_dispod(tmp_path, log)
     try:
-        with _ready(cfg, first, log) as client:
+        with dispod_ready(cfg, first, log) as client:
             second = subprocess.run([sys.executable, "-m", "dispo.daemon.main", "--machinery",
                                      "tests.fakes:machinery"], env=fakes.env(tmp_path), capture_output=True,
                                     text=True, timeout=SAFETY_S, cwd=fakes.REPO, stdin=subprocess.DEVNULL)
@@ -782,20 +645,20 @@ def test_a_second_dispod_on_the_same_state_dir_refuses(cfg: Config, tmp_path: Pa
         first.send_signal(signal.SIGINT)
         assert first.wait(SAFETY_S) == 0
     finally:
-        _end(first)
+        end_dispod(first)
 
 
 def test_dispod_says_one_session_not_one_sessions(cfg: Config, tmp_path: Path) -> None:
     log = tmp_path / "dispod.log"
-    proc = _start(tmp_path, log, "--max-sessions", "1")
+    proc = spawn_dispod(tmp_path, log, "--max-sessions", "1")
     try:
-        with _ready(cfg, proc, log):
+        with dispod_ready(cfg, proc, log):
             pass
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(SAFETY_S) == 0, log.read_text()
         assert "(max 1 session, machinery" in log.read_text(), log.read_text()
     finally:
-        _end(proc)
+        end_dispod(proc)
 
 
 def test_dispod_refuses_bad_options_in_one_line(cfg: Config, tmp_path: Path) -> None:

@@ -17,41 +17,31 @@ from pathlib import Path
 import pytest
 
 from tests.dispodworld import Dispod, start_dispod, stop_dispod
-from tests.netns import DISPO, INTERNET, INTERNET_PORT, PAGE, REPO, NetWorld, net_world
-from tests.test_browser import ARTIFACTS, GREEN, SHOW_TIMEOUT_S
-from tests.test_browser import PAGE as COLOUR_PAGE
-from tests.test_run import listing, qemu_processes
+from tests.guests import (
+    ARTIFACTS,
+    COLOUR_PAGE,
+    GREEN,
+    SHOW_TIMEOUT_S,
+    GuestImages,
+    guest_world,
+    qemu_processes,
+    state_listing,
+)
+from tests.netns import INTERNET, INTERNET_PORT, PAGE, REPO, NetWorld
 from tests.tiers import tier
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
-DISPOD_FILES = {"dispod.sock", "dispod.url", "dispod.token", "dispod.lock"}
-
-
-def state_listing(w: NetWorld) -> dict[str, object]:
-    """listing() without dispod's own files (they live as long as dispod, not as a session)."""
-    found = listing(w)
-    state = found["state"]
-    assert isinstance(state, list)
-    found["state"] = [p for p in state if p not in DISPOD_FILES]
-    return found
 
 
 @pytest.fixture
 @tier("vm")
-def world(tmp_path: Path) -> Iterator[NetWorld]:
+def world(tmp_path: Path, guest_images: GuestImages) -> Iterator[NetWorld]:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces, taps, nftables")
-    with net_world(tmp_path / "w") as w:
-        w.write_config(link="tap", dns="none")
-        for recipe in ("minimal",):
-            p = subprocess.run([*DISPO, "image", "build", recipe, "--quiet"], env=w.env(), capture_output=True,
-                               text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
-            assert p.returncode == 0, p.stderr
+    with guest_world(tmp_path / "w", guest_images, "minimal") as w:
         yield w
-        for line in qemu_processes(w):  # a failed test must not leave a guest running
-            os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def wait_state(d: Dispod, sid: str, state: str, timeout: float = 300) -> dict[str, object]:
@@ -137,11 +127,9 @@ def test_kill_9_of_dispod_then_the_next_one_reclaims(world: NetWorld) -> None:
 
 
 @pytest.mark.browser  # a Chromium guest
-def test_dashboard_start_view_end(world: NetWorld, tmp_path: Path) -> None:
+def test_dashboard_start_view_end(world: NetWorld, guest_images: GuestImages, tmp_path: Path) -> None:
     w = world
-    p = subprocess.run([*DISPO, "image", "build", "chromium", "--quiet"], env=w.env(), capture_output=True,
-                       text=True, timeout=1800, check=False, stdin=subprocess.DEVNULL)
-    assert p.returncode == 0, p.stderr
+    guest_images.give(w, "chromium")
     (w.root / "www-inet" / "page.html").write_text(COLOUR_PAGE)
     before = state_listing(w)
     d = start_dispod(w)

@@ -7,28 +7,16 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from dispo.config import Config
 from dispo.web.guard import Limits, ListenerKind
-from tests import fakes
-from tests.test_service import SAFETY_S, SLEEP, Running, serving
+from tests.fakeworld import SAFETY_S, SLEEP, Running, cfg, serving, svc
+
+__all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 SECRET = b"ECHO-ME-NOT"  # put in each bad request: no answer may repeat it
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
-
-
-@pytest.fixture
-def svc(cfg: Config) -> Iterator[Running]:
-    with serving(cfg) as running:
-        yield running
 
 
 def _address(svc: Running) -> tuple[str, int]:

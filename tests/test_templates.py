@@ -13,12 +13,21 @@ from pathlib import Path
 import pytest
 
 from tests.dispodworld import start_dispod, stop_dispod
+from tests.guests import (
+    GREEN,
+    PAGE_URL,
+    RED,
+    listing,
+    session_id,
+    shot,
+    spawn_run,
+    state_listing,
+    tcp_banner,
+    viewer_url,
+    wait_ready,
+)
 from tests.netns import INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links
-from tests.test_browser import GREEN, PAGE_URL, RED, _session_id, _shot, _spawn_run, _viewer_url, browser_world
-from tests.test_run import _tcp_banner, _wait_ready, listing, vm_world
-from tests.test_service_e2e import state_listing
 
-__all__ = ["browser_world", "vm_world"]
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
@@ -46,14 +55,14 @@ def test_two_clones_of_a_minimal_template_each_have_their_own_identity(vm_world:
 
     procs = [w.spawn(w.dispo_argv("run", "--name", name, "--", "sh", "-c", PROBE + "; sleep 600"), env=w.env(),
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("one", "two")]
-    a, b = _wait_ready(w, procs, 2)
+    a, b = wait_ready(w, procs, 2)
     addr = {sid: json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"] for sid in (a, b)}
     assert addr[a] != addr[b]
     assert dispo_links(w.host) == {f"dsp-{a}", f"dsp-{b}"}
     # Neither clone reaches the other (each its own tap and rules), while each reaches its own sshd.
-    assert _tcp_banner(w, a, addr[a]) == "SSH-"
-    assert _tcp_banner(w, a, addr[b]) == ""
-    assert _tcp_banner(w, b, addr[a]) == ""
+    assert tcp_banner(w, a, addr[a]) == "SSH-"
+    assert tcp_banner(w, a, addr[b]) == ""
+    assert tcp_banner(w, b, addr[a]) == ""
     for p in procs:
         os.kill(p.pid, signal.SIGTERM)
     outs = []
@@ -86,7 +95,6 @@ def test_cold_forces_a_boot_and_a_changed_image_is_refused(vm_world: NetWorld) -
     assert "stale" in w.dispo("template", "ls").stdout
 
 
-
 def test_chromium_template_clones_show_the_page_and_share_no_storage(browser_world: NetWorld, tmp_path: Path) -> None:
     """The chromium profile's template holds the browser already running on a blank page; a clone is handed
     the session's URL. Session 1 stores a cookie and localStorage (RED: storage works in a clone); session 2,
@@ -97,10 +105,10 @@ def test_chromium_template_clones_show_the_page_and_share_no_storage(browser_wor
     before = listing(w)
 
     log1 = tmp_path / "warm1.log"
-    one = _spawn_run(w, "chromium", f"{PAGE_URL}?set", log=log1)
-    url = _viewer_url(one, log1)
-    _session_id(w, one, log1)
-    seen = _shot(w, url, "template-chromium-session1.png", RED, end=True)
+    one = spawn_run(w, "chromium", f"{PAGE_URL}?set", log=log1)
+    url = viewer_url(one, log1)
+    session_id(w, one, log1)
+    seen = shot(w, url, "template-chromium-session1.png", RED, end=True)
     assert seen["seen"], f"the restored session did not show RED through the viewer: {seen}"
     assert seen.get("ended"), seen
     assert one.wait(120) == 0, log1.read_text()
@@ -108,9 +116,9 @@ def test_chromium_template_clones_show_the_page_and_share_no_storage(browser_wor
     assert listing(w) == before
 
     log2 = tmp_path / "warm2.log"
-    two = _spawn_run(w, "chromium", f"{PAGE_URL}?check", log=log2)
-    url2 = _viewer_url(two, log2)
-    fresh = _shot(w, url2, "template-chromium-session2.png", GREEN, end=True)
+    two = spawn_run(w, "chromium", f"{PAGE_URL}?check", log=log2)
+    url2 = viewer_url(two, log2)
+    fresh = shot(w, url2, "template-chromium-session2.png", GREEN, end=True)
     assert fresh["seen"], f"the second clone saw the first one's storage (not GREEN): {fresh}"
     assert two.wait(120) == 0, log2.read_text()
     assert "restoring from template profile-chromium" in log2.read_text()

@@ -31,12 +31,10 @@ from tests.fcworld import (
     links,
     processes_mentioning,
 )
-from tests.test_firecracker_jailer import chroot_base
 from tests.worlds import host_objects, make_ext4
 
 FC, WHY = firecracker_or_skip_reason()
 PAIR, PAIR_WHY = jailer_pair_or_skip_reason()
-__all__ = ["chroot_base"]  # the fixture: a short directory on / for the jail
 pytestmark = [pytest.mark.firecracker, pytest.mark.root, pytest.mark.vm, pytest.mark.skipif(FC is None, reason=WHY)]
 
 

@@ -24,7 +24,7 @@ print("TIERS=" + json.dumps(found))
 """
 
 CASES = {
-    # unmarked modules whose tests boot guests through worlds imported from other modules
+    # unmarked modules whose tests boot guests through the worlds conftest shares (tests/guests.py)
     "tests/test_open.py": ("test_xdg_open_starts_a_disposable_session_on_the_url", "vm"),
     "tests/test_browser_features.py": ("test_browser_features_and_kept_volume", "browser"),
     # a fixture of conftest's (loop-mounted filesystems) makes a test a root test

@@ -20,16 +20,9 @@ from dispo.runtime.plan import plan
 from dispo.storage import templates
 from dispo.storage.images import ImageStore
 from dispo.storage.templates import TemplateKind, TemplateStore
-from tests.test_runtime import cfg, leftovers, rt
+from tests.fakeworld import cfg, leftovers, make_template, rt
 
-__all__ = ["cfg", "rt"]  # fixtures from test_runtime (pytest finds them by name)
-
-
-def _template(rt: Runtime, name: str = "minimal", kind: str = "auto") -> None:
-    req, k = warm.build_request(rt.cfg, name, kind=kind)
-    live = rt.start(req, steps=warm.template_steps(k, name))
-    assert live.wait(30) and live.error is None, live.error
-    assert live.end_reason == f"template {k.value}-{name} saved"
+__all__ = ["cfg", "rt"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 
 def test_no_template_boots_cold_and_says_why(cfg: Config) -> None:
@@ -42,7 +35,7 @@ def test_no_template_boots_cold_and_says_why(cfg: Config) -> None:
 
 def test_a_template_is_restored_by_default_and_never_by_cold(rt: Runtime, cfg: Config) -> None:
     before = leftovers(cfg)
-    _template(rt)
+    make_template(rt)
     t = TemplateStore(cfg).find(TemplateKind.IMAGE, "minimal")
     assert t is not None and {"rootfs.ext4", "memory.fake", "template.json"} <= {p.name for p in t.path.iterdir()}
     assert not os.access(t.path / "memory.fake", os.W_OK) or os.geteuid() == 0  # sealed (root writes anyway)
@@ -67,7 +60,7 @@ def test_a_template_is_restored_by_default_and_never_by_cold(rt: Runtime, cfg: C
 
 def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cfg: Config,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    _template(rt)
+    make_template(rt)
     req = build(cfg, image="minimal", command=["true"])
     assert plan(cfg, req).template is not None
     bigger = build(cfg, image="minimal", command=["true"], memory_mib=1024)
@@ -97,7 +90,7 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
         f.write("tampered\n")
     assert "its file memory.fake changed after it was sealed" in plan(cfg, req).why
 
-    _template(rt)  # a rebuild replaces it
+    make_template(rt)  # a rebuild replaces it
     assert plan(cfg, req).template is not None
     store = ImageStore(cfg)
     image = store.get("minimal")
@@ -110,7 +103,7 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
 
 
 def test_profile_templates_take_the_profile_and_image_ones_the_image(rt: Runtime, cfg: Config) -> None:
-    _template(rt, "chromium")  # fakes.config's chromium profile: a fake browser on a fake display
+    make_template(rt, "chromium")  # fakes.config's chromium profile: a fake browser on a fake display
     assert TemplateStore(cfg).find(TemplateKind.PROFILE, "chromium") is not None
     assert plan(cfg, build(cfg, profile="chromium")).template is not None
     assert plan(cfg, build(cfg, image="minimal", command=["true"])).template is None
