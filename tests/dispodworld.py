@@ -59,3 +59,14 @@ def stop_dispod(d: Dispod) -> None:
     if d.proc.poll() is None:
         os.kill(d.proc.pid, signal.SIGTERM)  # nsenter exec()s python: this is dispod itself
         assert d.proc.wait(120) == 0, d.log.read_text()
+
+
+def wait_state(d: Dispod, sid: str, state: str, timeout: float = 300) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = d.client.session(sid)
+        if s["state"] == state:
+            return s
+        assert s["state"] != "ended", s
+        assert time.monotonic() < deadline, s
+        time.sleep(0.3)

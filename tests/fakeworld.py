@@ -8,6 +8,7 @@ fakes imports them (`from tests.fakeworld import cfg`), and they stand in for co
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -22,12 +23,14 @@ from typing import Any
 import httpx
 import pytest
 
+from dispo.cli import run
 from dispo.client import DispodClient
 from dispo.config import Config
 from dispo.daemon.dispod import Dispod, Options
-from dispo.runtime import Event, EventKind, Runtime, StandaloneViewers, warm
+from dispo.runtime import Event, EventKind, Runtime, warm
 from dispo.runtime.machinery import Machinery
 from dispo.web.guard import Limits
+from dispo.web.viewers import StandaloneViewers
 from tests import fakes
 
 SAFETY_S = 60.0  # a bound so a broken test fails instead of hanging; never an assertion about speed
@@ -213,3 +216,11 @@ def make_template(rt: Runtime, name: str = "minimal", kind: str = "auto") -> Non
     live = rt.start(req, steps=warm.template_steps(k, name))
     assert live.wait(30) and live.error is None, live.error
     assert live.end_reason == f"template {k.value}-{name} saved"
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dispo")
+    sub = p.add_subparsers()
+    run.register(sub)
+    (parser,) = [c for c in sub.choices.values() if c.prog.endswith(" run")]
+    return parser

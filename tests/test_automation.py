@@ -14,7 +14,6 @@ import asyncio
 import json
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +29,9 @@ from dispo.runtime import build, from_json
 from dispo.runtime import plan as planning
 from dispo.runtime.steps import Origin
 from dispo.web import automation
-from tests import fakes
-from tests.test_service import SAFETY_S, Running, leftovers, serving, wait_state
-from tests.test_settings import run_parser
+from tests.fakeworld import SAFETY_S, Running, cfg, run_parser, svc, wait_state
 
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
-
-
-@pytest.fixture
-def svc(cfg: Config) -> Iterator[Running]:
-    before = leftovers(cfg)
-    with serving(cfg) as running:
-        yield running
-    assert leftovers(cfg) == before
+__all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 
 def start(svc: Running, **body: Any) -> dict[str, Any]:

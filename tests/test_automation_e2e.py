@@ -14,10 +14,10 @@ import sys
 import pytest
 
 from dispo import guest
-from tests.dispodworld import start_dispod, stop_dispod
+from tests.dispodworld import start_dispod, stop_dispod, wait_state
+from tests.guests import COLOUR_PAGE as PAGE
+from tests.guests import state_listing
 from tests.netns import INTERNET, INTERNET_PORT, REPO, NetWorld, in_ns
-from tests.test_browser import PAGE, browser_world
-from tests.test_service_e2e import state_listing, wait_state
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
 
@@ -59,5 +59,3 @@ def test_playwright_drives_the_guests_chromium_over_cdp(browser_world: NetWorld)
         stop_dispod(d)
     assert state_listing(w) == before
 
-
-__all__ = ["browser_world"]

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,22 +21,9 @@ from dispo.config import Config
 from dispo.errors import DispoError, InvalidInput, NotFound, PermissionProblem, ServiceError, VmmError
 from dispo.runtime.request import from_json
 from tests import fakes
-from tests.test_service import Running, leftovers, serving
+from tests.fakeworld import Running, leftovers, serving
 
 pytest_plugins = ("pytester",)
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
-
-
-@pytest.fixture
-def svc(cfg: Config) -> Iterator[Running]:
-    before = leftovers(cfg)
-    with serving(cfg) as running:
-        yield running
-    assert leftovers(cfg) == before
 
 
 def home(svc: Running, sid: str) -> Path:
@@ -310,6 +296,8 @@ def test_async_downloads_uploads_and_clipboard(svc: Running, cfg: Config, tmp_pa
 # -- the pytest plugin ---------------------------------------------------------------------------------------
 INNER_TESTS = """
 import pytest
+
+__all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 def test_one(dispo_browser):
     assert dispo_browser.state == "running" and dispo_browser.viewer_url

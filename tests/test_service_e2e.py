@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dispodworld import Dispod, start_dispod, stop_dispod
+from tests.dispodworld import start_dispod, stop_dispod, wait_state
 from tests.guests import (
     ARTIFACTS,
     COLOUR_PAGE,
@@ -42,17 +42,6 @@ def world(tmp_path: Path, guest_images: GuestImages) -> Iterator[NetWorld]:
         pytest.skip("needs root: namespaces, taps, nftables")
     with guest_world(tmp_path / "w", guest_images, "minimal") as w:
         yield w
-
-
-def wait_state(d: Dispod, sid: str, state: str, timeout: float = 300) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = d.client.session(sid)
-        if s["state"] == state:
-            return s
-        assert s["state"] != "ended", s
-        assert time.monotonic() < deadline, s
-        time.sleep(0.3)
 
 
 def test_api_and_cli_through_dispod(world: NetWorld) -> None:

@@ -21,7 +21,9 @@ from dispo.runtime.request import API_KEYS
 from dispo.settings import SETTINGS, limit_hi
 from dispo.vmm.base import VmmKind
 from dispo.web.openapi import document
-from tests import fakes
+from tests.fakeworld import cfg, run_parser
+
+__all__ = ["cfg"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "dispo"
 NUMBERS = [k for k, s in SETTINGS.items() if s.number]
@@ -32,14 +34,6 @@ def shown(value: float | str) -> str:
     if isinstance(value, str):
         return value
     return str(int(value)) if float(value) == int(value) else str(value)
-
-
-def run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dispo")
-    sub = p.add_subparsers()
-    run.register(sub)
-    (parser,) = [c for c in sub.choices.values() if c.prog.endswith(" run")]
-    return parser
 
 
 def run_options() -> dict[str, argparse.Action]:
@@ -139,11 +133,6 @@ def test_a_profile_takes_each_setting_within_the_tables_limits(tmp_path: Path, k
         with pytest.raises(InvalidInput, match=f"key '{key}' must be .* from {shown(s.lo)} to "
                                                f"{shown(limit_hi(key))}"):
             profiles.find("p", tmp_path)
-
-
-@pytest.fixture
-def cfg(tmp_path: Path) -> Config:
-    return fakes.config(tmp_path)
 
 
 def test_a_request_without_a_profile_gets_the_tables_defaults(cfg: Config) -> None:

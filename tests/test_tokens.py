@@ -22,7 +22,7 @@ import pytest
 
 from dispo.web.rfb import InputFilter, ProtocolViolation
 from tests import fakes
-from tests.test_service import SAFETY_S, Running, serving, wait_state
+from tests.fakeworld import SAFETY_S, Running, serving, wait_state
 
 pytestmark = pytest.mark.skipif(not Path("/usr/share/novnc/vnc.html").exists(), reason="needs Debian package novnc")
 
