@@ -6,6 +6,8 @@ a session without has none and its route answers 404, as do a wrong token and an
 the cap, either way, end that connection on both sides; connections per session are bounded; a client that
 leaves closes its browser side; the session's end closes every relay and the URL then answers 404; the
 browser's /json/version answer is the guest's and is read capped; the request's checks and the plan (a boot).
+Its tokens are the session's automate tokens (web/viewers.py): the cdp_url's is listed and revocable, minted
+ones open the relay, view and interact ones are refused, and revoking one closes its relays and its URL.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 from aiohttp import WSMsgType, web
 
@@ -29,6 +32,8 @@ from dispo.runtime import build, from_json
 from dispo.runtime import plan as planning
 from dispo.runtime.steps import Origin
 from dispo.web import automation
+from dispo.web.viewers import ServiceViewers
+from tests import fakes
 from tests.fakeworld import SAFETY_S, Running, cfg, run_parser, svc, wait_state
 
 __all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
@@ -223,6 +228,119 @@ def state_of(svc: Running, sid: str) -> dict[str, Any]:
     return next(s for s in svc.uds.sessions(all=True) if s["id"] == sid)
 
 
+
+# -- its tokens: the session's automate tokens (web/viewers.py) ------------------------------------------------
+def mint(svc: Running, sid: str, scope: str) -> dict[str, Any]:
+    with svc.raw_uds() as http:
+        r = http.post(f"/v1/sessions/{sid}/tokens", json={"scope": scope})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def listed(svc: Running, sid: str) -> list[dict[str, Any]]:
+    with svc.raw_uds() as http:
+        r = http.get(f"/v1/sessions/{sid}/tokens")
+    assert r.status_code == 200, r.text
+    return list(r.json()["tokens"])
+
+
+def test_the_urls_token_is_an_automate_token_and_minted_ones_open_the_relay(svc: Running) -> None:
+    created = start(svc, automation=True)
+    sid, url = created["id"], created["cdp_url"]
+    assert [t["scope"] for t in listed(svc, sid)] == ["interact", "automate"]  # viewer_url's, cdp_url's
+    minted = mint(svc, sid, "automate")
+    assert minted["url"] == url.replace(url.split("/")[-2], minted["token"])  # the same endpoint, its own token
+    assert [t["scope"] for t in listed(svc, sid)] == ["interact", "automate", "automate"]
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(minted["url"]) as ws:
+            assert await ask(ws, "ping") == "ping"
+            assert await ask(ws, "open?") == "1"
+            counted = {t["id"]: t["connections"] for t in await asyncio.to_thread(listed, svc, sid)}
+            assert counted[minted["id"]] == 1 and sum(counted.values()) == 1
+
+    run(clients())
+    # Neither is a viewer token: the viewer refuses them, as before.
+    with svc.tcp(auth=False) as http:
+        for token in (url.split("/")[-2], minted["token"]):
+            r = http.get(f"{svc.base}/viewer/{sid}/{token}/")
+            assert r.status_code == 403 and "automate token" in r.text, r.text
+
+
+def test_view_and_interact_tokens_are_refused_by_the_automation_route(svc: Running) -> None:
+    created = start(svc, automation=True)
+    sid, url = created["id"], created["cdp_url"]
+    others = [mint(svc, sid, "view")["token"], mint(svc, sid, "interact")["token"],
+              created["viewer_url"].rstrip("/").rsplit("/", 1)[1]]
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http:
+            for token in others:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(url.replace(url.split("/")[-2], token))
+                assert refused.value.status == 404
+            async with http.ws_connect(url) as ws:
+                assert await ask(ws, "open?") == "1"  # the refused ones reached no browser
+
+    run(clients())
+
+
+@pytest.mark.parametrize("by", ["token", "id"])
+def test_revoking_the_urls_token_closes_its_relays_and_refuses_it_from_then_on(svc: Running, by: str) -> None:
+    created = start(svc, automation=True)
+    sid, url = created["id"], created["cdp_url"]
+    first = next(t for t in listed(svc, sid) if t["scope"] == "automate")
+    kept = mint(svc, sid, "automate")
+
+    async def clients() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(kept["url"]) as watcher:
+            async with http.ws_connect(url) as one, http.ws_connect(url) as two:
+                assert await ask(one, "open?") == "3"
+                async with httpx.AsyncClient(
+                        transport=httpx.AsyncHTTPTransport(uds=str(svc.dispod.paths.socket))) as api:
+                    which = first["id"] if by == "id" else url.split("/")[-2]
+                    r = await api.delete(f"http://dispod/v1/sessions/{sid}/tokens/{which}")
+                assert r.status_code == 200, r.text
+                assert r.json()["id"] == first["id"] and r.json()["connections"] == 2  # the cdp_url's own token
+                for ws in (one, two):
+                    msg = await ws.receive(SAFETY_S)
+                    assert (msg.type, msg.data) == (WSMsgType.CLOSE, 4403), msg
+            await until_open(watcher, 1)  # their browser sides are closed too; the other token's stays
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(url)
+            assert refused.value.status == 404
+            assert await ask(watcher, "ping") == "ping"
+
+    run(clients())
+    assert [t["id"] for t in listed(svc, sid) if t["scope"] == "automate"] == [kept["id"]]
+    assert svc.uds.session(sid)["cdp_url"] == url  # still what the session announced, now refused
+
+
+def test_a_bidi_sessions_automate_tokens_are_its_bidi_url(svc: Running, cfg: Config) -> None:
+    (cfg.profiles_dir / "firefox.toml").write_text(fakes.CHROMIUM_PROFILE.replace('"cdp"', '"bidi"'))
+    created = start(svc, profile="firefox", automation=True)
+    assert created["cdp_url"] is None and created["bidi_url"].endswith("/bidi")
+    minted = mint(svc, created["id"], "automate")
+    assert minted["url"].endswith(f"/automation/{created['id']}/{minted['token']}/bidi")
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(minted["url"]) as ws:
+            assert await ask(ws, "ping") == "ping"
+
+    run(client())
+
+
+def test_a_session_without_automation_mints_automate_tokens_without_a_url(svc: Running) -> None:
+    created = start(svc)
+    assert [t["scope"] for t in listed(svc, created["id"])] == ["interact"]
+    automate = mint(svc, created["id"], "automate")
+    assert automate["url"] is None
+    with svc.tcp(auth=False) as http:
+        answer = http.get(f"/automation/{created['id']}/{automate['token']}/cdp",
+                          headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"})
+    assert answer.status_code == 404, answer.text
+
 # -- the guest's answers -----------------------------------------------------------------------------
 async def _browser_path(body: bytes) -> str:
     """What the relay makes of a /json/version answer with `body`, served on a unix socket as the forward is."""
@@ -238,7 +356,7 @@ async def _browser_path(body: bytes) -> str:
         await web.UnixSite(runner, sock).start()
         try:
             async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as session:
-                return await automation.ServiceAutomation()._browser_path(session)
+                return await automation.ServiceAutomation(ServiceViewers())._browser_path(session)
         finally:
             await runner.cleanup()
 

@@ -87,7 +87,7 @@ class Dispod:
         self.tcp: TcpAddress | None = parse_listen(options.listen) if options.listen else None
         self.token = secrets.token_urlsafe(32)
         self.viewers = ServiceViewers()
-        self.automation = ServiceAutomation()
+        self.automation = ServiceAutomation(self.viewers)
         self.rt = Runtime(cfg, machinery=options.machinery, viewers=self.viewers, automation=self.automation,
                           max_sessions=options.max_sessions, owner=OWNER)
         self.service: Service | None = None
@@ -172,7 +172,7 @@ class Dispod:
                                       unix=unix, tcp=tcp)
         base = server.base_url or unix_base(self.paths.socket)
         self.viewers.bind(loop, base)
-        self.automation.bind(loop, base)
+        self.automation.bind(loop)
         self.dashboard_url = f"{base}/ui/{self.token}/"
         try:
             await server.start()

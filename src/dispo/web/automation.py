@@ -4,8 +4,12 @@ A session started with `"automation": true` has its browser listen for its debug
 loopback only (runtime/request.py AUTOMATION_OPTIONS); the session's SSH forwards that port to a unix socket
 in its root-only state dir (runtime/steps.py web_display). Nothing on any network reaches it: dispod relays
 it here, at ws://HOST:PORT/automation/ID/TOKEN/cdp (or .../bidi), a URL that `connect_over_cdp` and
-Puppeteer's `browserWSEndpoint` take as it is. TOKEN is the session's own secret, made when the session is
-announced (`reserve`) and compared in constant time.
+Puppeteer's `browserWSEndpoint` take as it is. TOKEN is an automate token of the session's scoped tokens
+(web/viewers.py): the URL the session announces (`reserve`) carries the one made with the session's record,
+and `POST /v1/sessions/ID/tokens {"scope": "automate"}` makes more. Every token of the session is compared in
+constant time (`ServiceViewers.find`); a view or interact token is refused here as a wrong one is. A client's
+WebSocket counts as open under its token, so revoking the token closes its relays at once (the client's side
+with code 4403, then the browser's) and its URL answers 404 from then on.
 
 Each client connection gets its own WebSocket to the browser through the forward (the browser takes several
 at once, so several clients can attach, and one that drops can connect again while the session runs). The
@@ -28,7 +32,6 @@ import contextlib
 import json
 import logging
 import re
-import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -38,14 +41,16 @@ from aiohttp import WSMsgType, web
 
 from dispo import guest
 from dispo.errors import Busy, Conflict, GuestIOError, InvalidInput, NotFound
-from dispo.web.guard import authenticated, token_ok
+from dispo.web.guard import authenticated
+from dispo.web.viewer import Scope
+from dispo.web.viewers import AUTOMATION_PREFIX, Grant, ServiceViewers
 
 if TYPE_CHECKING:
     from dispo.runtime.live import LiveSession
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/automation"
+PREFIX = AUTOMATION_PREFIX
 MAX_MESSAGE_BYTES = 32 << 20  # a CDP screenshot of a large page is a few MiB of base64; far above any command
 MAX_CLIENTS = 8               # connections relayed at once per session (each holds a channel into the guest)
 VERSION_CAP = 64 << 10        # bytes of the browser's /json/version answer read at most
@@ -54,7 +59,6 @@ CLOSE_TIMEOUT_S = 2.0         # a side that does not answer a close is dropped a
 RETRY_S = 0.5                 # while the browser starts, its port is asked again this often
 BIDI_PATH = "/session"        # Firefox's WebDriver BiDi endpoint
 _BROWSER_PATH = re.compile(r"^/devtools/browser/[A-Za-z0-9-]{1,64}$")
-_NO_TOKEN = secrets.token_urlsafe(24)  # compared against when the session is unknown: same work, same answer
 _WHERE = f"http://127.0.0.1:{guest.DEBUG_PORT}"  # the browser's own address, as it expects to be asked (Host)
 
 
@@ -65,7 +69,6 @@ class _StartingUp(Exception):
 @dataclass(eq=False)
 class _Endpoint:
     live: LiveSession
-    token: str
     relays: set[_Relay] = field(default_factory=set)
     taken: int = 0      # client slots in use: connecting or relaying
     gone: bool = False  # withdrawn: the session ended
@@ -118,26 +121,25 @@ class _Relay:
 
 
 class ServiceAutomation:
-    """dispod's `AutomationHost` (runtime/live.py): every automation session's endpoint, one route of its server."""
+    """dispod's `AutomationHost` (runtime/live.py): every automation session's endpoint, one route of its server.
+    Its tokens are the sessions' automate tokens in `viewers`."""
 
-    def __init__(self) -> None:
-        self.base = ""  # "http://127.0.0.1:8686", set once the listeners are bound
+    def __init__(self, viewers: ServiceViewers) -> None:
+        self.viewers = viewers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._endpoints: dict[str, _Endpoint] = {}
         self._lock = threading.Lock()
 
-    def bind(self, loop: asyncio.AbstractEventLoop, base: str) -> None:
-        self._loop, self.base = loop, base
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
 
     # -- AutomationHost (called from request handlers and session threads) ---------------------------
     def reserve(self, live: LiveSession) -> str | None:
-        """The session's URL; None when dispod has no TCP listener (a program cannot reach a unix socket)."""
-        if not self.base.startswith("http://"):
-            return None
-        ep = _Endpoint(live, secrets.token_urlsafe(24))
+        """The session's URL, with its first automate token; None when dispod has no TCP listener (a program
+        cannot reach a unix socket)."""
         with self._lock:
-            self._endpoints[live.id] = ep
-        return f"ws://{self.base.removeprefix('http://')}{PREFIX}/{live.id}/{ep.token}/{live.request.automation}"
+            self._endpoints[live.id] = _Endpoint(live)
+        return self.viewers.automation_url(live)
 
     def withdraw(self, session_id: str) -> None:
         with self._lock:
@@ -163,11 +165,14 @@ class ServiceAutomation:
             ep.gone = True
             self._stop_all(ep)
 
-    def find(self, session_id: str, token: str) -> _Endpoint | None:
+    def find(self, session_id: str, token: str) -> tuple[_Endpoint, Grant] | None:
+        """The session's endpoint and the grant `token` is, if it is one of the session's automate tokens."""
+        found = self.viewers.find(session_id, token)  # every token of the session, compared in constant time
         with self._lock:
             ep = self._endpoints.get(session_id)
-        ok = token_ok(token, ep.token if ep is not None else _NO_TOKEN)
-        return ep if ep is not None and ok and not ep.gone else None
+        if found is None or ep is None or ep.gone or found[1].scope is not Scope.AUTOMATE:
+            return None
+        return ep, found[1]
 
     def open_connections(self, session_id: str) -> int:
         with self._lock:
@@ -177,12 +182,13 @@ class ServiceAutomation:
     # -- the route --------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
         sid, token, tail = (request.match_info[k] for k in ("session_id", "token", "tail"))
-        ep = self.find(sid, token)
-        if ep is None or tail != ep.live.request.automation:
+        found = self.find(sid, token)
+        if found is None or tail != found[0].live.request.automation:
             raise NotFound("no automation endpoint here: the session ended, was started without automation, or "
-                           "the link's token is wrong",
+                           "the link's token is wrong, revoked or not an automate token",
                            hint='start the session with "automation": true and use the cdp_url (or bidi_url) of '
                                 "GET /v1/sessions/ID")
+        ep, grant = found
         authenticated(request)
         client = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, timeout=CLOSE_TIMEOUT_S)
         if not client.can_prepare(request).ok:
@@ -202,8 +208,11 @@ class ServiceAutomation:
                 relay = _Relay(client, browser, live)
                 ep.relays.add(relay)
                 try:
-                    if not ep.gone:  # withdrawn while it connected: it ends at once
-                        await relay.run()
+                    # Counted under its token, which closes it when revoked (then the relay closes the browser's
+                    # side); revoked while it connected: closed at once.
+                    async with grant.sockets.holding(client):
+                        if not ep.gone:  # withdrawn while it connected: it ends at once
+                            await relay.run()
                 finally:
                     ep.relays.discard(relay)
                     await relay._close()

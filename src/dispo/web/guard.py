@@ -65,8 +65,8 @@ def token_ok(given: str, expected: str) -> bool:
 
 
 class OpenSockets:
-    """The WebSockets opened with one viewer token (the VNC bridge, the sound), so that revoking the token
-    closes them at once. A request carries its token's set as `request[OPEN_SOCKETS]`."""
+    """The WebSockets opened with one token (a viewer's VNC bridge and sound, an automation relay's client), so
+    that revoking the token closes them at once. A request carries its token's set as `request[OPEN_SOCKETS]`."""
 
     REVOKED = 4403  # the close code a revoked link's page sees (4000-4999: the application's own)
 

@@ -50,8 +50,8 @@ UPLOAD_NAME = {"type": "string", "minLength": 1, "maxLength": 255,
 
 SCOPE = {"enum": ["view", "interact", "automate"],
          "description": "view: watch the viewer (no input, clipboard, files, sound or End session); interact: the "
-                        "whole viewer (what viewer_url gives); automate: the automation endpoint alone (the viewer "
-                        "refuses it)"}
+                        "whole viewer (what viewer_url gives); automate: the automation endpoint alone (what cdp_url "
+                        "or bidi_url gives; the viewer refuses it, as the automation endpoint refuses the others)"}
 TOKEN_ID = {"type": "string", "pattern": "^[0-9a-f]{12}$", "description": "a token's public id (12 hex digits)"}
 # DELETE's {token}: a token's id or the token itself (web/viewers.py revoke)
 TOKEN_OR_ID = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$",
@@ -199,10 +199,11 @@ SCHEMAS: dict[str, Any] = {
             "keep": _nullable({"type": "string", "description": "the volume it keeps (--keep)"}),
             "cdp_url": _nullable({"type": "string", "pattern": "^ws://",
                                   "description": "with automation (Chromium): the WebSocket a CDP client connects to, "
-                                                 "from the start (it waits for the browser); null otherwise"}),
+                                                 "from the start (it waits for the browser); its token is the "
+                                                 "session's first automate token (revocable); null otherwise"}),
             "bidi_url": _nullable({"type": "string", "pattern": "^ws://",
-                                   "description": "with automation (Firefox): the WebDriver BiDi WebSocket; null "
-                                                  "otherwise"}),
+                                   "description": "with automation (Firefox): the WebDriver BiDi WebSocket, with the "
+                                                  "session's first automate token; null otherwise"}),
         },
         "examples": [SESSION_EXAMPLE, ENDED_EXAMPLE],
     },
@@ -338,8 +339,9 @@ SCHEMAS: dict[str, Any] = {
                                                                                   "as the automation endpoint's"},
                        "scope": SCOPE,
                        "url": _nullable({"type": "string", "description": "view and interact: the viewer link; "
-                                                                          "automate: null (its endpoint is not "
-                                                                          "served yet)"})},
+                                                                          "automate: the session's automation "
+                                                                          "URL (cdp or bidi) with this token; "
+                                                                          "null if it has no automation"})},
         "examples": [{"id": "0a1b2c3d4e5f", "token": "q9Vb3kTn0xW2gk3N1yQmU8rA1B2c3D4e", "scope": "view",
                       "url": "http://127.0.0.1:8686/viewer/1a2b3c4d/q9Vb3kTn0xW2gk3N1yQmU8rA1B2c3D4e/"}],
     },
@@ -347,7 +349,8 @@ SCHEMAS: dict[str, Any] = {
         "type": "object", "required": ["id", "scope", "created", "connections"],
         "properties": {"id": TOKEN_ID, "scope": SCOPE, "created": {"type": "number",
                                                                    "description": "seconds since the epoch"},
-                       "connections": {"type": "integer", "description": "WebSockets open with it now"}},
+                       "connections": {"type": "integer", "description": "WebSockets open with it now (a viewer's "
+                                                                       "streams, or automation connections)"}},
         "examples": [{"id": "0a1b2c3d4e5f", "scope": "interact", "created": 1735689600.0, "connections": 1}],
     },
     "TokenList": {"type": "object", "required": ["tokens"],
@@ -502,7 +505,8 @@ PATHS: dict[str, Any] = {
         },
         "get": {
             "operationId": "listTokens", "summary": "The session's tokens, by id and scope (never the secrets)",
-            "responses": {"200": {"description": "oldest first; the first is viewer_url's unless revoked",
+            "responses": {"200": {"description": "oldest first; the first is viewer_url's unless revoked, "
+                                                 "and with automation the next is cdp_url's (bidi_url's)",
                                   "content": {JSON: {"schema": _ref("TokenList")}}},
                           "400": _BAD_ID, "401": _AUTH, "404": _UNKNOWN, "409": _NO_VIEWER},
         },

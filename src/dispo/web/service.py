@@ -43,7 +43,7 @@ class Service:
         self.rt = rt
         self.token = token
         self.viewers = viewers
-        self.automation = automation or ServiceAutomation()  # the automation endpoints (web/automation.py)
+        self.automation = automation or ServiceAutomation(viewers)  # the automation endpoints (web/automation.py)
         self.reclaimed = dict(reclaimed or {})
         self.streams = Streams()
         self.started = time.time()

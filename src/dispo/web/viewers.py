@@ -5,9 +5,14 @@ serving from the session's start (so its page says what happens while the guest 
 
 `ServiceViewers` is dispod's: every session's viewer as routes of its one server, /viewer/<id>/<token>/...
 `reserve` (called by `Runtime.start`, so POST /v1/sessions answers with the URL) makes the session's first
-token, an interact one (its viewer_url); `mint` makes more, each with its scope (view, interact, automate:
-web/viewer.py `Scope`), `tokens` lists them (by id, without the secret) and `revoke` forgets one and closes
-the WebSockets opened with it. A token is good for its own session and scope alone.
+token, an interact one (its viewer_url), and, for a session with automation, its first automate one (its
+cdp_url or bidi_url, which web/automation.py's `reserve` asks for with `automation_url` as the session is
+announced). Both are made with the session's record, whichever of `reserve`, `publish` or `automation_url`
+comes first, so the URLs the session announces are good from then on. `mint` makes more, each with its scope
+(view, interact, automate: web/viewer.py `Scope`), `tokens` lists them (by id, without the secret) and
+`revoke` forgets one and closes the WebSockets opened with it (an automate token's: the relays of
+web/automation.py, both sides). A token is good for its own session and scope alone: the viewer routes refuse
+automate tokens, the automation route takes nothing else. One token system for both.
 
 `publish` (from the session's thread, once the guest's display answers) tells the bridge where the VNC
 socket is; `withdraw` (on teardown) forgets it. A viewer opened before the display is up is served at once:
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
     from dispo.runtime.live import LiveSession
 
 VIEWER_PREFIX = "/viewer"
+AUTOMATION_PREFIX = "/automation"  # web/automation.py's route: ws://HOST:PORT/automation/ID/TOKEN/PROTOCOL
 _NO_TOKEN = secrets.token_urlsafe(24)  # compared against when the session is unknown: same work, same answer
 KEEP_ENDED = 100  # withdrawn viewers whose status still answers (as the runtime keeps its ended sessions)
 MAX_TOKENS = 32   # per session: minting is cheap, so a cap keeps a loop of POSTs from growing dispod
@@ -124,11 +130,17 @@ class _Viewer:
     gone: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set (on the loop) at publish or withdraw
     first: str = ""      # the viewer_url's token, kept for publish's answer even once revoked
+    automate: str = ""   # with automation: the cdp_url's (bidi_url's) token, kept as `first` is
 
     @classmethod
     def new(cls, live: LiveSession) -> _Viewer:
         grant = Grant(Scope.INTERACT)
-        return cls(live, [grant], first=grant.secret)
+        viewer = cls(live, [grant], first=grant.secret)
+        if live.request.automation:  # made with the record, so no later record can replace the announced one
+            automate = Grant(Scope.AUTOMATE)
+            viewer.grants.append(automate)
+            viewer.automate = automate.secret
+        return viewer
 
 
 class ServiceViewers:
@@ -148,6 +160,12 @@ class ServiceViewers:
     def url(self, session_id: str, token: str) -> str:
         return f"{self.base}{VIEWER_PREFIX}/{session_id}/{token}/"
 
+    def _automation_url(self, live: LiveSession, token: str) -> str | None:
+        """None without automation, or when dispod has no TCP listener (a program cannot reach a unix socket)."""
+        if not live.request.automation or not self.base.startswith("http://"):
+            return None
+        return f"ws://{self.base.removeprefix('http://')}{AUTOMATION_PREFIX}/{live.id}/{token}/{live.request.automation}"
+
     # -- ViewerHost (called from request handlers and session threads) ------------------------------
     def reserve(self, live: LiveSession) -> str:
         viewer = _Viewer.new(live)
@@ -163,6 +181,15 @@ class ServiceViewers:
             viewer.socket = vnc_socket
         self._wake(viewer)
         return self.url(live.id, viewer.first)
+
+    def automation_url(self, live: LiveSession) -> str | None:
+        """The session's automation URL, with its first automate token (web/automation.py `reserve`). The
+        runtime reserves the viewer first; the record is made here if it has not been, as `publish` does."""
+        with self._lock:
+            viewer = self._viewers.get(live.id)
+            if viewer is None:
+                viewer = self._viewers[live.id] = _Viewer.new(live)
+        return self._automation_url(live, viewer.automate)
 
     def withdraw(self, session_id: str) -> None:
         with self._lock:
@@ -246,8 +273,11 @@ class ServiceViewers:
         return answer
 
     def url_of(self, session_id: str, grant: Grant) -> str | None:
-        """Where the grant is used: the viewer for view and interact; automate's endpoint is not dispod's yet."""
-        return None if grant.scope is Scope.AUTOMATE else self.url(session_id, grant.secret)
+        """Where the grant is used: the viewer for view and interact; for automate, the session's automation
+        endpoint (None if the session has none)."""
+        if grant.scope is not Scope.AUTOMATE:
+            return self.url(session_id, grant.secret)
+        return self._automation_url(self._of(session_id, ended=True).live, grant.secret)
 
     # -- the route --------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
