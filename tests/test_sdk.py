@@ -21,7 +21,9 @@ from dispo.config import Config
 from dispo.errors import DispoError, InvalidInput, NotFound, PermissionProblem, ServiceError, VmmError
 from dispo.runtime.request import from_json
 from tests import fakes
-from tests.fakeworld import Running, leftovers, serving
+from tests.fakeworld import Running, cfg, leftovers, serving, svc
+
+__all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 pytest_plugins = ("pytester",)
 
@@ -296,8 +298,6 @@ def test_async_downloads_uploads_and_clipboard(svc: Running, cfg: Config, tmp_pa
 # -- the pytest plugin ---------------------------------------------------------------------------------------
 INNER_TESTS = """
 import pytest
-
-__all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 def test_one(dispo_browser):
     assert dispo_browser.state == "running" and dispo_browser.viewer_url
