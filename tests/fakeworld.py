@@ -224,3 +224,19 @@ def run_parser() -> argparse.ArgumentParser:
     run.register(sub)
     (parser,) = [c for c in sub.choices.values() if c.prog.endswith(" run")]
     return parser
+
+
+def mint(svc: Running, sid: str, scope: str) -> dict[str, Any]:
+    """POST /v1/sessions/SID/tokens: a new token of `scope` for the session (web/viewers.py)."""
+    with svc.raw_uds() as http:
+        r = http.post(f"/v1/sessions/{sid}/tokens", json={"scope": scope})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def tokens(svc: Running, sid: str) -> list[dict[str, Any]]:
+    """GET /v1/sessions/SID/tokens: the session's tokens as listed (ids and scopes, never the secrets)."""
+    with svc.raw_uds() as http:
+        r = http.get(f"/v1/sessions/{sid}/tokens")
+    assert r.status_code == 200, r.text
+    return list(r.json()["tokens"])

@@ -34,7 +34,7 @@ from dispo.runtime.steps import Origin
 from dispo.web import automation
 from dispo.web.viewers import ServiceViewers
 from tests import fakes
-from tests.fakeworld import SAFETY_S, Running, cfg, run_parser, svc, wait_state
+from tests.fakeworld import SAFETY_S, Running, cfg, mint, run_parser, svc, tokens, wait_state
 
 __all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
@@ -230,33 +230,21 @@ def state_of(svc: Running, sid: str) -> dict[str, Any]:
 
 
 # -- its tokens: the session's automate tokens (web/viewers.py) ------------------------------------------------
-def mint(svc: Running, sid: str, scope: str) -> dict[str, Any]:
-    with svc.raw_uds() as http:
-        r = http.post(f"/v1/sessions/{sid}/tokens", json={"scope": scope})
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
-def listed(svc: Running, sid: str) -> list[dict[str, Any]]:
-    with svc.raw_uds() as http:
-        r = http.get(f"/v1/sessions/{sid}/tokens")
-    assert r.status_code == 200, r.text
-    return list(r.json()["tokens"])
 
 
 def test_the_urls_token_is_an_automate_token_and_minted_ones_open_the_relay(svc: Running) -> None:
     created = start(svc, automation=True)
     sid, url = created["id"], created["cdp_url"]
-    assert [t["scope"] for t in listed(svc, sid)] == ["interact", "automate"]  # viewer_url's, cdp_url's
+    assert [t["scope"] for t in tokens(svc, sid)] == ["interact", "automate"]  # viewer_url's, cdp_url's
     minted = mint(svc, sid, "automate")
     assert minted["url"] == url.replace(url.split("/")[-2], minted["token"])  # the same endpoint, its own token
-    assert [t["scope"] for t in listed(svc, sid)] == ["interact", "automate", "automate"]
+    assert [t["scope"] for t in tokens(svc, sid)] == ["interact", "automate", "automate"]
 
     async def clients() -> None:
         async with aiohttp.ClientSession() as http, http.ws_connect(minted["url"]) as ws:
             assert await ask(ws, "ping") == "ping"
             assert await ask(ws, "open?") == "1"
-            counted = {t["id"]: t["connections"] for t in await asyncio.to_thread(listed, svc, sid)}
+            counted = {t["id"]: t["connections"] for t in await asyncio.to_thread(tokens, svc, sid)}
             assert counted[minted["id"]] == 1 and sum(counted.values()) == 1
 
     run(clients())
@@ -289,7 +277,7 @@ def test_view_and_interact_tokens_are_refused_by_the_automation_route(svc: Runni
 def test_revoking_the_urls_token_closes_its_relays_and_refuses_it_from_then_on(svc: Running, by: str) -> None:
     created = start(svc, automation=True)
     sid, url = created["id"], created["cdp_url"]
-    first = next(t for t in listed(svc, sid) if t["scope"] == "automate")
+    first = next(t for t in tokens(svc, sid) if t["scope"] == "automate")
     kept = mint(svc, sid, "automate")
 
     async def clients() -> None:
@@ -312,7 +300,7 @@ def test_revoking_the_urls_token_closes_its_relays_and_refuses_it_from_then_on(s
             assert await ask(watcher, "ping") == "ping"
 
     run(clients())
-    assert [t["id"] for t in listed(svc, sid) if t["scope"] == "automate"] == [kept["id"]]
+    assert [t["id"] for t in tokens(svc, sid) if t["scope"] == "automate"] == [kept["id"]]
     assert svc.uds.session(sid)["cdp_url"] == url  # still what the session announced, now refused
 
 
@@ -332,7 +320,7 @@ def test_a_bidi_sessions_automate_tokens_are_its_bidi_url(svc: Running, cfg: Con
 
 def test_a_session_without_automation_mints_automate_tokens_without_a_url(svc: Running) -> None:
     created = start(svc)
-    assert [t["scope"] for t in listed(svc, created["id"])] == ["interact"]
+    assert [t["scope"] for t in tokens(svc, created["id"])] == ["interact"]
     automate = mint(svc, created["id"], "automate")
     assert automate["url"] is None
     with svc.tcp(auth=False) as http:

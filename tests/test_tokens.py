@@ -22,7 +22,7 @@ import pytest
 
 from dispo.web.rfb import InputFilter, ProtocolViolation
 from tests import fakes
-from tests.fakeworld import SAFETY_S, Running, serving, wait_state
+from tests.fakeworld import SAFETY_S, Running, mint, serving, tokens, wait_state
 
 pytestmark = pytest.mark.skipif(not Path("/usr/share/novnc/vnc.html").exists(), reason="needs Debian package novnc")
 
@@ -111,18 +111,6 @@ def world(tmp_path: Path) -> Iterator[tuple[Running, str, Recorder]]:
             svc.uds.delete(sid, wait=True)
 
 
-def mint(svc: Running, sid: str, scope: str) -> dict[str, Any]:
-    with svc.raw_uds() as http:
-        r = http.post(f"/v1/sessions/{sid}/tokens", json={"scope": scope})
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
-def tokens(svc: Running, sid: str) -> list[dict[str, Any]]:
-    with svc.raw_uds() as http:
-        r = http.get(f"/v1/sessions/{sid}/tokens")
-    assert r.status_code == 200, r.text
-    return list(r.json()["tokens"])
 
 
 def viewer(svc: Running, sid: str, token: str) -> str:
