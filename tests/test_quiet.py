@@ -22,6 +22,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,13 +31,14 @@ import pytest
 
 from dispo import profiles
 from dispo.net.pool import mac_for
+from tests.dispodworld import start_dispod, stop_dispod
 from tests.guests import (
     GuestImages,
     guest_world,
-    listing,
     session_id,
     shot,
     spawn_run,
+    state_listing,
     viewer_url,
     wait_listening,
 )
@@ -57,6 +59,7 @@ var tz = Intl.DateTimeFormat().resolvedOptions().timeZone;
 new Image().src = "/report?tz=" + encodeURIComponent(tz) + "&lang=" + encodeURIComponent(navigator.language);
 </script></body></html>
 """
+BIDI_PAGE = PAGE.replace("dispo quiet page", "dispo bidi page")  # the page the BiDi client navigates to
 QUIET_S = 60  # watched after the page is visible
 HOST_TZ, HOST_LANG = "America/Denver", "de_DE.UTF-8"  # the "host's" settings dispo must pass on
 DEVTOOLS_PORT = 9222
@@ -77,6 +80,7 @@ def quiet_world(tmp_path: Path, guest_images: GuestImages) -> Iterator[NetWorld]
         www = w.root / "www-quiet"
         www.mkdir()
         (www / "quiet.html").write_text(PAGE)
+        (www / "bidi.html").write_text(BIDI_PAGE)
         w.spawn(["nsenter", f"--net=/run/netns/{w.internet}", PYTHON, "-m", "tests.logging_servers", "dns", DNS,
                  w.root / "dns.log", f"{PAGE_HOST}={INTERNET}"], cwd=REPO, stderr=(w.root / "dns.err").open("w"))
         w.spawn(["nsenter", f"--net=/run/netns/{w.internet}", PYTHON, "-m", "tests.logging_servers", "http",
@@ -150,6 +154,25 @@ def _tabs(w: NetWorld, sid: str, browser: str) -> list[str]:
     return [str(t["entries"][t["index"] - 1]["url"]) for win in store["windows"] for t in win["tabs"]]
 
 
+def _bidi_url(run: subprocess.Popen[str], log: Path) -> str:
+    """The bidi_url `dispo run --automation` prints on stdout after the viewer's."""
+    assert run.stdout is not None
+    while line := run.stdout.readline():
+        if line.startswith("ws://"):
+            return line.strip()
+    raise AssertionError(f"dispo run printed no bidi_url: {log.read_text()}")
+
+
+def _drive_bidi(w: NetWorld, bidi_url: str, page_url: str) -> dict[str, object]:
+    """tests/bidi_client.py, where dispod listens: session.new, getTree, navigate (wait complete), the title."""
+    p = subprocess.run(["nsenter", f"--net=/run/netns/{w.host}", sys.executable, "-m", "tests.bidi_client", bidi_url,
+                        page_url], capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL, timeout=600,
+                       check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    found: dict[str, object] = json.loads(p.stdout.strip().splitlines()[-1])
+    return found
+
+
 @pytest.mark.parametrize("browser", ["chromium", "firefox"])
 def test_quiet_browser(quiet_world: NetWorld, guest_images: GuestImages, tmp_path: Path, browser: str) -> None:
     w = quiet_world
@@ -163,7 +186,11 @@ def test_quiet_browser(quiet_world: NetWorld, guest_images: GuestImages, tmp_pat
         text = (profiles.BUILTIN_DIR / "chromium.toml").read_text()
         text = re.sub(r"(?ms)^command = \[.*?\]$", "command = " + json.dumps(command), text)
         (w.root / "profiles" / "chromium.toml").write_text(text)
-    before = listing(w)
+    env = dict(w.env(), TZ=HOST_TZ, LANG=HOST_LANG, LC_ALL="", LC_MESSAGES="")
+    before = state_listing(w)
+    # Firefox's session is an automation session, served by dispod (which gives its bidi_url): the quiet policies
+    # must hold with WebDriver BiDi on, and a BiDi client drives it. dispod has the host's settings to pass on.
+    dispod = start_dispod(w, env=env) if browser == "firefox" else None
     pcap = tmp_path / "guest.pcap"
     dump = w.spawn(["nsenter", f"--net=/run/netns/{w.host}", "tcpdump", "-i", "any", "-n", "-U", "-w", pcap],
                    stderr=subprocess.PIPE)
@@ -173,13 +200,20 @@ def test_quiet_browser(quiet_world: NetWorld, guest_images: GuestImages, tmp_pat
 
     url = f"http://{PAGE_HOST}:{PAGE_PORT}/quiet.html"
     log = tmp_path / "run.log"
-    env = dict(w.env(), TZ=HOST_TZ, LANG=HOST_LANG, LC_ALL="", LC_MESSAGES="")
-    run = spawn_run(w, browser, url, "--log-requests", log=log, env=env)
+    run = spawn_run(w, browser, url, "--log-requests", *(["--automation"] if dispod else []), log=log, env=env)
     viewer = viewer_url(run, log)
+    bidi_url = _bidi_url(run, log) if dispod else ""
     sid = session_id(w, run, log)
     guest = str(json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"])
     seen = shot(w, viewer, f"quiet-{browser}.png", BLUE)
     assert seen["seen"], f"the page did not show in the viewer: {seen}"
+    end_url = url
+    if dispod:  # a program drives the browser: WebDriver BiDi through dispod's relay, to a page of the same server
+        end_url = f"http://{PAGE_HOST}:{PAGE_PORT}/bidi.html"
+        bidi = _drive_bidi(w, bidi_url, end_url)
+        print("firefox over WebDriver BiDi:", bidi)
+        assert bidi["browser"] == "firefox" and bidi["url"] == end_url, bidi
+        assert bidi["title"] == "dispo bidi page", bidi
     time.sleep(QUIET_S)
     late = shot(w, viewer, f"quiet-{browser}-60s.png", BLUE, grid=True)
     tabs = _tabs(w, sid, browser)
@@ -192,7 +226,9 @@ def test_quiet_browser(quiet_world: NetWorld, guest_images: GuestImages, tmp_pat
     dump.send_signal(signal.SIGINT)
     dump.wait(30)
     out = log.read_text()
-    assert listing(w) == before
+    if dispod:
+        stop_dispod(dispod)
+    assert state_listing(w) == before
 
     # The traffic: nothing but the page's DNS lookup and its server (and the guest's side of SSH).
     allowed = (f"ip and src host {guest} and not (tcp src port 22) and not (udp and dst host {DNS} and dst port 53) "
@@ -212,9 +248,10 @@ def test_quiet_browser(quiet_world: NetWorld, guest_images: GuestImages, tmp_pat
     hits = _log_lines(w.root / "http.log")
     paths = [str(h["path"]) for h in hits]
     assert "/quiet.html" in paths and any(p.startswith("/report?") for p in paths), paths
+    assert ("/bidi.html" in paths) == bool(dispod), paths
 
-    # One tab, the URL; no prompt, bar or bubble over the page.
-    assert tabs == [url], f"{browser} has tabs {tabs}"
+    # One tab, the URL (where the BiDi client went); no prompt, bar or bubble over the page.
+    assert tabs == [end_url], f"{browser} has tabs {tabs}"
     assert late["seen"] and not late.get("grid_off"), f"something covers the page: {late}"
 
     # The host's time zone and language, as the page sees them.
