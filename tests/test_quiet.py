@@ -61,6 +61,7 @@ new Image().src = "/report?tz=" + encodeURIComponent(tz) + "&lang=" + encodeURIC
 """
 BIDI_PAGE = PAGE.replace("dispo quiet page", "dispo bidi page")  # the page the BiDi client navigates to
 QUIET_S = 60  # watched after the page is visible
+STORE_S = 20  # Firefox writes its session store 15 s after a change
 HOST_TZ, HOST_LANG = "America/Denver", "de_DE.UTF-8"  # the "host's" settings dispo must pass on
 DEVTOOLS_PORT = 9222
 
@@ -207,14 +208,16 @@ def test_quiet_browser(quiet_world: NetWorld, guest_images: GuestImages, tmp_pat
     guest = str(json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"])
     seen = shot(w, viewer, f"quiet-{browser}.png", BLUE)
     assert seen["seen"], f"the page did not show in the viewer: {seen}"
-    end_url = url
+    end_url, visible = url, time.monotonic()
     if dispod:  # a program drives the browser: WebDriver BiDi through dispod's relay, to a page of the same server
         end_url = f"http://{PAGE_HOST}:{PAGE_PORT}/bidi.html"
         bidi = _drive_bidi(w, bidi_url, end_url)
-        print("firefox over WebDriver BiDi:", bidi)
+        print(f"firefox over WebDriver BiDi ({time.monotonic() - visible:.1f} s): {bidi}")
         assert bidi["browser"] == "firefox" and bidi["url"] == end_url, bidi
         assert bidi["title"] == "dispo bidi page", bidi
-    time.sleep(QUIET_S)
+    # Watched QUIET_S after the page was visible (the BiDi client's time counts), and long enough after the
+    # last navigation for Firefox to write its session store (15 s after a change).
+    time.sleep(max(QUIET_S - (time.monotonic() - visible), STORE_S))
     late = shot(w, viewer, f"quiet-{browser}-60s.png", BLUE, grid=True)
     tabs = _tabs(w, sid, browser)
     # Nothing of the host's identity: the guest's name is the session's, its user dispo's.

@@ -17,9 +17,11 @@ if typing.TYPE_CHECKING:
     from dispo.sdk import Download as Download
     from dispo.sdk import Receipt as Receipt
     from dispo.sdk import Session as Session
+    from dispo.sdk import TakeOver as TakeOver
+    from dispo.sdk import Token as Token
     from dispo.sdk import connect as connect
 
-_SDK = ("AsyncClient", "AsyncSession", "Client", "Download", "Receipt", "Session", "connect")
+_SDK = ("AsyncClient", "AsyncSession", "Client", "Download", "Receipt", "Session", "TakeOver", "Token", "connect")
 
 
 def __getattr__(name: str) -> typing.Any:

@@ -142,6 +142,23 @@ def set_clipboard_call(session_id: str, text: str) -> Call[None]:
     return Call("PUT", f"/v1/sessions/{_sid(session_id)}/clipboard", _nothing, json={"text": text})
 
 
+def tokens_call(session_id: str) -> Call[list[dict[str, Any]]]:
+    return Call("GET", f"/v1/sessions/{_sid(session_id)}/tokens", _member("tokens"))
+
+
+def grant_call(session_id: str, scope: str) -> Call[dict[str, Any]]:
+    return Call("POST", f"/v1/sessions/{_sid(session_id)}/tokens", _whole, json={"scope": scope})
+
+
+def revoke_call(session_id: str, token: str) -> Call[dict[str, Any]]:
+    """`token`: the token itself or its id (a path segment, quoted as the id is)."""
+    return Call("DELETE", f"/v1/sessions/{_sid(session_id)}/tokens/{quote(str(token), safe='')}", _whole)
+
+
+def takeover_call(session_id: str) -> Call[dict[str, Any]]:
+    return Call("POST", f"/v1/sessions/{_sid(session_id)}/takeover", _whole)
+
+
 def download_path(session_id: str, name: str) -> str:
     from dispo.runtime.guestio import check_guest_name
 
@@ -297,6 +314,23 @@ class DispodClient:
     def set_clipboard(self, session_id: str, text: str) -> None:
         self.send(set_clipboard_call(session_id, text))
 
+    # -- a session's scoped tokens (web/viewers.py) ---------------------------------------------------
+    def tokens(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's tokens by id and scope (never the secrets)."""
+        return self.send(tokens_call(session_id))
+
+    def grant(self, session_id: str, scope: str) -> dict[str, Any]:
+        """A new token of `scope` (view, interact, automate): its id, the token itself (shown this once), url."""
+        return self.send(grant_call(session_id, scope))
+
+    def revoke(self, session_id: str, token: str) -> dict[str, Any]:
+        """Revoke a token (itself or its id): refused from now on, its open connections closed."""
+        return self.send(revoke_call(session_id, token))
+
+    def takeover(self, session_id: str) -> dict[str, Any]:
+        """Every automate token revoked (their connections closed) and a new interact link for a person."""
+        return self.send(takeover_call(session_id))
+
     def events(self, session: str | None = None) -> Generator[Event, None, None]:
         """The event stream: every session's events, or one session's until its `ended` event."""
         try:
@@ -398,6 +432,18 @@ class AsyncDispodClient:
 
     async def set_clipboard(self, session_id: str, text: str) -> None:
         await self.send(set_clipboard_call(session_id, text))
+
+    async def tokens(self, session_id: str) -> list[dict[str, Any]]:
+        return await self.send(tokens_call(session_id))
+
+    async def grant(self, session_id: str, scope: str) -> dict[str, Any]:
+        return await self.send(grant_call(session_id, scope))
+
+    async def revoke(self, session_id: str, token: str) -> dict[str, Any]:
+        return await self.send(revoke_call(session_id, token))
+
+    async def takeover(self, session_id: str) -> dict[str, Any]:
+        return await self.send(takeover_call(session_id))
 
     async def events(self, session: str | None = None) -> AsyncGenerator[Event, None]:
         try:

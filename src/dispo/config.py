@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import string
 import tomllib
 from collections.abc import Callable, Mapping
@@ -98,6 +99,10 @@ class ServiceConfig:
     # the memory they may hold together (0: a quarter of the host's memory).
     pool: str = ""
     pool_memory_mib: int = 0
+    # Pages that may embed a session's live view (its viewer page) in a frame: CSP frame-ancestors sources,
+    # space-separated, e.g. "https://app.example.org 'self'". "" (the default): no page may (frame-ancestors
+    # 'none'), and every other answer of dispod stays unframeable whatever this says.
+    frame_ancestors: str = ""
 
 
 def pool_targets(setting: str, where: str = "[service] pool") -> dict[str, int]:
@@ -272,6 +277,21 @@ def _pool_targets(value: Any, _cfg: Config) -> str | None:
     return None
 
 
+_FRAME_SOURCE = re.compile(r"^https?://(\*\.)?[A-Za-z0-9.-]+(:([0-9]{1,5}|\*))?$")
+
+
+def _frame_ancestors(value: Any, _cfg: Config) -> str | None:
+    """CSP host sources with a scheme (an origin: "https://app.example.org", "https://*.example.org:8443") or
+    'self'; nothing that lets any page embed the view ("*", "https:") or ends the directive (";", ",")."""
+    if value == "":
+        return None
+    sources = value.split()
+    if sources and all(s == "'self'" or _FRAME_SOURCE.match(s) for s in sources):
+        return None
+    return ('"" (no page may embed a live view) or origins and \'self\', space-separated, e.g. '
+            '"https://app.example.org \'self\'" (not "*" or a bare scheme: that lets any site frame it)')
+
+
 CHECKS: dict[str, Check] = {
     "firecracker.binary": _program,
     "firecracker.jailer": _program,
@@ -292,6 +312,7 @@ CHECKS: dict[str, Check] = {
     "service.listen": _listen,
     "service.pool": _pool_targets,
     "service.pool_memory_mib": _in_range(0, 1 << 30, " (0: a quarter of the host's memory)"),
+    "service.frame_ancestors": _frame_ancestors,
 }
 
 

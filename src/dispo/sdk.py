@@ -43,7 +43,8 @@ ADDRESS_HINT = ("give http://HOST:PORT (with token=..., from the state dir's dis
 # program did nothing wrong, because the promise of disposal did not hold.
 DISPOSAL_FAILURES = ("NotClean", "TeardownError")
 
-__all__ = ["AsyncClient", "AsyncSession", "Client", "Download", "Receipt", "Session", "connect"]
+__all__ = ["AsyncClient", "AsyncSession", "Client", "Download", "Receipt", "Session", "TakeOver", "Token", "connect"]
+SCOPES = ("view", "interact", "automate")
 
 
 class Receipt(TypedDict, total=False):
@@ -70,6 +71,53 @@ class Download:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Download:
         return cls(str(data["name"]), int(data["size"]), bool(data["complete"]))
+
+
+@dataclass(frozen=True)
+class Token:
+    """One of a session's scoped tokens. `token` (the secret) and `url` (where it is used: the viewer link for
+    view and interact, the automation URL for automate) are there only as grant() or take_over() made it: a
+    listing names tokens by `id` alone. `connections`: the WebSockets open with it when asked."""
+
+    id: str
+    scope: str
+    created: float | None = None
+    connections: int = 0
+    token: str | None = None
+    url: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Token:
+        created = data.get("created")
+        return cls(str(data["id"]), str(data["scope"]), float(created) if created is not None else None,
+                   int(data.get("connections") or 0), data.get("token"), data.get("url"))
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """What take_over() did: the automate tokens it revoked, the automation connections it closed, and the
+    person's new interact token (its `url` is the viewer link to hand them)."""
+
+    revoked: list[Token]
+    connections: int
+    viewer: Token
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TakeOver:
+        return cls([Token.from_json(t) for t in data.get("revoked") or []], int(data.get("connections") or 0),
+                   Token.from_json(data))
+
+
+def _scope(scope: str) -> str:
+    """Checked here too, so a typo is one line before any request."""
+    if scope not in SCOPES:
+        raise InvalidInput(f"{str(scope)[:40]!r} is not a token scope", hint="one of " + ", ".join(SCOPES))
+    return scope
+
+
+def _token_ref(token: str | Token) -> str:
+    """What revoke() sends: the token's id when it is a Token (the secret stays out of URLs and logs)."""
+    return token.id if isinstance(token, Token) else str(token)
 
 
 # -- where dispod is -------------------------------------------------------------------------------------
@@ -305,6 +353,26 @@ class Session(_Tracked):
         with path.open("rb") as f:
             return str(self._client.api.upload(self.id, name, f, size=os.fstat(f.fileno()).st_size)["name"])
 
+    # -- scoped tokens and take-over -------------------------------------------------------------------
+    def tokens(self) -> list[Token]:
+        """The session's tokens, by id and scope (never their secrets)."""
+        return [Token.from_json(t) for t in self._client.api.tokens(self.id)]
+
+    def grant(self, scope: str) -> Token:
+        """A new token: "view" (watch only), "interact" (the viewer, as viewer_url) or "automate" (the automation
+        endpoint): its `token` (shown this once) and `url`."""
+        return Token.from_json(self._client.api.grant(self.id, _scope(scope)))
+
+    def revoke(self, token: str | Token) -> Token:
+        """Revoke a token (a Token, its id or the token itself): refused from now on, its open connections
+        closed before this returns (`connections`: how many)."""
+        return Token.from_json(self._client.api.revoke(self.id, _token_ref(token)))
+
+    def take_over(self) -> TakeOver:
+        """A person takes over from the programs: every automate token revoked and its connections closed; the
+        answer's `viewer.url` is a new interact link for the person, now the session's only driver."""
+        return TakeOver.from_json(self._client.api.takeover(self.id))
+
     def get_clipboard(self) -> str:
         return self._client.api.clipboard(self.id)
 
@@ -484,6 +552,18 @@ class AsyncSession(_Tracked):
                     yield chunk
             answer = await self._client.api.upload(self.id, name, chunks(), size=os.fstat(f.fileno()).st_size)
         return str(answer["name"])
+
+    async def tokens(self) -> list[Token]:
+        return [Token.from_json(t) for t in await self._client.api.tokens(self.id)]
+
+    async def grant(self, scope: str) -> Token:
+        return Token.from_json(await self._client.api.grant(self.id, _scope(scope)))
+
+    async def revoke(self, token: str | Token) -> Token:
+        return Token.from_json(await self._client.api.revoke(self.id, _token_ref(token)))
+
+    async def take_over(self) -> TakeOver:
+        return TakeOver.from_json(await self._client.api.takeover(self.id))
 
     async def get_clipboard(self) -> str:
         return await self._client.api.clipboard(self.id)

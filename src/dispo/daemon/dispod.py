@@ -86,7 +86,7 @@ class Dispod:
         self.say: Say = say or (lambda _line: None)
         self.tcp: TcpAddress | None = parse_listen(options.listen) if options.listen else None
         self.token = secrets.token_urlsafe(32)
-        self.viewers = ServiceViewers()
+        self.viewers = ServiceViewers(frame_ancestors=cfg.service.frame_ancestors)
         self.automation = ServiceAutomation(self.viewers)
         self.rt = Runtime(cfg, machinery=options.machinery, viewers=self.viewers, automation=self.automation,
                           max_sessions=options.max_sessions, owner=OWNER)

@@ -170,6 +170,14 @@ async def revoke_token(request: web.Request) -> web.Response:
     return _json(await viewers.revoke(sid, request.match_info["token"]))
 
 
+async def take_over(request: web.Request) -> web.Response:
+    """A person takes over from the programs: the session's automate tokens revoked, their connections closed,
+    and a new interact link (web/viewers.py ServiceViewers.take_over)."""
+    viewers = request.app[SERVICE].viewers
+    sid = _known_session(request)
+    return _json(await viewers.take_over(sid))
+
+
 def _profile(svc: Service, name: str) -> dict[str, Any]:
     try:
         p = profiles.find(name, svc.cfg.profiles_dir)
@@ -275,6 +283,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/sessions/{id}/tokens", create_token),
         web.get("/v1/sessions/{id}/tokens", list_tokens, allow_head=False),
         web.delete("/v1/sessions/{id}/tokens/{token}", revoke_token),
+        web.post("/v1/sessions/{id}/takeover", take_over),
         web.get("/v1/pool", get_pool, allow_head=False),
         web.put("/v1/pool/{name}", fill_pool),
         web.delete("/v1/pool/{name}", drain_pool),

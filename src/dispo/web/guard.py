@@ -126,6 +126,22 @@ SECURITY_HEADERS = {
 }
 
 
+NO_FRAMES = "frame-ancestors 'none'"
+
+
+def frame_ancestors(sources: str = "") -> str:
+    """The CSP directive that says which pages may frame an answer: none (every answer of dispod), or for a
+    live view's page, the configured sources ([service] frame_ancestors, checked by config.py)."""
+    return f"frame-ancestors {sources.strip()}" if sources.strip() else NO_FRAMES
+
+
+def _embeddable(response: web.StreamResponse) -> bool:
+    """Its CSP lets some page frame it (a live view with [service] frame_ancestors set): X-Frame-Options, which
+    can name no other origin, must not forbid what the CSP allows (a browser that knows both obeys the CSP)."""
+    csp = response.headers.get("Content-Security-Policy", "")
+    return "frame-ancestors " in csp and NO_FRAMES not in csp
+
+
 def _raw_answer(status: str, text: str, extra: str = "") -> bytes:
     """A whole HTTP answer for where aiohttp is not involved (a refused or expired connection)."""
     body = f"dispod: {text}\n".encode()
@@ -514,6 +530,8 @@ MIDDLEWARES = (tracked, answer_problems, checked)
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(SECURITY_HEADERS)
+    if _embeddable(response):
+        del response.headers["X-Frame-Options"]
 
 
 def authenticated(request: web.Request) -> None:

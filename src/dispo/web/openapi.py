@@ -353,6 +353,20 @@ SCHEMAS: dict[str, Any] = {
                                                                        "streams, or automation connections)"}},
         "examples": [{"id": "0a1b2c3d4e5f", "scope": "interact", "created": 1735689600.0, "connections": 1}],
     },
+    "TakeOver": {
+        "type": "object", "required": ["revoked", "connections", "id", "token", "scope", "url"],
+        "description": "the session's automate tokens, revoked (their connections closed before the answer), "
+                       "and a new interact token for the person who took over, shown this once",
+        "properties": {"revoked": {"type": "array", "items": _ref("Token")},
+                       "connections": {"type": "integer", "description": "automation connections closed"},
+                       "id": TOKEN_ID, "token": {"type": "string", "description": "the new interact token"},
+                       "scope": {"const": "interact"},
+                       "url": {"type": "string", "description": "the viewer link of the new token"}},
+        "examples": [{"revoked": [{"id": "0a1b2c3d4e5f", "scope": "automate", "created": 1735689600.0,
+                                   "connections": 1}], "connections": 1, "id": "5f4e3d2c1b0a",
+                      "token": "q9Vb3kTn0xW2gk3N1yQmU8rA1B2c3D4e", "scope": "interact",
+                      "url": "http://127.0.0.1:8686/viewer/1a2b3c4d/q9Vb3kTn0xW2gk3N1yQmU8rA1B2c3D4e/"}],
+    },
     "TokenList": {"type": "object", "required": ["tokens"],
                   "properties": {"tokens": {"type": "array", "items": _ref("Token")}}},
     "Problem": {
@@ -521,6 +535,19 @@ PATHS: dict[str, Any] = {
                           "400": _problem("not a session id, or not a token or id"), "401": _AUTH,
                           "403": _problem("a foreign Origin"), "404": _problem("no such session, or no such token"),
                           "409": _NO_VIEWER},
+        },
+    },
+    "/v1/sessions/{id}/takeover": {
+        "parameters": [_ID_PARAM],
+        "post": {
+            "operationId": "takeOver", "summary": "A person takes over from the programs: every automate token "
+                                                  "revoked, its connections closed, and a new interact link",
+            "responses": {"200": {"description": "taken over; the viewer link is the person's",
+                                  "content": {JSON: {"schema": _ref("TakeOver")}}},
+                          "400": _BAD_ID, "401": _AUTH, "403": _problem("a foreign Origin"), "404": _UNKNOWN,
+                          "409": _NO_VIEWER,
+                          "429": {**_problem("the session has 32 tokens already (none of them automate)"),
+                                  "headers": {"Retry-After": {"schema": {"type": "integer"}}}}},
         },
     },
     "/v1/pool": {"get": {

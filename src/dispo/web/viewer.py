@@ -50,6 +50,7 @@ from dispo.web.guard import (
     Connections,
     Limits,
     authenticated,
+    frame_ancestors,
     holding,
     security_headers,
     token_ok,
@@ -95,7 +96,7 @@ _PAGE = string.Template((_HERE / "viewer.html").read_text())
 # are prefixed so they never shadow a file of noVNC's.
 _ASSETS = {"dispo-viewer.js": ("viewer.js", "text/javascript"), "dispo-viewer.css": ("viewer.css", "text/css")}
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+            "base-uri 'none'; form-action 'none'")  # and frame_ancestors(): none, unless configured
 
 Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
@@ -174,17 +175,18 @@ def progress(live: LiveSession | None, *, display: bool) -> dict[str, Any]:
     return answer
 
 
-def page(session_id: str, ws_path: str, scope: Scope = Scope.INTERACT) -> web.Response:
+def page(session_id: str, ws_path: str, scope: Scope = Scope.INTERACT, embed: str = "") -> web.Response:
     """The viewer page: noVNC in a frame plus an "End session" button. `ws_path` is the bridge's path from
     the server's root, without the leading slash (noVNC's `path` parameter). A view link's page asks noVNC
     for view_only and a scaled screen (not resize=remote, which asks the guest to change its size); the bridge
-    drops input whatever the page asks."""
+    drops input whatever the page asks. `embed`: the pages that may frame it ([service] frame_ancestors)."""
     from html import escape
 
     mode = "view_only=1&resize=scale" if scope is Scope.VIEW else "resize=remote"
     body = _PAGE.substitute(sid=escape(session_id), wspath=escape(ws_path), mode=escape(mode),
                             scope=escape(scope.value))
-    return web.Response(text=body, content_type="text/html", headers={"Content-Security-Policy": PAGE_CSP})
+    return web.Response(text=body, content_type="text/html",
+                        headers={"Content-Security-Policy": f"{PAGE_CSP}; {frame_ancestors(embed)}"})
 
 
 def static_file(root: Path, tail: str) -> web.Response:
@@ -268,6 +270,7 @@ class ViewerEndpoint:
     io: GuestIO | None = None                     # the session's downloads, uploads, clipboard and sound
     status: Callable[[], dict[str, Any]] | None = None  # `progress()` of the session behind it
     scope: Scope = Scope.INTERACT                 # what the link that reached it may do
+    embed: str = ""                               # pages that may frame its page ([service] frame_ancestors)
 
     async def handle(self, request: web.Request, tail: str) -> web.StreamResponse:
         """Answer `tail`, the path below the (already checked) token."""
@@ -295,7 +298,7 @@ class ViewerEndpoint:
     def _own(self, tail: str) -> web.Response:
         """The viewer's own answers: its page, the page's script and style, and the session's status."""
         if tail == "":
-            return page(self.session_id, self.ws_path, self.scope)
+            return page(self.session_id, self.ws_path, self.scope, self.embed)
         if tail == STATUS:
             answer = self.status() if self.status is not None else progress(None, display=True)
             return web.json_response(answer, headers={"Cache-Control": "no-store"})

@@ -146,9 +146,10 @@ class _Viewer:
 class ServiceViewers:
     """dispod's `ViewerHost`: every session's tokens, all served by the one server."""
 
-    def __init__(self, novnc: Path | None = None) -> None:
+    def __init__(self, novnc: Path | None = None, *, frame_ancestors: str = "") -> None:
         self.base = ""                      # "http://127.0.0.1:8686", set once the listeners are bound
         self._novnc = novnc
+        self.frame_ancestors = frame_ancestors  # pages that may embed a live view ([service] frame_ancestors)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._viewers: dict[str, _Viewer] = {}
         self._ended: collections.OrderedDict[str, _Viewer] = collections.OrderedDict()
@@ -272,6 +273,24 @@ class ServiceViewers:
         await match[0].sockets.close_all()
         return answer
 
+    async def take_over(self, session_id: str) -> dict[str, object]:
+        """A person takes the (running) session over from the programs that drive it: every automate token is
+        revoked and its automation connections closed before the answer (the browser's other sides with them),
+        and a new interact token is made for the person, whose viewer is then the session's only driver. The
+        other view and interact tokens stay: they were handed to people. Programs get no new automate token
+        unless dispod's owner makes one (POST .../tokens needs dispod's own token, which no session token is)."""
+        viewer = self._of(session_id, ended=False)
+        with self._lock:
+            taken = [g for g in viewer.grants if g.scope is Scope.AUTOMATE]
+            for grant in taken:
+                viewer.grants.remove(grant)
+        revoked = [g.to_json() for g in taken]  # before closing: `connections` says how many each had
+        closed = sum(len(g.sockets) for g in taken)
+        await asyncio.gather(*(g.sockets.close_all() for g in taken))
+        person = self.mint(session_id, Scope.INTERACT)
+        return {"revoked": revoked, "connections": closed, "id": person.id, "token": person.secret,
+                "scope": person.scope.value, "url": self.url(session_id, person.secret)}
+
     def url_of(self, session_id: str, grant: Grant) -> str | None:
         """Where the grant is used: the viewer for view and interact; for automate, the session's automation
         endpoint (None if the session has none)."""
@@ -299,7 +318,7 @@ class ServiceViewers:
                                   lambda: self._connect(viewer), self._novnc,
                                   on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch, io=live.io,
                                   status=lambda: progress(live, display=viewer.socket is not None and not viewer.gone),
-                                  scope=grant.scope)
+                                  scope=grant.scope, embed=self.frame_ancestors)
         if tail != STATUS:  # the page asks for its status while it is open: that alone is no use of the session
             live.touch()
         return await endpoint.handle(request, tail)
