@@ -9,6 +9,11 @@ connection is printed and fails the test. The same session must show one tab (th
 whole page area of the viewer has the page's colour 60 s after it appeared, and the browser's own record of
 its tabs (Chromium's DevTools list, Firefox's session store) holds one page. `--log-requests` must list what
 the capture saw, the receipt must count it, and the page must see the host's time zone and language.
+
+Firefox's session is also an automation session (through dispod, `dispo run firefox --automation`): once the
+page shows, a WebDriver BiDi client (tests/bidi_client.py) on its bidi_url starts a BiDi session, finds the
+tab and navigates it to a second page of the same server, waiting for the load, and reads its title. Every
+assertion above holds with automation on: the only traffic is what the page and the client caused.
 """
 
 from __future__ import annotations
