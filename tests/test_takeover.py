@@ -136,6 +136,7 @@ def test_sdk_grants_lists_revokes_and_takes_over(svc: Running, cfg: Config) -> N
             assert [t.scope for t in taken.revoked] == ["automate"] and taken.connections == 0
             assert taken.viewer.scope == "interact" and taken.viewer.url and str(taken.viewer.token) in taken.viewer.url
             assert "automate" not in {t.scope for t in s.tokens()}
+            assert str(view.token) not in repr(view) and str(view.token) not in repr(taken)
         with pytest.raises(Conflict):  # ended: no new tokens
             s.grant("view")
 

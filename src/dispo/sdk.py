@@ -24,7 +24,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypedDict, cast
 
@@ -83,8 +83,8 @@ class Token:
     scope: str
     created: float | None = None
     connections: int = 0
-    token: str | None = None
-    url: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: kept out of reprs (and so out of logs)
+    url: str | None = field(default=None, repr=False)    # it holds the token too
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Token:
