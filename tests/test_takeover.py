@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import http.server
 import json
+import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -179,6 +182,8 @@ def test_a_live_view_is_not_embeddable_by_default(svc: Running) -> None:
     page = _headers(svc, created["viewer_url"])
     assert "frame-ancestors 'none'" in page["content-security-policy"]
     assert page["x-frame-options"] == "SAMEORIGIN"
+    novnc = _headers(svc, created["viewer_url"] + "vnc.html")  # framed by the viewer page alone
+    assert novnc["x-frame-options"] == "SAMEORIGIN" and "content-security-policy" not in novnc
 
 
 def test_frame_ancestors_from_config_lets_those_pages_embed_the_live_view_alone(embedding: Running) -> None:
@@ -189,6 +194,10 @@ def test_frame_ancestors_from_config_lets_those_pages_embed_the_live_view_alone(
         page = _headers(svc, url)
         assert "frame-ancestors https://app.example.org 'self'" in page["content-security-policy"], page
         assert "x-frame-options" not in page  # it could not name the origin, and would forbid what the CSP allows
+        # noVNC's page, framed by the viewer page: every ancestor is checked, so it names both.
+        novnc = _headers(svc, url + "vnc.html")
+        assert "frame-ancestors 'self' https://app.example.org" in novnc["content-security-policy"], novnc
+        assert "x-frame-options" not in novnc
     # The viewer's other answers and dispod's own pages stay unframeable.
     assert _headers(svc, created["viewer_url"] + "status")["x-frame-options"] == "SAMEORIGIN"
     with svc.tcp() as http:
@@ -214,3 +223,60 @@ def test_frame_ancestors_refuses_what_lets_any_page_frame_or_is_not_a_source(tmp
     assert "service.frame_ancestors" in e.value.message and "\n" not in e.value.message
     assert e.value.hint == f"fix [service] frame_ancestors in {path}"
 
+
+
+class _Site:
+    """Another site: one page on its own origin (127.0.0.1, another port) that frames a URL given later."""
+
+    def __init__(self) -> None:
+        self.framed = ""
+        site = self
+
+        class Page(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = f'<!doctype html><title>site</title><iframe id="live" src="{site.framed}"></iframe>'.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_a_browser_shows_a_live_view_in_another_sites_frame_only_when_configured(cfg: Config, allowed: bool) -> None:
+    if not shutil.which("chromium"):
+        pytest.skip("needs Debian package chromium")
+    from playwright.sync_api import sync_playwright
+
+    site = _Site()
+    service = dataclasses.replace(cfg.service, frame_ancestors=site.origin if allowed else "")
+    try:
+        with serving(dataclasses.replace(cfg, service=service)) as svc, sync_playwright() as p:
+            site.framed = mint(svc, start(svc)["id"], "view")["url"]
+            browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+            try:
+                page = browser.new_page()
+                page.goto(site.origin, wait_until="load")  # the frame has loaded, or failed to
+                live = page.frame_locator("#live")
+                if allowed:  # the viewer page, and noVNC's page inside it with the screen
+                    live.frame_locator("#vnc").locator("canvas").wait_for(state="visible", timeout=SAFETY_S * 1000)
+                else:
+                    (framed,) = page.main_frame.child_frames
+                    assert framed.url != site.framed and framed.child_frames == [], framed.url
+                    assert live.locator("#vnc").count() == 0
+            finally:
+                browser.close()
+    finally:
+        site.close()

@@ -293,7 +293,12 @@ class ViewerEndpoint:
             raise web.HTTPMethodNotAllowed(request.method, ["GET"])
         if tail in ("", STATUS) or tail in _ASSETS:
             return self._own(tail)
-        return static_file(self.novnc, tail)
+        answer = static_file(self.novnc, tail)
+        if self.embed and answer.content_type == "text/html":
+            # noVNC's page is framed by the viewer page, itself framed by the embedding page: a browser checks
+            # every ancestor (for X-Frame-Options SAMEORIGIN too, which would refuse it), so it names both.
+            answer.headers["Content-Security-Policy"] = frame_ancestors(f"'self' {self.embed}")
+        return answer
 
     def _own(self, tail: str) -> web.Response:
         """The viewer's own answers: its page, the page's script and style, and the session's status."""
