@@ -299,6 +299,25 @@ def test_guest_io_answers_409_while_there_is_no_guest_to_ask(tmp_path: Path) -> 
         io.clipboard()
 
 
+
+def test_an_upload_whose_session_ends_under_it_answers_409(tmp_path: Path) -> None:
+    """The guest going away in the middle of an upload, because its session is ending, is the caller's late
+    request (409), not the guest's failure (502; the API fuzzer found this race)."""
+    live = _live(tmp_path, guest=True)
+    io = guestio.GuestIO(live)
+    up = io.begin_upload("late.txt", 4)
+    try:
+        up.write(b"ab")
+        live.state = SessionState.STOPPING
+        up._cmd.proc.kill()  # the guest's side of the command goes with its guest
+        up._cmd.proc.wait(5)
+        with pytest.raises(Conflict, match="is ending"):
+            up.write(b"cd")
+            up.finish()
+    finally:
+        up.abort()
+    assert not (tmp_path / "home" / "Uploads" / "late.txt").exists()
+
 def _upload(io: guestio.GuestIO, name: str, data: bytes) -> str:
     """An upload as dispod streams one: begun with its size, written, finished."""
     up = io.begin_upload(name, len(data))

@@ -132,7 +132,7 @@ class GuestCommand:
 
     def __init__(self, io: GuestIO, args: Sequence[str], *, out_cap: int, err_cap: int = ERR_CAP) -> None:
         self.session_id, self.what = io.live.id, f"dispo-files {args[0]}"
-        self._io = io
+        self.io = io
         self._child = io.spawn(self.what, args, stdin_pipe=True, stderr=subprocess.PIPE)
         self.proc = self._child.proc
         assert self.proc.stdin is not None and self.proc.stdout is not None and self.proc.stderr is not None
@@ -225,7 +225,7 @@ class GuestCommand:
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
-        self._io.reaped(self._child)
+        self.io.reaped(self._child)
 
 
 class _Capped:
@@ -260,7 +260,8 @@ class Upload:
         self.received += len(chunk)
         if self.received > self.size:
             raise InvalidInput(f"the upload brought more than the {self.size} bytes it announced")
-        self._cmd.write(chunk, COMMAND_TIMEOUT_S)
+        with self._cmd.io.conflict_if_ending():
+            self._cmd.write(chunk, COMMAND_TIMEOUT_S)
 
     def finish(self) -> str:
         """The name the file got in ~/Uploads, once the guest has all of it."""
@@ -268,7 +269,8 @@ class Upload:
             raise InvalidInput(f"the upload ended after {self.received} of the {self.size} bytes it announced",
                                hint="send the whole file")
         try:
-            return self._cmd.finish(COMMAND_TIMEOUT_S).decode(errors="replace")
+            with self._cmd.io.conflict_if_ending():
+                return self._cmd.finish(COMMAND_TIMEOUT_S).decode(errors="replace")
         finally:
             self.abort()
 
@@ -373,17 +375,25 @@ class GuestIO:
     def _run(self, *args: str, data: bytes = b"", cap: int = MIB, timeout: float = COMMAND_TIMEOUT_S) -> bytes:
         cmd = GuestCommand(self, args, out_cap=cap)
         try:
-            if data:
-                cmd.write(data, timeout)
-            return cmd.finish(timeout)
+            with self.conflict_if_ending():
+                if data:
+                    cmd.write(data, timeout)
+                return cmd.finish(timeout)
+        finally:
+            cmd.abort()
+
+    @contextlib.contextmanager
+    def conflict_if_ending(self) -> Iterator[None]:
+        """A guest command that fails because its session is ending is the caller's late request (409, Conflict),
+        not the guest's failure (502); an overflow stays the guest's fault."""
+        try:
+            yield
         except GuestOverflow:
             raise
         except GuestIOError:
-            if self._ending():  # it went away while it was asked: not the guest's failure (409)
+            if self._ending():
                 raise self._gone() from None
             raise
-        finally:
-            cmd.abort()
 
     def _policy(self) -> Features:
         self.live.touch()
