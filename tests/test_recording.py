@@ -4,10 +4,12 @@ ffmpeg dies with its owner. On fake guests whose display draws one colour (tests
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from dispo import receipt as dispo_receipt
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound
 from dispo.runtime import Runtime, build
@@ -145,9 +148,8 @@ def test_api_serves_the_recording_once_ended(cfg: Config, monkeypatch: pytest.Mo
         got = http.get(f"/v1/sessions/{sid}/recording")
         assert got.status_code == 200, got.text
         assert got.headers["content-type"] == "video/webm"
-        receipt = http.get(f"/v1/sessions/{sid}/receipt").json()
-        import hashlib
-
+        receipt = dispo_receipt.find(cfg, sid)
+        assert receipt is not None and receipt["clean"]
         assert hashlib.sha256(got.content).hexdigest() == receipt["recording"]["sha256"]
         with svc.tcp(auth=False) as anonymous:
             assert anonymous.get(f"/v1/sessions/{sid}/recording").status_code == 401
@@ -159,7 +161,7 @@ def test_ffmpeg_dies_with_a_killed_dispod(tmp_path: Path) -> None:
     proc = spawn_dispod(tmp_path, log)
     try:
         client = dispod_ready(cfg, proc, log)
-        created = client.create({"profile": "chromium", "record": True})
+        created = client.create_session({"profile": "chromium", "record": True})
         deadline = time.monotonic() + SAFETY_S
         while not recorder_pids(cfg):
             assert time.monotonic() < deadline, log.read_text()
@@ -170,7 +172,28 @@ def test_ffmpeg_dies_with_a_killed_dispod(tmp_path: Path) -> None:
         while recorder_pids(cfg):
             assert time.monotonic() < deadline, "the recorder's ffmpeg outlived its dispod"
             time.sleep(0.05)
+        # The next owner reclaims the session from its journal: the half-made recording goes with it.
+        gc = subprocess.run([sys.executable, "-m", "dispo", "gc"], env=fakes.env(tmp_path), capture_output=True,
+                            text=True, check=False, timeout=SAFETY_S)
+        assert gc.returncode == 0, gc.stdout + gc.stderr
+        assert list(recordings.recordings_dir(cfg).iterdir()) == []
     finally:
         end_dispod(proc)
-        subprocess.run([os.sys.executable, "-m", "dispo", "gc"], env=fakes.env(tmp_path), capture_output=True,
-                       check=False, timeout=SAFETY_S)
+
+
+def test_cli_lists_and_removes_recordings(cfg: Config, tmp_path: Path) -> None:
+    d = recordings.recordings_dir(cfg) / "0123abcd"
+    d.mkdir(parents=True)
+    (d / recordings.VIDEO).write_bytes(b"x")
+    (d / recordings.INFO).write_text(json.dumps({"bytes": 1, "sha256": "ab" * 32, "created": time.time()}))
+
+    def dispo(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dispo", *argv], env=fakes.env(tmp_path), capture_output=True,
+                              text=True, check=False, timeout=SAFETY_S)
+
+    listed = json.loads(dispo("recording", "ls", "--json").stdout)["recordings"]
+    assert [(r["session_id"], r["sha256"]) for r in listed] == [("0123abcd", "ab" * 32)]
+    assert dispo("recording", "rm", "0123abcd").returncode == 0
+    assert not d.exists()
+    missing = dispo("recording", "rm", "0123abcd")
+    assert missing.returncode != 0 and "no recording" in missing.stderr

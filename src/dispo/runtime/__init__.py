@@ -28,8 +28,8 @@ from dispo.runtime.events import Event, EventKind, EventSink, Fanout
 from dispo.runtime.live import AutomationHost, LiveSession, SessionState, ViewerHost, join_all
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.plan import Origin, Plan
-from dispo.runtime.record import with_recording
 from dispo.runtime.pool import Pool
+from dispo.runtime.record import with_recording
 from dispo.runtime.request import SessionRequest, Stdio, build, from_json
 from dispo.runtime.steps import BOOT, STEPS, Step, Steps
 

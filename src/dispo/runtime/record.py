@@ -88,10 +88,8 @@ class Recorder:
         try:
             while not self._stop.is_set():
                 next_at = start + self.frames * period
-                try:
+                with contextlib.suppress(RfbIdle):  # the screen did not change: the last frame again
                     self._client.next_frame(wait=max(0.05, next_at - time.monotonic()))
-                except RfbIdle:
-                    pass  # the screen did not change: the last frame again
                 if self._stop.wait(max(0.0, next_at - time.monotonic())):
                     break
                 # Every frame due by now, so the video keeps the session's time however late this thread ran.
