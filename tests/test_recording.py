@@ -197,3 +197,53 @@ def test_cli_lists_and_removes_recordings(cfg: Config, tmp_path: Path) -> None:
     assert not d.exists()
     missing = dispo("recording", "rm", "0123abcd")
     assert missing.returncode != 0 and "no recording" in missing.stderr
+
+
+@pytest.mark.usefixtures("drawing")
+def test_a_pooled_guest_records_only_once_claimed(rt: Runtime, cfg: Config) -> None:
+    from dispo.runtime.pool import Pool
+    from tests.fakeworld import make_template
+
+    make_template(rt, "chromium")
+    rt.pool = pool = Pool(rt, budget_mib=4096)
+    try:
+        pool.fill("chromium", 1)
+        deadline = time.monotonic() + SAFETY_S
+        while not (waiting := [s for s in rt.sessions(pooled=True) if s.state.value == "starting"
+                               and s.step == "pool.hold"]):
+            assert time.monotonic() < deadline, "the pool did not fill"
+            time.sleep(0.05)
+        assert not recordings.recordings_dir(cfg).exists()  # a waiting guest records nothing
+        events: list[Any] = []
+        live = rt.start(build(cfg, profile="chromium", record=True), sink=events.append)
+        assert live is waiting[0] and live.status()["start"] == "pool"
+        while live.state.value != "running":
+            assert time.monotonic() < deadline and not live.ended, live.error
+            time.sleep(0.05)
+        time.sleep(1.5)
+        live.stop("test over")
+        assert live.wait(SAFETY_S) and live.error is None, live.error
+        messages = [e.message for e in events]
+        ready = next(i for i, m in enumerate(messages) if "from the warm pool" in m)
+        started = next(i for i, m in enumerate(messages) if m.startswith("recording the display"))
+        assert ready < started  # the recorder started after the guest was handed to this request
+        assert live.recording is not None and live.receipt is not None
+        assert live.receipt.recording is not None and live.receipt.recording["sha256"] == live.recording.sha256
+    finally:
+        pool.close()
+
+
+def test_the_request_log_is_kept_beside_the_video(cfg: Config) -> None:
+    from dispo.infra.txn import transaction
+
+    requests = [{"kind": "dns", "name": "example.org", "count": 1}]
+    with transaction(cfg, purpose="session", session_id="0123abcd") as tx:
+        tmp = recordings.begin(tx)
+        (tmp / recordings.VIDEO).write_bytes(b"not really a video")
+        rec = recordings.commit(tx, tmp, requests)
+    # The unwind removed nothing of it: it was handed over.
+    assert rec.video.read_bytes() == b"not really a video" and not tmp.exists()
+    log = rec.path / recordings.REQUESTS
+    assert json.loads(log.read_text()) == requests
+    assert rec.requests_sha256 == recordings.sha256_file(log)
+    assert recordings.find(cfg, "0123abcd") == rec
