@@ -81,6 +81,21 @@ def serve(c):
         read(c, 1)                       # ClientInit
         pixels = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
         c.sendall(struct.pack(">HH", 64, 48) + pixels + struct.pack(">I", 4) + b"fake")
+        if COLOUR:  # draw: a screen of one colour, whole, at every update request (the client's pixel format)
+            shifts = (16, 8, 0)
+            while True:
+                kind = read(c, 1)[0]
+                if kind == 0:
+                    f = read(c, 19)[3:]
+                    shifts = (f[10], f[11], f[12])
+                elif kind == 2:
+                    read(c, 4 * struct.unpack(">xH", read(c, 3))[0])
+                elif kind == 3:
+                    read(c, 9)
+                    v = sum(int(COLOUR[i * 2:i * 2 + 2], 16) << shifts[i] for i in range(3))
+                    c.sendall(struct.pack(">BxHHHHHi", 0, 1, 0, 0, 64, 48, 0) + struct.pack("<I", v) * (64 * 48))
+                else:
+                    break
         while c.recv(65536):
             pass
     except OSError:
@@ -90,6 +105,12 @@ while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
+
+
+# With a colour ("RRGGBB"), the fake display draws: a 64x48 screen of that colour, sent whole at each update
+# request of a client that speaks only SetPixelFormat, SetEncodings and update requests (a recorder's). None:
+# it never draws. Read when the display starts, in this process.
+VNC_COLOUR: str | None = None
 
 
 # The fake guest's dispo-files is the real one (guest/files.sh), run in its home directory; its X clipboard is
@@ -232,9 +253,10 @@ class FakeChannel:
 
     def display(self, app: Sequence[str], *, vnc_socket: Path | None, geometry: str,
                 attach: bool = False, forwards: Sequence[tuple[Path, int]] = ()) -> list[str]:
-        argv = [sys.executable, "-c", _FAKE_VNC, str(vnc_socket)] if vnc_socket is not None else ["sleep", "1000000"]
+        vnc = f"COLOUR = {VNC_COLOUR!r}\n" + _FAKE_VNC
+        argv = [sys.executable, "-c", vnc, str(vnc_socket)] if vnc_socket is not None else ["sleep", "1000000"]
         if vnc_socket is not None and forwards:  # a fake browser's debugging endpoint too (tests/fakecdp.py)
-            argv = [sys.executable, "-c", FAKE_CDP + _FAKE_VNC, str(vnc_socket), *(str(f) for f, _ in forwards)]
+            argv = [sys.executable, "-c", FAKE_CDP + vnc, str(vnc_socket), *(str(f) for f, _ in forwards)]
         if not self.app_output:
             return argv
         half = self.app_output // 2

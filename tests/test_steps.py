@@ -11,6 +11,7 @@ import pytest
 from dispo.config import StorageBackend
 from dispo.runtime import STEPS, warm
 from dispo.runtime.pool import HOLD, pool_steps
+from dispo.runtime.record import with_recording
 from dispo.runtime.steps import BOOT, Step, Steps
 from dispo.storage.templates import Template, TemplateKind
 
@@ -75,8 +76,12 @@ def test_a_template_build_is_boot_with_the_agent_and_a_save_instead_of_the_app()
 def test_a_pool_guest_is_the_restore_held_after_guest_ready() -> None:
     t = _template()
     restore, held = warm.restore_steps(t), pool_steps(t)
-    assert held.names == (*restore.names[:-1], "pool.hold", "app")
+    # The recorder after the app: the claiming request decides whether it records (runtime/record.py).
+    assert held.names == (*restore.names[:-1], "pool.hold", "app", "record")
     assert held["pool.hold"] is HOLD
+    assert with_recording(restore).names == (*restore.names, "record")
+    assert with_recording(held) == held and with_recording(warm.template_steps(TemplateKind.IMAGE, "x")).names == \
+        warm.template_steps(TemplateKind.IMAGE, "x").names
     assert _same(held, BOOT) == ["network", "guest.ready"]
 
 

@@ -105,6 +105,13 @@ class ServiceConfig:
     frame_ancestors: str = ""
 
 
+@dataclass(frozen=True)
+class RecordingsConfig:
+    """Recorded sessions' videos (storage/recordings.py), kept in the workspace until removed or this old."""
+
+    max_age_h: int = 168  # hours; 0: kept until 'dispo recording rm'
+
+
 def pool_targets(setting: str, where: str = "[service] pool") -> dict[str, int]:
     """"chromium=1,minimal=2" -> {"chromium": 1, "minimal": 2}."""
     targets: dict[str, int] = {}
@@ -126,6 +133,7 @@ class Config:
     firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
     net: NetConfig = field(default_factory=NetConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    recordings: RecordingsConfig = field(default_factory=RecordingsConfig)
     source: str = "built-in defaults"
 
     @property
@@ -313,6 +321,7 @@ CHECKS: dict[str, Check] = {
     "service.pool": _pool_targets,
     "service.pool_memory_mib": _in_range(0, 1 << 30, " (0: a quarter of the host's memory)"),
     "service.frame_ancestors": _frame_ancestors,
+    "recordings.max_age_h": _in_range(0, 100 * 365 * 24, " (hours; 0: kept until 'dispo recording rm')"),
 }
 
 

@@ -142,7 +142,9 @@ class Receipt:
     check_s: float = 0.0
     exit_status: int | None = None
     end_reason: str = ""
-    kept: list[str] = field(default_factory=list)  # objects kept on purpose (a --keep volume)
+    kept: list[str] = field(default_factory=list)  # objects kept on purpose (a --keep volume, a recording)
+    # With record: the recording kept on purpose (storage/recordings.py): its path, size and sha256.
+    recording: dict[str, Any] | None = None
     # With --log-requests: the requests the guest made, by kind ({"dns": 2, "tcp": 3}); None when not logged.
     requests: dict[str, int] | None = None
     objects: list[str] = field(default_factory=list)  # what was checked: each journaled object, described
@@ -150,7 +152,7 @@ class Receipt:
     def summary(self) -> dict[str, Any]:
         return {"clean": self.clean, "leftovers": self.leftovers, "checked": self.checked,
                 "image_unchanged": self.image_unchanged, "teardown_s": self.teardown_s, "check_s": self.check_s,
-                "requests": self.requests, "kept": self.kept}
+                "requests": self.requests, "kept": self.kept, "recording": self.recording}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,7 +160,8 @@ class Receipt:
 
 def issue(cfg: Config, *, session_id: str, recorded: list[Entry], state_path: Path, image: Image | None,
           proof_before: dict[str, Any] | None, started: float, teardown_s: float | None, exit_status: int | None,
-          end_reason: str, requests: list[dict[str, Any]] | None = None, kept: list[str] | None = None) -> Receipt:
+          end_reason: str, requests: list[dict[str, Any]] | None = None, kept: list[str] | None = None,
+          recording: dict[str, Any] | None = None) -> Receipt:
     t0 = time.monotonic()
     leftovers: list[str] = []
     for entry in recorded:
@@ -186,6 +189,7 @@ def issue(cfg: Config, *, session_id: str, recorded: list[Entry], state_path: Pa
                 {"name": image.name, "sha256": image.sha256} if image else {}, unchanged, started, time.time(),
                 round(teardown_s, 3) if teardown_s is not None else None, 0.0, exit_status, end_reason)
     r.kept = list(kept or [])
+    r.recording = recording
     r.objects = [entry.describe() for entry in recorded]
     if requests is not None:
         r.requests = {}

@@ -11,14 +11,28 @@ from pathlib import Path
 from types import FrameType
 
 from dispo import __version__, config, gc
-from dispo.cli import demo, firecracker, images, net, opener, pool, run, sessions, takeover, templates, volumes
+from dispo.cli import (
+    demo,
+    firecracker,
+    images,
+    net,
+    opener,
+    pool,
+    recordings,
+    run,
+    sessions,
+    takeover,
+    templates,
+    volumes,
+)
 from dispo.cli.common import Terminated
 from dispo.errors import DispoError
 from dispo.infra import progress
 
 EXIT_ERROR = 1
 
-COMMAND_MODULES = (images, templates, pool, sessions, net, run, takeover, opener, volumes, firecracker, demo)
+COMMAND_MODULES = (images, templates, pool, sessions, net, run, takeover, opener, volumes, recordings, firecracker,
+                   demo)
 
 
 def _on_signal(signum: int, _frame: FrameType | None) -> None:

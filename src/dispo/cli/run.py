@@ -87,6 +87,9 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
     p.add_argument("--automation", action="store_true", default=default,
                    help="with a browser profile: let programs drive it (Playwright, Puppeteer); dispod prints its "
                         "cdp_url (or bidi_url for Firefox)")
+    p.add_argument("--record", action="store_true", default=default,
+                   help="with a web display: record it to a video kept in the workspace ('dispo recording ls|rm'), "
+                        "its sha256 in the disposal receipt")
     p.add_argument("--downloads", type=Path, default=default, metavar="DIR",
                    help="copy each finished download of the session's browser into DIR (an existing directory)")
     p.add_argument("--keep", default=default, metavar="NAME",
@@ -99,7 +102,7 @@ def _add_run_options(p: argparse.ArgumentParser, default: Any) -> None:
 PROFILE_USAGE = "dispo run PROFILE [URL] [--display web|x11|none] [--open]"
 # Each option's argparse dest and the request key it gives.
 _FLAGS = {**{setting_flag(k).replace("-", "_"): k for k in SETTINGS},
-          **{k: k for k in ("name", "display", "start", "log_requests", "keep", "automation")}}
+          **{k: k for k in ("name", "display", "start", "log_requests", "keep", "automation", "record")}}
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:

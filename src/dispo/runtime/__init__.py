@@ -29,6 +29,7 @@ from dispo.runtime.live import AutomationHost, LiveSession, SessionState, Viewer
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.pool import Pool
+from dispo.runtime.record import with_recording
 from dispo.runtime.request import SessionRequest, Stdio, build, from_json
 from dispo.runtime.steps import BOOT, STEPS, Step, Steps
 
@@ -98,7 +99,9 @@ class Runtime:
             sid = new_session_id()
             while sid in self._live or sid in self._ended:
                 sid = new_session_id()
-            live = LiveSession(self, request, sid, steps=plan.steps, origin=plan.origin, template=plan.template,
+            # A recorded session's recorder comes after its app (a pooled guest's steps always carry it).
+            steps = with_recording(plan.steps) if request.record else plan.steps
+            live = LiveSession(self, request, sid, steps=steps, origin=plan.origin, template=plan.template,
                                why=plan.why, sink=sink)
             live.pool_name = pooled
             self._live[sid] = live

@@ -39,6 +39,7 @@ from dispo.runtime.machinery import GuestChannel, Machinery
 from dispo.runtime.request import SessionRequest
 from dispo.runtime.steps import Bringup, Handover, Origin, Steps, supervise
 from dispo.storage.images import Image
+from dispo.storage.recordings import Recording
 from dispo.storage.templates import Template
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,11 @@ class LiveSession:
         return list(self._bringup.kept) if self._bringup is not None else []
 
     @property
+    def recording(self) -> Recording | None:
+        """With request.record, once the session ended: the video it kept (storage/recordings.py)."""
+        return self._bringup.recording if self._bringup is not None else None
+
+    @property
     def viewer_url(self) -> str | None:
         published = self._bringup.viewer_url if self._bringup is not None else None
         return published or self._reserved_url
@@ -240,6 +246,8 @@ class LiveSession:
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s,
                 "features": r.features.to_json(), "keep": r.keep or None,
                 "requests": self.request_log.requests() if self.request_log is not None else None,
+                "record": r.record,
+                "recording": self.recording.to_json() if self.recording is not None else None,
                 "cdp_url": url if r.automation == "cdp" else None,
                 "bidi_url": url if r.automation == "bidi" else None}
 
@@ -348,7 +356,8 @@ class LiveSession:
             image=self._image, proof_before=self._proof, started=self.created,
             teardown_s=time.monotonic() - self._stopping_at if self._stopping_at else None,
             exit_status=self.exit_status, end_reason=self.end_reason or (self.error.one_line() if self.error else ""),
-            requests=self.request_log.requests() if self.request_log is not None else None, kept=self.kept)
+            requests=self.request_log.requests() if self.request_log is not None else None, kept=self.kept,
+            recording=self.recording.to_json() if self.recording is not None else None)
         if not self.receipt.clean and self.error is None:
             self.error = NotClean(self.id, self.receipt.leftovers)
 

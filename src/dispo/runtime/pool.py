@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound
-from dispo.runtime import warm
+from dispo.runtime import record, warm
 from dispo.runtime.events import EventKind, EventSink
 from dispo.runtime.live import LiveSession
 from dispo.runtime.plan import Origin, Plan
@@ -72,8 +72,9 @@ HOLD = Step("pool.hold", hold)
 
 
 def pool_steps(t: Template) -> Steps:
-    """The restore from `t` held, ready, before its app: the app is the claiming request's."""
-    return warm.restore_steps(t).insert_after("guest.ready", HOLD)
+    """The restore from `t` held, ready, before its app: the app is the claiming request's, and so is
+    whether its display is recorded (the recorder's step does nothing unless the request asks)."""
+    return record.with_recording(warm.restore_steps(t).insert_after("guest.ready", HOLD))
 
 
 @dataclass

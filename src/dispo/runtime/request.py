@@ -46,7 +46,7 @@ MAX_COMMAND_BYTES = 64 * 1024
 _URL_RE = re.compile(r"^(https?://[^\s]+|about:[a-z-]+)$")
 # Keys a JSON body (POST /v1/sessions) may carry; the rest of SessionRequest is the server's to decide.
 API_KEYS = ("profile", "image", "command", "url", "display", "name", "backend", "start", "log_requests", "keep",
-            "automation", *INT_SETTINGS, *SECONDS_SETTINGS)
+            "automation", "record", *INT_SETTINGS, *SECONDS_SETTINGS)
 # What the app is started with when a session asks for automation, by the protocol its profile names. Both
 # browsers listen on the guest's loopback only by default (Chromium ignores --remote-debugging-address unless
 # headless; Firefox binds "localhost"), so nothing on any network reaches the port: dispod reaches it through
@@ -84,6 +84,7 @@ class SessionRequest:
     features: Features = field(default_factory=Features)  # what may cross: clipboard, files, sound (features.py)
     keep: str = ""                     # the volume that keeps the app's profile (storage/volumes.py); "" = none
     automation: str = ""               # the protocol of the app's debugging endpoint (profiles.AUTOMATION); "" = off
+    record: bool = False               # record the web display to a video kept in the workspace (runtime/record.py)
 
     @property
     def kind(self) -> VmmKind:
@@ -113,7 +114,7 @@ class SessionRequest:
                 "max_lifetime_s": self.max_lifetime_s, "start": self.start.value, "timezone": self.timezone,
                 "language": self.language, "quiet": self.quiet, "allow": list(self.allow),
                 "log_requests": self.log_requests, "features": self.features.to_json(), "keep": self.keep or None,
-                "automation": self.automation or None}
+                "automation": self.automation or None, "record": self.record}
 
 
 def _number(key: str, value: Any, where: str) -> int | float:
@@ -150,7 +151,7 @@ def find_image(cfg: Config, name: str) -> Image:
 def build(cfg: Config, *, profile: str | None = None, image: str | None = None, command: Sequence[str] = (),
           url: str | None = None, display: str | None = None, name: str | None = None, backend: str | None = None,
           stdio: Stdio = Stdio.CAPTURE, tty: bool = False, where: str = "", start: str | None = None,
-          log_requests: bool = False, keep: str | None = None, automation: bool = False,
+          log_requests: bool = False, keep: str | None = None, automation: bool = False, record: bool = False,
           **numbers: Any) -> SessionRequest:
     """Defaults, then the profile, then the caller's values; every check before anything is created.
 
@@ -203,6 +204,9 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
     if automation and fields.get("display") is not DisplayMode.WEB:
         raise InvalidInput(f"{where}automation needs the app on its web display (the browser runs there)",
                            hint="drop the display option, or give display web")
+    if record and fields.get("display") is not DisplayMode.WEB:
+        raise InvalidInput(f"{where}a recording is of the app's web display, and this session has none",
+                           hint="record a profile's session on its web display (dispo run chromium --record)")
     if fields.get("display") is DisplayMode.X11 and not os.environ.get("DISPLAY"):
         raise InvalidInput("--display x11 needs an X display, and $DISPLAY is not set",
                            hint="run from an X session (or ssh -X), or use --display web")
@@ -236,7 +240,7 @@ def build(cfg: Config, *, profile: str | None = None, image: str | None = None, 
     fields["backend"] = choose_backend(fields.get("backend"), img).value
     fields["timezone"], fields["language"] = resolve(privacy)
     return SessionRequest(**fields, **values, stdio=stdio, tty=tty, quiet=privacy.quiet, allow=privacy.allowed(),
-                          log_requests=bool(log_requests))
+                          log_requests=bool(log_requests), record=bool(record))
 
 
 API_WHERE = "POST /v1/sessions: "  # what the API's messages about a request body start with
@@ -262,7 +266,7 @@ def from_json(cfg: Config, body: Mapping[str, Any], *, where: str = API_WHERE) -
     if strings["display"] == DisplayMode.X11.value:
         raise InvalidInput(f"{where}the service shows apps in its web viewer; x11 needs 'dispo run' in-process",
                            hint="use display web or none")
-    flags = {k: body.get(k, False) for k in ("log_requests", "automation")}
+    flags = {k: body.get(k, False) for k in ("log_requests", "automation", "record")}
     for k, v in flags.items():
         if not isinstance(v, bool):
             raise InvalidInput(f"{where}{k} must be true or false")

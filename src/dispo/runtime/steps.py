@@ -46,6 +46,7 @@ from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.runtime.request import SessionRequest, Stdio, find_image
 from dispo.storage import disks, files, volumes, workspace
 from dispo.storage.images import Image
+from dispo.storage.recordings import Recording
 from dispo.storage.templates import Template
 from dispo.vmm.accel import Accel
 from dispo.vmm.base import MachineSpec, NetAttachment, Vmm, VmmKind
@@ -103,6 +104,7 @@ class Bringup:
     request_log: RequestLog | None = None  # with --log-requests: the guest's requests, from its first frame
     viewer_url: str | None = None      # where the app's display was published
     automation_socket: Path | None = None  # with request.automation: the app's debugging port, forwarded here
+    recording: Recording | None = None  # with request.record: the video kept when the session ended
     finished: str = ""                 # set by a last step that ends the session itself (a template build)
 
     def alive(self) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import os
 import time
 from typing import Any
 
@@ -13,9 +15,11 @@ from aiohttp import web
 
 from dispo import __version__, profiles
 from dispo.errors import DispoError, InvalidInput, NotFound, ServiceError
+from dispo.names import check_session_id
 from dispo.runtime.events import Event, EventKind
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import from_json
+from dispo.storage import recordings
 from dispo.storage.images import ImageStore
 from dispo.web import sse, transfers
 from dispo.web.guard import json_deadline, json_value, refuse_body
@@ -132,6 +136,37 @@ async def session_io(request: web.Request) -> web.StreamResponse:
     if answer is None:
         raise web.HTTPNotFound()
     return answer
+
+
+async def get_recording(request: web.Request) -> web.StreamResponse:
+    """A recorded session's video (storage/recordings.py), once the session ended: from the workspace, so also
+    after dispod forgot the session or restarted."""
+    svc = request.app[SERVICE]
+    sid = check_session_id(request.match_info["id"])
+    try:
+        rec = await blocking(recordings.find, svc.cfg, sid)
+    except NotFound:
+        with contextlib.suppress(NotFound):
+            live = svc.rt.get(sid)
+            if live.request.record and not live.ended:
+                raise NotFound(f"session {sid} is still recording",
+                               hint="its recording is served once the session has ended (DELETE it, or wait)"
+                               ) from None
+        raise
+    f = await blocking(io.FileIO, rec.video, "r")
+    try:
+        size = os.fstat(f.fileno()).st_size
+        response = web.StreamResponse(headers={
+            "Content-Type": recordings.MEDIA_TYPE, "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="dispo-{sid}.webm"', "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "no-store", "Digest": f"sha-256={rec.sha256}"})
+        await response.prepare(request)
+        while data := await blocking(f.read, 1 << 20):
+            await response.write(data)
+        await response.write_eof()
+        return response
+    finally:
+        f.close()
 
 
 def _known_session(request: web.Request) -> str:
@@ -280,6 +315,7 @@ def routes() -> list[web.RouteDef]:
         web.post("/v1/sessions/{id}/uploads", session_io),
         web.get("/v1/sessions/{id}/clipboard", session_io, allow_head=False),
         web.put("/v1/sessions/{id}/clipboard", session_io),
+        web.get("/v1/sessions/{id}/recording", get_recording, allow_head=False),
         web.post("/v1/sessions/{id}/tokens", create_token),
         web.get("/v1/sessions/{id}/tokens", list_tokens, allow_head=False),
         web.delete("/v1/sessions/{id}/tokens/{token}", revoke_token),

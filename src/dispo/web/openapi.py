@@ -92,7 +92,7 @@ PROBLEM_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/InvalidInput", "title": "InvalidInput", "status": 400,
     "detail": "POST /v1/sessions: unknown key(s): colour",
     "hint": "known keys: profile, image, command, url, display, name, backend, start, log_requests, keep, "
-            "automation, "
+            "automation, record, "
             "memory_mib, vcpus, shm_mib, ready_timeout_s, idle_timeout_s, max_lifetime_s"}
 BUSY_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/Busy", "title": "Busy", "status": 429,
@@ -150,6 +150,11 @@ SCHEMAS: dict[str, Any] = {
                                             "its disposal receipt list them (docs/quiet.md)"},
             "keep": {**NAME, "description": "keep the app's profile on this volume (made on first use, kept after "
                                             "the session; 'dispo volume ls|rm'); the profile must name a keep_path"},
+            "record": {"type": "boolean",
+                       "description": "record the app's web display to a video (WebM) kept in the workspace, with the "
+                                      "request log beside it with log_requests; GET /v1/sessions/{id}/recording once "
+                                      "the session ended; its sha256 goes into the disposal receipt; kept until "
+                                      "'dispo recording rm' or [recordings] max_age_h"},
             "automation": {"type": "boolean",
                            "description": "with a browser profile on its web display: let programs drive the browser "
                                           "through the session's cdp_url (Chromium: Playwright's connect_over_cdp, "
@@ -160,7 +165,8 @@ SCHEMAS: dict[str, Any] = {
         # is what a URL, a web display and a kept volume go with); without one, a command is needed.
         "if": {"required": ["profile"]},
         "then": {"not": {"required": ["command"]}},
-        "else": {"required": ["command"], "properties": {"display": {"const": "none"}, "automation": {"const": False}},
+        "else": {"required": ["command"], "properties": {"display": {"const": "none"}, "automation": {"const": False},
+                                                         "record": {"const": False}},
                  "allOf": [{"not": {"required": ["url"]}}, {"not": {"required": ["keep"]}}]},
         "examples": [{"profile": "chromium", "url": "https://example.org/"},
                      {"image": "minimal", "command": ["sh", "-c", "echo hi; exit 7"], "idle_timeout_s": 60}],
@@ -197,6 +203,9 @@ SCHEMAS: dict[str, Any] = {
                                    "description": "with log_requests: what the guest asked for so far"}),
             "features": _ref("Features"),
             "keep": _nullable({"type": "string", "description": "the volume it keeps (--keep)"}),
+            "record": {"type": "boolean", "description": "its web display is recorded"},
+            "recording": _nullable({"type": "object", "description": "once it ended: the recording it kept (path, "
+                                                                     "bytes, sha256; GET .../recording)"}),
             "cdp_url": _nullable({"type": "string", "pattern": "^ws://",
                                   "description": "with automation (Chromium): the WebSocket a CDP client connects to, "
                                                  "from the start (it waits for the browser); its token is the "
@@ -461,6 +470,18 @@ PATHS: dict[str, Any] = {
                           "404": _problem("no such download, or not complete yet"), "409": _NOT_NOW,
                           "413": _problem("bigger than the profile's [downloads] max_mib"),
                           "502": _problem("the guest did not answer")},
+        },
+    },
+    "/v1/sessions/{id}/recording": {
+        "parameters": [_ID_PARAM],
+        "get": {
+            "operationId": "getRecording",
+            "summary": "A recorded session's video (WebM, VP8), once it ended; its sha256 is in the disposal receipt",
+            "responses": {"200": {"description": "the video (Content-Disposition: attachment)",
+                                  "content": {"video/webm": {}}},
+                          "400": _problem("not a session id"), "401": _AUTH,
+                          "404": _problem("no recording: the session did not record, is still recording, or its "
+                                          "recording was removed ('dispo recording rm', [recordings] max_age_h)")},
         },
     },
     "/v1/sessions/{id}/uploads": {
