@@ -78,10 +78,11 @@ def test_a_template_guest_shares_its_ram_and_a_clone_maps_it_privately(tmp_path:
     assert vmm.saveable and not qemu.QemuVmm(spec(tmp_path), Accel.TCG).saveable
     building = vmm.argv(dataclasses.replace(FDS, ram=18))
     assert "memory-backend-file,id=ram,size=512M,mem-path=/proc/self/fd/18,share=on" in building
-    assert "memory-backend=ram" in building and "migration.x-ignore-shared=on" in building
+    assert "memory-backend=ram" in building and "-incoming" not in building
     clone = vmm.argv(dataclasses.replace(FDS, ram=18, incoming=17))
     assert "memory-backend-file,id=ram,size=512M,mem-path=/proc/self/fd/18,share=off" in clone
-    assert "migration.x-ignore-shared=on" in clone and 18 in dataclasses.replace(FDS, ram=18).all()
+    # x-ignore-shared is set over QMP before the migration starts (QEMU 7.2 has no -global for it)
+    assert clone[clone.index("-incoming") + 1] == "defer" and 18 in dataclasses.replace(FDS, ram=18).all()
     assert "memory-backend=ram" not in vmm.argv(FDS)  # any other guest: QEMU's own anonymous RAM
 
 

@@ -67,6 +67,7 @@ RAM_FILE = "ram.qemu"           # a template's guest RAM, as the guest left it (
 RAM_MEMFD_PREFIX = "dispo-ram-"  # the sealed memfd clones of a template share (its name: the file's identity)
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 _CHUNK = 4 << 20
+IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]  # the RAM stays out of the migration stream
 MIGRATE_TIMEOUT_S = 600.0
 QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
@@ -251,12 +252,13 @@ class QemuVmm:
             # share=on: the building guest writes into dispo's memfd, which save_state copies; share=off: a
             # clone's writes go to its own copies of the pages (MAP_PRIVATE). x-ignore-shared on both sides:
             # the migration stream leaves the RAM out (the saving side's RAM is shared; the loading side maps it).
+            # (7.2 has no -global for the capability: it is set over QMP before the migration, hence `defer`.)
             share = "on" if fds.incoming is None else "off"
             argv += ["-object", f"memory-backend-file,id=ram,size={s.memory_mib}M,mem-path=/proc/self/fd/{fds.ram},"
                                 f"share={share}",
-                     "-machine", "memory-backend=ram", "-global", "migration.x-ignore-shared=on"]
+                     "-machine", "memory-backend=ram"]
         if fds.incoming is not None:
-            argv += ["-incoming", f"fd:{fds.incoming}"]
+            argv += ["-incoming", "defer" if fds.ram is not None else f"fd:{fds.incoming}"]
         return argv
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -290,9 +292,16 @@ class QemuVmm:
                            "could not share it)", hint="rebuild it with 'dispo template build NAME'")
         ram = shared_ram(src / RAM_FILE, self.spec.memory_mib << 20)
         try:
-            self._launch(journal, memory, ram)
+            fds = self._launch(journal, memory, ram)
         finally:
             os.close(ram)  # QEMU holds it now (and maps it): it lives as long as a clone does
+        assert fds.incoming is not None
+        q = Qmp(self.qmp_path, timeout=30)
+        try:
+            q.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            q.command("migrate-incoming", uri=f"fd:{fds.incoming}")  # QEMU's own copy of the descriptor
+        finally:
+            q.close()
         deadline = time.monotonic() + MIGRATE_TIMEOUT_S
         while True:
             status = self._status()
@@ -318,6 +327,7 @@ class QemuVmm:
                 q.command("getfd", fd=fd, fdname="template")
             finally:
                 os.close(fd)
+            q.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
             q.command("migrate", uri="fd:template")
             deadline = time.monotonic() + MIGRATE_TIMEOUT_S
             while (info := q.command("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
@@ -365,7 +375,7 @@ class QemuVmm:
             os.close(self._ram)
             self._ram = None
 
-    def _launch(self, journal: Journal, incoming: Path | None, ram: int | None = None) -> None:
+    def _launch(self, journal: Journal, incoming: Path | None, ram: int | None = None) -> LaunchFds:
         self.check()
         self.spec.console_log.touch(mode=0o600)
         state_dir = journal.path.parent.parent
@@ -398,6 +408,7 @@ class QemuVmm:
             raise self.failure(f"QEMU could not be started ({e.strerror})") from None
         self._start = spawned.starttime
         self._wait_started()
+        return fds
 
     def _open(self, opened: contextlib.ExitStack, incoming: Path | None = None, ram: int | None = None) -> LaunchFds:
         """What QEMU needs, opened by dispo: it gets descriptors, never paths of the host to open itself."""
