@@ -110,14 +110,13 @@ def teardown(rt: Runtime, runs: int) -> dict[str, Any]:
     out = []
     restore = []
     for _ in range(runs):
-        steps: dict[str, float] = {}
-        live = rt.start(build(rt.cfg, image="minimal", command=["true"], start="warm"),
-                        sink=lambda e: steps.update({str(e.fields.get("step")): float(e.fields.get("seconds", 0.0))}
-                                                    if e.kind is EventKind.STEP else {}))
+        seen: list[Event] = []
+        live = rt.start(build(rt.cfg, image="minimal", command=["true"], start="warm"), sink=seen.append)
         if not live.wait(900) or live.error is not None or live.receipt is None:
             raise SystemExit(f"session failed: {live.error}")
         out.append(round(float(live.receipt.teardown_s or 0.0), 3))
-        restore.append(steps.get("vmm.restore", 0.0))
+        restore.append(next((float(e.fields.get("seconds", 0.0)) for e in seen
+                             if e.kind is EventKind.STEP and e.fields.get("step") == "vmm.restore"), 0.0))
     # vmm.restore alone (no clone alive: the first clone of a template also fills its memfd)
     return {"runs": out, "median_s": median(out), "vmm_restore_s": restore}
 
