@@ -290,11 +290,18 @@ class QemuVmm:
         if not (src / RAM_FILE).is_file():
             raise NotFound(f"template {src.name} has its memory in the old format (no {RAM_FILE}: its clones "
                            "could not share it)", hint="rebuild it with 'dispo template build NAME'")
-        ram = shared_ram(src / RAM_FILE, self.spec.memory_mib << 20)
+        # One restore of a template at a time finds or fills its memfd, until its QEMU holds it (where the next
+        # one finds it): two clones started at once share it too. The lock is on the file, opened read-only.
+        lock = os.open(src / RAM_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            fds = self._launch(journal, memory, ram)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ram = shared_ram(src / RAM_FILE, self.spec.memory_mib << 20)
+            try:
+                fds = self._launch(journal, memory, ram)
+            finally:
+                os.close(ram)  # QEMU holds it now (and maps it): it lives as long as a clone does
         finally:
-            os.close(ram)  # QEMU holds it now (and maps it): it lives as long as a clone does
+            os.close(lock)
         assert fds.incoming is not None
         q = Qmp(self.qmp_path, timeout=30)
         try:
