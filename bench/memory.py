@@ -66,6 +66,38 @@ def rollup(pid: int) -> dict[str, float]:
     return out
 
 
+def parts(pid: int, guest_mib: int) -> dict[str, float]:
+    """Where a VMM's memory is (MiB, smaps): the guest's RAM mapping (its PSS, and the pages it holds privately:
+    copied on write, or all of them when the RAM is anonymous) and TCG's translation cache (the rwx mapping)."""
+    out = {"guest_ram_pss": 0.0, "guest_ram_private": 0.0, "tcg_cache_rss": 0.0}
+    cur: dict[str, int] = {}
+    kind = ""
+
+    def close() -> None:
+        if kind == "ram":
+            out["guest_ram_pss"] += cur.get("Pss", 0) / 1024
+            out["guest_ram_private"] += (cur.get("Private_Clean", 0) + cur.get("Private_Dirty", 0)
+                                         if cur.get("Anonymous", 0) == cur.get("Rss", 0) else cur.get("Anonymous", 0)
+                                         ) / 1024
+        elif kind == "tcg":
+            out["tcg_cache_rss"] += cur.get("Rss", 0) / 1024
+
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        f = line.split()
+        if f and "-" in f[0] and not f[0].endswith(":"):
+            close()
+            cur, size = {}, 0
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            size = (hi - lo) >> 20
+            name = f[5] if len(f) > 5 else ""
+            kind = ("tcg" if f[1] == "rwxp" and not name else
+                    "ram" if size == guest_mib and f[1].startswith("rw") else "")
+        elif len(f) == 3 and f[2] == "kB":
+            cur[f[0].rstrip(":")] = int(f[1])
+    close()
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def shared_ram_mib(pid: int) -> float:
     """What the template's sealed RAM memfd a clone maps holds (MiB allocated; once for all clones), 0 if none."""
     for n in os.listdir(f"/proc/{pid}/fd"):
@@ -92,7 +124,7 @@ def clones(rt: Runtime, n: int, settle: float, **req: Any) -> dict[str, Any]:
             pid = vmm_pid(live.id)
             if pid is None:
                 raise SystemExit(f"no VMM for {live.id}")
-            per.append(rollup(pid))
+            per.append({**rollup(pid), **parts(pid, int(req.get("memory_mib", 512)))})
             memfd = shared_ram_mib(pid)
     finally:
         for live in lives:
@@ -156,11 +188,14 @@ def main() -> None:
         rows: list[tuple[Any, ...]] = []
         for what in ("minimal", "chromium"):
             for r in results.get(what, []):
+                each = r["per_clone"]
                 rows.append((what, r["clones"], " ".join(f"{v:.0f}" for v in r["pss_mib"]),
                              " ".join(f"{v:.0f}" for v in r["rss_mib"]), r["pss_sum_mib"], r["rss_sum_mib"],
-                             r["shared_memfd_mib"]))
+                             r["shared_memfd_mib"], " ".join(f"{p['guest_ram_pss']:.0f}" for p in each),
+                             " ".join(f"{p['guest_ram_private']:.0f}" for p in each),
+                             " ".join(f"{p['tcg_cache_rss']:.0f}" for p in each)))
         report("memory", ("template", "clones", "pss_mib_each", "rss_mib_each", "pss_sum_mib", "rss_sum_mib",
-                          "shared_memfd_mib"), rows,
+                          "shared_memfd_mib", "guest_ram_pss_each", "guest_ram_private_each", "tcg_cache_each"), rows,
                {**results, "settle_s": args.settle})
         print(f"teardown of a restored minimal session: median {results['teardown']['median_s']:.3f} s "
               f"(runs {results['teardown']['runs']})")
