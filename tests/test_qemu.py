@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import mmap
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +68,92 @@ def test_every_guest_has_the_agent_port_and_a_restore_reads_its_state_from_a_des
     assert restored[restored.index("-incoming") + 1] == "fd:17"
     assert [a for a in restored if a not in ("-incoming", "fd:17")] == argv  # the same machine otherwise
     assert 17 in dataclasses.replace(FDS, incoming=17).all() and 16 in FDS.all()
+
+
+def test_a_template_guest_shares_its_ram_and_a_clone_maps_it_privately(tmp_path: Path) -> None:
+    """A guest to be saved has its RAM in dispo's memfd, shared (the save copies it); a clone maps the same kind
+    of descriptor privately (copy on write); both leave the RAM out of the migration stream."""
+    vmm = qemu.QemuVmm(spec(tmp_path, memory_mib=512, extra={"template": "1"},
+                            nets=(NetAttachment("dsp-0badc0de", "06:00:ac:14:00:02"),)), Accel.TCG)
+    assert vmm.saveable and not qemu.QemuVmm(spec(tmp_path), Accel.TCG).saveable
+    building = vmm.argv(dataclasses.replace(FDS, ram=18))
+    assert "memory-backend-file,id=ram,size=512M,mem-path=/proc/self/fd/18,share=on" in building
+    assert "memory-backend=ram" in building and "-incoming" not in building
+    clone = vmm.argv(dataclasses.replace(FDS, ram=18, incoming=17))
+    assert "memory-backend-file,id=ram,size=512M,mem-path=/proc/self/fd/18,share=off" in clone
+    # x-ignore-shared is set over QMP before the migration starts (QEMU 7.2 has no -global for it)
+    assert clone[clone.index("-incoming") + 1] == "defer" and 18 in dataclasses.replace(FDS, ram=18).all()
+    assert "memory-backend=ram" not in vmm.argv(FDS)  # any other guest: QEMU's own anonymous RAM
+
+
+def _template_ram(tmp_path: Path, size: int) -> Path:
+    ram = tmp_path / "ram.qemu"
+    with open(ram, "wb") as f:
+        f.truncate(size)
+        f.seek(4096)
+        f.write(b"guest" * 1000)
+        f.seek(size - 4096)
+        f.write(b"\xff" * 4096)
+    ram.chmod(0o400)
+    return ram
+
+
+def _holder(fd: int) -> subprocess.Popen[bytes]:
+    """A process named like a clone's QEMU (dispo-<session>) that holds fd, as a clone's QEMU holds its RAM."""
+    code = ("import sys, time; open('/proc/self/comm', 'w').write('dispo-holder'); print('ok', flush=True); "
+            "time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code], pass_fds=(fd,), stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"ok\n"
+    return p
+
+
+def test_clones_share_one_sealed_copy_of_the_template_ram_and_never_write_the_file(tmp_path: Path) -> None:
+    size = 4 << 20
+    ram = _template_ram(tmp_path, size)
+    before = hashlib.sha256(ram.read_bytes()).hexdigest()
+    fd = qemu.shared_ram(ram, size)
+    holder = _holder(fd)
+    try:
+        assert os.pread(fd, size, 0) == ram.read_bytes()
+        # Sealed: no write, no resize, no shared writable mapping, whoever holds it.
+        for attempt in (lambda: os.pwrite(fd, b"x", 0), lambda: os.ftruncate(fd, size * 2),
+                        lambda: mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)):
+            with pytest.raises(OSError):
+                attempt()
+        # A private mapping is writable, and what is written there stays there (copy on write).
+        with open(f"/proc/self/fd/{fd}", "r+b") as f:
+            private = mmap.mmap(f.fileno(), size, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+            private[0:5] = b"clone"
+            assert private[0:5] == b"clone" and os.pread(fd, 5, 0) == b"\0" * 5
+            private.close()
+        # The next clone gets the same pages: the memfd the live "clone" holds, not a copy.
+        again = qemu.shared_ram(ram, size)
+        assert os.fstat(again).st_ino == os.fstat(fd).st_ino
+        os.close(again)
+    finally:
+        holder.kill()
+        holder.wait()
+        os.close(fd)
+    assert hashlib.sha256(ram.read_bytes()).hexdigest() == before
+
+
+def test_a_memfd_dispo_did_not_seal_is_never_taken_for_the_template_ram(tmp_path: Path) -> None:
+    """A QEMU a guest took over could hold a memfd of the same name with other content: it is not sealed by
+    dispo (or not root's), so the next clone gets a fresh copy of the file instead."""
+    size = 4 << 20
+    ram = _template_ram(tmp_path, size)
+    fake = os.memfd_create(qemu._ram_name(ram), os.MFD_CLOEXEC)
+    os.ftruncate(fake, size)
+    os.pwrite(fake, b"evil", 0)
+    holder = _holder(fake)
+    try:
+        fd = qemu.shared_ram(ram, size)
+        assert os.fstat(fd).st_ino != os.fstat(fake).st_ino and os.pread(fd, 5, 4096) == b"guest"
+        os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait()
+        os.close(fake)
 
 
 def test_qemu_gets_descriptors_not_paths(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ its own identity, reaching the test "internet" through NAT and not each other; n
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -63,6 +65,13 @@ def test_two_clones_of_a_minimal_template_each_have_their_own_identity(vm_world:
     assert tcp_banner(w, a, addr[a]) == "SSH-"
     assert tcp_banner(w, a, addr[b]) == ""
     assert tcp_banner(w, b, addr[a]) == ""
+    # Their RAM: one sealed copy of the template's, mapped privately (copy on write) by both QEMUs, which the
+    # template's file never is; the file is what it was sealed as after both ran and wrote their memory.
+    ram = w.workspace / "templates" / "image-minimal" / "ram.qemu"
+    maps = [_ram_mappings(_vmm_pid(sid)) for sid in (a, b)]
+    assert all(m and {perms for perms, _ in m} == {"rw-p"} for m in maps), maps
+    assert {inode for m in maps for _, inode in m} == {maps[0][0][1]}  # the same pages under both
+    assert not any("ram.qemu" in line for sid in (a, b) for line in _maps(_vmm_pid(sid)))
     for p in procs:
         os.kill(p.pid, signal.SIGTERM)
     outs = []
@@ -76,6 +85,27 @@ def test_two_clones_of_a_minimal_template_each_have_their_own_identity(vm_world:
     assert {host1, host2} == {f"dispo-{a}", f"dispo-{b}"}  # each its own hostname
     assert page1 + "\n" == PAGE and page2 + "\n" == PAGE  # the test internet through NAT
     assert listing(w) == before
+    sealed = json.loads((ram.parent / "template.json").read_text())["files"]["ram.qemu"]["sha256"]
+    assert hashlib.sha256(ram.read_bytes()).hexdigest() == sealed
+
+
+def _vmm_pid(sid: str) -> int:
+    """The QEMU of session sid (its environment names the session)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if f"DISPO_SESSION={sid}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"no VMM of session {sid}")
+
+
+def _maps(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/maps").read_text().splitlines()
+
+
+def _ram_mappings(pid: int) -> list[tuple[str, str]]:
+    """(permissions, inode) of each mapping of the template's shared RAM in process pid."""
+    return [(f[1], f[4]) for f in (line.split() for line in _maps(pid)) if len(f) > 5 and
+            f[5].startswith("/memfd:dispo-ram-")]
 
 
 def test_cold_forces_a_boot_and_a_changed_image_is_refused(vm_world: NetWorld) -> None:

@@ -4,6 +4,7 @@ tests/test_templates.py (QEMU/TCG) and tests/test_templates_firecracker.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -100,6 +101,25 @@ def test_what_does_not_fit_or_changed_boots_cold_with_the_reason(rt: Runtime, cf
     assert why.startswith("booting cold: template image-minimal is stale: its image 'minimal' changed"), why
     with pytest.raises(Conflict, match="cannot start warm: template image-minimal is stale"):
         plan(cfg, build(cfg, image="minimal", command=["true"], start="warm"))
+
+
+def test_a_qemu_template_of_the_old_format_is_stale_with_a_hint_to_rebuild(rt: Runtime, cfg: Config) -> None:
+    """Format 1 kept a QEMU template's RAM inside the migration stream, which no clone can share."""
+    make_template(rt)
+    t = TemplateStore(cfg).find(TemplateKind.IMAGE, "minimal")
+    assert t is not None and t.format == templates.FORMAT == 2 and t.backend == "qemu"
+    meta = t.path / templates.META
+    doc = json.loads(meta.read_text())
+    doc["format"] = 1
+    mode = os.stat(t.path).st_mode
+    os.chmod(t.path, 0o700)
+    meta.unlink()
+    meta.write_text(json.dumps(doc))
+    os.chmod(t.path, mode)
+    req = build(cfg, image="minimal", command=["true"])
+    why = plan(cfg, req).why
+    assert why == ("booting cold: template image-minimal is stale: it was made by an older dispo (its clones could "
+                   "not share its memory) (rebuild it with 'dispo template build minimal')"), why
 
 
 def test_profile_templates_take_the_profile_and_image_ones_the_image(rt: Runtime, cfg: Config) -> None:

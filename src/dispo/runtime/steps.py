@@ -223,9 +223,9 @@ def _log_requests(b: Bringup, tap: str) -> None:
     b.request_log = log
 
 
-def machine_spec(b: Bringup, *, agent: bool = False) -> MachineSpec:
+def machine_spec(b: Bringup, *, agent: bool = False, template: bool = False) -> MachineSpec:
     """The machine of this session; `agent`: with the identity agent's channel (templates and their clones;
-    QEMU guests always have it)."""
+    QEMU guests always have it); `template`: its state will be saved (a template build)."""
     assert b.image is not None and b.kernel is not None and b.net is not None and b.disk_dir is not None
     from dispo.storage.layout import ROOTFS
 
@@ -237,6 +237,8 @@ def machine_spec(b: Bringup, *, agent: bool = False) -> MachineSpec:
         extra["untrusted_app"] = "1"
     if agent:
         extra["agent"] = "1"
+    if template:
+        extra["template"] = "1"
     return MachineSpec(
         session_id=b.tx.session_id, kernel=b.kernel, rootfs=b.disk_dir / ROOTFS, workdir=b.tx.state_path,
         cmdline=(*image.cmdline, *net.kernel_args(), f"dispo.hostname=dispo-{b.tx.session_id}", *r.cmdline()),
@@ -248,12 +250,15 @@ def new_vmm(b: Bringup, spec: MachineSpec) -> Vmm:
     """A checked VMM, its stop registered; `b.vmm` once it runs (the session's backend and accelerator)."""
     vmm = b.machinery.create_vmm(b.cfg, b.kind, spec)
     vmm.check()
-    b.tx.stack.callback(vmm.stop)  # runs before the journal unwinds the network and the disk
+    # Runs before the journal unwinds the network and the disk. A disposable guest is killed, not shut down:
+    # its disk is thrown away, so nothing it would write on the way down matters. Only a kept volume's writes
+    # must reach their file: that guest is asked to power off first.
+    b.tx.stack.callback(vmm.stop if spec.volumes else vmm.kill)
     return vmm
 
 
-def vmm_start(b: Bringup, *, agent: bool = False) -> None:
-    vmm = new_vmm(b, machine_spec(b, agent=agent))
+def vmm_start(b: Bringup, *, agent: bool = False, template: bool = False) -> None:
+    vmm = new_vmm(b, machine_spec(b, agent=agent, template=template))
     vmm.start(b.tx.journal)
     b.vmm = vmm
 

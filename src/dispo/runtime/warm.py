@@ -142,7 +142,7 @@ def template_steps(kind: TemplateKind, name: str) -> Steps:
     (a template is of an image or a profile, never of a kept volume), and for a profile its app started on
     its display before the save."""
     save = Step("template.save", partial(save_template, kind, name))
-    steps = BOOT.drop("volume").swap("vmm.start", Step("vmm.start", partial(vmm_start, agent=True)))
+    steps = BOOT.drop("volume").swap("vmm.start", Step("vmm.start", partial(vmm_start, agent=True, template=True)))
     if kind is TemplateKind.PROFILE:
         return steps.swap("app", Step("app.template", app_template)).insert_after("app.template", save)
     return steps.swap("app", save)

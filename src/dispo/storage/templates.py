@@ -2,7 +2,8 @@
 
 <workspace>/templates/<kind>-<name>/ (kind: "profile" or "image") holds
     rootfs.ext4        the guest's disk at the moment its vCPUs stopped
-    memory.qemu        QEMU: RAM and device state (a migration stream), or
+    memory.qemu        QEMU: the device state (a migration stream without the RAM), and
+    ram.qemu           QEMU: the guest's RAM (sparse), which its clones map privately (vmm/qemu.py), or
     snapshot.state, snapshot.mem.full, firecracker.json   Firecracker: its snapshot
     template.json      what it was made of: the image (name, sha256, created), backend, memory, vCPUs, the
                        agent's hash, and each file's size and sha256
@@ -12,8 +13,10 @@ exists, and is renamed into place when complete: a failed build leaves nothing t
 
 A template is *current* when its image is the one it was made of (same sha256 and import time), the agent in
 this dispo is the one it carries, and its files are unchanged since sealing (size, inode, mtime): anything
-else is refused with a one-line reason (`stale_reason`). Sessions never write a template's files: each
-clones the disk (snapshot/reflink/copy) and reads the memory file into private memory.
+else is refused with a one-line reason (`stale_reason`), as is a QEMU template of format 1 (its RAM inside the
+migration stream, which no clone could share). Sessions never write a template's files: each clones the disk
+(snapshot/reflink/copy) and maps the memory copy-on-write, so the clones of a template share its untouched
+pages.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from dispo.storage.layout import ROOTFS
 log = logging.getLogger(__name__)
 
 META = "template.json"
-FORMAT = 1
+FORMAT = 2              # 2: a QEMU template's RAM is a file of its own (ram.qemu) its clones map privately
 
 
 class TemplateKind(StrEnum):
@@ -84,6 +87,7 @@ class Template:
     # clone keeps them, so only a request with the same settings fits.
     guest_args: tuple[str, ...] = ()
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: int = FORMAT
 
     @property
     def key(self) -> str:
@@ -108,7 +112,7 @@ class Template:
                        mac=str(m["mac"]), created=float(m["created"]), agent=str(m["agent"]),
                        storage=StorageBackend(m["storage"]), build_s=float(m.get("build_s", 0.0)),
                        vmm_version=str(m.get("vmm_version", "")), guest_args=tuple(m.get("guest_args", ())),
-                       files=dict(m.get("files", {})))
+                       files=dict(m.get("files", {})), format=int(m.get("format", 1)))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StorageError(f"template at {path} has no valid {META}: {e}",
                                hint=f"remove it with 'dispo template rm {path.name}' and build it again") from None
@@ -123,6 +127,8 @@ class Template:
             yield f"its image {self.image!r} is gone"
         elif image.sha256 != self.image_sha256 or abs(image.created - self.image_created) > 1e-3:
             yield f"its image {self.image!r} changed since the template was made"
+        if self.backend == "qemu" and self.format < 2:
+            yield "it was made by an older dispo (its clones could not share its memory)"
         if self.agent != agent_hash():
             yield "it carries another version of dispo's guest agent"
         if vmm_version and self.vmm_version and vmm_version != self.vmm_version:

@@ -11,12 +11,24 @@ QEMU ever runs that the journal does not know. Its QMP socket, console log and Q
 session state directory and go with it.
 
 Stop: QMP system_powerdown (the guest init powers off on the ACPI power button), then SIGTERM, then
-SIGKILL, each with a deadline; the process is verified gone.
+SIGKILL, each with a deadline; the process is verified gone. `kill()` skips the guest: what a disposable
+session ends with when nothing of its guest is kept.
 
-Templates (Capability.SNAPSHOT): `save_state(dir)` stops the vCPUs and migrates the machine's RAM and device
-state into a file dispo opened (QMP getfd + migrate "fd:"); `load_state(journal, dir)` starts a new QEMU with
-the same devices and `-incoming fd:N` on that file, read-only: QEMU reads it into its own private RAM, so
-no two sessions ever share a writable page. The restored guest stays paused until `resume()`.
+Templates (Capability.SNAPSHOT). A guest that may be saved (spec.extra["template"]) has its RAM in a memfd
+dispo made (memory-backend-file, share=on) and migration's x-ignore-shared set: `save_state(dir)` stops the
+vCPUs, migrates only the device state into `memory.qemu` (QMP getfd + migrate "fd:"), and copies the RAM
+from the memfd into `ram.qemu` (holes where the guest never wrote). `load_state(journal, dir)` starts a new
+QEMU with the same devices whose RAM maps the template's RAM *privately* (share=off: MAP_PRIVATE, copy on
+write) and `-incoming fd:N` on the device state: untouched pages are the same physical pages in every
+clone of the template alive at once.
+
+What the clones map is not the template's file itself: QEMU 7.2 (Debian 12) opens a memory-backend-file
+read-write unless readonly=on, and readonly=on maps it read-only (the guest cannot run; 8.2 added the
+read-only open + private writable mapping). So the first clone gets a memfd filled from the file (opened
+read-only by dispo) and sealed (F_SEAL_WRITE/SHRINK/GROW/SEAL: no write(), no shared writable mapping, no
+resize, not even by a QEMU a guest took over); later clones reopen that memfd from a live clone's QEMU
+(`shared_ram`), after checking it is dispo's (root's, sealed, named after the file's identity, its size).
+It goes with the last clone that maps it. The template's files are never opened for writing.
 Every guest also has a virtio-serial port "dispo.agent" on a socket in the state dir: the host-only
 channel to the identity agent (guest/agent.pl).
 """
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -49,7 +62,12 @@ log = logging.getLogger(__name__)
 
 QMP_SOCKET = "qmp.sock"
 AGENT_SOCKET = "agent.sock"
-MEMORY_FILE = "memory.qemu"     # a template's RAM and device state: QEMU's migration stream
+MEMORY_FILE = "memory.qemu"     # a template's device state: QEMU's migration stream without the RAM
+RAM_FILE = "ram.qemu"           # a template's guest RAM, as the guest left it (sparse)
+RAM_MEMFD_PREFIX = "dispo-ram-"  # the sealed memfd clones of a template share (its name: the file's identity)
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+_CHUNK = 4 << 20
+IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]  # the RAM stays out of the migration stream
 MIGRATE_TIMEOUT_S = 600.0
 QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
@@ -128,10 +146,11 @@ class LaunchFds:
     agent: int
     taps: tuple[int, ...] = ()
     incoming: int | None = None  # a template's saved state, read-only (restore)
+    ram: int | None = None       # the guest's RAM: a memfd (saveable guest: shared; clone: sealed, private)
     volumes: tuple[tuple[int, int], ...] = ()  # (read-write, read-only) of each kept volume
 
     def all(self) -> tuple[int, ...]:
-        optional = tuple(fd for fd in (self.initrd, self.incoming) if fd is not None)
+        optional = tuple(fd for fd in (self.initrd, self.incoming, self.ram) if fd is not None)
         kept = tuple(fd for pair in self.volumes for fd in pair)
         return (self.kernel, *optional, self.disk_rw, self.disk_ro, self.qmp, self.agent, *self.taps, *kept)
 
@@ -147,6 +166,11 @@ class QemuVmm:
     cgroups: list[Path] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _start: str = ""
+    _ram: int | None = field(default=None, repr=False)  # a saveable guest's RAM (memfd), kept for save_state
+
+    @property
+    def saveable(self) -> bool:
+        return self.spec.extra.get("template") == "1"
 
     @property
     def pid(self) -> int | None:
@@ -224,8 +248,17 @@ class QemuVmm:
         for i, (net, tap) in enumerate(zip(s.nets, fds.taps, strict=True)):
             argv += ["-netdev", f"tap,id=n{i},fd={tap}",
                      "-device", f"virtio-net-device,netdev=n{i},mac={net.mac}"]
+        if fds.ram is not None:
+            # share=on: the building guest writes into dispo's memfd, which save_state copies; share=off: a
+            # clone's writes go to its own copies of the pages (MAP_PRIVATE). x-ignore-shared on both sides:
+            # the migration stream leaves the RAM out (the saving side's RAM is shared; the loading side maps it).
+            # (7.2 has no -global for the capability: it is set over QMP before the migration, hence `defer`.)
+            share = "on" if fds.incoming is None else "off"
+            argv += ["-object", f"memory-backend-file,id=ram,size={s.memory_mib}M,mem-path=/proc/self/fd/{fds.ram},"
+                                f"share={share}",
+                     "-machine", "memory-backend=ram"]
         if fds.incoming is not None:
-            argv += ["-incoming", f"fd:{fds.incoming}"]
+            argv += ["-incoming", "defer" if fds.ram is not None else f"fd:{fds.incoming}"]
         return argv
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -238,14 +271,44 @@ class QemuVmm:
                                hint="rebuild or re-import the image ('dispo image build minimal --force')")
 
     def start(self, journal: Journal) -> None:
-        self._launch(journal, None)
+        ram = None
+        if self.saveable:
+            ram = os.memfd_create(f"dispo-building-{self.spec.session_id}", os.MFD_CLOEXEC)
+            os.ftruncate(ram, self.spec.memory_mib << 20)
+            self._ram = ram
+        try:
+            self._launch(journal, None, ram)
+        except BaseException:
+            self._close_ram()
+            raise
 
     def load_state(self, journal: Journal, src: Path) -> None:
         """Instead of start(): a new QEMU loads the state save_state() wrote into `src`; the guest stays paused."""
         memory = src / MEMORY_FILE
         if not memory.is_file():
             raise NotFound(f"template state {memory} is missing", hint="rebuild the template")
-        self._launch(journal, memory)
+        if not (src / RAM_FILE).is_file():
+            raise NotFound(f"template {src.name} has its memory in the old format (no {RAM_FILE}: its clones "
+                           "could not share it)", hint="rebuild it with 'dispo template build NAME'")
+        # One restore of a template at a time finds or fills its memfd, until its QEMU holds it (where the next
+        # one finds it): two clones started at once share it too. The lock is on the file, opened read-only.
+        lock = os.open(src / RAM_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ram = shared_ram(src / RAM_FILE, self.spec.memory_mib << 20)
+            try:
+                fds = self._launch(journal, memory, ram)
+            finally:
+                os.close(ram)  # QEMU holds it now (and maps it): it lives as long as a clone does
+        finally:
+            os.close(lock)
+        assert fds.incoming is not None
+        q = Qmp(self.qmp_path, timeout=30)
+        try:
+            q.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
+            q.command("migrate-incoming", uri=f"fd:{fds.incoming}")  # QEMU's own copy of the descriptor
+        finally:
+            q.close()
         deadline = time.monotonic() + MIGRATE_TIMEOUT_S
         while True:
             status = self._status()
@@ -258,7 +321,10 @@ class QemuVmm:
             raise self.failure(f"QEMU could not load the template's state (status {status})")
 
     def save_state(self, dest: Path) -> None:
-        """Stop the vCPUs and write RAM and device state into `dest`/memory.qemu (a new file)."""
+        """Stop the vCPUs, write the device state into `dest`/memory.qemu and the RAM into `dest`/ram.qemu
+        (new files)."""
+        if self._ram is None:
+            raise VmmError("this guest was not started to be saved (its RAM is not in a file)")
         q = Qmp(self.qmp_path, timeout=30)
         try:
             q.command("stop")
@@ -268,6 +334,7 @@ class QemuVmm:
                 q.command("getfd", fd=fd, fdname="template")
             finally:
                 os.close(fd)
+            q.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
             q.command("migrate", uri="fd:template")
             deadline = time.monotonic() + MIGRATE_TIMEOUT_S
             while (info := q.command("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
@@ -278,6 +345,13 @@ class QemuVmm:
                 raise VmmError(f"QEMU could not save the guest's memory: {info.get('error-desc', info.get('status'))}")
         finally:
             q.close()
+        # The vCPUs are stopped and the device state written: the RAM no longer changes.
+        out = os.open(dest / RAM_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            copy_sparse(self._ram, out, self.spec.memory_mib << 20)
+        finally:
+            os.close(out)
+        self._close_ram()
 
     def agent(self, timeout: float = 5.0) -> socket.socket:
         """A stream to the in-guest agent (its virtio-serial port)."""
@@ -303,7 +377,12 @@ class QemuVmm:
         except (OSError, VmmError, ValueError):
             return False
 
-    def _launch(self, journal: Journal, incoming: Path | None) -> None:
+    def _close_ram(self) -> None:
+        if self._ram is not None:
+            os.close(self._ram)
+            self._ram = None
+
+    def _launch(self, journal: Journal, incoming: Path | None, ram: int | None = None) -> LaunchFds:
         self.check()
         self.spec.console_log.touch(mode=0o600)
         state_dir = journal.path.parent.parent
@@ -318,7 +397,7 @@ class QemuVmm:
                                      cpus=float(self.spec.vcpus + 1))
         try:
             with contextlib.ExitStack() as opened, open(self.log_path, "wb") as out:
-                fds = self._open(opened, incoming)
+                fds = self._open(opened, incoming, ram)
                 # stdout: the serial console (chardev stdio), pumped into console.log with a cap;
                 # stderr: QEMU's own messages. QEMU runs as the session's own uid without capabilities.
                 spawned = processes.spawn_recorded(
@@ -336,8 +415,9 @@ class QemuVmm:
             raise self.failure(f"QEMU could not be started ({e.strerror})") from None
         self._start = spawned.starttime
         self._wait_started()
+        return fds
 
-    def _open(self, opened: contextlib.ExitStack, incoming: Path | None = None) -> LaunchFds:
+    def _open(self, opened: contextlib.ExitStack, incoming: Path | None = None, ram: int | None = None) -> LaunchFds:
         """What QEMU needs, opened by dispo: it gets descriptors, never paths of the host to open itself."""
         s = self.spec
 
@@ -364,7 +444,7 @@ class QemuVmm:
             qmp=listen(self.qmp_path), agent=listen(self.agent_path),
             taps=tuple(keep(sandbox.open_tap(n.tap)) for n in s.nets),
             volumes=tuple((keep(sandbox.open_file(v, write=True)), keep(sandbox.open_file(v))) for v in s.volumes),
-            incoming=keep(sandbox.open_file(incoming)) if incoming is not None else None)
+            incoming=keep(sandbox.open_file(incoming)) if incoming is not None else None, ram=ram)
 
     def _set_proc(self, proc: subprocess.Popen[bytes]) -> None:
         # Still the gate (before exec): into the session's cgroups before QEMU runs a single instruction.
@@ -445,8 +525,11 @@ class QemuVmm:
             log.info("qemu %s: no power-off from the guest, SIGTERM", self.spec.session_id)
         processes.terminate(self._proc.pid, self._start, term_timeout=3.0, kill_timeout=5.0)
         self._proc.wait()
+        self._close_ram()
 
     def kill(self) -> None:
+        """SIGKILL, no word to the guest: its disk is thrown away, nothing in it needs to reach a file."""
+        self._close_ram()
         if self._proc is None:
             return
         if self.running():
@@ -456,6 +539,97 @@ class QemuVmm:
 
     def console_tail(self, lines: int = 20) -> str:
         return tail(self.spec.console_log, lines)
+
+
+# -- a template's RAM, shared by its clones ---------------------------------------------------------------
+def copy_sparse(src: int, dst: int, size: int) -> None:
+    """`size` bytes of src into dst (a new file), leaving holes where src has holes or zeros."""
+    zero = bytes(_CHUNK)
+    offset = 0
+    while offset < size:
+        try:
+            offset = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError:
+            break  # ENXIO: no data after offset
+        end = min(size, os.lseek(src, offset, os.SEEK_HOLE))
+        while offset < end:
+            chunk = os.pread(src, min(_CHUNK, end - offset), offset)
+            if not chunk:
+                break
+            if chunk != zero[:len(chunk)]:
+                os.pwrite(dst, chunk, offset)
+            offset += len(chunk)
+    os.ftruncate(dst, size)
+
+
+def _ram_name(path: Path) -> str:
+    """The memfd's name: the template file's identity (a rebuilt template is another file, another name)."""
+    st = os.stat(path, follow_symlinks=False)
+    return f"{RAM_MEMFD_PREFIX}{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _genuine(fd: int, size: int) -> bool:
+    """Is fd a memfd dispo made and sealed (root's: an unprivileged QEMU cannot make one), of this size?"""
+    st = os.fstat(fd)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and st.st_size == size and seals & _SEALS == _SEALS
+
+
+def _find_ram(name: str, size: int) -> int | None:
+    """The sealed memfd `name` from a live clone's QEMU (its process name is dispo-<session>), reopened."""
+    target = f"/memfd:{name} (deleted)"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if not Path(f"/proc/{pid}/comm").read_text().startswith("dispo-"):
+                continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for n in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{n}") != target:
+                    continue
+                fd = os.open(f"/proc/{pid}/fd/{n}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone meanwhile
+            if _genuine(fd, size):
+                return fd
+            os.close(fd)
+            log.warning("process %s holds a memfd named %s that dispo did not make; ignored", pid, name)
+    return None
+
+
+def shared_ram(path: Path, size: int) -> int:
+    """A sealed memfd with the template RAM file's content, shared with the clones of it alive now (or new)."""
+    try:
+        name = _ram_name(path)
+        if os.stat(path).st_size != size:
+            raise VmmError(f"the template's RAM file {path} is not the guest's memory size",
+                           hint="rebuild the template")
+        found = _find_ram(name, size)
+        if found is not None:
+            return found
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                copy_sparse(src, fd, size)
+            finally:
+                os.close(src)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    except OSError as e:
+        raise VmmError(f"the template's memory could not be mapped: {e.strerror} ({path})",
+                       hint="rebuild the template") from None
 
 
 def create(spec: MachineSpec, accel: Accel | None = None) -> QemuVmm:
