@@ -21,6 +21,7 @@ from dispo.errors import Conflict, InvalidInput, NotFound
 from dispo.infra import journal as journal_mod
 from dispo.infra.journal import Journal
 from dispo.infra.processes import is_same_process
+from dispo.names import new_session_id
 from dispo.storage.images import Image
 from dispo.vmm import accel, qemu, registry, sandbox
 from dispo.vmm.accel import Accel
@@ -266,7 +267,8 @@ def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture
 @tier("root")
 def vm_journal(tmp_path: Path) -> Iterator[Journal]:
-    j = Journal.create(tmp_path / "state", SID, {"purpose": "test"})
+    # Its own session id: the VM tests run in parallel (xdist), and the id names the VMM's cgroups.
+    j = Journal.create(tmp_path / "state", new_session_id(), {"purpose": "test"})
     yield j
     if j._lock_fd is not None:
         j.unwind()
@@ -275,7 +277,7 @@ def vm_journal(tmp_path: Path) -> Iterator[Journal]:
 def _guest_spec(product: Path, j: Journal, tmp_path: Path, *extra: str) -> MachineSpec:
     disk = tmp_path / "disk.ext4"
     subprocess.run(["cp", "--sparse=always", product / "rootfs.ext4", disk], check=True)
-    return MachineSpec(session_id=SID, kernel=product / "vmlinuz", initrd=product / "initrd.img", rootfs=disk,
+    return MachineSpec(session_id=j.session_id, kernel=product / "vmlinuz", initrd=product / "initrd.img", rootfs=disk,
                        workdir=j.path, cmdline=("console=ttyS0", "root=/dev/vda", "rw", "panic=-1", *extra))
 
 
@@ -296,7 +298,7 @@ def test_boot_then_power_off(product: Path, vm_journal: Journal, tmp_path: Path)
     assert pid is not None
     entry = next(e for e in vm_journal.entries if e.kind == "process")
     assert entry.args["pid"] == str(pid) and is_same_process(pid, entry.args["starttime"])
-    assert Path(f"/proc/{pid}/comm").read_text().strip() == f"dispo-{SID}"
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == f"dispo-{vm_journal.session_id}"
     # Not root: the session's own uid and gid, no capability at all, no way to gain one.
     status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                   if ":\t" in line)
@@ -345,7 +347,7 @@ def test_gc_kills_the_vmm_of_a_dead_owner(product: Path, vm_journal: Journal, tm
     start = next(e for e in vm_journal.entries if e.kind == "process").args["starttime"]
     vm_journal.release()  # the owner "dies" without tearing down
     report = journal_mod.gc(tmp_path / "state")
-    assert report.reclaimed == [SID], report
+    assert report.reclaimed == [vm_journal.session_id], report
     vmm.wait_exit(5)
     assert not is_same_process(pid, start)
     assert not vm_journal.path.exists()
