@@ -257,8 +257,10 @@ def chromium_template(tmp_path_factory: pytest.TempPathFactory, guest_images: Gu
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool}")
     with guest_world(tmp_path_factory.mktemp("tpl") / "w", guest_images, "chromium") as w:
+        before = listing(w)
         built = w.dispo("template", "build", "chromium", timeout=900)
         assert built.returncode == 0 and f"template {CHROMIUM_TEMPLATE}" in built.stdout, built.stderr
+        assert listing(w) == before  # the building session is gone; only the template stays (in the workspace)
         guest_images.keep_template(w, CHROMIUM_TEMPLATE)
     return CHROMIUM_TEMPLATE
 

@@ -57,16 +57,17 @@ def _guest_address(w: NetWorld, sid: str) -> str:
 
 def test_web_viewer_two_sessions_restored_from_the_chromium_template(browser_world: NetWorld,
                                                                      guest_images: GuestImages,
+                                                                     chromium_template: str,
                                                                      tmp_path: Path) -> None:
-    """Two sessions, each a clone restored from the chromium profile's template (built here: one boot, then a
-    save; it holds the browser running on a blank page, and a clone is handed the session's URL), each shown in
-    its own viewer. The guest is not the subject here, the viewer and the clones' separation are: a cold boot
-    of a browser session shown in the viewer is test_browser_features's and test_quiet's."""
+    """Two sessions, each a clone restored from the chromium profile's template (tests/guests.py builds it once
+    per run: one boot, then a save; it holds the browser running on a blank page, and a clone is handed the
+    session's URL), each shown in its own viewer. The guest is not the subject here, the viewer and the clones'
+    separation are: a cold boot of a browser session shown in the viewer is test_browser_features's and
+    test_quiet's."""
     w = browser_world
     guest_images.give(w, "minimal")
-    built = w.dispo("template", "build", "chromium", timeout=900)
-    assert built.returncode == 0 and "template profile-chromium" in built.stdout, built.stderr
-    before = listing(w)  # the template stays (in the workspace); the building session is gone
+    guest_images.give_template(w, chromium_template)
+    before = listing(w)
 
     # Session 1: storage works within a clone (RED), the token guards the viewer, VNC stays in the guest.
     log1 = tmp_path / "run1.log"
