@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from dispo.config import Config, StorageBackend
-from tests.guests import browser_world, guest_images, vm_world
+from tests.guests import browser_world, chromium_template, guest_images, vm_world
 from tests.tiers import marker, tier, tier_of
 from tests.worlds import loop_fs, make_config, make_ext4
 
 # The worlds with real guests, for every module (tests/guests.py); pytest finds fixtures by name.
-__all__ = ["browser_world", "guest_images", "vm_world"]
+__all__ = ["browser_world", "chromium_template", "guest_images", "vm_world"]
 
 IS_ROOT = os.geteuid() == 0
 

@@ -111,6 +111,20 @@ class GuestImages:
         assert w.ws is not None and w.ws.parent == self.mnt, "give() needs a workspace from workspace()"
         sh("btrfs", "subvolume", "snapshot", "-r", self.store / "images" / recipe, w.ws / "images" / recipe)
 
+    def keep_template(self, w: NetWorld, key: str) -> None:
+        """Template `key` (e.g. "profile-chromium"), built in w's workspace, kept in the store for give_template."""
+        assert w.ws is not None
+        (self.store / "templates").mkdir(exist_ok=True)
+        sh("btrfs", "subvolume", "snapshot", "-r", w.ws / "templates" / key, self.store / "templates" / key)
+
+    def give_template(self, w: NetWorld, key: str) -> None:
+        """Template `key` in w's workspace, as `dispo template build` left it where it was built: a read-only
+        snapshot keeps its files' inodes, sizes and mtimes (what makes a template current), and w has the
+        same image (a snapshot of the store's, same sha256 and import time)."""
+        assert w.ws is not None and w.ws.parent == self.mnt, "give_template() needs a workspace from workspace()"
+        (w.ws / "templates").mkdir(exist_ok=True)
+        sh("btrfs", "subvolume", "snapshot", "-r", self.store / "templates" / key, w.ws / "templates" / key)
+
 
 def remove_workspace(ws: Path) -> None:
     """rm -r for a workspace on btrfs: its images and session disks are subvolumes, removed deepest first."""
@@ -225,6 +239,30 @@ def browser_world(tmp_path: Path, guest_images: GuestImages) -> Iterator[NetWorl
     with guest_world(tmp_path / "w", guest_images, "chromium") as w:
         (w.root / "www-inet" / "page.html").write_text(COLOUR_PAGE)
         yield w
+
+
+CHROMIUM_TEMPLATE = "profile-chromium"
+
+
+@pytest.fixture(scope="session")
+@tier("browser")
+def chromium_template(tmp_path_factory: pytest.TempPathFactory, guest_images: GuestImages) -> str:
+    """The chromium profile's template (the browser running on a blank page), built once per test run in a
+    world of its own (one boot, then a save); a test hands it to its browser_world with
+    `guest_images.give_template(w, chromium_template)` and its `dispo run chromium` sessions are clones
+    restored from it. For tests that need a running Chromium but do not test its cold boot."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: namespaces, taps, nftables")
+    for tool in ("qemu-system-x86_64", "mmdebstrap"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+    with guest_world(tmp_path_factory.mktemp("tpl") / "w", guest_images, "chromium") as w:
+        before = listing(w)
+        built = w.dispo("template", "build", "chromium", timeout=900)
+        assert built.returncode == 0 and f"template {CHROMIUM_TEMPLATE}" in built.stdout, built.stderr
+        assert listing(w) == before  # the building session is gone; only the template stays (in the workspace)
+        guest_images.keep_template(w, CHROMIUM_TEMPLATE)
+    return CHROMIUM_TEMPLATE
 
 
 def spawn_run(w: NetWorld, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

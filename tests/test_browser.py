@@ -5,7 +5,8 @@ chromium) and through X11 forwarding onto an Xvfb the test starts (there from an
 
 The page paints the screen RED when it finds the localStorage value or cookie that `page.html?set` stores,
 GREEN otherwise: session 1 opens ?set and must end up RED (storage works within a session); session 2
-opens ?check and must be GREEN (nothing of session 1's browser profile survived). After every session an
+opens ?check and must be GREEN (nothing of session 1's browser profile survived). The web viewer's two sessions
+are clones restored from the chromium profile's template (one boot for both). After every session an
 independent listing of host objects must equal the one taken before.
 """
 
@@ -54,12 +55,21 @@ def _guest_address(w: NetWorld, sid: str) -> str:
     return str(json.loads((w.state_dir / "sessions" / sid / "ssh.json").read_text())["address"])
 
 
-def test_web_viewer_two_sessions(browser_world: NetWorld, guest_images: GuestImages, tmp_path: Path) -> None:
+def test_web_viewer_two_sessions_restored_from_the_chromium_template(browser_world: NetWorld,
+                                                                     guest_images: GuestImages,
+                                                                     chromium_template: str,
+                                                                     tmp_path: Path) -> None:
+    """Two sessions, each a clone restored from the chromium profile's template (tests/guests.py builds it once
+    per run: one boot, then a save; it holds the browser running on a blank page, and a clone is handed the
+    session's URL), each shown in its own viewer. The guest is not the subject here, the viewer and the clones'
+    separation are: a cold boot of a browser session shown in the viewer is test_browser_features's and
+    test_quiet's."""
     w = browser_world
     guest_images.give(w, "minimal")
+    guest_images.give_template(w, chromium_template)
     before = listing(w)
 
-    # Session 1: storage works within a session (RED), the token guards the viewer, VNC stays in the guest.
+    # Session 1: storage works within a clone (RED), the token guards the viewer, VNC stays in the guest.
     log1 = tmp_path / "run1.log"
     one = spawn_run(w, "chromium", "--display", "web", f"{PAGE_URL}?set", log=log1)
     url = viewer_url(one, log1)
@@ -89,10 +99,12 @@ def test_web_viewer_two_sessions(browser_world: NetWorld, guest_images: GuestIma
     ended = shot(w, url, "browser-web-session1-end.png", RED, end=True)
     assert ended.get("ended"), ended
     assert one.wait(120) == 0, log1.read_text()
+    assert "restoring from template profile-chromium" in log1.read_text(), log1.read_text()
     assert listing(w) == before
     assert _status(w, url) == "000"  # the viewer is gone with the session
 
-    # Session 2: nothing of session 1's browser profile is left (GREEN); closing the browser ends it.
+    # Session 2, restored from the same template: nothing of session 1's browser profile is in it (GREEN);
+    # closing the browser ends it.
     log2 = tmp_path / "run2.log"
     two = spawn_run(w, "chromium", f"{PAGE_URL}?check", log=log2)  # the profile's display: web
     url2 = viewer_url(two, log2)
@@ -102,6 +114,7 @@ def test_web_viewer_two_sessions(browser_world: NetWorld, guest_images: GuestIma
     w.dispo("ssh", sid2, "--", "pkill", "-TERM", "-x", "chromium", timeout=60)
     two.wait(120)
     assert "chromium exited with status" in log2.read_text(), log2.read_text()
+    assert "restoring from template profile-chromium" in log2.read_text(), log2.read_text()
     assert listing(w) == before
 
 

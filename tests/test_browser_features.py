@@ -20,7 +20,18 @@ import subprocess
 from pathlib import Path
 
 from dispo import profiles
-from tests.guests import GREEN, PAGE_URL, RED, listing, session_id, shot, spawn_run, viewer_url, wait_listening
+from tests.guests import (
+    GREEN,
+    PAGE_URL,
+    RED,
+    GuestImages,
+    listing,
+    session_id,
+    shot,
+    spawn_run,
+    viewer_url,
+    wait_listening,
+)
 from tests.netns import INTERNET, PYTHON, REPO, NetWorld, in_ns
 
 FILES_PORT = 8091
@@ -97,12 +108,17 @@ def _end(w: NetWorld, viewer: str, sid: str, log: Path, *, tag: str, colour: str
     assert _RUNS.pop(sid).wait(120) == 0, log.read_text()
 
 
-def test_browser_features_and_kept_volume(browser_world: NetWorld, tmp_path: Path) -> None:
-    """Session 1 keeps a volume and stores a value (RED); session 2, without --keep, starts fresh (GREEN) and
-    carries the downloads, uploads, clipboard and sound checks; session 3 with the same --keep finds the value
-    (RED). Nothing but the volume stays, and the receipts say which session kept it."""
+def test_browser_features_and_kept_volume(browser_world: NetWorld, guest_images: GuestImages, chromium_template: str,
+                                          tmp_path: Path) -> None:
+    """Session 1 keeps a volume and stores a value (RED); session 2 with the same --keep finds the value (RED)
+    and carries the downloads, uploads, clipboard and sound checks; session 3, without --keep, starts fresh
+    (GREEN) while the volume is there. Nothing but the volume stays, and the receipts say which session kept it.
+
+    A kept volume is mounted at boot, so sessions 1 and 2 boot cold; session 3 needs a running browser but
+    does not test its boot: it is a clone of the chromium template (tests/guests.py, built once per run)."""
     w = browser_world
     _profile(w)
+    guest_images.give_template(w, chromium_template)
     before = listing(w)
 
     viewer, sid, log = _run_page(w, tmp_path, "keep1", "set", RED, "--keep", "vol1")
@@ -118,11 +134,18 @@ def test_browser_features_and_kept_volume(browser_world: NetWorld, tmp_path: Pat
     assert receipt["clean"] and any("volume vol1" in k for k in receipt["kept"]), receipt
     assert "kept volume vol1" in log.read_text(), log.read_text()
 
-    _features(w, tmp_path, before)
+    _features(w, tmp_path, before)  # session 2: --keep vol1 again (RED)
 
-    viewer, sid, log = _run_page(w, tmp_path, "keep2", "check", RED, "--keep", "vol1")
-    _end(w, viewer, sid, log, tag="keep2", colour=RED)
+    log = tmp_path / "run-fresh.log"
+    fresh = spawn_run(w, "chromium", f"{PAGE_URL}?check", log=log)
+    seen = shot(w, viewer_url(fresh, log), "features-fresh.png", GREEN, end=True)
+    assert seen["seen"], f"a session without --keep saw the kept volume's storage (not GREEN): {seen}"
+    assert seen.get("ended"), seen
+    assert fresh.wait(120) == 0, log.read_text()
+    assert "restoring from template profile-chromium" in log.read_text(), log.read_text()
     assert listing(w) == before
+    vols = json.loads(w.dispo("volume", "ls", "--json").stdout)["volumes"]
+    assert [(v["name"], v["in_use"]) for v in vols] == [("vol1", False)], vols
     removed = w.dispo("volume", "rm", "vol1")
     assert removed.returncode == 0, removed.stderr
     assert json.loads(w.dispo("volume", "ls", "--json").stdout)["volumes"] == []
@@ -141,7 +164,7 @@ def _features(w: NetWorld, tmp_path: Path, before: dict[str, object]) -> None:
     (tmp_path / "marker").write_text("outside DIR")
     outside_before = sorted(p.name for p in tmp_path.iterdir())
 
-    viewer, sid, log = _run_page(w, tmp_path, "features", "check", GREEN, "--downloads", str(out))
+    viewer, sid, log = _run_page(w, tmp_path, "features", "check", RED, "--keep", "vol1", "--downloads", str(out))
 
     # Download: the running browser is handed the attachment's URL (as a link click would).
     url = f"http://{INTERNET}:{FILES_PORT}/attachment?file=payload.bin&name={HOSTILE_NAME.replace(' ', '%20')}"
@@ -188,8 +211,8 @@ def _features(w: NetWorld, tmp_path: Path, before: dict[str, object]) -> None:
     # Sound: a 440 Hz tone played in the guest, as the viewer receives it.
     pcm = tmp_path / "sound.raw"
     listener = subprocess.Popen(["nsenter", f"--net=/run/netns/{w.host}", PYTHON, "-m", "tests.viewer_io", "sound",
-                                 viewer, "20", str(pcm)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                 viewer, "20", str(pcm)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # communicate() closes stdin: "played", it ends
     assert listener.stderr is not None
     assert "connected" in listener.stderr.readline()
     tone = (f"perl -e 'for $i (0..48000*3) {{ print pack(\"s<\", 12000*sin(2*3.14159265*{TONE_HZ}*$i/48000)) }}' | "
@@ -201,6 +224,7 @@ def _features(w: NetWorld, tmp_path: Path, before: dict[str, object]) -> None:
     assert abs(_dominant_hz(pcm.read_bytes()) - TONE_HZ) <= 5
 
     # The end: nothing left, and the copied download stays where the user asked for it.
-    _end(w, viewer, sid, log, tag="features", colour=GREEN)
+    _end(w, viewer, sid, log, tag="features", colour=RED)
     assert listing(w) == before
     assert "copied to" in log.read_text()
+    assert "kept volume vol1" in log.read_text(), log.read_text()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import fakes
 from tests.worlds import dispo_env, host_objects, loop_fs, make_ext4, sh
 
 DISPO = [sys.executable, "-m", "dispo.cli.main"]
@@ -54,6 +55,24 @@ def test_unknown_image_is_one_line(tmp_path: Path) -> None:
     line = one_line_error(dispo(env, "disk", "--image", "nope", "--", "true", check=False))
     assert "image 'nope' not found" in line and "dispo image ls" in line
     assert not (tmp_path / "state" / "sessions").exists() or not any((tmp_path / "state" / "sessions").iterdir())
+
+
+def test_a_state_dir_too_deep_for_a_sessions_sockets_is_one_line_before_anything_exists(tmp_path: Path) -> None:
+    """A session binds unix sockets in STATE_DIR/sessions/ID/ (QEMU's QMP and agent, VNC, automation); past 107
+    bytes bind() fails deep inside the session. `dispo run` says so first, in one line, and makes nothing."""
+    fakes.config(tmp_path)  # the image "minimal": the run gets as far as starting a session
+    deep = tmp_path / "deep" / ("d" * max(1, 120 - len(str(tmp_path / "deep"))))
+    ws_before = sorted(str(p) for p in (tmp_path / "ws").rglob("*"))
+    env = dict(fakes.env(tmp_path), DISPO_STATE_DIR=str(deep))
+    line = one_line_error(dispo(env, "run", "--", "true", check=False))
+    longest = deep / "sessions" / "00000000" / "automation.sock"
+    assert line == (f"dispo: error: state_dir {deep} is too deep: a session's socket path such as {longest} is "
+                    f"{len(str(longest))} bytes, more than the 107 a unix socket allows (hint: set state_dir in the "
+                    f"config (or DISPO_STATE_DIR) to a path at least {len(str(longest)) - 107} bytes shorter)"), line
+    assert not (tmp_path / "deep").exists()  # no state dir, no journal, no lock
+    assert sorted(str(p) for p in (tmp_path / "ws").rglob("*")) == ws_before  # no disk, no lease
+    ok = tmp_path / "s"  # the same run from a state dir that fits gets past the check (to the missing kernel)
+    assert "too deep" not in dispo(dict(env, DISPO_STATE_DIR=str(ok)), "run", "--", "true", check=False).stderr
 
 
 @pytest.mark.root

@@ -1,5 +1,7 @@
 """Warm starts end to end (QEMU/TCG): a template of `minimal`, two clones restored from it at once, each with
-its own identity, reaching the test "internet" through NAT and not each other; nothing left after them."""
+its own identity, reaching the test "internet" through NAT and not each other; nothing left after them. The
+chromium profile's template and its clones are tests/test_browser.py's web viewer test (its two sessions are
+clones of it)."""
 
 from __future__ import annotations
 
@@ -10,22 +12,14 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.dispodworld import start_dispod, stop_dispod
 from tests.guests import (
-    GREEN,
-    PAGE_URL,
-    RED,
     listing,
-    session_id,
-    shot,
-    spawn_run,
     state_listing,
     tcp_banner,
-    viewer_url,
     wait_ready,
 )
 from tests.netns import INTERNET, INTERNET_PORT, PAGE, NetWorld, dispo_links
@@ -123,36 +117,6 @@ def test_cold_forces_a_boot_and_a_changed_image_is_refused(vm_world: NetWorld) -
     auto = w.dispo("run", "--", "true", timeout=300)
     assert auto.returncode == 0 and "booting cold: template image-minimal is stale" in auto.stderr, auto.stderr
     assert "stale" in w.dispo("template", "ls").stdout
-
-
-def test_chromium_template_clones_show_the_page_and_share_no_storage(browser_world: NetWorld, tmp_path: Path) -> None:
-    """The chromium profile's template holds the browser already running on a blank page; a clone is handed
-    the session's URL. Session 1 stores a cookie and localStorage (RED: storage works in a clone); session 2,
-    restored from the same template, must not see them (GREEN)."""
-    w = browser_world
-    built = _build(w, "chromium")
-    assert "template profile-chromium" in built.stdout, built.stdout
-    before = listing(w)
-
-    log1 = tmp_path / "warm1.log"
-    one = spawn_run(w, "chromium", f"{PAGE_URL}?set", log=log1)
-    url = viewer_url(one, log1)
-    session_id(w, one, log1)
-    seen = shot(w, url, "template-chromium-session1.png", RED, end=True)
-    assert seen["seen"], f"the restored session did not show RED through the viewer: {seen}"
-    assert seen.get("ended"), seen
-    assert one.wait(120) == 0, log1.read_text()
-    assert "restoring from template profile-chromium" in log1.read_text(), log1.read_text()
-    assert listing(w) == before
-
-    log2 = tmp_path / "warm2.log"
-    two = spawn_run(w, "chromium", f"{PAGE_URL}?check", log=log2)
-    url2 = viewer_url(two, log2)
-    fresh = shot(w, url2, "template-chromium-session2.png", GREEN, end=True)
-    assert fresh["seen"], f"the second clone saw the first one's storage (not GREEN): {fresh}"
-    assert two.wait(120) == 0, log2.read_text()
-    assert "restoring from template profile-chromium" in log2.read_text()
-    assert listing(w) == before
 
 
 def test_dispods_warm_pool_hands_out_each_restored_clone_once(vm_world: NetWorld) -> None:

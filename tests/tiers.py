@@ -60,7 +60,8 @@ def tier_of(item: pytest.Item) -> str:
 # -- running the tiers (scripts/dev test) --------------------------------------------------------------------
 # What each tier may take on the 2-core CI machine with a warm image cache; a tier over it is named at the end
 # (the machine is noisy, so it is a note for people, not a failure). Together under 25 minutes with lint and the
-# images (issue 21); the browser tier does not fit its share yet (about 1060 s).
+# images (issue 21); the browser tier does not fit its share yet (957 s in the last CI run; the chromium template
+# built once per run, tests/guests.py, takes roughly 120 s off that, before the Firefox BiDi and recording tests).
 BUDGET_S = {"fast": 120, "root": 240, "vm": 540, "browser": 900}
 PARALLEL = {"fast": "2", "vm": "2"}  # pytest-xdist workers (tests share no namespace, state dir or workspace)
 

@@ -24,6 +24,7 @@ from dispo.config import Config
 from dispo.errors import Busy, NotFound
 from dispo.names import check_session_id, new_session_id
 from dispo.runtime import plan as planning
+from dispo.runtime.app import check_socket_room
 from dispo.runtime.events import Event, EventKind, EventSink, Fanout
 from dispo.runtime.live import AutomationHost, LiveSession, SessionState, ViewerHost, join_all
 from dispo.runtime.machinery import REAL, Machinery
@@ -80,7 +81,9 @@ class Runtime:
         """Begin a session (returns at once, state `starting`); Busy past max_sessions. Without `steps` or a
         `plan`, runtime/plan.py decides where its guest comes from (a guest waiting in the warm pool, a
         restore from a current template that fits, or a boot) and says why; this follows it. `steps`: the
-        caller's own list (a template build). `pooled`: a guest for the pool (runtime/pool.py)."""
+        caller's own list (a template build). `pooled`: a guest for the pool (runtime/pool.py). A state dir
+        too deep for the session's sockets is refused here, before anything exists."""
+        check_socket_room(self.cfg)
         if plan is None and steps is not None:
             plan = planning.given(steps)
         elif plan is None:

@@ -20,11 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from dispo.errors import DisplayError, SpawnFailed
+from dispo.config import Config
+from dispo.errors import ConfigError, DisplayError, SpawnFailed
 from dispo.infra import processes
+from dispo.infra.journal import sessions_root
 from dispo.infra.proc import minimal_env
 from dispo.infra.txn import Transaction
+from dispo.names import SESSION_ID_LEN
 from dispo.vmm.base import tail
+from dispo.vmm.qemu import AGENT_SOCKET, QMP_SOCKET
 
 APP_LOG = "app.log"
 VNC_SOCKET = "vnc.sock"
@@ -33,6 +37,22 @@ DEFAULT_GEOMETRY = "1280x800"
 OUTPUT_CAP = 16 << 20  # bytes of captured output a session may send; the rest is dropped, with a notice
 LOG_CAP = 4 << 20  # bytes app.log holds at most (it is in the state dir: on tmpfs, host memory)
 SSH_LOST = 255  # ssh's own failure status
+SUN_PATH_MAX = 107  # bytes of a unix socket's address (sun_path, less its closing NUL)
+# Every socket a session binds in its state dir: the VMM's (QEMU's QMP and agent) and the app's.
+SESSION_SOCKETS = (QMP_SOCKET, AGENT_SOCKET, VNC_SOCKET, AUTOMATION_SOCKET)
+
+
+def check_socket_room(cfg: Config) -> None:
+    """ConfigError when the longest socket path a session would bind (STATE_DIR/sessions/ID/NAME.sock) does not
+    fit a unix socket's address: bind() would fail deep inside the session (QEMU "could not be started"), so
+    this is checked before a session makes anything."""
+    longest = sessions_root(cfg.state_dir) / ("0" * SESSION_ID_LEN) / max(SESSION_SOCKETS, key=len)
+    size = len(os.fsencode(longest))
+    if size > SUN_PATH_MAX:
+        raise ConfigError(f"state_dir {cfg.state_dir} is too deep: a session's socket path such as {longest} "
+                          f"is {size} bytes, more than the {SUN_PATH_MAX} a unix socket allows",
+                          hint=f"set state_dir in the config (or DISPO_STATE_DIR) to a path at least "
+                               f"{size - SUN_PATH_MAX} bytes shorter")
 
 
 OutputSink = Callable[[str, bytes], None]  # (stream name, bytes)
