@@ -374,7 +374,7 @@ def test_the_request_asks_the_profiles_protocol_and_the_browser_gets_the_loopbac
     # Without an automation template, a boot (a normal template's browser has no debugging port); --warm says so.
     chosen = planning.plan(cfg, req)
     assert chosen.origin is Origin.BOOT and "no automation template of profile 'chromium'" in chosen.why
-    with pytest.raises(Conflict, match="no automation template.*--automation'"):
+    with pytest.raises(Conflict, match=r"no automation template.*--automation'"):
         planning.plan(cfg, build(cfg, profile="chromium", automation=True, start="warm"))
 
 

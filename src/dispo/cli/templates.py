@@ -85,7 +85,8 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
             image = None
         stale = t.stale_reason(image, vmm_version(cfg, VmmKind(t.backend)))
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.created))
-        rows.append((t.name + (AUTOMATION if t.automation else ""), t.kind.value, t.image, t.backend, f"{t.memory_mib} MiB", format_size(t.size), built,
+        name = t.name + (AUTOMATION if t.automation else "")  # as 'dispo template rm' and the pool take it
+        rows.append((name, t.kind.value, t.image, t.backend, f"{t.memory_mib} MiB", format_size(t.size), built,
                      f"stale: {stale}" if stale else "current"))
     print_table(("NAME", "KIND", "IMAGE", "BACKEND", "MEMORY", "SIZE", "BUILT", "STATE"), rows)
     return 0

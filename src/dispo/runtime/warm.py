@@ -68,13 +68,13 @@ def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None,
     kind, name = ((TemplateKind.PROFILE, request.profile) if request.profile
                   else (TemplateKind.IMAGE, request.image))
     auto = bool(request.automation)
+    build_hint = f"dispo template build {name}{' --automation' if auto else ''}"
     t = store.find(kind, name, automation=auto)
     if t is None:
-        if auto:
-            return None, (f"no automation template of {kind.value} {name!r} (a normal template's browser has no "
-                          f"debugging port; make one with 'dispo template build {name} --automation')")
-        return None, f"no template of {kind.value} {name!r} (make one with 'dispo template build {name}')"
-    build_hint = f"dispo template build {name}{' --automation' if auto else ''}"
+        # An automation session's browser needs its debugging port from its start: a normal template's has none.
+        what = ("automation template", " (a normal template's browser has no debugging port; ") if auto else (
+            "template", " (")
+        return None, f"no {what[0]} of {kind.value} {name!r}{what[1]}make one with '{build_hint}')"
     try:
         image = ImageStore(cfg).get(t.image)
     except NotFound:
