@@ -124,22 +124,28 @@ def _pool_ready(d: Dispod) -> None:
         time.sleep(0.5)
 
 
+def _said(mode: str, times: dict[str, float]) -> dict[str, float]:
+    """Each run as it ends (a long run that is stopped still said what it measured)."""
+    print(f"{mode}: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()), flush=True)
+    return times
+
+
 def measure(w: NetWorld, runs: int, modes: list[str]) -> dict[str, list[dict[str, float]]]:
     out: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
     d = start_dispod(w)
     try:
         with sync_playwright() as p, dispo.connect(f"unix:{w.state_dir / 'dispod.sock'}", timeout=120) as client:
             if "host" in modes:
-                out["host"] = [_host_run(p) for _ in range(runs)]
+                out["host"] = [_said("host", _host_run(p)) for _ in range(runs)]
             if "cold" in modes:
-                out["cold"] = [_dispo_run(p, client, "cold") for _ in range(runs)]
+                out["cold"] = [_said("cold", _dispo_run(p, client, "cold")) for _ in range(runs)]
             if "template" in modes:
-                out["template"] = [_dispo_run(p, client, "warm") for _ in range(runs)]
+                out["template"] = [_said("template", _dispo_run(p, client, "warm")) for _ in range(runs)]
             if "pool" in modes:
                 d.client.pool_fill("chromium+automation", 1)
                 for _ in range(runs):
                     _pool_ready(d)
-                    out["pool"].append(_dispo_run(p, client, "auto"))
+                    out["pool"].append(_said("pool", _dispo_run(p, client, "auto")))
                 d.client.pool_drain("chromium+automation")
     finally:
         stop_dispod(d)
@@ -170,6 +176,7 @@ def main() -> None:
             if built.returncode != 0:
                 raise SystemExit(f"the automation template did not build: {built.stderr}")
             build_s = time.perf_counter() - t0
+            print(f"automation template built in {build_s:.1f} s", flush=True)
         home = _enter(w.host)
         stack.callback(os.close, home)
         runs = measure(w, args.runs, modes)
