@@ -5,7 +5,8 @@ What is held: a session with automation answers with a cdp_url that relays both 
 a session without has none and its route answers 404, as do a wrong token and an unknown session; messages over
 the cap, either way, end that connection on both sides; connections per session are bounded; a client that
 leaves closes its browser side; the session's end closes every relay and the URL then answers 404; the
-browser's /json/version answer is the guest's and is read capped; the request's checks and the plan (a boot).
+browser's /json/version answer is the guest's and is read capped; the request's checks and the plan: a boot, or
+a restore (or a pooled guest) of an automation template only, whose forward to the browser is made at restore.
 Its tokens are the session's automate tokens (web/viewers.py): the cdp_url's is listed and revocable, minted
 ones open the relay, view and interact ones are refused, and revoking one closes its relays and its URL.
 """
@@ -27,14 +28,15 @@ from aiohttp import WSMsgType, web
 from dispo import guest
 from dispo.cli import run as run_cli
 from dispo.config import Config
-from dispo.errors import Conflict, GuestIOError, InvalidInput
+from dispo.errors import Conflict, GuestIOError, InvalidInput, NotFound
 from dispo.runtime import build, from_json
 from dispo.runtime import plan as planning
 from dispo.runtime.steps import Origin
+from dispo.storage.templates import TemplateStore
 from dispo.web import automation
 from dispo.web.viewers import ServiceViewers
 from tests import fakes
-from tests.fakeworld import SAFETY_S, Running, cfg, mint, run_parser, svc, tokens, wait_state
+from tests.fakeworld import SAFETY_S, Running, cfg, make_template, mint, run_parser, svc, tokens, wait_state
 
 __all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
@@ -369,10 +371,77 @@ def test_the_request_asks_the_profiles_protocol_and_the_browser_gets_the_loopbac
     assert req.to_json()["automation"] == "cdp"
     plain = from_json(cfg, {"profile": "chromium"})
     assert plain.automation == "" and not any("remote-debugging" in c for c in plain.command)
-    # Always a boot: a template's browser has no debugging port, and --warm says so.
-    assert planning.plan(cfg, req).origin is Origin.BOOT
-    with pytest.raises(Conflict, match="debugging port"):
+    # Without an automation template, a boot (a normal template's browser has no debugging port); --warm says so.
+    chosen = planning.plan(cfg, req)
+    assert chosen.origin is Origin.BOOT and "no automation template of profile 'chromium'" in chosen.why
+    with pytest.raises(Conflict, match=r"no automation template.*--automation'"):
         planning.plan(cfg, build(cfg, profile="chromium", automation=True, start="warm"))
+
+
+# -- templates and the pool ------------------------------------------------------------------------
+def test_automation_sessions_restore_from_automation_templates_only_and_get_their_forward(svc: Running,
+                                                                                          cfg: Config) -> None:
+    rt = svc.dispod.rt
+    auto = build(cfg, profile="chromium", automation=True)
+    plain = build(cfg, profile="chromium")
+    make_template(rt, "chromium")  # a normal template: its browser has no port, so it serves no automation session
+    assert planning.plan(cfg, plain).template is not None
+    assert "no automation template" in planning.plan(cfg, auto).why
+    make_template(rt, "chromium+automation")
+    t = TemplateStore(cfg).get("chromium+automation")
+    assert (t.key, t.automation) == ("profile-chromium+automation", "cdp")
+    assert sorted(x.key for x in TemplateStore(cfg).list()) == ["profile-chromium", "profile-chromium+automation"]
+    chosen = planning.plan(cfg, auto)
+    assert chosen.origin is Origin.RESTORE and chosen.template is not None
+    assert chosen.template.key == "profile-chromium+automation" and "debugging port" in chosen.why, chosen.why
+    mine = planning.plan(cfg, plain)  # a normal session never restores from the automation template
+    assert mine.template is not None and mine.template.key == "profile-chromium" and "debugging" not in mine.why
+    TemplateStore(cfg).remove("chromium")
+    assert "no template of profile 'chromium'" in planning.plan(cfg, plain).why
+    with pytest.raises(Conflict, match="cannot start warm: no template of profile 'chromium'"):
+        planning.plan(cfg, build(cfg, profile="chromium", start="warm"))
+
+    # Restored, its forward to the browser's port is made at restore time: the cdp_url relays to it.
+    created = start(svc, automation=True, start="warm")
+    status = svc.uds.session(created["id"])
+    assert status["start"] == "restore" and status["template"] == "profile-chromium+automation", status
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(created["cdp_url"]) as ws:
+            assert await ask(ws, '{"id": 1}') == '{"id": 1}'
+
+    run(client())
+    svc.uds.delete(created["id"], wait=True)
+
+
+def test_a_pool_of_an_automation_template_serves_automation_sessions_only(svc: Running, cfg: Config) -> None:
+    rt = svc.dispod.rt
+    assert rt.pool is not None
+    with pytest.raises(NotFound, match="no automation template of profile 'chromium'") as e:
+        rt.pool.fill("chromium+automation", 1)
+    assert e.value.hint == "build one with 'dispo template build chromium --automation'"
+    with pytest.raises(InvalidInput, match="automation template is of a profile"):
+        rt.pool.fill("minimal+automation", 1)
+    make_template(rt, "chromium+automation")
+    pool = svc.uds.pool_fill("chromium+automation", 1)
+    assert pool["slots"][0]["template"] == "profile-chromium+automation", pool
+    deadline = time.monotonic() + SAFETY_S
+    while svc.uds.pool()["slots"][0]["ready"] != 1:
+        assert time.monotonic() < deadline, svc.uds.pool()
+        time.sleep(0.05)
+    plain = planning.plan(cfg, build(cfg, profile="chromium"), rt.pool)  # not for a normal session
+    assert plain.origin is Origin.BOOT and plain.guests == ()
+    created = start(svc, automation=True)
+    status = svc.uds.session(created["id"])
+    assert status["start"] == "pool" and status["template"] == "profile-chromium+automation", status
+
+    async def client() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(created["cdp_url"]) as ws:
+            assert await ask(ws, '{"id": 2}') == '{"id": 2}'
+
+    run(client())
+    svc.uds.delete(created["id"], wait=True)
+    svc.uds.pool_drain("chromium+automation")
 
 
 @pytest.mark.parametrize(("body", "error", "words"), [

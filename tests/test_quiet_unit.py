@@ -59,6 +59,7 @@ def test_request_log_counts_what_the_guest_starts() -> None:
         _ipv4(1, "203.0.113.2", b"\x08\x00\x00\x00\x00\x01\x00\x01"),
         _ipv4(17, "203.0.113.2", b"later fragment", frag=100),
         HOST_MAC + GUEST_MAC + b"\x08\x06" + b"\x00" * 28,   # ARP
+        b"\xff" * 6 + GUEST_MAC + b"\x80\x35" + b"\x00" * 28,  # RARP: QEMU's announce after a restore
         HOST_MAC + GUEST_MAC + b"\x86\xdd" + b"\x60" + b"\x00" * 23 + socket.inet_pton(socket.AF_INET6, "ff02::2"),
         HOST_MAC + GUEST_MAC + b"\x88\xcc" + b"\x00" * 10,  # LLDP
         b"\x00" * 5,

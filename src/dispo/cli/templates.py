@@ -14,7 +14,7 @@ from dispo.errors import NotFound
 from dispo.names import format_size
 from dispo.runtime import Event, EventKind, Runtime, warm
 from dispo.storage.images import ImageStore
-from dispo.storage.templates import TemplateStore
+from dispo.storage.templates import AUTOMATION, TemplateStore, split_name
 from dispo.vmm.base import VmmKind
 from dispo.vmm.registry import vmm_version
 
@@ -29,6 +29,10 @@ def register(sub: Any) -> None:
     b.add_argument("name", metavar="NAME", help="a profile or an image")
     b.add_argument("--image", dest="kind", action="store_const", const="image", default="auto",
                    help="NAME is an image even if a profile has that name")
+    b.add_argument("--automation", action="store_true",
+                   help="an automation template: the profile's browser saved with its debugging port (on the "
+                        "guest's loopback), for automation sessions only ('NAME+automation'; normal sessions "
+                        "never restore from it)")
     for key in ("backend", "memory_mib", "vcpus"):  # every clone gets the template's
         add_setting_option(b, key, None)
     b.set_defaults(func=cmd_build)
@@ -55,15 +59,17 @@ class BuildPrinter(Printer):
 
 def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
     req, kind = warm.build_request(cfg, args.name, kind=args.kind, backend=args.backend, memory_mib=args.memory,
-                                   vcpus=args.vcpus)
+                                   vcpus=args.vcpus, automation=args.automation)
     printer = BuildPrinter()
-    printer.notice(f"building the template of {kind.value} {args.name!r} ({req.image}, {req.memory_mib} MiB, "
+    what = "automation template" if req.automation else "template"
+    printer.notice(f"building the {what} of {kind.value} {args.name!r} ({req.image}, {req.memory_mib} MiB, "
                    f"{req.vcpus} vCPU, {req.backend}); it boots once, then every session restores it")
     rt = Runtime(cfg, owner=f"dispo template build (pid {os.getpid()})")
     live = rt.start(req, steps=warm.template_steps(kind, args.name), sink=printer)
     wait_until_ended(live)
     rc = exit_code(live.exit_status, live.error)
-    t = TemplateStore(cfg).find(kind, args.name)
+    name, _ = split_name(args.name)
+    t = TemplateStore(cfg).find(kind, name, automation=bool(req.automation))
     if t is not None:
         print(f"template {t.key}: {format_size(t.size)}, built in {t.build_s:.1f} s")
     return rc
@@ -79,7 +85,8 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
             image = None
         stale = t.stale_reason(image, vmm_version(cfg, VmmKind(t.backend)))
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(t.created))
-        rows.append((t.name, t.kind.value, t.image, t.backend, f"{t.memory_mib} MiB", format_size(t.size), built,
+        name = t.name + (AUTOMATION if t.automation else "")  # as 'dispo template rm' and the pool take it
+        rows.append((name, t.kind.value, t.image, t.backend, f"{t.memory_mib} MiB", format_size(t.size), built,
                      f"stale: {stale}" if stale else "current"))
     print_table(("NAME", "KIND", "IMAGE", "BACKEND", "MEMORY", "SIZE", "BUILT", "STATE"), rows)
     return 0

@@ -11,7 +11,8 @@ is listed too). What counts as a request:
     ip    any other IPv4 protocol, by destination; ipv6: any IPv6 packet (dispo guests have IPv6 off)
     other a frame that is neither IPv4, IPv6 nor ARP
 
-ARP is not a request (it only finds the gateway). Repeats count in `count`: distinct source ports (and DNS
+ARP is not a request (it only finds the gateway), nor RARP: after a restore from a template the VMM announces
+the guest's MAC with RARP frames (QEMU's self-announce), which ask nothing of anyone. Repeats count in `count`: distinct source ports (and DNS
 ids), so a retransmitted SYN is one connection. Everything from the guest is hostile data: names are
 escaped to printable ASCII here, and the number of distinct entries is capped.
 """
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ETH_P_ALL = 0x0003
-ETH_P_IP, ETH_P_IPV6, ETH_P_ARP, ETH_P_8021Q = 0x0800, 0x86DD, 0x0806, 0x8100
+ETH_P_IP, ETH_P_IPV6, ETH_P_ARP, ETH_P_RARP, ETH_P_8021Q = 0x0800, 0x86DD, 0x0806, 0x8035, 0x8100
 PACKET_OUTGOING = 4  # sll_pkttype of frames the host sends into the tap (to the guest): not the guest's
 MAX_ENTRIES = 1000   # distinct requests kept; the rest only counted
 MAX_REPEATS = 10000  # distinct (port, id) pairs remembered per entry
@@ -150,7 +151,7 @@ class RequestLog:
         body = frame[14:]
         if ethertype == ETH_P_8021Q and len(body) >= 4:
             ethertype, body = struct.unpack("!H", body[2:4])[0], body[4:]
-        if ethertype == ETH_P_ARP:
+        if ethertype in (ETH_P_ARP, ETH_P_RARP):
             return
         if ethertype == ETH_P_IP:
             self._ipv4(body)

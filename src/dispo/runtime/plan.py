@@ -1,7 +1,8 @@
 """Where a session's guest comes from, decided in one place: `plan(cfg, request, pool)`.
 
     a guest waiting in the warm pool  ->  Origin.POOL     (it ran restore_steps + pool.hold already)
-    a current template that fits      ->  Origin.RESTORE  (warm.restore_steps: BOOT edited)
+    a current template that fits      ->  Origin.RESTORE  (warm.restore_steps: BOOT edited); an automation
+                                          session's fits only if it is an automation template (warm.py)
     otherwise, or --cold              ->  Origin.BOOT     (steps.BOOT)
 
 The plan carries the step list and one line saying why (the CLI prints it); `Runtime.start` follows it and
@@ -51,20 +52,18 @@ def plan(cfg: Config, request: SessionRequest, pool: Waiting | None = None) -> P
     fits (unless --cold), else a boot; --warm makes "no template" an error."""
     if request.start is StartMode.COLD:
         return Plan(Origin.BOOT, BOOT, why="booting cold (--cold)")
-    if request.automation:
-        # A template's browser was started without its debugging port (no clone should carry one open), and
-        # a running browser cannot open it later: an automation session's browser starts with it, in a boot.
-        why = "an automation session's browser is started with its debugging port, which a template's is not"
-        if request.start is StartMode.WARM:
-            raise Conflict(f"cannot start warm: {why}", hint="drop --warm to boot cold")
-        return Plan(Origin.BOOT, BOOT, why=f"booting cold: {why}")
     t, why = template_for(cfg, request)
     if t is None:
         if request.start is StartMode.WARM:
             # A fine request that the templates at hand cannot serve: 409, not 400.
             raise Conflict(f"cannot start warm: {why}", hint="drop --warm to boot cold")
         return Plan(Origin.BOOT, BOOT, why=f"booting cold: {why}")
-    restore = Plan(Origin.RESTORE, restore_steps(t), t, f"restoring from template {t.key} (made {_age(t.created)} ago)")
+    # An automation session restores only from an automation template (template_for): its browser was saved
+    # with the debugging port on the guest's loopback; the forward to it is made now, in the app step.
+    port = ("; its browser was saved with its debugging port, forwarded to this session alone at restore"
+            if request.automation else "")
+    restore = Plan(Origin.RESTORE, restore_steps(t), t,
+                   f"restoring from template {t.key} (made {_age(t.created)} ago{port})")
     # A pooled guest's traffic was not watched from its first frame: a request that logs it gets its own.
     guests = pool.waiting(request, t) if pool is not None and not request.log_requests else []
     if guests:

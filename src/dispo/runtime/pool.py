@@ -10,6 +10,10 @@ takes the caller's request, the guest resumes with its clock stepped to the host
 paused), and goes on with `app`. So a pooled guest has never seen any user's traffic, and every hand-out is
 a clone nobody used.
 
+A slot is named as a template is: "chromium" (the profile's template) or "chromium+automation" (its
+automation template, whose guests serve automation sessions only, each given the forward to its browser's
+debugging port when handed out: the app step runs after the hand-out).
+
 The pool is drained (its guests stopped and torn down like any session) on `drain`, on shutdown, and when a
 template changes (rebuilt or stale): a guest of an older template is never handed out.
 """
@@ -31,7 +35,7 @@ from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.request import SessionRequest
 from dispo.runtime.steps import Bringup, Step, Steps
 from dispo.settings import host_memory_mib
-from dispo.storage.templates import Template, TemplateStore
+from dispo.storage.templates import AUTOMATION, Template, TemplateStore, split_name
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +130,12 @@ class Pool:
         if not 0 <= count <= 64:
             raise InvalidInput(f"pool count {count} is out of range: give 0 to 64")
         req, kind = warm.build_request(self.rt.cfg, name)
-        t = TemplateStore(self.rt.cfg).find(kind, name)
+        base, automation = split_name(name)
+        t = TemplateStore(self.rt.cfg).find(kind, base, automation=automation)
         if t is None and count:
-            raise NotFound(f"no template of {kind.value} {name!r} to fill the pool from",
-                           hint=f"build one with 'dispo template build {name}'")
+            what = "automation template" if automation else "template"
+            raise NotFound(f"no {what} of {kind.value} {base!r} to fill the pool from",
+                           hint=f"build one with 'dispo template build {base}{' --automation' if automation else ''}'")
         if count and req.memory_mib > self.budget_mib:
             raise InvalidInput(f"one guest of {name!r} needs {req.memory_mib} MiB, over the pool's budget of "
                                f"{self.budget_mib} MiB", hint="raise [service] pool_memory_mib in the config")
@@ -165,7 +171,7 @@ class Pool:
         """The guests of template `t` (as it is now) waiting for a request like `request`, ready ones first.
         Whether the request should take one is runtime/plan.py's to say."""
         with self._lock:
-            slot = self._slots.get(request.profile or request.image)
+            slot = self._slots.get((request.profile or request.image) + (AUTOMATION if request.automation else ""))
             if slot is None or slot.template is None or (slot.template.key, slot.template.created) != (
                     t.key, t.created):
                 return []  # the template changed: the loop drains the old one's guests

@@ -14,6 +14,13 @@ resumes it and has the in-guest agent give it a fresh identity (entropy and RNG 
 SSH keys, its own address) before anything else talks to it. For a profile, the template holds the app
 already running on its display on a blank page; the clone's app step hands it the session's URL.
 
+An automation session (a browser driven over its debugging port) restores only from an *automation
+template* (`dispo template build chromium --automation`): its browser was started with the debugging port on
+the guest's loopback before the save, because a running browser cannot open one later. A normal template's
+browser never has the port, so neither have its clones; an automation template serves automation sessions
+only (its key ends in "+automation", storage/templates.py). The clone's channel to the port, the ssh forward
+of <state>/automation.sock, is made at restore time, in the app step, with the display's (steps.web_display).
+
 `template_for(cfg, request)` finds the template a request could restore from; which start a request gets
 is decided in runtime/plan.py.
 """
@@ -60,15 +67,20 @@ def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None,
     store = TemplateStore(cfg)
     kind, name = ((TemplateKind.PROFILE, request.profile) if request.profile
                   else (TemplateKind.IMAGE, request.image))
-    t = store.find(kind, name)
+    auto = bool(request.automation)
+    build_hint = f"dispo template build {name}{' --automation' if auto else ''}"
+    t = store.find(kind, name, automation=auto)
     if t is None:
-        return None, f"no template of {kind.value} {name!r} (make one with 'dispo template build {name}')"
+        # An automation session's browser needs its debugging port from its start: a normal template's has none.
+        what = ("automation template", " (a normal template's browser has no debugging port; ") if auto else (
+            "template", " (")
+        return None, f"no {what[0]} of {kind.value} {name!r}{what[1]}make one with '{build_hint}')"
     try:
         image = ImageStore(cfg).get(t.image)
     except NotFound:
         image = None
     if (stale := t.stale_reason(image, vmm_version(cfg, VmmKind(t.backend)))) is not None:
-        return None, f"template {t.key} is stale: {stale} (rebuild it with 'dispo template build {name}')"
+        return None, f"template {t.key} is stale: {stale} (rebuild it with '{build_hint}')"
     if t.image != request.image:
         return None, f"template {t.key} is of image {t.image!r}, the session asks for {request.image!r}"
     mismatch = [f"{what} {mine} (template: {theirs})" for what, mine, theirs in (
@@ -79,6 +91,8 @@ def template_for(cfg: Config, request: SessionRequest) -> tuple[Template | None,
                         f"{' '.join(t.guest_args) or '-'})")
     if request.backend not in ("auto", t.backend):
         mismatch.append(f"backend {request.backend} (template: {t.backend})")
+    if request.automation != t.automation:  # the key says it already; the record must agree
+        mismatch.append(f"automation {request.automation or '-'} (template: {t.automation or '-'})")
     if mismatch:
         return None, f"template {t.key} does not fit: {', '.join(mismatch)}"
     return t, ""
@@ -101,8 +115,9 @@ def restore_steps(t: Template) -> Steps:
 def validate_template(t: Template, b: Bringup) -> None:
     image = find_image(b.cfg, t.image)
     if (stale := t.stale_reason(image, vmm_version(b.cfg, VmmKind(t.backend)))) is not None:
+        flag = " --automation" if t.automation else ""
         raise InvalidInput(f"template {t.key} is stale: {stale}",
-                           hint=f"rebuild it with 'dispo template build {t.name}', or start with --cold")
+                           hint=f"rebuild it with 'dispo template build {t.name}{flag}', or start with --cold")
     b.image, b.kind, b.template = image, VmmKind(t.backend), t
     b.kernel = kernel_for(image, b.kind)
     if b.kernel is None or not b.kernel.is_file():
@@ -130,6 +145,8 @@ def guest_identity(b: Bringup) -> None:
 
 
 def app_restored(b: Bringup) -> None:
+    """The clone's app: its running browser handed the session's URL, and, for an automation session (from
+    an automation template), the forward to its debugging port made now, with the display's."""
     if b.request.display is DisplayMode.WEB:
         web_display(b, attach=True)
     else:
@@ -140,7 +157,9 @@ def app_restored(b: Bringup) -> None:
 def template_steps(kind: TemplateKind, name: str) -> Steps:
     """BOOT, saved as template NAME once ready: with the agent's channel (its clones need it), no volume
     (a template is of an image or a profile, never of a kept volume), and for a profile its app started on
-    its display before the save."""
+    its display before the save (with its debugging port when the request is an automation one: an
+    automation template, build_request(automation=True))."""
+    name, _ = templates.split_name(name)  # an automation template is the request's to say (build_request)
     save = Step("template.save", partial(save_template, kind, name))
     steps = BOOT.drop("volume").swap("vmm.start", Step("vmm.start", partial(vmm_start, agent=True, template=True)))
     if kind is TemplateKind.PROFILE:
@@ -174,7 +193,7 @@ def save_template(kind: TemplateKind, name: str, b: Bringup) -> None:
     except VmmError as e:
         raise vmm.failure(e.message) from None  # with the console, where the agent says what it found
     t0 = time.monotonic()
-    build = templates.begin(b.tx, kind, name, workspace.storage_backend(b.cfg))
+    build = templates.begin(b.tx, kind, name, workspace.storage_backend(b.cfg), b.request.automation)
     vmm.save_state(build.tmp)               # the vCPUs stop here and stay stopped
     templates.put_disk(build, b.disk_dir / ROOTFS)
     saved = time.monotonic() - t0
@@ -190,10 +209,18 @@ def save_template(kind: TemplateKind, name: str, b: Bringup) -> None:
 
 
 def build_request(cfg: Config, name: str, *, kind: str = "auto", backend: str | None = None,
-                  **numbers: Any) -> tuple[SessionRequest, TemplateKind]:
-    """The session that makes template NAME: a profile's (its app on a blank page) or an image's (a shell)."""
+                  automation: bool = False, **numbers: Any) -> tuple[SessionRequest, TemplateKind]:
+    """The session that makes template NAME: a profile's (its app on a blank page) or an image's (a shell).
+    `automation` (or NAME ending in "+automation"): an automation template, its browser started with its
+    debugging port (on the guest's loopback; its clones are automation sessions' only)."""
     from dispo import profiles
     from dispo.runtime.request import build
+
+    name, suffixed = templates.split_name(name)
+    automation = automation or suffixed
+    if automation and kind == "image":
+        raise InvalidInput(f"dispo template build: an automation template is of a profile, {name!r} is an image",
+                           hint="dispo template build chromium --automation")
 
     chosen: TemplateKind | None = None
     if kind in ("auto", "profile"):
@@ -206,8 +233,12 @@ def build_request(cfg: Config, name: str, *, kind: str = "auto", backend: str | 
     if chosen is None:
         chosen = TemplateKind.IMAGE
     if chosen is TemplateKind.PROFILE:
-        req = build(cfg, profile=name, backend=backend, where="dispo template build: ", **numbers)
+        req = build(cfg, profile=name, backend=backend, where="dispo template build: ", automation=automation,
+                    **numbers)
     else:
+        if automation:
+            raise InvalidInput(f"dispo template build: an automation template is of a profile, {name!r} is an "
+                               f"image", hint="dispo template build chromium --automation")
         # No app: the template is the booted guest; its clones run each session's own command.
         req = build(cfg, image=name, command=("true",), backend=backend, where="dispo template build: ", **numbers)
     if req.display is DisplayMode.X11:

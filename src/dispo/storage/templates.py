@@ -1,6 +1,8 @@
 """Templates for warm starts: a booted, ready guest saved as memory + device state + the disk that belongs to it.
 
-<workspace>/templates/<kind>-<name>/ (kind: "profile" or "image") holds
+<workspace>/templates/<kind>-<name>/ (kind: "profile" or "image"; "<kind>-<name>+automation" for an automation
+template: a profile's browser saved with its debugging port on the guest's loopback, which only automation
+sessions restore from, and no other session ever does) holds
     rootfs.ext4        the guest's disk at the moment its vCPUs stopped
     memory.qemu        QEMU: the device state (a migration stream without the RAM), and
     ram.qemu           QEMU: the guest's RAM (sparse), which its clones map privately (vmm/qemu.py), or
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 
 META = "template.json"
 FORMAT = 2              # 2: a QEMU template's RAM is a file of its own (ram.qemu) its clones map privately
+# The suffix of an automation template's key and of its name where one is given ("chromium+automation"): "+" is
+# in no profile or image name (names.check_name), so the two keys of one profile never collide.
+AUTOMATION = "+automation"
 
 
 class TemplateKind(StrEnum):
@@ -60,8 +65,13 @@ def templates_dir(cfg: Config) -> Path:
     return cfg.workspace / "templates"
 
 
-def key_of(kind: TemplateKind, name: str) -> str:
-    return f"{kind.value}-{name}"
+def key_of(kind: TemplateKind, name: str, automation: bool = False) -> str:
+    return f"{kind.value}-{name}{AUTOMATION if automation else ''}"
+
+
+def split_name(name: str) -> tuple[str, bool]:
+    """"chromium+automation" -> ("chromium", True); "chromium" -> ("chromium", False)."""
+    return (name[:-len(AUTOMATION)], True) if name.endswith(AUTOMATION) else (name, False)
 
 
 @dataclass(frozen=True)
@@ -88,10 +98,13 @@ class Template:
     guest_args: tuple[str, ...] = ()
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: int = FORMAT
+    # The protocol of the debugging port its browser was started with ("cdp", "bidi"), "" for none: an
+    # automation template (its key ends in AUTOMATION) serves automation sessions only, and only it does.
+    automation: str = ""
 
     @property
     def key(self) -> str:
-        return key_of(self.kind, self.name)
+        return key_of(self.kind, self.name, bool(self.automation))
 
     @property
     def rootfs(self) -> Path:
@@ -112,7 +125,8 @@ class Template:
                        mac=str(m["mac"]), created=float(m["created"]), agent=str(m["agent"]),
                        storage=StorageBackend(m["storage"]), build_s=float(m.get("build_s", 0.0)),
                        vmm_version=str(m.get("vmm_version", "")), guest_args=tuple(m.get("guest_args", ())),
-                       files=dict(m.get("files", {})), format=int(m.get("format", 1)))
+                       files=dict(m.get("files", {})), format=int(m.get("format", 1)),
+                       automation=str(m.get("automation") or ""))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StorageError(f"template at {path} has no valid {META}: {e}",
                                hint=f"remove it with 'dispo template rm {path.name}' and build it again") from None
@@ -146,6 +160,7 @@ class Template:
         return {"name": self.name, "kind": self.kind.value, "image": self.image, "backend": self.backend,
                 "memory_mib": self.memory_mib, "vcpus": self.vcpus, "display": self.display,
                 "created": self.created, "build_s": self.build_s, "size": self.size, "vmm_version": self.vmm_version,
+                "automation": self.automation or None, "key": self.key,
                 "files": {n: {"size": f.get("size"), "sha256": f.get("sha256")} for n, f in self.files.items()}}
 
 
@@ -161,17 +176,20 @@ class TemplateStore:
         return [Template.load(p) for p in sorted(self.dir.iterdir())
                 if not p.name.startswith(".") and (p / META).is_file()]
 
-    def find(self, kind: TemplateKind, name: str) -> Template | None:
-        path = self.dir / key_of(kind, check_name(name, what="template name"))
+    def find(self, kind: TemplateKind, name: str, *, automation: bool = False) -> Template | None:
+        path = self.dir / key_of(kind, check_name(name, what="template name"), automation)
         return Template.load(path) if (path / META).is_file() else None
 
     def get(self, name: str) -> Template:
-        """By name (a profile's template first, then an image's), or by key ("image-minimal")."""
+        """By name (a profile's template first, then an image's), or by key ("image-minimal"); either with
+        AUTOMATION after it for an automation template ("chromium+automation")."""
+        name, automation = split_name(name)
         for kind in TemplateKind:
-            if name.startswith(f"{kind.value}-") and (t := self.find(kind, name[len(kind.value) + 1:])):
+            if name.startswith(f"{kind.value}-") and (t := self.find(kind, name[len(kind.value) + 1:],
+                                                                      automation=automation)):
                 return t
         for kind in TemplateKind:
-            if (t := self.find(kind, name)) is not None:
+            if (t := self.find(kind, name, automation=automation)) is not None:
                 return t
         raise NotFound(f"no template named {name!r}",
                        hint="list templates with 'dispo template ls', make one with 'dispo template build NAME'")
@@ -192,20 +210,21 @@ class Build:
     tmp: Path
     entry: Any
     storage: StorageBackend
+    automation: str = ""   # the protocol of its browser's debugging port ("" for none)
 
 
-def begin(tx: Transaction, kind: TemplateKind, name: str, storage: StorageBackend) -> Build:
+def begin(tx: Transaction, kind: TemplateKind, name: str, storage: StorageBackend, automation: str = "") -> Build:
     """The holder the state is saved into: recorded in the journal, then made (delete-before-create)."""
     d = templates_dir(tx.cfg)
     d.mkdir(mode=0o755, exist_ok=True)
-    tmp = d / f".build-{tx.session_id}-{key_of(kind, name)}"
+    tmp = d / f".build-{tx.session_id}-{key_of(kind, name, bool(automation))}"
     be = backends.backend(storage)
     entry = tx.journal.record(be.undo_kind, path=str(tmp))
     if os.path.lexists(tmp):
         backends.remove_tree(tmp)
     be.make_holder(tmp)
     os.chmod(tmp, 0o700)  # the memory of a guest is as private as its disk
-    return Build(kind, name, tmp, entry, storage)
+    return Build(kind, name, tmp, entry, storage, automation)
 
 
 def put_disk(build: Build, disk: Path) -> None:
@@ -224,7 +243,8 @@ def finish(tx: Transaction, build: Build, image: Image, **meta: Any) -> Template
     doc: dict[str, Any] = {
         **meta, "format": FORMAT, "name": build.name, "kind": build.kind.value, "image": image.name,
         "image_sha256": image.sha256, "image_created": image.created, "agent": agent_hash(),
-        "storage": build.storage.value, "created": time.time()}
+        "storage": build.storage.value, "created": time.time(),
+        "automation": build.automation or None}
     for name, entry in entries.items():
         # size, inode, mtime: unchanged by the seal (a read-only flag or dropped write bits)
         st = os.stat(build.tmp / name, follow_symlinks=False)
@@ -232,7 +252,7 @@ def finish(tx: Transaction, build: Build, image: Image, **meta: Any) -> Template
     doc["files"] = entries
     (build.tmp / META).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
     backends.backend(build.storage).seal(build.tmp)
-    final = templates_dir(tx.cfg) / key_of(build.kind, build.name)
+    final = templates_dir(tx.cfg) / key_of(build.kind, build.name, bool(build.automation))
     if os.path.lexists(final):  # a rebuild: the old one goes (sessions restored from it keep their copies)
         backends.remove_tree(final)
     try:
@@ -245,5 +265,5 @@ def finish(tx: Transaction, build: Build, image: Image, **meta: Any) -> Template
     return Template.load(final)
 
 
-__all__ = ["META", "Build", "Template", "TemplateKind", "TemplateStore", "agent_hash", "begin", "finish",
-           "put_disk", "templates_dir"]
+__all__ = ["AUTOMATION", "META", "Build", "Template", "TemplateKind", "TemplateStore", "agent_hash", "begin", "finish",
+           "put_disk", "split_name", "templates_dir"]

@@ -159,7 +159,8 @@ SCHEMAS: dict[str, Any] = {
                            "description": "with a browser profile on its web display: let programs drive the browser "
                                           "through the session's cdp_url (Chromium: Playwright's connect_over_cdp, "
                                           "Puppeteer's browserWSEndpoint) or bidi_url (Firefox: WebDriver BiDi). "
-                                          "Always a boot: no template or pooled guest serves it (docs/api.md)"},
+                                          "Restored only from an automation template ('dispo template build "
+                                          "chromium --automation') or its pool, else a boot (docs/templates.md)"},
         },
         # What runtime/request.py build() refuses with a 400, said here: a profile brings its own command (and
         # is what a URL, a web display and a kept volume go with); without one, a command is needed.
