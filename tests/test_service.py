@@ -698,7 +698,7 @@ def test_dashboard_in_a_browser_starts_lists_and_ends_a_session(cfg: Config) -> 
             page.get_by_role("button", name="Start chromium").click()
             row = page.locator("#rows tr")
             expect(row).to_have_count(1)
-            expect(row.locator(".state")).to_have_text("running", timeout=SAFETY_S * 1000)
+            expect(row.locator(".state")).to_have_text("Running", timeout=SAFETY_S * 1000)
             listed = svc.uds.sessions()
             assert [s["profile"] for s in listed] == ["chromium"]
             sid = listed[0]["id"]
@@ -706,7 +706,7 @@ def test_dashboard_in_a_browser_starts_lists_and_ends_a_session(cfg: Config) -> 
             expect(row.get_by_role("link", name="Open viewer")).to_have_attribute("href", listed[0]["viewer_url"])
             row.get_by_role("button", name="End session").click()
             expect(page.get_by_text("No sessions.")).to_be_visible(timeout=SAFETY_S * 1000)
-            expect(page.get_by_role("status")).to_contain_text(f"Session {sid} ended")
+            expect(page.get_by_role("status")).to_contain_text(f"Session {sid}: Ended by you.")
             assert svc.uds.session(sid)["end_reason"] == "stopped through the API (DELETE)"
             assert problems == []  # no script error, no CSP violation
         finally:

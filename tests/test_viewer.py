@@ -321,7 +321,9 @@ def test_the_page_says_what_happens_until_the_display_is_up(fake_runtime: Any) -
     happens (at least two different steps), then shows the guest's display."""
     if not shutil.which("chromium"):
         pytest.skip("needs Debian package chromium")
-    from playwright.sync_api import sync_playwright
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
 
     from dispo.runtime import build
 
@@ -335,6 +337,9 @@ def test_the_page_says_what_happens_until_the_display_is_up(fake_runtime: Any) -
             page.goto(live.viewer_url)
             line = page.locator("#progress-text")
             assert line.get_attribute("role") == "status" and line.get_attribute("aria-live") == "polite"
+            # As the dashboard's row: which step of how many, warm or cold, and the time so far.
+            detail = re.compile(r"Step \d+ of 8, cold start, \d+ s so far")
+            expect(page.locator("#progress-detail")).to_contain_text(detail)
             page.frame_locator("#vnc").locator("html.noVNC_connected").wait_for(state="attached", timeout=20000)
             page.locator("#progress").wait_for(state="hidden", timeout=5000)
             seen = page.evaluate("window.__progress")

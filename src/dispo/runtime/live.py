@@ -111,6 +111,7 @@ class LiveSession:
         self.end_reason = ""
         self.error: DispoError | None = None
         self.step = ""
+        self.ended_at: float | None = None  # when everything was removed (time.time()), for its duration
         self.origin = origin  # where its guest comes from: booted, restored, or handed from the pool
         self.template = template.key if template is not None else ""  # restored from it
         self.start_reason = why  # how its guest comes, and why (one line: the CLI prints it)
@@ -234,7 +235,8 @@ class LiveSession:
                 "exit_status": self.exit_status, "end_reason": self.end_reason or None,
                 "viewer_url": self.viewer_url, "address": self.address or None, "backend": self.backend,
                 "accel": self.accel or None, "error": to_problem(self.error) if self.error else None,
-                "start": self.origin.value,
+                "start": self.origin.value, "steps": list(self.steps.names), "ended": self.ended_at,
+                "receipt": self.receipt.summary() if self.receipt is not None else None,
                 "pooled": bool(self.pool_name), "template": self.template or None,
                 "start_reason": self.start_reason or None,
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s,
@@ -279,6 +281,7 @@ class LiveSession:
         finally:
             with self._lock:
                 self.state = SessionState.ENDED
+                self.ended_at = time.time()
             self.emit(EventKind.ENDED, self.end_reason, exit_status=self.exit_status, end_reason=self.end_reason,
                       error=to_problem(self.error) if self.error else None,
                       console_tail=getattr(self.error, "console_tail", "") if self.error else "",

@@ -9,6 +9,7 @@ EventSource cannot give headers).
 
 from __future__ import annotations
 
+import json
 import string
 from html import escape
 from pathlib import Path
@@ -16,10 +17,13 @@ from typing import Any
 
 from aiohttp import web
 
+from dispo import receipt
 from dispo.errors import PermissionProblem
+from dispo.names import check_session_id
 from dispo.web.api import SERVICE, profile_list
 from dispo.web.guard import authenticated, token_ok
 from dispo.web.offloop import blocking
+from dispo.web.viewer import STEP_TEXT
 
 UI_PREFIX = "/ui"
 _HERE = Path(__file__).parent
@@ -51,9 +55,14 @@ def _profile_form(p: dict[str, Any]) -> str:
             f'<button type="submit"{disabled}>Start {name}</button>{note}</form></li>')
 
 
+HISTORY_MAX = 20  # ended sessions the page lists (dashboard.js keeps the same number)
+
+
 def render(profiles: list[dict[str, Any]]) -> str:
     forms = "\n".join(_profile_form(p) for p in profiles) or "<li>No profiles.</li>"
-    return _PAGE.substitute(profiles=forms)
+    # The viewer's words for the bring-up steps, so both pages say the same (a data attribute: no inline script).
+    words = escape(json.dumps(STEP_TEXT, separators=(",", ":")), quote=True)
+    return _PAGE.substitute(profiles=forms, step_words=words, history_max=HISTORY_MAX)
 
 
 async def page(request: web.Request) -> web.StreamResponse:
@@ -74,6 +83,55 @@ async def page(request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound(text="dispod: no such page\n")
 
 
+def _receipt_html(sid: str, data: dict[str, Any] | None) -> str:
+    """A session's disposal receipt for people: clean or not, what was checked, the image, what is left."""
+    title = f"Disposal receipt of session {escape(sid)}"
+    if data is None:
+        body = ("<p>No receipt was written for this session (it made nothing on the host, or its receipt was "
+                "removed): there is nothing to show.</p>")
+    else:
+        clean = bool(data.get("clean"))
+        verdict = ("Clean: nothing of the session is left." if clean
+                   else "Not clean: something of the session is still there.")
+        image = {True: "unchanged", False: "CHANGED", None: "not reached"}.get(data.get("image_unchanged"), "?")
+        items = [f"Host objects checked: {int(data.get('checked') or 0)}", f"The image: {image}"]
+        if data.get("end_reason"):
+            items.append(f"How it ended: {escape(str(data['end_reason']))}")
+        if data.get("exit_status") is not None:
+            items.append(f"Exit status: {int(data['exit_status'])}")
+        if data.get("teardown_s") is not None:
+            items.append(f"Teardown took {float(data['teardown_s']):.1f} s")
+        kept = "".join(f"<li>{escape(str(k))}</li>" for k in data.get("kept") or [])
+        left = "".join(f"<li>{escape(str(k))}</li>" for k in data.get("leftovers") or [])
+        objects = "".join(f"<li><code>{escape(str(k))}</code></li>" for k in data.get("objects") or [])
+        body = (f'<p class="verdict" id="verdict">{verdict}</p><ul>'
+                + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
+                + (f"<h2>Kept on purpose</h2><ul>{kept}</ul>" if kept else "")
+                + (f"<h2>Still there</h2><ul>{left}</ul>" if left else "")
+                + (f"<h2>What was checked</h2><ul>{objects}</ul>" if objects else ""))
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{title}</title><link rel="stylesheet" href="../dashboard.css"></head><body><main>'
+            f'<h1>{title}</h1>{body}<p><a href="../">Back to the sessions</a></p></main></body></html>')
+
+
+async def receipt_page(request: web.Request) -> web.StreamResponse:
+    """/ui/TOKEN/receipt/ID: the receipt, from the session's own record or from receipts.jsonl (it outlives
+    the session's entry in the runtime)."""
+    svc = request.app[SERVICE]
+    if not token_ok(request.match_info["token"], svc.token):
+        raise PermissionProblem("this dashboard link has a wrong or old access token",
+                                hint="open the link dispod printed at its start; the current one is in "
+                                     "<state_dir>/dispod.url (root-only)")
+    authenticated(request)
+    sid = request.match_info["id"]
+    check_session_id(sid)
+    data = await blocking(receipt.find, svc.cfg, sid)
+    return web.Response(text=_receipt_html(sid, data), content_type="text/html",
+                        headers={"Content-Security-Policy": CSP})
+
+
 def routes() -> list[web.RouteDef]:
-    return [web.get(UI_PREFIX + "/{token}", page, allow_head=False),
+    return [web.get(UI_PREFIX + "/{token}/receipt/{id}", receipt_page, allow_head=False),
+            web.get(UI_PREFIX + "/{token}", page, allow_head=False),
             web.get(UI_PREFIX + "/{token}/{tail:[^/]*}", page, allow_head=False)]

@@ -191,6 +191,11 @@ SCHEMAS: dict[str, Any] = {
             "start": {"enum": ["boot", "restore", "pool"],
                       "description": "how its guest came: booted, restored from a template, or from the warm pool"},
             "pooled": {"type": "boolean", "description": "a guest still waiting in the warm pool"},
+            "steps": {"type": "array", "items": {"type": "string"},
+                      "description": "the names of its bring-up steps, in order (`step` is the one under way)"},
+            "ended": _nullable({"type": "number", "description": "when it ended (seconds since the epoch)"}),
+            "receipt": _nullable({"type": "object", "description": "once it ended: its disposal receipt's summary "
+                                                                  "(clean, leftovers, checked, image_unchanged, ...)"}),
             "template": _nullable({"type": "string", "description": "the template it was restored from"}),
             "start_reason": _nullable({"type": "string", "description": "how its guest comes and why, one line"}),
             "requests": _nullable({"type": "array", "items": _ref("GuestRequest"),

@@ -32,7 +32,8 @@ def reclaimed_status(session_id: str, meta: Mapping[str, Any], owner_gone: str) 
             "exit_status": None, "end_reason": owner_gone, "viewer_url": None, "address": None,
             "backend": str(req.get("backend") or ""), "accel": None, "error": None,
             "idle_timeout_s": float(req.get("idle_timeout_s") or 0),
-            "max_lifetime_s": float(req.get("max_lifetime_s") or 0), "cdp_url": None, "bidi_url": None}
+            "max_lifetime_s": float(req.get("max_lifetime_s") or 0), "cdp_url": None, "bidi_url": None,
+            "steps": [], "ended": None, "receipt": None}
 
 
 class Service:

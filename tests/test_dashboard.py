@@ -1,0 +1,181 @@
+"""The dashboard as people use it, in a real browser (Playwright + Debian's chromium) against dispod on fake
+machinery: progress while a session starts, the ended ones listed with their receipt, a start that fails after
+its 201, where the focus goes, and a connection that recovers when dispod comes back."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from dispo.config import Config
+from dispo.errors import GuestFailure
+from dispo.infra.txn import Transaction
+from dispo.runtime.machinery import Identity
+from tests import fakes
+from tests.fakeworld import SAFETY_S, Running, cfg, dispod_ready, end_dispod, serving, spawn_dispod
+
+__all__ = ["cfg"]
+
+pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium")
+
+TIMEOUT_MS = 30_000
+CONSOLE = "fake guest: booting\nkernel: something went wrong\nfake guest: gave up"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=shutil.which("chromium"), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    p = browser.new_page(viewport={"width": 1280, "height": 900})
+    p.set_default_timeout(TIMEOUT_MS)
+    yield p
+    p.close()
+
+
+@contextlib.contextmanager
+def served(cfg: Config, **kw: Any) -> Iterator[Running]:
+    """tests/fakeworld.py's dispod, opened and closed on a thread of its own: Playwright's sync API keeps an
+    event loop running on this one, where dispod's reclaim (pyroute2) cannot run its own."""
+    cm = serving(cfg, **kw)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cm.__enter__).result()
+        try:
+            yield running
+        finally:
+            pool.submit(cm.__exit__, None, None, None).result()
+
+
+def _record_progress(page: Page) -> None:
+    """Keep every text the Progress cells show (the page updates them in place)."""
+    page.evaluate("""() => { window.seen = new Set();
+        new MutationObserver(() => document.querySelectorAll('#rows .state').forEach(
+            td => window.seen.add(td.textContent))).observe(document.body,
+            {subtree: true, childList: true, characterData: true}); }""")
+
+
+def test_a_start_shows_its_steps_then_ends_into_the_history_with_a_clean_receipt(cfg: Config, page: Page) -> None:
+    with served(cfg, machinery=fakes.machinery(ready_delay=2.0)) as svc:
+        page.goto(svc.dispod.dashboard_url)
+        _record_progress(page)
+        page.get_by_role("button", name="Start chromium").click()
+        expect(page.locator("#rows .state").first).to_have_text("Running", timeout=TIMEOUT_MS)
+        seen = page.evaluate("() => Array.from(window.seen)")
+        starting = [t for t in seen if "cold start" in t]
+        assert any("Waiting for the guest to boot" in t for t in starting), seen
+        assert all("step " in t for t in starting), seen
+        expect(page.locator("#rows .age").first).not_to_have_text("")
+        end = page.get_by_role("button", name="End session")
+        end.focus()
+        end.press("Enter")
+        row = page.locator("#history-rows tr").first
+        expect(row).to_contain_text("Ended by you.")
+        # The only session's row went: the focus is on the Sessions heading, not at the top of the page.
+        expect(page.locator("#sessions-h")).to_be_focused()
+        expect(page.get_by_text("No sessions.")).to_be_visible()
+        link = row.get_by_role("link", name="Receipt (clean)")
+        href = link.get_attribute("href") or ""
+        page.goto(page.url + href)
+        expect(page.locator("#verdict")).to_have_text("Clean: nothing of the session is left.")
+        expect(page.get_by_text("The image: unchanged")).to_be_visible()
+
+
+def test_ending_a_session_puts_the_focus_on_the_next_rows_button(cfg: Config, page: Page) -> None:
+    with served(cfg) as svc:
+        ids = [svc.uds.create_session(dict(fakes_profile()))["id"] for _ in range(2)]
+        page.goto(svc.dispod.dashboard_url)
+        buttons = page.get_by_role("button", name="End session")
+        expect(buttons).to_have_count(2)
+        expect(page.locator("#rows .state")).to_have_text(["Running", "Running"])
+        first = page.locator(f"#session-{ids[0]} button.end")
+        first.focus()
+        first.press("Enter")
+        expect(page.locator(f"#session-{ids[0]}")).to_have_count(0)
+        expect(page.locator(f"#session-{ids[1]} button.end")).to_be_focused()
+
+
+def fakes_profile() -> dict[str, Any]:
+    return {"profile": "chromium"}
+
+
+def _failing_identity(tx: Transaction, disk: Path) -> Identity:
+    raise GuestFailure("the guest did not come up", hint="look at the console's last lines", console_tail=CONSOLE)
+
+
+def test_a_start_that_fails_after_its_201_stays_listed_with_its_error_hint_and_console(cfg: Config,
+                                                                                       page: Page) -> None:
+    failing = dataclasses.replace(fakes.machinery(), identity=_failing_identity)
+    with served(cfg, machinery=failing) as svc:
+        page.goto(svc.dispod.dashboard_url)
+        page.get_by_role("button", name="Start chromium").click()
+        row = page.locator("#history-rows tr").first
+        expect(row).to_contain_text("Could not start: The guest did not come up: look at the console's last lines.")
+        row.get_by_text("The guest console's last lines").click()
+        expect(row.locator("pre")).to_contain_text("kernel: something went wrong")
+        expect(page.locator("#status")).not_to_contain_text("Starting chromium")
+        expect(page.get_by_text("No sessions.")).to_be_visible()
+
+
+def test_an_error_puts_the_focus_on_the_alert_in_words(cfg: Config, page: Page) -> None:
+    with served(cfg, max_sessions=1) as svc:
+        svc.uds.create_session(fakes_profile())
+        page.goto(svc.dispod.dashboard_url)
+        start = page.get_by_role("button", name="Start chromium")
+        start.focus()
+        start.press("Enter")
+        alert = page.get_by_role("alert").filter(has_text="Could not start chromium")
+        expect(alert).to_be_visible()
+        expect(page.locator("#alert")).to_be_focused()
+        expect(page.locator("#status")).not_to_contain_text("Starting chromium")
+
+
+def test_the_page_says_when_dispod_is_gone_and_what_to_do_after_its_restart(cfg: Config, page: Page,
+                                                                          tmp_path: Path) -> None:
+    root = tmp_path
+    log = root / "dispod.log"
+    url_file = cfg.state_dir / "dispod.url"
+    proc = spawn_dispod(root, log, "--listen", "127.0.0.1:0")
+    try:
+        dispod_ready(cfg, proc, log)
+        first = url_file.read_text().strip()
+        page.goto(first)
+        expect(page.get_by_text("No sessions.")).to_be_visible()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(SAFETY_S)
+        # Within 5 s of dispod's death (the timeout is the acceptance's bound, not a measurement).
+        expect(page.locator("#connection")).to_contain_text("Lost the connection to dispod", timeout=5000)
+        url_file.unlink(missing_ok=True)
+        proc = spawn_dispod(root, log, "--listen", first.split("/")[2])
+        dispod_ready(cfg, proc, log)
+        deadline = time.monotonic() + SAFETY_S
+        while not url_file.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # The old link's token is no longer valid: the page says what to do, in words.
+        expect(page.locator("#connection")).to_contain_text("Open the dashboard again from the link in dispod.url")
+        page.goto(url_file.read_text().strip())
+        page.get_by_role("button", name="Start chromium").click()
+        expect(page.locator("#rows .state").first).to_have_text("Running")
+        expect(page.locator("#connection")).to_be_hidden()
+    finally:
+        end_dispod(proc)
