@@ -1,5 +1,6 @@
 """Drive dispod's dashboard in a real browser (Playwright + Debian's chromium), as a person would: start a
-profile on a URL, open its viewer, wait for the page's colour, end the session, see the list empty. Run in
+profile on a URL, see its steps go by, open its viewer, wait for the page's colour, end the session, see the
+list empty and the ended row, and follow its receipt link. Run in
 the netns where dispod listens: `python -m tests.dashboard_shot DASHBOARD_URL PAGE_URL OUT_DIR RRGGBB TIMEOUT`.
 Prints JSON on its last line.
 """
@@ -29,6 +30,11 @@ def main() -> int:
         try:
             ui = browser.new_page(viewport={"width": 1280, "height": 900})
             ui.goto(dashboard)
+            # Every text the row's Progress cell shows while the session starts (updated in place).
+            ui.evaluate("""() => { window.seen = new Set();
+                new MutationObserver(() => document.querySelectorAll('#rows .state').forEach(
+                    td => window.seen.add(td.textContent))).observe(document.body,
+                    {subtree: true, childList: true, characterData: true}); }""")
             ui.get_by_label("URL", exact=False).first.fill(page_url)
             ui.get_by_role("button", name="Start chromium").click()
             link = ui.get_by_role("link", name="Open viewer").first
@@ -41,10 +47,18 @@ def main() -> int:
             view.goto(viewer_url if viewer_url.startswith("http") else dashboard.split("/ui/")[0] + viewer_url)
             result.update(watch_colour(view, out / "dashboard-viewer.png", want, t0, limit))
             ui.bring_to_front()
+            ui.locator("#rows .state").filter(has_text="Running").wait_for(timeout=120000)
+            result["progress"] = ui.evaluate("() => Array.from(window.seen)")
             ui.get_by_role("button", name="End session").first.click()
             ui.get_by_text("No sessions").wait_for(state="visible", timeout=120000)
-            ui.screenshot(path=str(out / "dashboard-empty.png"))
             result["emptied"] = True
+            ended = ui.locator("#history-rows tr").first
+            ended.wait_for(timeout=120000)
+            result["ended_row"] = ended.inner_text()
+            ui.screenshot(path=str(out / "dashboard-history.png"))
+            href = ended.get_by_role("link", name="Receipt", exact=False).get_attribute("href") or ""
+            ui.goto(dashboard + href)
+            result["receipt"] = ui.locator("#verdict").inner_text()
         finally:
             browser.close()
     print(json.dumps(result))

@@ -23,7 +23,7 @@ from dispo.errors import GuestFailure
 from dispo.infra.txn import Transaction
 from dispo.runtime.machinery import Identity
 from tests import fakes
-from tests.fakeworld import SAFETY_S, Running, cfg, dispod_ready, end_dispod, serving, spawn_dispod
+from tests.fakeworld import SAFETY_S, Running, cfg, dispod_ready, end_dispod, make_template, serving, spawn_dispod
 
 __all__ = ["cfg"]
 
@@ -179,3 +179,14 @@ def test_the_page_says_when_dispod_is_gone_and_what_to_do_after_its_restart(cfg:
         expect(page.locator("#connection")).to_be_hidden()
     finally:
         end_dispod(proc)
+
+
+def test_profile_cards_say_what_a_session_gets_and_whether_it_starts_warm(cfg: Config) -> None:
+    with served(cfg) as svc, svc.tcp(auth=False) as http:
+        card = http.get(f"/ui/{svc.token}/").text
+        assert "256 MiB memory, 1 vCPU" in card, card
+        assert "Cold start (boots): no template yet" in card and "<code>dispo template build chromium</code>" in card
+        assert "Sound off; downloads on; uploads on; clipboard to the guest and from the guest" in card, card
+        make_template(svc.dispod.rt, "chromium")
+        card = http.get(f"/ui/{svc.token}/").text
+        assert "<strong>Warm start</strong>: restored from its template" in card, card

@@ -18,11 +18,14 @@ from typing import Any
 from aiohttp import web
 
 from dispo import receipt
-from dispo.errors import PermissionProblem
+from dispo.errors import DispoError, PermissionProblem
 from dispo.names import check_session_id
+from dispo.runtime.request import build
+from dispo.runtime.warm import template_for
 from dispo.web.api import SERVICE, profile_list
 from dispo.web.guard import authenticated, token_ok
 from dispo.web.offloop import blocking
+from dispo.web.service import Service
 from dispo.web.viewer import STEP_TEXT
 
 UI_PREFIX = "/ui"
@@ -33,13 +36,30 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'se
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def _profile_form(p: dict[str, Any]) -> str:
+def _facts(svc: Service, name: str) -> dict[str, Any]:
+    """What a session of profile `name` would get beyond its numbers: warm or cold (a current template, and
+    why not), pooled guests ready now, and what may cross between guest and user (sound, files, clipboard)."""
+    try:
+        req = build(svc.cfg, profile=name)
+    except DispoError:
+        return {}
+    t, why = template_for(svc.cfg, req)
+    ready = 0
+    if svc.rt.pool is not None:
+        ready = sum(int(slot.get("ready") or 0) for slot in svc.rt.pool.status(name)["slots"])
+    f = req.features
+    clip = [w for w, on in (("to the guest", f.clipboard_to_guest), ("from the guest", f.clipboard_from_guest)) if on]
+    return {"warm": t is not None, "why_cold": why, "pool_ready": ready, "sound": f.audio,
+            "downloads": f.downloads, "uploads": f.uploads, "clipboard": " and ".join(clip) or "off"}
+
+
+def _profile_form(p: dict[str, Any], facts: dict[str, Any]) -> str:
     name = escape(str(p["name"]))
     field_id = f"url-{name}"
     if p["error"]:
         note = f'<p class="note">This profile cannot be used: {escape(str(p["error"]))}</p>'
     elif not p["image_exists"]:
-        note = (f'<p class="note">Its image <code>{escape(str(p["image"]))}</code> is not there yet: '
+        note = (f'<p class="note">Its image <code>{escape(str(p["image"]))}</code> is not built yet: run '
                 f'<code>dispo image build {escape(str(p["image"]))}</code></p>')
     else:
         note = ""
@@ -49,8 +69,21 @@ def _profile_form(p: dict[str, Any]) -> str:
         url_field = (f'<label for="{field_id}">URL to open (optional)</label>'
                      f'<input type="url" id="{field_id}" name="url" placeholder="https://" autocomplete="off"'
                      f' spellcheck="false" maxlength="4096"{disabled}>')
-    details = "" if p["error"] else (f'<p class="meta">{escape(str(p["image"]))}, {p["memory_mib"]} MiB, '
-                                     f'{p["vcpus"]} vCPU, display {escape(str(p["display"]))}</p>')
+    details = ""
+    if not p["error"]:
+        items = [f'{p["memory_mib"]} MiB memory, {p["vcpus"]} vCPU{"s" if p["vcpus"] != 1 else ""}',
+                 f'image {escape(str(p["image"]))}, display {escape(str(p["display"]))}']
+        if facts:
+            if facts["pool_ready"]:
+                items.append(f'<strong>Warm start</strong>: {facts["pool_ready"]} guest(s) ready in the pool')
+            elif facts["warm"]:
+                items.append("<strong>Warm start</strong>: restored from its template")
+            else:
+                items.append(f'Cold start (boots): no template yet. To start in seconds, run '
+                             f'<code>dispo template build {name}</code>')
+            items.append(f'Sound {"on" if facts["sound"] else "off"}; downloads {"on" if facts["downloads"] else "off"}'
+                         f'; uploads {"on" if facts["uploads"] else "off"}; clipboard {escape(facts["clipboard"])}')
+        details = '<ul class="facts">' + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
     return (f'<li><form class="start" data-profile="{name}"><h3>{name}</h3>{details}{url_field}'
             f'<button type="submit"{disabled}>Start {name}</button>{note}</form></li>')
 
@@ -58,8 +91,8 @@ def _profile_form(p: dict[str, Any]) -> str:
 HISTORY_MAX = 20  # ended sessions the page lists (dashboard.js keeps the same number)
 
 
-def render(profiles: list[dict[str, Any]]) -> str:
-    forms = "\n".join(_profile_form(p) for p in profiles) or "<li>No profiles.</li>"
+def render(profiles: list[dict[str, Any]], facts: dict[str, dict[str, Any]] | None = None) -> str:
+    forms = "\n".join(_profile_form(p, (facts or {}).get(p["name"], {})) for p in profiles) or "<li>No profiles.</li>"
     # The viewer's words for the bring-up steps, so both pages say the same (a data attribute: no inline script).
     words = escape(json.dumps(STEP_TEXT, separators=(",", ":")), quote=True)
     return _PAGE.substitute(profiles=forms, step_words=words, history_max=HISTORY_MAX)
@@ -77,7 +110,9 @@ async def page(request: web.Request) -> web.StreamResponse:
         raise web.HTTPPermanentRedirect(f"{UI_PREFIX}/{request.match_info['token']}/")
     if tail == "":
         profiles = await blocking(profile_list, svc)
-        return web.Response(text=render(profiles), content_type="text/html", headers={"Content-Security-Policy": CSP})
+        facts = {p["name"]: await blocking(_facts, svc, p["name"]) for p in profiles if p["image_exists"]}
+        return web.Response(text=render(profiles, facts), content_type="text/html",
+                            headers={"Content-Security-Policy": CSP})
     if tail in _ASSETS:
         return web.Response(body=(_HERE / tail).read_bytes(), content_type=_ASSETS[tail])
     raise web.HTTPNotFound(text="dispod: no such page\n")
