@@ -149,8 +149,20 @@ def test_an_error_puts_the_focus_on_the_alert_in_words(cfg: Config, page: Page) 
         expect(page.locator("#status")).not_to_contain_text("Starting chromium")
 
 
-def test_the_page_says_when_dispod_is_gone_and_what_to_do_after_its_restart(cfg: Config, page: Page,
-                                                                          tmp_path: Path) -> None:
+def _restart(cfg: Config, root: Path, log: Path, address: str, *extra: str) -> Any:
+    url_file = cfg.state_dir / "dispod.url"
+    url_file.unlink(missing_ok=True)
+    proc = spawn_dispod(root, log, "--listen", address, *extra)
+    dispod_ready(cfg, proc, log)
+    deadline = time.monotonic() + SAFETY_S
+    while not url_file.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return proc
+
+
+def test_the_page_says_when_dispod_is_gone_and_comes_back_by_itself_after_its_restart(cfg: Config, page: Page,
+                                                                                     tmp_path: Path) -> None:
     root = tmp_path
     log = root / "dispod.log"
     url_file = cfg.state_dir / "dispod.url"
@@ -158,22 +170,27 @@ def test_the_page_says_when_dispod_is_gone_and_what_to_do_after_its_restart(cfg:
     try:
         dispod_ready(cfg, proc, log)
         first = url_file.read_text().strip()
+        address = first.split("/")[2]
         page.goto(first)
         expect(page.get_by_text("No sessions.")).to_be_visible()
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(SAFETY_S)
         # Within 5 s of dispod's death (the timeout is the acceptance's bound, not a measurement).
         expect(page.locator("#connection")).to_contain_text("Lost the connection to dispod", timeout=5000)
-        url_file.unlink(missing_ok=True)
-        proc = spawn_dispod(root, log, "--listen", first.split("/")[2])
-        dispod_ready(cfg, proc, log)
-        deadline = time.monotonic() + SAFETY_S
-        while not url_file.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        # The old link's token is no longer valid: the page says what to do, in words.
+        proc = _restart(cfg, root, log, address)
+        # dispod kept its token (dispod.token): the same link works, and the open page came back by itself.
+        assert url_file.read_text().strip() == first
+        expect(page.locator("#connection")).to_be_hidden()
+        page.get_by_role("button", name="Start chromium").click()
+        expect(page.locator("#rows .state").first).to_have_text("Running")
+        # A new token (dispod --new-token): the old link is no longer valid; the page says what to do, in words.
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(SAFETY_S)
+        proc = _restart(cfg, root, log, address, "--new-token")
         expect(page.locator("#connection")).to_contain_text("Open the dashboard again from the link in dispod.url")
-        page.goto(url_file.read_text().strip())
+        second = url_file.read_text().strip()
+        assert second != first
+        page.goto(second)
         page.get_by_role("button", name="Start chromium").click()
         expect(page.locator("#rows .state").first).to_have_text("Running")
         expect(page.locator("#connection")).to_be_hidden()

@@ -31,7 +31,7 @@ from dispo import receipt
 from dispo.client import DispodClient
 from dispo.config import Config
 from dispo.daemon.paths import ServicePaths
-from dispo.errors import Busy, Conflict, InvalidInput, NotFound, ServiceError
+from dispo.errors import Busy, Conflict, InvalidInput, NotFound, PermissionProblem, ServiceError
 from dispo.runtime.events import Event, EventKind
 from dispo.web.guard import Limits, ListenerKind
 from tests import fakes
@@ -306,13 +306,65 @@ def test_client_available_only_when_dispod_answers(cfg: Config, tmp_path: Path) 
             assert stat_mode(f) == 0o600
         assert svc.dispod.paths.url.read_text().strip() == f"{svc.base}/ui/{svc.token}/"
         assert any(line.startswith("dashboard: http://127.0.0.1:") for line in svc.lines)
-    assert not sock_path.exists() and not svc.dispod.paths.token.exists() and not svc.dispod.paths.url.exists()
+    assert not sock_path.exists() and not svc.dispod.paths.url.exists()
+    assert stat_mode(svc.dispod.paths.token) == 0o600  # kept for the next dispod
     with pytest.raises(ServiceError):  # dispod gone: the client says so with ServiceError
         DispodClient(uds=sock_path).sessions()
 
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def _answers(svc: Running, token: str) -> int:
+    with httpx.Client(base_url=svc.base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        return http.get("/v1/sessions").status_code
+
+
+def test_the_token_is_kept_across_restarts_until_rotated(cfg: Config) -> None:
+    """A restarted dispod keeps dispod.token (so an open dashboard reconnects by itself); --new-token makes a new
+    one and the old one gets 401."""
+    with serving(cfg) as svc:
+        first = svc.token
+        assert ServicePaths(cfg.state_dir).token.read_text().strip() == first
+    with serving(cfg) as svc:
+        assert svc.token == first and _answers(svc, first) == 200
+        assert svc.dispod.paths.url.read_text().strip().endswith(f"/ui/{first}/")
+    with serving(cfg, new_token=True) as svc:
+        assert svc.token != first and _answers(svc, svc.token) == 200
+        assert _answers(svc, first) == 401
+        assert ServicePaths(cfg.state_dir).token.read_text().strip() == svc.token
+        assert stat_mode(svc.dispod.paths.token) == 0o600
+        assert any("new access token" in line for line in svc.lines)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "mode 0644", "not a token", "a directory"])
+def test_an_untrustworthy_token_file_is_replaced_not_used(cfg: Config, tmp_path: Path, plant: str) -> None:
+    """A token file dispod did not leave as it leaves one (a symlink, another mode, other content) is not used:
+    dispod makes a new token in a fresh 0600 file, and never writes through a symlink."""
+    planted = "p" * 43
+    paths = ServicePaths(cfg.state_dir)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text(planted + "\n")
+    elsewhere.chmod(0o600)
+    if plant == "symlink":
+        paths.token.symlink_to(elsewhere)
+    elif plant == "a directory":
+        paths.token.mkdir()
+    else:
+        paths.token.write_text(planted + "\n" if plant == "mode 0644" else "<script>\n")
+        paths.token.chmod(0o644 if plant == "mode 0644" else 0o600)
+    if plant == "a directory":  # not removable by unlink: dispod says so and does not start
+        with pytest.raises(PermissionProblem, match="cannot write the token file"), serving(cfg):
+            pass
+        return
+    with serving(cfg) as svc:
+        assert svc.token != planted and _answers(svc, svc.token) == 200 and _answers(svc, planted) == 401
+        assert not paths.token.is_symlink() and stat_mode(paths.token) == 0o600
+        assert paths.token.read_text().strip() == svc.token
+        assert any(line.startswith(f"warning: not using {paths.token}") for line in svc.lines), svc.lines
+    assert elsewhere.read_text() == planted + "\n"  # the symlink's target was not written
 
 
 # -- the guards -----------------------------------------------------------------------------------------
@@ -621,7 +673,7 @@ def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, t
         assert f"session {other} ended: dispod stopping" in log.read_text()
         assert leftovers(cfg) == before
         paths = ServicePaths(cfg.state_dir)
-        assert not paths.socket.exists() and not paths.token.exists() and not paths.url.exists()
+        assert not paths.socket.exists() and not paths.url.exists()
     finally:
         end_dispod(first)
         if second is not None:

@@ -130,8 +130,8 @@
     gone = true;
     if (source) { source.close(); source = null; }
     if (retry) { clearTimeout(retry); retry = null; }
-    notice("dispod was restarted and this page's link is no longer valid. Open the dashboard again from the " +
-           "link in dispod.url in dispod's state directory (for example: sudo cat /run/dispo/dispod.url).");
+    notice("This page's link is no longer valid: dispod has a new access token (dispod --new-token). " +
+           "Open the dashboard again from the link in dispod.url in dispod's state directory (for example: sudo cat /run/dispo/dispod.url).");
     document.body.classList.add("offline");
     document.querySelectorAll("form.start button, button.end").forEach(function (b) {
       b.setAttribute("aria-disabled", "true");
