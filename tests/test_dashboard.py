@@ -114,6 +114,20 @@ def test_ending_a_session_puts_the_focus_on_the_next_rows_button(cfg: Config, pa
         expect(page.locator(f"#session-{ids[1]} button.end")).to_be_focused()
 
 
+def test_the_history_says_how_each_session_ended_from_its_end_kind(cfg: Config, page: Page) -> None:
+    with served(cfg) as svc:
+        page.goto(svc.dispod.dashboard_url)
+        idle = svc.uds.create_session({"image": "minimal", "command": ["sleep", "600"], "idle_timeout_s": 1})["id"]
+        exited = svc.uds.create_session({"image": "minimal", "command": ["sh", "-c", "exit 7"]})["id"]
+        other = svc.uds.create_session({"image": "minimal", "command": ["sleep", "600"]})["id"]
+        expect(page.locator(f"#session-{other} .state")).to_have_text("Running")
+        svc.uds.delete(other)
+        expect(page.locator(f"#ended-{idle} .how")).to_have_text("Ended after 1 s idle.")
+        expect(page.locator(f"#ended-{exited} .how")).to_have_text("The app quit with an error (status 7).")
+        expect(page.locator(f"#ended-{other} .how")).to_have_text(
+            "Ended through the API (dispo stop, or another page).")
+
+
 def fakes_profile() -> dict[str, Any]:
     return {"profile": "chromium"}
 

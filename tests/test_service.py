@@ -70,7 +70,8 @@ def test_command_exits_7_then_ended_with_its_status_and_nothing_left(svc: Runnin
     status = svc.uds.session(created["id"])
     assert status["state"] == "ended"
     assert status["exit_status"] == 7
-    assert status["end_reason"] == "the command exited with status 7"
+    assert status["end_reason"] == "the command exited with status 7" and status["end_kind"] == "exited"
+    assert events[-1].fields["end_kind"] == "exited"
     assert leftovers(cfg) == before
     assert created["id"] not in [s["id"] for s in svc.uds.sessions()]
     assert created["id"] in [s["id"] for s in svc.uds.sessions(all=True)]
@@ -86,7 +87,7 @@ def test_delete_ends_a_running_session_and_removes_everything(svc: Running, cfg:
     assert leftovers(cfg) != before
     gone = svc.uds.delete(sid, wait=True)
     assert gone["state"] == "ended"
-    assert gone["end_reason"] == "stopped through the API (DELETE)"
+    assert gone["end_reason"] == "stopped through the API (DELETE)" and gone["end_kind"] == "user"
     assert fakes.fake_vmm_pids(sid) == []
     assert leftovers(cfg) == before
     assert svc.uds.delete(sid)["state"] == "ended"  # deleting again is harmless
@@ -263,8 +264,16 @@ def test_idle_timeout_ends_an_idle_session_and_says_so(svc: Running, cfg: Config
     events = until_ended(svc.uds, sid)
     reason = events[-1].fields["end_reason"]
     assert "idle" in reason
-    assert svc.uds.session(sid)["end_reason"] == reason
+    assert svc.uds.session(sid)["end_reason"] == reason and svc.uds.session(sid)["end_kind"] == "idle"
     assert leftovers(cfg) == before
+
+
+def test_a_session_that_dispod_ended_at_its_stop_says_so_for_programs(cfg: Config) -> None:
+    with serving(cfg) as svc:
+        sid = svc.uds.create_session(SLEEP)["id"]
+        wait_state(svc.uds, sid, "running")
+    status = svc.dispod.rt.get(sid).status()
+    assert status["end_reason"] == "dispod stopping" and status["end_kind"] == "dispod_stopped"
 
 
 def test_max_lifetime_ends_a_session_and_says_so(svc: Running) -> None:
@@ -273,7 +282,7 @@ def test_max_lifetime_ends_a_session_and_says_so(svc: Running) -> None:
     sid = svc.uds.create_session({"image": "minimal", "command": cmd, "idle_timeout_s": 30,
                                   "max_lifetime_s": 1})["id"]
     events = until_ended(svc.uds, sid)
-    assert "maximum lifetime" in events[-1].fields["end_reason"]
+    assert "maximum lifetime" in events[-1].fields["end_reason"] and events[-1].fields["end_kind"] == "lifetime"
     assert output(events).startswith(b"tick\n")
 
 
@@ -593,7 +602,7 @@ def test_viewer_route_token_bridge_and_end_session(cfg: Config) -> None:
             assert svc.uds.session(sid)["state"] == "running"
             assert http.post(url + "stop", headers={"Origin": svc.base}).status_code == 200  # "End session"
         ended = wait_state(svc.uds, sid, "ended")
-        assert ended["end_reason"] == "ended from the viewer"
+        assert ended["end_reason"] == "ended from the viewer" and ended["end_kind"] == "viewer"
         with svc.tcp(auth=False) as http:
             assert http.get(url).status_code == 403  # the session and its viewer are gone
             # ... but a page that was open still learns how the session ended
@@ -662,6 +671,7 @@ def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, t
             status = client.session(sid)
             assert status["state"] == "ended"
             assert status["end_reason"] == "reclaimed: its owner (a previous dispod) died"
+            assert status["end_kind"] == "reclaimed"
             proof = receipt.find(cfg, sid)  # the crash path's disposal receipt
             assert proof is not None and proof["clean"] and proof["end_reason"] == status["end_reason"], proof
             assert proof["image_unchanged"] is True and proof["objects"], proof

@@ -30,7 +30,7 @@ from dispo.daemon.paths import OWNER, ServicePaths
 from dispo.errors import Conflict, InvalidInput, PermissionProblem
 from dispo.infra import journal
 from dispo.runtime import Runtime
-from dispo.runtime.events import Event, EventKind
+from dispo.runtime.events import EndKind, Event, EventKind
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.pool import Pool
 from dispo.web.app import build_app
@@ -247,9 +247,11 @@ class Dispod:
             self.say(f"stopping: ending {len(live)} session(s)")
             self.service.stopping = True  # open keep-alive connections may still ask: they get 503 now
             await server.stop_listening()
-            left = await loop.run_in_executor(None, self.rt.shutdown, STOP_REASON, self.options.shutdown_timeout_s)
+            left = await loop.run_in_executor(None, self.rt.shutdown, STOP_REASON, self.options.shutdown_timeout_s,
+                                              EndKind.DISPOD_STOPPED)
             # A POST that passed the check just before it may have started one more: end it too.
-            left += await loop.run_in_executor(None, self.rt.shutdown, STOP_REASON, 30.0)
+            left += await loop.run_in_executor(None, self.rt.shutdown, STOP_REASON, 30.0,
+                                               EndKind.DISPOD_STOPPED)
             for s in left:
                 self.say(f"warning: session {s.id} did not finish its teardown; 'dispo gc' or the next dispod "
                          "removes what it left")

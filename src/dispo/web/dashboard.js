@@ -65,23 +65,27 @@
     return sentence(text);
   }
 
-  // How a session ended, in words ("Ended by you", "Ended after 15 min idle", "Could not start: ...").
+  // How a session ended, in words ("Ended by you", "Ended after 15 min idle", "Could not start: ..."), from
+  // the status's end_kind (the API's end_reason is a line for logs, not for this page).
+  var END_WORDS = {
+    user: "Ended through the API (dispo stop, or another page).",
+    viewer: "Ended from its viewer.",
+    finished: "Finished: its template was saved.",
+    dispod_stopped: "Ended because dispod stopped.",
+    interrupted: "Ended from the command line.",
+    pool: "A warm-pool guest, put away before anyone used it.",
+    reclaimed: "Cleaned up when dispod started again (the dispod that ran it died)."
+  };
   function howEnded(s) {
-    var r = String(s.end_reason || "");
-    var m;
+    var kind = String(s.end_kind || "");
     if (s.error) { return (s.step ? "Could not start: " : "Failed: ") + failure(s); }
-    if (endedByMe.has(s.id)) { return "Ended by you."; }
-    if (r === "stopped through the API (DELETE)") { return "Ended through the API (dispo stop, or another page)."; }
-    if (r === "ended from the viewer") { return "Ended from its viewer."; }
-    if ((m = /^idle for ([\d.]+) s/.exec(r))) { return "Ended after " + minutes(m[1]) + " idle."; }
-    if ((m = /^maximum lifetime of ([\d.]+) s/.exec(r))) { return "Ended at its time limit (" + minutes(m[1]) + ")."; }
-    if ((m = /exited with status (\d+)/.exec(r))) {
-      return m[1] === "0" ? "The app closed." : "The app quit with an error (status " + m[1] + ").";
+    if (kind === "user" && endedByMe.has(s.id)) { return "Ended by you."; }
+    if (kind === "idle") { return "Ended after " + minutes(s.idle_timeout_s) + " idle."; }
+    if (kind === "lifetime") { return "Ended at its time limit (" + minutes(s.max_lifetime_s) + ")."; }
+    if (kind === "exited") {
+      return s.exit_status === 0 ? "The app closed." : "The app quit with an error (status " + s.exit_status + ").";
     }
-    if (r === "dispod stopping") { return "Ended because dispod stopped."; }
-    if (/^reclaimed/.test(r)) { return "Cleaned up when dispod started again (the dispod that ran it died)."; }
-    if (/^interrupted|^stopped by SIG/.test(r)) { return "Ended from the command line."; }
-    return sentence(r) || "Ended.";
+    return END_WORDS[kind] || "Ended.";
   }
 
   function stepText(s) {

@@ -11,7 +11,7 @@ from dispo.config import Config
 from dispo.errors import NotFound
 from dispo.names import check_session_id
 from dispo.runtime import Runtime
-from dispo.runtime.events import Event, EventKind
+from dispo.runtime.events import EndKind, Event, EventKind
 from dispo.runtime.live import LiveSession
 from dispo.web.automation import ServiceAutomation
 from dispo.web.sse import Streams
@@ -29,7 +29,8 @@ def reclaimed_status(session_id: str, meta: Mapping[str, Any], owner_gone: str) 
     return {"id": session_id, "name": meta.get("name") or None, "profile": meta.get("profile") or None,
             "image": str(meta.get("image") or ""), "display": str(req.get("display") or "none"), "state": "ended",
             "step": "", "created": float(created) if isinstance(created, int | float) else None, "age_s": None,
-            "exit_status": None, "end_reason": owner_gone, "viewer_url": None, "address": None,
+            "exit_status": None, "end_reason": owner_gone, "end_kind": EndKind.RECLAIMED.value, "viewer_url": None,
+            "address": None,
             "backend": str(req.get("backend") or ""), "accel": None, "error": None,
             "idle_timeout_s": float(req.get("idle_timeout_s") or 0),
             "max_lifetime_s": float(req.get("max_lifetime_s") or 0), "cdp_url": None, "bidi_url": None,
