@@ -1,6 +1,6 @@
 """Drive dispod's dashboard in a real browser (Playwright + Debian's chromium), as a person would: start a
-profile on a URL, see its steps go by, open its viewer, wait for the page's colour, end the session, see the
-list empty and the ended row, and follow its receipt link. Run in
+profile on a URL, see its steps go by, open its viewer, wait for the page's colour (in the viewer and in the
+row's thumbnail), end the session, see the list empty and the ended row, and follow its receipt link. Run in
 the netns where dispod listens: `python -m tests.dashboard_shot DASHBOARD_URL PAGE_URL OUT_DIR RRGGBB TIMEOUT`.
 Prints JSON on its last line.
 """
@@ -13,9 +13,29 @@ import sys
 import time
 from pathlib import Path
 
-from playwright.sync_api import sync_playwright
+from playwright.sync_api import Page, sync_playwright
 
 from tests.viewer_shot import watch_colour
+
+# The centre pixel of a loaded <img>, read back in the page (same origin): [r, g, b], or null before it loaded.
+CENTRE = """img => { if (!img.naturalWidth) { return null; }
+    const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+    return Array.from(g.getImageData(c.width / 2, c.height / 2, 1, 1).data.slice(0, 3)); }"""
+
+
+def thumb_colour(ui: Page, want: tuple[int, ...], limit: float) -> dict[str, object]:
+    """Wait (up to `limit` s) until the first row's thumbnail shows `want` at its centre (it is refreshed every
+    few seconds, so a picture taken before the page drew comes again)."""
+    thumb = ui.locator("#rows img.thumb").first
+    deadline = time.monotonic() + limit
+    rgb = None
+    while time.monotonic() < deadline:
+        rgb = ui.evaluate(CENTRE, thumb.element_handle()) if thumb.count() else None
+        if rgb is not None and all(abs(a - b) <= 4 for a, b in zip(rgb, want, strict=True)):
+            return {"thumb_seen": True, "thumb_rgb": rgb}
+        ui.wait_for_timeout(500)
+    return {"thumb_seen": False, "thumb_rgb": rgb}
 
 
 def main() -> int:
@@ -48,6 +68,8 @@ def main() -> int:
             result.update(watch_colour(view, out / "dashboard-viewer.png", want, t0, limit))
             ui.bring_to_front()
             ui.locator("#rows .state").filter(has_text="Running").wait_for(timeout=120000)
+            result.update(thumb_colour(ui, want, limit))
+            ui.screenshot(path=str(out / "dashboard-thumbnail.png"))
             result["progress"] = ui.evaluate("() => Array.from(window.seen)")
             ui.get_by_role("button", name="End session").first.click()
             ui.get_by_text("No sessions").wait_for(state="visible", timeout=120000)

@@ -128,6 +128,44 @@ def test_the_history_says_how_each_session_ended_from_its_end_kind(cfg: Config, 
             "Ended through the API (dispo stop, or another page).")
 
 
+def test_a_running_session_shows_a_thumbnail_of_its_screen(cfg: Config, page: Page) -> None:
+    with served(cfg) as svc:
+        sid = svc.uds.create_session(fakes_profile())["id"]
+        page.goto(svc.dispod.dashboard_url)
+        thumb = page.locator(f"#session-{sid} img.thumb")
+        expect(thumb).to_have_js_property("naturalWidth", 240)  # loaded: the thumbnail's width
+        expect(thumb).to_be_visible()
+        # The picture's centre, read back in the page (same origin): the fake display's colour.
+        rgb = page.evaluate("""img => { const c = document.createElement('canvas');
+            c.width = img.naturalWidth; c.height = img.naturalHeight; const g = c.getContext('2d');
+            g.drawImage(img, 0, 0); return [img.naturalWidth,
+              Array.from(g.getImageData(c.width / 2, c.height / 2, 1, 1).data.slice(0, 3))]; }""",
+                            thumb.element_handle())
+        assert rgb == [240, list(fakes.SCREEN_RGB)], rgb
+        # Refreshed: the page asks for the picture again by itself.
+        with page.expect_response(lambda r: f"/thumb/{sid}" in r.url and r.status == 200):
+            pass
+        # The link around it is still named by its words.
+        expect(page.locator(f"#session-{sid}").get_by_role("link", name="Open viewer")).to_be_visible()
+
+
+def test_the_thumbnail_route_answers_a_png_for_the_dashboards_token_alone(cfg: Config) -> None:
+    with served(cfg) as svc, svc.tcp(auth=False) as http:
+        sid = svc.uds.create_session(fakes_profile())["id"]
+        plain = svc.uds.create_session({"image": "minimal", "command": ["sleep", "600"]})["id"]
+        deadline = time.monotonic() + SAFETY_S
+        while (r := http.get(f"/ui/{svc.token}/thumb/{sid}")).status_code != 200:
+            assert r.status_code == 404 and time.monotonic() < deadline, r.text  # until its display is up
+            time.sleep(0.1)
+        assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+        assert r.headers["cache-control"] == "no-store"
+        assert http.get(f"/ui/{svc.token[:-2]}xx/thumb/{sid}").status_code == 403
+        assert http.get(f"/ui/{svc.token}/thumb/{plain}").status_code == 404  # no display
+        assert http.get(f"/ui/{svc.token}/thumb/..%2f..").status_code in (400, 404)
+        svc.uds.delete(sid, wait=True)
+        assert http.get(f"/ui/{svc.token}/thumb/{sid}").status_code == 404  # ended
+
+
 def fakes_profile() -> dict[str, Any]:
     return {"profile": "chromium"}
 

@@ -8,6 +8,7 @@
   var ORDER = {starting: 0, running: 1, stopping: 2, ended: 3};
   var HISTORY_MAX = 20;        // ended sessions listed (the runtime keeps more; a page need not)
   var RETRY_MS = 2000;         // how often a lost connection is tried again
+  var THUMB_MS = 4000;         // how often a running session's picture is asked again (dispod keeps it 3 s)
   var $ = function (id) { return document.getElementById(id); };
   var sessions = new Map();    // id -> {status, seen: performance.now() when status arrived}
   var history = new Map();     // id -> status of an ended session
@@ -253,9 +254,26 @@
       link.href = s.viewer_url;
       link.target = "_blank";
       link.rel = "noopener noreferrer";
-      link.textContent = "Open viewer";
+      // The screen's picture, in the link (a person picks the session by it); alt="": the link says what it is.
+      var img = document.createElement("img");
+      img.className = "thumb";
+      img.alt = "";
+      img.hidden = true;
+      img.addEventListener("load", function () { img.hidden = false; img.dataset.busy = ""; });
+      img.addEventListener("error", function () { img.hidden = true; img.dataset.busy = ""; });
+      link.appendChild(img);
+      var words = document.createElement("span");
+      words.textContent = "Open viewer";
+      link.appendChild(words);
       link.setAttribute("aria-describedby", "sid-" + s.id);
       viewer.appendChild(link);
+    }
+    var thumb = viewer.querySelector("img.thumb");
+    if (thumb && s.state === "running" && !thumb.dataset.busy &&
+        (!thumb.dataset.at || performance.now() - Number(thumb.dataset.at) >= THUMB_MS)) {
+      thumb.dataset.busy = "1";   // one request at a time per row
+      thumb.dataset.at = String(performance.now());
+      thumb.src = "thumb/" + encodeURIComponent(s.id) + "?at=" + Math.round(performance.now());
     }
     var end = tr.querySelector("button.end");
     if (s.state === "stopping") {

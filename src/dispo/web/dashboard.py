@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from dispo import receipt
-from dispo.errors import DispoError, PermissionProblem
+from dispo.errors import DispoError, NotFound, PermissionProblem
 from dispo.names import check_session_id
 from dispo.runtime.request import build
 from dispo.runtime.warm import template_for
@@ -98,13 +98,19 @@ def render(profiles: list[dict[str, Any]], facts: dict[str, dict[str, Any]] | No
     return _PAGE.substitute(profiles=forms, step_words=words, history_max=HISTORY_MAX)
 
 
-async def page(request: web.Request) -> web.StreamResponse:
+def _checked(request: web.Request) -> Service:
+    """The service, once the path's token is the dashboard's (403 otherwise)."""
     svc = request.app[SERVICE]
     if not token_ok(request.match_info["token"], svc.token):
         raise PermissionProblem("this dashboard link has a wrong or old access token",
                                 hint="open the link dispod printed at its start; the current one is in "
                                      "<state_dir>/dispod.url (root-only)")
     authenticated(request)
+    return svc
+
+
+async def page(request: web.Request) -> web.StreamResponse:
+    svc = _checked(request)
     tail = request.match_info.get("tail")
     if tail is None:  # /ui/TOKEN: the page's relative links need the slash
         raise web.HTTPPermanentRedirect(f"{UI_PREFIX}/{request.match_info['token']}/")
@@ -153,12 +159,7 @@ def _receipt_html(sid: str, data: dict[str, Any] | None) -> str:
 async def receipt_page(request: web.Request) -> web.StreamResponse:
     """/ui/TOKEN/receipt/ID: the receipt, from the session's own record or from receipts.jsonl (it outlives
     the session's entry in the runtime)."""
-    svc = request.app[SERVICE]
-    if not token_ok(request.match_info["token"], svc.token):
-        raise PermissionProblem("this dashboard link has a wrong or old access token",
-                                hint="open the link dispod printed at its start; the current one is in "
-                                     "<state_dir>/dispod.url (root-only)")
-    authenticated(request)
+    svc = _checked(request)
     sid = request.match_info["id"]
     check_session_id(sid)
     data = await blocking(receipt.find, svc.cfg, sid)
@@ -166,7 +167,24 @@ async def receipt_page(request: web.Request) -> web.StreamResponse:
                         headers={"Content-Security-Policy": CSP})
 
 
+async def thumb_page(request: web.Request) -> web.StreamResponse:
+    """/ui/TOKEN/thumb/ID: a PNG of a running session's screen, at most thumbs.WIDTH wide, a few seconds old at
+    most (web/thumbs.py); 404 when it shows none (no web display, not up yet, ended, or its display is silent)."""
+    svc = _checked(request)
+    sid = request.match_info["id"]
+    check_session_id(sid)
+    path = svc.viewers.display_socket(sid)
+    svc.thumbs.keep_only({s.id for s in svc.rt.sessions()})
+    image = await blocking(svc.thumbs.get, sid, path) if path is not None else None
+    if image is None:
+        raise NotFound(f"session {sid} shows no screen now",
+                       hint="it has no web display, its display is not up yet, or it ended")
+    return web.Response(body=image, content_type="image/png",
+                        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+
 def routes() -> list[web.RouteDef]:
     return [web.get(UI_PREFIX + "/{token}/receipt/{id}", receipt_page, allow_head=False),
+            web.get(UI_PREFIX + "/{token}/thumb/{id}", thumb_page, allow_head=False),
             web.get(UI_PREFIX + "/{token}", page, allow_head=False),
             web.get(UI_PREFIX + "/{token}/{tail:[^/]*}", page, allow_head=False)]

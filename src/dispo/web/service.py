@@ -15,6 +15,7 @@ from dispo.runtime.events import EndKind, Event, EventKind
 from dispo.runtime.live import LiveSession
 from dispo.web.automation import ServiceAutomation
 from dispo.web.sse import Streams
+from dispo.web.thumbs import Thumbnails
 from dispo.web.viewers import ServiceViewers
 
 RECLAIMED_BY_DISPOD = "reclaimed: its owner (a previous dispod) died"
@@ -48,6 +49,7 @@ class Service:
         self.automation = automation or ServiceAutomation(viewers)  # the automation endpoints (web/automation.py)
         self.reclaimed = dict(reclaimed or {})
         self.streams = Streams()
+        self.thumbs = Thumbnails()  # the dashboard's pictures of the running sessions' screens
         self.started = time.time()
         self.stopping = False  # dispod is ending its sessions: no new ones
         self._unsubscribe = rt.events.subscribe(self._on_event)

@@ -232,6 +232,14 @@ class ServiceViewers:
             return (viewer, found) if ended else None
         return viewer, found
 
+    def display_socket(self, session_id: str) -> Path | None:
+        """The session's display (its VNC socket) once published, while it runs: for its thumbnail."""
+        with self._lock:
+            viewer = self._viewers.get(session_id)
+        if viewer is None or viewer.gone or viewer.live.ended:
+            return None
+        return viewer.socket
+
     # -- the tokens (POST, GET and DELETE /v1/sessions/{id}/tokens, from the loop) ----------------
     def _of(self, session_id: str, *, ended: bool) -> _Viewer:
         with self._lock:
