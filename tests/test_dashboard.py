@@ -22,7 +22,7 @@ from dispo.config import Config
 from dispo.errors import GuestFailure
 from dispo.infra.txn import Transaction
 from dispo.runtime.machinery import Identity
-from tests import fakes
+from tests import axe, fakes
 from tests.fakeworld import SAFETY_S, Running, cfg, dispod_ready, end_dispod, make_template, serving, spawn_dispod
 
 __all__ = ["cfg"]
@@ -164,6 +164,38 @@ def test_the_thumbnail_route_answers_a_png_for_the_dashboards_token_alone(cfg: C
         assert http.get(f"/ui/{svc.token}/thumb/..%2f..").status_code in (400, 404)
         svc.uds.delete(sid, wait=True)
         assert http.get(f"/ui/{svc.token}/thumb/{sid}").status_code == 404  # ended
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_axe_finds_no_serious_accessibility_violation_on_the_dashboard_and_the_viewer(cfg: Config, page: Page,
+                                                                                    scheme: str) -> None:
+    page.emulate_media(color_scheme=scheme)  # type: ignore[arg-type]
+    failing = dataclasses.replace(fakes.machinery(), identity=_failing_identity)
+    with served(cfg, machinery=failing) as svc:
+        page.goto(svc.dispod.dashboard_url)
+        expect(page.get_by_text("No sessions.")).to_be_visible()
+        assert axe.violations(page) == [], "the dashboard, idle"
+        page.get_by_role("button", name="Start chromium").click()  # fails after its 201: the history's error
+        page.locator("#history-rows tr").first.get_by_text("The guest console's last lines").click()
+        found = axe.violations(page)
+        assert found == [], ("the dashboard, with a failed start", str(found))
+    with served(cfg) as svc:
+        running = svc.uds.create_session(fakes_profile())
+        exited = svc.uds.create_session({"image": "minimal", "command": ["sh", "-c", "exit 3"]})["id"]
+        page.goto(svc.dispod.dashboard_url)
+        expect(page.locator(f"#session-{running['id']} img.thumb")).to_have_js_property("naturalWidth", 240)
+        expect(page.locator(f"#ended-{exited}")).to_be_visible()
+        assert axe.violations(page) == [], "the dashboard, with a running session (thumbnail) and history"
+        page.goto(f"{svc.dispod.dashboard_url}receipt/{exited}")
+        expect(page.locator("#verdict")).to_be_visible()
+        assert axe.violations(page) == [], "a receipt page"
+        page.goto(running["viewer_url"])
+        page.frame_locator("#vnc").locator("html.noVNC_connected").wait_for(state="attached")
+        expect(page.locator("#progress")).to_be_hidden()
+        assert axe.violations(page, exclude=("#vnc",)) == [], "the viewer (noVNC's own page is not ours)"
+        svc.uds.delete(running["id"], wait=True)
+        expect(page.locator("#progress-text")).to_contain_text("The session ended")
+        assert axe.violations(page) == [], "the viewer, once its session ended"
 
 
 def fakes_profile() -> dict[str, Any]:
