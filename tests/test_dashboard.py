@@ -75,7 +75,8 @@ def _record_progress(page: Page) -> None:
 
 
 def test_a_start_shows_its_steps_then_ends_into_the_history_with_a_clean_receipt(cfg: Config, page: Page) -> None:
-    with served(cfg, machinery=fakes.machinery(ready_delay=2.0)) as svc:
+    # The guest boots for 4 s: time enough for the page to show that step even on a loaded machine.
+    with served(cfg, machinery=fakes.machinery(ready_delay=4.0)) as svc:
         page.goto(svc.dispod.dashboard_url)
         _record_progress(page)
         page.get_by_role("button", name="Start chromium").click()
