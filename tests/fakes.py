@@ -56,11 +56,21 @@ while True:
 """
 
 # The fake web display, on the socket the real channel would forward to: a VNC server that does RFB 3.8's
-# handshake (no security, a 64x48 screen) so a viewer connects, and then never draws.
-_FAKE_VNC = """
+# handshake (no security, a SCREEN_SIZE screen) and draws SCREEN_RGB under a BAR_RGB bar (a "browser" with its
+# toolbar) whenever a whole frame is asked for, in the pixel format the client set (32 bpp); it answers no
+# incremental request (nothing changes), so a viewer connects and a thumbnail shows the known colour.
+SCREEN_SIZE = (320, 240)
+SCREEN_RGB = (0x2E, 0x8B, 0x57)  # "sea green": what a thumbnail of a fake session shows below its bar
+BAR_RGB = (0xDD, 0xDD, 0xDD)
+BAR_ROWS = 24
+_FAKE_VNC = f"""
 import os, signal, socket, struct, sys, threading
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 path = sys.argv[1]
+W, H, SCREEN, BAR, BAR_ROWS = {SCREEN_SIZE[0]}, {SCREEN_SIZE[1]}, {SCREEN_RGB!r}, {BAR_RGB!r}, {BAR_ROWS}
+if COLOUR:  # VNC_COLOUR: a 64x48 screen of that one colour, drawn at every update request (a recorder's)
+    W, H, BAR_ROWS = 64, 48, 0
+    SCREEN = tuple(int(COLOUR[i * 2:i * 2 + 2], 16) for i in range(3))
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.bind(path); s.listen(8)
 def read(c, n):
@@ -71,6 +81,14 @@ def read(c, n):
             raise OSError("closed")
         data += chunk
     return data
+def pixel(fmt, rgb):
+    bpp, big, rs, gs, bs = fmt[0], fmt[2], fmt[10], fmt[11], fmt[12]
+    value = (rgb[0] << rs) | (rgb[1] << gs) | (rgb[2] << bs)
+    return value.to_bytes(4, "big" if big else "little")
+def frame(fmt):
+    bar, body = pixel(fmt, BAR) * W, pixel(fmt, SCREEN) * W
+    return (struct.pack(">BxH", 0, 1) + struct.pack(">HHHHi", 0, 0, W, H, 0)
+            + bar * BAR_ROWS + body * (H - BAR_ROWS))
 def serve(c):
     try:
         c.sendall(b"RFB 003.008\\n")
@@ -79,25 +97,28 @@ def serve(c):
         read(c, 1)
         c.sendall(struct.pack(">I", 0))  # security result: OK
         read(c, 1)                       # ClientInit
-        pixels = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
-        c.sendall(struct.pack(">HH", 64, 48) + pixels + struct.pack(">I", 4) + b"fake")
-        if COLOUR:  # draw: a screen of one colour, whole, at every update request (the client's pixel format)
-            shifts = (16, 8, 0)
-            while True:
-                kind = read(c, 1)[0]
-                if kind == 0:
-                    f = read(c, 19)[3:]
-                    shifts = (f[10], f[11], f[12])
-                elif kind == 2:
-                    read(c, 4 * struct.unpack(">xH", read(c, 3))[0])
-                elif kind == 3:
-                    read(c, 9)
-                    v = sum(int(COLOUR[i * 2:i * 2 + 2], 16) << shifts[i] for i in range(3))
-                    c.sendall(struct.pack(">BxHHHHHi", 0, 1, 0, 0, 64, 48, 0) + struct.pack("<I", v) * (64 * 48))
-                else:
-                    break
-        while c.recv(65536):
-            pass
+        fmt = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
+        c.sendall(struct.pack(">HH", W, H) + fmt + struct.pack(">I", 4) + b"fake")
+        while True:
+            kind = read(c, 1)[0]
+            if kind == 0:                # SetPixelFormat
+                fmt = read(c, 19)[3:]
+            elif kind == 2:              # SetEncodings
+                n = struct.unpack(">xH", read(c, 3))[0]
+                read(c, 4 * n)
+            elif kind == 3:              # FramebufferUpdateRequest
+                if (read(c, 9)[0] == 0 or COLOUR) and fmt[0] == 32:  # a recorder's fake draws at each request
+                    c.sendall(frame(fmt))
+            elif kind == 4:              # KeyEvent
+                read(c, 7)
+            elif kind == 5:              # PointerEvent
+                read(c, 5)
+            elif kind == 6:              # ClientCutText
+                read(c, struct.unpack(">3xI", read(c, 7))[0])
+            else:                        # something this fake does not know: listen on, draw no more
+                while c.recv(65536):
+                    pass
+                break
     except OSError:
         pass
     c.close()

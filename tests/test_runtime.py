@@ -20,7 +20,7 @@ from dispo import receipt
 from dispo.config import Config
 from dispo.errors import Busy, Cancelled, GuestFailure, InvalidInput, NetworkError, NotFound
 from dispo.net import GuestNetwork
-from dispo.runtime import STEPS, Event, EventKind, Runtime, SessionState, Step, build
+from dispo.runtime import STEPS, EndKind, Event, EventKind, Runtime, SessionState, Step, build
 from dispo.runtime.live import LiveSession
 from dispo.runtime.steps import Bringup
 from dispo.web.viewers import StandaloneViewers
@@ -59,7 +59,8 @@ def test_command_session_exit_status_output_and_nothing_left(rt: Runtime, cfg: C
     live = rt.start(build(cfg, command=["sh", "-c", "echo out; echo err >&2; exit 7"]), sink=rec)
     run_to_end(rt, live)
     assert live.exit_status == 7 and live.error is None
-    assert live.end_reason == "the command exited with status 7"
+    assert live.end_reason == "the command exited with status 7" and live.status()["end_kind"] == "exited"
+    assert rec.kinds(EventKind.ENDED)[0].fields["end_kind"] == "exited"
     assert rec.output("stdout") == b"out\n" and rec.output("stderr") == b"err\n"
     # Every step ran, in the documented order, and the life went through every state once.
     assert [e.fields["step"] for e in rec.kinds(EventKind.STEP)] == [s.name for s in STEPS]
@@ -94,6 +95,7 @@ def test_stop_while_starting_is_cancelled_with_its_reason(cfg: Config) -> None:
     assert not live.stop("a second time")  # the first reason stands
     run_to_end(rt, live)
     assert live.end_reason == "the user changed their mind" and live.exit_status is None and live.error is None
+    assert live.status()["end_kind"] == "user"  # LiveSession.stop's default: asked by someone
     assert rec.states() == ["starting", "stopping", "ended"]
     assert "app" not in [e.fields["step"] for e in rec.kinds(EventKind.STEP)]
     assert leftovers(cfg) == before
@@ -114,9 +116,10 @@ def test_web_display_viewer_then_stop(rt: Runtime, cfg: Config) -> None:
     assert httpx.get(live.viewer_url, timeout=5).status_code == 200
     assert rec.kinds(EventKind.VIEWER)[0].fields["url"] == live.viewer_url
     assert (cfg.state_dir / "sessions" / live.id / "viewer.url").read_text().strip() == live.viewer_url
-    rt.stop(live.id, "ended from the viewer")
+    assert live.status()["end_kind"] is None  # not ended yet
+    rt.stop(live.id, "ended from the viewer", EndKind.VIEWER)
     run_to_end(rt, live)
-    assert live.end_reason == "ended from the viewer"
+    assert live.end_reason == "ended from the viewer" and live.status()["end_kind"] == "viewer"
     # The session's viewer is closed, but an open page still learns how the session ended ...
     assert httpx.get(live.viewer_url, timeout=5).status_code == 403
     status = httpx.get(live.viewer_url + "status", timeout=5).json()
@@ -132,6 +135,7 @@ def test_idle_timeout_ends_an_unused_session(rt: Runtime, cfg: Config) -> None:
     live = rt.start(build(cfg, command=["sleep", "600"], idle_timeout_s=1))
     run_to_end(rt, live)
     assert live.end_reason.startswith("idle for 1 s") and live.exit_status is None
+    assert live.status()["end_kind"] == "idle"
 
 
 def test_output_counts_as_use(rt: Runtime, cfg: Config) -> None:
@@ -145,7 +149,7 @@ def test_output_counts_as_use(rt: Runtime, cfg: Config) -> None:
 def test_max_lifetime_ends_a_busy_session(rt: Runtime, cfg: Config) -> None:
     live = rt.start(build(cfg, command=["sh", "-c", "while :; do echo busy; sleep 0.1; done"], max_lifetime_s=1))
     run_to_end(rt, live)
-    assert live.end_reason == "maximum lifetime of 1 s reached"
+    assert live.end_reason == "maximum lifetime of 1 s reached" and live.status()["end_kind"] == "lifetime"
 
 
 def test_guest_death_under_the_command_is_a_failure(rt: Runtime, cfg: Config) -> None:
@@ -159,7 +163,7 @@ def test_guest_death_under_the_command_is_a_failure(rt: Runtime, cfg: Config) ->
         os.kill(pid, signal.SIGKILL)
     run_to_end(rt, live)
     assert isinstance(live.error, GuestFailure) and "the guest stopped while the command ran" in live.error.message
-    assert live.end_reason.startswith("failed: the guest stopped")
+    assert live.end_reason.startswith("failed: the guest stopped") and live.status()["end_kind"] == "failed"
     assert leftovers(cfg) == before
 
 

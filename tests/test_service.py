@@ -31,7 +31,7 @@ from dispo import receipt
 from dispo.client import DispodClient
 from dispo.config import Config
 from dispo.daemon.paths import ServicePaths
-from dispo.errors import Busy, Conflict, InvalidInput, NotFound, ServiceError
+from dispo.errors import Busy, Conflict, InvalidInput, NotFound, PermissionProblem, ServiceError
 from dispo.runtime.events import Event, EventKind
 from dispo.web.guard import Limits, ListenerKind
 from tests import fakes
@@ -70,7 +70,8 @@ def test_command_exits_7_then_ended_with_its_status_and_nothing_left(svc: Runnin
     status = svc.uds.session(created["id"])
     assert status["state"] == "ended"
     assert status["exit_status"] == 7
-    assert status["end_reason"] == "the command exited with status 7"
+    assert status["end_reason"] == "the command exited with status 7" and status["end_kind"] == "exited"
+    assert events[-1].fields["end_kind"] == "exited"
     assert leftovers(cfg) == before
     assert created["id"] not in [s["id"] for s in svc.uds.sessions()]
     assert created["id"] in [s["id"] for s in svc.uds.sessions(all=True)]
@@ -86,7 +87,7 @@ def test_delete_ends_a_running_session_and_removes_everything(svc: Running, cfg:
     assert leftovers(cfg) != before
     gone = svc.uds.delete(sid, wait=True)
     assert gone["state"] == "ended"
-    assert gone["end_reason"] == "stopped through the API (DELETE)"
+    assert gone["end_reason"] == "stopped through the API (DELETE)" and gone["end_kind"] == "user"
     assert fakes.fake_vmm_pids(sid) == []
     assert leftovers(cfg) == before
     assert svc.uds.delete(sid)["state"] == "ended"  # deleting again is harmless
@@ -263,8 +264,16 @@ def test_idle_timeout_ends_an_idle_session_and_says_so(svc: Running, cfg: Config
     events = until_ended(svc.uds, sid)
     reason = events[-1].fields["end_reason"]
     assert "idle" in reason
-    assert svc.uds.session(sid)["end_reason"] == reason
+    assert svc.uds.session(sid)["end_reason"] == reason and svc.uds.session(sid)["end_kind"] == "idle"
     assert leftovers(cfg) == before
+
+
+def test_a_session_that_dispod_ended_at_its_stop_says_so_for_programs(cfg: Config) -> None:
+    with serving(cfg) as svc:
+        sid = svc.uds.create_session(SLEEP)["id"]
+        wait_state(svc.uds, sid, "running")
+    status = svc.dispod.rt.get(sid).status()
+    assert status["end_reason"] == "dispod stopping" and status["end_kind"] == "dispod_stopped"
 
 
 def test_max_lifetime_ends_a_session_and_says_so(svc: Running) -> None:
@@ -273,7 +282,7 @@ def test_max_lifetime_ends_a_session_and_says_so(svc: Running) -> None:
     sid = svc.uds.create_session({"image": "minimal", "command": cmd, "idle_timeout_s": 30,
                                   "max_lifetime_s": 1})["id"]
     events = until_ended(svc.uds, sid)
-    assert "maximum lifetime" in events[-1].fields["end_reason"]
+    assert "maximum lifetime" in events[-1].fields["end_reason"] and events[-1].fields["end_kind"] == "lifetime"
     assert output(events).startswith(b"tick\n")
 
 
@@ -306,13 +315,65 @@ def test_client_available_only_when_dispod_answers(cfg: Config, tmp_path: Path) 
             assert stat_mode(f) == 0o600
         assert svc.dispod.paths.url.read_text().strip() == f"{svc.base}/ui/{svc.token}/"
         assert any(line.startswith("dashboard: http://127.0.0.1:") for line in svc.lines)
-    assert not sock_path.exists() and not svc.dispod.paths.token.exists() and not svc.dispod.paths.url.exists()
+    assert not sock_path.exists() and not svc.dispod.paths.url.exists()
+    assert stat_mode(svc.dispod.paths.token) == 0o600  # kept for the next dispod
     with pytest.raises(ServiceError):  # dispod gone: the client says so with ServiceError
         DispodClient(uds=sock_path).sessions()
 
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def _answers(svc: Running, token: str) -> int:
+    with httpx.Client(base_url=svc.base, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+        return http.get("/v1/sessions").status_code
+
+
+def test_the_token_is_kept_across_restarts_until_rotated(cfg: Config) -> None:
+    """A restarted dispod keeps dispod.token (so an open dashboard reconnects by itself); --new-token makes a new
+    one and the old one gets 401."""
+    with serving(cfg) as svc:
+        first = svc.token
+        assert ServicePaths(cfg.state_dir).token.read_text().strip() == first
+    with serving(cfg) as svc:
+        assert svc.token == first and _answers(svc, first) == 200
+        assert svc.dispod.paths.url.read_text().strip().endswith(f"/ui/{first}/")
+    with serving(cfg, new_token=True) as svc:
+        assert svc.token != first and _answers(svc, svc.token) == 200
+        assert _answers(svc, first) == 401
+        assert ServicePaths(cfg.state_dir).token.read_text().strip() == svc.token
+        assert stat_mode(svc.dispod.paths.token) == 0o600
+        assert any("new access token" in line for line in svc.lines)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "mode 0644", "not a token", "a directory"])
+def test_an_untrustworthy_token_file_is_replaced_not_used(cfg: Config, tmp_path: Path, plant: str) -> None:
+    """A token file dispod did not leave as it leaves one (a symlink, another mode, other content) is not used:
+    dispod makes a new token in a fresh 0600 file, and never writes through a symlink."""
+    planted = "p" * 43
+    paths = ServicePaths(cfg.state_dir)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text(planted + "\n")
+    elsewhere.chmod(0o600)
+    if plant == "symlink":
+        paths.token.symlink_to(elsewhere)
+    elif plant == "a directory":
+        paths.token.mkdir()
+    else:
+        paths.token.write_text(planted + "\n" if plant == "mode 0644" else "<script>\n")
+        paths.token.chmod(0o644 if plant == "mode 0644" else 0o600)
+    if plant == "a directory":  # not removable by unlink: dispod says so and does not start
+        with pytest.raises(PermissionProblem, match="cannot write the token file"), serving(cfg):
+            pass
+        return
+    with serving(cfg) as svc:
+        assert svc.token != planted and _answers(svc, svc.token) == 200 and _answers(svc, planted) == 401
+        assert not paths.token.is_symlink() and stat_mode(paths.token) == 0o600
+        assert paths.token.read_text().strip() == svc.token
+        assert any(line.startswith(f"warning: not using {paths.token}") for line in svc.lines), svc.lines
+    assert elsewhere.read_text() == planted + "\n"  # the symlink's target was not written
 
 
 # -- the guards -----------------------------------------------------------------------------------------
@@ -541,7 +602,7 @@ def test_viewer_route_token_bridge_and_end_session(cfg: Config) -> None:
             assert svc.uds.session(sid)["state"] == "running"
             assert http.post(url + "stop", headers={"Origin": svc.base}).status_code == 200  # "End session"
         ended = wait_state(svc.uds, sid, "ended")
-        assert ended["end_reason"] == "ended from the viewer"
+        assert ended["end_reason"] == "ended from the viewer" and ended["end_kind"] == "viewer"
         with svc.tcp(auth=False) as http:
             assert http.get(url).status_code == 403  # the session and its viewer are gone
             # ... but a page that was open still learns how the session ended
@@ -610,6 +671,7 @@ def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, t
             status = client.session(sid)
             assert status["state"] == "ended"
             assert status["end_reason"] == "reclaimed: its owner (a previous dispod) died"
+            assert status["end_kind"] == "reclaimed"
             proof = receipt.find(cfg, sid)  # the crash path's disposal receipt
             assert proof is not None and proof["clean"] and proof["end_reason"] == status["end_reason"], proof
             assert proof["image_unchanged"] is True and proof["objects"], proof
@@ -621,7 +683,7 @@ def test_kill_9_then_the_next_dispod_reclaims_and_nothing_is_left(cfg: Config, t
         assert f"session {other} ended: dispod stopping" in log.read_text()
         assert leftovers(cfg) == before
         paths = ServicePaths(cfg.state_dir)
-        assert not paths.socket.exists() and not paths.token.exists() and not paths.url.exists()
+        assert not paths.socket.exists() and not paths.url.exists()
     finally:
         end_dispod(first)
         if second is not None:
@@ -698,7 +760,7 @@ def test_dashboard_in_a_browser_starts_lists_and_ends_a_session(cfg: Config) -> 
             page.get_by_role("button", name="Start chromium").click()
             row = page.locator("#rows tr")
             expect(row).to_have_count(1)
-            expect(row.locator(".state")).to_have_text("running", timeout=SAFETY_S * 1000)
+            expect(row.locator(".state")).to_have_text("Running", timeout=SAFETY_S * 1000)
             listed = svc.uds.sessions()
             assert [s["profile"] for s in listed] == ["chromium"]
             sid = listed[0]["id"]
@@ -706,7 +768,7 @@ def test_dashboard_in_a_browser_starts_lists_and_ends_a_session(cfg: Config) -> 
             expect(row.get_by_role("link", name="Open viewer")).to_have_attribute("href", listed[0]["viewer_url"])
             row.get_by_role("button", name="End session").click()
             expect(page.get_by_text("No sessions.")).to_be_visible(timeout=SAFETY_S * 1000)
-            expect(page.get_by_role("status")).to_contain_text(f"Session {sid} ended")
+            expect(page.get_by_role("status")).to_contain_text(f"Session {sid}: Ended by you.")
             assert svc.uds.session(sid)["end_reason"] == "stopped through the API (DELETE)"
             assert problems == []  # no script error, no CSP violation
         finally:

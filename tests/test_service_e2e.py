@@ -133,7 +133,13 @@ def test_dashboard_start_view_end(world: NetWorld, guest_images: GuestImages, tm
         assert shot.returncode == 0, shot.stderr[-3000:] + d.log.read_text()[-3000:]
         result = json.loads(shot.stdout.strip().splitlines()[-1])
         assert result["seen"], f"the viewer did not show the page's GREEN: {result}"
+        assert result["thumb_seen"], f"the row's thumbnail did not show the page's GREEN: {result}"
         assert result["emptied"], result
+        # The row said what the start was doing: at least three different steps of a real cold start.
+        steps = {t.split(" (step")[0] for t in result["progress"] if "(step " in t}
+        assert len(steps) >= 3, result["progress"]
+        assert "Ended by you." in result["ended_row"], result
+        assert result["receipt"] == "Clean: nothing of the session is left.", result
         deadline = time.monotonic() + 120
         while state_listing(w) != before:  # "End session" answers at once; teardown follows
             assert time.monotonic() < deadline, state_listing(w)

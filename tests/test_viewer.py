@@ -256,7 +256,7 @@ def test_the_viewers_bar_lists_downloads_and_uploads_a_file(vnc_server: Target) 
     link for complete files only, the file chooser uploads, and the Sound button shows for a profile with sound."""
     if not shutil.which("chromium"):
         pytest.skip("needs Debian package chromium")
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     io = _StubIO()
     with WebViewer(vnc_server, session_id="0123abcd", io=io) as v, sync_playwright() as p:  # type: ignore[arg-type]
@@ -277,8 +277,9 @@ def test_the_viewers_bar_lists_downloads_and_uploads_a_file(vnc_server: Target) 
 
             note = FilePayload(name="notes.txt", mimeType="text/plain", buffer=b"hello guest")
             page.locator("#upload").set_input_files(files=[note])
-            page.wait_for_function("document.getElementById('status').textContent.indexOf('Uploaded') >= 0",
-                                   timeout=20000)
+            # Not page.wait_for_function("..."): a string predicate is eval()ed in the page, which the viewer's CSP
+            # (script-src 'self') refuses, so it failed whenever the upload was not done at its first check.
+            expect(page.locator("#status")).to_contain_text("Uploaded", timeout=20000)
             assert io.uploaded == {"notes.txt": b"hello guest"}
             assert page.locator("#sound").is_visible()
         finally:
@@ -321,7 +322,9 @@ def test_the_page_says_what_happens_until_the_display_is_up(fake_runtime: Any) -
     happens (at least two different steps), then shows the guest's display."""
     if not shutil.which("chromium"):
         pytest.skip("needs Debian package chromium")
-    from playwright.sync_api import sync_playwright
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
 
     from dispo.runtime import build
 
@@ -335,8 +338,11 @@ def test_the_page_says_what_happens_until_the_display_is_up(fake_runtime: Any) -
             page.goto(live.viewer_url)
             line = page.locator("#progress-text")
             assert line.get_attribute("role") == "status" and line.get_attribute("aria-live") == "polite"
+            # As the dashboard's row: which step of how many, warm or cold, and the time so far.
+            detail = re.compile(r"Step \d+ of 8, cold start, \d+ s so far")
+            expect(page.locator("#progress-detail")).to_contain_text(detail)
             page.frame_locator("#vnc").locator("html.noVNC_connected").wait_for(state="attached", timeout=20000)
-            page.locator("#progress").wait_for(state="hidden", timeout=5000)
+            page.locator("#progress").wait_for(state="hidden", timeout=20000)
             seen = page.evaluate("window.__progress")
             assert "Waiting for the guest to boot…" in seen and "Connecting to the display…" in seen, seen
             assert seen.index("Waiting for the guest to boot…") < seen.index("Connecting to the display…"), seen

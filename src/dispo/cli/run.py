@@ -31,7 +31,7 @@ from dispo.infra.proc import minimal_env
 from dispo.names import check_session_id
 from dispo.net.capture import describe as describe_request
 from dispo.profiles import DisplayMode
-from dispo.runtime import Event, EventKind, Runtime, SessionRequest, Stdio, build
+from dispo.runtime import EndKind, Event, EventKind, Runtime, SessionRequest, Stdio, build
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import API_WHERE
 from dispo.runtime.saver import DownloadSaver, Lister, Opener, open_directory
@@ -333,10 +333,10 @@ def wait_until_ended(live: LiveSession) -> None:
                 pass
             break
         except KeyboardInterrupt as e:
-            live.stop("interrupted (SIGINT)")
+            live.stop("interrupted (SIGINT)", EndKind.INTERRUPTED)
             pending = pending or e
         except Terminated as e:
-            live.stop(f"stopped by {signal.Signals(e.signum).name}")
+            live.stop(f"stopped by {signal.Signals(e.signum).name}", EndKind.INTERRUPTED)
             pending = pending or e
     if pending is not None:
         raise pending

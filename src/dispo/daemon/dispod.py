@@ -18,7 +18,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import secrets
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ from dispo.daemon.paths import OWNER, ServicePaths
 from dispo.errors import Conflict, InvalidInput, PermissionProblem
 from dispo.infra import journal
 from dispo.runtime import Runtime
-from dispo.runtime.events import Event, EventKind
+from dispo.runtime.events import EndKind, Event, EventKind
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.pool import Pool
 from dispo.web.app import build_app
@@ -51,10 +53,11 @@ class Options:
     limits: Limits = field(default_factory=Limits)
     machinery: Machinery = REAL
     shutdown_timeout_s: float = 120.0     # for every session's teardown together, at stop
+    new_token: bool = False               # rotate: a new access token, the one in dispod.token stops working
 
 
 def options_from(cfg: Config, *, listen: str | None = None, max_sessions: int | None = None,
-                 machinery: Machinery = REAL) -> Options:
+                 machinery: Machinery = REAL, new_token: bool = False) -> Options:
     """The config's [service] table, overridden by command-line values; every value checked."""
     s = cfg.service
     values = {"max_sessions": max_sessions if max_sessions is not None else s.max_sessions,
@@ -66,7 +69,7 @@ def options_from(cfg: Config, *, listen: str | None = None, max_sessions: int | 
     return Options(listen=s.listen if listen is None else listen, max_sessions=values["max_sessions"],
                    limits=Limits(max_connections=values["max_connections"],
                                  header_timeout_s=float(values["header_timeout_s"])),
-                   machinery=machinery)
+                   machinery=machinery, new_token=new_token)
 
 
 def _write_private(path: os.PathLike[str], text: str) -> None:
@@ -78,6 +81,39 @@ def _write_private(path: os.PathLike[str], text: str) -> None:
         f.write(text)
 
 
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{43,128}")  # what secrets.token_urlsafe(32) makes (43 characters)
+
+
+def _distrust(st: os.stat_result) -> str:
+    """Why a token file with this stat cannot be trusted ("" when it can)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"it is owned by uid {st.st_uid}, not {os.geteuid()}"
+    if stat.S_IMODE(st.st_mode) != 0o600:
+        return f"its mode is {stat.S_IMODE(st.st_mode):04o}, not 0600"
+    return ""
+
+
+def kept_token(path: os.PathLike[str]) -> tuple[str | None, str]:
+    """The token a previous dispod kept in `path`, if that file can be trusted: a regular file (not a symlink:
+    O_NOFOLLOW), owned by this user, mode 0600, holding one token. Else (None, why), "" when there is no file."""
+    try:  # O_NONBLOCK: a FIFO planted there does not hang the open
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None, ""
+    except OSError as e:  # ELOOP: a symlink
+        return None, f"cannot open it safely ({e.strerror})"
+    try:
+        why = _distrust(os.fstat(fd))
+        text = "" if why else os.read(fd, 256).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    if not why and not _TOKEN.fullmatch(text):
+        why = "it does not hold a token"
+    return (None, why) if why else (text, "")
+
+
 class Dispod:
     def __init__(self, cfg: Config, options: Options, say: Say | None = None) -> None:
         self.cfg = cfg
@@ -85,7 +121,7 @@ class Dispod:
         self.paths = ServicePaths(cfg.state_dir)
         self.say: Say = say or (lambda _line: None)
         self.tcp: TcpAddress | None = parse_listen(options.listen) if options.listen else None
-        self.token = secrets.token_urlsafe(32)
+        self.token = ""  # open() keeps the one in dispod.token, or makes one
         self.viewers = ServiceViewers(frame_ancestors=cfg.service.frame_ancestors)
         self.automation = ServiceAutomation(self.viewers)
         self.rt = Runtime(cfg, machinery=options.machinery, viewers=self.viewers, automation=self.automation,
@@ -103,6 +139,7 @@ class Dispod:
         except OSError as e:
             raise PermissionProblem(f"cannot create the state dir {self.cfg.state_dir}: {e.strerror}") from None
         self._lock()
+        self.token = self._token()
         reclaimed = self._reclaim()
         # The warm pool starts once what dead owners left is gone (its guests are sessions like any other).
         svc = self.cfg.service
@@ -126,6 +163,25 @@ class Dispod:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+
+    def _token(self) -> str:
+        """The access token: kept across restarts in dispod.token (so open dashboards and clients reconnect by
+        themselves), new with --new-token, or when the file is missing or cannot be trusted (then replaced)."""
+        if not self.options.new_token:
+            token, why = kept_token(self.paths.token)
+            if token is not None:
+                return token
+            if why:
+                self.say(f"warning: not using {self.paths.token}: {why}; it is replaced with a new token")
+        token = secrets.token_urlsafe(32)
+        try:
+            _write_private(self.paths.token, token + "\n")
+        except OSError as e:  # a directory in its place, say
+            raise PermissionProblem(f"cannot write the token file {self.paths.token}: {e.strerror}",
+                                    hint="remove what is there (not made by dispod) and start dispod again") from None
+        if self.options.new_token:
+            self.say("made a new access token: links and clients with the old one get 401")
+        return token
 
     def _reclaim(self) -> dict[str, dict[str, Any]]:
         dead = {info.session_id: info.meta for info in journal.scan(self.cfg.state_dir) if not info.alive}
@@ -176,7 +232,6 @@ class Dispod:
         self.dashboard_url = f"{base}/ui/{self.token}/"
         try:
             await server.start()
-            _write_private(self.paths.token, self.token + "\n")
             _write_private(self.paths.url, self.dashboard_url + "\n")
             where = f"unix:{self.paths.socket}" + (f" and {server.base_url}" if server.base_url else "")
             most = self.options.max_sessions
@@ -192,9 +247,11 @@ class Dispod:
             self.say(f"stopping: ending {len(live)} session(s)")
             self.service.stopping = True  # open keep-alive connections may still ask: they get 503 now
             await server.stop_listening()
-            left = await loop.run_in_executor(None, self.rt.shutdown, STOP_REASON, self.options.shutdown_timeout_s)
+            left = await loop.run_in_executor(None, self.rt.shutdown, STOP_REASON, self.options.shutdown_timeout_s,
+                                              EndKind.DISPOD_STOPPED)
             # A POST that passed the check just before it may have started one more: end it too.
-            left += await loop.run_in_executor(None, self.rt.shutdown, STOP_REASON, 30.0)
+            left += await loop.run_in_executor(None, self.rt.shutdown, STOP_REASON, 30.0,
+                                               EndKind.DISPOD_STOPPED)
             for s in left:
                 self.say(f"warning: session {s.id} did not finish its teardown; 'dispo gc' or the next dispod "
                          "removes what it left")
@@ -202,7 +259,7 @@ class Dispod:
         finally:
             self.service.close()
             await server.close()
-            for path in (self.paths.socket, self.paths.url, self.paths.token):
+            for path in (self.paths.socket, self.paths.url):  # the token stays: the next dispod keeps it
                 path.unlink(missing_ok=True)
 
     def close(self) -> None:

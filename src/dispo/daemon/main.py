@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also listen on TCP (bearer token; off by default), e.g. 127.0.0.1:8686")
     p.add_argument("--max-sessions", type=int, metavar="N", help="live sessions at once (default: [service] "
                    "max_sessions, 4)")
+    p.add_argument("--new-token", action="store_true",
+                   help="make a new access token (the one kept in the state dir's dispod.token stops working: "
+                   "dashboards and clients that have it get 401)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: every command run)")
     # For tests: a callable returning the Machinery to use instead of the real one (tests.fakes:machinery).
     p.add_argument("--machinery", metavar="MODULE:ATTR", help=argparse.SUPPRESS)
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config.load(args.config)
         options = options_from(cfg, listen=args.listen, max_sessions=args.max_sessions,
-                               machinery=load_machinery(args.machinery))
+                               machinery=load_machinery(args.machinery), new_token=args.new_token)
         dispod = Dispod(cfg, options, say)
         dispod.open()
         left = asyncio.run(_serve(dispod))

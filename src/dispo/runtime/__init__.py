@@ -25,7 +25,7 @@ from dispo.errors import Busy, NotFound
 from dispo.names import check_session_id, new_session_id
 from dispo.runtime import plan as planning
 from dispo.runtime.app import check_socket_room
-from dispo.runtime.events import Event, EventKind, EventSink, Fanout
+from dispo.runtime.events import EndKind, Event, EventKind, EventSink, Fanout
 from dispo.runtime.live import AutomationHost, LiveSession, SessionState, ViewerHost, join_all
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.plan import Origin, Plan
@@ -38,6 +38,7 @@ __all__ = [
     "BOOT",
     "STEPS",
     "AutomationHost",
+    "EndKind",
     "Event",
     "EventKind",
     "EventSink",
@@ -152,18 +153,18 @@ class Runtime:
     def __iter__(self) -> Iterator[LiveSession]:
         return iter(self.sessions())
 
-    def stop(self, session_id: str, reason: str) -> LiveSession:
+    def stop(self, session_id: str, reason: str, kind: EndKind = EndKind.USER) -> LiveSession:
         live = self.get(session_id)
-        live.stop(reason)
+        live.stop(reason, kind)
         return live
 
-    def shutdown(self, reason: str, timeout: float = 60.0) -> list[LiveSession]:
+    def shutdown(self, reason: str, timeout: float = 60.0, kind: EndKind = EndKind.USER) -> list[LiveSession]:
         """Stop every session and wait for their teardown; the ones still there after `timeout`."""
         if self.pool is not None:
             self.pool.close()
         sessions = self.sessions(pooled=True)
         for s in sessions:
-            s.stop(reason)
+            s.stop(reason, kind)
         return join_all(sessions, timeout)
 
     def forget(self, live: LiveSession) -> None:

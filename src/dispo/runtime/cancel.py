@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 
 from dispo.errors import Cancelled
+from dispo.runtime.events import EndKind
 
 
 class CancelToken:
@@ -18,11 +19,12 @@ class CancelToken:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
+        self.kind = EndKind.USER
 
-    def set(self, reason: str) -> bool:
+    def set(self, reason: str, kind: EndKind = EndKind.USER) -> bool:
         if self._event.is_set():
             return False
-        self.reason = reason
+        self.reason, self.kind = reason, kind
         self._event.set()
         return True
 

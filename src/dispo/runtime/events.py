@@ -26,7 +26,23 @@ class EventKind(StrEnum):
     VIEWER = "viewer"    # the web viewer serves the display: fields url
     OUTPUT = "output"    # the command's output (captured mode): fields stream (stdout|stderr), data (base64)
     STATE = "state"      # the session's state changed: fields state, and exit_status/end_reason once known
-    ENDED = "ended"      # everything is removed: fields exit_status, end_reason, error (problem dict) or None
+    ENDED = "ended"      # everything is removed: fields exit_status, end_reason, end_kind, error (problem) or None
+
+
+class EndKind(StrEnum):
+    """How a session ended, for programs (a page maps it to its own words; end_reason is the one line for the
+    log). Who asks a session to stop says which (LiveSession.stop); the rest the session knows itself."""
+    USER = "user"                        # asked through the API (DELETE: the dashboard, `dispo stop`, a client)
+    VIEWER = "viewer"                    # "End session" in its viewer
+    IDLE = "idle"                        # its idle timeout
+    LIFETIME = "lifetime"                # its maximum lifetime
+    EXITED = "exited"                    # its app or command exited (exit_status says how)
+    FINISHED = "finished"                # its steps ended it (a template build, once saved)
+    DISPOD_STOPPED = "dispod_stopped"    # dispod stopped (SIGTERM) and ended every session
+    INTERRUPTED = "interrupted"          # the `dispo run` that owned it got SIGINT or SIGTERM
+    POOL = "pool"                        # a warm-pool guest, drained or replaced before anyone took it
+    FAILED = "failed"                    # an error (status `error` says which)
+    RECLAIMED = "reclaimed"              # its owner died; the next dispod (or `dispo gc`) tore it down
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from dispo.infra.journal import Journal
 from dispo.infra.txn import Transaction, transaction
 from dispo.net.capture import RequestLog
 from dispo.runtime.cancel import CancelToken
-from dispo.runtime.events import Event, EventKind, EventSink, encode_output
+from dispo.runtime.events import EndKind, Event, EventKind, EventSink, encode_output
 from dispo.runtime.guestio import GuestIO
 from dispo.runtime.machinery import GuestChannel, Machinery
 from dispo.runtime.request import SessionRequest
@@ -110,8 +110,10 @@ class LiveSession:
         self.state = SessionState.STARTING
         self.exit_status: int | None = None
         self.end_reason = ""
+        self.end_kind: EndKind | None = None  # how it ended, once it did (end_reason in words for the log)
         self.error: DispoError | None = None
         self.step = ""
+        self.ended_at: float | None = None  # when everything was removed (time.time()), for its duration
         self.origin = origin  # where its guest comes from: booted, restored, or handed from the pool
         self.template = template.key if template is not None else ""  # restored from it
         self.start_reason = why  # how its guest comes, and why (one line: the CLI prints it)
@@ -138,9 +140,10 @@ class LiveSession:
         self._thread = threading.Thread(target=self._run, name=f"dispo-session-{self.id}", daemon=True)
         self._thread.start()
 
-    def stop(self, reason: str) -> bool:
-        """Ask the session to end (returns at once); False if it is already ending. Thread- and signal-safe."""
-        if not self.cancel.set(reason):
+    def stop(self, reason: str, kind: EndKind = EndKind.USER) -> bool:
+        """Ask the session to end (returns at once); False if it is already ending. Thread- and signal-safe.
+        `kind`: who asked, for the status's end_kind."""
+        if not self.cancel.set(reason, kind):
             return False
         with self._lock:
             if self.state in (SessionState.STARTING, SessionState.RUNNING):
@@ -238,9 +241,11 @@ class LiveSession:
                 "display": r.display.value, "state": self.state.value, "step": self.step,
                 "created": self.created, "age_s": round(time.time() - self.created, 1),
                 "exit_status": self.exit_status, "end_reason": self.end_reason or None,
+                "end_kind": self.end_kind.value if self.end_kind is not None and self.ended_at else None,
                 "viewer_url": self.viewer_url, "address": self.address or None, "backend": self.backend,
                 "accel": self.accel or None, "error": to_problem(self.error) if self.error else None,
-                "start": self.origin.value,
+                "start": self.origin.value, "steps": list(self.steps.names), "ended": self.ended_at,
+                "receipt": self.receipt.summary() if self.receipt is not None else None,
                 "pooled": bool(self.pool_name), "template": self.template or None,
                 "start_reason": self.start_reason or None,
                 "idle_timeout_s": r.idle_timeout_s, "max_lifetime_s": r.max_lifetime_s,
@@ -271,14 +276,16 @@ class LiveSession:
         try:
             self._life()
         except Cancelled as e:
-            self.end_reason = e.reason
+            self.end_reason, self.end_kind = e.reason, self.cancel.kind
         except DispoError as e:
             self.error = e
             self.end_reason = self.end_reason or f"failed: {e.one_line()}"
+            self.end_kind = EndKind.FAILED
         except BaseException as e:  # a bug: still end the session cleanly and say so
             log.exception("session %s", self.id)
             self.error = DispoError(f"internal error: {type(e).__name__}: {e}")
             self.end_reason = f"failed: {self.error.message}"
+            self.end_kind = EndKind.FAILED
         try:
             self._dispose()
         except Exception as e:  # the receipt is a check: its own failure is reported, not fatal
@@ -287,7 +294,10 @@ class LiveSession:
         finally:
             with self._lock:
                 self.state = SessionState.ENDED
+                self.ended_at = time.time()
+            self.end_kind = self.end_kind or (EndKind.FAILED if self.error else EndKind.USER)
             self.emit(EventKind.ENDED, self.end_reason, exit_status=self.exit_status, end_reason=self.end_reason,
+                      end_kind=self.end_kind.value,
                       error=to_problem(self.error) if self.error else None,
                       console_tail=getattr(self.error, "console_tail", "") if self.error else "",
                       receipt=self.receipt.summary() if self.receipt else None,
@@ -329,8 +339,8 @@ class LiveSession:
                     if self.state is SessionState.STARTING:
                         self._set_state(SessionState.RUNNING)
                 # A step list may end the session itself (a template build ends once it is saved).
-                self.exit_status, self.end_reason = ((0, b.finished) if b.finished
-                                                     else supervise(b, lambda: self.last_activity))
+                self.exit_status, self.end_reason, self.end_kind = (
+                    (0, b.finished, EndKind.FINISHED) if b.finished else supervise(b, lambda: self.last_activity))
                 with self._lock:
                     if self.state is not SessionState.STOPPING:
                         self._set_state(SessionState.STOPPING, self.end_reason)

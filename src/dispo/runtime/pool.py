@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound
 from dispo.runtime import record, warm
-from dispo.runtime.events import EventKind, EventSink
+from dispo.runtime.events import EndKind, EventKind, EventSink
 from dispo.runtime.live import LiveSession
 from dispo.runtime.plan import Origin, Plan
 from dispo.runtime.request import SessionRequest
@@ -156,7 +156,7 @@ class Pool:
             for slot in slots:
                 slot.target = 0
                 for g in slot.guests:
-                    if g.pool_name and g.stop(DRAIN_REASON):
+                    if g.pool_name and g.stop(DRAIN_REASON, EndKind.POOL):
                         stopped.append(g.id)
                 slot.guests = [g for g in slot.guests if not g.pool_name]
         return stopped
@@ -233,7 +233,7 @@ class Pool:
                 current = (t.key, t.created) if t is not None else None
                 if slot.template is not None and (slot.template.key, slot.template.created) != current:
                     for g in slot.guests:  # the template changed: its guests must not be handed out
-                        g.stop("the template changed")
+                        g.stop("the template changed", EndKind.POOL)
                     slot.guests = []
                 slot.template = t
                 if t is None or req is None:

@@ -41,7 +41,7 @@ from dispo.runtime.app import (
     vnc_greeting,
 )
 from dispo.runtime.cancel import CancelToken
-from dispo.runtime.events import EventKind
+from dispo.runtime.events import EndKind, EventKind
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.runtime.request import SessionRequest, Stdio, find_image
 from dispo.storage import disks, files, volumes, workspace
@@ -353,8 +353,8 @@ BOOT = Steps((
 STEPS = BOOT  # the name tests, bench and callers knew it by
 
 
-def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | None, str]:
-    """Until the session ends: (exit status or None, why). Raises when the guest dies under the app.
+def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | None, str, EndKind]:
+    """Until the session ends: (exit status or None, why, how). Raises when the guest dies under the app.
     `last_activity`: when someone last used the session (monotonic), for the idle timeout."""
     assert b.app is not None and b.vmm is not None
     assert b.net is not None
@@ -364,7 +364,7 @@ def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | Non
     polls = 0
     while True:
         if b.cancel.wait(POLL_S):
-            return None, b.cancel.reason
+            return None, b.cancel.reason, b.cancel.kind
         polls += 1
         if polls % RULES_EVERY == 0:
             try:
@@ -381,15 +381,15 @@ def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | Non
             if rc == SSH_LOST and not b.vmm.running():
                 raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
                                     f"{b.vmm.wait_exit(0)})")
-            return rc, f"{what} exited with status {rc}"
+            return rc, f"{what} exited with status {rc}", EndKind.EXITED
         if not b.vmm.running():
             raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
                                 f"{b.vmm.wait_exit(1)})")
         now = time.monotonic()
         if r.max_lifetime_s and now - started >= r.max_lifetime_s:
-            return None, f"maximum lifetime of {r.max_lifetime_s:g} s reached"
+            return None, f"maximum lifetime of {r.max_lifetime_s:g} s reached", EndKind.LIFETIME
         if r.idle_timeout_s and now - last_activity() >= r.idle_timeout_s:
-            return None, f"idle for {r.idle_timeout_s:g} s (no viewer and no input)"
+            return None, f"idle for {r.idle_timeout_s:g} s (no viewer and no input)", EndKind.IDLE
 
 
 def _check_space(b: Bringup) -> None:

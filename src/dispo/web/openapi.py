@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 from dispo import __version__
-from dispo.runtime.events import EventKind
+from dispo.runtime.events import EndKind, EventKind
 from dispo.settings import SETTINGS, describe, limit_hi
 
 JSON = "application/json"
@@ -81,12 +81,13 @@ SETTING_SCHEMAS["image"]["description"] += "; GET /v1/images lists them"
 SESSION_EXAMPLE: dict[str, Any] = {
     "id": "1a2b3c4d", "name": None, "profile": "chromium", "image": "chromium", "display": "web", "state": "running",
     "step": "", "created": 1735689600.0, "age_s": 12.5, "exit_status": None, "end_reason": None,
-    "viewer_url": "http://127.0.0.1:8686/viewer/1a2b3c4d/Zk3v1E9nq0xW2gk3N1yQmU8rA1B2c3D4/",
+    "end_kind": None, "viewer_url": "http://127.0.0.1:8686/viewer/1a2b3c4d/Zk3v1E9nq0xW2gk3N1yQmU8rA1B2c3D4/",
     "address": "172.20.0.2", "backend": "qemu", "accel": "kvm", "error": None, "idle_timeout_s": 900.0,
     "max_lifetime_s": 0.0}
 ENDED_EXAMPLE: dict[str, Any] = {
     **SESSION_EXAMPLE, "id": "5e6f7a8b", "profile": None, "image": "minimal", "display": "none", "state": "ended",
-    "exit_status": 7, "end_reason": "the command exited with status 7", "viewer_url": None, "accel": "tcg",
+    "exit_status": 7, "end_reason": "the command exited with status 7", "end_kind": "exited", "viewer_url": None,
+    "accel": "tcg",
     "idle_timeout_s": 0.0}
 PROBLEM_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/InvalidInput", "title": "InvalidInput", "status": 400,
@@ -98,6 +99,14 @@ BUSY_EXAMPLE: dict[str, Any] = {
     "type": "https://dispo.dev/problems/Busy", "title": "Busy", "status": 429,
     "detail": "4 sessions are running, the most this service allows (max_sessions = 4)",
     "hint": "wait for a session to end, or raise max_sessions in the config"}
+
+END_KIND: dict[str, Any] = {
+    "enum": [k.value for k in EndKind],
+    "description": "how it ended, for programs (null until it did): user (DELETE: the dashboard, dispo stop), viewer "
+                   "(its End session), idle, lifetime, exited (its app or command; see exit_status), finished (a "
+                   "template build), dispod_stopped, interrupted (its dispo run got SIGINT/SIGTERM), pool (a warm-pool "
+                   "guest drained), failed (see error), reclaimed (its owner died)"}
+
 
 def _fields(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": properties}
@@ -117,8 +126,8 @@ EVENT_FIELDS: dict[str, dict[str, Any]] = {
         "data": {"type": "string", "contentEncoding": "base64", "description": "the bytes, base64"}}),
     EventKind.STATE.value: {"$ref": "#/components/schemas/Session",
                             "description": "the session's status, as GET /v1/sessions/{id} answers"},
-    EventKind.ENDED.value: _fields(["exit_status", "end_reason", "error"], {
-        "exit_status": _nullable({"type": "integer"}), "end_reason": {"type": "string"},
+    EventKind.ENDED.value: _fields(["exit_status", "end_reason", "end_kind", "error"], {
+        "exit_status": _nullable({"type": "integer"}), "end_reason": {"type": "string"}, "end_kind": END_KIND,
         "error": _nullable({"$ref": "#/components/schemas/SessionError"}), "console_tail": {"type": "string"},
         "receipt": _nullable({"type": "object", "description": "the disposal receipt's summary (receipt.py)"}),
         "requests": _nullable({"type": "array", "items": {"$ref": "#/components/schemas/GuestRequest"}})}),
@@ -181,7 +190,8 @@ SCHEMAS: dict[str, Any] = {
     },
     "Session": {
         "type": "object",
-        "required": ["id", "state", "image", "display", "exit_status", "end_reason", "viewer_url", "created"],
+        "required": ["id", "state", "image", "display", "exit_status", "end_reason", "end_kind", "viewer_url",
+                     "created"],
         "properties": {
             "id": SESSION_ID, "name": _nullable({"type": "string"}), "profile": _nullable({"type": "string"}),
             "image": {"type": "string"}, "display": {"enum": ["web", "x11", "none"]},
@@ -191,6 +201,7 @@ SCHEMAS: dict[str, Any] = {
             "age_s": _nullable({"type": "number"}),
             "exit_status": _nullable({"type": "integer", "description": "the command's or app's exit status"}),
             "end_reason": _nullable({"type": "string", "description": "why it ended or is ending"}),
+            "end_kind": _nullable(END_KIND),
             "viewer_url": _nullable({"type": "string", "description": "web display: the viewer, from the start"}),
             "address": _nullable({"type": "string"}), "backend": {"type": "string"},
             "accel": _nullable({"type": "string"}), "error": _nullable(_ref("SessionError")),
@@ -198,6 +209,11 @@ SCHEMAS: dict[str, Any] = {
             "start": {"enum": ["boot", "restore", "pool"],
                       "description": "how its guest came: booted, restored from a template, or from the warm pool"},
             "pooled": {"type": "boolean", "description": "a guest still waiting in the warm pool"},
+            "steps": {"type": "array", "items": {"type": "string"},
+                      "description": "the names of its bring-up steps, in order (`step` is the one under way)"},
+            "ended": _nullable({"type": "number", "description": "when it ended (seconds since the epoch)"}),
+            "receipt": _nullable({"type": "object", "description": "once it ended: its disposal receipt's summary "
+                                                                  "(clean, leftovers, checked, image_unchanged, ...)"}),
             "template": _nullable({"type": "string", "description": "the template it was restored from"}),
             "start_reason": _nullable({"type": "string", "description": "how its guest comes and why, one line"}),
             "requests": _nullable({"type": "array", "items": _ref("GuestRequest"),
@@ -302,7 +318,8 @@ SCHEMAS: dict[str, Any] = {
         "examples": [{"kind": "state", "session_id": "5e6f7a8b", "message": "ended: the command exited with status 7",
                       "fields": ENDED_EXAMPLE, "time": 1735689612.5},
                      {"kind": "ended", "session_id": "5e6f7a8b", "message": "the command exited with status 7",
-                      "fields": {"exit_status": 7, "end_reason": "the command exited with status 7", "error": None,
+                      "fields": {"exit_status": 7, "end_reason": "the command exited with status 7",
+                                 "end_kind": "exited", "error": None,
                                  "console_tail": ""}, "time": 1735689612.5}],
     },
     "SseMessage": {

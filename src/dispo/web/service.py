@@ -11,10 +11,11 @@ from dispo.config import Config
 from dispo.errors import NotFound
 from dispo.names import check_session_id
 from dispo.runtime import Runtime
-from dispo.runtime.events import Event, EventKind
+from dispo.runtime.events import EndKind, Event, EventKind
 from dispo.runtime.live import LiveSession
 from dispo.web.automation import ServiceAutomation
 from dispo.web.sse import Streams
+from dispo.web.thumbs import Thumbnails
 from dispo.web.viewers import ServiceViewers
 
 RECLAIMED_BY_DISPOD = "reclaimed: its owner (a previous dispod) died"
@@ -29,10 +30,12 @@ def reclaimed_status(session_id: str, meta: Mapping[str, Any], owner_gone: str) 
     return {"id": session_id, "name": meta.get("name") or None, "profile": meta.get("profile") or None,
             "image": str(meta.get("image") or ""), "display": str(req.get("display") or "none"), "state": "ended",
             "step": "", "created": float(created) if isinstance(created, int | float) else None, "age_s": None,
-            "exit_status": None, "end_reason": owner_gone, "viewer_url": None, "address": None,
+            "exit_status": None, "end_reason": owner_gone, "end_kind": EndKind.RECLAIMED.value, "viewer_url": None,
+            "address": None,
             "backend": str(req.get("backend") or ""), "accel": None, "error": None,
             "idle_timeout_s": float(req.get("idle_timeout_s") or 0),
-            "max_lifetime_s": float(req.get("max_lifetime_s") or 0), "cdp_url": None, "bidi_url": None}
+            "max_lifetime_s": float(req.get("max_lifetime_s") or 0), "cdp_url": None, "bidi_url": None,
+            "steps": [], "ended": None, "receipt": None}
 
 
 class Service:
@@ -46,6 +49,7 @@ class Service:
         self.automation = automation or ServiceAutomation(viewers)  # the automation endpoints (web/automation.py)
         self.reclaimed = dict(reclaimed or {})
         self.streams = Streams()
+        self.thumbs = Thumbnails()  # the dashboard's pictures of the running sessions' screens
         self.started = time.time()
         self.stopping = False  # dispod is ending its sessions: no new ones
         self._unsubscribe = rt.events.subscribe(self._on_event)

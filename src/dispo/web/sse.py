@@ -39,7 +39,8 @@ def ended_events(status: Mapping[str, Any]) -> list[Event]:
     reason = str(status.get("end_reason") or "")
     error = status.get("error")
     ended = Event(EventKind.ENDED, sid, reason, {
-        "exit_status": status.get("exit_status"), "end_reason": reason, "error": error,
+        "exit_status": status.get("exit_status"), "end_reason": reason, "end_kind": status.get("end_kind"),
+        "error": error,
         "console_tail": (error or {}).get("console_tail", "") if isinstance(error, dict) else ""})
     return [ended, Event(EventKind.STATE, sid, f"ended: {reason}", dict(status))]
 

@@ -46,6 +46,8 @@
     }).then(function (s) {
       misses = 0;
       if (finished) { return; }
+      var detail = s.done ? "" : String(s.detail || "");
+      if ($("progress-detail").textContent !== detail) { $("progress-detail").textContent = detail; }
       if (s.done) { finish(String(s.text), s.error); return; }
       if (s.display) {
         showDisplay();

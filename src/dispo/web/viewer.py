@@ -160,7 +160,13 @@ def progress(live: LiveSession | None, *, display: bool) -> dict[str, Any]:
     if live is None:  # a viewer of a bare VNC target (no session behind it)
         return answer
     state = live.state.value
-    answer.update(state=state, step=live.step)
+    answer.update(state=state, step=live.step, detail="")
+    if state == "starting" and not live.ended:
+        # Where the start is, as the dashboard's row says it: step k of n, warm or cold, time so far.
+        names = live.steps.names
+        k = names.index(live.step) + 1 if live.step in names else 1
+        how = "warm start" if live.warm else "cold start"
+        answer["detail"] = f"Step {k} of {len(names)}, {how}, {round(time.time() - live.created)} s so far"
     if live.ended:
         answer.update(display=False, done=True)
         if live.error is not None:

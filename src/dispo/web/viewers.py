@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from dispo.errors import Busy, Conflict, DispoError, InvalidInput, NotFound, PermissionProblem
+from dispo.runtime.events import EndKind
 from dispo.web.guard import OPEN_SOCKETS, OpenSockets, authenticated, token_ok
 from dispo.web.viewer import (
     AUTOMATE_HERE,
@@ -74,8 +75,9 @@ class StandaloneViewers:
         self._viewers: dict[str, WebViewer] = {}
 
     def _start(self, live: LiveSession) -> WebViewer:
-        viewer = WebViewer(None, session_id=live.id, on_stop=lambda: live.stop(ENDED_FROM_VIEWER),
-                           on_activity=live.touch, io=live.io, live=live)
+        viewer = WebViewer(None, session_id=live.id,
+                           on_stop=lambda: live.stop(ENDED_FROM_VIEWER, EndKind.VIEWER), on_activity=live.touch,
+                           io=live.io, live=live)
         viewer.start()
         self._viewers[live.id] = viewer
         return viewer
@@ -231,6 +233,14 @@ class ServiceViewers:
             return (viewer, found) if ended else None
         return viewer, found
 
+    def display_socket(self, session_id: str) -> Path | None:
+        """The session's display (its VNC socket) once published, while it runs: for its thumbnail."""
+        with self._lock:
+            viewer = self._viewers.get(session_id)
+        if viewer is None or viewer.gone or viewer.live.ended:
+            return None
+        return viewer.socket
+
     # -- the tokens (POST, GET and DELETE /v1/sessions/{id}/tokens, from the loop) ----------------
     def _of(self, session_id: str, *, ended: bool) -> _Viewer:
         with self._lock:
@@ -316,7 +326,8 @@ class ServiceViewers:
             self._novnc = find_novnc().resolve()  # NotFound (a 404 with the hint) if noVNC is not installed
         endpoint = ViewerEndpoint(sid, f"{VIEWER_PREFIX.lstrip('/')}/{sid}/{token}/{WEBSOCKIFY}",
                                   lambda: self._connect(viewer), self._novnc,
-                                  on_stop=lambda: live.stop(ENDED_FROM_VIEWER), on_activity=live.touch, io=live.io,
+                                  on_stop=lambda: live.stop(ENDED_FROM_VIEWER, EndKind.VIEWER),
+                                  on_activity=live.touch, io=live.io,
                                   status=lambda: progress(live, display=viewer.socket is not None and not viewer.gone),
                                   scope=grant.scope, embed=self.frame_ancestors)
         if tail != STATUS:  # the page asks for its status while it is open: that alone is no use of the session
