@@ -12,9 +12,9 @@ is listed too). What counts as a request:
     other a frame that is neither IPv4, IPv6 nor ARP
 
 ARP is not a request (it only finds the gateway), nor RARP: after a restore from a template the VMM announces
-the guest's MAC with RARP frames (QEMU's self-announce), which ask nothing of anyone. Repeats count in `count`: distinct source ports (and DNS
-ids), so a retransmitted SYN is one connection. Everything from the guest is hostile data: names are
-escaped to printable ASCII here, and the number of distinct entries is capped.
+the guest's MAC with RARP frames (QEMU's self-announce), which ask nothing of anyone. Repeats count in
+`count`: distinct source ports (and DNS ids), so a retransmitted SYN is one connection. Everything from the
+guest is hostile data: names are escaped to printable ASCII here, and the number of distinct entries is capped.
 """
 
 from __future__ import annotations
