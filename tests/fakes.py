@@ -68,6 +68,7 @@ import os, signal, socket, struct, sys, threading
 signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 path = sys.argv[1]
 W, H, SCREEN, BAR, BAR_ROWS = {SCREEN_SIZE[0]}, {SCREEN_SIZE[1]}, {SCREEN_RGB!r}, {BAR_RGB!r}, {BAR_ROWS}
+COLOUR = globals().get("COLOUR")  # set by a line before this text (FakeChannel.display), else None
 if COLOUR:  # VNC_COLOUR: a 64x48 screen of that one colour, drawn at every update request (a recorder's)
     W, H, BAR_ROWS = 64, 48, 0
     SCREEN = tuple(int(COLOUR[i * 2:i * 2 + 2], 16) for i in range(3))
