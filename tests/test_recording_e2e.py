@@ -11,7 +11,17 @@ import time
 from pathlib import Path
 
 from dispo.infra.rfbclient import RfbClient, RfbError
-from tests.guests import ARTIFACTS, GREEN, PAGE_URL, SHOW_TIMEOUT_S, listing, session_id, spawn_run, viewer_url
+from tests.guests import (
+    ARTIFACTS,
+    GREEN,
+    PAGE_URL,
+    SHOW_TIMEOUT_S,
+    GuestImages,
+    listing,
+    session_id,
+    spawn_run,
+    viewer_url,
+)
 from tests.netns import NetWorld
 
 WIDTH, HEIGHT = 1280, 800  # the guest's display (runtime/app.py DEFAULT_GEOMETRY)
@@ -63,8 +73,12 @@ def _shows(video: Path, colour: str) -> int:
     return sum(all(_close(_at(f, WIDTH, x, y, 3), colour) for x, y in POINTS) for f in frames)
 
 
-def test_recorded_browser_session(browser_world: NetWorld, tmp_path: Path) -> None:
+def test_recorded_browser_session(browser_world: NetWorld, guest_images: GuestImages, chromium_template: str,
+                                  tmp_path: Path) -> None:
+    """A clone of the chromium template (built once per run): the recording, not the boot, is the subject, and
+    the record step follows the app step of a restore as of a boot (the fakes test both)."""
     w = browser_world
+    guest_images.give_template(w, chromium_template)
     before = listing(w)
     log = tmp_path / "run.log"
     proc = spawn_run(w, "chromium", f"{PAGE_URL}?check", "--record", log=log)
@@ -82,6 +96,7 @@ def test_recorded_browser_session(browser_world: NetWorld, tmp_path: Path) -> No
             proc.wait(30)
     video = w.workspace / "recordings" / sid / "display.webm"
     assert video.is_file(), log.read_text()
+    assert "restoring from template profile-chromium" in log.read_text()
     probe = json.loads(subprocess.run(
         ["ffprobe", "-v", "error", "-show_entries", "format=duration:stream=width,height,codec_name", "-of", "json",
          str(video)], capture_output=True, text=True, check=True, timeout=60).stdout)
