@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dispo.daemon.paths import ServicePaths
+from dispo.servicepaths import ServicePaths
 from tests import fakes
 from tests.fakeworld import SAFETY_S, dispod_ready, end_dispod, leftovers, spawn_dispod
 

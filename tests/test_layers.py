@@ -30,7 +30,7 @@ SRC = REPO / "src"
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("infrastructure", (
         "dispo", "dispo.errors", "dispo.settings", "dispo.names", "dispo.config", "dispo.features",
-        "dispo.privacy", "dispo.arch", "dispo.guest", "dispo.infra",
+        "dispo.privacy", "dispo.arch", "dispo.guest", "dispo.infra", "dispo.servicepaths",
     )),
     ("storage/net/vmm", (
         "dispo.storage", "dispo.net", "dispo.vmm", "dispo.kernels", "dispo.ssh", "dispo.fetch", "dispo.imagebuild",

@@ -25,10 +25,10 @@ from dispo import config as config_mod
 from dispo import guest
 from dispo.client import DispodClient
 from dispo.config import Config
-from dispo.daemon.paths import ServicePaths
 from dispo.features import Features
 from dispo.runtime import app, guestio, saver
 from dispo.runtime.saver import DownloadSaver, open_directory
+from dispo.servicepaths import ServicePaths
 from tests import fakes
 from tests.fakeworld import (
     SAFETY_S,

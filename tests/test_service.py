@@ -30,9 +30,9 @@ import pytest
 from dispo import receipt
 from dispo.client import DispodClient
 from dispo.config import Config
-from dispo.daemon.paths import ServicePaths
 from dispo.errors import Busy, Conflict, InvalidInput, NotFound, PermissionProblem, ServiceError
 from dispo.runtime.events import Event, EventKind
+from dispo.servicepaths import ServicePaths
 from dispo.web.guard import Limits, ListenerKind
 from tests import fakes
 from tests.fakeworld import (

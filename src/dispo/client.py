@@ -26,9 +26,9 @@ import httpx
 
 from dispo import errors
 from dispo.config import Config
-from dispo.daemon.paths import ServicePaths
 from dispo.errors import DispoError, ServiceError
 from dispo.runtime.events import Event, EventKind
+from dispo.servicepaths import ServicePaths
 
 UDS_BASE = "http://dispod"  # the host part is only a name here: the transport is the unix socket
 TIMEOUT_S = 30.0

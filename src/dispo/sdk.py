@@ -31,10 +31,10 @@ from typing import IO, Any, TypedDict, cast
 from dispo import errors
 from dispo.client import TIMEOUT_S, AsyncDispodClient, DispodClient
 from dispo.config import Config
-from dispo.daemon.paths import ServicePaths
 from dispo.errors import Conflict, DispoError, InvalidInput, NotFound, ServiceError
 from dispo.runtime.events import Event, EventKind
 from dispo.runtime.guestio import host_name
+from dispo.servicepaths import ServicePaths
 
 CHUNK = 1 << 16
 ADDRESS_HINT = ("give http://HOST:PORT (with token=..., from the state dir's dispod.token), unix:/path/to/dispod.sock, "

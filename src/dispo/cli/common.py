@@ -33,7 +33,7 @@ def escape_terminal(text: str) -> str:
 
 def dispod_client(cfg: Config) -> DispodClient | None:
     """A client for dispod when its socket is there and answers, else None (then commands run in-process)."""
-    from dispo.daemon.paths import ServicePaths
+    from dispo.servicepaths import ServicePaths
 
     if not ServicePaths(cfg.state_dir).socket.exists():
         return None

@@ -23,7 +23,6 @@ from dispo import errors, ssh
 from dispo.cli.common import Terminated, add_setting_option, command, dispod_client, escape_terminal, setting_flag
 from dispo.cli.viewerlink import ViewerLink
 from dispo.config import Config
-from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import DispoError, InvalidInput, JournalError, NotFound, VmmError
 from dispo.features import MIB, Features
 from dispo.infra import journal
@@ -35,6 +34,7 @@ from dispo.runtime import EndKind, Event, EventKind, Runtime, SessionRequest, St
 from dispo.runtime.live import LiveSession
 from dispo.runtime.request import API_WHERE
 from dispo.runtime.saver import DownloadSaver, Lister, Opener, open_directory
+from dispo.servicepaths import OWNER as DISPOD_OWNER
 from dispo.settings import SETTINGS
 
 STOP_TIMEOUT_S = 60.0

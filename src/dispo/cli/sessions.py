@@ -12,9 +12,9 @@ from typing import Any
 from dispo import gc
 from dispo.cli.common import command, dispod_client, print_table, run_host_command
 from dispo.config import Config
-from dispo.daemon.paths import OWNER as DISPOD_OWNER
 from dispo.errors import InvalidInput, NotFound
 from dispo.infra import journal
+from dispo.servicepaths import OWNER as DISPOD_OWNER
 from dispo.storage.disks import open_session
 
 

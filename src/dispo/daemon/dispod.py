@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispo.config import Config, pool_targets
-from dispo.daemon.paths import OWNER, ServicePaths
 from dispo.errors import Conflict, InvalidInput, PermissionProblem
 from dispo.infra import journal
 from dispo.runtime import Runtime
 from dispo.runtime.events import EndKind, Event, EventKind
 from dispo.runtime.machinery import REAL, Machinery
 from dispo.runtime.pool import Pool
+from dispo.servicepaths import OWNER, ServicePaths
 from dispo.web.app import build_app
 from dispo.web.automation import ServiceAutomation
 from dispo.web.guard import Limits

@@ -1,4 +1,5 @@
-"""Where dispod keeps its files: all in the root-only state dir, named once here for dispod and its clients."""
+"""Where dispod keeps its files: all in the root-only state dir, named once here for dispod and its clients (the
+CLI, client.py, the SDK), below all of them: a client finds dispod by these names without importing dispod."""
 
 from __future__ import annotations
 
