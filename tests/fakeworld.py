@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 
@@ -240,3 +241,24 @@ def tokens(svc: Running, sid: str) -> list[dict[str, Any]]:
         r = http.get(f"/v1/sessions/{sid}/tokens")
     assert r.status_code == 200, r.text
     return list(r.json()["tokens"])
+
+
+# -- sessions driven over a WebSocket (the automation relay, tests/fakecdp.py's fake browser) ------------------
+def start_session(svc: Running, **body: Any) -> dict[str, Any]:
+    """POST /v1/sessions of the chromium profile (with `body`), once it runs."""
+    created = svc.uds.create_session({"profile": "chromium", **body})
+    wait_state(svc.uds, created["id"], "running")
+    return dict(created)
+
+
+async def ask(ws: aiohttp.ClientWebSocketResponse, text: str) -> str:
+    """Send `text`, and the text message that answers it (the fake browser echoes, or answers "open?")."""
+    await ws.send_str(text)
+    msg = await ws.receive(SAFETY_S)
+    assert msg.type is aiohttp.WSMsgType.TEXT, msg
+    return str(msg.data)
+
+
+def run_async(coro: Any) -> Any:
+    """A coroutine run to its end, within the safety bound."""
+    return asyncio.run(asyncio.wait_for(coro, SAFETY_S))

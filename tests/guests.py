@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from dispo import profiles
 from tests.netns import (
     DISPO,
     INTERNET,
@@ -323,3 +324,21 @@ def state_listing(w: NetWorld) -> dict[str, object]:
     assert isinstance(state, list)
     found["state"] = [p for p in state if p not in DISPOD_FILES]
     return found
+
+
+def chromium_profile(w: NetWorld, name: str, secure_origin: str, *, sound: bool = False) -> None:
+    """The built-in chromium profile under `name` in the world's profiles_dir, the test's plain-HTTP server
+    (`secure_origin`, "http://HOST:PORT") counting as a secure origin: Chromium holds back a plain-HTTP download
+    until a person keeps it (an "insecure download"), as a real site's HTTPS would not. Sound on if asked (the
+    built-in profile has it off)."""
+    text = (profiles.BUILTIN_DIR / "chromium.toml").read_text()
+    if sound:
+        text = text.replace("audio = false", "audio = true")
+    text = text.replace('"--test-type"', f'"--test-type", "--unsafely-treat-insecure-origin-as-secure={secure_origin}"')
+    assert "unsafely" in text and (not sound or "audio = true" in text)
+    d = w.root / "profiles"
+    d.mkdir(exist_ok=True)
+    (d / f"{name}.toml").write_text(text)
+    config = w.config.read_text()
+    if f'profiles_dir = "{d}"' not in config:
+        w.config.write_text(f'profiles_dir = "{d}"\n' + config)

@@ -36,22 +36,21 @@ from dispo.storage.templates import TemplateStore
 from dispo.web import automation
 from dispo.web.viewers import ServiceViewers
 from tests import fakes
-from tests.fakeworld import SAFETY_S, Running, cfg, make_template, mint, run_parser, svc, tokens, wait_state
+from tests.fakeworld import SAFETY_S, Running, ask, cfg, make_template, mint, run_parser, svc, tokens
+from tests.fakeworld import run_async as run
+from tests.fakeworld import start_session as start
 
 __all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 
-def start(svc: Running, **body: Any) -> dict[str, Any]:
-    created = svc.uds.create_session({"profile": "chromium", **body})
-    wait_state(svc.uds, created["id"], "running")
-    return created
+def relays_then_ends(svc: Running, created: dict[str, Any]) -> None:
+    """The session's cdp_url relays to its (fake) browser; then the session is ended."""
+    async def client() -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(created["cdp_url"]) as ws:
+            assert await ask(ws, '{"id": 1}') == '{"id": 1}'
 
-
-async def ask(ws: aiohttp.ClientWebSocketResponse, text: str) -> str:
-    await ws.send_str(text)
-    msg = await ws.receive(SAFETY_S)
-    assert msg.type is WSMsgType.TEXT, msg
-    return str(msg.data)
+    run(client())
+    svc.uds.delete(created["id"], wait=True)
 
 
 async def until_open(ws: aiohttp.ClientWebSocketResponse, count: int) -> None:
@@ -73,9 +72,6 @@ async def connect(http: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSoc
             assert e.status == 429 and time.monotonic() < deadline, e
             await asyncio.sleep(0.05)
 
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, SAFETY_S))
 
 
 def test_a_session_with_automation_relays_to_its_browser_for_several_clients(svc: Running) -> None:
@@ -405,13 +401,7 @@ def test_automation_sessions_restore_from_automation_templates_only_and_get_thei
     created = start(svc, automation=True, start="warm")
     status = svc.uds.session(created["id"])
     assert status["start"] == "restore" and status["template"] == "profile-chromium+automation", status
-
-    async def client() -> None:
-        async with aiohttp.ClientSession() as http, http.ws_connect(created["cdp_url"]) as ws:
-            assert await ask(ws, '{"id": 1}') == '{"id": 1}'
-
-    run(client())
-    svc.uds.delete(created["id"], wait=True)
+    relays_then_ends(svc, created)
 
 
 def test_a_pool_of_an_automation_template_serves_automation_sessions_only(svc: Running, cfg: Config) -> None:
@@ -436,13 +426,7 @@ def test_a_pool_of_an_automation_template_serves_automation_sessions_only(svc: R
     created = start(svc, automation=True)
     status = svc.uds.session(created["id"])
     assert status["start"] == "pool" and status["template"] == "profile-chromium+automation", status
-
-    async def client() -> None:
-        async with aiohttp.ClientSession() as http, http.ws_connect(created["cdp_url"]) as ws:
-            assert await ask(ws, '{"id": 2}') == '{"id": 2}'
-
-    run(client())
-    svc.uds.delete(created["id"], wait=True)
+    relays_then_ends(svc, created)
     svc.uds.pool_drain("chromium+automation")
 
 

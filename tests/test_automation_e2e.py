@@ -31,10 +31,10 @@ from typing import Any
 import pytest
 
 import dispo
-from dispo import guest, profiles
+from dispo import guest
 from tests.dispodworld import start_dispod, stop_dispod
 from tests.guests import COLOUR_PAGE as PAGE
-from tests.guests import state_listing
+from tests.guests import chromium_profile, state_listing
 from tests.netns import HOST_LAN, HOST_UP, INTERNET, INTERNET_PORT, REPO, NetWorld, in_ns
 
 pytestmark = [pytest.mark.root, pytest.mark.vm]
@@ -46,20 +46,6 @@ DOWNLOAD_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>dispo
 """
 CLIENT_TIMEOUT_S = 900
 PORT = guest.DEBUG_PORT
-
-
-def _profile(w: NetWorld) -> None:
-    """The built-in chromium profile under its own name, the test's page server counting as a secure origin: it
-    is plain HTTP, whose downloads Chromium holds back until a person keeps them (an "insecure download"), as a
-    real site's HTTPS would not be (as in tests/test_browser_features.py)."""
-    text = (profiles.BUILTIN_DIR / "chromium.toml").read_text()
-    text = text.replace('"--test-type"', f'"--test-type", "--unsafely-treat-insecure-origin-as-secure='
-                                          f'http://{INTERNET}:{INTERNET_PORT}"')
-    assert "unsafely" in text
-    d = w.root / "profiles"
-    d.mkdir(exist_ok=True)
-    (d / "chromium.toml").write_text(text)
-    w.config.write_text(f'profiles_dir = "{d}"\n' + w.config.read_text())
 
 
 def _client(w: NetWorld, cdp_url: str, *pages: str) -> dict[str, Any]:
@@ -98,7 +84,7 @@ def test_playwright_drives_a_restored_and_a_cold_automation_session(browser_worl
     blob = os.urandom(300_000)
     (w.root / "www-inet" / "blob.bin").write_bytes(blob)
     (w.root / "www-inet" / "dl.html").write_text(DOWNLOAD_PAGE)
-    _profile(w)
+    chromium_profile(w, "chromium", f"http://{INTERNET}:{INTERNET_PORT}")
     built = w.dispo("template", "build", "chromium", "--automation", timeout=900)
     assert built.returncode == 0, built.stderr
     assert "template profile-chromium+automation" in built.stdout, built.stdout

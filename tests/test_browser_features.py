@@ -19,12 +19,12 @@ import struct
 import subprocess
 from pathlib import Path
 
-from dispo import profiles
 from tests.guests import (
     GREEN,
     PAGE_URL,
     RED,
     GuestImages,
+    chromium_profile,
     listing,
     session_id,
     shot,
@@ -37,21 +37,6 @@ from tests.netns import INTERNET, PYTHON, REPO, NetWorld, in_ns
 FILES_PORT = 8091
 HOSTILE_NAME = "../../escape me.bin"
 TONE_HZ = 440
-
-
-def _profile(w: NetWorld) -> None:
-    """The built-in chromium profile with sound on (off by default), under the name `feat`. The test's file
-    server is plain HTTP, whose downloads Chromium holds back until the user keeps them (an "insecure download"
-    warning): the test's origin counts as secure, as a real site's HTTPS would."""
-    text = (profiles.BUILTIN_DIR / "chromium.toml").read_text().replace("audio = false", "audio = true")
-    text = text.replace('"--test-type"', f'"--test-type", "--unsafely-treat-insecure-origin-as-secure='
-                                          f'http://{INTERNET}:{FILES_PORT}"')
-    assert "unsafely" in text
-    d = w.root / "profiles"
-    d.mkdir(exist_ok=True)
-    (d / "feat.toml").write_text(text)
-    cfg = w.config.read_text()
-    w.config.write_text(f'profiles_dir = "{d}"\n' + cfg)
 
 
 def _curl(w: NetWorld, *args: str) -> subprocess.CompletedProcess[str]:
@@ -117,7 +102,7 @@ def test_browser_features_and_kept_volume(browser_world: NetWorld, guest_images:
     A kept volume is mounted at boot, so sessions 1 and 2 boot cold; session 3 needs a running browser but
     does not test its boot: it is a clone of the chromium template (tests/guests.py, built once per run)."""
     w = browser_world
-    _profile(w)
+    chromium_profile(w, "feat", f"http://{INTERNET}:{FILES_PORT}", sound=True)
     guest_images.give_template(w, chromium_template)
     before = listing(w)
 

@@ -30,28 +30,16 @@ from dispo import config
 from dispo.cli import takeover as takeover_cli
 from dispo.config import Config
 from dispo.errors import ConfigError, Conflict, InvalidInput, NotFound
-from tests.fakeworld import SAFETY_S, Running, cfg, mint, serving, svc, tokens, wait_state
+from tests.fakeworld import SAFETY_S, Running, ask, cfg, mint, serving, svc, tokens, wait_state
+from tests.fakeworld import run_async as run
+from tests.fakeworld import start_session as start
 
 __all__ = ["cfg", "svc"]  # the fixtures from tests/fakeworld.py (pytest finds them by name)
 
 pytestmark = pytest.mark.skipif(not Path("/usr/share/novnc/vnc.html").exists(), reason="needs Debian package novnc")
 
 
-def start(svc: Running, **body: Any) -> dict[str, Any]:
-    created = svc.uds.create_session({"profile": "chromium", **body})
-    wait_state(svc.uds, created["id"], "running")
-    return created
 
-
-async def ask(ws: aiohttp.ClientWebSocketResponse, text: str) -> str:
-    await ws.send_str(text)
-    msg = await ws.receive(SAFETY_S)
-    assert msg.type is WSMsgType.TEXT, msg
-    return str(msg.data)
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, SAFETY_S))
 
 
 # -- take-over ----------------------------------------------------------------------------------------------
