@@ -22,7 +22,7 @@ from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound
 from dispo.runtime import Runtime, build
 from dispo.runtime.live import LiveSession
-from dispo.storage import recordings
+from dispo.storage import files, recordings
 from tests import fakes
 from tests.fakeworld import SAFETY_S, cfg, dispod_ready, end_dispod, rt, serving, spawn_dispod
 
@@ -91,7 +91,7 @@ def test_recorded_session_plays_shows_the_display_and_is_in_the_receipt(rt: Runt
     # The receipt proves what was kept: the file's sha256, and nothing left over (ffmpeg, the partial file).
     assert live.receipt is not None and live.receipt.clean, live.receipt
     assert live.receipt.recording is not None
-    assert live.receipt.recording["sha256"] == recordings.sha256_file(rec.video)
+    assert live.receipt.recording["sha256"] == files.sha256_file(rec.video)
     assert any(rec.sha256 in k for k in live.receipt.kept)
     assert any("recorder-ffmpeg" in o for o in live.receipt.objects)
     assert recorder_pids(rt.cfg) == []
@@ -245,5 +245,5 @@ def test_the_request_log_is_kept_beside_the_video(cfg: Config) -> None:
     assert rec.video.read_bytes() == b"not really a video" and not tmp.exists()
     log = rec.path / recordings.REQUESTS
     assert json.loads(log.read_text()) == requests
-    assert rec.requests_sha256 == recordings.sha256_file(log)
+    assert rec.requests_sha256 == files.sha256_file(log)
     assert recordings.find(cfg, "0123abcd") == rec

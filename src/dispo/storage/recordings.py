@@ -12,7 +12,6 @@ until `dispo recording rm ID` or until it is older than [recordings] max_age_h (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -24,6 +23,7 @@ from dispo.config import Config
 from dispo.errors import NotFound
 from dispo.infra.txn import Transaction
 from dispo.names import check_session_id
+from dispo.storage import files
 
 VIDEO = "display.webm"
 REQUESTS = "requests.json"
@@ -67,23 +67,16 @@ def begin(tx: Transaction) -> Path:
     return tmp
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def commit(tx: Transaction, tmp: Path, requests: list[dict[str, Any]] | None) -> Recording:
     """The finished recording (the video in `tmp`) renamed into place and handed over: kept, not the session's."""
     video = tmp / VIDEO
     req_sha = None
     if requests is not None:
         (tmp / REQUESTS).write_text(json.dumps(requests, indent=1, sort_keys=True) + "\n")
-        req_sha = sha256_file(tmp / REQUESTS)
+        req_sha = files.sha256_file(tmp / REQUESTS)
     final = path_of(tx.cfg, tx.session_id)
-    rec = Recording(tx.session_id, final, final / VIDEO, video.stat().st_size, sha256_file(video), time.time(), req_sha)
+    rec = Recording(tx.session_id, final, final / VIDEO, video.stat().st_size, files.sha256_file(video), time.time(),
+                    req_sha)
     (tmp / INFO).write_text(json.dumps(rec.to_json(), indent=1, sort_keys=True) + "\n")
     os.rename(tmp, final)
     entry = next(e for e in tx.journal.entries if e.kind == "path" and e.args.get("path") == str(tmp))
@@ -144,4 +137,4 @@ def sweep(cfg: Config, now: float | None = None) -> list[str]:
 
 
 __all__ = ["MEDIA_TYPE", "Recording", "begin", "commit", "find", "list_recordings", "path_of", "recordings_dir",
-           "remove", "sha256_file", "sweep"]
+           "remove", "sweep"]
