@@ -118,13 +118,13 @@ def parse_header(block: bytes) -> Member | None:
         raise _bad("a tar header has no valid checksum") from None
     if stored != sum(block[:148]) + 8 * 0x20 + sum(block[156:]):
         raise _bad("a tar header's checksum does not match (the file is damaged)")
-    if block[257:265] != b"ustar\x0000":
-        raise _bad("a tar header is not POSIX ustar")
     kind = block[156:157]
     raw_name = block[0:100].split(b"\0", 1)[0]
     if kind not in (b"0", b"\0"):
         what = _KINDS.get(kind, "not a regular file")
         raise _bad(f"member {raw_name[:64]!r} is {what}")
+    if block[257:265] != b"ustar\x0000":
+        raise _bad("a tar header is not POSIX ustar")
     if block[345:500] != bytes(155):
         raise _bad(f"member {raw_name[:64]!r} has a path prefix")
     try:
