@@ -306,3 +306,33 @@ def test_an_image_sealed_before_manifests_gets_its_digest_from_its_files(base: I
     old = ImageStore(here).get("base")
     assert old.recorded_content is None and old.digest == recorded  # rootfs hash as recorded; small files hashed
     assert ImageStore(here).verify("base")
+
+
+@pytest.mark.root
+def test_round_trip_on_each_storage_backend(cfg: Config, tmp_path: Path) -> None:
+    """Saved from a btrfs subvolume, a reflinked or a copied holder, loaded into one of the same backend: the same
+    digest, sealed as an import is, and a session disk of it has the image's files."""
+    from dispo.storage.disks import open_session
+    from tests.worlds import debugfs_has
+
+    image = _image(cfg, tmp_path)
+    path = tmp_path / "base.dimg"
+    imagefile.save_to_path(image, path)
+    with open(path, "rb") as f:
+        loaded = imagefile.load(ImageStore(cfg), f, name="again", expect=image.digest)
+    assert loaded.digest == image.digest and loaded.storage is cfg.storage.backend
+    if cfg.storage.backend is StorageBackend.BTRFS:
+        with pytest.raises(OSError):
+            (loaded.path / "new-file").write_text("x")  # a read-only subvolume
+    else:
+        assert all(f.stat().st_mode & 0o222 == 0 for f in loaded.path.iterdir())  # read-only files
+    with open_session(cfg, image="again") as s:
+        assert debugfs_has(s.disk, "/data/a.txt")
+    assert ImageStore(cfg).verify("again")
+    before = host_objects(cfg.workspace, cfg.state_dir)
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[-2048] ^= 1  # inside the last file
+    with pytest.raises(InvalidInput):
+        imagefile.load(ImageStore(cfg), io.BytesIO(bytes(data)), name="broken")
+    assert host_objects(cfg.workspace, cfg.state_dir) == before  # the half-made holder (subvolume) is gone
