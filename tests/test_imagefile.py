@@ -197,6 +197,8 @@ def test_a_tampered_file_is_refused_with_nothing_left(base: Image, there: Config
     with pytest.raises(InvalidInput):
         imagefile.load(ImageStore(there), io.BytesIO(bytes(broken)))
     _nothing_left(there)
+    # Junk after the zstd frame: every file matched, but the image is not put in place.
+    _refused(there, z.read_bytes() + b"junk" * 100, "zstd compression is damaged")
 
 
 def _members(data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:

@@ -159,8 +159,9 @@ def _padding(size: int) -> int:
 class _Reader:
     """Exact reads from a stream; a short one means the file was cut short."""
 
-    def __init__(self, stream: _Readable) -> None:
+    def __init__(self, stream: _Readable, finish: Callable[[], None] = lambda: None) -> None:
         self.stream = stream
+        self.finish = finish  # at the stream's end: whatever decompressed it must have succeeded too
 
     def exact(self, n: int) -> bytes:
         parts, left = [], n
@@ -184,6 +185,7 @@ class _Reader:
             seen += len(chunk)
             if seen > MAX_TRAILER or chunk.count(0) != len(chunk):
                 raise _bad("something follows its end")
+        self.finish()
 
 
 def _check_str(value: object, what: str, limit: int = 256) -> str:
@@ -278,9 +280,10 @@ def parse_manifest(data: bytes) -> Manifest:
 # --- zstd through its command-line tool (the standard library has no zstd before Python 3.14) -----------------------
 
 @contextlib.contextmanager
-def _unzstd(head: bytes, src: IO[bytes]) -> Iterator[IO[bytes]]:
-    """The decompressed stream of `head` + the rest of `src`. A feeder thread copies the input into zstd, so a
-    pipe (stdin) works as a file does; zstd's own window limit (128 MiB by default) bounds its memory."""
+def _unzstd(head: bytes, src: IO[bytes]) -> Iterator[_Reader]:
+    """A reader of the decompressed stream of `head` + the rest of `src`. A feeder thread copies the input into
+    zstd, so a pipe (stdin) works as a file does; zstd's own window limit (128 MiB by default) bounds its memory.
+    zstd's exit status is checked when the reader reaches the end, before the image is put in place."""
     proc = subprocess.Popen([which("zstd", hint=ZSTD_HINT), "-d", "-q", "-c"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=minimal_env())
     assert proc.stdin is not None and proc.stdout is not None
@@ -295,28 +298,29 @@ def _unzstd(head: bytes, src: IO[bytes]) -> Iterator[IO[bytes]]:
         with contextlib.suppress(OSError, ValueError):
             stdin.close()
 
+    def finish() -> None:
+        # Its output ended, so zstd has exited or is exiting; trailing junk after its frames makes it fail.
+        if proc.wait() != 0:
+            raise _bad("its zstd compression is damaged")
+
     feeder = threading.Thread(target=feed, name="zstd-feed", daemon=True)
     feeder.start()
-    ok = False
     try:
-        yield proc.stdout
-        ok = True  # the reader read the stream to its end: zstd is done or about to be
+        yield _Reader(proc.stdout, finish)
     finally:
-        if not ok:
-            proc.kill()
+        if proc.poll() is None:
+            proc.kill()  # refused (or done with) before zstd's end
         proc.stdout.close()
-        rc = proc.wait()
+        proc.wait()
         feeder.join(timeout=5)  # stuck only on a source that never ends (a pipe left open): it is a daemon
-    if rc != 0:
-        raise _bad("its zstd compression is damaged")
 
 
 @contextlib.contextmanager
 def _tar_stream(src: IO[bytes]) -> Iterator[_Reader]:
     head = src.read(4)
     if head == ZSTD_MAGIC:
-        with _unzstd(head, src) as out:
-            yield _Reader(out)
+        with _unzstd(head, src) as reader:
+            yield reader
         return
 
     class _Joined:
