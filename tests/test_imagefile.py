@@ -338,3 +338,16 @@ def test_round_trip_on_each_storage_backend(cfg: Config, tmp_path: Path) -> None
     with pytest.raises(InvalidInput):
         imagefile.load(ImageStore(cfg), io.BytesIO(bytes(data)), name="broken")
     assert host_objects(cfg.workspace, cfg.state_dir) == before  # the half-made holder (subvolume) is gone
+
+
+def test_import_and_load_each_point_to_the_other(base: Image, there: Config, tmp_path: Path) -> None:
+    saved = tmp_path / "base.dimg"
+    imagefile.save_to_path(base, saved)
+    with pytest.raises(InvalidInput) as e:
+        ImageStore(there).import_(saved, "x", quiet=True)
+    assert f"load it with 'dispo image load {saved}'" in e.value.one_line()
+    raw = make_ext4(tmp_path / "raw.ext4", "8M")
+    with open(raw, "rb") as f, pytest.raises(InvalidInput) as e:
+        imagefile.load(ImageStore(there), f)
+    assert "dispo image import FILE --name NAME" in e.value.one_line()
+    _nothing_left(there)

@@ -110,6 +110,8 @@ def cmd_load(args: argparse.Namespace, cfg: Config) -> int:
     progress = Progress("loading", quiet=args.quiet)
     t0 = time.monotonic()
     if args.file == "-":
+        if sys.stdin.isatty():
+            raise InvalidInput("standard input is a terminal", hint="pipe the image file in, or give FILE")
         image = imagefile.load(store, sys.stdin.buffer, name=args.name, expect=args.sha256, source="standard input",
                                progress=progress)
     else:

@@ -66,7 +66,8 @@ class _Readable(Protocol):
 
 def _bad(what: str, hint: str = "") -> InvalidInput:
     return InvalidInput(f"not a valid dispo image file: {what}",
-                        hint=hint or "make it with 'dispo image save NAME FILE' and copy it whole")
+                        hint=hint or "make it with 'dispo image save NAME FILE' and copy it whole (a raw ext4 "
+                                     "file goes in with 'dispo image import FILE --name NAME')")
 
 
 # --- tar, the little of it this format uses --------------------------------------------------------------------

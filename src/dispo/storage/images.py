@@ -215,6 +215,9 @@ class ImageStore:
             raise NotFound(f"image file {src} does not exist", hint="check the path")
         if not src.is_file() and not src.is_dir():
             raise InvalidInput(f"{src} is not a regular file", hint="give the path of a raw ext4 image file")
+        if src.is_file() and _saved_image_file(src):
+            raise InvalidInput(f"{src} is an image file written by 'dispo image save', not an ext4 filesystem",
+                               hint=f"load it with 'dispo image load {src}'")
         files.check_ext4(src)
         src_size = src.stat().st_size
         if size is not None and size < src_size:
@@ -282,6 +285,16 @@ class ImageStore:
                                    ) from None
             t.journal.forget(entry)
         return Image.load(dest)
+
+
+def _saved_image_file(path: Path) -> bool:
+    """Whether `path` starts as `dispo image save` writes: zstd's magic, or a ustar header (storage/imagefile.py)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(265)
+    except OSError:
+        return False
+    return head[:4] == b"\x28\xb5\x2f\xfd" or head[257:265] == b"ustar\x0000"
 
 
 def _raw_meta(image: Image) -> dict[str, Any]:
