@@ -235,8 +235,9 @@ async def list_profiles(request: web.Request) -> web.Response:
 
 
 def _images(svc: Service) -> list[dict[str, Any]]:
-    return [{"name": i.name, "size": i.size, "sha256": i.sha256, "storage": i.storage.value, "created": i.created,
-             "bootable": bool(i.kernel), "arch": i.arch, "vmms": list(i.vmms)} for i in ImageStore(svc.cfg).list()]
+    return [{"name": i.name, "size": i.size, "sha256": i.sha256, "digest": i.digest, "storage": i.storage.value,
+             "created": i.created, "bootable": bool(i.kernel), "arch": i.arch, "vmms": list(i.vmms)}
+            for i in ImageStore(svc.cfg).list()]
 
 
 async def list_images(request: web.Request) -> web.Response:

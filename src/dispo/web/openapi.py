@@ -292,9 +292,15 @@ SCHEMAS: dict[str, Any] = {
                         "source": "/usr/lib/python3/dist-packages/dispo/builtin_profiles/chromium.toml",
                         "error": None}]}]},
     "Image": {
-        "type": "object", "required": ["name", "size", "sha256", "storage", "created", "bootable"],
+        "type": "object", "required": ["name", "size", "sha256", "digest", "storage", "created", "bootable"],
         "properties": {"name": {"type": "string"}, "size": {"type": "integer"},
-                       "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                       "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                  "description": "the sha256 of the root filesystem (rootfs.ext4) alone"},
+                       "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                  "description": "the image's content digest, its identity on every host: the "
+                                                 "sha256 of its manifest (every file's sha256 and the portable "
+                                                 "image.json keys); what 'dispo image ls' shows and 'dispo image "
+                                                 "load --sha256' checks"},
                        "storage": {"enum": ["btrfs", "reflink", "copy"]}, "created": {"type": "number"},
                        "bootable": {"type": "boolean"}, "arch": {"type": "string"},
                        "vmms": {"type": "array", "items": {"type": "string"}}},
@@ -302,6 +308,7 @@ SCHEMAS: dict[str, Any] = {
     "ImageList": {"type": "object", "required": ["images"],
                   "properties": {"images": {"type": "array", "items": _ref("Image")}},
                   "examples": [{"images": [{"name": "minimal", "size": 2147483648, "sha256": "ab" * 32,
+                                            "digest": "cd" * 32,
                                             "storage": "btrfs", "created": 1735689600.0, "bootable": True,
                                             "arch": "x86_64", "vmms": ["qemu", "firecracker"]}]}]},
     "Event": {
