@@ -10,7 +10,7 @@ import pytest
 
 from dispo.config import Config, StorageBackend
 from tests.guests import browser_world, chromium_template, guest_images, vm_world
-from tests.tiers import marker, tier, tier_of, xdist_group
+from tests.tiers import marker, tier, tier_of
 from tests.worlds import loop_fs, make_config, make_ext4
 
 # The worlds with real guests, for every module (tests/guests.py); pytest finds fixtures by name.
@@ -44,8 +44,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         name = tier_of(item)
         item.add_marker(getattr(pytest.mark, marker(name)))
-        if group := xdist_group(item, name):
-            item.add_marker(pytest.mark.xdist_group(group))
         if name != "fast" and not IS_ROOT:
             item.add_marker(skip_root)
 

@@ -50,9 +50,7 @@ from tests.guests import (
 from tests.netns import INTERNET, INTERNET_OTHER, PYTHON, REPO, NetWorld, in_ns
 from tests.tiers import tier
 
-# idles: each session's 60 s quiet window is a browser idling on a page, watched (tests/tiers.py runs it beside
-# the browser tier's other tests).
-pytestmark = [pytest.mark.root, pytest.mark.vm, pytest.mark.idles]
+pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 PAGE_HOST = "page.dispo.test"
 PAGE_PORT = 8090

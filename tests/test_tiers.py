@@ -1,6 +1,5 @@
 """Tiers follow from the worlds a test uses (tests/tiers.py): a test that boots a guest through an imported world
-fixture is a VM test without a marker of its own. In the browser tier (two workers, `--dist loadgroup`) a test
-whose guest mostly idles runs beside the others, every other test in one worker's group."""
+fixture is a VM test without a marker of its own."""
 
 from __future__ import annotations
 
@@ -11,8 +10,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Collects the given paths in a pytest of its own and prints each test's tier marker and xdist group, as conftest
-# set them.
+# Collects the given paths in a pytest of its own and prints each test's tier marker, as conftest set it.
 _COLLECT = """
 import json, sys, pytest
 from tests.tiers import TIERS, marker
@@ -20,22 +18,18 @@ found = {}
 class Tiers:
     def pytest_collection_finish(self, session):
         for item in session.items:
-            group = item.get_closest_marker("xdist_group")
-            found[item.name.split("[")[0]] = [*sorted(t for t in TIERS if item.get_closest_marker(marker(t))),
-                                              group.args[0] if group else None]
+            found[item.name.split("[")[0]] = sorted(t for t in TIERS if item.get_closest_marker(marker(t)))
 pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *sys.argv[1:]], plugins=[Tiers()])
 print("TIERS=" + json.dumps(found))
 """
 
 CASES = {
     # unmarked modules whose tests boot guests through the worlds conftest shares (tests/guests.py)
-    "tests/test_open.py": ("test_xdg_open_starts_a_disposable_session_on_the_url", "vm", None),
-    "tests/test_browser_features.py": ("test_browser_features_and_kept_volume", "browser", "main"),
-    # the quiet tests watch an idle browser for 60 s
-    "tests/test_quiet.py": ("test_quiet_browser", "browser", "idles"),
+    "tests/test_open.py": ("test_xdg_open_starts_a_disposable_session_on_the_url", "vm"),
+    "tests/test_browser_features.py": ("test_browser_features_and_kept_volume", "browser"),
     # a fixture of conftest's (loop-mounted filesystems) makes a test a root test
-    "tests/test_storage.py": ("test_probe_picks_the_best_backend", "root", None),
-    "tests/test_profiles.py": ("test_builtin_profiles_are_valid", "fast", None),
+    "tests/test_storage.py": ("test_probe_picks_the_best_backend", "root"),
+    "tests/test_profiles.py": ("test_builtin_profiles_are_valid", "fast"),
 }
 
 
@@ -45,5 +39,4 @@ def test_a_tests_tier_follows_from_its_worlds() -> None:
     line = next((x for x in p.stdout.splitlines() if x.startswith("TIERS=")), None)
     assert line is not None, p.stdout + p.stderr
     found = json.loads(line.removeprefix("TIERS="))
-    assert ({test: found.get(test) for test, _, _ in CASES.values()}
-            == {test: [tier, group] for test, tier, group in CASES.values()})
+    assert {test: found.get(test) for test, _ in CASES.values()} == {test: [tier] for test, tier in CASES.values()}

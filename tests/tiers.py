@@ -40,17 +40,6 @@ def tier(name: str) -> Callable[[_F], _F]:
     return mark
 
 
-def xdist_group(item: pytest.Item, tier_name: str) -> str | None:
-    """Where a test runs in a tier on two workers with `--dist loadgroup` (DIST): a test marked `idles` (most
-    of its time a guest idles, watched, as in the quiet tests' 60 s windows) in the group of such tests, every
-    other test in the tier's main group. So one worker runs the main group in order and pays once for its
-    per-process worlds (the chromium template, the arm64 world), and the other runs the idling tests beside
-    it: at most two guests at once, one of them mostly idle."""
-    if DIST.get(tier_name) != "loadgroup":
-        return None
-    return "idles" if item.get_closest_marker("idles") else "main"
-
-
 def marker(name: str) -> str:
     """The marker conftest gives each test of tier `name`, which `-m` selects on. Not the tier's own name:
     `root` and `vm` are also markers that modules put on their tests, and a `-m root` would select a VM test
@@ -77,11 +66,7 @@ BUDGET_S = {"fast": 120, "root": 240, "vm": 540, "browser": 900}
 # pytest-xdist workers (tests share no namespace, state dir or workspace). The fast tier's tests wait on fake
 # guests, dispod and headless pages more than they compute: 3 workers on this 2-core machine took 108-116 s
 # against 130-149 s with 2.
-PARALLEL = {"fast": "3", "vm": "2", "browser": "2"}
-# How xdist hands out the tests: worksteal (an idle worker takes tests queued on the other, so one long test does
-# not end the tier alone on one core), or loadgroup where two browser guests booting at once would slow each
-# other (emulated, 2 vCPUs each on 2 cores): see xdist_group.
-DIST = {"browser": "loadgroup"}
+PARALLEL = {"fast": "3", "vm": "2"}
 
 
 def _counts(junit: Path) -> dict[str, int]:
@@ -120,7 +105,9 @@ def main(argv: list[str]) -> int:
                 # paths (state dir of a test's tmp_path, then sessions/ID/NAME.sock) stay as short as in a run
                 # without workers, under the 107 bytes of a unix socket address.
                 short = tempfile.mkdtemp(prefix="dt-", dir="/tmp")
-                cmd += ["-n", PARALLEL[name], "--dist", DIST.get(name, "worksteal"), f"--basetemp={short}"]
+                # worksteal: an idle worker takes tests queued on the other, so one long test (the API fuzzer in
+                # fast, a two-guest test in vm) does not end the tier alone on one core.
+                cmd += ["-n", PARALLEL[name], "--dist", "worksteal", f"--basetemp={short}"]
             print(f"\n=== tier {name}: {' '.join(cmd[1:])}", flush=True)
             t0 = time.monotonic()
             rc = subprocess.call(cmd)
