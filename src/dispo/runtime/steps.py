@@ -443,9 +443,10 @@ def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | Non
             _check_space(b)
         rc = b.app.poll()
         if isinstance(b.app, AgentCommand) and rc is not None and b.app.error:
-            if not b.vmm.running():
+            # The channel broke: first whether the guest's VMM is going (its socket closes as it exits).
+            if (status := b.vmm.wait_exit(2)) is not None:
                 raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
-                                    f"{b.vmm.wait_exit(0)})")
+                                    f"{status})")
             raise AgentError(b.app.error, hint="the guest's agent broke its protocol; the session was ended")
         if rc is not None:
             if rc == SSH_LOST and not b.vmm.running():
