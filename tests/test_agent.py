@@ -4,6 +4,7 @@ over-long, binary, slow and out-of-order answers. The real path (QEMU/TCG) is te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import socket
@@ -242,3 +243,57 @@ def test_hello_tells_an_older_agent_from_a_silent_one() -> None:
     assert agent.AgentLink(HostileGuest(b"err unknown request\n").host).hello(5, lambda: True, too_old_ok=True) is False
     with pytest.raises(AgentError, match="did not answer"):
         agent.AgentLink(HostileGuest(b"").host).hello(1, lambda: True)
+
+
+# -- the runtime's path: ready by the agent, the command through it ---------------------------------------
+def test_a_session_is_ready_by_its_agent_and_its_command_runs_through_it(tmp_path: Path) -> None:
+    """The runtime with fake machinery whose guest's agent is the real agent.pl (on a socket pair): an image
+    dispo built is found ready by the agent's answer, and the command runs through it, not as a host process
+    (the fake guest's SSH stand-in, FakeChannel, would run it as one: the journal shows none)."""
+    import dataclasses
+    import json
+
+    from dispo.runtime import EventKind, Runtime, build
+    from dispo.web.viewers import StandaloneViewers
+    from tests import fakes
+    from tests.fakeworld import leftovers
+    from tests.test_runtime import Recorder
+
+    cfg = fakes.config(tmp_path)
+    meta_path = cfg.images_dir / "minimal" / "image.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "provenance": "built"}))  # as `dispo image build` leaves it
+    home = tmp_path / "agent-home"
+    home.mkdir()
+    agents: list[GuestAgent] = []
+
+    def agent_link(vmm: object, timeout: float, alive: object) -> agent.AgentLink:
+        g = GuestAgent(home)
+        agents.append(g)
+        link = agent.AgentLink(g.host)
+        link.hello(timeout, lambda: True)
+        return link
+
+    machinery = dataclasses.replace(fakes.machinery(), agent_link=agent_link)
+    viewers = StandaloneViewers()
+    rt = Runtime(cfg, machinery=machinery, viewers=viewers)
+    before = leftovers(cfg)
+    spawned: list[str] = []
+    try:
+        rec = Recorder()
+        live = rt.start(build(cfg, command=["sh", "-c", 'echo "out $1"; echo err >&2; exit 7', "sh", "a b"]),
+                        sink=rec)
+        journal = cfg.state_dir / "sessions" / live.id / "state.json"  # every host process, while it runs
+        while not live.wait(0.02):
+            with contextlib.suppress(OSError):
+                spawned += [w for w in ("command-ssh", "app-ssh") if w in journal.read_text()]
+        assert live.exit_status == 7 and live.error is None, live.status()
+        assert rec.output("stdout") == b"out a b\n" and rec.output("stderr") == b"err\n"
+        assert spawned == [] and len(agents) == 1
+        assert rec.kinds(EventKind.READY)[0].fields["by"] == "agent"
+        assert leftovers(cfg) == before
+    finally:
+        assert rt.shutdown("test over", timeout=30) == []
+        viewers.close()
+        for g in agents:
+            g.close()
