@@ -332,9 +332,9 @@ def machinery(ready_delay: float = 0.0, *, files: tuple[str, ...] = (), app_outp
         return _identity(tx, disk, files, app_output)
 
     def renew(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
-              alive: Callable[[], bool]) -> Identity:
+              alive: Callable[[], bool]) -> tuple[Identity, None]:
         vmm.resume()
-        return identity(tx, Path())
+        return identity(tx, Path()), None
 
     return Machinery(attach_network=_network, create_vmm=create, identity=identity,
                      network_missing=lambda tx, net: [], renew_identity=renew,

@@ -41,6 +41,39 @@ def test_run_end_to_end(vm_world: NetWorld) -> None:
     assert listing(w) == before
 
 
+def test_a_command_runs_through_the_agent_with_no_ssh_on_the_host(vm_world: NetWorld) -> None:
+    """`dispo run -- CMD` without a terminal: ready when the guest's agent answers, the command through the
+    agent; its stdout, stderr and status as over SSH, and no ssh process started on the host (an `ssh` first
+    on PATH, which dispo finds ssh by, notes every start)."""
+    w = vm_world
+    shim = w.root / "ssh-shim"
+    shim.mkdir()
+    started = w.root / "ssh-started"
+    (shim / "ssh").write_text(f'#!/bin/sh\necho "$*" >> {started}\nexec /usr/bin/ssh "$@"\n')
+    (shim / "ssh").chmod(0o755)
+    env = dict(w.env(), PATH=f"{shim}:{w.env()['PATH']}")
+    before = listing(w)
+    script = 'printf "out %s\\n" "$@"; echo "err $(id -un) $PWD" >&2; tr a-z A-Z; exit 9'
+    p = subprocess.run(w.dispo_argv("run", "--image", "minimal", "--", "sh", "-c", script, "sh", "a b", "$HOME"),
+                       env=env, input="from stdin\n", capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 9, p.stderr
+    assert p.stdout == "out a b\nout $HOME\nFROM STDIN\n", p.stdout
+    assert "err user /home/user\n" in p.stderr and "ready in" in p.stderr, p.stderr
+    assert not started.exists(), started.read_text()
+    # The same through SSH (`dispo ssh` on a live session): the same output and status.
+    held = w.spawn(w.dispo_argv("run", "--", "sleep", "600"), env=env, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE)
+    (sid,) = wait_ready(w, [held], 1)
+    assert not started.exists(), started.read_text()
+    q = subprocess.run(w.dispo_argv("ssh", sid, "--", "sh", "-c", script, "sh", "a b", "$HOME"), env=env,
+                       input="from stdin\n", capture_output=True, text=True, timeout=120, check=False)
+    assert (q.returncode, q.stdout, q.stderr) == (9, p.stdout, "err user /home/user\n"), q.stderr
+    assert started.exists()  # the shim sees ssh when it runs
+    os.kill(held.pid, signal.SIGTERM)
+    assert held.wait(60) == 128 + signal.SIGTERM
+    assert listing(w) == before
+
+
 def test_under_ip_netns_exec_it_works_or_fails_in_one_line(vm_world: NetWorld) -> None:
     """`ip netns exec` gives dispo a fresh /sys without the cgroup mounts: the VMM's limits cannot be set
     there. dispo must say so in one line (not "internal error") and leave nothing behind."""

@@ -29,9 +29,11 @@ pytestmark = [pytest.mark.root, pytest.mark.vm]
 
 URL = f"http://{INTERNET}:{INTERNET_PORT}/index.txt"
 
-# What a clone says about itself, one line each: urandom, the host key sshd presents, hostname, the page.
+# What a clone says about itself, one line each: urandom, the host key sshd presents, hostname, the page. The
+# command runs once the agent answered: sshd may still be re-executing on its new key, so the key is asked again.
 PROBE = ("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; "
-         "ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f3; hostname; "
+         "for i in $(seq 100); do k=$(ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | cut -d' ' -f3); "
+         "[ -n \"$k\" ] && break; sleep 0.1; done; echo \"$k\"; hostname; "
          f"curl -sS --max-time 20 {URL}")
 
 

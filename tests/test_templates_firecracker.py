@@ -52,7 +52,7 @@ class TinyGuest:
         self.checked.append(vmm.spec.session_id)
 
     def renew(self, tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
-              alive: Callable[[], bool]) -> Identity:
+              alive: Callable[[], bool]) -> tuple[Identity, None]:
         state = vmm.api.describe_instance().get("state") if hasattr(vmm, "api") and vmm.api else "?"
         vmm.resume()
         after = vmm.api.describe_instance().get("state") if hasattr(vmm, "api") and vmm.api else "?"
@@ -60,7 +60,7 @@ class TinyGuest:
         # The restored ELF prints nothing again: "ready" is that firecracker reports it running.
         said = tx.state_path / "restored.log"
         said.write_text(GUEST_LINE.decode() if after == "Running" else "")
-        return _TinyIdentity(tx.state_path, said)
+        return _TinyIdentity(tx.state_path, said), None
 
 
 class _TinyIdentity(FakeIdentity):
@@ -83,7 +83,8 @@ def _world(root: Path, firecracker: FirecrackerConfig) -> tuple[Config, Machiner
     guest = TinyGuest()
     machinery = Machinery(attach_network=REAL.attach_network, create_vmm=REAL.create_vmm, identity=guest.identity,
                           network_missing=REAL.network_missing, renew_identity=guest.renew,
-                          agent_check=guest.agent_check, name="real VMM and network, tiny guest")
+                          agent_check=guest.agent_check, agent_link=lambda vmm, timeout, alive: None,
+                          name="real VMM and network, tiny guest")
     return cfg, machinery, guest
 
 

@@ -145,10 +145,10 @@ def _perl(*lines: str) -> list[str]:
 
 
 def test_the_agent_answers_hello_and_rejects_everything_else() -> None:
-    replies = _perl("hello 1 0123abcd", "hello 2 0123abcd", "hello 1 XYZ", "rm -rf /", "hostname ../../etc",
+    replies = _perl("hello 2 0123abcd", "hello 1 0123abcd", "hello 2 XYZ", "rm -rf /", "hostname ../../etc",
                     "hostname a;b", "net 02:00:00:00:00:01 10.0.0.2/30 10.0.0.1 8.8.8.8;reboot",
-                    "clock 12 x", "entropy 00", "user-key 41", "host-key zz", "", "hello 1 0123abcd extra")
-    assert replies[0] == "ok dispo-agent 1 0123abcd"
+                    "clock 12 x", "entropy 00", "user-key 41", "host-key zz", "", "hello 2 0123abcd extra")
+    assert replies[0] == "ok dispo-agent 2 0123abcd"
     assert all(r.startswith("err ") for r in replies[1:]), replies
 
 
@@ -169,7 +169,7 @@ class _FakeAgent:
 
 
 def test_the_host_side_caps_and_checks_what_the_guest_says() -> None:
-    ok = _FakeAgent(b"ok dispo-agent 1 0000\nok dispo-agent 1 TOKEN\n")  # a stale answer first, then ours
+    ok = _FakeAgent(b"ok dispo-agent 2 0000\nok dispo-agent 2 TOKEN\n")  # a stale answer first, then ours
     agent.AgentLink(ok.host).hello(5, lambda: True)
     for bad, why in ((b"x" * 2000, "over-long"), (b"ok \x1b[2Jboom\n", "not printable")):
         fake = _FakeAgent(bad)

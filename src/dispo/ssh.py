@@ -116,6 +116,16 @@ def port_open(address: str, port: int = 22, timeout: float = 0.5) -> bool:
         return False
 
 
+def wait_port(address: str, timeout: float) -> bool:
+    """Until the guest's sshd listens, at most `timeout` s: a guest is ready when its agent answers, which may
+    be a moment before its sshd (started after the agent, or re-executing on a clone's new host key)."""
+    deadline = time.monotonic() + timeout
+    while not port_open(address):
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
 def wait_ready(keys: SessionKeys, address: str, *, timeout: float, alive: Callable[[], bool]) -> float:
     """Seconds until `ssh ... true` succeeds; VmmError when the VMM dies or `timeout` passes."""
     t0 = time.monotonic()

@@ -448,6 +448,7 @@ def cmd_ssh(args: argparse.Namespace, cfg: Config) -> int:
         raise VmmError(f"session {args.id} has no guest that answers on SSH (yet)",
                        hint="wait until 'dispo run' says the session is ready")
     keys, address = found
+    ssh.wait_port(address, 30.0)  # ready by its agent: sshd may be a moment behind (ssh then says what it found)
     tty = not cmd and sys.stdin.isatty()
     argv = ssh.ssh_argv(keys, address, batch=not tty, tty=tty)
     if cmd:

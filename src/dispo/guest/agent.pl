@@ -5,31 +5,68 @@
 # 1024 (Firecracker). There is no network path to it. Perl because perl-base is in every Debian image
 # (Essential) and can make the two ioctls the RNG reseed needs; nothing beyond perl-base is used.
 #
-# The protocol: one ASCII line per request, at most 8192 bytes, words separated by one space; one reply
-# line per request, "ok[ DATA]" or "err REASON". Every argument is checked against a strict pattern;
-# anything else is answered with "err" and changes nothing.
-#   hello 1 TOKEN                   -> ok dispo-agent 1 TOKEN (TOKEN: 8 to 32 hex digits; the host resends
-#                                      until its latest token comes back, so no stale reply is mistaken)
-#   entropy HEX                     32..512 bytes from the host: mixed into the kernel's pool, credited,
-#                                   and the CRNG reseeded at once (RNDADDENTROPY, RNDRESEEDCRNG)
-#   clock SECONDS NANOSECONDS       the wall clock stepped to the host's
-#   hostname NAME                   [a-z0-9-]{1,63}: hostname, /etc/hostname, /etc/hosts
-#   host-key HEX                    the new SSH host key (OpenSSH private key file); sshd re-executes on it
-#   user-key HEX                    the new authorized_keys line of the session's user
-#   net MAC ADDR/PREFIX GATEWAY DNS the network interface re-addressed (DNS: a,b,c or -)
+# The protocol (docs/templates.md), version 2. Requests are ASCII lines of at most 131072 bytes, words
+# separated by one space; each gets one reply line, "ok[ DATA]" or "err REASON". Every argument is checked
+# against a strict pattern; anything else is answered with "err" and changes nothing.
+#   hello 2 TOKEN                   -> ok dispo-agent 2 TOKEN (TOKEN: 8 to 32 hex digits; the host resends
+#                                      until its latest token comes back, so no stale reply is mistaken).
+#                                      Its answer is what makes a guest "ready": the agent answers nothing
+#                                      before the init says the guest is set up (/run/dispo-ready).
+#   clock SECONDS NANOSECONDS       the wall clock stepped to the host's (clock_settime, no process)
+#   identity NAME MAC ADDR/PREFIX GATEWAY DNS SECONDS NANOSECONDS ENTROPY HOST-KEY USER-KEY
+#                                   a restored clone's identity, all checked before any of it is applied,
+#                                   then in this order: ENTROPY (hex, 32..512 bytes) mixed into the kernel's
+#                                   pool, credited, and the CRNG reseeded (RNDADDENTROPY, RNDRESEEDCRNG); the
+#                                   clock; hostname NAME ([a-z0-9-]{1,63}: /proc, /etc/hostname, /etc/hosts);
+#                                   HOST-KEY (hex of an OpenSSH private key file; sshd re-executes on it);
+#                                   USER-KEY (hex of the authorized_keys line of the session's user); the
+#                                   network interface re-addressed (DNS: a,b,c or -; the one process it
+#                                   starts is `ip -batch`)
+#   run HEX                         the command HEX (hex of at most 65536 bytes) run as the session's user
+#                                   by the user's shell (SHELL -c COMMAND, as sshd runs it, with sshd's
+#                                   environment, in the home directory, in a new session). After "ok", the
+#                                   channel carries frames both ways until the command is over:
+#                                   a frame is TYPE (1 byte) LENGTH (2 bytes, big endian, at most 32768) DATA.
+#                                     guest -> host: o DATA (stdout), e DATA (stderr), then exactly one
+#                                                    x STATUS (0..255, or sN: killed by signal N), sent once
+#                                                    the command exited and its stdout and stderr closed
+#                                     host -> guest: i DATA (stdin), c (stdin closed), k (kill the command's
+#                                                    process group), z (after x: the run is over; lines again)
 use strict;
 use warnings;
-use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_NOFOLLOW O_RDWR);
+use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_NOFOLLOW O_RDWR F_GETFL F_SETFL O_NONBLOCK);
 use Socket;
 
 $0 = "dispo-agent";
-my $MAX_LINE = 8192;
+our $MAX_LINE = 131072;
+our $MAX_COMMAND = 65536;
+our $MAX_FRAME = 32768;
+our $STDIN_HELD = 262144;   # stdin bytes held for a command that does not read them before the channel waits
+our $RUN_USER = "user";     # whom `run` runs as ("": the agent's own user, for the host's tests of the protocol)
 my $PORT_NAME = "dispo.agent";
 my $VSOCK_PORT = 1024;
 my $USER_HOME = "/home/user";
 my $USER_UID = 1000;
 my $HOST_KEY = "/etc/ssh/ssh_host_ed25519_key";
+my $USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/games";   # what Debian's sshd gives a session
 $ENV{PATH} = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+# The system calls perl has no word for, by the machine this perl runs on (its ELF header's e_machine).
+my %SYSCALLS = (62  => {clock_settime => 227, setsid => 112, setgroups => 116, setresuid => 117, setresgid => 119},
+                183 => {clock_settime => 112, setsid => 157, setgroups => 159, setresuid => 147, setresgid => 149});
+my $MACHINE;
+sub sys_no {
+    my ($name) = @_;
+    unless (defined $MACHINE) {
+        $MACHINE = 0;
+        if (open(my $f, '<:raw', '/proc/self/exe')) {
+            my $hdr = "";
+            $MACHINE = unpack("v", substr($hdr, 18, 2)) if (sysread($f, $hdr, 20) // 0) == 20;
+            close $f;
+        }
+    }
+    return $SYSCALLS{$MACHINE} ? $SYSCALLS{$MACHINE}{$name} : undef;
+}
 
 sub say_console { my ($m) = @_; if (open(my $c, '>', '/dev/console')) { print $c "dispo-agent: $m\n"; close $c; } }
 
@@ -45,6 +82,16 @@ sub write_file {
     return rename $tmp, $path;
 }
 
+sub write_all {
+    my ($fh, $data) = @_;
+    while (length $data) {
+        my $n = syswrite($fh, $data);
+        return 0 unless defined $n && $n > 0;
+        substr($data, 0, $n) = "";
+    }
+    return 1;
+}
+
 sub hex_bytes {
     my ($hex, $min, $max) = @_;
     return undef unless defined $hex && $hex =~ /\A(?:[0-9a-f]{2})+\z/;
@@ -53,9 +100,10 @@ sub hex_bytes {
     return $bytes;
 }
 
-sub run_ok { return system(@_) == 0; }
+# -- the identity -----------------------------------------------------------------------------------
+my $OCTET = qr/(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/;
+my $IP = qr/$OCTET\.$OCTET\.$OCTET\.$OCTET/;
 
-# -- requests ---------------------------------------------------------------------------------------
 sub do_entropy {
     my ($bytes) = @_;
     open(my $r, '+<', '/dev/urandom') or return "err cannot open /dev/urandom";
@@ -67,17 +115,21 @@ sub do_entropy {
     return "ok";
 }
 
+sub clock_ok { my ($sec, $nsec) = @_; return $sec =~ /\A[0-9]{1,12}\z/ && $nsec =~ /\A[0-9]{1,9}\z/; }
+
 sub do_clock {
     my ($sec, $nsec) = @_;
-    return "err bad clock" unless $sec =~ /\A[0-9]{1,12}\z/ && $nsec =~ /\A[0-9]{1,9}\z/;
-    my $when = sprintf('@%d.%09d', $sec, $nsec);
-    return run_ok("date", "-u", "-s", $when) ? "ok" : "err date failed";
+    return "err bad clock" unless clock_ok($sec, $nsec);
+    my $n = sys_no("clock_settime") // return "err no clock_settime on this machine";
+    my $ts = pack("q q", $sec, $nsec);   # struct timespec
+    return syscall($n, 0, $ts) == 0 ? "ok" : "err clock_settime: $!";   # CLOCK_REALTIME
 }
 
 sub do_hostname {
     my ($name) = @_;
-    return "err bad hostname" unless $name =~ /\A[a-z0-9][a-z0-9-]{0,62}\z/;
-    run_ok("hostname", $name) or return "err hostname failed";
+    open(my $k, '>', '/proc/sys/kernel/hostname') or return "err cannot set the hostname";
+    print $k $name or return "err cannot set the hostname";
+    close $k or return "err cannot set the hostname";
     write_file("/etc/hostname", "$name\n", 0644);
     write_file("/etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\t$name\n::1\tlocalhost ip6-localhost ip6-loopback\n",
                0644);
@@ -86,7 +138,6 @@ sub do_hostname {
 
 sub do_host_key {
     my ($key) = @_;
-    return "err bad host key" unless $key =~ /\A-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+\/=\n]+-----END OPENSSH PRIVATE KEY-----\n?\z/;
     write_file($HOST_KEY, $key, 0600) or return "err cannot write the host key";
     unlink "$HOST_KEY.pub";
     # sshd loads its host keys for every connection (it re-executes itself per connection); SIGHUP makes the
@@ -101,7 +152,6 @@ sub do_host_key {
 
 sub do_user_key {
     my ($line) = @_;
-    return "err bad user key" unless $line =~ /\Assh-ed25519 [A-Za-z0-9+\/=]{40,200}(?: [\x21-\x7e]{1,100})?\n?\z/;
     $line .= "\n" unless $line =~ /\n\z/;
     mkdir "$USER_HOME/.ssh", 0700;
     write_file("$USER_HOME/.ssh/authorized_keys", $line, 0600, $USER_UID) or return "err cannot write authorized_keys";
@@ -110,12 +160,6 @@ sub do_user_key {
 
 sub do_net {
     my ($mac, $addr, $gw, $dns) = @_;
-    return "err bad mac" unless $mac =~ /\A[0-9a-f]{2}(?::[0-9a-f]{2}){5}\z/;
-    my $octet = qr/(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])/;
-    my $ip = qr/$octet\.$octet\.$octet\.$octet/;
-    return "err bad address" unless $addr =~ /\A$ip\/(?:[0-9]|[12][0-9]|3[0-2])\z/;
-    return "err bad gateway" unless $gw =~ /\A$ip\z/;
-    return "err bad dns" unless $dns eq "-" || $dns =~ /\A$ip(?:,$ip){0,3}\z/;
     my $dev;
     for my $n (sort glob "/sys/class/net/*") {
         my ($name) = $n =~ m{([^/]+)\z};
@@ -135,45 +179,191 @@ sub do_net {
     return "ok";
 }
 
+# identity NAME MAC ADDR/PREFIX GATEWAY DNS SECONDS NANOSECONDS ENTROPY HOST-KEY USER-KEY: every word checked
+# first, then applied in the order that matters: the RNG first (everything after it, the sshd restart included,
+# draws from reseeded randomness), the network last (the guest has no working address before, so nothing of
+# the user's reaches it under the template's).
+sub do_identity {
+    my ($name, $mac, $addr, $gw, $dns, $sec, $nsec, $ent, $hkey, $ukey) = @_;
+    return "err bad hostname" unless $name =~ /\A[a-z0-9][a-z0-9-]{0,62}\z/;
+    return "err bad mac" unless $mac =~ /\A[0-9a-f]{2}(?::[0-9a-f]{2}){5}\z/;
+    return "err bad address" unless $addr =~ /\A$IP\/(?:[0-9]|[12][0-9]|3[0-2])\z/;
+    return "err bad gateway" unless $gw =~ /\A$IP\z/;
+    return "err bad dns" unless $dns eq "-" || $dns =~ /\A$IP(?:,$IP){0,3}\z/;
+    return "err bad clock" unless clock_ok($sec, $nsec);
+    my $entropy = hex_bytes($ent, 32, 512) // return "err entropy must be 32 to 512 bytes in hex";
+    my $host_key = hex_bytes($hkey, 64, 4096) // return "err host-key must be hex";
+    return "err bad host key"
+        unless $host_key =~ /\A-----BEGIN OPENSSH PRIVATE KEY-----\n[A-Za-z0-9+\/=\n]+-----END OPENSSH PRIVATE KEY-----\n?\z/;
+    my $user_key = hex_bytes($ukey, 16, 512) // return "err user-key must be hex";
+    return "err bad user key" unless $user_key =~ /\Assh-ed25519 [A-Za-z0-9+\/=]{40,200}(?: [\x21-\x7e]{1,100})?\n?\z/;
+    for my $r (do_entropy($entropy), do_clock($sec, $nsec), do_hostname($name), do_host_key($host_key),
+               do_user_key($user_key), do_net($mac, $addr, $gw, $dns)) {
+        return $r unless $r eq "ok";
+    }
+    return "ok";
+}
+
+# -- run: a command as the session's user, its stdio framed over the channel -------------------------
+sub frame { my ($type, $data) = @_; return pack("a n", $type, length $data) . $data; }
+
+# The child: a new session, the user's credentials (all three ids, and the user's groups), sshd's environment,
+# the home directory, then the user's shell with -c, as sshd runs a command. Never returns.
+sub exec_command {
+    my ($cmd, $in, $out, $err) = @_;
+    open(STDIN, '<&', $in) && open(STDOUT, '>&', $out) && open(STDERR, '>&', $err) or exit 127;
+    $SIG{PIPE} = 'DEFAULT';   # the agent ignores it, and an ignored signal stays ignored across exec
+    my $setsid = sys_no("setsid");
+    syscall($setsid, 0) if defined $setsid;
+    my ($name, $uid, $gid, $dir, $shell);
+    if ($RUN_USER eq "") {
+        ($name, $uid, $gid, $dir, $shell) = ((getpwuid($<))[0] // "nobody", $<, (split / /, $()[0], ".", "/bin/sh");
+    } else {
+        my @pw = getpwnam($RUN_USER) or do { print STDERR "dispo-agent: no user $RUN_USER\n"; exit 127; };
+        ($name, $uid, $gid, $dir, $shell) = @pw[0, 2, 3, 7, 8];
+        my @groups = ($gid);
+        setgrent();
+        while (my @g = getgrent()) { push @groups, $g[2] if grep { $_ eq $name } split / /, $g[3]; }
+        endgrent();
+        my ($sg, $sr, $su) = map { sys_no($_) } qw(setgroups setresgid setresuid);
+        unless (defined $su && syscall($sg, scalar @groups, pack("L*", @groups)) == 0
+                && syscall($sr, $gid, $gid, $gid) == 0 && syscall($su, $uid, $uid, $uid) == 0
+                && $< == $uid && $> == $uid) {
+            print STDERR "dispo-agent: cannot become $name: $!\n";
+            exit 127;
+        }
+    }
+    $shell = "/bin/sh" unless defined $shell && length $shell;
+    chdir $dir or chdir "/";
+    %ENV = (USER => $name, LOGNAME => $name, HOME => $dir, PATH => $USER_PATH, MAIL => "/var/mail/$name",
+            SHELL => $shell);
+    my ($argv0) = $shell =~ m{([^/]+)\z};
+    { no warnings 'exec'; exec { $shell } $argv0, "-c", $cmd; }
+    print STDERR "dispo-agent: cannot run $shell: $!\n";
+    exit 127;
+}
+
+sub nonblocking { my ($fh) = @_; my $f = fcntl($fh, F_GETFL, 0); fcntl($fh, F_SETFL, $f | O_NONBLOCK) if defined $f; }
+
+# Runs the command to its end; the channel's bytes after the host's "z" (undef: the channel is gone).
+sub do_run {
+    my ($fh, $cmd, $buf) = @_;
+    my ($in_r, $in_w, $out_r, $out_w, $err_r, $err_w);
+    unless (pipe($in_r, $in_w) && pipe($out_r, $out_w) && pipe($err_r, $err_w)) {
+        return write_all($fh, "err cannot make pipes: $!\n") ? $buf : undef;
+    }
+    my $pid = fork();
+    unless (defined $pid) { return write_all($fh, "err cannot fork: $!\n") ? $buf : undef; }
+    exec_command($cmd, $in_r, $out_w, $err_w) if $pid == 0;
+    close $in_r; close $out_w; close $err_w;
+    nonblocking($in_w);
+    my %open = (o => $out_r, e => $err_r);
+    my ($stdin, $stdin_open, $stdin_ends, $status) = ("", 1, 0, undef);
+    my $gone = sub { kill 'KILL', -$pid; kill 'KILL', $pid; waitpid($pid, 0); return undef; };
+    write_all($fh, "ok\n") or return $gone->();
+    while (1) {
+        # What the host sent: whole frames only; anything but the frames it may send ends the run.
+        while (length($buf) >= 3) {
+            my ($type, $len) = unpack("a n", $buf);
+            return $gone->() if $len > $MAX_FRAME;
+            last if length($buf) < 3 + $len;
+            my $data = substr($buf, 3, $len);
+            substr($buf, 0, 3 + $len) = "";
+            # stdin may still come after "x": the host had not read it yet.
+            if ($type eq "i") { $stdin .= $data if $stdin_open && !$stdin_ends; }
+            elsif ($type eq "c" && $len == 0) { $stdin_ends = 1; }
+            elsif ($type eq "k" && $len == 0) { kill 'KILL', -$pid unless defined $status; }
+            elsif ($type eq "z" && $len == 0 && defined $status) { return $buf; }
+            else { return $gone->(); }
+        }
+        if ($stdin_open && $stdin_ends && $stdin eq "") { close $in_w; $stdin_open = 0; }
+        if (!%open && !defined $status) {
+            # stdout and stderr closed: the exit status once the command is gone (the channel still heard).
+            if (waitpid($pid, 1) == $pid) {   # WNOHANG
+                $status = ($? & 127) ? "s" . ($? & 127) : ($? >> 8);
+                write_all($fh, frame("x", $status)) or return $gone->();
+                close $in_w if $stdin_open;
+                $stdin_open = 0;
+                next;
+            }
+        }
+        my ($rin, $win) = ("", "");
+        vec($rin, fileno($fh), 1) = 1 if length($stdin) < $STDIN_HELD;
+        vec($rin, fileno($_), 1) = 1 for values %open;
+        vec($win, fileno($in_w), 1) = 1 if $stdin_open && $stdin ne "";
+        my $timeout = (!%open && !defined $status) ? 0.05 : undef;
+        my $n = select(my $rout = $rin, my $wout = $win, undef, $timeout);
+        next if $n <= 0;
+        for my $t (sort keys %open) {
+            my $h = $open{$t};
+            next unless vec($rout, fileno($h), 1);
+            my $got = sysread($h, my $data, $MAX_FRAME);
+            next if !defined $got && $!{EINTR};
+            if (!$got) { close $h; delete $open{$t}; next; }
+            write_all($fh, frame($t, $data)) or return $gone->();
+        }
+        if ($stdin_open && $stdin ne "" && vec($wout, fileno($in_w), 1)) {
+            my $put = syswrite($in_w, $stdin);
+            if (defined $put) { substr($stdin, 0, $put) = ""; }
+            elsif (!$!{EAGAIN} && !$!{EINTR}) { close $in_w; $stdin_open = 0; $stdin = ""; }   # it closed its stdin
+        }
+        if (vec($rout, fileno($fh), 1)) {
+            my $got = sysread($fh, my $chunk, 65536);
+            next if !defined $got && $!{EINTR};
+            return $gone->() unless $got;   # the host went away: the command goes too
+            $buf .= $chunk;
+        }
+    }
+}
+
 sub handle {
     my ($line) = @_;
     my @w = split(/ /, $line, -1);
     my $cmd = shift(@w) // "";
-    if ($cmd eq "hello" && @w == 2 && $w[0] eq "1" && $w[1] =~ /\A[0-9a-f]{8,32}\z/) { return "ok dispo-agent 1 $w[1]"; }
-    if ($cmd eq "entropy" && @w == 1) {
-        my $b = hex_bytes($w[0], 32, 512);
-        return defined $b ? do_entropy($b) : "err entropy must be 32 to 512 bytes in hex";
-    }
+    if ($cmd eq "hello" && @w == 2 && $w[0] eq "2" && $w[1] =~ /\A[0-9a-f]{8,32}\z/) { return "ok dispo-agent 2 $w[1]"; }
     if ($cmd eq "clock" && @w == 2) { return do_clock(@w); }
-    if ($cmd eq "hostname" && @w == 1) { return do_hostname($w[0]); }
-    if ($cmd eq "host-key" && @w == 1) {
-        my $b = hex_bytes($w[0], 64, 4096);
-        return defined $b ? do_host_key($b) : "err host-key must be hex";
-    }
-    if ($cmd eq "user-key" && @w == 1) {
-        my $b = hex_bytes($w[0], 16, 512);
-        return defined $b ? do_user_key($b) : "err user-key must be hex";
-    }
-    if ($cmd eq "net" && @w == 4) { return do_net(@w); }
+    if ($cmd eq "identity" && @w == 10) { return do_identity(@w); }
     return "err unknown request";
 }
 
+# The command of a "run" line, or undef and why not.
+sub run_command {
+    my ($line) = @_;
+    my ($hex) = $line =~ /\Arun ([0-9a-f]+)\z/ or return (undef, "err bad run");
+    my $cmd = hex_bytes($hex, 1, $MAX_COMMAND);
+    return (undef, "err the command must be 1 to $MAX_COMMAND bytes in hex") unless defined $cmd;
+    return (undef, "err the command has a NUL byte") if index($cmd, "\0") >= 0;
+    return ($cmd, "");
+}
+
 # -- the channel ------------------------------------------------------------------------------------
+# Serves requests until the host goes away; whether it read anything.
 sub serve {
     my ($fh) = @_;
     my $buf = "";
+    my $heard = 0;
     while (1) {
-        my $n = sysread($fh, my $chunk, 4096);
-        return unless defined $n;   # an error: the caller reopens
-        if ($n == 0) { return; }    # the host side closed
-        $buf .= $chunk;
         while ((my $i = index($buf, "\n")) >= 0) {
             my $line = substr($buf, 0, $i);
-            $buf = substr($buf, $i + 1);
+            substr($buf, 0, $i + 1) = "";
+            if ($line =~ /\Arun /) {
+                my ($command, $why) = run_command($line);
+                if (defined $command) {
+                    $buf = do_run($fh, $command, $buf);
+                    return 1 unless defined $buf;
+                    next;
+                }
+                write_all($fh, "$why\n") or return 1;
+                next;
+            }
             my $reply = ($line =~ /\A[\x20-\x7e]*\z/) ? handle($line) : "err not printable ascii";
-            syswrite($fh, "$reply\n");
+            write_all($fh, "$reply\n") or return 1;
         }
-        if (length($buf) > $MAX_LINE) { syswrite($fh, "err line too long\n"); $buf = ""; return; }
+        if (length($buf) > $MAX_LINE) { write_all($fh, "err line too long\n"); return 1; }
+        my $n = sysread($fh, my $chunk, 65536);
+        return $heard unless $n;    # an error or the host side closed: the caller reopens
+        $heard = 1;
+        $buf .= $chunk;
     }
 }
 
@@ -216,15 +406,21 @@ sub main {
         }
         select(undef, undef, undef, 0.05);
     }
+    # The init says when the guest is set up (its network, its settings): only then may the host hear "ready".
+    select(undef, undef, undef, 0.02) until -e "/run/dispo-ready";
     if (defined $port) {
         say_console("listening on $port");
+        my $idle = 0;
         while (1) {
+            my $heard = 0;
             if (sysopen(my $fh, $port, O_RDWR)) {
-                serve($fh);
+                $heard = serve($fh);
                 close $fh;
             }
-            # The host side is not connected (or went away): virtio-serial reads return at once, so wait.
-            select(undef, undef, undef, 0.1);
+            # The host side is not connected: virtio-serial reads return at once, so wait, briefly after a
+            # conversation (the host connects again for the next step) and longer when idle.
+            $idle = $heard ? 0 : $idle + 1;
+            select(undef, undef, undef, $idle < 100 ? 0.01 : 0.1);
         }
     }
     # Firecracker: vsock, the host connects through Firecracker's unix socket ("CONNECT 1024").

@@ -3,8 +3,9 @@
 #
 # A full init system costs ~5 s of boot under TCG and brings nothing a disposable session needs, so this
 # script does the few things that matter: mount the API filesystems, apply the session settings that dispo
-# passes on the kernel command line (dispo.ip, dispo.gw, dispo.dns, dispo.mac, dispo.hostname), start sshd,
-# reap orphans, and power off on the ACPI power button (QMP system_powerdown) or SIGUSR2/SIGTERM.
+# passes on the kernel command line (dispo.ip, dispo.gw, dispo.dns, dispo.mac, dispo.hostname), start the
+# guest agent and sshd, reap orphans, and power off on the ACPI power button (QMP system_powerdown) or
+# SIGUSR2/SIGTERM.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 umask 022
@@ -27,6 +28,11 @@ mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs /run
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs /tmp
 mkdir -p /run/sshd /run/lock
 chmod 0755 /run/sshd
+
+# The guest agent (docs/templates.md): it listens on a host-only channel (virtio-serial or vsock), never on
+# the network. Started first, so it loads while the rest is set up; it answers the host only once
+# /run/dispo-ready exists (below), and that answer is what makes the guest ready.
+[ -x /usr/lib/dispo/agent ] && /usr/lib/dispo/agent < /dev/null > /dev/console 2>&1 &
 
 # The value of kernel argument $1 (dispo.ip=... -> ...), empty if absent.
 arg() {
@@ -115,9 +121,8 @@ for d in /sys/class/input/event*; do
     fi
 done
 
-# The agent that gives a clone restored from a template its own identity (docs/templates.md): it listens on
-# a host-only channel (virtio-serial or vsock), never on the network.
-[ -x /usr/lib/dispo/agent ] && /usr/lib/dispo/agent < /dev/null > /dev/console 2>&1 &
+# Set up: the agent may answer (a command needs no sshd; the display and `dispo ssh` wait for it).
+: > /run/dispo-ready
 
 # dispo writes a per-session host key into the disk before boot; make one if booted some other way.
 [ -s /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key

@@ -29,7 +29,8 @@ APP_LOG = "/tmp/dispo-app.log"  # in the guest: a detached app's output (a templ
 
 
 class GuestChannel(Protocol):
-    """A host-side way into one guest (SSH today; the in-guest agent later)."""
+    """A host-side way into one guest over SSH: the display, interactive terminals, `dispo ssh`, the files
+    (a command session's command goes through the guest's agent instead: runtime/steps.py `app`)."""
 
     @property
     def address(self) -> str: ...
@@ -141,9 +142,10 @@ def ssh_identity(tx: Transaction, disk: Path) -> Identity:
 
 
 def agent_identity(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
-                   alive: Callable[[], bool]) -> Identity:
+                   alive: Callable[[], bool]) -> tuple[Identity, agent.AgentLink]:
     """A restored clone's identity, handed over by its agent: the guest is resumed (it was restored paused),
-    then gets entropy, clock, hostname, new SSH keys (made here, for this session alone) and its address."""
+    then gets entropy, clock, hostname, new SSH keys (made here, for this session alone) and its address, in
+    one request. The link stays open, the session's (its command runs through it); the caller closes it."""
     keys = ssh.make_keys(tx.state_path, tx.session_id)
     new = agent.NewIdentity(
         hostname=f"dispo-{tx.session_id}", mac=net.mac, address=net.guest.with_prefixlen, gateway=str(net.gateway),
@@ -153,9 +155,28 @@ def agent_identity(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
     link = agent.AgentLink(vmm.agent(timeout=5.0))
     try:
         agent.give(link, new, timeout=timeout, alive=alive)
-    finally:
+    except BaseException:
         link.close()
-    return SshIdentity(keys, _mux_dir(tx))
+        raise
+    return SshIdentity(keys, _mux_dir(tx)), link
+
+
+def agent_connect(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> agent.AgentLink | None:
+    """A link to a booting guest's agent once it answers (the init starts it when the guest is set up: its
+    answer is the guest's readiness); None when the guest has no agent channel (Firecracker boots without
+    one) or its agent is older than this protocol (an image built by an older dispo): SSH then."""
+    try:
+        link = agent.AgentLink(vmm.agent(timeout=5.0))
+    except OSError:
+        return None
+    try:
+        if link.hello(timeout, alive, too_old_ok=True):
+            return link
+    except BaseException:
+        link.close()
+        raise
+    link.close()
+    return None
 
 
 def agent_answers(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> None:
@@ -202,14 +223,17 @@ class Machinery:
     # someone flushes the ruleset, the guest would be unfiltered, so the session ends (fails closed).
     network_missing: Callable[[Transaction, GuestNetwork], list[str]]
     # A restored clone's identity through its in-guest agent (resumes the paused guest first).
-    renew_identity: Callable[[Transaction, Vmm, GuestNetwork, float, Callable[[], bool]], Identity] = agent_identity
+    renew_identity: Callable[[Transaction, Vmm, GuestNetwork, float, Callable[[], bool]],
+                             tuple[Identity, agent.AgentLink | None]] = agent_identity
     # That the agent answers (before a template is saved).
     agent_check: Callable[[Vmm, float, Callable[[], bool]], None] = agent_answers
     # The guest's clock stepped to the host's (a pooled guest, resumed at hand-out).
     step_clock: Callable[[Vmm, float, Callable[[], bool]], None] = agent_clock
+    # A booted guest's agent once it answers, kept for the session's command (None: the guest has none).
+    agent_link: Callable[[Vmm, float, Callable[[], bool]], agent.AgentLink | None] = agent_connect
     name: str = "real"
 
 
 REAL = Machinery(attach_network=_attach, create_vmm=_create_vmm, identity=ssh_identity,
                  network_missing=_rules_missing, renew_identity=agent_identity, agent_check=agent_answers,
-                 step_clock=agent_clock)
+                 step_clock=agent_clock, agent_link=agent_connect)

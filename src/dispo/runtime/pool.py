@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from dispo.config import Config
 from dispo.errors import InvalidInput, NotFound
+from dispo.guest import agent
 from dispo.runtime import record, warm
 from dispo.runtime.events import EndKind, EventKind, EventSink
 from dispo.runtime.live import LiveSession
@@ -64,7 +65,10 @@ def hold(b: Bringup) -> None:
     assert b.handover.request is not None
     b.request = b.handover.request  # the caller's: its URL, command, name, limits
     vmm.resume()
-    b.machinery.step_clock(vmm, b.request.ready_timeout_s, b.alive)
+    if b.agent is not None:  # the guest's agent link is held (its channel takes one connection at a time)
+        agent.step_clock(b.agent)
+    else:
+        b.machinery.step_clock(vmm, b.request.ready_timeout_s, b.alive)
     # Ready was said while it filled, to nobody: say it again to the session's owner.
     took = max(0.0, time.time() - b.handover.at)
     b.emit(EventKind.READY, f"ready in {took:.1f} s (guest {channel.address}, {vmm.kind.value}/{vmm.accel.value}, "

@@ -23,9 +23,19 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dispo import guest
+from dispo import guest, ssh
 from dispo.config import Config
-from dispo.errors import DispoError, GuestFailure, InvalidInput, NetworkError, NotFound, StorageError, VmmError
+from dispo.errors import (
+    AgentError,
+    DispoError,
+    GuestFailure,
+    InvalidInput,
+    NetworkError,
+    NotFound,
+    StorageError,
+    VmmError,
+)
+from dispo.guest.agent import MAX_COMMAND, AgentCommand, AgentLink
 from dispo.infra.txn import Transaction
 from dispo.names import format_size
 from dispo.net import GuestNetwork, rules_gone_reason
@@ -34,6 +44,7 @@ from dispo.profiles import DisplayMode
 from dispo.runtime.app import (
     AUTOMATION_SOCKET,
     DEFAULT_GEOMETRY,
+    OUTPUT_CAP,
     SSH_LOST,
     VNC_SOCKET,
     AppProcess,
@@ -45,7 +56,7 @@ from dispo.runtime.events import EndKind, EventKind
 from dispo.runtime.machinery import GuestChannel, Identity, Machinery
 from dispo.runtime.request import SessionRequest, Stdio, find_image
 from dispo.storage import disks, files, volumes, workspace
-from dispo.storage.images import Image
+from dispo.storage.images import Image, Provenance
 from dispo.storage.recordings import Recording
 from dispo.storage.templates import Template
 from dispo.vmm.accel import Accel
@@ -97,7 +108,11 @@ class Bringup:
     net: GuestNetwork | None = None
     vmm: Vmm | None = None
     channel: GuestChannel | None = None
-    app: AppProcess | None = None
+    # The guest's agent, once it answered (a clone's after its identity, a booted guest's at readiness): the
+    # session's command runs through it. None: SSH (a display, a terminal, an image without the agent).
+    agent: AgentLink | None = None
+    ssh_ready: bool = False            # the guest answered over SSH (what the display and terminals need)
+    app: AppProcess | AgentCommand | None = None
     template: Template | None = None   # the template this session restores from (runtime/warm.py)
     volume: Path | None = None         # a volume kept on purpose (--keep), attached after the root disk
     kept: list[str] = field(default_factory=list)  # what the session keeps on purpose, for the receipt
@@ -263,13 +278,37 @@ def vmm_start(b: Bringup, *, agent: bool = False, template: bool = False) -> Non
     b.vmm = vmm
 
 
-def guest_ready(b: Bringup) -> None:
+def needs_ssh(r: SessionRequest) -> bool:
+    """Whether the session's app goes over SSH: a display (its forward, X11), a terminal, a debugging port, or
+    a command too long for the agent; every other command runs through the guest's agent."""
+    return (r.display is not DisplayMode.NONE or r.tty or bool(r.automation)
+            or len(ssh.remote_command(r.command).encode()) > MAX_COMMAND)
+
+
+def keep_agent(b: Bringup, link: AgentLink | None) -> None:
+    """The session's link to its guest's agent, closed on unwind."""
+    if link is not None:
+        b.tx.stack.callback(link.close)
+    b.agent = link
+
+
+def guest_ready(b: Bringup, *, ssh_too: bool = False) -> None:
+    """Until the guest is ready: its agent answered (a clone's did, after its identity), or, for what goes
+    over SSH (needs_ssh, `ssh_too`: a template build, whose clones must find sshd running), SSH answered."""
     assert b.identity is not None and b.net is not None and b.vmm is not None
     vmm = b.vmm
     channel = b.identity.channel(str(b.net.guest.ip))
     t = time.monotonic()
     try:
-        channel.wait_ready(b.request.ready_timeout_s, b.alive)
+        if ssh_too or needs_ssh(b.request):
+            channel.wait_ready(b.request.ready_timeout_s, b.alive)
+            b.ssh_ready = True
+        elif b.agent is None and b.image is not None and b.image.provenance is Provenance.BUILT:
+            # Every image dispo builds has the agent; an older one's answers that it is (then SSH).
+            keep_agent(b, b.machinery.agent_link(vmm, b.request.ready_timeout_s, b.alive))
+        if b.agent is None and not b.ssh_ready:
+            channel.wait_ready(b.request.ready_timeout_s, b.alive)
+            b.ssh_ready = True
     except VmmError as e:
         b.cancel.check()  # `alive` also turns false when the session is stopped: that is no guest failure
         if isinstance(e, GuestFailure):
@@ -283,15 +322,40 @@ def guest_ready(b: Bringup) -> None:
     b.emit(EventKind.READY, f"ready in {now - b.t0:.1f} s (guest {channel.address}, {vmm.kind.value}/"
                             f"{vmm.accel.value})",
            address=channel.address, backend=vmm.kind.value, accel=vmm.accel.value, ready_s=round(now - b.t0, 3),
-           boot_s=round(now - t, 3))
+           boot_s=round(now - t, 3), by="ssh" if b.ssh_ready else "agent")
     if vmm.accel is Accel.TCG and b.request.display is not DisplayMode.NONE:
         b.emit(EventKind.NOTICE, "no usable KVM here: the guest runs under TCG (emulation), so the app is slow; "
                                  "a browser takes about 30 s to show its first page", accel=vmm.accel.value)
 
 
+def ensure_ssh(b: Bringup) -> None:
+    """SSH answers before the app uses it: a guest found ready by its agent may still be starting sshd (a
+    pooled guest handed to a terminal, a clone whose sshd re-executes on its new host key)."""
+    assert b.channel is not None and b.vmm is not None
+    if b.ssh_ready:
+        return
+    try:
+        b.channel.wait_ready(b.request.ready_timeout_s, b.alive)
+    except VmmError as e:
+        b.cancel.check()
+        if isinstance(e, GuestFailure):
+            raise
+        raise b.vmm.failure(e.message) from None
+    b.ssh_ready = True
+
+
 def app(b: Bringup) -> None:
     assert b.channel is not None and b.vmm is not None
     r = b.request
+    if b.agent is not None and not needs_ssh(r):
+        # The command through the guest's agent: no SSH, no host process. The caller's stdin when the command
+        # is in the caller's terminal (as ssh would read it), else none.
+        cmd = AgentCommand(b.agent, ssh.remote_command(r.command), output=b.output, cap=OUTPUT_CAP,
+                           stdin_fd=0 if r.stdio is Stdio.TERMINAL else None, timeout=r.ready_timeout_s)
+        b.tx.stack.callback(cmd.stop)
+        b.app = cmd
+        return
+    ensure_ssh(b)
     if r.display is DisplayMode.WEB:
         web_display(b)
     elif r.display is DisplayMode.X11:
@@ -315,6 +379,7 @@ def web_display(b: Bringup, *, attach: bool = False) -> None:
     """The app on the guest's private display, forwarded to a socket and published to the viewer; with
     `attach`, the app already runs there (a clone of a template) and is handed the session's URL."""
     assert b.channel is not None and b.vmm is not None
+    ensure_ssh(b)
     sock = b.tx.state_path / VNC_SOCKET
     sock.unlink(missing_ok=True)
     forwards: tuple[tuple[Path, int], ...] = ()
@@ -377,6 +442,12 @@ def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | Non
                                         "session was ended so its guest is never unfiltered")
             _check_space(b)
         rc = b.app.poll()
+        if isinstance(b.app, AgentCommand) and rc is not None and b.app.error:
+            # The channel broke: first whether the guest's VMM is going (its socket closes as it exits).
+            if (status := b.vmm.wait_exit(2)) is not None:
+                raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
+                                    f"{status})")
+            raise AgentError(b.app.error, hint="the guest's agent broke its protocol; the session was ended")
         if rc is not None:
             if rc == SSH_LOST and not b.vmm.running():
                 raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "

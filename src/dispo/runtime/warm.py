@@ -45,6 +45,8 @@ from dispo.runtime.steps import (
     Step,
     Steps,
     app,
+    guest_ready,
+    keep_agent,
     machine_spec,
     new_vmm,
     vmm_start,
@@ -141,7 +143,8 @@ def vmm_restore(b: Bringup) -> None:
 
 def guest_identity(b: Bringup) -> None:
     assert b.vmm is not None and b.net is not None
-    b.identity = b.machinery.renew_identity(b.tx, b.vmm, b.net, b.request.ready_timeout_s, b.alive)
+    b.identity, link = b.machinery.renew_identity(b.tx, b.vmm, b.net, b.request.ready_timeout_s, b.alive)
+    keep_agent(b, link)  # the agent answered after applying the identity: the guest is ready for a command
 
 
 def app_restored(b: Bringup) -> None:
@@ -161,7 +164,9 @@ def template_steps(kind: TemplateKind, name: str) -> Steps:
     automation template, build_request(automation=True))."""
     name, _ = templates.split_name(name)  # an automation template is the request's to say (build_request)
     save = Step("template.save", partial(save_template, kind, name))
-    steps = BOOT.drop("volume").swap("vmm.start", Step("vmm.start", partial(vmm_start, agent=True, template=True)))
+    steps = (BOOT.drop("volume").swap("vmm.start", Step("vmm.start", partial(vmm_start, agent=True, template=True)))
+             # Ready over SSH: the clones must find sshd running, to re-execute it on their new host key.
+             .swap("guest.ready", Step("guest.ready", partial(guest_ready, ssh_too=True))))
     if kind is TemplateKind.PROFILE:
         return steps.swap("app", Step("app.template", app_template)).insert_after("app.template", save)
     return steps.swap("app", save)
