@@ -116,9 +116,13 @@ def test_kill_9_of_dispod_then_the_next_one_reclaims(world: NetWorld) -> None:
 
 
 @pytest.mark.browser  # a Chromium guest
-def test_dashboard_start_view_end(world: NetWorld, guest_images: GuestImages, tmp_path: Path) -> None:
+def test_dashboard_start_view_end(world: NetWorld, guest_images: GuestImages, chromium_template: str,
+                                  tmp_path: Path) -> None:
+    """The dashboard's start, view and end of a browser session. The browser's boot is not the subject (the
+    quiet tests and test_browser_features boot it cold): the session is a clone of the chromium template."""
     w = world
     guest_images.give(w, "chromium")
+    guest_images.give_template(w, chromium_template)
     (w.root / "www-inet" / "page.html").write_text(COLOUR_PAGE)
     before = state_listing(w)
     d = start_dispod(w)
@@ -135,7 +139,7 @@ def test_dashboard_start_view_end(world: NetWorld, guest_images: GuestImages, tm
         assert result["seen"], f"the viewer did not show the page's GREEN: {result}"
         assert result["thumb_seen"], f"the row's thumbnail did not show the page's GREEN: {result}"
         assert result["emptied"], result
-        # The row said what the start was doing: at least three different steps of a real cold start.
+        # The row said what the start was doing: at least three different steps of a real start (a restore).
         steps = {t.split(" (step")[0] for t in result["progress"] if "(step " in t}
         assert len(steps) >= 3, result["progress"]
         assert "Ended by you." in result["ended_row"], result
