@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dispo.errors import ConfigError
 
-SECRET_HINT = (
+HOW_TO_MAKE = ("make it once: umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE "
                "(or start the gateway first: it makes it), then copy it to every node ([cluster] secret_file)")
 
 
@@ -23,7 +23,7 @@ def read(path: Path, *, make: bool = False) -> str:
         return found
     if why or not make:
         raise ConfigError(f"the cluster secret {path} cannot be used: {why or 'there is no such file'}",
-                          hint=SECRET_HINT)
+                          hint=HOW_TO_MAKE)
     value = secrets.token_urlsafe(32)
     os.makedirs(path.parent, mode=0o700, exist_ok=True)
     _write_private(path, value + "\n")
