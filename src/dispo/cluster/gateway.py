@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,7 +83,11 @@ class RayView:
     def __init__(self, address: str) -> None:
         import ray
 
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+        from dispo.cluster.node import local_ip_towards
+
+        # Its own address named, as a node's driver does: on a host with several raylets Ray might pick another.
+        ray.init(address=address, namespace=NAMESPACE, _node_ip_address=local_ip_towards(address),
+                 log_to_driver=False, configure_logging=False)
 
     def poll(self) -> dict[str, dict[str, Any]]:
         """What each agent that answered within ASK_TIMEOUT_S said, by node name."""
@@ -111,19 +116,18 @@ class RayView:
 
 
 def rewrite(value: Any, node: str, local: str, node_netloc: str, gw_netloc: str) -> Any:
-    """A node's answer about its session `local`, in the gateway's words: the id global, URLs the gateway's."""
+    """A node's answer about its session `local`, in the gateway's words: the id global (in fields, URLs and
+    messages alike), the node's URLs the gateway's."""
     gid = ids.global_id(node, local)
     if isinstance(value, dict):
         return {k: rewrite(v, node, local, node_netloc, gw_netloc) for k, v in value.items()}
     if isinstance(value, list):
         return [rewrite(v, node, local, node_netloc, gw_netloc) for v in value]
-    if isinstance(value, str):
-        if value == local:
-            return gid
-        if node_netloc and node_netloc in value:
-            return value.replace(f"//{node_netloc}/", f"//{gw_netloc}/").replace(f"/{local}/", f"/{gid}/")
-        if value.startswith(f"/v1/sessions/{local}"):
-            return value.replace(f"/{local}", f"/{gid}", 1)
+    if isinstance(value, str) and (local in value or (node_netloc and node_netloc in value)):
+        if node_netloc:
+            value = value.replace(f"//{node_netloc}/", f"//{gw_netloc}/")
+        # The id as a word of its own (a path segment, a message's "session 1a2b3c4d"), not inside a token.
+        return re.sub(rf"(?<![\w~-]){re.escape(local)}(?![\w-])", gid, value)
     return value
 
 
