@@ -191,7 +191,9 @@ def wait_running(c: Cluster, gid: str, timeout: float = 300) -> None:
 def node_listing(w: NetWorld) -> dict[str, object]:
     """state_listing without the node's Ray files (they live as long as its dispod, like dispod.token)."""
     found = state_listing(w)
-    found["state"] = [p for p in found["state"] if not str(p).startswith("ray")]  # type: ignore[union-attr]
+    state = found["state"]
+    assert isinstance(state, list)
+    found["state"] = [p for p in state if not str(p).startswith("ray")]
     return found
 
 
