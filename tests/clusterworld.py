@@ -158,11 +158,11 @@ class Node:
     log: Path
 
 
-def start_node(c: Cluster, w: NetWorld, name: str, ip: str, log_name: str) -> Node:
+def start_node(c: Cluster, w: NetWorld, name: str, ip: str, log_name: str, *extra: str) -> Node:
     """dispod --ray in the world's host namespace; returns once it said it joined the cluster."""
     log = w.root / f"{log_name}.log"
     argv = ["nsenter", f"--net=/run/netns/{w.host}", sys.executable, "-m", "dispo.daemon.main",
-            "--listen", f"{ip}:{API_PORT}", "--ray", c.address, "--node", name]
+            "--listen", f"{ip}:{API_PORT}", "--ray", c.address, "--node", name, *extra]
     proc = w.spawn(argv, env={**w.env(), **c.env}, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while "joined the Ray cluster" not in log.read_text():

@@ -81,10 +81,9 @@ class RayView:
     """The Ray side, blocking (called in threads): the driver, and one poll of every node's agent."""
 
     def __init__(self, address: str) -> None:
-        import ray
+        from dispo.cluster.node import import_ray, local_ip_towards
 
-        from dispo.cluster.node import local_ip_towards
-
+        ray = import_ray()
         # Its own address named, as a node's driver does: on a host with several raylets Ray might pick another.
         ray.init(address=address, namespace=NAMESPACE, _node_ip_address=local_ip_towards(address),
                  log_to_driver=False, configure_logging=False)
@@ -289,6 +288,10 @@ class Gateway:
             raise InvalidInput("POST /v1/sessions: the body must be a JSON object",
                                hint='e.g. {"image": "minimal", "command": ["sh", "-c", "echo hi"]}')
         views, why = self.candidates(body)
+        if not views:  # the view may be a poll old (a session just ended): ask the nodes once more
+            with contextlib.suppress(Exception):
+                await self.poll_once()
+            views, why = self.candidates(body)
         refused: list[str] = []
         for view in views[:MAX_TRIES]:
             status, answer = await self.ask(view, "POST", "/v1/sessions", json_body=body)
@@ -427,6 +430,7 @@ class Gateway:
         queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=sse.QUEUE_MAX)
         tasks = [asyncio.create_task(self._follow(v, local, queue)) for v, local in targets]
         running = len(tasks)
+        ended = False
         try:
             if gid is not None and gid in self.lost:
                 running = 0
@@ -440,9 +444,8 @@ class Gateway:
                     running -= 1
                     continue
                 await response.write(item)
-                if gid is not None and b'"kind":"ended"' in item:
-                    return response
-            if gid is not None:  # the node's stream broke off before the end: lost, or about to be
+                ended = ended or b'"kind":"ended"' in item
+            if gid is not None and not ended:  # the node's stream broke off before the end: lost, or about to be
                 deadline = time.monotonic() + LOST_AFTER_S + POLL_S + ASK_TIMEOUT_S + 5
                 while gid not in self.lost and time.monotonic() < deadline:
                     await asyncio.sleep(0.5)

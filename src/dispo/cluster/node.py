@@ -30,6 +30,15 @@ JOIN_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 15.0
 
 
+def import_ray() -> Any:
+    """Ray, imported into dispod (a node's driver, the gateway) without its C++ failure signal handler, which
+    takes SIGTERM over and kills the process: dispod's own SIGTERM ends its sessions and unwinds first."""
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"  # read once, when Ray is imported
+    import ray
+
+    return ray
+
+
 def ray_env() -> dict[str, str]:
     """Ray's processes: no usage statistics sent out of the cluster."""
     return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -130,7 +139,7 @@ class NodeMember:
         self.pid_file.unlink(missing_ok=True)
 
     def _start_agent(self) -> None:
-        import ray
+        ray = import_ray()
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         deadline = time.monotonic() + JOIN_TIMEOUT_S
@@ -166,7 +175,7 @@ class NodeMember:
         """Leave the cluster: the agent and the driver go, then the raylet's process group."""
         self._stopping.set()
         if self.joined.is_set():
-            import ray
+            ray = import_ray()
 
             with contextlib.suppress(Exception):
                 ray.kill(self.agent)
