@@ -4,13 +4,18 @@ are put in the gateway's words, placement's choice and its reasons, and a lost n
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dispo.cluster import ids
+from dispo.cluster import ids, secret
 from dispo.cluster.gateway import LOST_AFTER_S, NODE_LOST, Gateway, NodeView, rewrite
-from dispo.errors import InvalidInput
+from dispo.config import Config
+from dispo.errors import ConfigError, InvalidInput
+from tests.fakeworld import cfg, serving
+
+__all__ = ["cfg"]  # the fixture from tests/fakeworld.py
 
 LOCAL = "1a2b3c4d"
 
@@ -75,3 +80,24 @@ def test_a_silent_node_is_lost_and_its_live_sessions_end_node_lost() -> None:
     assert set(g.lost) == {"n1~1a2b3c4d"}
     status = g.lost["n1~1a2b3c4d"]
     assert (status["state"], status["end_reason"], status["end_kind"]) == ("ended", NODE_LOST, "node_lost")
+
+
+def test_a_node_takes_the_cluster_secret_as_the_apis_bearer_and_only_it(cfg: Config) -> None:
+    cluster_secret = "c" * 43
+    with serving(cfg, cluster_secret=cluster_secret) as svc, svc.tcp(auth=False) as http:
+        for bearer, status in ((cluster_secret, 200), (svc.token, 200), ("c" * 42 + "d", 401), ("", 401)):
+            r = http.get("/v1/health", headers={"Authorization": f"Bearer {bearer}"} if bearer else {})
+            assert r.status_code == status, (bearer, r.text)
+    with serving(cfg) as svc, svc.tcp(auth=False) as http:  # a single host: no secret opens it
+        assert http.get("/v1/health", headers={"Authorization": f"Bearer {cluster_secret}"}).status_code == 401
+
+
+def test_the_cluster_secret_file_must_be_root_only(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.secret"
+    with pytest.raises(ConfigError, match="no such file"):
+        secret.read(path)
+    made = secret.read(path, make=True)  # the gateway makes it
+    assert secret.read(path) == made and oct(path.stat().st_mode & 0o777) == "0o600"
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="mode is 0644"):
+        secret.read(path)
