@@ -88,10 +88,10 @@ class Running:
 
 @contextlib.contextmanager
 def serving(cfg: Config, *, listen: str = "127.0.0.1:0", max_sessions: int = 4, limits: Limits | None = None,
-            machinery: Machinery | None = None, new_token: bool = False) -> Iterator[Running]:
+            machinery: Machinery | None = None, new_token: bool = False, cluster_secret: str = "") -> Iterator[Running]:
     lines: list[str] = []
     options = Options(listen=listen, max_sessions=max_sessions, limits=limits or Limits(),
-                      machinery=machinery or fakes.machinery(), new_token=new_token)
+                      machinery=machinery or fakes.machinery(), new_token=new_token, cluster_secret=cluster_secret)
     dispod = Dispod(cfg, options, lines.append)
     dispod.open()
     loop_box: list[asyncio.AbstractEventLoop] = []

@@ -37,7 +37,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "dispo.profiles", "dispo.receipt", "dispo.verify", "dispo.gc",
     )),
     ("runtime", ("dispo.runtime",)),
-    ("web/daemon", ("dispo.web", "dispo.daemon", "dispo.client", "dispo.sdk")),
+    ("web/daemon", ("dispo.web", "dispo.daemon", "dispo.client", "dispo.sdk", "dispo.cluster")),
     ("cli", ("dispo.cli", "dispo.__main__", "dispo.pytest_plugin")),
 )
 LAYER_NAMES = tuple(name for name, _ in LAYERS)
@@ -230,5 +230,38 @@ def test_running_a_session_never_loads_the_web_server(tmp_path: Path) -> None:
     """The runtime runs sessions without aiohttp (or any of dispo's web, daemon or CLI code) in the process:
     `import dispo.runtime`, then a command session and a web display session on the fakes, to their end."""
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(NO_WEB_SERVER), str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr
+
+
+# A single host needs none of the cluster's code: Ray (the `cluster` extra) is imported by dispo/cluster/ alone,
+# and only when dispod runs with --ray or --gateway.
+NO_RAY = """
+    import sys
+    from pathlib import Path
+
+    from dispo.cli import main as cli
+    from dispo.daemon import dispod, main as daemon
+    from dispo.web import app
+
+    assert cli.build_parser().parse_args(["ls"]).command == "ls"
+    assert daemon.build_parser().parse_args(["--listen", "127.0.0.1:0"]).ray is None
+    from tests import fakes
+    cfg = fakes.config(Path(sys.argv[1]))
+    d = dispod.Dispod(cfg, dispod.options_from(cfg, machinery=fakes.machinery()))
+    d.open()
+    try:
+        app.build_app(d.service, d.options.limits)
+    finally:
+        d.close()
+    loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith(("ray.", "dispo.cluster")))
+    assert not loaded, f"a single host loaded {loaded}"
+    print("ok")
+"""
+
+
+def test_a_single_host_never_loads_ray(tmp_path: Path) -> None:
+    """`dispo` and `dispod` without --ray load neither Ray nor dispo/cluster/: a host without the extra works."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(NO_RAY), str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stdout + out.stderr

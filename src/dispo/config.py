@@ -112,6 +112,25 @@ class RecordingsConfig:
     max_age_h: int = 168  # hours; 0: kept until 'dispo recording rm'
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Many hosts behind one address (dispo/cluster/, docs/scale-out.md): `dispod --ray ADDRESS` (a node) and
+    `dispod --gateway --ray ADDRESS` (the gateway) read this."""
+
+    node: str = ""  # this node's name in global session ids (NODE~ID); "": the host name
+    # The per-cluster secret the gateway's requests to nodes carry (never a user's token): a root-only file
+    # (mode 0600) with one token, the same on every node and the gateway. The gateway makes it when missing.
+    secret_file: Path = Path("/etc/dispo/cluster.secret")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where `dispo` finds dispod when it is not this host's own (a cluster's gateway); --dispod overrides."""
+
+    dispod: str = ""  # "http://HOST:PORT" of a dispod or gateway on TCP; "": this host's unix socket
+    token_file: Path | None = None  # its access token (that dispod's dispod.token); needed with dispod
+
+
 def pool_targets(setting: str, where: str = "[service] pool") -> dict[str, int]:
     """"chromium=1,minimal=2" -> {"chromium": 1, "minimal": 2}."""
     targets: dict[str, int] = {}
@@ -134,6 +153,8 @@ class Config:
     net: NetConfig = field(default_factory=NetConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     recordings: RecordingsConfig = field(default_factory=RecordingsConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
     source: str = "built-in defaults"
 
     @property
@@ -150,7 +171,7 @@ def _convert(value: Any, typ: Any, key: str, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: [{key}] must be a table, not {type(value).__name__}")
         return _build(typ, value, f"{key}.", where)
-    if typ is Path:
+    if typ is Path or typ == Path | None:
         if not isinstance(value, str) or not value.startswith("/"):
             raise ConfigError(f"{where}: key '{key}' must be an absolute path, got {show(value)}")
         return Path(value)
@@ -277,6 +298,20 @@ def _listen(value: Any, _cfg: Config) -> str | None:
     return None if ok and not ip.is_unspecified else allowed
 
 
+NODE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def _node(value: Any, _cfg: Config) -> str | None:
+    return None if value == "" or NODE_NAME.fullmatch(value) else \
+        '"" (the host name) or up to 32 of a-z, 0-9 and "-", starting with a letter or digit'
+
+
+def _client_url(value: Any, _cfg: Config) -> str | None:
+    if value == "" or re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+/?", value):
+        return None
+    return '"" (this host\'s dispod) or a base URL, e.g. "http://10.0.0.1:8686"'
+
+
 def _pool_targets(value: Any, _cfg: Config) -> str | None:
     try:
         pool_targets(value)
@@ -321,6 +356,8 @@ CHECKS: dict[str, Check] = {
     "service.pool": _pool_targets,
     "service.pool_memory_mib": _in_range(0, 1 << 30, " (0: a quarter of the host's memory)"),
     "service.frame_ancestors": _frame_ancestors,
+    "cluster.node": _node,
+    "client.dispod": _client_url,
     "recordings.max_age_h": _in_range(0, 100 * 365 * 24, " (hours; 0: kept until 'dispo recording rm')"),
 }
 

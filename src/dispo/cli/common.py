@@ -32,8 +32,12 @@ def escape_terminal(text: str) -> str:
 
 
 def dispod_client(cfg: Config) -> DispodClient | None:
-    """A client for dispod when its socket is there and answers, else None (then commands run in-process)."""
+    """A client for dispod when its socket is there and answers, else None (then commands run in-process).
+    With --dispod URL (or [client] dispod): that dispod or cluster gateway, on TCP with its token, or an error."""
     from dispo.servicepaths import ServicePaths
+
+    if cfg.client.dispod:
+        return remote_client(cfg)
 
     if not ServicePaths(cfg.state_dir).socket.exists():
         return None
@@ -84,3 +88,28 @@ def add_setting_option(p: argparse.ArgumentParser, key: str, default: Any) -> No
                               "metavar": {"MiB": "MiB", "s": "S"}.get(s.unit, "N")} if s.number else {}
     p.add_argument(f"--{setting_flag(key)}", choices=s.choices or None, default=default, help=describe(key),
                    **number)
+
+
+def remote_client(cfg: Config) -> DispodClient:
+    """The dispod (or cluster gateway) at [client] dispod, with the token in [client] token_file or
+    $DISPO_TOKEN; a ServiceError when it does not answer."""
+    from dispo.client import DispodClient
+    from dispo.errors import ServiceError
+
+    token = os.environ.get("DISPO_TOKEN", "")
+    if not token and cfg.client.token_file is not None:
+        try:
+            token = cfg.client.token_file.read_text().strip()
+        except OSError as e:
+            raise InvalidInput(f"cannot read the token file {cfg.client.token_file}: {e.strerror}",
+                               hint="[client] token_file names that dispod's dispod.token (root-only)") from None
+    if not token:
+        raise InvalidInput(f"--dispod {cfg.client.dispod} needs its access token",
+                           hint="set $DISPO_TOKEN, or [client] token_file in the config")
+    client = DispodClient(base_url=cfg.client.dispod.rstrip("/"), token=token)
+    try:
+        client.health()
+    except ServiceError:
+        client.close()
+        raise
+    return client

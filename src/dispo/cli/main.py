@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -26,7 +27,7 @@ from dispo.cli import (
     volumes,
 )
 from dispo.cli.common import Terminated
-from dispo.errors import DispoError
+from dispo.errors import DispoError, InvalidInput
 from dispo.infra import progress
 
 EXIT_ERROR = 1
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dispo", description="Disposable sessions inside microVMs.")
     p.add_argument("--version", action="version", version=f"dispo {__version__}")
     p.add_argument("--config", type=Path, help="config file (default: $DISPO_CONFIG or /etc/dispo/dispo.toml)")
+    p.add_argument("--dispod", metavar="URL", help="talk to the dispod (or cluster gateway) at URL, e.g. "
+                   "http://10.0.0.1:8686, with its token from $DISPO_TOKEN or [client] token_file (default: "
+                   "[client] dispod, else this host's dispod socket)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: every command run)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
@@ -81,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, _on_signal)
     try:
         cfg = config.load(args.config)
+        if args.dispod:
+            if config.CHECKS["client.dispod"](args.dispod, cfg) is not None:
+                raise InvalidInput(f"--dispod {args.dispod!r} is not a base URL", hint="e.g. --dispod http://10.0.0.1:8686")
+            cfg = dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, dispod=args.dispod))
         if args.command not in OBSERVERS and (args.command, getattr(args, "net_command", None)) != ("net", "ls"):
             _sweep_dead(cfg)
         rc: int = args.func(args, cfg)

@@ -49,6 +49,8 @@ def register(sub: Any) -> None:
 def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
     """Every journal in the state dir (dispod's sessions and in-process ones alike); dispod's say their state."""
     client = dispod_client(cfg)
+    if cfg.client.dispod and client is not None:  # another host's dispod, or a cluster's gateway: its own list
+        return _ls_remote(client.sessions(all=args.all))
     states = {str(s["id"]): str(s["state"]) for s in client.sessions()} if client is not None else {}
     rows = []
     for info in journal.scan(cfg.state_dir):
@@ -61,6 +63,16 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
         rows.append((info.session_id, str(m.get("name") or m.get("profile") or "-"), str(m.get("purpose", "")),
                      str(m.get("image", "-")), owner, state, f"{age:.0f}s", str(len(info.resources))))
     print_table(("ID", "NAME", "PURPOSE", "IMAGE", "OWNER", "STATE", "AGE", "OBJECTS"), rows)
+    return 0
+
+
+def _ls_remote(sessions: list[dict[str, Any]]) -> int:
+    rows = []
+    for s in sessions:
+        age = time.time() - float(s.get("created") or time.time())
+        rows.append((str(s["id"]), str(s.get("name") or s.get("profile") or "-"), str(s.get("image") or "-"),
+                     str(s["state"]), f"{age:.0f}s", str(s.get("end_reason") or "")))
+    print_table(("ID", "NAME", "IMAGE", "STATE", "AGE", "ENDED"), rows)
     return 0
 
 

@@ -54,6 +54,9 @@ class Options:
     machinery: Machinery = REAL
     shutdown_timeout_s: float = 120.0     # for every session's teardown together, at stop
     new_token: bool = False               # rotate: a new access token, the one in dispod.token stops working
+    ray: str = ""                         # a Ray head's address: also join that cluster as a node (dispo/cluster/)
+    node: str = ""                        # this node's name in the cluster ([cluster] node, else the host name)
+    cluster_secret: str = ""              # with ray: what the gateway's requests carry (dispo/cluster/secret.py)
 
 
 def options_from(cfg: Config, *, listen: str | None = None, max_sessions: int | None = None,
@@ -112,6 +115,19 @@ def kept_token(path: os.PathLike[str]) -> tuple[str | None, str]:
     if not why and not _TOKEN.fullmatch(text):
         why = "it does not hold a token"
     return (None, why) if why else (text, "")
+
+
+def gateway_token(paths: ServicePaths, *, new: bool, say: Say) -> str:
+    """A cluster gateway's access token, kept like dispod's own (Dispod._token)."""
+    if not new:
+        token, why = kept_token(paths.token)
+        if token is not None:
+            return token
+        if why:
+            say(f"warning: not using {paths.token}: {why}; it is replaced with a new token")
+    token = secrets.token_urlsafe(32)
+    _write_private(paths.token, token + "\n")
+    return token
 
 
 class Dispod:
@@ -224,12 +240,13 @@ class Dispod:
             unix.close()
             self.paths.socket.unlink(missing_ok=True)
             raise
-        server = self.server = Server(build_app(self.service, self.options.limits), self.options.limits,
-                                      unix=unix, tcp=tcp)
+        server = self.server = Server(build_app(self.service, self.options.limits, self.options.cluster_secret),
+                                      self.options.limits, unix=unix, tcp=tcp)
         base = server.base_url or unix_base(self.paths.socket)
         self.viewers.bind(loop, base)
         self.automation.bind(loop)
         self.dashboard_url = f"{base}/ui/{self.token}/"
+        member: Any = None
         try:
             await server.start()
             _write_private(self.paths.url, self.dashboard_url + "\n")
@@ -242,6 +259,12 @@ class Dispod:
             else:
                 self.say("dashboard and viewers need TCP: start dispod with --listen 127.0.0.1:PORT "
                          "(or [service] listen in the config)")
+            if self.options.ray:  # late: a single host never imports the cluster's code (nor Ray)
+                from dispo.cluster.node import NodeMember
+
+                member = NodeMember(self.options.ray, self.options.node, server.base_url, self.cfg.state_dir,
+                                    self.cfg.workspace, say=self.say)
+                member.start()
             await stop.wait()
             live = self.rt.sessions()
             self.say(f"stopping: ending {len(live)} session(s)")
@@ -257,6 +280,8 @@ class Dispod:
                          "removes what it left")
             return [s.id for s in left]
         finally:
+            if member is not None:
+                await loop.run_in_executor(None, member.stop)
             self.service.close()
             await server.close()
             for path in (self.paths.socket, self.paths.url):  # the token stays: the next dispod keeps it

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import fcntl
 import importlib
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from dispo import __version__, config
-from dispo.daemon.dispod import Dispod, options_from
-from dispo.errors import DispoError, InvalidInput
+from dispo.daemon.dispod import Dispod, Options, gateway_token, options_from
+from dispo.errors import Conflict, DispoError, InvalidInput
 from dispo.runtime.machinery import REAL, Machinery
 
 EXIT_ERROR = 1
@@ -36,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-token", action="store_true",
                    help="make a new access token (the one kept in the state dir's dispod.token stops working: "
                    "dashboards and clients that have it get 401)")
+    p.add_argument("--ray", metavar="HOST:PORT",
+                   help="also join the Ray cluster whose head is at HOST:PORT as a node (needs --listen and the "
+                   "cluster secret, [cluster] secret_file; pip install dispo[cluster]); see docs/scale-out.md")
+    p.add_argument("--gateway", action="store_true",
+                   help="with --ray: serve the cluster's gateway (one API for every node) instead of a node")
+    p.add_argument("--node", metavar="NAME", help="this node's name in session ids NODE~ID (default: [cluster] "
+                   "node, else the host name)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more output (-vv: every command run)")
     # For tests: a callable returning the Machinery to use instead of the real one (tests.fakes:machinery).
     p.add_argument("--machinery", metavar="MODULE:ATTR", help=argparse.SUPPRESS)
@@ -68,6 +79,66 @@ async def _serve(dispod: Dispod) -> list[str]:
     return await dispod.serve(stop)
 
 
+def _cluster_name(cfg: config.Config, given: str | None) -> str:
+    name = given or cfg.cluster.node or socket.gethostname().split(".")[0].lower()
+    if not config.NODE_NAME.fullmatch(name):
+        raise InvalidInput(f"node name {name!r} is not allowed in session ids NODE~ID",
+                           hint="give --node NAME (or [cluster] node): up to 32 of a-z, 0-9 and '-'")
+    return name
+
+
+def _node_options(cfg: config.Config, options: Options, args: argparse.Namespace) -> Options:
+    if not options.listen:
+        raise InvalidInput("--ray needs --listen HOST:PORT: the gateway reaches the node's dispod there",
+                           hint="listen on the node's cluster address, e.g. --listen 10.0.0.2:8686")
+    from dispo.cluster import secret
+    from dispo.cluster.node import split_address
+
+    split_address(args.ray)
+    return dataclasses.replace(options, ray=args.ray, node=_cluster_name(cfg, args.node),
+                               cluster_secret=secret.read(cfg.cluster.secret_file))
+
+
+def _gateway(cfg: config.Config, args: argparse.Namespace) -> int:
+    """dispod --gateway --ray ADDRESS --listen HOST:PORT (dispo/cluster/gateway.py)."""
+    if not args.ray or not (args.listen or cfg.service.listen):
+        raise InvalidInput("--gateway needs --ray HOST:PORT (the Ray head) and --listen HOST:PORT (where clients "
+                           "reach it)", hint="e.g. dispod --gateway --ray 10.0.0.1:6379 --listen 10.0.0.1:8686")
+    from dispo.cluster import gateway, secret
+    from dispo.cluster.node import split_address
+    from dispo.servicepaths import ServicePaths
+
+    split_address(args.ray)
+    cluster_secret = secret.read(cfg.cluster.secret_file, make=True)
+    # A state dir of its own: a node's dispod may run on the same host (the head), with its own lock and token.
+    gw_cfg = dataclasses.replace(cfg, state_dir=cfg.state_dir / "gateway")
+    options = dataclasses.replace(options_from(gw_cfg, listen=args.listen), new_token=args.new_token)
+    paths = ServicePaths(gw_cfg.state_dir)
+    gw_cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(f"another gateway already serves the state dir {gw_cfg.state_dir}",
+                           hint="stop it first, or give this one another state_dir") from None
+        token = gateway_token(paths, new=args.new_token, say=say)
+        gw = gateway.Gateway(args.ray, cluster_secret, say)
+        stop = asyncio.Event()
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in STOP_SIGNALS:
+                loop.add_signal_handler(sig, stop.set)
+            await gateway.serve(gw, paths, token, options.listen, options.limits, stop=stop, say=say)
+
+        asyncio.run(run())
+        say("stopped")
+        return 0
+    finally:
+        os.close(lock)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
@@ -75,8 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     dispod: Dispod | None = None
     try:
         cfg = config.load(args.config)
+        if args.gateway:
+            return _gateway(cfg, args)
         options = options_from(cfg, listen=args.listen, max_sessions=args.max_sessions,
                                machinery=load_machinery(args.machinery), new_token=args.new_token)
+        if args.ray:
+            options = _node_options(cfg, options, args)
         dispod = Dispod(cfg, options, say)
         dispod.open()
         left = asyncio.run(_serve(dispod))

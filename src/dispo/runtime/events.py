@@ -43,6 +43,7 @@ class EndKind(StrEnum):
     POOL = "pool"                        # a warm-pool guest, drained or replaced before anyone took it
     FAILED = "failed"                    # an error (status `error` says which)
     RECLAIMED = "reclaimed"              # its owner died; the next dispod (or `dispo gc`) tore it down
+    NODE_LOST = "node_lost"              # a cluster's gateway lost the session's node (dispo/cluster/gateway.py)
 
 
 @dataclass(frozen=True)

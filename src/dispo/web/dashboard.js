@@ -75,7 +75,8 @@
     dispod_stopped: "Ended because dispod stopped.",
     interrupted: "Ended from the command line.",
     pool: "A warm-pool guest, put away before anyone used it.",
-    reclaimed: "Cleaned up when dispod started again (the dispod that ran it died)."
+    reclaimed: "Cleaned up when dispod started again (the dispod that ran it died).",
+    node_lost: "Ended with its node, which the cluster lost."
   };
   function howEnded(s) {
     var kind = String(s.end_kind || "");

@@ -442,6 +442,9 @@ class GuardedSite(web.BaseSite):
 # -- middlewares (outermost first) -----------------------------------------------------------------
 CONNECTIONS = web.AppKey("connections", Connections)
 TOKEN = web.AppKey("token", str)
+# A node of a cluster (dispo/cluster/) also takes its cluster's secret as the API's bearer: the gateway's
+# requests carry it instead of any user's token. Absent (a single host): only TOKEN opens the API.
+CLUSTER_SECRET = web.AppKey("cluster_secret", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -516,7 +519,8 @@ async def checked(request: web.Request, handler: Handler) -> web.StreamResponse:
                                 hint="state changes and viewer connections come from dispod's own pages")
     if listener.kind is ListenerKind.TCP and request.path.startswith(API_PREFIX):
         given = bearer(request)
-        if not given or not token_ok(given, request.app[TOKEN]):
+        secret = request.app.get(CLUSTER_SECRET, "")
+        if not given or not (token_ok(given, request.app[TOKEN]) or (bool(secret) and token_ok(given, secret))):
             raise HttpProblem(PermissionProblem("the API on TCP needs dispod's access token",
                                                 hint="send 'Authorization: Bearer TOKEN' (the token is in "
                                                      "<state_dir>/dispod.token, root-only)"),
