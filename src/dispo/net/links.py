@@ -35,6 +35,8 @@ from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-unty
 
 from dispo.errors import NetworkError, PermissionProblem
 from dispo.infra.proc import run
+from dispo.net import rtnl
+from dispo.net.rtnl import Rtnl
 
 LINK_PREFIX = "dsp-"
 STANDIN_NETNS_PREFIX = "dispo-vmstandin-"
@@ -158,12 +160,13 @@ def _main_routes() -> list[tuple[str, ipaddress.IPv4Network]]:
 
 
 def host_view() -> HostView:
-    with _ipr() as ipr:
-        # Addresses and routes first, names after: a link another dispo creates meanwhile is then still named
-        # (and excluded as dispo's); one deleted meanwhile has no name and is skipped.
-        addrs = [(a["index"], ipaddress.IPv4Interface(f"{a.get_attr('IFA_LOCAL') or a.get_attr('IFA_ADDRESS')}"
-                                                       f"/{a['prefixlen']}").network)
-                 for a in ipr.get_addr(family=AF_INET)]
+    # Addresses and routes first, names after: a link another dispo creates meanwhile is then still named
+    # (and excluded as dispo's); one deleted meanwhile has no name and is skipped.
+    try:
+        with Rtnl() as nl:
+            addrs = [(i, a.network) for i, a in nl.ipv4_addresses()]
+    except OSError as e:
+        raise NetworkError(f"cannot list the host's addresses: {e.strerror or e}") from None
     routes = _main_routes()
     names = dict(socket.if_nameindex())
     found = [(names.get(i, ""), net) for i, net in addrs] + routes
@@ -177,19 +180,27 @@ def host_view() -> HostView:
 
 
 def link_exists(name: str) -> bool:
-    with _ipr() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def delete_link(name: str) -> None:
-    """Remove a link by name if it exists (idempotent). Deleting one end of a veth removes both."""
-    with _ipr() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            try:
-                ipr.link("del", index=index)
-            except NetlinkError as e:
-                if e.code != errno.ENODEV:
-                    raise _netlink_error(f"cannot delete {name}", e) from None
+    """Remove a link by name if it exists (idempotent): one rtnetlink request. Deleting one end of a veth
+    removes both."""
+    try:
+        with Rtnl() as nl:
+            nl.delete_link(name)
+    except OSError as e:
+        raise _os_error(f"cannot delete {name}", e) from None
+
+
+def _os_error(what: str, e: OSError) -> NetworkError | PermissionProblem:
+    if e.errno == errno.EPERM:
+        return PermissionProblem(f"{what}: operation not permitted")
+    return NetworkError(f"{what}: {e.strerror or e}")
 
 
 def _disable_ipv6(name: str) -> None:
@@ -217,15 +228,20 @@ def _quiet_arp(name: str) -> None:
 
 
 def create_tap(name: str, gateway: ipaddress.IPv4Interface, alias: str) -> None:
-    """A persistent tap owned by root, single queue, no packet info header, with the gateway address."""
+    """A persistent tap owned by root, single queue, no packet info header, with the gateway address: the tun
+    device's ioctls, then three rtnetlink requests (alias, address, up), no process started."""
     delete_link(name)  # a leftover from a crash under the same session id
-    with _ipr() as ipr:
-        try:
-            ipr.link("add", ifname=name, kind="tuntap", mode="tap", uid=0,
-                     ifr={"no_pi": True, "multi_queue": False, "one_queue": False, "vnet_hdr": False})
-            _configure_host_side(ipr, name, gateway, alias)
-        except NetlinkError as e:
-            raise _netlink_error(f"cannot create tap {name}", e) from None
+    try:
+        index = rtnl.make_persistent_tap(name, owner=0)
+        with Rtnl() as nl:
+            nl.set_link(index, alias=alias)  # the owner mark first, so a sweep can tell whose it is
+            _disable_ipv6(name)
+            _strict_rp_filter(name)
+            _quiet_arp(name)
+            nl.add_address(index, gateway)
+            nl.set_link(index, up=True)
+    except OSError as e:
+        raise _os_error(f"cannot create tap {name}", e) from None
 
 
 def create_standin(name: str, gateway: ipaddress.IPv4Interface, alias: str, *, guest_ns: str,
