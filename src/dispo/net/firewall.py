@@ -284,7 +284,7 @@ def install(state_dir: Path, rules: SessionRules) -> None:
     with net_lock(state_dir), table_lock():
         # Rewriting the base chains makes nft load the whole table; only do it when they are missing.
         try:
-            with NftReader() as reader:
+            with NftReader(close_behind=True) as reader:
                 base = all(reader.chain(TABLE, name) is not None for name in BASE_CHAINS)
         except OSError as e:
             raise NetworkError(f"cannot list nftables chains: {e.strerror or e}", hint=NFT_HINT) from None
@@ -370,7 +370,7 @@ def remove(state_dir: Path, session_id: str) -> None:
     One chain listing and one nf_tables batch over netlink, in-process."""
     with net_lock(state_dir), table_lock():
         try:
-            with NftReader() as reader:
+            with NftReader(close_behind=True) as reader:
                 present = reader.chain_names(TABLE)
                 if present is None:
                     return

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from dispo.errors import CommandError, NetworkError
 from dispo.infra.proc import run
+from dispo.net.nfnl import close_behind
 
 NFT_HINT = "install nftables (apt install nftables) and run dispo as root"
 
@@ -72,4 +73,6 @@ def apply(script: Sequence[str]) -> None:
             raise NetworkError(f"nftables refused dispo's rules: {lines[0] if lines else 'no reason given'}",
                                hint=NFT_HINT)
     finally:
-        lib.nft_ctx_free(ctx)
+        # Freeing the context closes its netlink socket, which waits for the kernel to free what earlier
+        # transactions deleted (see nfnl.close_behind): done in a thread of its own.
+        close_behind(lambda: lib.nft_ctx_free(ctx))

@@ -148,14 +148,16 @@ class HostView:
 
 def _main_routes() -> list[tuple[str, ipaddress.IPv4Network]]:
     # /proc/net/route (the main table of this netns) is read in microseconds; a netlink route dump parsed by
-    # pyroute2 costs milliseconds per hundred routes, and every session adds one.
+    # pyroute2 costs milliseconds per hundred routes, and every session adds one (skipped here unparsed).
     out = []
     with open("/proc/net/route") as f:
         next(f)
         for line in f:
             fields = line.split()
-            dst, mask = (socket.inet_ntoa(struct.pack("<I", int(x, 16))) for x in (fields[1], fields[7]))
-            out.append((fields[0], ipaddress.IPv4Network(f"{dst}/{mask}", strict=False)))
+            if fields[0].startswith(LINK_PREFIX):
+                continue
+            dst, mask = (struct.unpack("<I", struct.pack(">I", int(x, 16)))[0] for x in (fields[1], fields[7]))
+            out.append((fields[0], ipaddress.IPv4Network((dst & mask, bin(mask).count("1")))))
     return out
 
 
@@ -164,12 +166,12 @@ def host_view() -> HostView:
     # (and excluded as dispo's); one deleted meanwhile has no name and is skipped.
     try:
         with Rtnl() as nl:
-            addrs = [(i, a.network) for i, a in nl.ipv4_addresses()]
+            addrs = nl.ipv4_addresses()
     except OSError as e:
         raise NetworkError(f"cannot list the host's addresses: {e.strerror or e}") from None
     routes = _main_routes()
     names = dict(socket.if_nameindex())
-    found = [(names.get(i, ""), net) for i, net in addrs] + routes
+    found = [(names.get(i, ""), net) for i, net in addrs if not names.get(i, "").startswith(LINK_PREFIX)] + routes
     default = next((n for n, net in routes if net.prefixlen == 0 and not n.startswith(LINK_PREFIX)), None)
     return HostView(
         names=tuple(n for n in names.values() if not n.startswith(LINK_PREFIX)),

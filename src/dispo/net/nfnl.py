@@ -17,7 +17,8 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from dispo.errors import NetworkError, PermissionProblem
@@ -93,9 +94,10 @@ class Chain:
 class NftReader:
     """One netlink socket to nf_tables in this thread's network namespace. Use as a context manager."""
 
-    def __init__(self, family: int = NFPROTO_INET) -> None:
+    def __init__(self, family: int = NFPROTO_INET, *, close_behind: bool = False) -> None:
         self.family = family
         self._seq = 0
+        self._close_behind = close_behind
         try:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         except PermissionError:
@@ -110,7 +112,10 @@ class NftReader:
         self.close()
 
     def close(self) -> None:
-        self._sock.close()
+        if self._close_behind:
+            close_behind(self._sock.close)
+        else:
+            self._sock.close()
 
     # -- requests -----------------------------------------------------------------------------------------------
     def _request(self, msg: int, flags: int, payload: bytes) -> list[bytes]:
@@ -282,6 +287,13 @@ class NftReader:
             raise
         found = _elements(answer)
         return found.get(ifname)
+
+
+def close_behind(close: Callable[[], object]) -> None:
+    """Run `close` in a thread of its own and return at once. Closing a netfilter netlink socket makes the
+    kernel first free whatever an nf_tables transaction deleted, after an RCU grace period (10-20 ms here),
+    even when this socket deleted nothing; a session's teardown or bring-up need not wait for that."""
+    threading.Thread(target=close, name="nft-close", daemon=True).start()
 
 
 def del_table(table: str) -> tuple[int, bytes]:

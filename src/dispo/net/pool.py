@@ -18,6 +18,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -138,15 +139,20 @@ def read_leases(state_dir: Path) -> list[Lease]:
     return out
 
 
-def _leased_subnets(state_dir: Path) -> list[ipaddress.IPv4Network]:
-    """The subnets leased, from the lease files' names alone (a half-written lease reserves its subnet too)."""
+def _leased_ranges(state_dir: Path) -> list[tuple[int, int]]:
+    """(first, last) address of each leased subnet, as integers, from the lease files' names alone (a
+    half-written lease reserves its subnet too)."""
     d = leases_dir(state_dir)
     out = []
     for name in os.listdir(d) if d.is_dir() else ():
-        if name.startswith("."):
+        address, _, prefix = name.partition("-")
+        try:
+            start, bits = int.from_bytes(socket.inet_aton(address), "big"), int(prefix)
+        except (OSError, ValueError):
             continue
-        with contextlib.suppress(ValueError):
-            out.append(ipaddress.IPv4Network(name.replace("-", "/")))
+        if name.startswith(".") or not 0 <= bits <= 32:
+            continue
+        out.append((start, start + 2 ** (32 - bits) - 1))
     return out
 
 
@@ -154,7 +160,7 @@ def allocate(state_dir: Path, pool: Pool, session_id: str, netns: int) -> Lease:
     """Take the first free subnet of the pool. The caller has journaled "net-lease" for session_id."""
     with net_lock(state_dir):
         # Integer ranges: comparing ipaddress objects costs milliseconds once tens of sessions are up.
-        taken = sorted((int(t.network_address), int(t.broadcast_address)) for t in _leased_subnets(state_dir))
+        taken = sorted(_leased_ranges(state_dir))
         size = 2 ** (32 - pool.prefix)
         first, last = int(pool.network.network_address), int(pool.network.broadcast_address)
         start = first
