@@ -162,11 +162,13 @@ def _main_routes() -> list[tuple[str, ipaddress.IPv4Network]]:
 
 
 def host_view() -> HostView:
-    # Addresses and routes first, names after: a link another dispo creates meanwhile is then still named
-    # (and excluded as dispo's); one deleted meanwhile has no name and is skipped.
+    # Dispo's own links are skipped unparsed (tens of them, one per session). Then addresses and routes, and
+    # names after them: a link another dispo creates meanwhile is then still named (and excluded as dispo's);
+    # one deleted meanwhile has no name and is skipped.
+    skip = frozenset(i for i, n in socket.if_nameindex() if n.startswith(LINK_PREFIX))
     try:
         with Rtnl() as nl:
-            addrs = nl.ipv4_addresses()
+            addrs = nl.ipv4_addresses(skip)
     except OSError as e:
         raise NetworkError(f"cannot list the host's addresses: {e.strerror or e}") from None
     routes = _main_routes()

@@ -13,8 +13,10 @@ of <linux/netfilter/nf_tables.h>, <linux/netfilter/nfnetlink.h> and <linux/netli
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import queue
 import socket
 import struct
 import threading
@@ -289,11 +291,29 @@ class NftReader:
         return found.get(ifname)
 
 
+_closing: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer: threading.Thread | None = None
+
+
 def close_behind(close: Callable[[], object]) -> None:
-    """Run `close` in a thread of its own and return at once. Closing a netfilter netlink socket makes the
-    kernel first free whatever an nf_tables transaction deleted, after an RCU grace period (10-20 ms here),
-    even when this socket deleted nothing; a session's teardown or bring-up need not wait for that."""
-    threading.Thread(target=close, name="nft-close", daemon=True).start()
+    """Hand `close` to a closer thread and return at once. Closing a netfilter netlink socket makes the kernel
+    first free whatever an nf_tables transaction deleted, after an RCU grace period (10-20 ms here), even when
+    this socket deleted nothing; a session's teardown or bring-up need not wait for that. One thread for the
+    process, started on first use (starting one per close costs milliseconds on a loaded host)."""
+    global _closer
+    with _closer_lock:
+        if _closer is None or not _closer.is_alive():
+            _closer = threading.Thread(target=_close_loop, name="nft-close", daemon=True)
+            _closer.start()
+    _closing.put(close)
+
+
+def _close_loop() -> None:
+    while True:
+        close = _closing.get()
+        with contextlib.suppress(OSError):
+            close()
 
 
 def del_table(table: str) -> tuple[int, bytes]:

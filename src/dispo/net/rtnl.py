@@ -128,15 +128,15 @@ class Rtnl:
         body = _IFADDR.pack(socket.AF_INET, address.network.prefixlen, 0, 0, index)
         self._call(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body + _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed))
 
-    def ipv4_addresses(self) -> list[tuple[int, ipaddress.IPv4Network]]:
-        """(link index, network) of every IPv4 address in the namespace."""
+    def ipv4_addresses(self, skip: frozenset[int] = frozenset()) -> list[tuple[int, ipaddress.IPv4Network]]:
+        """(link index, network) of every IPv4 address in the namespace but those of the links in `skip`."""
         out = []
         seq = self._send(RTM_GETADDR, NLM_F_DUMP, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0))
         for kind, body in self._messages(seq):
             if kind != RTM_NEWADDR or len(body) < _IFADDR.size:
                 continue
             family, prefixlen, _flags, _scope, index = _IFADDR.unpack_from(body)
-            if family != socket.AF_INET:
+            if family != socket.AF_INET or index in skip:
                 continue
             found = dict(attrs(body[_IFADDR.size:]))
             raw = found.get(IFA_LOCAL) or found.get(IFA_ADDRESS)
