@@ -17,8 +17,8 @@ import threading
 from collections.abc import Sequence
 
 from dispo.errors import CommandError, NetworkError
+from dispo.infra.closer import close_behind
 from dispo.infra.proc import run
-from dispo.net.nfnl import close_behind
 
 NFT_HINT = "install nftables (apt install nftables) and run dispo as root"
 
@@ -74,5 +74,5 @@ def apply(script: Sequence[str]) -> None:
                                hint=NFT_HINT)
     finally:
         # Freeing the context closes its netlink socket, which waits for the kernel to free what earlier
-        # transactions deleted (see nfnl.close_behind): done in a thread of its own.
+        # transactions deleted (see infra/closer.py): done in a thread of its own.
         close_behind(lambda: lib.nft_ctx_free(ctx))

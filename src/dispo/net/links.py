@@ -29,14 +29,15 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+from typing import TYPE_CHECKING
 
 from dispo.errors import NetworkError, PermissionProblem
 from dispo.infra.proc import run
 from dispo.net import rtnl
 from dispo.net.rtnl import Rtnl
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 LINK_PREFIX = "dsp-"
 STANDIN_NETNS_PREFIX = "dispo-vmstandin-"
@@ -93,6 +94,10 @@ def netns_path(inode: int) -> Path | None:
 
 @contextlib.contextmanager
 def _ipr() -> Iterator[IPRoute]:
+    # Imported here: pyroute2 takes about half a second to import, and only the listings and the test
+    # stand-in use it (a session's own link goes through rtnl.py).
+    from pyroute2 import IPRoute
+
     try:
         ipr = IPRoute()
     except PermissionError:
@@ -103,8 +108,8 @@ def _ipr() -> Iterator[IPRoute]:
         ipr.close()
 
 
-def _netlink_error(what: str, e: NetlinkError) -> NetworkError | PermissionProblem:
-    if e.code == errno.EPERM:
+def _netlink_error(what: str, e: Exception) -> NetworkError | PermissionProblem:
+    if getattr(e, "code", None) == errno.EPERM:
         return PermissionProblem(f"{what}: operation not permitted")
     return NetworkError(f"{what}: {e.args[-1] if e.args else e}")
 
@@ -252,6 +257,8 @@ def create_standin(name: str, gateway: ipaddress.IPv4Interface, alias: str, *, g
                    guest: ipaddress.IPv4Interface, mac: str) -> None:
     """Test stand-in for a VM: veth `name` whose far end, in netns `guest_ns`, is configured like the guest's
     early boot would configure its NIC from the kernel arguments (address, MAC, default route)."""
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
     delete_link(name)
     with _ipr() as ipr:
         try:

@@ -13,17 +13,15 @@ of <linux/netfilter/nf_tables.h>, <linux/netfilter/nfnetlink.h> and <linux/netli
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import queue
 import socket
 import struct
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dispo.errors import NetworkError, PermissionProblem
+from dispo.infra.closer import close_behind
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -97,6 +95,8 @@ class NftReader:
     """One netlink socket to nf_tables in this thread's network namespace. Use as a context manager."""
 
     def __init__(self, family: int = NFPROTO_INET, *, close_behind: bool = False) -> None:
+        """`close_behind`: close the socket on the closer thread (infra/closer.py): closing a netfilter socket
+        waits for the kernel to free what nf_tables transactions deleted, even ones of other sockets."""
         self.family = family
         self._seq = 0
         self._close_behind = close_behind
@@ -289,31 +289,6 @@ class NftReader:
             raise
         found = _elements(answer)
         return found.get(ifname)
-
-
-_closing: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
-_closer_lock = threading.Lock()
-_closer: threading.Thread | None = None
-
-
-def close_behind(close: Callable[[], object]) -> None:
-    """Hand `close` to a closer thread and return at once. Closing a netfilter netlink socket makes the kernel
-    first free whatever an nf_tables transaction deleted, after an RCU grace period (10-20 ms here), even when
-    this socket deleted nothing; a session's teardown or bring-up need not wait for that. One thread for the
-    process, started on first use (starting one per close costs milliseconds on a loaded host)."""
-    global _closer
-    with _closer_lock:
-        if _closer is None or not _closer.is_alive():
-            _closer = threading.Thread(target=_close_loop, name="nft-close", daemon=True)
-            _closer.start()
-    _closing.put(close)
-
-
-def _close_loop() -> None:
-    while True:
-        close = _closing.get()
-        with contextlib.suppress(OSError):
-            close()
 
 
 def del_table(table: str) -> tuple[int, bytes]:
