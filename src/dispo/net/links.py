@@ -1,4 +1,5 @@
-"""Network devices through netlink (pyroute2): the session's tap (or its veth stand-in), and host facts.
+"""Network devices through netlink: the session's tap (rtnl.py: the tun device's ioctls and raw rtnetlink, no
+process) or its test stand-in veth (pyroute2), and host facts.
 
 Everything here acts on the network namespace the calling process is in. Links carry the session id in
 their name ("dsp-<id>", 12 characters, within IFNAMSIZ) and an alias naming dispo, the session and the
@@ -200,8 +201,7 @@ def delete_link(name: str) -> None:
     """Remove a link by name if it exists (idempotent): one rtnetlink request. Deleting one end of a veth
     removes both."""
     try:
-        with Rtnl() as nl:
-            nl.delete_link(name)
+        rtnl.delete_link_behind(name)  # returns once it is gone; the kernel's own cleanup goes on behind
     except OSError as e:
         raise _os_error(f"cannot delete {name}", e) from None
 

@@ -11,18 +11,23 @@ caused it. Layouts and numbers are those of <linux/rtnetlink.h>, <linux/if_link.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
 import ipaddress
 import os
+import select
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 
 from dispo.errors import NetworkError, PermissionProblem
 from dispo.net.nfnl import attrs
 
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_GETADDR = 16, 17, 20, 22
+RTMGRP_LINK = 0x1
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFLA_IFNAME, IFLA_IFALIAS = 3, 20
@@ -56,7 +61,8 @@ def _str(kind: int, text: str) -> bytes:
 class Rtnl:
     """One rtnetlink socket in this thread's network namespace. Use as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups: int = 0) -> None:
+        """`groups`: multicast groups to listen to (RTMGRP_LINK: links added and removed)."""
         self._seq = 0
         try:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
@@ -64,7 +70,32 @@ class Rtnl:
         except PermissionError:
             raise PermissionProblem("cannot open a netlink socket") from None
         self._sock.settimeout(10)  # the kernel always answers; a stuck socket must not hang a teardown
-        self._sock.bind((0, 0))
+        self._sock.bind((0, groups))
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def link_removals(self) -> list[int]:
+        """Indexes of the links whose removal (RTM_DELLINK) the kernel announced in what is waiting on this
+        socket (made with groups=RTMGRP_LINK); [] when nothing is waiting."""
+        out: list[int] = []
+        while True:
+            try:
+                # MSG_DONTWAIT alone is not enough: a socket with a timeout waits for data before it reads.
+                self._sock.setblocking(False)
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return out
+            finally:
+                self._sock.settimeout(10)
+            off = 0
+            while off + _HDR.size <= len(data):
+                length, kind, _flags, _seq, _pid = _HDR.unpack_from(data, off)
+                if length < _HDR.size:
+                    break
+                if kind == RTM_DELLINK and length >= _HDR.size + _IFINFO.size:
+                    out.append(_IFINFO.unpack_from(data, off + _HDR.size)[2])
+                off += _align(length)
 
     def __enter__(self) -> Rtnl:
         return self
@@ -159,3 +190,78 @@ def make_persistent_tap(name: str, owner: int = 0) -> int:
     finally:
         os.close(fd)  # persistent: the tap stays when its creator's descriptor closes
     return socket.if_nametoindex(name)
+
+
+_deleters: concurrent.futures.ThreadPoolExecutor | None = None
+_deleters_lock = threading.Lock()
+
+
+def delete_link_behind(name: str, timeout: float = 10.0) -> bool:
+    """Delete the link `name`; return once the kernel has announced it removed (False: there was none).
+
+    Deleting a tap blocks the deleting thread for 15-20 ms here after the link is already gone: the kernel
+    unlists it (name, addresses, routes) and announces RTM_DELLINK, then, still inside the same system call,
+    waits for RCU callbacks (`rcu_barrier`) before it frees the device. So the request is sent from a worker
+    thread and this thread waits only for the announcement. An error of the request is raised here."""
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        return False
+    global _deleters
+    with _deleters_lock:
+        if _deleters is None:
+            # A few workers: one deletion's wait must not hold up another session's.
+            _deleters = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="link-delete")
+    with Rtnl(groups=RTMGRP_LINK) as monitor:  # listening before the request: the announcement cannot be missed
+        # Made here, in the caller's thread: a netlink socket acts in the network namespace of the thread that
+        # made it, and the worker threads may have been started in another one.
+        deleter = Rtnl()
+        try:
+            done = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except BaseException:
+            deleter.__exit__()
+            raise
+
+        def work() -> bool:
+            try:
+                with deleter:
+                    return deleter.delete_link(name)
+            finally:
+                os.eventfd_write(done, 1)
+
+        try:
+            future = _deleters.submit(work)
+        except BaseException:
+            os.close(done)
+            deleter.__exit__()
+            raise
+        try:
+            poller = select.poll()
+            poller.register(monitor.fileno(), select.POLLIN)
+            poller.register(done, select.POLLIN)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OSError(errno.ETIMEDOUT, f"{name} was not removed within {timeout} s")
+                ready = {fd for fd, _ in poller.poll(left * 1000)}
+                if monitor.fileno() in ready and _removed(monitor, name, index):
+                    return True
+                if done in ready:
+                    return future.result()  # finished (or failed) first: its answer is the answer
+        finally:
+            # The worker writes to `done` as it ends, maybe after this returns: closed once it has.
+            future.add_done_callback(lambda _f: os.close(done))
+
+
+def _removed(monitor: Rtnl, name: str, index: int) -> bool:
+    try:
+        return index in monitor.link_removals()
+    except OSError as e:
+        if e.errno != errno.ENOBUFS:
+            raise
+    # Announcements were lost (a burst of link changes overran the socket): ask by name instead.
+    try:
+        return socket.if_nametoindex(name) != index
+    except OSError:
+        return True
