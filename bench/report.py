@@ -220,11 +220,15 @@ def _firecracker_section(rec: dict[str, Any], svg: Any) -> list[str]:
     lines = ["## Firecracker's host side", ""]
     if fc is None:
         return [*lines, rec["firecracker"]["text"], ""]
-    lines += ["| step | median ms | min ms | max ms | runs |", "|---|---|---|---|---|"]
+    header = fc.get("header", ["step", "median ms", "min ms", "max ms", "runs"])
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in fc["rows"]:
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
-    return [*lines, "", "Source: docs/perf/data/bench-firecracker.json (bench/firecracker.py, the tiny ELF guest "
-                        "under KVM).", ""]
+    return [*lines, "", "\"raw\" is the same binary driven directly (spawn, socket, the same configuration, "
+                        "InstanceStart; or snapshot/load), alternating with dispo's run for run; \"baseline\" rows "
+                        f"are the checkout {fc.get('baseline')} measured in the same run. Source: "
+                        "docs/perf/data/bench-firecracker.json (bench/firecracker.py, the tiny ELF guest under KVM).",
+                    ""]
 
 
 def main() -> int:
