@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.report [--collect]      (or: scripts/dev bench report [--collect])
 
 Inputs, in docs/perf/data/:
-  bench-warm.json, bench-memory.json, bench-net-compare.json, bench-net.json, bench-firecracker.json
+  bench-warm.json, bench-memory.json, bench-net-compare.json, bench-firecracker.json
       what bench/warm.py, bench/memory.py, bench/net.py (--baseline) and bench/firecracker.py wrote to artifacts/;
       `--collect` copies the ones present in artifacts/ here first (the figures of the last run are kept in git,
       so the page can be regenerated anywhere).
@@ -28,7 +28,7 @@ DOCS = REPO / "docs"
 PERF = DOCS / "perf"
 DATA = PERF / "data"
 ARTIFACTS = REPO / "artifacts"
-TOPICS = ("warm", "memory", "net-compare", "net", "firecracker")
+TOPICS = ("warm", "memory", "net-compare", "firecracker")
 COLOURS = {"cold": "#8c8c8c", "restored": "#2f7ed8", "pooled": "#2ca02c", "baseline": "#8c8c8c",
            "this tree": "#2f7ed8", "kernel": "#d62728", "PSS": "#2f7ed8", "RSS": "#8c8c8c"}
 
