@@ -406,11 +406,11 @@ class FirecrackerVmm:
 
     def _wait_socket(self) -> None:
         assert self._proc is not None and self.api is not None
-        if self.jail is None:
+        if self.jail is None and self.socket.parent.is_dir():
             self._wait_socket_event()
             return
         # Jailed: the socket's directory is made by the jailer after the spawn, so there is nothing to watch
-        # yet; look every 2 ms.
+        # yet (nor when the directory is missing: firecracker then exits); look every 2 ms.
         deadline = time.monotonic() + self.options.socket_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
