@@ -21,7 +21,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,24 @@ class Journal:
             self._write()
         return entry
 
+    def record_all(self, items: Sequence[tuple[str, Mapping[str, str]]]) -> list[Entry]:
+        """record() for several objects about to be made, with one write (and one fsync) for them all."""
+        for kind, _ in items:
+            undo.lookup(kind)
+        with self._mutex:
+            self._require_lock()
+            if self._closing:
+                raise JournalError(f"session {self.session_id} is ending: nothing new is made for it")
+            made = []
+            for kind, args in items:
+                entry = Entry(self._next_seq, kind, {k: str(v) for k, v in args.items()})
+                self._next_seq += 1
+                made.append(entry)
+            self.entries += made
+            self.recorded += made
+            self._write()
+        return made
+
     def set_meta(self, **values: Any) -> None:
         """Add to what the journal says about its session (e.g. the image's proof, for a reclaim's receipt)."""
         with self._mutex:
@@ -197,15 +215,17 @@ class Journal:
                 log.warning("undo %s failed: %s", entry.describe(), e)
                 errors.append((entry.describe(), e))
                 continue
+            with self._mutex:
+                self.entries = [e for e in self.entries if e.seq != entry.seq]
+        # One write at the end, not one per entry: every undo is idempotent, so a crash meanwhile only means
+        # a `dispo gc` redoes some of them; an fsync per entry cost milliseconds of every teardown.
+        if errors:
             try:
                 with self._mutex:
-                    self.entries = [e for e in self.entries if e.seq != entry.seq]
                     self._write()
             except OSError as e:
-                # A full disk or no file descriptors left must not stop the rest of the teardown: the undo
-                # steps are idempotent, so a journal that still lists this entry is only redone by gc.
-                log.warning("session %s: journal not updated after undoing %s: %s", self.session_id,
-                            entry.describe(), e)
+                # A full disk or no file descriptors left: the journal still lists everything, gc redoes it.
+                log.warning("session %s: journal not updated after its unwind: %s", self.session_id, e)
         if errors:
             self.release()
             raise TeardownError(self.session_id, errors)

@@ -17,6 +17,7 @@ the configured list), and the firewall lets it reach exactly those on port 53; t
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -142,25 +143,30 @@ def attach_network(session: Transaction, policy: NetworkPolicy | None = None) ->
     # One critical section from lease to link: an orphan sweep of this state dir waits for it (and a session
     # waits for a sweep), so a sweep never finds a lease or chains whose link is not there yet.
     with net_lock(cfg.state_dir):
-        journal.record("net-lease", state_dir=state_dir, session=sid)
+        rules = firewall.SessionRules(sid, ipaddress.IPv4Interface("0.0.0.0/32"), ipaddress.IPv4Address(0),
+                                      checked.pool.network, checked.upstream, checked.dns, policy, owner=alias)
+        counts = firewall.format_counts(rules.rule_counts())  # the same for any address: only the count matters
+        # Everything this section makes is journaled in one write before any of it exists (each undo is
+        # idempotent and does nothing for an object that was never made).
+        planned: list[tuple[str, dict[str, str]]] = [
+            ("net-lease", {"state_dir": state_dir, "session": sid}),
+            ("nft-session", {"state_dir": state_dir, "session": sid, "netns": str(netns), "rules": counts})]
+        if cfg.net.link is NetLink.VETH_STANDIN:
+            standin = links.standin_netns_name(sid)
+            planned.append(("net-standin-netns", {"name": standin}))
+        planned.append(("net-link", {"name": name, "netns": str(netns)}))
+        journal.record_all(planned)
+
         lease = allocate(cfg.state_dir, checked.pool, sid, netns)
         gateway = ipaddress.IPv4Interface(f"{lease.gateway}/{lease.subnet.prefixlen}")
         mac = mac_for(lease.guest.ip)
-
-        rules = firewall.SessionRules(sid, lease.guest, lease.gateway, checked.pool.network, checked.upstream,
-                                      checked.dns, policy, owner=alias)
-        journal.record("nft-session", state_dir=state_dir, session=sid, netns=str(netns),
-                       rules=firewall.format_counts(rules.rule_counts()))
+        rules = dataclasses.replace(rules, guest=lease.guest, gateway=lease.gateway)
         firewall.install(cfg.state_dir, rules)
 
-        if cfg.net.link is NetLink.VETH_STANDIN:
-            standin = links.standin_netns_name(sid)
-            journal.record("net-standin-netns", name=standin)
+        if standin:
             links.create_netns(standin, alias)
-            journal.record("net-link", name=name, netns=str(netns))
             links.create_standin(name, gateway, alias, guest_ns=standin, guest=lease.guest, mac=mac)
         else:
-            journal.record("net-link", name=name, netns=str(netns))
             links.create_tap(name, gateway, alias)
 
     gn = GuestNetwork(sid, name, mac, lease.guest, lease.gateway, checked.dns, standin)

@@ -1,4 +1,4 @@
-"""nftables: one table owned by dispo (`inet dispo`), one set of chains per session, through the `nft` CLI.
+"""nftables: one table owned by dispo (`inet dispo`), one set of chains per session, in nft's own language.
 
 Shape of the table:
   base chains `prerouting` (filter, priority raw), `forward`, `input` (filter) and `postrouting` (nat), policy
@@ -22,7 +22,9 @@ mark as the link's alias, e.g. "dispo session 1a2b3c4d state /run/dispo"), so a 
 own state dir made and `nft list ruleset` says whose each chain is. Chains or elements without a mark (made by
 hand, or by a dispo before this scheme) are nobody's: no sweep removes them.
 
-Locks: each change is one `nft -f -` transaction (atomic). Changes to the table's shape (creating it, deleting
+Locks: each change is one nf_tables transaction (atomic: one netlink batch, applied in-process through
+libnftables, libnft.py; what exists is asked over netlink, nfnl.py, so no `nft` process runs on a session's way
+up or down). Changes to the table's shape (creating it, deleting
 it when empty) and each session's add/remove happen under `table_lock`, an flock on the network namespace
 itself, which every dispo in the namespace shares whatever its state dir; so "the table is empty, delete it"
 cannot race another state dir's session being added. Callers hold their state dir's pool.net_lock outside it.
@@ -46,9 +48,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dispo.errors import CommandError, NetworkError
+from dispo.errors import NetworkError
 from dispo.infra.proc import run
+from dispo.net import libnft, nfnl
 from dispo.net.links import LINK_PREFIX, link_name
+from dispo.net.nfnl import NftReader
 from dispo.net.policy import PRIVATE_RANGES, NetworkPolicy
 from dispo.net.pool import net_lock
 
@@ -56,7 +60,7 @@ TABLE = "dispo"
 FAMILY = "inet"
 ROLES = ("out", "to", "in", "nat")
 MAPS = {"out": "fwd_from", "to": "fwd_to", "in": "in_from", "nat": "nat_from"}
-NFT_HINT = "install nftables (apt install nftables) and run dispo as root"
+NFT_HINT = libnft.NFT_HINT
 # A table lock held longer than this by someone else is an error, not a hang (any process in the namespace can
 # flock it; see table_lock).
 TABLE_LOCK_TIMEOUT_S = 60.0
@@ -237,12 +241,8 @@ def table_lock() -> Iterator[None]:
 
 
 def nft(script: Sequence[str]) -> None:
-    """Apply a list of nft commands as one atomic transaction."""
-    text = "\n".join(script) + "\n"
-    try:
-        run(["nft", "-f", "-"], input=text.encode(), hint=NFT_HINT)
-    except CommandError as e:
-        raise NetworkError(f"nftables refused dispo's rules: {e.message}", hint=NFT_HINT) from None
+    """Apply a list of nft commands as one atomic transaction (one nf_tables batch, in-process: libnft.py)."""
+    libnft.apply(script)
 
 
 def chains() -> set[str] | None:
@@ -283,8 +283,11 @@ def parse_chain_comments(text: str) -> dict[str, str]:
 def install(state_dir: Path, rules: SessionRules) -> None:
     with net_lock(state_dir), table_lock():
         # Rewriting the base chains makes nft load the whole table; only do it when they are missing.
-        present = chains() or set()
-        base = set(BASE_CHAINS) <= present
+        try:
+            with NftReader(close_behind=True) as reader:
+                base = all(reader.chain(TABLE, name) is not None for name in BASE_CHAINS)
+        except OSError as e:
+            raise NetworkError(f"cannot list nftables chains: {e.strerror or e}", hint=NFT_HINT) from None
         nft((skeleton() if not base else []) + rules.render())
 
 
@@ -363,33 +366,41 @@ def table_state() -> TableState | None:
 
 
 def remove(state_dir: Path, session_id: str) -> None:
-    """Delete exactly this session's map elements and chains (idempotent); drop the table when it is empty."""
+    """Delete exactly this session's map elements and chains (idempotent); drop the table when it is empty.
+    One chain listing and one nf_tables batch over netlink, in-process."""
     with net_lock(state_dir), table_lock():
-        present = chains()
-        if present is None:
+        try:
+            with NftReader(close_behind=True) as reader:
+                present = reader.chain_names(TABLE)
+                if present is None:
+                    return
+                mine = [chain_name(session_id, r) for r in ROLES if chain_name(session_id, r) in present]
+                others = {c for c in present if c.startswith("s-") and c not in mine}
+                if not others:
+                    # The last session of any state dir leaves: nothing of dispo stays.
+                    reader.commit([nfnl.del_table(TABLE)])
+                    return
+                if not mine:
+                    return
+                # A session's elements and chains are added in one transaction and deleted in one, so where
+                # its chains are, its elements are (unless someone edited the table by hand: then look at
+                # everything, below).
+                ifname = link_name(session_id)
+                with contextlib.suppress(OSError):
+                    reader.commit([nfnl.del_map_element(TABLE, MAPS[r], ifname) for r in ROLES
+                                   if chain_name(session_id, r) in present]
+                                  + [nfnl.del_chain(TABLE, c) for c in mine])
+                    return
+        except OSError as e:
+            raise NetworkError(f"cannot remove the session's nftables rules: {e.strerror or e}",
+                               hint=NFT_HINT) from None
+        state = table_state()
+        if state is None:
             return
         t = f"{FAMILY} {TABLE}"
-        mine = [chain_name(session_id, r) for r in ROLES if chain_name(session_id, r) in present]
-        others = {c for c in present if c.startswith("s-") and c not in mine}
-        if not others:
-            nft([f"delete table {t}"])  # the last session of any state dir leaves: nothing of dispo stays
-            return
-        if not mine:
-            return
-        # A session's elements and chains are added in one transaction and deleted in one, so where its
-        # chains are, its elements are (unless someone edited the table by hand: then look at everything).
-        ifname = link_name(session_id)
-        fast = [f'delete element {t} {MAPS[r]} {{ "{ifname}" }}' for r in ROLES
-                if chain_name(session_id, r) in present]
-        try:
-            nft(fast + [f"delete chain {t} {c}" for c in mine])
-        except NetworkError:
-            state = table_state()
-            if state is None:
-                return
-            script = [f'delete element {t} {m} {{ "{ifname}" }}' for m, names in state.elements.items()
-                      if ifname in names]
-            nft(script + [f"delete chain {t} {c}" for c in mine if c in state.chains])
+        script = [f'delete element {t} {m} {{ "{ifname}" }}' for m, names in state.elements.items()
+                  if ifname in names]
+        nft(script + [f"delete chain {t} {c}" for c in mine if c in state.chains])
 
 
 def remove_if_empty(state_dir: Path) -> bool:

@@ -1,4 +1,5 @@
-"""Network devices through netlink (pyroute2): the session's tap (or its veth stand-in), and host facts.
+"""Network devices through netlink: the session's tap (rtnl.py: the tun device's ioctls and raw rtnetlink, no
+process) or its test stand-in veth (pyroute2), and host facts.
 
 Everything here acts on the network namespace the calling process is in. Links carry the session id in
 their name ("dsp-<id>", 12 characters, within IFNAMSIZ) and an alias naming dispo, the session and the
@@ -29,12 +30,15 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from pyroute2 import IPRoute  # type: ignore[import-untyped]
-from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+from typing import TYPE_CHECKING
 
 from dispo.errors import NetworkError, PermissionProblem
 from dispo.infra.proc import run
+from dispo.net import rtnl
+from dispo.net.rtnl import Rtnl
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute  # type: ignore[import-untyped]
 
 LINK_PREFIX = "dsp-"
 STANDIN_NETNS_PREFIX = "dispo-vmstandin-"
@@ -91,6 +95,10 @@ def netns_path(inode: int) -> Path | None:
 
 @contextlib.contextmanager
 def _ipr() -> Iterator[IPRoute]:
+    # Imported here: pyroute2 takes about half a second to import, and only the listings and the test
+    # stand-in use it (a session's own link goes through rtnl.py).
+    from pyroute2 import IPRoute
+
     try:
         ipr = IPRoute()
     except PermissionError:
@@ -101,8 +109,8 @@ def _ipr() -> Iterator[IPRoute]:
         ipr.close()
 
 
-def _netlink_error(what: str, e: NetlinkError) -> NetworkError | PermissionProblem:
-    if e.code == errno.EPERM:
+def _netlink_error(what: str, e: Exception) -> NetworkError | PermissionProblem:
+    if getattr(e, "code", None) == errno.EPERM:
         return PermissionProblem(f"{what}: operation not permitted")
     return NetworkError(f"{what}: {e.args[-1] if e.args else e}")
 
@@ -146,27 +154,32 @@ class HostView:
 
 def _main_routes() -> list[tuple[str, ipaddress.IPv4Network]]:
     # /proc/net/route (the main table of this netns) is read in microseconds; a netlink route dump parsed by
-    # pyroute2 costs milliseconds per hundred routes, and every session adds one.
+    # pyroute2 costs milliseconds per hundred routes, and every session adds one (skipped here unparsed).
     out = []
     with open("/proc/net/route") as f:
         next(f)
         for line in f:
             fields = line.split()
-            dst, mask = (socket.inet_ntoa(struct.pack("<I", int(x, 16))) for x in (fields[1], fields[7]))
-            out.append((fields[0], ipaddress.IPv4Network(f"{dst}/{mask}", strict=False)))
+            if fields[0].startswith(LINK_PREFIX):
+                continue
+            dst, mask = (struct.unpack("<I", struct.pack(">I", int(x, 16)))[0] for x in (fields[1], fields[7]))
+            out.append((fields[0], ipaddress.IPv4Network((dst & mask, bin(mask).count("1")))))
     return out
 
 
 def host_view() -> HostView:
-    with _ipr() as ipr:
-        # Addresses and routes first, names after: a link another dispo creates meanwhile is then still named
-        # (and excluded as dispo's); one deleted meanwhile has no name and is skipped.
-        addrs = [(a["index"], ipaddress.IPv4Interface(f"{a.get_attr('IFA_LOCAL') or a.get_attr('IFA_ADDRESS')}"
-                                                       f"/{a['prefixlen']}").network)
-                 for a in ipr.get_addr(family=AF_INET)]
+    # Dispo's own links are skipped unparsed (tens of them, one per session). Then addresses and routes, and
+    # names after them: a link another dispo creates meanwhile is then still named (and excluded as dispo's);
+    # one deleted meanwhile has no name and is skipped.
+    skip = frozenset(i for i, n in socket.if_nameindex() if n.startswith(LINK_PREFIX))
+    try:
+        with Rtnl() as nl:
+            addrs = nl.ipv4_addresses(skip)
+    except OSError as e:
+        raise NetworkError(f"cannot list the host's addresses: {e.strerror or e}") from None
     routes = _main_routes()
     names = dict(socket.if_nameindex())
-    found = [(names.get(i, ""), net) for i, net in addrs] + routes
+    found = [(names.get(i, ""), net) for i, net in addrs if not names.get(i, "").startswith(LINK_PREFIX)] + routes
     default = next((n for n, net in routes if net.prefixlen == 0 and not n.startswith(LINK_PREFIX)), None)
     return HostView(
         names=tuple(n for n in names.values() if not n.startswith(LINK_PREFIX)),
@@ -177,19 +190,26 @@ def host_view() -> HostView:
 
 
 def link_exists(name: str) -> bool:
-    with _ipr() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def delete_link(name: str) -> None:
-    """Remove a link by name if it exists (idempotent). Deleting one end of a veth removes both."""
-    with _ipr() as ipr:
-        for index in ipr.link_lookup(ifname=name):
-            try:
-                ipr.link("del", index=index)
-            except NetlinkError as e:
-                if e.code != errno.ENODEV:
-                    raise _netlink_error(f"cannot delete {name}", e) from None
+    """Remove a link by name if it exists (idempotent): one rtnetlink request. Deleting one end of a veth
+    removes both."""
+    try:
+        rtnl.delete_link_behind(name)  # returns once it is gone; the kernel's own cleanup goes on behind
+    except OSError as e:
+        raise _os_error(f"cannot delete {name}", e) from None
+
+
+def _os_error(what: str, e: OSError) -> NetworkError | PermissionProblem:
+    if e.errno == errno.EPERM:
+        return PermissionProblem(f"{what}: operation not permitted")
+    return NetworkError(f"{what}: {e.strerror or e}")
 
 
 def _disable_ipv6(name: str) -> None:
@@ -217,21 +237,28 @@ def _quiet_arp(name: str) -> None:
 
 
 def create_tap(name: str, gateway: ipaddress.IPv4Interface, alias: str) -> None:
-    """A persistent tap owned by root, single queue, no packet info header, with the gateway address."""
+    """A persistent tap owned by root, single queue, no packet info header, with the gateway address: the tun
+    device's ioctls, then three rtnetlink requests (alias, address, up), no process started."""
     delete_link(name)  # a leftover from a crash under the same session id
-    with _ipr() as ipr:
-        try:
-            ipr.link("add", ifname=name, kind="tuntap", mode="tap", uid=0,
-                     ifr={"no_pi": True, "multi_queue": False, "one_queue": False, "vnet_hdr": False})
-            _configure_host_side(ipr, name, gateway, alias)
-        except NetlinkError as e:
-            raise _netlink_error(f"cannot create tap {name}", e) from None
+    try:
+        index = rtnl.make_persistent_tap(name, owner=0)
+        with Rtnl() as nl:
+            nl.set_link(index, alias=alias)  # the owner mark first, so a sweep can tell whose it is
+            _disable_ipv6(name)
+            _strict_rp_filter(name)
+            _quiet_arp(name)
+            nl.add_address(index, gateway)
+            nl.set_link(index, up=True)
+    except OSError as e:
+        raise _os_error(f"cannot create tap {name}", e) from None
 
 
 def create_standin(name: str, gateway: ipaddress.IPv4Interface, alias: str, *, guest_ns: str,
                    guest: ipaddress.IPv4Interface, mac: str) -> None:
     """Test stand-in for a VM: veth `name` whose far end, in netns `guest_ns`, is configured like the guest's
     early boot would configure its NIC from the kernel arguments (address, MAC, default route)."""
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
     delete_link(name)
     with _ipr() as ipr:
         try:

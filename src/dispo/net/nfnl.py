@@ -1,12 +1,14 @@
-"""A minimal, read-only nf_tables client over netlink: is a table there, a chain (and on which hook), how many
-rules a chain holds, and where an element of a verdict map jumps.
+"""A minimal nf_tables client over netlink: is a table there, a chain (and on which hook), how many rules a
+chain holds, where an element of a verdict map jumps; and one kind of change, deletions (of map elements,
+chains, the table) sent as one batch, which is how a session's rules leave (firewall.remove).
 
 Why not `nft`: the session supervisor asks every second or two whether a session's rules are intact
 (watch.py), and `nft -j list table` costs a process and a full listing of every session's rules (about 55 ms
 with 50 sessions). Asking the kernel only about the session's chains and map elements costs a few small
-netlink round trips in-process (about a millisecond in all, however many sessions there are). Everything that
-changes rules stays with `nft` (firewall.py); this module only reads, in the calling thread's network
-namespace. Layouts and numbers are those of <linux/netfilter/nf_tables.h> and <linux/netlink.h>.
+netlink round trips in-process (about a millisecond in all, however many sessions there are). Rules are
+written in nft's language (firewall.py, applied through libnftables); what is deleted needs no language, so
+it goes here as raw messages. All in the calling thread's network namespace. Layouts and numbers are those
+of <linux/netfilter/nf_tables.h>, <linux/netfilter/nfnetlink.h> and <linux/netlink.h>.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from dispo.errors import NetworkError, PermissionProblem
+from dispo.infra.closer import close_behind
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFPROTO_INET = 1
 
 NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSET, NFT_MSG_GETSETELEM = 1, 4, 7, 10, 13
+NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN, NFT_MSG_DELSETELEM, NFT_MSG_GETGEN = 2, 5, 14, 16
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NLM_F_ACK = 0x4
 
 NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -88,9 +94,12 @@ class Chain:
 class NftReader:
     """One netlink socket to nf_tables in this thread's network namespace. Use as a context manager."""
 
-    def __init__(self, family: int = NFPROTO_INET) -> None:
+    def __init__(self, family: int = NFPROTO_INET, *, close_behind: bool = False) -> None:
+        """`close_behind`: close the socket on the closer thread (infra/closer.py): closing a netfilter socket
+        waits for the kernel to free what nf_tables transactions deleted, even ones of other sockets."""
         self.family = family
         self._seq = 0
+        self._close_behind = close_behind
         try:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
         except PermissionError:
@@ -105,7 +114,10 @@ class NftReader:
         self.close()
 
     def close(self) -> None:
-        self._sock.close()
+        if self._close_behind:
+            close_behind(self._sock.close)
+        else:
+            self._sock.close()
 
     # -- requests -----------------------------------------------------------------------------------------------
     def _request(self, msg: int, flags: int, payload: bytes) -> list[bytes]:
@@ -173,6 +185,76 @@ class NftReader:
                         hook = HOOKS.get(struct.unpack("!I", p[:4])[0], "?")
         return Chain(name, hook)
 
+    # -- changes ------------------------------------------------------------------------------------------------
+    def commit(self, messages: list[tuple[int, bytes]]) -> None:
+        """Send (message type, attributes) as one nf_tables batch: all of it takes effect or none of it.
+        Raises OSError(errno) of the first message the kernel refused (the batch is then undone)."""
+        seqs = []
+        out = [self._batch_marker(NFNL_MSG_BATCH_BEGIN)]
+        for msg, payload in messages:
+            self._seq += 1
+            seqs.append(self._seq)
+            body = _NFGEN.pack(self.family, 0, 0) + payload
+            kind = (NFNL_SUBSYS_NFTABLES << 8) | msg
+            out.append(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + body)
+        out.append(self._batch_marker(NFNL_MSG_BATCH_END))
+        self._sock.send(b"".join(out))
+        # The kernel answers each message of the batch (an ack or its error); a GETGEN request sent after it
+        # is answered after all of those, so reading up to its answer reads exactly the batch's answers.
+        error: OSError | None = None
+        wanted = set(seqs)
+        self._seq += 1
+        body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
+        self._sock.send(_HDR.pack(_HDR.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+                                  NLM_F_REQUEST, self._seq, 0) + body)
+        done = False
+        while not done:
+            data = self._sock.recv(1 << 17)
+            off = 0
+            while off + _HDR.size <= len(data):
+                length, kind, _flags, seq, _pid = _HDR.unpack_from(data, off)
+                if length < _HDR.size:
+                    raise NetworkError("malformed netlink answer from nf_tables")
+                msg_body = data[off + _HDR.size:off + length]
+                off += _align(length)
+                if seq == self._seq:
+                    done = True
+                elif seq in wanted and kind == NLMSG_ERROR:
+                    code = struct.unpack_from("=i", msg_body)[0]
+                    if code and error is None:
+                        error = OSError(-code, os.strerror(-code))
+        if error is not None:
+            raise error
+
+    def _batch_marker(self, kind: int) -> bytes:
+        self._seq += 1
+        body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
+        return _HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST, self._seq, 0) + body
+
+    def chain_names(self, table: str) -> set[str] | None:
+        """Names of the table's chains (one dump; names only), or None when the table does not exist."""
+        if not self.table_exists(table):
+            return None
+        try:
+            answer = self._request(NFT_MSG_GETCHAIN, NLM_F_DUMP, _str(NFTA_CHAIN_TABLE, table))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        names = set()
+        for message in answer:
+            chain_table, name = "", ""
+            for kind, payload in attrs(message):  # the kernel puts table and name first: stop there
+                if kind == NFTA_CHAIN_TABLE:
+                    chain_table = _cstr(payload)
+                elif kind == NFTA_CHAIN_NAME:
+                    name = _cstr(payload)
+                if chain_table and name:
+                    break
+            if name and chain_table in ("", table):  # an older kernel dumps every table's chains
+                names.add(name)
+        return names
+
     def rule_count(self, table: str, chain: str) -> int:
         """Number of rules in the chain (0 when it does not exist)."""
         try:
@@ -207,6 +289,22 @@ class NftReader:
             raise
         found = _elements(answer)
         return found.get(ifname)
+
+
+def del_table(table: str) -> tuple[int, bytes]:
+    return NFT_MSG_DELTABLE, _str(NFTA_TABLE_NAME, table)
+
+
+def del_chain(table: str, chain: str) -> tuple[int, bytes]:
+    return NFT_MSG_DELCHAIN, _str(NFTA_CHAIN_TABLE, table) + _str(NFTA_CHAIN_NAME, chain)
+
+
+def del_map_element(table: str, name: str, ifname: str) -> tuple[int, bytes]:
+    """Delete the element `ifname` of an ifname-keyed map."""
+    key = ifname.encode()[:IFNAMSIZ].ljust(IFNAMSIZ, b"\0")
+    element = _attr(NFTA_LIST_ELEM, _attr(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key)))
+    return NFT_MSG_DELSETELEM, (_str(NFTA_SET_ELEM_LIST_TABLE, table) + _str(NFTA_SET_ELEM_LIST_SET, name)
+                                + _attr(NFTA_SET_ELEM_LIST_ELEMENTS, element))
 
 
 def _elements(messages: list[bytes]) -> dict[str, str]:

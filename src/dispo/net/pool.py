@@ -18,6 +18,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -138,13 +139,37 @@ def read_leases(state_dir: Path) -> list[Lease]:
     return out
 
 
+def _leased_ranges(state_dir: Path) -> list[tuple[int, int]]:
+    """(first, last) address of each leased subnet, as integers, from the lease files' names alone (a
+    half-written lease reserves its subnet too)."""
+    d = leases_dir(state_dir)
+    out = []
+    for name in os.listdir(d) if d.is_dir() else ():
+        address, _, prefix = name.partition("-")
+        try:
+            start, bits = int.from_bytes(socket.inet_aton(address), "big"), int(prefix)
+        except (OSError, ValueError):
+            continue
+        if name.startswith(".") or not 0 <= bits <= 32:
+            continue
+        out.append((start, start + 2 ** (32 - bits) - 1))
+    return out
+
+
 def allocate(state_dir: Path, pool: Pool, session_id: str, netns: int) -> Lease:
     """Take the first free subnet of the pool. The caller has journaled "net-lease" for session_id."""
     with net_lock(state_dir):
-        taken = [lease.subnet for lease in read_leases(state_dir)]
-        for subnet in pool.subnets():
-            if any(subnet.overlaps(t) for t in taken):
-                continue
+        # Integer ranges: comparing ipaddress objects costs milliseconds once tens of sessions are up.
+        taken = sorted(_leased_ranges(state_dir))
+        size = 2 ** (32 - pool.prefix)
+        first, last = int(pool.network.network_address), int(pool.network.broadcast_address)
+        start = first
+        for lo, hi in taken:
+            if start + size - 1 < lo:
+                break  # the gap before this lease holds a subnet
+            start = max(start, first + -(-(hi + 1 - first) // size) * size)  # the next aligned start after it
+        if start + size - 1 <= last:
+            subnet = ipaddress.IPv4Network((start, pool.prefix))
             path = leases_dir(state_dir) / _lease_name(subnet)
             lease = Lease(subnet, session_id, netns, time.time(), path)
             data = {"subnet": str(subnet), "session": session_id, "netns": netns, "created": lease.created}
@@ -158,9 +183,20 @@ def allocate(state_dir: Path, pool: Pool, session_id: str, netns: int) -> Lease:
 
 def release(state_dir: Path, session_id: str) -> None:
     """Free every lease of session_id (idempotent)."""
-    for lease in read_leases(state_dir):
-        if lease.session_id == session_id:
-            lease.path.unlink(missing_ok=True)
+    needle = json.dumps(session_id).encode()
+    d = leases_dir(state_dir)
+    for name in os.listdir(d) if d.is_dir() else ():
+        path = d / name
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        # Only a lease that names the session is decoded: tens of JSON parses per teardown add up.
+        if name.startswith(".") or needle not in raw:
+            continue
+        with contextlib.suppress(ValueError, AttributeError):
+            if json.loads(raw).get("session") == session_id:
+                path.unlink(missing_ok=True)
 
 
 def mac_for(guest: ipaddress.IPv4Address) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from dispo import kernels
 from dispo.errors import ApiError, GuestFailure, NotFound, PermissionProblem, SpawnFailed, VmmError
-from dispo.infra import processes
+from dispo.infra import fswait, processes
 from dispo.infra.journal import Entry, Journal
 from dispo.vmm import sandbox
 from dispo.vmm.accel import Accel
@@ -364,11 +364,13 @@ class FirecrackerVmm:
             if self.jail.spec.own:  # firecracker binds relative names; dispo connects through a short path
                 self.socket = self.jail.connect_path(self.socket.name)
                 self.vsock_path = self.jail.connect_path(self.vsock_path.name)
-        else:
-            self._record_path(self.socket)
+        paths = [self.log_path, self.metrics_path, self.spec.console_log]
+        if not self.jail:
+            paths.insert(0, self.socket)
+        # One journal write (one fsync) for all of them, before any exists.
+        self._entries += journal.record_all([("path", {"path": str(path)}) for path in paths])
+        if not self.jail:
             self.socket.unlink(missing_ok=True)  # a stale socket makes firecracker exit 1
-        for path in (self.log_path, self.metrics_path, self.spec.console_log):
-            self._record_path(path)
         # The instance id (alphanumerics and '-') carries the session id into ps and the log lines;
         # under the jailer, the jail id is passed on as the instance id.
         argv = (self.jail.argv([]) if self.jail
@@ -404,18 +406,57 @@ class FirecrackerVmm:
 
     def _wait_socket(self) -> None:
         assert self._proc is not None and self.api is not None
+        if self.jail is None and self.socket.parent.is_dir():
+            self._wait_socket_event()
+            return
+        # Jailed: the socket's directory is made by the jailer after the spawn, so there is nothing to watch
+        # yet (nor when the directory is missing: firecracker then exits); look every 2 ms.
         deadline = time.monotonic() + self.options.socket_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                rc = self._proc.returncode
-                self._undo_entries()
-                raise VmmError(f"firecracker exited with code {rc} before its API socket appeared: "
-                               f"{self.console_tail(3)}", hint="see the log lines above")
+                self._exited_early()
             if self.socket.exists() and self.api.ping():
                 return
             time.sleep(0.002)
         self.kill()
         raise VmmError(f"firecracker API socket {self.socket} did not appear within {self.options.socket_timeout} s")
+
+    def _wait_socket_event(self) -> None:
+        """Wake on the socket's creation (inotify) or the process's exit (pidfd), then connect: firecracker
+        binds and listens in one call, so a refused connect is only the microseconds between the two."""
+        assert self._proc is not None
+        deadline = time.monotonic() + self.options.socket_timeout
+        try:
+            fswait.wait_for_file(self.socket, self._proc.pid, self.options.socket_timeout)
+        except fswait.ProcessExited:
+            self._proc.wait(1.0)
+            self._exited_early()
+        except TimeoutError:
+            self.kill()
+            raise VmmError(f"firecracker API socket {self.socket} did not appear within "
+                           f"{self.options.socket_timeout} s") from None
+        while True:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                probe.connect(str(self.socket))
+                return
+            except (ConnectionRefusedError, FileNotFoundError):
+                if self._proc.poll() is not None:
+                    self._exited_early()
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise VmmError(f"firecracker API socket {self.socket} did not accept connections within "
+                                   f"{self.options.socket_timeout} s") from None
+                time.sleep(0.0002)
+            finally:
+                probe.close()
+
+    def _exited_early(self) -> None:
+        assert self._proc is not None
+        rc = self._proc.returncode
+        self._undo_entries()
+        raise VmmError(f"firecracker exited with code {rc} before its API socket appeared: "
+                       f"{self.console_tail(3)}", hint="see the log lines above")
 
     def _setup_logging(self) -> None:
         api = self._api()
