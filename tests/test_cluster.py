@@ -43,7 +43,7 @@ def test_a_nodes_answer_gets_the_global_id_and_the_gateways_address() -> None:
 def _view(name: str, *, free: int, most: int = 1, images: tuple[str, ...] = ("minimal",), warm: int = 0,
           mem: int = 1000, statuses: list[dict[str, Any]] | None = None) -> NodeView:
     return NodeView(name, {"url": f"http://{name}:8686", "free_slots": free, "sessions": most - free,
-                           "max_sessions": most, "images": [{"name": i, "sha256": "0" * 64} for i in images],
+                           "max_sessions": most, "images": [{"name": i, "digest": "0" * 64} for i in images],
                            "profiles": {"chromium": {"image": "chromium", "image_exists": "chromium" in images}},
                            "warm": {"chromium": warm} if warm else {}, "templates": [], "mem_available_mib": mem,
                            "statuses": statuses or []}, time.monotonic())

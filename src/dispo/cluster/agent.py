@@ -35,7 +35,7 @@ class NodeAgent:
         self.templates_dir = Path(templates_dir)
 
     def info(self) -> dict[str, Any]:
-        """The node as placement sees it: free session slots and guest memory, images (by sha256), profiles
+        """The node as placement sees it: free session slots and guest memory, images (by digest), profiles
         (and whether their image is here), templates and warm guests, and its sessions (for a lost node's)."""
         from dispo.client import DispodClient
         from dispo.errors import DispoError
@@ -43,7 +43,7 @@ class NodeAgent:
         with DispodClient(uds=self.socket, timeout=ASK_TIMEOUT_S) as client:
             health = client.health()
             sessions = client.sessions(all=True)
-            images = [{"name": i["name"], "sha256": i["sha256"]} for i in client.images()]
+            images = [{"name": i["name"], "digest": i["digest"]} for i in client.images()]
             profiles = {p["name"]: {"image": p["image"], "image_exists": bool(p["image_exists"])}
                         for p in client.profiles()}
             warm: dict[str, int] = {}

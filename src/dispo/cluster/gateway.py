@@ -351,7 +351,7 @@ class Gateway:
         found: dict[tuple[str, str], dict[str, Any]] = {}
         for view, answer in await self.each_node("/v1/images"):
             for i in answer.get("images") or []:
-                entry = found.setdefault((i["name"], i["sha256"]), {**i, "nodes": []})
+                entry = found.setdefault((i["name"], i["digest"]), {**i, "nodes": []})
                 entry["nodes"].append(view.name)
         return web.json_response({"images": [found[k] for k in sorted(found)]})
 
