@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dispo.client import DispodClient
+from tests.dispodworld import wait_answering
 from tests.guests import state_listing
 from tests.netns import NetWorld, in_ns, sh
 
@@ -101,19 +102,8 @@ def cluster(tmp_path: Path, nodes: list[NetWorld]) -> Iterator[Cluster]:
         gw_env = dict(env, DISPO_CONFIG=str(gw_config), DISPO_STATE_DIR=str(tmp_path / "gw-state"))
         c.spawn(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m", "dispo.daemon.main", "--gateway",
                  "--ray", c.address, "--listen", f"{HEAD}:{API_PORT}"], tmp_path / "gateway.log", gw_env)
-        sock = tmp_path / "gw-state" / "gateway" / "dispod.sock"
-        deadline = time.monotonic() + 120
-        while True:
-            if sock.exists():
-                client = DispodClient(uds=sock)
-                with contextlib.suppress(Exception):
-                    client.health()
-                    c.gateway = client
-                    break
-                client.close()
-            assert all(p.poll() is None for p in c.procs), (tmp_path / "gateway.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "gateway.log").read_text()
-            time.sleep(0.3)
+        c.gateway = wait_answering(tmp_path / "gw-state" / "gateway" / "dispod.sock", c.procs,
+                                   tmp_path / "gateway.log", timeout=120)
         c.token = (tmp_path / "gw-state" / "gateway" / "dispod.token").read_text().strip()
         yield c
     finally:

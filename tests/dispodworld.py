@@ -42,15 +42,22 @@ def start_dispod(w: NetWorld, name: str = "dispod", *extra: str, env: dict[str, 
     argv = ["nsenter", f"--net=/run/netns/{w.host}", sys.executable, "-m", "dispo.daemon.main",
             "--listen", f"127.0.0.1:{port}", *extra]
     proc = w.spawn(argv, env=env or w.env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-    sock = w.state_dir / "dispod.sock"
-    deadline = time.monotonic() + 60
+    client = wait_answering(w.state_dir / "dispod.sock", [proc], log, timeout=60)
+    return Dispod(proc, log, client, port)
+
+
+def wait_answering(sock: Path, procs: list[subprocess.Popen[str]], log: Path, timeout: float) -> DispodClient:
+    """A client of the dispod (or gateway) on `sock` once its API answers; fails when one of `procs` (what it
+    needs) exits or `timeout` passes, with its log."""
+    deadline = time.monotonic() + timeout
     while True:
         if sock.exists():
             client = DispodClient(uds=sock)
             with contextlib.suppress(Exception):
                 client.health()
-                return Dispod(proc, log, client, port)
-        assert proc.poll() is None, f"dispod exited {proc.returncode}: {log.read_text()}"
+                return client
+            client.close()
+        assert all(p.poll() is None for p in procs), f"dispod exited: {log.read_text()}"
         assert time.monotonic() < deadline, f"dispod did not answer: {log.read_text()}"
         time.sleep(0.1)
 

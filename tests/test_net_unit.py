@@ -217,18 +217,19 @@ def test_parse_chain_comments_and_table() -> None:
 def test_nfnl_decodes_verdict_map_elements() -> None:
     """The netlink reader behind missing_rules: a GETSETELEM answer as the kernel lays it out."""
     def element(ifname: str, code: int, chain: str = "") -> bytes:
-        verdict = nfnl._attr(nfnl.NFTA_VERDICT_CODE, code.to_bytes(4, "big", signed=True))
+        verdict = nfnl.attr(nfnl.NFTA_VERDICT_CODE, code.to_bytes(4, "big", signed=True))
         if chain:
-            verdict += nfnl._str(nfnl.NFTA_VERDICT_CHAIN, chain)
-        key = nfnl._attr(nfnl.NFTA_DATA_VALUE, ifname.encode().ljust(nfnl.IFNAMSIZ, b"\0"))
-        data = nfnl._attr(nfnl.NFTA_DATA_VERDICT | 0x8000, verdict)  # NLA_F_NESTED set, as the kernel does
-        return nfnl._attr(nfnl.NFTA_LIST_ELEM, nfnl._attr(nfnl.NFTA_SET_ELEM_KEY, key)
-                          + nfnl._attr(nfnl.NFTA_SET_ELEM_DATA, data))
-    message = (nfnl._str(nfnl.NFTA_SET_ELEM_LIST_TABLE, "dispo") + nfnl._str(nfnl.NFTA_SET_ELEM_LIST_SET, "fwd_from")
-               + nfnl._attr(nfnl.NFTA_SET_ELEM_LIST_ELEMENTS, element("dsp-0123abcd", nfnl.NFT_JUMP, "s-0123abcd-out")
+            verdict += nfnl.str_attr(nfnl.NFTA_VERDICT_CHAIN, chain)
+        key = nfnl.attr(nfnl.NFTA_DATA_VALUE, ifname.encode().ljust(nfnl.IFNAMSIZ, b"\0"))
+        data = nfnl.attr(nfnl.NFTA_DATA_VERDICT | 0x8000, verdict)  # NLA_F_NESTED set, as the kernel does
+        return nfnl.attr(nfnl.NFTA_LIST_ELEM, nfnl.attr(nfnl.NFTA_SET_ELEM_KEY, key)
+                          + nfnl.attr(nfnl.NFTA_SET_ELEM_DATA, data))
+    message = (nfnl.str_attr(nfnl.NFTA_SET_ELEM_LIST_TABLE, "dispo")
+               + nfnl.str_attr(nfnl.NFTA_SET_ELEM_LIST_SET, "fwd_from")
+               + nfnl.attr(nfnl.NFTA_SET_ELEM_LIST_ELEMENTS, element("dsp-0123abcd", nfnl.NFT_JUMP, "s-0123abcd-out")
                             + element("dsp-0badf00d", 0)))  # NF_DROP
     assert nfnl._elements([message]) == {"dsp-0123abcd": "s-0123abcd-out", "dsp-0badf00d": ""}
-    assert list(nfnl.attrs(nfnl._str(3, "abc") + nfnl._attr(4, b"\x01"))) == [(3, b"abc\0"), (4, b"\x01")]
+    assert list(nfnl.attrs(nfnl.str_attr(3, "abc") + nfnl.attr(4, b"\x01"))) == [(3, b"abc\0"), (4, b"\x01")]
 
 
 def test_net_lock_is_reentrant_and_excludes_other_threads(tmp_path: Path) -> None:

@@ -51,34 +51,46 @@ NFT_JUMP, NFT_GOTO = -3, -4
 HOOKS = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting"}
 IFNAMSIZ = 16  # the key length of an `ifname` set or map
 
-_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
+HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")  # nfgenmsg: family, version, res_id (big-endian, 0 here)
-_ATTR = struct.Struct("=HH")  # nlattr: len, type
+ATTR = struct.Struct("=HH")  # nlattr: len, type
 _RETRIES = 5  # a dump interrupted by a concurrent ruleset change is asked again
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
-    return raw + b"\0" * (_align(len(raw)) - len(raw))
+def attr(kind: int, payload: bytes) -> bytes:
+    raw = ATTR.pack(ATTR.size + len(payload), kind) + payload
+    return raw + b"\0" * (align(len(raw)) - len(raw))
 
 
-def _str(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
+def str_attr(kind: int, text: str) -> bytes:
+    return attr(kind, text.encode() + b"\0")
+
+
+def split(data: bytes, what: str) -> Iterator[tuple[int, int, int, bytes]]:
+    """(type, flags, seq, body) of each netlink message in one datagram from `what` (the kernel: bounded by the
+    datagram, a message's length is checked before its body is taken)."""
+    off = 0
+    while off + HDR.size <= len(data):
+        length, kind, flags, seq, _pid = HDR.unpack_from(data, off)
+        if length < HDR.size:
+            raise NetworkError(f"malformed netlink answer from {what}")
+        yield kind, flags, seq, data[off + HDR.size:off + length]
+        off += align(length)
 
 
 def attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
     """(type, payload) of each netlink attribute in data."""
     off = 0
-    while off + _ATTR.size <= len(data):
-        length, kind = _ATTR.unpack_from(data, off)
-        if length < _ATTR.size:
+    while off + ATTR.size <= len(data):
+        length, kind = ATTR.unpack_from(data, off)
+        if length < ATTR.size:
             break
-        yield kind & NLA_TYPE_MASK, data[off + _ATTR.size:off + length]
-        off += _align(length)
+        yield kind & NLA_TYPE_MASK, data[off + ATTR.size:off + length]
+        off += align(length)
 
 
 def _cstr(payload: bytes) -> str:
@@ -126,7 +138,7 @@ class NftReader:
             self._seq += 1
             body = _NFGEN.pack(self.family, 0, 0) + payload
             kind = (NFNL_SUBSYS_NFTABLES << 8) | msg
-            self._sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | flags, self._seq, 0) + body)
+            self._sock.send(HDR.pack(HDR.size + len(body), kind, NLM_F_REQUEST | flags, self._seq, 0) + body)
             out, interrupted = self._receive(dump=bool(flags & NLM_F_DUMP))
             if not interrupted:
                 return out
@@ -137,13 +149,7 @@ class NftReader:
         interrupted = False
         while True:
             data = self._sock.recv(1 << 17)
-            off = 0
-            while off + _HDR.size <= len(data):
-                length, kind, flags, seq, _pid = _HDR.unpack_from(data, off)
-                if length < _HDR.size:
-                    raise NetworkError("malformed netlink answer from nf_tables")
-                body = data[off + _HDR.size:off + length]
-                off += _align(length)
+            for kind, flags, seq, body in split(data, "nf_tables"):
                 if seq != self._seq:
                     continue  # an answer to an earlier request that was abandoned
                 if flags & NLM_F_DUMP_INTR:
@@ -162,7 +168,7 @@ class NftReader:
     # -- questions ----------------------------------------------------------------------------------------------
     def table_exists(self, table: str) -> bool:
         try:
-            self._request(NFT_MSG_GETTABLE, 0, _str(NFTA_TABLE_NAME, table))
+            self._request(NFT_MSG_GETTABLE, 0, str_attr(NFTA_TABLE_NAME, table))
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return False
@@ -172,7 +178,8 @@ class NftReader:
     def chain(self, table: str, name: str) -> Chain | None:
         """The chain, or None when it (or the table) does not exist."""
         try:
-            answer = self._request(NFT_MSG_GETCHAIN, 0, _str(NFTA_CHAIN_TABLE, table) + _str(NFTA_CHAIN_NAME, name))
+            answer = self._request(NFT_MSG_GETCHAIN, 0,
+                                   str_attr(NFTA_CHAIN_TABLE, table) + str_attr(NFTA_CHAIN_NAME, name))
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return None
@@ -196,7 +203,7 @@ class NftReader:
             seqs.append(self._seq)
             body = _NFGEN.pack(self.family, 0, 0) + payload
             kind = (NFNL_SUBSYS_NFTABLES << 8) | msg
-            out.append(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + body)
+            out.append(HDR.pack(HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + body)
         out.append(self._batch_marker(NFNL_MSG_BATCH_END))
         self._sock.send(b"".join(out))
         # The kernel answers each message of the batch (an ack or its error); a GETGEN request sent after it
@@ -205,18 +212,12 @@ class NftReader:
         wanted = set(seqs)
         self._seq += 1
         body = _NFGEN.pack(socket.AF_UNSPEC, 0, 0)
-        self._sock.send(_HDR.pack(_HDR.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+        self._sock.send(HDR.pack(HDR.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
                                   NLM_F_REQUEST, self._seq, 0) + body)
         done = False
         while not done:
             data = self._sock.recv(1 << 17)
-            off = 0
-            while off + _HDR.size <= len(data):
-                length, kind, _flags, seq, _pid = _HDR.unpack_from(data, off)
-                if length < _HDR.size:
-                    raise NetworkError("malformed netlink answer from nf_tables")
-                msg_body = data[off + _HDR.size:off + length]
-                off += _align(length)
+            for kind, _flags, seq, msg_body in split(data, "nf_tables"):
                 if seq == self._seq:
                     done = True
                 elif seq in wanted and kind == NLMSG_ERROR:
@@ -229,14 +230,14 @@ class NftReader:
     def _batch_marker(self, kind: int) -> bytes:
         self._seq += 1
         body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-        return _HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST, self._seq, 0) + body
+        return HDR.pack(HDR.size + len(body), kind, NLM_F_REQUEST, self._seq, 0) + body
 
     def chain_names(self, table: str) -> set[str] | None:
         """Names of the table's chains (one dump; names only), or None when the table does not exist."""
         if not self.table_exists(table):
             return None
         try:
-            answer = self._request(NFT_MSG_GETCHAIN, NLM_F_DUMP, _str(NFTA_CHAIN_TABLE, table))
+            answer = self._request(NFT_MSG_GETCHAIN, NLM_F_DUMP, str_attr(NFTA_CHAIN_TABLE, table))
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return None
@@ -259,7 +260,7 @@ class NftReader:
         """Number of rules in the chain (0 when it does not exist)."""
         try:
             answer = self._request(NFT_MSG_GETRULE, NLM_F_DUMP,
-                                   _str(NFTA_RULE_TABLE, table) + _str(NFTA_RULE_CHAIN, chain))
+                                   str_attr(NFTA_RULE_TABLE, table) + str_attr(NFTA_RULE_CHAIN, chain))
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return 0
@@ -268,7 +269,7 @@ class NftReader:
 
     def map_exists(self, table: str, name: str) -> bool:
         try:
-            self._request(NFT_MSG_GETSET, 0, _str(NFTA_SET_TABLE, table) + _str(NFTA_SET_NAME, name))
+            self._request(NFT_MSG_GETSET, 0, str_attr(NFTA_SET_TABLE, table) + str_attr(NFTA_SET_NAME, name))
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return False
@@ -279,10 +280,11 @@ class NftReader:
         """Where the element `ifname` of an ifname-keyed verdict map jumps or goes to ("" for another verdict),
         or None when there is no such element (or map). One lookup, however big the map."""
         key = ifname.encode()[:IFNAMSIZ].ljust(IFNAMSIZ, b"\0")
-        element = _attr(NFTA_LIST_ELEM, _attr(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key)))
+        element = attr(NFTA_LIST_ELEM, attr(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key)))
         try:
-            answer = self._request(NFT_MSG_GETSETELEM, 0, _str(NFTA_SET_ELEM_LIST_TABLE, table)
-                                   + _str(NFTA_SET_ELEM_LIST_SET, name) + _attr(NFTA_SET_ELEM_LIST_ELEMENTS, element))
+            answer = self._request(NFT_MSG_GETSETELEM, 0,
+                                   str_attr(NFTA_SET_ELEM_LIST_TABLE, table) + str_attr(NFTA_SET_ELEM_LIST_SET, name)
+                                   + attr(NFTA_SET_ELEM_LIST_ELEMENTS, element))
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return None
@@ -292,19 +294,19 @@ class NftReader:
 
 
 def del_table(table: str) -> tuple[int, bytes]:
-    return NFT_MSG_DELTABLE, _str(NFTA_TABLE_NAME, table)
+    return NFT_MSG_DELTABLE, str_attr(NFTA_TABLE_NAME, table)
 
 
 def del_chain(table: str, chain: str) -> tuple[int, bytes]:
-    return NFT_MSG_DELCHAIN, _str(NFTA_CHAIN_TABLE, table) + _str(NFTA_CHAIN_NAME, chain)
+    return NFT_MSG_DELCHAIN, str_attr(NFTA_CHAIN_TABLE, table) + str_attr(NFTA_CHAIN_NAME, chain)
 
 
 def del_map_element(table: str, name: str, ifname: str) -> tuple[int, bytes]:
     """Delete the element `ifname` of an ifname-keyed map."""
     key = ifname.encode()[:IFNAMSIZ].ljust(IFNAMSIZ, b"\0")
-    element = _attr(NFTA_LIST_ELEM, _attr(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key)))
-    return NFT_MSG_DELSETELEM, (_str(NFTA_SET_ELEM_LIST_TABLE, table) + _str(NFTA_SET_ELEM_LIST_SET, name)
-                                + _attr(NFTA_SET_ELEM_LIST_ELEMENTS, element))
+    element = attr(NFTA_LIST_ELEM, attr(NFTA_SET_ELEM_KEY, attr(NFTA_DATA_VALUE, key)))
+    return NFT_MSG_DELSETELEM, (str_attr(NFTA_SET_ELEM_LIST_TABLE, table) + str_attr(NFTA_SET_ELEM_LIST_SET, name)
+                                + attr(NFTA_SET_ELEM_LIST_ELEMENTS, element))
 
 
 def _elements(messages: list[bytes]) -> dict[str, str]:

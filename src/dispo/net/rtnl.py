@@ -23,8 +23,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-from dispo.errors import NetworkError, PermissionProblem
-from dispo.net.nfnl import attrs
+from dispo.errors import PermissionProblem
+from dispo.net.nfnl import HDR, align, attr, attrs, split, str_attr
 
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_GETADDR = 16, 17, 20, 22
 RTMGRP_LINK = 0x1
@@ -39,23 +39,8 @@ TUNSETIFF, TUNSETPERSIST, TUNSETOWNER = 0x400454CA, 0x400454CB, 0x400454CC
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 TUN_DEVICE = "/dev/net/tun"
 
-_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 _IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
-_ATTR = struct.Struct("=HH")
-
-
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def _attr(kind: int, payload: bytes) -> bytes:
-    raw = _ATTR.pack(_ATTR.size + len(payload), kind) + payload
-    return raw + b"\0" * (_align(len(raw)) - len(raw))
-
-
-def _str(kind: int, text: str) -> bytes:
-    return _attr(kind, text.encode() + b"\0")
 
 
 class Rtnl:
@@ -89,13 +74,13 @@ class Rtnl:
             finally:
                 self._sock.settimeout(10)
             off = 0
-            while off + _HDR.size <= len(data):
-                length, kind, _flags, _seq, _pid = _HDR.unpack_from(data, off)
-                if length < _HDR.size:
+            while off + HDR.size <= len(data):
+                length, kind, _flags, _seq, _pid = HDR.unpack_from(data, off)
+                if length < HDR.size:
                     break
-                if kind == RTM_DELLINK and length >= _HDR.size + _IFINFO.size:
-                    out.append(_IFINFO.unpack_from(data, off + _HDR.size)[2])
-                off += _align(length)
+                if kind == RTM_DELLINK and length >= HDR.size + _IFINFO.size:
+                    out.append(_IFINFO.unpack_from(data, off + HDR.size)[2])
+                off += align(length)
 
     def __enter__(self) -> Rtnl:
         return self
@@ -105,20 +90,14 @@ class Rtnl:
 
     def _send(self, kind: int, flags: int, body: bytes) -> int:
         self._seq += 1
-        self._sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | flags, self._seq, 0) + body)
+        self._sock.send(HDR.pack(HDR.size + len(body), kind, NLM_F_REQUEST | flags, self._seq, 0) + body)
         return self._seq
 
     def _messages(self, seq: int) -> Iterator[tuple[int, bytes]]:
         """(type, body) of the answer's messages until its end; raises OSError for a negative acknowledgement."""
         while True:
             data = self._sock.recv(1 << 16)
-            off = 0
-            while off + _HDR.size <= len(data):
-                length, kind, _flags, mseq, _pid = _HDR.unpack_from(data, off)
-                if length < _HDR.size:
-                    raise NetworkError("malformed netlink answer from the kernel")
-                body = data[off + _HDR.size:off + length]
-                off += _align(length)
+            for kind, _flags, mseq, body in split(data, "the kernel"):
                 if mseq != seq:
                     continue  # an answer to an earlier request that was abandoned
                 if kind == NLMSG_ERROR:
@@ -140,13 +119,13 @@ class Rtnl:
         change = IFF_UP if up is not None else 0
         body = _IFINFO.pack(socket.AF_UNSPEC, 0, index, flags, change)
         if alias is not None:
-            body += _attr(IFLA_IFALIAS, alias.encode())
+            body += attr(IFLA_IFALIAS, alias.encode())
         self._call(RTM_NEWLINK, 0, body)
 
     def delete_link(self, name: str) -> bool:
         """Delete the link by name; False when there is none."""
         try:
-            self._call(RTM_DELLINK, 0, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _str(IFLA_IFNAME, name))
+            self._call(RTM_DELLINK, 0, _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + str_attr(IFLA_IFNAME, name))
         except OSError as e:
             if e.errno == errno.ENODEV:
                 return False
@@ -157,7 +136,7 @@ class Rtnl:
     def add_address(self, index: int, address: ipaddress.IPv4Interface) -> None:
         packed = address.ip.packed
         body = _IFADDR.pack(socket.AF_INET, address.network.prefixlen, 0, 0, index)
-        self._call(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body + _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed))
+        self._call(RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, body + attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed))
 
     def ipv4_addresses(self, skip: frozenset[int] = frozenset()) -> list[tuple[int, ipaddress.IPv4Network]]:
         """(link index, network) of every IPv4 address in the namespace but those of the links in `skip`."""
