@@ -5,8 +5,9 @@ host namespace, state dir and workspace), the three joined by a bridge; real QEM
 Placement (one session per node, the third 429), the merged list with global ids (`dispo ls` through the
 gateway), the relay of a session's token URL to the node holding it, a lost node (kill -9 of its dispod and
 its Ray processes: its session ends "node lost", the other goes on, a new session lands on the survivor and its
-output and exit status come back through the gateway), and the lost node's dispod started again: it reclaims
-what its session left (its listing equals the one before) and rejoins.
+output and exit status come back through the gateway), the dashboard at the gateway (its page, and a receipt
+from the node that holds the session), and the lost node's dispod started again: it reclaims what its session
+left (its listing equals the one before) and rejoins.
 """
 
 from __future__ import annotations
@@ -110,6 +111,17 @@ def test_two_nodes_behind_a_gateway_and_a_lost_node(worlds: tuple[NetWorld, NetW
                 ended = dict(event.fields)
         assert out == b"hello from na\n" and ended["exit_status"] == 7, (out, ended)
         assert gw.session(gid)["exit_status"] == 7
+
+        # The dashboard at the gateway (its link in dispod.url, as a node's): the page over the cluster's
+        # profiles, and a session's receipt from the node that holds it, under its global id.
+        page = f"{c.url}/ui/{c.token}/"
+        assert (tmp_path / "cluster" / "gw-state" / "gateway" / "dispod.url").read_text().strip() == page
+        status, body = http_get(c.ns, page)
+        assert status == 200 and "<title>dispo sessions</title>" in body and "chromium" in body, (status, body)
+        status, body = http_get(c.ns, f"{page}receipt/{gid}")
+        assert status == 200 and "Clean: nothing of the session is left." in body and gid in body, (status, body)
+        status, body = http_get(c.ns, f"{c.url}/ui/{'x' * 43}/receipt/{gid}")
+        assert status == 403, (status, body)
 
         # nb's dispod again: it reclaims what its session left and rejoins.
         nb = start_node(c, wb, "nb", f"{NET}.3", "dispod-b2")

@@ -44,7 +44,7 @@ from dispo.cluster.agent import AGENT_PREFIX, NAMESPACE
 from dispo.errors import Busy, DispoError, InvalidInput, NotFound, PermissionProblem, ServiceError
 from dispo.runtime.events import EndKind, Event
 from dispo.settings import SETTINGS
-from dispo.web import sse
+from dispo.web import dashboard, sse
 from dispo.web.api import _body, _flag
 from dispo.web.guard import CONNECTIONS, MIDDLEWARES, TOKEN, Connections, Limits, authenticated, security_headers
 from dispo.web.openapi import document
@@ -339,13 +339,17 @@ class Gateway:
             merged.extend(self.lost.values())
         return web.json_response({"sessions": merged})
 
-    async def list_profiles(self, request: web.Request) -> web.Response:
+    async def profiles(self) -> list[dict[str, Any]]:
+        """Every node's profiles, one entry per name (a node that holds the profile's image first)."""
         found: dict[str, dict[str, Any]] = {}
         for _view, answer in await self.each_node("/v1/profiles"):
             for p in answer.get("profiles") or []:
                 if p["name"] not in found or (p.get("image_exists") and not found[p["name"]].get("image_exists")):
                     found[p["name"]] = p
-        return web.json_response({"profiles": [found[n] for n in sorted(found)]})
+        return [found[n] for n in sorted(found)]
+
+    async def list_profiles(self, request: web.Request) -> web.Response:
+        return web.json_response({"profiles": await self.profiles()})
 
     async def list_images(self, request: web.Request) -> web.Response:
         found: dict[tuple[str, str], dict[str, Any]] = {}
@@ -539,6 +543,30 @@ class Gateway:
             await ws.close()
         return ws
 
+    # -- the dashboard ----------------------------------------------------------------------------------
+    async def ui_page(self, request: web.Request) -> web.StreamResponse:
+        """/ui/TOKEN/: the node's dashboard page over the cluster's profiles; its script calls the gateway's
+        /v1 API like any client, so it lists, starts and ends sessions on every node."""
+        dashboard.check_link(request, request.app[TOKEN])
+        tail = request.match_info.get("tail")
+        if tail is None:  # /ui/TOKEN: the page's relative links need the slash
+            raise web.HTTPPermanentRedirect(f"{dashboard.UI_PREFIX}/{request.match_info['token']}/")
+        if tail == "":
+            return web.Response(text=dashboard.render(await self.profiles()), content_type="text/html",
+                                headers={"Content-Security-Policy": dashboard.CSP})
+        if (found := dashboard.asset(tail)) is not None:
+            return found
+        raise web.HTTPNotFound(text="dispod: no such page\n")
+
+    async def ui_of_node(self, request: web.Request) -> web.StreamResponse:
+        """/ui/TOKEN/receipt/NODE~ID and /ui/TOKEN/thumb/NODE~ID: from the node that holds the session (which
+        takes the cluster secret, the gateway's bearer, instead of its own dashboard's token)."""
+        dashboard.check_link(request, request.app[TOKEN])
+        gid = request.match_info["id"]
+        node, local = ids.split(gid)
+        view = self.node(node, gid)
+        return await self.relay(request, view, local, f"{dashboard.UI_PREFIX}/-/{request.match_info['page']}/{local}")
+
     # -- the rest ---------------------------------------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(document())
@@ -567,6 +595,9 @@ class Gateway:
             web.get("/v1/openapi.json", self.openapi, allow_head=False),
             web.get("/v1/health", self.health, allow_head=False),
             web.route("*", r"/{prefix:viewer|automation}/{id}/{rest:.*}", self.web_path),
+            web.get(dashboard.UI_PREFIX + "/{token}/{page:receipt|thumb}/{id}", self.ui_of_node, allow_head=False),
+            web.get(dashboard.UI_PREFIX + "/{token}", self.ui_page, allow_head=False),
+            web.get(dashboard.UI_PREFIX + "/{token}/{tail:[^/]*}", self.ui_page, allow_head=False),
         ]
 
 
@@ -586,8 +617,9 @@ def build_app(gateway: Gateway, token: str, limits: Limits) -> web.Application:
 
 
 async def serve(gateway: Gateway, paths: Any, token: str, listen: str, limits: Limits, *, stop: asyncio.Event,
-                say: Callable[[str], None]) -> None:
-    """Serve the gateway on its unix socket and `listen` until `stop` is set."""
+                say: Callable[[str], None], serving: Callable[[str], None] = lambda _url: None) -> None:
+    """Serve the gateway on its unix socket and `listen` until `stop` is set; `serving` gets the dashboard's
+    URL once both listeners accept."""
     from dispo.web.server import Server, bind_tcp, bind_unix, parse_listen
 
     unix = bind_unix(paths.socket)
@@ -604,6 +636,7 @@ async def serve(gateway: Gateway, paths: Any, token: str, listen: str, limits: L
         await gateway.start()
         await server.start()
         say(f"gateway listening on unix:{paths.socket} and {server.base_url}; cluster at {gateway.ray_address}")
+        serving(f"{server.base_url}{dashboard.UI_PREFIX}/{token}/")
         await stop.wait()
         say("stopping")
     finally:

@@ -16,7 +16,7 @@ HOW_TO_MAKE = ("make it once: umask 077; python3 -c 'import secrets; print(secre
 def read(path: Path, *, make: bool = False) -> str:
     """The secret in `path`; with `make`, a new one written there when there is none. ConfigError otherwise."""
     # Late import: the token file checks live with dispod's own token (daemon/dispod.py).
-    from dispo.daemon.dispod import _write_private, kept_token
+    from dispo.daemon.dispod import kept_token, write_private
 
     found, why = kept_token(path)
     if found is not None:
@@ -26,5 +26,5 @@ def read(path: Path, *, make: bool = False) -> str:
                           hint=HOW_TO_MAKE)
     value = secrets.token_urlsafe(32)
     os.makedirs(path.parent, mode=0o700, exist_ok=True)
-    _write_private(path, value + "\n")
+    write_private(path, value + "\n")
     return value

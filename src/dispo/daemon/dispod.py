@@ -75,7 +75,7 @@ def options_from(cfg: Config, *, listen: str | None = None, max_sessions: int | 
                    machinery=machinery, new_token=new_token)
 
 
-def _write_private(path: os.PathLike[str], text: str) -> None:
+def write_private(path: os.PathLike[str], text: str) -> None:
     """A root-only file, created fresh (a stale one, or anything planted in its place, is removed first)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -126,7 +126,7 @@ def gateway_token(paths: ServicePaths, *, new: bool, say: Say) -> str:
         if why:
             say(f"warning: not using {paths.token}: {why}; it is replaced with a new token")
     token = secrets.token_urlsafe(32)
-    _write_private(paths.token, token + "\n")
+    write_private(paths.token, token + "\n")
     return token
 
 
@@ -191,7 +191,7 @@ class Dispod:
                 self.say(f"warning: not using {self.paths.token}: {why}; it is replaced with a new token")
         token = secrets.token_urlsafe(32)
         try:
-            _write_private(self.paths.token, token + "\n")
+            write_private(self.paths.token, token + "\n")
         except OSError as e:  # a directory in its place, say
             raise PermissionProblem(f"cannot write the token file {self.paths.token}: {e.strerror}",
                                     hint="remove what is there (not made by dispod) and start dispod again") from None
@@ -249,7 +249,7 @@ class Dispod:
         member: Any = None
         try:
             await server.start()
-            _write_private(self.paths.url, self.dashboard_url + "\n")
+            write_private(self.paths.url, self.dashboard_url + "\n")
             where = f"unix:{self.paths.socket}" + (f" and {server.base_url}" if server.base_url else "")
             most = self.options.max_sessions
             self.say(f"listening on {where} (max {most} session{'s' if most != 1 else ''}, "

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dispo import __version__, config
-from dispo.daemon.dispod import Dispod, Options, gateway_token, options_from
+from dispo.daemon.dispod import Dispod, Options, gateway_token, options_from, write_private
 from dispo.errors import Conflict, DispoError, InvalidInput
 from dispo.runtime.machinery import REAL, Machinery
 
@@ -130,9 +130,17 @@ def _gateway(cfg: config.Config, args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in STOP_SIGNALS:
                 loop.add_signal_handler(sig, stop.set)
-            await gateway.serve(gw, paths, token, options.listen, options.limits, stop=stop, say=say)
+            await gateway.serve(gw, paths, token, options.listen, options.limits, stop=stop, say=say,
+                                serving=serving)
 
-        asyncio.run(run())
+        def serving(url: str) -> None:  # as a node's dispod: the dashboard's link, root-only, and said
+            write_private(paths.url, url + "\n")
+            say(f"dashboard: {url}")
+
+        try:
+            asyncio.run(run())
+        finally:
+            paths.url.unlink(missing_ok=True)
         say("stopped")
         return 0
     finally:

@@ -23,7 +23,7 @@ from dispo.names import check_session_id
 from dispo.runtime.request import build
 from dispo.runtime.warm import template_for
 from dispo.web.api import SERVICE, profile_list
-from dispo.web.guard import authenticated, token_ok
+from dispo.web.guard import CLUSTER_SECRET, authenticated, bearer, token_ok
 from dispo.web.offloop import blocking
 from dispo.web.service import Service
 from dispo.web.viewer import STEP_TEXT
@@ -98,15 +98,33 @@ def render(profiles: list[dict[str, Any]], facts: dict[str, dict[str, Any]] | No
     return _PAGE.substitute(profiles=forms, step_words=words, history_max=HISTORY_MAX)
 
 
-def _checked(request: web.Request) -> Service:
-    """The service, once the path's token is the dashboard's (403 otherwise)."""
-    svc = request.app[SERVICE]
-    if not token_ok(request.match_info["token"], svc.token):
+def check_link(request: web.Request, token: str) -> None:
+    """The path's token is the dashboard's (PermissionProblem, a 403, otherwise)."""
+    if not token_ok(request.match_info["token"], token):
         raise PermissionProblem("this dashboard link has a wrong or old access token",
                                 hint="open the link dispod printed at its start; the current one is in "
                                      "<state_dir>/dispod.url (root-only)")
     authenticated(request)
+
+
+def _checked(request: web.Request) -> Service:
+    """The service, once the path's token is the dashboard's, or the request comes from the cluster's gateway
+    (its bearer is the cluster secret: the gateway serves the dashboard and asks its node for a session's
+    receipt and thumbnail)."""
+    svc = request.app[SERVICE]
+    secret = request.app.get(CLUSTER_SECRET, "")
+    if secret and (given := bearer(request)) and token_ok(given, secret):
+        authenticated(request)
+        return svc
+    check_link(request, svc.token)
     return svc
+
+
+def asset(name: str) -> web.Response | None:
+    """The page's script, style sheet or icon, or None for any other name."""
+    if name not in _ASSETS:
+        return None
+    return web.Response(body=(_HERE / name).read_bytes(), content_type=_ASSETS[name])
 
 
 async def page(request: web.Request) -> web.StreamResponse:
@@ -119,8 +137,8 @@ async def page(request: web.Request) -> web.StreamResponse:
         facts = {p["name"]: await blocking(_facts, svc, p["name"]) for p in profiles if p["image_exists"]}
         return web.Response(text=render(profiles, facts), content_type="text/html",
                             headers={"Content-Security-Policy": CSP})
-    if tail in _ASSETS:
-        return web.Response(body=(_HERE / tail).read_bytes(), content_type=_ASSETS[tail])
+    if (found := asset(tail)) is not None:
+        return found
     raise web.HTTPNotFound(text="dispod: no such page\n")
 
 
