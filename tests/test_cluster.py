@@ -92,6 +92,24 @@ def test_a_node_takes_the_cluster_secret_as_the_apis_bearer_and_only_it(cfg: Con
         assert http.get("/v1/health", headers={"Authorization": f"Bearer {cluster_secret}"}).status_code == 401
 
 
+def test_a_nodes_dashboard_pages_of_a_session_open_to_the_cluster_secret_and_the_link_alone(cfg: Config) -> None:
+    """The gateway asks a node for a session's receipt and thumbnail with the cluster secret as its bearer (it
+    has no node's dashboard token); a single host's dashboard takes its link's token only."""
+    cluster_secret = "c" * 43
+    with serving(cfg, cluster_secret=cluster_secret) as svc, svc.tcp(auth=False) as http:
+        for path, bearer, status in (("/ui/-/receipt/0badf00d", cluster_secret, 200),
+                                     ("/ui/-/receipt/0badf00d", "c" * 42 + "d", 403),
+                                     ("/ui/-/receipt/0badf00d", "", 403),
+                                     (f"/ui/{svc.token}/receipt/0badf00d", "", 200)):
+            r = http.get(path, headers={"Authorization": f"Bearer {bearer}"} if bearer else {})
+            assert r.status_code == status, (path, bearer, r.text)
+        assert "No receipt was written for this session" in http.get(
+            "/ui/-/receipt/0badf00d", headers={"Authorization": f"Bearer {cluster_secret}"}).text
+    with serving(cfg) as svc, svc.tcp(auth=False) as http:  # a single host: the secret opens nothing
+        r = http.get("/ui/-/receipt/0badf00d", headers={"Authorization": f"Bearer {cluster_secret}"})
+        assert r.status_code == 403, r.text
+
+
 def test_the_cluster_secret_file_must_be_root_only(tmp_path: Path) -> None:
     path = tmp_path / "cluster.secret"
     with pytest.raises(ConfigError, match="no such file"):
