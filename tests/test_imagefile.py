@@ -1,4 +1,4 @@
-"""Images by content: the digest `dispo image ls` shows, and `dispo image save`/`load` moving a sealed image to
+"""Images by content: the digest `dispo image ls` shows, and `dispo image export`/`import` moving a sealed image to
 another host (here: another workspace and state dir) as one file, checked by sha256 while it is read. The file is
 hostile: every way out of the format is refused with one line, and nothing is left behind."""
 
@@ -105,20 +105,20 @@ def test_ls_shows_the_digest(base: Image, here: Config, tmp_path: Path) -> None:
     assert full.splitlines()[1].split()[-1] == base.digest
 
 
-def test_save_and_load_through_a_pipe(base: Image, here: Config, there: Config, tmp_path: Path) -> None:
+def test_export_and_import_through_a_pipe(base: Image, here: Config, there: Config, tmp_path: Path) -> None:
     conf = tmp_path / "dispo.toml"
     conf.write_text('[storage]\nbackend = "copy"\n')
     src_env = {**dispo_env(here.workspace, here.state_dir), "DISPO_CONFIG": str(conf)}
     dst_env = {**dispo_env(there.workspace, there.state_dir), "DISPO_CONFIG": str(conf)}
-    save = subprocess.Popen([*DISPO, "image", "save", "base", "-"], env=src_env, stdout=subprocess.PIPE,
+    save = subprocess.Popen([*DISPO, "image", "export", "base", "-"], env=src_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    load = subprocess.run([*DISPO, "image", "load", "-", "--sha256", base.digest], env=dst_env, stdin=save.stdout,
+    load = subprocess.run([*DISPO, "image", "import", "-", "--sha256", base.digest], env=dst_env, stdin=save.stdout,
                           capture_output=True, text=True, timeout=120)
     assert save.stdout is not None and save.stderr is not None
     save.stdout.close()
     assert save.wait(timeout=60) == 0 and base.digest in save.stderr.read().decode()
     assert load.returncode == 0, load.stderr
-    assert "loaded base: " in load.stdout and base.digest in load.stdout
+    assert "imported base: " in load.stdout and base.digest in load.stdout
     assert ImageStore(there).get("base").digest == base.digest
 
 
@@ -340,12 +340,25 @@ def test_round_trip_on_each_storage_backend(cfg: Config, tmp_path: Path) -> None
     assert host_objects(cfg.workspace, cfg.state_dir) == before  # the half-made holder (subvolume) is gone
 
 
-def test_import_and_load_each_point_to_the_other(base: Image, there: Config, tmp_path: Path) -> None:
+def test_one_import_verb_tells_an_exported_image_from_a_raw_filesystem(base: Image, there: Config,
+                                                                       tmp_path: Path) -> None:
+    """`dispo image import FILE` takes an exported image whole (its name and sha256 come with it; `load` is the
+    same verb); the raw-ext4 import and the exported-image reader each refuse the other's file in one line."""
     saved = tmp_path / "base.dimg"
     imagefile.save_to_path(base, saved)
     with pytest.raises(InvalidInput) as e:
         ImageStore(there).import_(saved, "x", quiet=True)
-    assert f"load it with 'dispo image load {saved}'" in e.value.one_line()
+    assert f"import it whole with 'dispo image import {saved}'" in e.value.one_line()
+    env = dispo_env(there.workspace, there.state_dir)
+    for verb, name in (("import", "base"), ("load", "again")):
+        p = subprocess.run([*DISPO, "image", verb, str(saved), *(["--name", name] if name != "base" else [])],
+                           env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert p.returncode == 0 and f"imported {name}: " in p.stdout and base.digest in p.stdout, p.stderr
+    p = subprocess.run([*DISPO, "image", "import", str(saved), "--size", "1G"], env=env, capture_output=True,
+                       text=True, timeout=60, check=False)
+    assert p.returncode == 1 and "--size is for a raw ext4 file" in p.stderr, p.stderr
+    for name in ("base", "again"):
+        ImageStore(there).remove(name)
     raw = make_ext4(tmp_path / "raw.ext4", "8M")
     with open(raw, "rb") as f, pytest.raises(InvalidInput) as e:
         imagefile.load(ImageStore(there), f)

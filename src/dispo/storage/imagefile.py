@@ -1,4 +1,5 @@
-"""`dispo image save` and `dispo image load`: a sealed image as one file, to move it between hosts.
+"""`dispo image export` and `dispo image import` of what it wrote: a sealed image as one file, to move it
+between hosts.
 
 The file is a POSIX tar (compressed with zstd unless asked not to) of exactly these members, in this order:
 
@@ -66,7 +67,7 @@ class _Readable(Protocol):
 
 def _bad(what: str, hint: str = "") -> InvalidInput:
     return InvalidInput(f"not a valid dispo image file: {what}",
-                        hint=hint or "make it with 'dispo image save NAME FILE' and copy it whole (a raw ext4 "
+                        hint=hint or "make it with 'dispo image export NAME FILE' and copy it whole (a raw ext4 "
                                      "file goes in with 'dispo image import FILE --name NAME')")
 
 
@@ -367,7 +368,8 @@ def _receive(reader: _Reader, member: Member, dest: Path, progress: Callable[[in
 
 def load(store: ImageStore, src: IO[bytes], *, name: str | None = None, expect: str | None = None,
          source: str = "", progress: Progress = lambda done, total: None) -> Image:
-    """Load an image saved by `save` from the stream `src` as image `name` (default: the name it was saved with).
+    """Import an image that `dispo image export` wrote, from the stream `src`, as image `name` (default: the
+    name it was exported with).
     With `expect`, the content digest must be that sha256, checked before any file is read."""
     if expect is not None and not _HEX64.fullmatch(expect):
         raise InvalidInput(f"--sha256 {expect[:80]!r} is not 64 lowercase hex digits",

@@ -6,7 +6,7 @@ into place only when complete, so a failed or killed import leaves nothing that 
 
 image.json records the image's provenance, written by dispo itself and sealed with the image: "built" (`dispo
 image build`, a recipe or `--from`), "fetched" (`dispo image fetch`) or "imported" (`dispo image import`: a file
-the user handed in, or `dispo image load`: an image saved on another host). Only a built or fetched image's code
+the user handed in, or `dispo image import` of an image exported on another host). Only a built or fetched image's code
 may ever run on the host (`--from`, imagebuild/into.py).
 
 An image is identified by its content digest (`Image.digest`, shown by `dispo image ls`), the same on every host
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 E2FS_HINT = "install e2fsprogs"
 
 # The keys of image.json that say what the image is wherever it lives: hashed into the content digest and carried
-# by `dispo image save`. Every other key (name, size, sha256, storage, created, source, format, provenance, digest,
+# by `dispo image export`. Every other key (name, size, sha256, storage, created, source, format, provenance, digest,
 # content) is a fact of this host, or follows from the files.
 PORTABLE_META = ("kernel", "initrd", "vmlinux", "cmdline", "arch", "vmms", "ssh_key", "ssh_user", "recipe",
                  "build_key", "kernel_version", "from_image", "upstream")
@@ -215,9 +215,9 @@ class ImageStore:
             raise NotFound(f"image file {src} does not exist", hint="check the path")
         if not src.is_file() and not src.is_dir():
             raise InvalidInput(f"{src} is not a regular file", hint="give the path of a raw ext4 image file")
-        if src.is_file() and _saved_image_file(src):
-            raise InvalidInput(f"{src} is an image file written by 'dispo image save', not an ext4 filesystem",
-                               hint=f"load it with 'dispo image load {src}'")
+        if src.is_file() and saved_image_file(src):
+            raise InvalidInput(f"{src} is an image file written by 'dispo image export', not an ext4 filesystem",
+                               hint=f"import it whole with 'dispo image import {src}'")
         files.check_ext4(src)
         src_size = src.stat().st_size
         if size is not None and size < src_size:
@@ -287,8 +287,8 @@ class ImageStore:
         return Image.load(dest)
 
 
-def _saved_image_file(path: Path) -> bool:
-    """Whether `path` starts as `dispo image save` writes: zstd's magic, or a ustar header (storage/imagefile.py)."""
+def saved_image_file(path: Path) -> bool:
+    """Whether `path` starts as `dispo image export` writes: zstd's magic, or a ustar header (storage/imagefile.py)."""
     try:
         with open(path, "rb") as f:
             head = f.read(265)
