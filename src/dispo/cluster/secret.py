@@ -16,7 +16,7 @@ HOW_TO_MAKE = ("make it once: umask 077; python3 -c 'import secrets; print(secre
 def read(path: Path, *, make: bool = False) -> str:
     """The secret in `path`; with `make`, a new one written there when there is none. ConfigError otherwise."""
     # Late import: the token file checks live with dispod's own token (daemon/dispod.py).
-    from dispo.daemon.dispod import kept_token, write_private
+    from dispo.infra.private import kept_token, write_private
 
     found, why = kept_token(path)
     if found is not None:

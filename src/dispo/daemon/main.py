@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dispo import __version__, config
-from dispo.daemon.dispod import Dispod, Options, gateway_token, options_from, write_private
+from dispo.daemon.dispod import Dispod, Options, gateway_token, options_from
 from dispo.errors import Conflict, DispoError, InvalidInput
+from dispo.infra.private import write_private
 from dispo.runtime.machinery import REAL, Machinery
 
 EXIT_ERROR = 1
