@@ -33,16 +33,21 @@ class Setting:
         return not isinstance(self.default, str)
 
 
-def host_memory_mib() -> int:
-    """MemTotal of this host in MiB (a guest bigger than the host is refused up front)."""
+def meminfo_mib(key: str, default: int) -> int:
+    """One /proc/meminfo field of this host in MiB ("MemTotal", "MemAvailable"), or `default` without it."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) // 1024
     except OSError:
         pass
-    return 1 << 20
+    return default
+
+
+def host_memory_mib() -> int:
+    """MemTotal of this host in MiB (a guest bigger than the host is refused up front)."""
+    return meminfo_mib("MemTotal", 1 << 20)
 
 
 WEEK_S = 7 * 86400.0

@@ -11,20 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dispo.settings import meminfo_mib
+
 AGENT_PREFIX = "dispo-node:"  # + the node's name: the agent's Ray actor name, in the "dispo" namespace
 NAMESPACE = "dispo"
 ASK_TIMEOUT_S = 5.0
 
 
 def mem_available_mib() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return 0
+    return meminfo_mib("MemAvailable", 0)
 
 
 class NodeAgent:
