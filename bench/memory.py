@@ -110,10 +110,13 @@ def shared_ram_mib(pid: int) -> float:
 def clones(rt: Runtime, n: int, settle: float, **req: Any) -> dict[str, Any]:
     """n clones up at once (each started when the one before is ready: sharing is between live clones)."""
     lives: list[LiveSession] = []
+    guest_mib = 0
     try:
         for _ in range(n):
             ready = Ready()
-            live = rt.start(build(rt.cfg, start="warm", **req), sink=ready)
+            request = build(rt.cfg, start="warm", **req)
+            guest_mib = request.memory_mib
+            live = rt.start(request, sink=ready)
             lives.append(live)
             if not ready.event.wait(900) or live.error is not None:
                 raise SystemExit(f"clone failed: {live.error}")
@@ -123,8 +126,8 @@ def clones(rt: Runtime, n: int, settle: float, **req: Any) -> dict[str, Any]:
         for live in lives:
             pid = vmm_pid(live.id)
             if pid is None:
-                raise SystemExit(f"no VMM for {live.id}")
-            per.append({**rollup(pid), **parts(pid, int(req.get("memory_mib", 512)))})
+                raise SystemExit(f"no VMM for {live.id}: {live.status()} {live.error}")
+            per.append({**rollup(pid), **parts(pid, guest_mib)})
             memfd = shared_ram_mib(pid)
     finally:
         for live in lives:
@@ -159,6 +162,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument("--browser", action="store_true")
+    ap.add_argument("--only-browser", action="store_true", help="the chromium clones alone (no minimal)")
     args = ap.parse_args()
     ARTIFACTS.mkdir(exist_ok=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed bench still tears its world down
@@ -168,7 +172,7 @@ def main() -> None:
         w.write_config(link="tap", dns="none")
         stack.enter_context(loop_fs(tmp / "btrfs", "btrfs", "40G"))
         (w.root / "ws").symlink_to(tmp / "btrfs" / "mnt")
-        for recipe in ("minimal", *(("chromium",) if args.browser else ())):
+        for recipe in ("minimal", *(("chromium",) if args.browser or args.only_browser else ())):
             subprocess.run([*DISPO, "image", "build", recipe, "--quiet"], env=w.env(), check=True,
                            capture_output=True, text=True, timeout=3600)
         cfg = config.load(w.config, env=w.env())
@@ -177,11 +181,13 @@ def main() -> None:
         rt = Runtime(cfg, viewers=StandaloneViewers(), owner="bench.memory")
         stack.callback(rt.shutdown, "bench over")
         counts = [int(c) for c in args.clones.split(",")]
-        _template(rt, "minimal")
-        results: dict[str, Any] = {"minimal": [clones(rt, n, args.settle, image="minimal", command=["sleep", "600"])
-                                               for n in counts]}
-        results["teardown"] = teardown(rt, args.runs)
-        if args.browser:
+        results: dict[str, Any] = {}
+        if not args.only_browser:
+            _template(rt, "minimal")
+            results["minimal"] = [clones(rt, n, args.settle, image="minimal", command=["sleep", "600"])
+                                  for n in counts]
+            results["teardown"] = teardown(rt, args.runs)
+        if args.browser or args.only_browser:
             _template(rt, "chromium")
             results["chromium"] = [clones(rt, n, args.settle * 4, profile="chromium", url="about:blank")
                                    for n in counts]
@@ -197,8 +203,9 @@ def main() -> None:
         report("memory", ("template", "clones", "pss_mib_each", "rss_mib_each", "pss_sum_mib", "rss_sum_mib",
                           "shared_memfd_mib", "guest_ram_pss_each", "guest_ram_private_each", "tcg_cache_each"), rows,
                {**results, "settle_s": args.settle})
-        print(f"teardown of a restored minimal session: median {results['teardown']['median_s']:.3f} s "
-              f"(runs {results['teardown']['runs']})")
+        if "teardown" in results:
+            print(f"teardown of a restored minimal session: median {results['teardown']['median_s']:.3f} s "
+                  f"(runs {results['teardown']['runs']})")
 
 
 if __name__ == "__main__":

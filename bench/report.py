@@ -30,7 +30,8 @@ DATA = PERF / "data"
 ARTIFACTS = REPO / "artifacts"
 TOPICS = ("warm", "memory", "net-compare", "firecracker")
 COLOURS = {"cold": "#8c8c8c", "restored": "#2f7ed8", "pooled": "#2ca02c", "baseline": "#8c8c8c",
-           "this tree": "#2f7ed8", "kernel": "#d62728", "PSS": "#2f7ed8", "RSS": "#8c8c8c"}
+           "this tree": "#2f7ed8", "kernel": "#d62728", "PSS per clone": "#2f7ed8", "RSS per clone": "#8c8c8c",
+           "PSS without TCG cache": "#2ca02c"}
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -102,17 +103,51 @@ def step_figures(rec: dict[str, Any]) -> tuple[dict[str, dict[str, float]], str]
     return {k: v for k, v in rec["steps"].items() if not k.startswith("_")}, rec["steps"]["_source"]
 
 
-def memory_figures(rec: dict[str, Any]) -> tuple[list[tuple[int, float, float, float]], str, str]:
-    """(clones, mean PSS per clone, mean RSS per clone, PSS sum) for minimal; chromium likewise as text."""
+MemRow = tuple[str, int, float, float, float, float, float]  # template, clones, PSS each, RSS each, PSS sum,
+#                                                              guest RAM PSS sum, TCG translation cache sum (MiB)
+
+
+def memory_figures(rec: dict[str, Any]) -> tuple[list[MemRow], str, str]:
+    """Per template and clone count: mean PSS and RSS per clone, the PSS sum, and the sums of its two big parts
+    (the guest's RAM mapping, TCG's translation cache); the teardown figure."""
     mem = load("bench-memory")
-    if mem is not None and mem.get("minimal"):
-        rows = [(int(r["clones"]), statistics.mean(r["pss_mib"]), statistics.mean(r["rss_mib"]),
-                 float(r["pss_sum_mib"])) for r in mem["minimal"]]
+    if mem is not None and (mem.get("minimal") or mem.get("chromium")):
+        rows: list[MemRow] = []
+        for template in ("minimal", "chromium"):
+            for r in mem.get(template) or []:
+                each = r["per_clone"]
+                rows.append((template, int(r["clones"]), statistics.mean(r["pss_mib"]), statistics.mean(r["rss_mib"]),
+                             float(r["pss_sum_mib"]), sum(float(p.get("guest_ram_pss", 0.0)) for p in each),
+                             sum(float(p.get("tcg_cache_rss", 0.0)) for p in each)))
         teardown = f"{mem['teardown']['median_s']:.3f} s" if mem.get("teardown") else "-"
         return rows, "docs/perf/data/bench-memory.json", teardown
     r = rec["memory"]
-    return ([(int(c), float(p), float(s), float(p) * int(c)) for c, p, s in r["minimal"]], r["_source"],
-            r.get("teardown", "-"))
+    return ([("minimal", int(c), float(p), float(s), float(p) * int(c), 0.0, 0.0) for c, p, s in r["minimal"]],
+            r["_source"], r.get("teardown", "-"))
+
+
+def memory_lines(rows: list[MemRow], src: str, teardown: str) -> list[str]:
+    """The memory table, and the ratio of N clones to one, with and without TCG's cache (no KVM host has it)."""
+    lines = ["| template | clones alive | PSS per clone | RSS per clone | PSS of all clones | of it: guest RAM "
+             "| of it: TCG code cache | PSS of all without the TCG cache |", "|---|---|---|---|---|---|---|---|"]
+    one: dict[str, MemRow] = {}
+    ratios: list[str] = []
+    for row in rows:
+        template, n, pss, rss, total, ram, tcg = row
+        lines.append(f"| {template} | {n} | {pss:.0f} MiB | {rss:.0f} MiB | {total:.0f} MiB | {ram:.0f} MiB | "
+                     f"{tcg:.0f} MiB | {total - tcg:.0f} MiB |")
+        if n == 1:
+            one[template] = row
+        elif template in one and one[template][4] > 0:
+            base = one[template]
+            ratios.append(f"- {template}, {n} clones against one: PSS of all {total / base[4]:.2f}x; without TCG's "
+                          f"cache {(total - tcg) / max(base[4] - base[6], 1.0):.2f}x; the guest's RAM alone "
+                          f"{ram / max(base[5], 1.0):.2f}x.")
+    return [*lines, "", *ratios, "",
+            "PSS counts a page shared by k processes as 1/k to each, so the PSS sum is what the clones hold together. "
+            "The guest's RAM is the template's sealed memfd mapped privately (copy on write); TCG's code cache is "
+            "each emulator's translated guest code, private to it and absent under KVM. "
+            f"Teardown of a restored minimal session: {teardown}. Source: {src}.", ""]
 
 
 def write(collect: bool) -> list[Path]:
@@ -142,10 +177,11 @@ def write(collect: bool) -> list[Path]:
                                                              key=lambda kv: -kv[1]))
                                                 for how, per in steps.items()]))
     mem_rows, mem_src, teardown = memory_figures(rec)
-    mem_svg = svg("memory.svg", bar_chart("Memory of restored minimal clones (VMM, MiB per clone)", "MiB",
-                                          [(f"{n} clone{'s' if n > 1 else ''} alive", [("PSS per clone", p),
-                                                                                       ("RSS per clone", r)])
-                                           for n, p, r, _ in mem_rows]))
+    mem_svg = svg("memory.svg", bar_chart("Memory of restored clones (VMM, MiB per clone)", "MiB",
+                                          [(f"{t}, {n} clone{'s' if n > 1 else ''} alive",
+                                            [("PSS per clone", p), ("RSS per clone", r),
+                                             ("PSS without TCG cache", p - tcg / n)])
+                                           for t, n, p, r, _, _, tcg in mem_rows]))
 
     lines = ["# Performance", "",
              "Generated by `python -m bench.report` (`scripts/dev bench report`) from the benchmarks' JSON in",
@@ -165,12 +201,7 @@ def write(collect: bool) -> list[Path]:
             if float(secs) >= 0.005:
                 lines.append(f"| {how} | {step} | {float(secs):.2f} |")
     lines += ["", f"Source: {steps_src}.", "", "## Memory per clone against the number of clones", "",
-              f"![memory]({mem_svg})", "", "| clones alive | PSS per clone | RSS per clone | PSS of all clones |",
-              "|---|---|---|---|"]
-    for n, p, r, s in mem_rows:
-        lines.append(f"| {n} | {p:.0f} MiB | {r:.0f} MiB | {s:.0f} MiB |")
-    lines += ["", f"PSS counts a page shared by k processes as 1/k to each, so the PSS sum is what the clones hold "
-              f"together. Teardown of a restored minimal session: {teardown}. Source: {mem_src}.", ""]
+              f"![memory]({mem_svg})", "", *memory_lines(mem_rows, mem_src, teardown)]
 
     lines += _net_section(rec, svg)
     lines += _firecracker_section(rec, svg)

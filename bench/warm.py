@@ -69,6 +69,11 @@ class Timer:
         self.got_viewer = threading.Event()
         self.steps: dict[str, float] = {}
 
+    def parts(self) -> dict[str, float]:
+        """When the viewer URL came and the display showed (seconds from the start), and the steps' times."""
+        return {"viewer_url": self.at.get("viewer", 0.0), "display_shown": self.at.get("display_shown", 0.0),
+                **self.steps}
+
     def __call__(self, e: Event) -> None:
         self.at.setdefault(e.kind.value, time.perf_counter() - self.t0)
         if e.kind is EventKind.STEP:
@@ -145,6 +150,7 @@ class Shot:
         if not result.get("seen"):
             raise SystemExit(f"the page did not show: {out} {err}")
         started_wall = time.time() - (time.perf_counter() - timer.t0)
+        timer.at["display_shown"] = float(result.get("canvas_at", started_wall)) - started_wall
         return float(result["seen_at"]) - started_wall
 
 
@@ -179,6 +185,7 @@ def part_b(w: NetWorld, rt: Runtime, pool: Pool, runs: int) -> dict[str, Any]:
     url = f"http://{INTERNET}:{INTERNET_PORT}/bench.html"
     build_s = _template(rt, "chromium")
     out: dict[str, list[float]] = {"cold": [], "restore": [], "pool": []}
+    parts: dict[str, list[dict[str, float]]] = {"cold": [], "restore": [], "pool": []}
     for i in range(runs):
         for how in ("cold", "restore"):
             shot = Shot(w, ARTIFACTS / f"bench-warm-{how}-{i + 1}.png")
@@ -186,6 +193,7 @@ def part_b(w: NetWorld, rt: Runtime, pool: Pool, runs: int) -> dict[str, Any]:
             live = rt.start(build(cfg, profile="chromium", url=url, start="cold" if how == "cold" else "warm"),
                             sink=timer)
             out[how].append(shot.visible(timer))
+            parts[how].append(timer.parts())
             live.wait(300)
     pool.fill("chromium", 1)
     held: list[float] = []
@@ -196,10 +204,14 @@ def part_b(w: NetWorld, rt: Runtime, pool: Pool, runs: int) -> dict[str, Any]:
         timer = Timer()
         live = rt.start(build(cfg, profile="chromium", url=url), sink=timer)
         out["pool"].append(shot.visible(timer))
+        parts["pool"].append(timer.parts())
         live.wait(300)
     pool.drain("chromium")
     t = TemplateStore(cfg).find(TemplateKind.PROFILE, "chromium")
-    return {"median": {k: median(v) for k, v in out.items()}, "runs": out, "template_build_s": round(build_s, 1),
+    by_part = {k: {name: round(median([run.get(name, 0.0) for run in v]), 3) for name in v[0]} for k, v in parts.items()
+               if v}
+    return {"median": {k: median(v) for k, v in out.items()}, "runs": out, "parts_median_s": by_part,
+            "template_build_s": round(build_s, 1),
             "template_mib": round((t.size if t else 0) / 2**20, 1), "pooled_rss_mib": held}
 
 
@@ -245,7 +257,7 @@ def main() -> None:
         stack.callback(rt.shutdown, "bench over")
         a = part_a(rt, pool, args.runs)
         b = None if args.skip_browser else part_b(w, rt, pool, args.runs)
-        c = part_c(rt, [int(s) for s in args.sizes.split(",")], args.runs)
+        c = part_c(rt, [int(s) for s in args.sizes.split(",") if s], args.runs)
         rows: list[tuple[Any, ...]] = []
         cold_ready, cold_end = a["median"]["cold"]
         for how in ("cold", "restore", "pool"):
@@ -262,7 +274,7 @@ def main() -> None:
         print("restore time against guest memory (template of minimal):")
         for mib, size, ready in c:
             print(f"  {mib:5d} MiB guest: template memory file {size} MiB, restore to ready {ready} s")
-        for how, per in a["steps_median_s"].items():
+        for how, per in [*a["steps_median_s"].items(), *((b or {}).get("parts_median_s") or {}).items()]:
             print(f"  steps of '-- true', {how}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
         print(f"memory held per pooled guest (VMM RSS, paused): minimal {a['pooled_rss_mib']}"
               + (f", chromium {b['pooled_rss_mib']}" if b else "") + " MiB")

@@ -53,12 +53,12 @@ def watch_colour(page: Page, out: Path, want: tuple[int, ...], t0: float, timeou
         return {"seen": False, "no_display": True, "page_says": says, "seconds": round(time.monotonic() - t0, 1)}
     points = [(640, 500), (400, 600), (880, 600), (640, 700)]
     got: list[tuple[int, ...]] = []
-    seen: dict[str, object] = {"seen": False}
+    seen: dict[str, object] = {"seen": False, "canvas_at": time.time()}  # the display is up (the VNC connected)
     while time.monotonic() - t0 < timeout:
         page.screenshot(path=str(out))
-        got = [pixel(out, x, y) for x, y in points]
+        got = pixels(out, points)
         if all(close(g, want) for g in got):
-            seen = {"seen": True, "seen_at": time.time()}  # wall clock, for timings across processes
+            seen.update(seen=True, seen_at=time.time())  # wall clock, for timings across processes
             break
         time.sleep(0.5)
     return {**seen, "pixels": got, "seconds": round(time.monotonic() - t0, 1)}

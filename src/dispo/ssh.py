@@ -86,8 +86,14 @@ def install_keys(disk: Path, keys: SessionKeys) -> None:
                            hint=f"the image needs a '{guest.USER}' account with {guest.USER_HOME}/.ssh")
 
 
+# A connection made once the guest answered (an app, a command, `dispo ssh`) gets this long for the TCP connect
+# and sshd's banner: its sshd re-executes per connection, which takes seconds of emulated CPU on a loaded host
+# (a Chromium clone's display failed with 3 s). Probes for readiness keep short timeouts and retry instead.
+CONNECT_TIMEOUT_S = 20
+
+
 def ssh_argv(keys: SessionKeys, address: str, *, batch: bool = True, tty: bool = False,
-             connect_timeout: int = 3) -> list[str]:
+             connect_timeout: int = CONNECT_TIMEOUT_S) -> list[str]:
     argv = ["ssh", "-F", "/dev/null", "-i", str(keys.client_key), "-l", guest.USER,
             "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
             "-o", f"UserKnownHostsFile={keys.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
