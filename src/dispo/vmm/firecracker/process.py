@@ -367,16 +367,13 @@ class FirecrackerVmm:
         paths = [self.log_path, self.metrics_path, self.spec.console_log]
         if not self.jail:
             paths.insert(0, self.socket)
-        # One journal write (one fsync) for all of them, before any exists.
-        self._entries += journal.record_all([("path", {"path": str(path)}) for path in paths])
-        if not self.jail:
             self.socket.unlink(missing_ok=True)  # a stale socket makes firecracker exit 1
         # The instance id (alphanumerics and '-') carries the session id into ps and the log lines;
         # under the jailer, the jail id is passed on as the instance id.
         argv = (self.jail.argv([]) if self.jail
                 else [str(binary), "--api-sock", str(self.socket), "--id", f"dispo-{self.spec.session_id}"])
         t0 = time.monotonic()
-        self._spawn(journal, argv)
+        self._spawn(journal, argv, paths)
         self.api = FirecrackerApi(self.socket, on_request=self.options.on_request)
         self._wait_socket()
         self.timings["socket"] = time.monotonic() - t0
@@ -387,20 +384,25 @@ class FirecrackerVmm:
             # Still the gate (before exec): into its cgroups before firecracker runs a single instruction.
             sandbox.place(self.jail.cgroups, proc.pid)
 
-    def _spawn(self, journal: Journal, argv: list[str]) -> None:
+    def _spawn(self, journal: Journal, argv: list[str], paths: list[Path]) -> None:
+        """Spawn behind the gate; `paths` (socket, log, metrics, console: none exists yet) are journaled in the
+        same write as the process, before it runs."""
         own = self.jail if self.jail is not None and self.jail.spec.own else None
         setpriv, outer = own.sandbox_args() if own is not None else ([], [])
         cwd = own.root if own is not None else self.spec.workdir  # own sandbox: every path is relative to it
         try:
-            # Its stdout is the guest's serial console: pumped into console.log, capped.
-            self.spec.console_log.touch(mode=0o600)
+            # Not waiting for the tie to the parent (setpriv's prctl): _wait_socket waits for the socket, which
+            # only firecracker itself binds, after it.
             spawned = processes.spawn_recorded(journal, argv, what="firecracker", stdout=subprocess.PIPE,
-                                               cwd=cwd,
-                                               on_spawn=self._set_proc, setpriv=setpriv, outer=outer)
-        except SpawnFailed:
-            raise VmmError(f"firecracker launcher exited at once: {self.console_tail(3)}") from None
+                                               cwd=cwd, on_spawn=self._set_proc, setpriv=setpriv, outer=outer,
+                                               also=[("path", {"path": str(path)}) for path in paths],
+                                               wait_tied=False)
+        except SpawnFailed as e:  # nothing of firecracker's ran: its console is still empty
+            raise VmmError(f"firecracker launcher: {e.message}", hint=e.hint) from None
         self._starttime = spawned.starttime
-        self._entries.append(spawned.entry)
+        self._entries += [*spawned.others, spawned.entry]
+        # Its stdout is the guest's serial console: pumped into console.log (root's alone), capped.
+        self.spec.console_log.touch(mode=0o600)
         assert spawned.proc.stdout is not None
         pump_console(spawned.proc.stdout, self.spec.console_log)
 
