@@ -57,7 +57,7 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
                    die_with_parent: bool = True,
                    setpriv: Sequence[str] = (), pass_fds: Sequence[int] = (), outer: Sequence[str] = (),
                    also: Sequence[tuple[str, Mapping[str, str]]] = (), wait_tied: bool = True,
-                   **record: str) -> Spawned:
+                   before_go: Callable[[], None] | None = None, **record: str) -> Spawned:
     """Start a child (a VMM, an ssh tunnel, a guest command) whose pid is journaled before its program runs.
 
     Popen, not proc.run(): its stdout goes to a log. A new session keeps the terminal's Ctrl-C away from it:
@@ -70,7 +70,8 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
     options of util-linux's setpriv (drop to a uid, no capabilities); `pass_fds` are handed to the program;
     `outer` is a wrapper that runs with root's privileges before those are dropped (and must exec its argv,
     keeping the pid). `also`: journal entries (kind, args) for objects the program will make, recorded in the
-    same write (one fsync) as the process, before it runs. `wait_tied=False`: the caller waits itself for
+    same write (one fsync) as the process, before it runs; `before_go` then makes what the program expects to find
+    (a failure there and the program never runs). `wait_tied=False`: the caller waits itself for
     something only the program makes (a socket it binds), which comes after the tie (_wait_until_tied)."""
     r, w = os.pipe()
     proc: subprocess.Popen[bytes] | None = None
@@ -105,6 +106,8 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
             raise SpawnFailed(f"{what} exited at once (status {proc.returncode})")
         *others, entry = journal.record_all(
             [*also, ("process", {"pid": str(proc.pid), "starttime": start, "what": what, **record})])
+        if before_go is not None:
+            before_go()
         if stdin_pipe:
             assert proc.stdin is not None
             proc.stdin.write(b"go\n")  # into an empty pipe: never blocks
