@@ -410,10 +410,13 @@ class FirecrackerVmm:
 
     def _wait_socket(self) -> None:
         assert self._proc is not None and self.api is not None
-        if self.jail is None and self.socket.parent.is_dir():
-            self._wait_socket_event()
+        # Where the socket appears on the host: its own path, or (dispo's own sandbox) its name in the jail
+        # directory dispo made, which firecracker works in (dispo connects through a shorter path to it).
+        appears = self.socket if self.jail is None else self.jail.socket if self.jail.spec.own else None
+        if appears is not None and appears.parent.is_dir():
+            self._wait_socket_event(appears)
             return
-        # Jailed: the socket's directory is made by the jailer after the spawn, so there is nothing to watch
+        # The jailer's: the socket's directory is made by the jailer after the spawn, so there is nothing to watch
         # yet (nor when the directory is missing: firecracker then exits); look every 2 ms.
         deadline = time.monotonic() + self.options.socket_timeout
         while time.monotonic() < deadline:
@@ -425,13 +428,13 @@ class FirecrackerVmm:
         self.kill()
         raise VmmError(f"firecracker API socket {self.socket} did not appear within {self.options.socket_timeout} s")
 
-    def _wait_socket_event(self) -> None:
+    def _wait_socket_event(self, appears: Path) -> None:
         """Wake on the socket's creation (inotify) or the process's exit (pidfd), then connect: firecracker
         binds and listens in one call, so a refused connect is only the microseconds between the two."""
         assert self._proc is not None
         deadline = time.monotonic() + self.options.socket_timeout
         try:
-            fswait.wait_for_file(self.socket, self._proc.pid, self.options.socket_timeout)
+            fswait.wait_for_file(appears, self._proc.pid, self.options.socket_timeout)
         except fswait.ProcessExited:
             self._proc.wait(1.0)
             self._exited_early()
