@@ -339,21 +339,28 @@ def test_the_process_is_journaled_before_firecracker_runs(cfg: Config, tmp_path:
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """If recording the process fails, the gated child never becomes firecracker and nothing is left."""
     with transaction(cfg, purpose="firecracker test") as s:
-        real_record = s.journal.record
+        real_record, real_record_all = s.journal.record, s.journal.record_all
 
         def failing(kind: str, **args: str) -> object:
             if kind == "process":
                 raise DispoError("journal is full")
             return real_record(kind, **args)
 
+        def failing_all(items: list[tuple[str, dict[str, str]]]) -> object:  # the process with its files
+            if any(kind == "process" for kind, _ in items):
+                raise DispoError("journal is full")
+            return real_record_all(items)
+
         vmm = FirecrackerVmm(machine(s, tmp_path), options())
         monkeypatch.setattr(s.journal, "record", failing)
+        monkeypatch.setattr(s.journal, "record_all", failing_all)
         with pytest.raises(DispoError, match="journal is full"):
             vmm.start(s.journal)
         monkeypatch.undo()
         assert vmm.pid is not None and wait_for(lambda: vmm.wait_exit(0) is not None, 3)
         assert vmm.wait_exit(0) == GATE_EOF_EXIT, "the gate saw EOF and exited without exec"
-        assert b"Firecracker" not in vmm.spec.console_log.read_bytes(), "firecracker never ran"
+        console = vmm.spec.console_log
+        assert not console.exists() or b"Firecracker" not in console.read_bytes(), "firecracker never ran"
         assert processes_mentioning(f"dispo-{s.session_id}") == []
 
 

@@ -47,6 +47,7 @@ class Spawned:
     proc: subprocess.Popen[bytes]
     starttime: str
     entry: Entry
+    others: tuple[Entry, ...] = ()  # what `also` recorded, in its order
 
 
 def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, stdout: IO[bytes] | int | None,
@@ -55,7 +56,8 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
                    keep_stdin: bool = False, stdin_pipe: bool = False, new_session: bool = True,
                    die_with_parent: bool = True,
                    setpriv: Sequence[str] = (), pass_fds: Sequence[int] = (), outer: Sequence[str] = (),
-                   **record: str) -> Spawned:
+                   also: Sequence[tuple[str, Mapping[str, str]]] = (), wait_tied: bool = True,
+                   before_go: Callable[[], None] | None = None, **record: str) -> Spawned:
     """Start a child (a VMM, an ssh tunnel, a guest command) whose pid is journaled before its program runs.
 
     Popen, not proc.run(): its stdout goes to a log. A new session keeps the terminal's Ctrl-C away from it:
@@ -67,7 +69,10 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
     calling thread dies: call this from the thread that owns the child for its whole life. `setpriv` adds
     options of util-linux's setpriv (drop to a uid, no capabilities); `pass_fds` are handed to the program;
     `outer` is a wrapper that runs with root's privileges before those are dropped (and must exec its argv,
-    keeping the pid)."""
+    keeping the pid). `also`: journal entries (kind, args) for objects the program will make, recorded in the
+    same write (one fsync) as the process, before it runs; `before_go` then makes what the program expects to find
+    (a failure there and the program never runs). `wait_tied=False`: the caller waits itself for
+    something only the program makes (a socket it binds), which comes after the tie (_wait_until_tied)."""
     r, w = os.pipe()
     proc: subprocess.Popen[bytes] | None = None
     went = False  # the gate got its line
@@ -99,7 +104,10 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
         if start is None:
             proc.wait()
             raise SpawnFailed(f"{what} exited at once (status {proc.returncode})")
-        entry = journal.record("process", pid=str(proc.pid), starttime=start, what=what, **record)
+        *others, entry = journal.record_all(
+            [*also, ("process", {"pid": str(proc.pid), "starttime": start, "what": what, **record})])
+        if before_go is not None:
+            before_go()
         if stdin_pipe:
             assert proc.stdin is not None
             proc.stdin.write(b"go\n")  # into an empty pipe: never blocks
@@ -113,9 +121,9 @@ def spawn_recorded(journal: Journal, argv: Sequence[str | Path], *, what: str, s
         os.close(w)
         if stdin_pipe and not went and proc is not None and proc.stdin is not None:
             proc.stdin.close()  # the gate's end of file: it exits without running the program
-    if die_with_parent:
+    if die_with_parent and wait_tied:
         _wait_until_tied(proc.pid, str(argv[0]))
-    return Spawned(proc, start, entry)
+    return Spawned(proc, start, entry, tuple(others))
 
 
 def _wait_until_tied(pid: int, program: str, timeout: float = 2.0) -> None:

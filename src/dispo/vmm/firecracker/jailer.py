@@ -123,11 +123,13 @@ class Jail:
         if not self.spec.own and "firecracker" not in self.spec.firecracker.name:
             raise VmmError(f"the jailer only runs a file named like 'firecracker*', not {self.spec.firecracker.name}",
                            hint="rename or link the binary, e.g. firecracker-v1.7.0")
-        entries = [journal.record("path", path=str(self.base_dir))]
-        if self.hierarchy is not None:
-            dirs = self.hierarchy.dirs(f"{PARENT_CGROUP}/{self.id}", limited_controllers(self.spec))
-            entries.append(journal.record("jail-cgroup", dirs=":".join(str(d) for d in dirs)))
-            remove_cgroups(dirs)
+        items: list[tuple[str, Mapping[str, str]]] = [("path", {"path": str(self.base_dir)})]
+        dirs = (self.hierarchy.dirs(f"{PARENT_CGROUP}/{self.id}", limited_controllers(self.spec))
+                if self.hierarchy is not None else [])
+        if dirs:
+            items.append(("jail-cgroup", {"dirs": ":".join(str(d) for d in dirs)}))
+        entries = journal.record_all(items)  # one write (one fsync) for both
+        remove_cgroups(dirs)
         backends.remove_tree(self.base_dir)
         self.root.mkdir(parents=True)
         if self.spec.uid is None:  # the session's own uid/gid, not the shared `nobody`
