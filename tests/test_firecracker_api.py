@@ -7,7 +7,10 @@ as the real server does. The real-binary tests in test_firecracker.py use the sa
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import pytest
 
 from dispo.errors import ApiError, ApiUnreachable, VmmError
 from dispo.vmm.firecracker.api import (
+    MAX_ANSWER,
     CacheType,
     FirecrackerApi,
     IoEngine,
@@ -205,3 +209,40 @@ def test_no_jailer_means_dispos_own_sandbox_not_root(tmp_path: Path) -> None:
         assert jail.spec.memory_limit_mib == s.memory_mib + backend.MEMORY_OVERHEAD_MIB
     off = dataclasses.replace(cfg, firecracker=dataclasses.replace(cfg.firecracker, jail=JailMode.OFF))
     assert backend.create(off, browser).jail is None
+
+
+def _serve_once(path: Path, answer: bytes) -> threading.Thread:
+    """A stand-in Firecracker on a unix socket: reads one request's head, writes `answer`, closes."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            conn.recv(65536)
+            with contextlib.suppress(OSError):
+                conn.sendall(answer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_the_real_connection_reads_an_answer(tmp_path: Path) -> None:
+    body = b'{"id": "x", "state": "Running", "vmm_version": "1.14.1", "app_name": "Firecracker"}'
+    t = _serve_once(tmp_path / "api.sock", b"HTTP/1.1 200 \r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode() + b"\r\n\r\n" + body)
+    with FirecrackerApi(tmp_path / "api.sock", timeout=5) as api:
+        assert api.describe_instance()["state"] == "Running"
+    t.join(5)
+
+
+def test_an_oversized_answer_is_refused_while_it_is_read(tmp_path: Path) -> None:
+    # A VMM a guest took over could answer without end: the client stops at its cap, not at the end.
+    big = MAX_ANSWER * 4
+    head = b"HTTP/1.1 200 \r\nContent-Type: application/json\r\nContent-Length: " + str(big).encode() + b"\r\n\r\n"
+    t = _serve_once(tmp_path / "api.sock", head + b"[" + b"0," * (big // 2 - 1) + b"0")
+    with FirecrackerApi(tmp_path / "api.sock", timeout=5) as api, pytest.raises(ApiUnreachable, match="more than"):
+        api.describe_instance()
+    t.join(5)

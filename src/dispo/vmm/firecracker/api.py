@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # only the tests' stand-in transport is an httpx one
 
 Json = dict[str, Any]
 log = logging.getLogger(__name__)
+MAX_ANSWER = 1 << 20  # bytes of one answer; Firecracker's largest (the full VM config) is a few KiB
 
 
 class LogLevel(StrEnum):
@@ -186,7 +187,11 @@ class FirecrackerApi:
             try:
                 conn.request(method, path, content, headers)
                 resp = conn.getresponse()
-                data = resp.read()
+                data = resp.read(MAX_ANSWER + 1)  # capped while read: the VMM runs the guest's code paths
+                if len(data) > MAX_ANSWER:
+                    conn.close()
+                    raise ApiUnreachable(f"firecracker API socket {self.socket} answered more than {MAX_ANSWER} bytes "
+                                         f"to {method} {path}")
             except BaseException:
                 conn.close()  # the next request starts on a fresh connection
                 raise
