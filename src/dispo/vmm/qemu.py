@@ -67,6 +67,7 @@ RAM_FILE = "ram.qemu"           # a template's guest RAM, as the guest left it (
 RAM_MEMFD_PREFIX = "dispo-ram-"  # the sealed memfd clones of a template share (its name: the file's identity)
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 _CHUNK = 4 << 20
+QMP_MAX_LINE = 1 << 20  # bytes of one QMP message; dispo's largest answer (query-status, getfd) is tiny
 IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]  # the RAM stays out of the migration stream
 MIGRATE_TIMEOUT_S = 600.0
 QEMU_LOG = "qemu.log"
@@ -103,9 +104,11 @@ class Qmp:
         self.command("qmp_capabilities")
 
     def _read(self) -> dict[str, Any]:
-        line = self.file.readline()
+        line = self.file.readline(QMP_MAX_LINE + 1)  # capped while read: QEMU runs the guest's device models
         if not line:
             raise VmmError("QEMU closed its QMP socket")
+        if len(line) > QMP_MAX_LINE:
+            raise VmmError(f"QEMU sent a QMP message longer than {QMP_MAX_LINE} bytes")
         data: dict[str, Any] = json.loads(line)
         return data
 
@@ -307,16 +310,18 @@ class QemuVmm:
         try:
             q.command("migrate-set-capabilities", capabilities=IGNORE_SHARED)
             q.command("migrate-incoming", uri=f"fd:{fds.incoming}")  # QEMU's own copy of the descriptor
+            # The device state is small (the RAM stays out of it): asked on the same connection every 10 ms,
+            # it is in within a few rounds.
+            deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+            while True:
+                status = str(q.command("query-status").get("status", ""))
+                if status not in ("inmigrate", "prelaunch"):
+                    break
+                if time.monotonic() > deadline or not self.running():
+                    raise self.failure(f"QEMU did not load the template's state (status {status})")
+                time.sleep(0.01)
         finally:
             q.close()
-        deadline = time.monotonic() + MIGRATE_TIMEOUT_S
-        while True:
-            status = self._status()
-            if status not in ("inmigrate", "prelaunch"):
-                break
-            if time.monotonic() > deadline or not self.running():
-                raise self.failure(f"QEMU did not load the template's state (status {status})")
-            time.sleep(0.05)
         if status not in ("paused", "running"):
             raise self.failure(f"QEMU could not load the template's state (status {status})")
 
