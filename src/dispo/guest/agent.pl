@@ -42,6 +42,7 @@ our $MAX_LINE = 131072;
 our $MAX_COMMAND = 65536;
 our $MAX_FRAME = 32768;
 our $STDIN_HELD = 262144;   # stdin bytes held for a command that does not read them before the channel waits
+our @AFTER_REPLY;           # what a request left to do once its reply is written (the sshd restart)
 our $RUN_USER = "user";     # whom `run` runs as ("": the agent's own user, for the host's tests of the protocol)
 my $PORT_NAME = "dispo.agent";
 my $VSOCK_PORT = 1024;
@@ -141,11 +142,17 @@ sub do_host_key {
     write_file($HOST_KEY, $key, 0600) or return "err cannot write the host key";
     unlink "$HOST_KEY.pub";
     # sshd loads its host keys for every connection (it re-executes itself per connection); SIGHUP makes the
-    # listener re-execute too, so nothing of the template's key stays in any sshd process.
+    # listener re-execute too, so nothing of the template's key stays in any sshd process. It is sent once the
+    # reply is out: the re-execution takes a few hundred ms of an emulated vCPU, which the rest of the identity
+    # and the reply need not wait for, and a connection made meanwhile already gets the new key from the file.
     if (open(my $p, '<', '/run/sshd.pid')) {
         my $pid = <$p>;
         close $p;
-        if (defined $pid && $pid =~ /\A([0-9]+)\s*\z/) { kill 'HUP', $1 or return "err sshd did not take the new key"; }
+        if (defined $pid && $pid =~ /\A([0-9]+)\s*\z/) {
+            my $listener = $1;
+            kill(0, $listener) or return "err sshd is not running";
+            push @AFTER_REPLY, sub { kill 'HUP', $listener; };
+        }
     }
     return "ok";
 }
@@ -357,7 +364,9 @@ sub serve {
                 next;
             }
             my $reply = ($line =~ /\A[\x20-\x7e]*\z/) ? handle($line) : "err not printable ascii";
-            write_all($fh, "$reply\n") or return 1;
+            my $sent = write_all($fh, "$reply\n");
+            $_->() for splice(@AFTER_REPLY);
+            $sent or return 1;
         }
         if (length($buf) > $MAX_LINE) { write_all($fh, "err line too long\n"); return 1; }
         my $n = sysread($fh, my $chunk, 65536);
