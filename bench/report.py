@@ -94,6 +94,24 @@ def start_figures(rec: dict[str, Any]) -> tuple[dict[str, dict[str, float]], str
     return {k: v for k, v in rec["warm_start"].items() if not k.startswith("_")}, rec["warm_start"]["_source"]
 
 
+def chromium_parts_lines() -> list[str]:
+    """When a Chromium session's viewer URL came, its display showed in the viewer, and the page showed."""
+    warm = load("bench-warm")
+    chromium = (warm or {}).get("chromium") or {}
+    parts, seen = chromium.get("parts_median_s"), chromium.get("median")
+    if not parts or not seen:
+        return []
+    names = {"cold": "cold", "restore": "restored", "pool": "pooled"}
+    lines = ["Where a Chromium start's time goes (seconds from the start request): the viewer's URL (the guest "
+             "answered and its display is forwarded), the display shown in the viewer (the VNC connection's first "
+             "frame), the page's colour shown.", "",
+             "| start | viewer URL | display shown | page visible |", "|---|---|---|---|"]
+    for how, per in parts.items():
+        lines.append(f"| {names.get(how, how)} | {per.get('viewer_url', 0.0):.2f} s | "
+                     f"{per.get('display_shown', 0.0):.2f} s | {seen.get(how, 0.0):.2f} s |")
+    return [*lines, ""]
+
+
 def step_figures(rec: dict[str, Any]) -> tuple[dict[str, dict[str, float]], str]:
     warm = load("bench-warm")
     if warm is not None and warm.get("minimal", {}).get("steps_median_s"):
@@ -194,7 +212,8 @@ def write(collect: bool) -> list[Path]:
         c = v["cold"]
         lines.append(f"| {k} | {c:.2f} s | {v['restored']:.2f} s ({v['restored'] / c:.3f}) | "
                      f"{v['pooled']:.2f} s ({v['pooled'] / c:.3f}) |")
-    lines += ["", f"Source: {starts_src}.", "", "## Where one start spends its time", "", f"![steps]({step_svg})", "",
+    lines += ["", f"Source: {starts_src}.", "", *chromium_parts_lines(), "## Where one start spends its time", "",
+              f"![steps]({step_svg})", "",
               "| start | step | seconds |", "|---|---|---|"]
     for how, per in steps.items():
         for step, secs in sorted(per.items(), key=lambda kv: -float(kv[1])):

@@ -274,8 +274,10 @@ def main() -> None:
         print("restore time against guest memory (template of minimal):")
         for mib, size, ready in c:
             print(f"  {mib:5d} MiB guest: template memory file {size} MiB, restore to ready {ready} s")
-        for how, per in [*a["steps_median_s"].items(), *((b or {}).get("parts_median_s") or {}).items()]:
+        for how, per in a["steps_median_s"].items():
             print(f"  steps of '-- true', {how}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
+        for how, per in ((b or {}).get("parts_median_s") or {}).items():
+            print(f"  chromium page, {how}: " + ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
         print(f"memory held per pooled guest (VMM RSS, paused): minimal {a['pooled_rss_mib']}"
               + (f", chromium {b['pooled_rss_mib']}" if b else "") + " MiB")
 
