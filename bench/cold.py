@@ -20,6 +20,17 @@ exit of the functions named in COLD_WRAP. Guest kernel times ([ seconds ] on the
 
     sudo .venv/bin/python -m bench.cold --tree old=/work/wt/old-f8eb89a --tree new=. --runs 3 \
         [--root /var/tmp/cold-bench] [--cache old=/var/tmp/cold-bench/old-cache]
+
+What it showed (issue 23, TCG, 2 rounds of 3 alternating runs, medians of per-run phase lengths in s; the
+machine was shared, so absolute figures drift between rounds, the differences held in every round):
+
+    phase                  f8eb89a   main   main + initrd virtio_console
+    CLI .. QEMU spawned      1.31    0.60   0.61   (f8eb89a copied the disk: no btrfs pool then)
+    QEMU .. initramfs        3.89    3.73   3.75
+    initramfs .. init        5.16    4.11   4.67
+    init .. ready            4.31    5.99   2.79   (main: the agent's modprobe virtio_console, 1-3.5 s)
+    ready .. command ended   1.04    0.57   0.56   (f8eb89a: ssh; now the agent)
+    command ended .. gone    0.48    0.11   0.10   (f8eb89a: power button; now SIGKILL)
 """
 
 from __future__ import annotations
