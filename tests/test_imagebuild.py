@@ -109,6 +109,14 @@ def test_recipe_key_covers_guest_files_and_sources(monkeypatch: pytest.MonkeyPat
     assert k != r.key("Types: deb\n")
 
 
+def test_images_with_the_agent_load_its_channel_driver_in_the_initrd() -> None:
+    # The agent's virtio-serial port must exist when it starts: its own modprobe during the init is the slow path.
+    for r in recipes.RECIPES.values():
+        if any(path == guest.AGENT_PATH for path, _ in r.files):
+            assert "virtio_console" in r.initrd_modules, r.name
+            assert "virtio_console" in r.for_arch("arm64").initrd_modules, r.name
+
+
 def test_guest_init_is_valid_sh() -> None:
     sh("sh", "-n", Path(guest.__file__).with_name("init.sh"))
 
