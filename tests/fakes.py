@@ -14,12 +14,14 @@ test_service_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -425,3 +427,31 @@ def fake_vmm_pids(session_id: str = "", state_dir: Path | None = None) -> list[i
         if str(state_dir) in cmdline:
             mine.append(pid)
     return mine
+
+
+def control_socket(path: Path, answers: Sequence[bytes], *, greeting: bytes = b"", ends: bytes = b"\n"
+                   ) -> threading.Thread:
+    """A stand-in for a VMM's control socket (QEMU's QMP, Firecracker's API) at `path`: sends `greeting`, then
+    for each request (read up to `ends`: a line, or an HTTP head) writes the next of `answers`; then closes.
+    Join the thread it returns."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server, contextlib.suppress(OSError):
+            conn.sendall(greeting)
+            got = b""
+            for answer in answers:
+                while ends not in got:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    got += chunk
+                got = got.split(ends, 1)[1]
+                conn.sendall(answer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t

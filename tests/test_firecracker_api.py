@@ -7,10 +7,7 @@ as the real server does. The real-binary tests in test_firecracker.py use the sa
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import socket
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from dispo.vmm.firecracker.api import (
     Request,
     SnapshotType,
 )
+from tests import fakes
 from tests.fcworld import Contract, SpecViolation
 
 P = Path("/srv/x")
@@ -211,28 +209,11 @@ def test_no_jailer_means_dispos_own_sandbox_not_root(tmp_path: Path) -> None:
     assert backend.create(off, browser).jail is None
 
 
-def _serve_once(path: Path, answer: bytes) -> threading.Thread:
-    """A stand-in Firecracker on a unix socket: reads one request's head, writes `answer`, closes."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn, server:
-            conn.recv(65536)
-            with contextlib.suppress(OSError):
-                conn.sendall(answer)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    return t
-
-
 def test_the_real_connection_reads_an_answer(tmp_path: Path) -> None:
     body = b'{"id": "x", "state": "Running", "vmm_version": "1.14.1", "app_name": "Firecracker"}'
-    t = _serve_once(tmp_path / "api.sock", b"HTTP/1.1 200 \r\nContent-Type: application/json\r\nContent-Length: "
-                    + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = (b"HTTP/1.1 200 \r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode()
+              + b"\r\n\r\n" + body)
+    t = fakes.control_socket(tmp_path / "api.sock", [answer], ends=b"\r\n\r\n")
     with FirecrackerApi(tmp_path / "api.sock", timeout=5) as api:
         assert api.describe_instance()["state"] == "Running"
     t.join(5)
@@ -242,7 +223,7 @@ def test_an_oversized_answer_is_refused_while_it_is_read(tmp_path: Path) -> None
     # A VMM a guest took over could answer without end: the client stops at its cap, not at the end.
     big = MAX_ANSWER * 4
     head = b"HTTP/1.1 200 \r\nContent-Type: application/json\r\nContent-Length: " + str(big).encode() + b"\r\n\r\n"
-    t = _serve_once(tmp_path / "api.sock", head + b"[" + b"0," * (big // 2 - 1) + b"0")
+    t = fakes.control_socket(tmp_path / "api.sock", [head + b"[" + b"0," * (big // 2 - 1) + b"0"], ends=b"\r\n\r\n")
     with FirecrackerApi(tmp_path / "api.sock", timeout=5) as api, pytest.raises(ApiUnreachable, match="more than"):
         api.describe_instance()
     t.join(5)

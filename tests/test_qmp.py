@@ -3,43 +3,21 @@ QEMU a guest took over may send anything), and events between a command and its 
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 from pathlib import Path
 
 import pytest
 
 from dispo.errors import VmmError
 from dispo.vmm.qemu import QMP_MAX_LINE, Qmp
+from tests import fakes
 
 GREETING = b'{"QMP": {"version": {}, "capabilities": []}}\n'
 
 
-def _serve(path: Path, answers: list[bytes]) -> threading.Thread:
-    """Greets, then writes one of `answers` per command line it reads (qmp_capabilities first)."""
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn, server, contextlib.suppress(OSError):
-            conn.sendall(GREETING)
-            commands = conn.makefile("rb")
-            for answer in answers:
-                if not commands.readline():
-                    return
-                conn.sendall(answer)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    return t
-
-
 def test_a_command_gets_its_answer_past_events(tmp_path: Path) -> None:
-    t = _serve(tmp_path / "qmp.sock", [b'{"return": {}}\n',
-                                       b'{"event": "RESUME"}\n{"return": {"status": "paused", "running": false}}\n'])
+    # qmp_capabilities first, then query-status, whose answer comes after an event
+    answers = [b'{"return": {}}\n', b'{"event": "RESUME"}\n{"return": {"status": "paused", "running": false}}\n']
+    t = fakes.control_socket(tmp_path / "qmp.sock", answers, greeting=GREETING)
     q = Qmp(tmp_path / "qmp.sock", timeout=5)
     try:
         assert q.command("query-status")["status"] == "paused"
@@ -49,7 +27,8 @@ def test_a_command_gets_its_answer_past_events(tmp_path: Path) -> None:
 
 
 def test_an_endless_message_is_refused_at_the_cap(tmp_path: Path) -> None:
-    t = _serve(tmp_path / "qmp.sock", [b'{"return": {}}\n', b'{"return": "' + b"x" * (QMP_MAX_LINE * 2)])
+    answers = [b'{"return": {}}\n', b'{"return": "' + b"x" * (QMP_MAX_LINE * 2)]
+    t = fakes.control_socket(tmp_path / "qmp.sock", answers, greeting=GREETING)
     q = Qmp(tmp_path / "qmp.sock", timeout=5)
     try:
         with pytest.raises(VmmError, match="longer than"):
