@@ -377,3 +377,46 @@ def test_the_console_log_is_capped(tmp_path: Path) -> None:
     assert not t.is_alive()
     assert data.startswith(b"x" * 100_000)
     assert data[100_000:] == b"\n[dispo: console output over 100000 bytes dropped]\n"
+
+
+@pytest.fixture(autouse=True)
+def _release_held_ram() -> Iterator[None]:
+    yield
+    qemu.HELD_RAM.release()
+
+
+def _memfds_here(name: str) -> list[str]:
+    return [n for n in os.listdir("/proc/self/fd") if _link(f"/proc/self/fd/{n}") == f"/memfd:{name} (deleted)"]
+
+
+def _link(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+
+def test_a_restore_after_the_last_clone_finds_the_ram_this_process_held_and_it_goes_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dispod's sessions one after another: the clone before is gone (nothing maps the memfd), the next restore
+    gets the same memfd from this process's hold instead of a new copy; the hold ends after RAM_LINGER_S."""
+    size = 4 << 20
+    ram = _template_ram(tmp_path, size)
+    fd = qemu.shared_ram(ram, size)
+    first = os.fstat(fd).st_ino
+    os.close(fd)  # the clone's QEMU is gone
+    again = qemu.shared_ram(ram, size)
+    assert os.fstat(again).st_ino == first and os.pread(again, 5, 4096) == b"guest"
+    os.close(again)
+    qemu.HELD_RAM.release()
+    assert _memfds_here(qemu._ram_name(ram)) == []
+    fresh = qemu.shared_ram(ram, size)
+    assert os.fstat(fresh).st_ino != first  # nothing held it: filled anew
+    os.close(fresh)
+    # A hold ends by itself once its time is up (here at once): the memfd is closed, nothing of it stays.
+    monkeypatch.setattr(qemu, "RAM_LINGER_S", 0.0)
+    os.close(qemu.shared_ram(ram, size))
+    deadline = time.monotonic() + 30
+    while _memfds_here(qemu._ram_name(ram)):
+        assert time.monotonic() < deadline, "the held memfd was never closed"
+        time.sleep(0.05)

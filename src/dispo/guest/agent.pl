@@ -20,8 +20,8 @@
 #                                   clock; hostname NAME ([a-z0-9-]{1,63}: /proc, /etc/hostname, /etc/hosts);
 #                                   HOST-KEY (hex of an OpenSSH private key file; sshd re-executes on it);
 #                                   USER-KEY (hex of the authorized_keys line of the session's user); the
-#                                   network interface re-addressed (DNS: a,b,c or -; the one process it
-#                                   starts is `ip -batch`)
+#                                   network interface re-addressed over rtnetlink (DNS: a,b,c or -); no
+#                                   process is started for any of it
 #   run HEX                         the command HEX (hex of at most 65536 bytes) run as the session's user
 #                                   by the user's shell (SHELL -c COMMAND, as sshd runs it, with sshd's
 #                                   environment, in the home directory, in a new session). After "ok", the
@@ -34,7 +34,7 @@
 #                                                    process group), z (after x: the run is over; lines again)
 use strict;
 use warnings;
-use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_NOFOLLOW O_RDWR F_GETFL F_SETFL O_NONBLOCK);
+use Fcntl qw(O_WRONLY O_CREAT O_EXCL O_NOFOLLOW O_RDWR F_GETFL F_SETFL F_SETOWN O_NONBLOCK O_ASYNC);
 use Socket;
 
 $0 = "dispo-agent";
@@ -87,6 +87,7 @@ sub write_all {
     my ($fh, $data) = @_;
     while (length $data) {
         my $n = syswrite($fh, $data);
+        next if !defined $n && $!{EINTR};   # a signal (a command's SIGCHLD) came first: nothing was written
         return 0 unless defined $n && $n > 0;
         substr($data, 0, $n) = "";
     }
@@ -165,6 +166,109 @@ sub do_user_key {
     return "ok";
 }
 
+# -- the network, over rtnetlink (no process: an `ip` costs a tenth of a second of an emulated vCPU) ------
+my $NL_SEQ = 0;
+my %ERRNO = (EBUSY => 16, ENOENT => 2, EADDRNOTAVAIL => 99);
+
+sub nl_attr {
+    my ($type, $data) = @_;
+    my $len = 4 + length $data;
+    return pack("S S", $len, $type) . $data . ("\0" x ((4 - $len % 4) % 4));
+}
+
+# The attributes of a message's tail, by type.
+sub nl_attrs {
+    my ($data) = @_;
+    my %a;
+    while (length($data) >= 4) {
+        my ($len, $type) = unpack("S S", $data);
+        last if $len < 4 || $len > length $data;
+        $a{$type & 0x3fff} = substr($data, 4, $len - 4);
+        substr($data, 0, ($len + 3) & ~3) = "";
+    }
+    return \%a;
+}
+
+# Sends one request (struct nlmsghdr, then BODY); the messages answering it, as [type, body], up to the ack or
+# the dump's end. An error answer is [2, errno]; undef when the socket failed.
+sub nl_talk {
+    my ($s, $type, $flags, $body) = @_;
+    my $seq = ++$NL_SEQ;
+    defined(send($s, pack("L S S L L", 16 + length $body, $type, $flags | 1, $seq, 0) . $body, 0)) or return undef;
+    my @got;
+    while (1) {
+        my $buf = "";
+        unless (defined recv($s, $buf, 65536, 0)) { next if $!{EINTR}; return undef; }
+        while (length($buf) >= 16) {
+            my ($len, $t, $f, $sq) = unpack("L S S L", $buf);
+            return undef if $len < 16 || $len > length $buf;
+            my $m = substr($buf, 16, $len - 16);
+            substr($buf, 0, ($len + 3) & ~3) = "";
+            next unless $sq == $seq;
+            return [@got, [2, -unpack("l", $m)]] if $t == 2;   # NLMSG_ERROR (0: the ack)
+            return \@got if $t == 3;                           # NLMSG_DONE
+            push @got, [$t, $m];
+        }
+    }
+}
+
+# One change, acknowledged: 0, or the errno it failed with (-1: the socket failed).
+sub nl_do {
+    my ($s, $type, $flags, $body) = @_;
+    my $got = nl_talk($s, $type, $flags | 4, $body) // return -1;   # NLM_F_ACK
+    return @$got && $got->[-1][0] == 2 ? $got->[-1][1] : 0;
+}
+
+sub nl_why { my ($what, $e) = @_; local $! = $e; return $e < 0 ? "$what: netlink failed" : "$what: $!"; }
+
+# RTM_NEWLINK on the interface: its MAC (undef: unchanged) and up (1) or down (0).
+sub nl_link {
+    my ($s, $index, $hw, $up) = @_;
+    return nl_do($s, 16, 0, pack("C x S l L L", 0, 0, $index, $up ? 1 : 0, 1) . (defined $hw ? nl_attr(1, $hw) : ""));
+}
+
+# The interface's IPv4 addresses, neighbours and routes made anew, as `ip addr flush; ip link set address;
+# ip neigh flush; ip addr add; ip route replace default` would (IPv6 is off on it: the init's). "" or why not.
+sub net_apply {
+    my ($s, $index, $hw, $ip, $prefix, $gw) = @_;
+    my $inet = sub { return pack("C4", split(/\./, $_[0])); };
+    my $addrs = nl_talk($s, 22, 0x300, pack("C C C C L", 2, 0, 0, 0, 0)) // return "listing addresses failed";
+    for my $m (@$addrs) {   # RTM_GETADDR's dump: the template's address(es) deleted (RTM_DELADDR)
+        next unless $m->[0] == 20 && length($m->[1]) >= 8;
+        my ($fam, $plen, undef, $scope, $idx) = unpack("C C C C L", $m->[1]);
+        next unless $fam == 2 && $idx == $index;
+        my $a = nl_attrs(substr($m->[1], 8));
+        my $body = pack("C C C C L", 2, $plen, 0, $scope, $index);
+        $body .= nl_attr(2, $a->{2}) if defined $a->{2};   # IFA_LOCAL
+        $body .= nl_attr(1, $a->{1}) if defined $a->{1};   # IFA_ADDRESS
+        my $e = nl_do($s, 21, 0, $body);
+        return nl_why("deleting an address", $e) if $e && $e != $ERRNO{EADDRNOTAVAIL};   # gone with its primary
+    }
+    # The MAC while the link stays up (virtio-net changes it live); a device that refuses (EBUSY) goes down for it.
+    my $e = nl_link($s, $index, $hw, 1);
+    if ($e == $ERRNO{EBUSY}) {
+        $e = nl_link($s, $index, undef, 0) || nl_link($s, $index, $hw, 1);
+    }
+    return nl_why("setting the MAC", $e) if $e;
+    my $neigh = nl_talk($s, 30, 0x300, pack("C x3 l S C C", 2, 0, 0, 0, 0)) // return "listing neighbours failed";
+    for my $m (@$neigh) {   # RTM_GETNEIGH's dump: what the template had learnt deleted, as `ip neigh flush`
+        next unless $m->[0] == 28 && length($m->[1]) >= 12;
+        my ($fam, $idx, $state) = unpack("C x3 l S", $m->[1]);
+        next unless $fam == 2 && $idx == $index && !($state & 0xc0);   # not NUD_NOARP or NUD_PERMANENT
+        my $dst = nl_attrs(substr($m->[1], 12))->{1} // next;       # NDA_DST
+        $e = nl_do($s, 29, 0, pack("C x3 l S C C", 2, $index, 0, 0, 0) . nl_attr(1, $dst));
+        return nl_why("flushing a neighbour", $e) if $e && $e != $ERRNO{ENOENT};
+    }
+    # RTM_NEWADDR (create, exclusive), then RTM_NEWROUTE (create, replace): main table, boot protocol, unicast.
+    $e = nl_do($s, 20, 0x600, pack("C C C C L", 2, $prefix, 0, 0, $index) . nl_attr(2, $inet->($ip))
+               . nl_attr(1, $inet->($ip)));
+    return nl_why("adding the address", $e) if $e;
+    $e = nl_do($s, 24, 0x500, pack("C C C C C C C C L", 2, 0, 0, 0, 254, 3, 0, 1, 0) . nl_attr(5, $inet->($gw))
+               . nl_attr(4, pack("L", $index)));
+    return nl_why("adding the default route", $e) if $e;
+    return "";
+}
+
 sub do_net {
     my ($mac, $addr, $gw, $dns) = @_;
     my $dev;
@@ -175,12 +279,15 @@ sub do_net {
         last;
     }
     return "err no network interface" unless defined $dev && $dev =~ /\A[A-Za-z0-9_.-]{1,15}\z/;
-    # One ip process for all of it (each process costs under emulation); it stops at the first failure.
-    open(my $batch, "|-", "ip", "-batch", "-") or return "err cannot run ip";
-    print $batch join("", map { "$_\n" } (
-        "addr flush dev $dev", "link set dev $dev down", "link set dev $dev address $mac", "link set dev $dev up",
-        "addr add $addr dev $dev", "route replace default via $gw dev $dev", "neigh flush dev $dev"));
-    close $batch or return "err re-addressing $dev failed";
+    my $index;
+    if (open(my $f, '<', "/sys/class/net/$dev/ifindex")) { $index = <$f>; close $f; }
+    return "err no index for $dev" unless defined $index && $index =~ /\A([0-9]{1,9})\s*\z/;
+    $index = $1;
+    my ($ip, $prefix) = split(m{/}, $addr);
+    socket(my $s, 16, 3, 0) or return "err cannot open netlink: $!";   # AF_NETLINK, SOCK_RAW, NETLINK_ROUTE
+    my $why = net_apply($s, $index, pack("H*", join("", split(/:/, $mac))), $ip, $prefix, $gw);
+    close $s;
+    return "err re-addressing $dev failed: $why" if $why ne "";
     my $conf = $dns eq "-" ? "" : join("", map { "nameserver $_\n" } split(/,/, $dns));
     write_file("/etc/resolv.conf", $conf, 0644) or return "err cannot write resolv.conf";
     return "ok";
@@ -259,6 +366,8 @@ sub do_run {
     unless (pipe($in_r, $in_w) && pipe($out_r, $out_w) && pipe($err_r, $err_w)) {
         return write_all($fh, "err cannot make pipes: $!\n") ? $buf : undef;
     }
+    # The command's end wakes the wait below (select returns EINTR) instead of its next poll.
+    local $SIG{CHLD} = sub { };
     my $pid = fork();
     unless (defined $pid) { return write_all($fh, "err cannot fork: $!\n") ? $buf : undef; }
     exec_command($cmd, $in_r, $out_w, $err_w) if $pid == 0;
@@ -401,7 +510,7 @@ sub virtio_has {
 }
 
 sub main {
-    $SIG{PIPE} = 'IGNORE';  # a helper that dies early (ip -batch) must not take the agent with it
+    $SIG{PIPE} = 'IGNORE';  # a command's pipe or a host gone must not take the agent with it
     # The channel is whatever device the VMM gave: a virtio console (QEMU) or a vsock (Firecracker). Decided
     # by the hardware, not by what shows up first (the vsock module makes /dev/vsock without any device).
     # The initrd loads virtio_console (the image recipe's initrd_modules): its port is there when the agent
@@ -423,17 +532,27 @@ sub main {
     select(undef, undef, undef, 0.02) until -e "/run/dispo-ready";
     if (defined $port) {
         say_console("listening on $port");
-        my $idle = 0;
+        my ($idle, $io) = (0, 0);
+        local $SIG{IO} = sub { $io = 1; };
         while (1) {
-            my $heard = 0;
-            if (sysopen(my $fh, $port, O_RDWR)) {
-                $heard = serve($fh);
-                close $fh;
+            my $fh;
+            unless (sysopen($fh, $port, O_RDWR)) { select(undef, undef, undef, 0.1); next; }
+            my $fl = fcntl($fh, F_GETFL, 0) // 0;
+            fcntl($fh, F_SETOWN, $$);
+            while (1) {
+                my $heard = serve($fh);
+                # The host side is not connected: virtio-serial reads return at once, so wait, briefly after a
+                # conversation (the host connects again for the next step) and longer when idle. The driver
+                # signals the port's owner (SIGIO) when the host connects or sends, which ends the wait at once
+                # (a restored clone's first hello); the timer is for a signal that came before the wait began.
+                # The port stays open: closing it would drop what the host sent meanwhile. Signalled only while
+                # waiting, so no signal interrupts a conversation.
+                $io = 0;
+                fcntl($fh, F_SETFL, $fl | O_ASYNC);
+                $idle = $heard ? 0 : $idle + 1;
+                select(undef, undef, undef, $idle < 100 ? 0.01 : 0.1) unless $io;
+                fcntl($fh, F_SETFL, $fl);
             }
-            # The host side is not connected: virtio-serial reads return at once, so wait, briefly after a
-            # conversation (the host connects again for the next step) and longer when idle.
-            $idle = $heard ? 0 : $idle + 1;
-            select(undef, undef, undef, $idle < 100 ? 0.01 : 0.1);
         }
     }
     # Firecracker: vsock, the host connects through Firecracker's unix socket ("CONNECT 1024").

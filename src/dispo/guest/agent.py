@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from dispo.errors import AgentError
@@ -126,15 +127,20 @@ def identity_request(new: NewIdentity, now_ns: int, entropy: bytes) -> str:
                      new.user_key.strip().encode().hex()))
 
 
-def give(link: AgentLink, new: NewIdentity, *, timeout: float, alive: Callable[[], bool]) -> dict[str, float]:
+def give(link: AgentLink, new: Callable[[], NewIdentity], *, timeout: float,
+         alive: Callable[[], bool]) -> dict[str, float]:
     """Hand a restored guest its identity in one request, handled inside the agent (entropy first, the network
-    last: agent.pl). Seconds per step (the hello, the identity)."""
+    last: agent.pl), once the agent answered; `new` is called meanwhile (the host makes the keys while the guest
+    wakes). Seconds per step (the hello, the identity)."""
     timings: dict[str, float] = {}
     t = time.monotonic()
-    link.hello(timeout, alive)
+    with ThreadPoolExecutor(1, thread_name_prefix="dispo-identity") as ex:
+        made = ex.submit(new)
+        link.hello(timeout, alive)
+        identity = made.result()
     timings["hello"] = round(time.monotonic() - t, 3)
     t = time.monotonic()
-    link.request(identity_request(new, time.time_ns(), os.urandom(ENTROPY_BYTES)))
+    link.request(identity_request(identity, time.time_ns(), os.urandom(ENTROPY_BYTES)))
     timings["identity"] = round(time.monotonic() - t, 3)
     return timings
 
@@ -146,11 +152,13 @@ class AgentCommand:
     """A command run in the guest by its agent (`run`), the host's half of it: a thread reads the guest's
     frames (stdout and stderr handed to `output` up to `cap` bytes in all, the rest read and dropped so the
     guest never blocks; then its exit status), another sends `stdin_fd`'s bytes (None: stdin is closed at
-    once). No process on the host. The link is the command's until it ends; `poll` and `stop` as a process'.
+    once). No process on the host. The link is the command's until it ends; `poll` and `stop` as a process';
+    `on_over` is called once the exit status is in (or the channel broke).
     """
 
     def __init__(self, link: AgentLink, command: str, *, output: OutputSink, cap: int,
-                 stdin_fd: int | None = None, timeout: float = 30.0) -> None:
+                 stdin_fd: int | None = None, timeout: float = 30.0,
+                 on_over: Callable[[], None] | None = None) -> None:
         data = command.encode()
         if not data or len(data) > MAX_COMMAND or b"\0" in data:
             raise AgentError(f"the agent runs commands of 1 to {MAX_COMMAND} bytes without NUL")
@@ -160,6 +168,7 @@ class AgentCommand:
         self._rc: int | None = None
         self._over = threading.Event()  # the run is over (the exit status came, or the channel broke)
         self._said_done = False         # "z" went out: nothing may follow it (the channel is lines again)
+        self._on_over = on_over         # told once the run is over (the session's watcher looks at once)
         link.request(f"run {data.hex()}", timeout=timeout)
         self._threads = [threading.Thread(target=self._read, daemon=True, name="dispo-agent-out")]
         if stdin_fd is None:
@@ -229,6 +238,8 @@ class AgentCommand:
         finally:
             self._rc = rc
             self._over.set()
+            if self._on_over is not None:
+                self._on_over()
 
     def _write(self, fd: int) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -258,3 +269,21 @@ class AgentCommand:
         for t in self._threads:
             t.join(2)
         self.link.close()
+
+
+def run_to_end(link: AgentLink, command: str, timeout: float) -> int:
+    """Run `command` in the guest through the agent, its output dropped; its exit status (AgentError when it
+    does not end within `timeout` or the channel breaks)."""
+    what = command.split(maxsplit=1)[0]
+    done = threading.Event()
+    cmd = AgentCommand(link, command, output=lambda name, data: None, cap=0, timeout=timeout, on_over=done.set)
+    try:
+        if not done.wait(timeout):
+            raise AgentError(f"the guest's {what!r} did not end within {timeout:.0f} s")
+        rc = cmd.poll()
+        if cmd.error or rc is None:
+            raise AgentError(cmd.error or f"the guest's {what!r} did not end")
+        return rc
+    finally:
+        if not done.is_set():
+            cmd.stop()

@@ -62,7 +62,8 @@ class AppProcess:
     """The host process that runs the app in the guest; journaled before it runs, stopped on unwind."""
 
     def __init__(self, tx: Transaction, argv: list[str], *, what: str, env: dict[str, str] | None = None,
-                 terminal: bool = False, output: OutputSink | None = None, keep_stdin: bool = False) -> None:
+                 terminal: bool = False, output: OutputSink | None = None, keep_stdin: bool = False,
+                 on_exit: Callable[[], None] | None = None) -> None:
         self.log_path = tx.state_path / APP_LOG
         self._pumps: list[threading.Thread] = []
         self._sent = 0
@@ -102,6 +103,15 @@ class AppProcess:
                 t = threading.Thread(target=self._pump, args=(name, stream), daemon=True, name=f"dispo-{name}")
                 t.start()
                 self._pumps.append(t)
+        if on_exit is not None:  # told once the process exited and its output is in (the watcher looks at once)
+            threading.Thread(target=self._tell_exit, args=(on_exit,), daemon=True, name="dispo-app-exit").start()
+
+    def _tell_exit(self, on_exit: Callable[[], None]) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.wait()
+        for t in self._pumps:
+            t.join(5)
+        on_exit()
 
     def _pump(self, name: str, stream: IO[bytes]) -> None:
         assert self._output is not None

@@ -146,11 +146,15 @@ def agent_identity(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
     """A restored clone's identity, handed over by its agent: the guest is resumed (it was restored paused),
     then gets entropy, clock, hostname, new SSH keys (made here, for this session alone) and its address, in
     one request. The link stays open, the session's (its command runs through it); the caller closes it."""
-    keys = ssh.make_keys(tx.state_path, tx.session_id)
-    new = agent.NewIdentity(
-        hostname=f"dispo-{tx.session_id}", mac=net.mac, address=net.guest.with_prefixlen, gateway=str(net.gateway),
-        dns=tuple(str(d) for d in net.dns), host_key=keys.host_key.read_bytes(),
-        user_key=keys.client_key.with_suffix(".pub").read_text())
+    made: list[ssh.SessionKeys] = []
+
+    def new() -> agent.NewIdentity:  # while the guest wakes and answers its first hello
+        keys = ssh.make_keys(tx.state_path, tx.session_id)
+        made.append(keys)
+        return agent.NewIdentity(
+            hostname=f"dispo-{tx.session_id}", mac=net.mac, address=net.guest.with_prefixlen,
+            gateway=str(net.gateway), dns=tuple(str(d) for d in net.dns), host_key=keys.host_key.read_bytes(),
+            user_key=keys.client_key.with_suffix(".pub").read_text())
     vmm.resume()
     link = agent.AgentLink(vmm.agent(timeout=5.0))
     try:
@@ -158,7 +162,7 @@ def agent_identity(tx: Transaction, vmm: Vmm, net: GuestNetwork, timeout: float,
     except BaseException:
         link.close()
         raise
-    return SshIdentity(keys, _mux_dir(tx)), link
+    return SshIdentity(made[0], _mux_dir(tx)), link
 
 
 def agent_connect(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> agent.AgentLink | None:
@@ -180,7 +184,10 @@ def agent_connect(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> agent.
 
 
 def agent_answers(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> None:
-    """The guest's agent answers on its channel (checked before a template is saved: its clones need it)."""
+    """The guest's agent answers on its channel (checked before a template is saved: its clones need it), and
+    the guest's filesystems are synced through it: a template saved with dirty pages and an open journal
+    transaction leaves every clone to write them back the moment its clock is stepped forward (the writeback
+    and journal timers all expire at once), on the vCPU its identity needs."""
     try:
         link = agent.AgentLink(vmm.agent(timeout=5.0))
     except OSError as e:
@@ -188,6 +195,8 @@ def agent_answers(vmm: Vmm, timeout: float, alive: Callable[[], bool]) -> None:
                                hint="rebuild the image with this dispo ('dispo image build NAME --force')") from None
     try:
         link.hello(timeout, alive)
+        if (rc := agent.run_to_end(link, "sync", timeout)) != 0:
+            raise AgentError(f"the guest's sync before the save failed (exit status {rc})")
     finally:
         link.close()
 

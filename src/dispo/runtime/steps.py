@@ -351,7 +351,8 @@ def app(b: Bringup) -> None:
         # The command through the guest's agent: no SSH, no host process. The caller's stdin when the command
         # is in the caller's terminal (as ssh would read it), else none.
         cmd = AgentCommand(b.agent, ssh.remote_command(r.command), output=b.output, cap=OUTPUT_CAP,
-                           stdin_fd=0 if r.stdio is Stdio.TERMINAL else None, timeout=r.ready_timeout_s)
+                           stdin_fd=0 if r.stdio is Stdio.TERMINAL else None, timeout=r.ready_timeout_s,
+                           on_over=b.cancel.nudge)
         b.tx.stack.callback(cmd.stop)
         b.app = cmd
         return
@@ -372,7 +373,8 @@ def app(b: Bringup) -> None:
         interactive = r.stdio is Stdio.TERMINAL and r.tty
         argv = b.channel.command(r.command, tty=r.tty)
         b.app = AppProcess(b.tx, argv, what="command-ssh", terminal=interactive,
-                           output=None if interactive else b.output, keep_stdin=r.stdio is Stdio.TERMINAL)
+                           output=None if interactive else b.output, keep_stdin=r.stdio is Stdio.TERMINAL,
+                           on_exit=b.cancel.nudge)
 
 
 def web_display(b: Bringup, *, attach: bool = False) -> None:
