@@ -10,10 +10,12 @@ import pytest
 
 from dispo.config import Config, StorageBackend
 from dispo.errors import InvalidInput, NotFound, PermissionProblem, StorageError
+from dispo.infra.txn import transaction
 from dispo.storage import backends, layout
 from dispo.storage import images as images_mod
-from dispo.storage.disks import open_session
+from dispo.storage.disks import clone_template, open_session
 from dispo.storage.images import ImageStore
+from dispo.storage.templates import Template, TemplateKind
 from tests.worlds import (
     debugfs_has,
     debugfs_write,
@@ -275,3 +277,25 @@ def test_remove_tree_never_follows_a_link(cfg: Config, src_image: Path) -> None:
     backends.remove_tree(link)
     assert not os.path.lexists(link)
     assert image.rootfs.is_file() and sha256(image.rootfs) == image.sha256
+
+
+def test_a_clone_of_a_template_gets_its_disk_alone_as_a_reflink_on_btrfs(cfg: Config, src_image: Path) -> None:
+    """A restore's disk: the template's rootfs only, private to root, never a snapshot of the template's holder
+    (on btrfs that commits the filesystem's transaction and copies the memory files too); nothing left after."""
+    image = ImageStore(cfg).import_(src_image, "base", quiet=True)
+    # The image's holder stands in for a template's: a subvolume on btrfs, its rootfs and a file beside it.
+    t = Template(name="base", kind=TemplateKind.IMAGE, path=image.path, image="base", image_sha256=image.sha256,
+                 image_created=0.0, backend="qemu", memory_mib=512, vcpus=1, shm_mib=0, display="none", mac="",
+                 created=0.0, agent="", storage=image.storage)
+    digest = sha256(image.rootfs)
+    before = host_objects(cfg.workspace, cfg.state_dir)
+    with transaction(cfg, purpose="session", image="base") as tx:
+        disk_dir = clone_template(tx, t)
+        assert [f.name for f in disk_dir.iterdir()] == [layout.ROOTFS]
+        assert disk_dir.stat().st_mode & 0o777 == 0o700 and (disk_dir / layout.ROOTFS).stat().st_mode & 0o777 == 0o600
+        assert not backends.is_subvolume(disk_dir)
+        assert _shared_extents(disk_dir / layout.ROOTFS) == (cfg.storage.backend is not StorageBackend.COPY)
+        with open(disk_dir / layout.ROOTFS, "r+b") as f:
+            f.write(b"clone")
+    assert sha256(image.rootfs) == digest
+    assert host_objects(cfg.workspace, cfg.state_dir) == before
