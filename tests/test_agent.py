@@ -308,6 +308,49 @@ def test_a_session_is_ready_by_its_agent_and_its_command_runs_through_it(tmp_pat
             g.close()
 
 
+def test_a_guest_that_dies_as_its_command_starts_is_said_to_have_stopped(tmp_path: Path) -> None:
+    """The VMM is killed while the `run` request is out (its channel closes unanswered): the session ends saying
+    the guest stopped, with the VMM's status, as when it dies while the command runs; nothing is left."""
+    import dataclasses
+    import json
+    from typing import Any
+
+    from dispo.runtime import Runtime, build
+    from dispo.web.viewers import StandaloneViewers
+    from tests import fakes
+    from tests.fakeworld import leftovers
+
+    cfg = fakes.config(tmp_path)
+    meta_path = cfg.images_dir / "minimal" / "image.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "provenance": "built"}))
+    guests: list[HostileGuest] = []
+
+    def agent_link(vmm: Any, timeout: float, alive: object) -> agent.AgentLink:
+        g = HostileGuest(b"", hang_up=True)  # reads the run line, then the channel is gone: so is the VMM
+        guests.append(g)
+        link = agent.AgentLink(g.host)
+        real = link.request
+
+        def request(line: str, timeout: float = 30.0) -> str:
+            if line.startswith("run "):
+                vmm.kill()
+            return real(line, timeout)
+        link.request = request  # type: ignore[method-assign]
+        return link
+
+    rt = Runtime(cfg, machinery=dataclasses.replace(fakes.machinery(), agent_link=agent_link),
+                 viewers=StandaloneViewers())
+    before = leftovers(cfg)
+    try:
+        live = rt.start(build(cfg, command=["true"]))
+        assert live.wait(60)
+        assert live.error is not None and "the guest stopped while the command ran" in live.error.message, live.error
+        assert "exit status -9" in live.error.message and len(guests) == 1
+        assert leftovers(cfg) == before
+    finally:
+        assert rt.shutdown("test over", timeout=30) == []
+
+
 def test_a_nudge_wakes_a_wait_once_and_leaves_the_token_unset() -> None:
     t = CancelToken()
     t.nudge()  # before the wait: not lost

@@ -350,9 +350,16 @@ def app(b: Bringup) -> None:
     if b.agent is not None and not needs_ssh(r):
         # The command through the guest's agent: no SSH, no host process. The caller's stdin when the command
         # is in the caller's terminal (as ssh would read it), else none.
-        cmd = AgentCommand(b.agent, ssh.remote_command(r.command), output=b.output, cap=OUTPUT_CAP,
-                           stdin_fd=0 if r.stdio is Stdio.TERMINAL else None, timeout=r.ready_timeout_s,
-                           on_over=b.cancel.nudge)
+        try:
+            cmd = AgentCommand(b.agent, ssh.remote_command(r.command), output=b.output, cap=OUTPUT_CAP,
+                               stdin_fd=0 if r.stdio is Stdio.TERMINAL else None, timeout=r.ready_timeout_s,
+                               on_over=b.cancel.nudge)
+        except AgentError:
+            # The channel broke as the command started: first whether the guest's VMM is going (as supervise).
+            if (status := b.vmm.wait_exit(2)) is not None:
+                raise b.vmm.failure(f"the guest stopped while the command ran ({b.vmm.kind.value} exit status "
+                                    f"{status})") from None
+            raise
         b.tx.stack.callback(cmd.stop)
         b.app = cmd
         return
