@@ -357,8 +357,7 @@ def app(b: Bringup) -> None:
         except AgentError:
             # The channel broke as the command started: first whether the guest's VMM is going (as supervise).
             if (status := b.vmm.wait_exit(2)) is not None:
-                raise b.vmm.failure(f"the guest stopped while the command ran ({b.vmm.kind.value} exit status "
-                                    f"{status})") from None
+                raise guest_stopped(b, "the command", status) from None
             raise
         b.tx.stack.callback(cmd.stop)
         b.app = cmd
@@ -427,6 +426,12 @@ BOOT = Steps((
 STEPS = BOOT  # the name tests, bench and callers knew it by
 
 
+def guest_stopped(b: Bringup, what: str, status: int | None) -> GuestFailure:
+    """The session's error when its guest's VMM exited under `what` (the command, the app)."""
+    assert b.vmm is not None
+    return b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status {status})")
+
+
 def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | None, str, EndKind]:
     """Until the session ends: (exit status or None, why, how). Raises when the guest dies under the app.
     `last_activity`: when someone last used the session (monotonic), for the idle timeout."""
@@ -454,17 +459,14 @@ def supervise(b: Bringup, last_activity: Callable[[], float]) -> tuple[int | Non
         if isinstance(b.app, AgentCommand) and rc is not None and b.app.error:
             # The channel broke: first whether the guest's VMM is going (its socket closes as it exits).
             if (status := b.vmm.wait_exit(2)) is not None:
-                raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
-                                    f"{status})")
+                raise guest_stopped(b, what, status)
             raise AgentError(b.app.error, hint="the guest's agent broke its protocol; the session was ended")
         if rc is not None:
             if rc == SSH_LOST and not b.vmm.running():
-                raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
-                                    f"{b.vmm.wait_exit(0)})")
+                raise guest_stopped(b, what, b.vmm.wait_exit(0))
             return rc, f"{what} exited with status {rc}", EndKind.EXITED
         if not b.vmm.running():
-            raise b.vmm.failure(f"the guest stopped while {what} ran ({b.vmm.kind.value} exit status "
-                                f"{b.vmm.wait_exit(1)})")
+            raise guest_stopped(b, what, b.vmm.wait_exit(1))
         now = time.monotonic()
         if r.max_lifetime_s and now - started >= r.max_lifetime_s:
             return None, f"maximum lifetime of {r.max_lifetime_s:g} s reached", EndKind.LIFETIME

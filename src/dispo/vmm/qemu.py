@@ -636,7 +636,8 @@ class RamHold:
             old = self._held.pop(name, None)
             if old is not None:
                 old[1].cancel()
-            self._held[name] = (os.dup(fd) if old is None else old[0], timer)
+                os.close(old[0])
+            self._held[name] = (os.dup(fd), timer)
             timer.start()
 
     def _drop(self, name: str) -> None:
